@@ -1,0 +1,37 @@
+"""mergekit-cd: compose Custom Diffusion concepts for Stable Diffusion.
+
+Each concept is a small K/V delta of the UNet's cross-attention layers plus a modifier token;
+several deltas are merged by a constrained least-squares solve (see :mod:`mergekit_cd.solvers`).
+"""
+
+from .delta import (
+    CompressionReport,
+    Concept,
+    ConceptDelta,
+    LayerDelta,
+    LowRank,
+    average_deltas,
+    compress,
+    interpolate,
+    sum_deltas,
+)
+from .errors import MergeError
+from .solvers import SolveInfo, solve_hard, solve_soft
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CompressionReport",
+    "Concept",
+    "ConceptDelta",
+    "LayerDelta",
+    "LowRank",
+    "MergeError",
+    "SolveInfo",
+    "average_deltas",
+    "compress",
+    "interpolate",
+    "solve_hard",
+    "solve_soft",
+    "sum_deltas",
+]

@@ -1,0 +1,391 @@
+"""Concept deltas: per-layer K/V weight differences against a named base, plus modifier tokens.
+
+A :class:`ConceptDelta` is always a *difference*; files that hold full fine-tuned weights are
+converted at the format boundary. Deltas support plain algebra (``a + b``, ``a - b``,
+``k * a``, ``-a``), :func:`interpolate`, :func:`compress`, and the naive baselines
+:func:`sum_deltas` and :func:`average_deltas`.
+
+Tokens are not differences: they are new rows of the embedding table. Adding deltas takes the
+union of their tokens (a name used by both for different embeddings is renamed, and the
+mapping is recorded in ``token_renames`` and warned); scaling keeps them; ``a - b`` removes
+``b``'s concept, so it drops ``a``'s tokens whose embeddings equal one of ``b``'s.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Union
+
+import torch
+from torch import Tensor
+
+from .errors import MergeError, TokenRenameWarning
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """A difference kept as factors ``up @ down`` (the authors' compressed ``u``/``v``)."""
+
+    up: Tensor  # (out, r) = U[:, :r] diag(S[:r])
+    down: Tensor  # (r, in) = Vh[:r]
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.up.shape[0], self.down.shape[1]))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.up.dtype
+
+    @property
+    def rank(self) -> int:
+        return self.up.shape[1]
+
+    def dense(self) -> Tensor:
+        return self.up @ self.down
+
+
+Difference = Union[Tensor, LowRank]
+
+
+def dense(x: Difference) -> Tensor:
+    """The full matrix of a difference, whichever way it is stored."""
+    return x.dense() if isinstance(x, LowRank) else x
+
+
+@dataclass(frozen=True)
+class LayerDelta:
+    """K and V weight differences of one cross-attention layer (``attn2.to_k``/``attn2.to_v``)."""
+
+    key: Difference
+    value: Difference
+
+    def map(self, fn) -> LayerDelta:
+        return LayerDelta(fn(self.key), fn(self.value))
+
+
+@dataclass(frozen=True)
+class Concept:
+    """What a token stands for: its class word and target prompts, when known."""
+
+    token: str
+    class_word: str | None = None
+    prompts: tuple[str, ...] = ()
+    style: bool = False
+
+    def renamed(self, old: str, new: str) -> Concept:
+        return replace(self, token=new if self.token == old else self.token,
+                       prompts=tuple(p.replace(old, new) for p in self.prompts))
+
+
+@dataclass(frozen=True)
+class TokenRename:
+    """Token ``old`` of operand ``operand`` (0-based) was renamed to ``new``."""
+
+    operand: int
+    old: str
+    new: str
+
+
+@dataclass(eq=False)
+class ConceptDelta:
+    """K/V differences per layer and modifier tokens, made against one base model.
+
+    layers: layer name (diffusers module path up to ``attn2``) -> :class:`LayerDelta`.
+    tokens: token string -> one embedding per text encoder (two for SDXL).
+    base: the base model's name, path or repo id; base_fingerprint: hash of its K/V weights.
+    """
+
+    layers: dict[str, LayerDelta]
+    tokens: dict[str, tuple[Tensor, ...]] = field(default_factory=dict)
+    base: str | None = None
+    base_fingerprint: str | None = None
+    architecture: str | None = None
+    concepts: tuple[Concept, ...] = ()
+    metadata: dict[str, Any] = field(default_factory=dict)
+    token_renames: tuple[TokenRename, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.tokens = {name: tuple(emb) if isinstance(emb, (tuple, list)) else (emb,)
+                       for name, emb in self.tokens.items()}
+        self.concepts = tuple(self.concepts)
+        _check_layers(self.layers)
+        _check_tokens(self.tokens)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def context_dim(self) -> int | None:
+        """Feature dimension the K/V projections read (768 SD1, 1024 SD2, 2048 SDXL)."""
+        first = next(iter(self.layers.values()), None)
+        return None if first is None else first.key.shape[1]
+
+    def num_parameters(self) -> int:
+        """Numbers stored for the layer differences (factors count as stored)."""
+        def count(x: Difference) -> int:
+            return x.up.numel() + x.down.numel() if isinstance(x, LowRank) else x.numel()
+        return sum(count(layer.key) + count(layer.value) for layer in self.layers.values())
+
+    def concept_for(self, token: str) -> Concept | None:
+        return next((c for c in self.concepts if c.token == token), None)
+
+    def dense(self) -> ConceptDelta:
+        """A copy with every low-rank difference expanded to a full matrix."""
+        return self._with_layers({k: v.map(dense) for k, v in self.layers.items()})
+
+    def allclose(self, other: ConceptDelta, *, rtol: float = 1e-5, atol: float = 1e-8) -> bool:
+        """Same layers, tokens and (within tolerance) values."""
+        if self.layers.keys() != other.layers.keys() or self.tokens.keys() != other.tokens.keys():
+            return False
+        for name, layer in self.layers.items():
+            theirs = other.layers[name]
+            for a, b in ((layer.key, theirs.key), (layer.value, theirs.value)):
+                if not torch.allclose(dense(a).double(), dense(b).double(), rtol=rtol, atol=atol):
+                    return False
+        return all(len(e) == len(other.tokens[t]) and all(
+            torch.allclose(x.double(), y.double(), rtol=rtol, atol=atol)
+            for x, y in zip(e, other.tokens[t])) for t, e in self.tokens.items())
+
+    def __repr__(self) -> str:
+        return (f"ConceptDelta(architecture={self.architecture!r}, base={self.base!r}, "
+                f"layers={len(self.layers)}, context_dim={self.context_dim}, "
+                f"tokens={list(self.tokens)})")
+
+    # ------------------------------------------------------------------ algebra
+    def __add__(self, other: ConceptDelta) -> ConceptDelta:
+        if not isinstance(other, ConceptDelta):
+            return NotImplemented
+        return _linear_combination([self, other], [1.0, 1.0])
+
+    def __radd__(self, other: Any) -> ConceptDelta:
+        if isinstance(other, (int, float)) and other == 0:  # lets builtin sum() work
+            return self
+        return NotImplemented
+
+    def __sub__(self, other: ConceptDelta) -> ConceptDelta:
+        if not isinstance(other, ConceptDelta):
+            return NotImplemented
+        _check_compatible([self, other])
+        removed = [emb for emb in other.tokens.values()]
+        keep = {t: e for t, e in self.tokens.items()
+                if not any(_same_embedding(e, r) for r in removed)}
+        layers = {name: LayerDelta(dense(a.key) - dense(other.layers[name].key),
+                                   dense(a.value) - dense(other.layers[name].value))
+                  for name, a in self.layers.items()}
+        return replace(self, layers=layers, tokens=keep, base=self.base or other.base,
+                       base_fingerprint=self.base_fingerprint or other.base_fingerprint,
+                       concepts=tuple(c for c in self.concepts if c.token in keep),
+                       metadata={}, token_renames=())
+
+    def __mul__(self, scale: float) -> ConceptDelta:
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+            return NotImplemented
+        return self._with_layers({k: v.map(lambda x: _scaled(x, scale)) for k, v in self.layers.items()})
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, scale: float) -> ConceptDelta:
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+            return NotImplemented
+        return self * (1.0 / scale)
+
+    def __neg__(self) -> ConceptDelta:
+        return self * -1.0
+
+    def _with_layers(self, layers: dict[str, LayerDelta]) -> ConceptDelta:
+        return replace(self, layers=layers, metadata={}, token_renames=())
+
+
+def _scaled(x: Difference, scale: float) -> Difference:
+    return LowRank(x.up * scale, x.down) if isinstance(x, LowRank) else x * scale
+
+
+def _same_embedding(a: tuple[Tensor, ...], b: tuple[Tensor, ...]) -> bool:
+    return len(a) == len(b) and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b))
+
+
+def _check_layers(layers: dict[str, LayerDelta]) -> None:
+    context = None
+    for name, layer in layers.items():
+        for which, x in (("key", layer.key), ("value", layer.value)):
+            if len(x.shape) != 2:
+                raise MergeError(f"Layer {name} {which}: expected a 2-D weight difference, "
+                                 f"got shape {tuple(x.shape)}.")
+            if context is None:
+                context = x.shape[1]
+            if x.shape[1] != context:
+                raise MergeError(f"Layer {name} {which} reads {x.shape[1]} features but other "
+                                 f"layers read {context}.")
+
+
+def _check_tokens(tokens: dict[str, tuple[Tensor, ...]]) -> None:
+    dims = None
+    for name, embeddings in tokens.items():
+        shape = tuple(tuple(e.shape) for e in embeddings)
+        if any(len(s) != 1 for s in shape):
+            raise MergeError(f"Token {name}: each embedding must be a vector, got shapes {shape}.")
+        if dims is None:
+            dims = shape
+        if shape != dims:
+            raise MergeError(f"Token {name} has embedding shapes {shape}, others have {dims}.")
+
+
+def _check_compatible(deltas: Sequence[ConceptDelta]) -> None:
+    """Deltas combine only when made against the same base, with the same layers and shapes."""
+    first = deltas[0]
+    for i, other in enumerate(deltas[1:], start=1):
+        if first.architecture and other.architecture and first.architecture != other.architecture:
+            raise MergeError(f"Cannot combine deltas for different architectures: operand 0 is "
+                             f"{first.architecture}, operand {i} is {other.architecture}.")
+        if first.base_fingerprint and other.base_fingerprint \
+                and first.base_fingerprint != other.base_fingerprint:
+            raise MergeError(f"Cannot combine deltas made against different base models: operand 0 "
+                             f"({first.base or 'unnamed'}, fingerprint {first.base_fingerprint[:12]}) "
+                             f"and operand {i} ({other.base or 'unnamed'}, fingerprint "
+                             f"{other.base_fingerprint[:12]}).")
+        if first.layers.keys() != other.layers.keys():
+            missing = sorted(first.layers.keys() ^ other.layers.keys())
+            raise MergeError(f"Operands 0 and {i} cover different layers, e.g. {missing[0]} "
+                             f"({len(missing)} differ).")
+        for name, layer in first.layers.items():
+            theirs = other.layers[name]
+            if layer.key.shape != theirs.key.shape or layer.value.shape != theirs.value.shape:
+                raise MergeError(f"Layer {name} has shape {tuple(layer.key.shape)} in operand 0 "
+                                 f"but {tuple(theirs.key.shape)} in operand {i}.")
+
+
+_NAME = re.compile(r"^(<?)(.*?)(\d*)(>?)$")
+
+
+def _fresh_name(name: str, taken: set[str]) -> str:
+    """Next free name in the token's own series: ``<new1>`` -> ``<new2>``, ``<cat>`` -> ``<cat2>``."""
+    opening, stem, _, closing = _NAME.match(name).groups()
+    number = 1
+    while f"{opening}{stem}{number}{closing}" in taken:
+        number += 1
+    return f"{opening}{stem}{number}{closing}"
+
+
+def merge_tokens(deltas: Sequence[ConceptDelta]) -> tuple[
+        dict[str, tuple[Tensor, ...]], tuple[Concept, ...], tuple[TokenRename, ...]]:
+    """Union of tokens and concepts; equal embeddings are one token, clashing names renamed."""
+    tokens: dict[str, tuple[Tensor, ...]] = {}
+    concepts: list[Concept] = []
+    renames: list[TokenRename] = []
+    every_name = {name for delta in deltas for name in delta.tokens}
+    for index, delta in enumerate(deltas):
+        own = {c.token: c for c in delta.concepts}
+        for name, embedding in delta.tokens.items():
+            if name in tokens and _same_embedding(tokens[name], embedding):
+                continue
+            new = name if name not in tokens else _fresh_name(name, set(tokens) | every_name)
+            if new != name:
+                renames.append(TokenRename(index, name, new))
+            tokens[new] = embedding
+            if name in own:
+                concepts.append(own[name].renamed(name, new))
+    if renames:
+        mapping = ", ".join(f"{r.old} of operand {r.operand} -> {r.new}" for r in renames)
+        warnings.warn(f"Token names collided and were renamed: {mapping}.", TokenRenameWarning,
+                      stacklevel=3)
+    return tokens, tuple(concepts), tuple(renames)
+
+
+def _linear_combination(deltas: Sequence[ConceptDelta], scales: Sequence[float]) -> ConceptDelta:
+    """``sum_i scales[i] * deltas[i]`` on the differences; union of the tokens."""
+    if not deltas:
+        raise MergeError("Nothing to combine: no deltas were given.")
+    _check_compatible(deltas)
+    first = deltas[0]
+    layers = {}
+    for name in first.layers:
+        parts = [d.layers[name] for d in deltas]
+        layers[name] = LayerDelta(
+            _weighted([p.key for p in parts], scales), _weighted([p.value for p in parts], scales))
+    tokens, concepts, renames = merge_tokens(deltas)
+    return ConceptDelta(
+        layers=layers, tokens=tokens,
+        base=next((d.base for d in deltas if d.base), None),
+        base_fingerprint=next((d.base_fingerprint for d in deltas if d.base_fingerprint), None),
+        architecture=next((d.architecture for d in deltas if d.architecture), None),
+        concepts=concepts, token_renames=renames)
+
+
+def _weighted(parts: Sequence[Difference], scales: Sequence[float]) -> Tensor:
+    total = dense(parts[0]) * scales[0]
+    for part, scale in zip(parts[1:], scales[1:]):
+        total = total + dense(part) * scale
+    return total
+
+
+def sum_deltas(deltas: Iterable[ConceptDelta]) -> ConceptDelta:
+    """Naive baseline: add all differences (what "just load them all" amounts to)."""
+    deltas = list(deltas)
+    return _linear_combination(deltas, [1.0] * len(deltas))
+
+
+def average_deltas(deltas: Iterable[ConceptDelta]) -> ConceptDelta:
+    """Naive baseline: mean of the differences, union of the tokens."""
+    deltas = list(deltas)
+    return _linear_combination(deltas, [1.0 / max(len(deltas), 1)] * len(deltas))
+
+
+def interpolate(a: ConceptDelta, b: ConceptDelta, t: float) -> ConceptDelta:
+    """``(1 - t) * a + t * b``: t = 0 gives a, t = 1 gives b (tokens of both are kept)."""
+    return _linear_combination([a, b], [1.0 - t, t])
+
+
+@dataclass(frozen=True)
+class CompressionReport:
+    """Outcome of :func:`compress`: the error actually reached and what it cost."""
+
+    rtol: float
+    relative_error: float  # ||D - D_r||_F / ||D||_F over all layers together
+    max_layer_error: float  # worst single matrix
+    ranks: dict[str, tuple[int, int]]  # layer -> (key rank, value rank)
+    parameters_before: int
+    parameters_after: int
+
+
+def compress(delta: ConceptDelta, rtol: float = 0.01) -> tuple[ConceptDelta, CompressionReport]:
+    """Low-rank differences with relative Frobenius error at most ``rtol`` per matrix (so overall).
+
+    Each K and V difference keeps the fewest singular values whose discarded energy stays
+    within ``rtol``; factors are stored as the authors' compressed files do (``u = U S``,
+    ``v = Vh``). Returns the compressed delta and a report of the error reached.
+    """
+    if not (0 <= rtol < 1):
+        raise MergeError(f"compress: rtol must be in [0, 1), got {rtol}.")
+    layers: dict[str, LayerDelta] = {}
+    ranks: dict[str, tuple[int, int]] = {}
+    lost_sq = total_sq = worst = 0.0
+    for name, layer in delta.layers.items():
+        factors = []
+        for matrix in (dense(layer.key), dense(layer.value)):
+            low_rank, lost, norm = _truncate(matrix, rtol)
+            factors.append(low_rank)
+            lost_sq += lost**2
+            total_sq += norm**2
+            worst = max(worst, lost / norm if norm > 0 else 0.0)
+        layers[name] = LayerDelta(*factors)
+        ranks[name] = (factors[0].rank, factors[1].rank)
+    compressed = delta._with_layers(layers)
+    report = CompressionReport(rtol, math.sqrt(lost_sq / total_sq) if total_sq > 0 else 0.0,
+                               worst, ranks, delta.num_parameters(), compressed.num_parameters())
+    return compressed, report
+
+
+def _truncate(matrix: Tensor, rtol: float) -> tuple[LowRank, float, float]:
+    """Smallest-rank SVD truncation within ``rtol``; returns factors, lost norm and full norm."""
+    U, S, Vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+    energy = S.flip(0).square().cumsum(0).flip(0)  # energy[r] = sum of S[r:]^2
+    total = float(energy[0]) if S.numel() else 0.0
+    tail = torch.cat([energy[1:], energy.new_zeros(1)])  # tail[r] = energy lost keeping r+1
+    within = (tail <= (rtol**2) * total).nonzero()
+    rank = 0 if total == 0 else int(within[0]) + 1
+    lost = math.sqrt(float(tail[rank - 1])) if rank else math.sqrt(total)
+    low_rank = LowRank((U[:, :rank] * S[:rank]).to(matrix.dtype), Vh[:rank].to(matrix.dtype))
+    return low_rank, lost, math.sqrt(total)

@@ -1,0 +1,248 @@
+"""Linear algebra shared by the hard and soft merges.
+
+Both merges reduce to the same three steps, done in float64:
+
+1. *Whitening*: factor ``A = G + ridge I`` (hard) or ``mu G + ridge I`` (soft) as ``L L^T``
+   (Cholesky when well conditioned, eigh otherwise), so the regulariser
+   ``tr((W - W0) A (W - W0)^T)`` becomes the plain Frobenius norm of ``(W - W0) L``.
+2. *Constraint spectrum*: a thin SVD ``U S Q^T`` of the whitened constraints
+   ``B = L^-1 C^T``. It reveals dependent rows (small singular values) and is invariant to
+   the order of the rows, which is what makes the merge order-independent.
+3. *Row update*: ``W = W0 + (V - W0 C^T) Z`` with ``Z = Q f(S) U^T L^-1``, where ``f`` is
+   ``1/s`` (hard, truncated pseudo-inverse) or ``s / (s^2 + 1)`` (soft). ``Z`` is shared by
+   every row of every layer, so the rows are streamed through in chunks.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+import torch
+from torch import Tensor
+
+from .info import IllConditionedWarning, SolveInfo
+
+FLOAT = torch.float64
+#: A G (plus ridge) whose condition number exceeds this is treated as singular: the fallback
+#: ridge lambda_max / G_CONDITION_LIMIT is added so the solve stays defined and finite.
+G_CONDITION_LIMIT = 1e10
+#: Default relative tolerance on the singular values of the whitened constraints: rows whose
+#: singular value is below ``rtol * s_max`` are counted as dependent on the others.
+DEFAULT_RTOL = 1e-9
+#: A dependent direction q "conflicts" when ||(V - W0 C^T) q|| exceeds this fraction of
+#: ||V - W0 C^T||: its targets cannot all be met, so they are met in least squares.
+CONFLICT_RTOL = 1e-6
+#: Rows streamed per chunk are chosen so one float64 chunk holds about this many numbers.
+CHUNK_ELEMENTS = 1 << 23
+
+
+@dataclass(frozen=True)
+class Whitening:
+    """A factor ``L`` with ``L L^T = A`` (``A`` = the regulariser's matrix), used through solves."""
+
+    lower: Tensor | None  # Cholesky factor, or None when the eigh path was taken
+    eigenvectors: Tensor | None
+    inv_sqrt_eigenvalues: Tensor | None
+    ridge: float
+    notes: tuple[str, ...]
+
+    def solve(self, X: Tensor) -> Tensor:
+        """``L^-1 X``."""
+        if self.lower is not None:
+            return torch.linalg.solve_triangular(self.lower, X, upper=False)
+        return self.inv_sqrt_eigenvalues[:, None] * (self.eigenvectors.mT @ X)
+
+    def solve_transposed(self, X: Tensor) -> Tensor:
+        """``L^-T X``."""
+        if self.lower is not None:
+            return torch.linalg.solve_triangular(self.lower.mT, X, upper=True)
+        return self.eigenvectors @ (self.inv_sqrt_eigenvalues[:, None] * X)
+
+
+def whiten(A: Tensor, ridge: float, *, what: str) -> Whitening:
+    """Factor ``A + ridge I`` (``A`` symmetric PSD, float64); add a warned fallback ridge if singular."""
+    d = A.shape[0]
+    eye = torch.eye(d, dtype=FLOAT, device=A.device)
+    shifted = A + ridge * eye
+    diagonal = torch.diagonal(shifted)
+    scale = float(diagonal.max()) if d else 0.0
+    if scale > 0:
+        lower, info = torch.linalg.cholesky_ex(shifted)
+        if int(info) == 0:
+            ldiag = torch.diagonal(lower)
+            estimate = float((ldiag.max() / ldiag.min()) ** 2)
+            # The diagonal ratio underestimates the condition number; keep a wide margin.
+            if estimate * 1e3 < G_CONDITION_LIMIT:
+                return Whitening(lower, None, None, ridge, ())
+    eigenvalues, eigenvectors = torch.linalg.eigh(shifted)
+    top = float(eigenvalues[-1]) if d else 0.0
+    if top < 0 or float(eigenvalues[0]) < -math.sqrt(torch.finfo(FLOAT).eps) * max(top, 1.0):
+        raise ValueError(f"{what} must be symmetric positive semi-definite (smallest eigenvalue "
+                         f"{float(eigenvalues[0]):.3g}, largest {top:.3g}).")
+    notes: tuple[str, ...] = ()
+    floor = top / G_CONDITION_LIMIT
+    if top <= 0 or float(eigenvalues[0]) < floor:
+        extra = floor if top > 0 else 1.0
+        rank = int((eigenvalues > floor).sum()) if top > 0 else 0
+        message = (f"{what} is singular or ill-conditioned (numerical rank {rank} of {d}): the "
+                   f"captions leave feature directions unconstrained. Added a fallback ridge "
+                   f"{extra:.3g} (largest eigenvalue / {G_CONDITION_LIMIT:.0e}); weights may move "
+                   f"freely in those directions. Use more captions or pass ridge > 0.")
+        warnings.warn(message, IllConditionedWarning, stacklevel=4)
+        notes = (message,)
+        ridge = ridge + extra
+        eigenvalues = eigenvalues + extra
+    inv_sqrt = eigenvalues.clamp_min(torch.finfo(FLOAT).tiny).rsqrt()
+    return Whitening(None, eigenvectors, inv_sqrt, ridge, notes)
+
+
+def condition_number(A: Tensor) -> float:
+    """Condition number of a symmetric PSD matrix (inf when singular)."""
+    if A.shape[0] == 0:
+        return 1.0
+    eigenvalues = torch.linalg.eigvalsh(A)
+    low, high = float(eigenvalues[0]), float(eigenvalues[-1])
+    return high / low if low > 0 else math.inf
+
+
+@dataclass(frozen=True)
+class ConstraintSpectrum:
+    """SVD of the whitened constraints ``B = L^-1 C^T = U diag(S) Q^T``."""
+
+    left: Tensor  # L^-T U, (d, m): maps whitened directions back to features
+    singular_values: Tensor  # S, (m,), descending, m = min(d, s)
+    right: Tensor  # Q, (s, s): full, so that dependent directions of s > d rows are included
+
+
+def constraint_spectrum(C: Tensor, whitening: Whitening) -> ConstraintSpectrum:
+    """Rank-revealing SVD of the constraint features in the regulariser's metric."""
+    s, d = C.shape
+    B = whitening.solve(C.mT)
+    U, S, Qh = torch.linalg.svd(B, full_matrices=s > d)
+    return ConstraintSpectrum(whitening.solve_transposed(U[:, : S.shape[0]]), S, Qh.mT)
+
+
+def dependent_mask(spectrum: ConstraintSpectrum, rtol: float) -> Tensor:
+    """Boolean (s,) mask over the right singular directions judged dependent."""
+    s = spectrum.right.shape[0]
+    S = spectrum.singular_values
+    top = float(S[0]) if S.numel() else 0.0
+    mask = torch.ones(s, dtype=torch.bool, device=S.device)
+    if top > 0:
+        mask[: S.shape[0]] = S <= rtol * top
+    return mask
+
+
+def update_operator(spectrum: ConstraintSpectrum, gains: Tensor) -> Tensor:
+    """``Z = Q[:, :m] diag(gains) (L^-T U)^T``, the (s, d) map from target misfit to weight change."""
+    m = gains.shape[0]
+    return (spectrum.right[:, :m] * gains) @ spectrum.left.mT
+
+
+@dataclass(frozen=True)
+class RowStats:
+    """Totals gathered while streaming rows: used for diagnostics only."""
+
+    residual: float  # relative ||W C^T - V||_F / ||V||_F of the returned W (NaN if not asked)
+    misfit_norm_sq: float  # ||V - W0 C^T||_F^2
+    watched_norms_sq: Tensor  # squared norms of the misfit along each watched direction
+
+
+def stream_rows(
+    W0: Tensor, C: Tensor, V: Tensor, Z: Tensor, *, watch: Tensor, return_residual: bool
+) -> tuple[Tensor, RowStats]:
+    """Compute ``W = W0 + (V - W0 C^T) Z`` chunk by chunk in float64; W keeps W0's dtype.
+
+    Rows are independent, so streaming bounds the float64 working set whatever ``n`` is.
+    ``watch`` (s, k) are constraint-space directions whose misfit norms are reported.
+    """
+    n, d = W0.shape
+    s = C.shape[0]
+    out = torch.empty_like(W0)
+    step = max(1, CHUNK_ELEMENTS // max(d, s, 1))
+    watched = torch.zeros(watch.shape[1], dtype=FLOAT, device=W0.device)
+    misfit_sq = residual_sq = target_sq = 0.0
+    for start in range(0, n, step):
+        rows = slice(start, min(n, start + step))
+        w0 = W0[rows].to(FLOAT)
+        target = V[rows].to(FLOAT)
+        misfit = target - w0 @ C.mT
+        misfit_sq += float((misfit**2).sum())
+        watched += ((misfit @ watch) ** 2).sum(dim=0)
+        out[rows] = w0 + misfit @ Z
+        if return_residual:
+            residual_sq += float(((out[rows].to(FLOAT) @ C.mT - target) ** 2).sum())
+            target_sq += float((target**2).sum())
+    residual = math.nan
+    if return_residual:
+        residual = math.sqrt(residual_sq / target_sq) if target_sq > 0 else math.sqrt(residual_sq)
+    return out, RowStats(residual, misfit_sq, watched)
+
+
+def check_matrix(x: Tensor, name: str, ndim: int, check_finite: bool) -> None:
+    """Validate one solver argument: a floating tensor of the right rank, finite if asked."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}.")
+    if x.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}.")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}.")
+    if check_finite and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or infinite values.")
+
+
+def check_shapes(pairs: list[tuple[str, int, int]]) -> None:
+    """Raise one ValueError naming the first pair of dimensions that disagree."""
+    for label, got, expected in pairs:
+        if got != expected:
+            raise ValueError(f"Shape mismatch: {label} is {got}, expected {expected}.")
+
+
+def check_same_device(tensors: dict[str, Tensor], reference: Tensor) -> None:
+    """All arguments must live on W0's device; we never move data behind the caller's back."""
+    for name, t in tensors.items():
+        if t.device != reference.device:
+            raise ValueError(f"{name} is on {t.device} but W0 is on {reference.device}.")
+
+
+def regulariser(G: Tensor, scale: float) -> Tensor:
+    """``scale * G`` in float64, symmetrised (G built in low precision is rarely exactly symmetric)."""
+    G64 = G.to(FLOAT)
+    return (G64 + G64.mT) * (0.5 * scale)
+
+
+
+def check_problem(W0: Tensor, G: Tensor, C: Tensor, V: Tensor, ridge: float,
+                  check_finite: bool, labels: tuple[str, str] = ("C", "V")) -> None:
+    """Validate the arguments shared by both solvers; errors name the argument and the fix."""
+    c_name, v_name = labels
+    for name, x in (("W0", W0), ("G", G), (c_name, C), (v_name, V)):
+        check_matrix(x, name, 2, check_finite)
+    n, d = W0.shape
+    check_shapes([("G rows", G.shape[0], d), ("G columns", G.shape[1], d),
+                  (f"{c_name} columns (feature dim)", C.shape[1], d),
+                  (f"{v_name} rows", V.shape[0], n),
+                  (f"{v_name} columns (constraint rows)", V.shape[1], C.shape[0])])
+    check_same_device({"G": G, c_name: C, v_name: V}, W0)
+    if not (math.isfinite(ridge) and ridge >= 0):
+        raise ValueError(f"ridge must be a finite number >= 0, got {ridge}.")
+
+
+def build_info(A: Tensor, whitening: Whitening, spectrum: ConstraintSpectrum, dependent: Tensor,
+               stats: RowStats, rtol: float) -> SolveInfo:
+    """Diagnostics common to both solvers (see :class:`SolveInfo`)."""
+    s = spectrum.right.shape[0]
+    m = spectrum.singular_values.shape[0]
+    kept = spectrum.singular_values[~dependent[:m]]
+    rank = int(kept.numel())
+    threshold = (CONFLICT_RTOL**2) * stats.misfit_norm_sq
+    n_conflicting = int((stats.watched_norms_sq > threshold).sum()) if threshold > 0 else 0
+    notes = list(whitening.notes)
+    if rank < s:
+        notes.append(f"{s - rank} of {s} constraint rows depend on the others (rtol {rtol:g}): "
+                     f"{s - rank - n_conflicting} consistent, satisfied exactly; "
+                     f"{n_conflicting} conflicting, met in the least-squares sense.")
+    m_condition = float((kept[0] / kept[-1]) ** 2) if rank else math.inf
+    return SolveInfo(stats.residual, condition_number(A), m_condition, s, rank, s - rank,
+                     n_conflicting, whitening.ridge, tuple(notes))
