@@ -1,0 +1,253 @@
+"""Tests for mergekit_cd.testing: tiny offline SD / SDXL pipelines."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mergekit_cd.testing import (
+    ARCHITECTURES,
+    TINY_CONFIGS,
+    build_tiny_pipeline,
+    save_tiny_pipeline,
+    tiny_tokenizer,
+)
+
+CAPTION = "a photo of a cat with a teddy bear in the garden"
+# (hidden size of each text encoder, UNet cross_attention_dim, number of attn2 layers)
+EXPECTED = {
+    "sd1": ([32], 32, 11),
+    "sd2": ([48], 48, 11),
+    "sdxl": ([32, 48], 80, 17),
+}
+
+
+def _text_encoders(pipe) -> list[tuple[object, object]]:
+    pairs = [(pipe.tokenizer, pipe.text_encoder)]
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
+    return pairs
+
+
+def _kv_weights(unet) -> dict[str, torch.Tensor]:
+    return {
+        name: param.detach().clone()
+        for name, param in unet.named_parameters()
+        if ".attn2.to_k." in name or ".attn2.to_v." in name
+    }
+
+
+def _module_state(pipe) -> dict[str, torch.Tensor]:
+    state = {}
+    for component in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        module = getattr(pipe, component, None)
+        if module is not None:
+            state.update({f"{component}.{k}": v for k, v in module.state_dict().items()})
+    return state
+
+
+def _context(pipe, prompt: str) -> torch.Tensor:
+    """Cross-attention context by hand (REFERENCE 1b): last hidden state for SD1/SD2,
+    penultimate hidden states of both encoders concatenated for SDXL."""
+    feats = []
+    with torch.no_grad():
+        for tokenizer, encoder in _text_encoders(pipe):
+            ids = tokenizer(
+                prompt, padding="max_length", max_length=tokenizer.model_max_length,
+                truncation=True, return_tensors="pt",
+            ).input_ids
+            out = encoder(ids, output_hidden_states=True)
+            feats.append(out.hidden_states[-2] if len(_text_encoders(pipe)) == 2 else out[0])
+    return torch.cat(feats, dim=-1)
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    return {arch: build_tiny_pipeline(arch, seed=0) for arch in ARCHITECTURES}
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_builds_with_expected_shapes(pipes, arch):
+    pipe = pipes[arch]
+    hidden, context_dim, n_layers = EXPECTED[arch]
+    assert type(pipe).__name__ == TINY_CONFIGS[arch]["pipeline"]
+    assert [enc.config.hidden_size for _, enc in _text_encoders(pipe)] == hidden
+    assert pipe.unet.config.cross_attention_dim == context_dim
+    attn2 = {n: m for n, m in pipe.unet.named_modules() if n.endswith(".attn2")}
+    assert len(attn2) == n_layers
+    assert {m.to_k.in_features for m in attn2.values()} == {context_dim}
+    assert {m.to_k.out_features for m in attn2.values()} == {32, 64}
+    for tokenizer, encoder in _text_encoders(pipe):
+        assert encoder.config.vocab_size == len(tokenizer)
+        assert tokenizer.model_max_length == 77
+    if arch != "sdxl":
+        assert pipe.safety_checker is None
+
+
+def test_architectures_distinguishable_from_configs(pipes):
+    sd1, sd2 = pipes["sd1"].text_encoder.config, pipes["sd2"].text_encoder.config
+    assert (sd1.hidden_size, sd1.hidden_act) == (32, "quick_gelu")
+    assert (sd2.hidden_size, sd2.hidden_act) == (48, "gelu")
+    assert pipes["sdxl"].unet.config.addition_embed_type == "text_time"
+    assert pipes["sd1"].unet.config.addition_embed_type is None
+
+
+def test_sdxl_cross_attention_dim_is_sum_of_encoders(pipes):
+    pipe = pipes["sdxl"]
+    te, te2 = pipe.text_encoder.config, pipe.text_encoder_2.config
+    assert pipe.unet.config.cross_attention_dim == te.hidden_size + te2.hidden_size
+    unet = pipe.unet.config
+    assert unet.projection_class_embeddings_input_dim == 6 * unet.addition_time_embed_dim + te2.projection_dim
+    # some SDXL attention blocks hold two transformer layers, as in the real model
+    names = [n for n, _ in pipe.unet.named_modules() if n.endswith("transformer_blocks.1.attn2")]
+    assert names
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_pipeline_context_matches_reference(pipes, arch):
+    pipe = pipes[arch]
+    with torch.no_grad():
+        embeds = pipe.encode_prompt(CAPTION, device="cpu", num_images_per_prompt=1,
+                                    do_classifier_free_guidance=False)[0]
+    torch.testing.assert_close(embeds, _context(pipe, CAPTION), rtol=0, atol=0)
+
+
+def test_same_seed_identical_different_seed_differs():
+    a = _module_state(build_tiny_pipeline("sdxl", seed=3))
+    build_tiny_pipeline("sd2", seed=7)  # unrelated build in between must not matter
+    torch.manual_seed(12345)  # nor the caller's RNG state
+    b = _module_state(build_tiny_pipeline("sdxl", seed=3))
+    c = _module_state(build_tiny_pipeline("sdxl", seed=4))
+    assert a.keys() == b.keys() == c.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    differing = [k for k in a if a[k].is_floating_point() and not torch.equal(a[k], c[k])]
+    assert any(".attn2.to_k." in k for k in differing)
+    assert any(k.startswith("text_encoder_2.") for k in differing)
+
+
+def test_build_leaves_global_rng_untouched():
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    build_tiny_pipeline("sd1", seed=5)
+    assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_save_reload_round_trip(pipes, tiny_pipeline_path, arch):
+    from diffusers import DiffusionPipeline
+
+    path = tiny_pipeline_path(arch)
+    unet_file = path / "unet" / "diffusion_pytorch_model.safetensors"
+    assert unet_file.is_file()
+    assert not list((path / "unet").glob("*.index.json"))
+    assert json.loads((path / "model_index.json").read_text())["_class_name"] == TINY_CONFIGS[arch]["pipeline"]
+
+    original = pipes[arch]
+    expected_kv = _kv_weights(original.unet)
+    on_disk = load_file(unet_file)
+    assert {f"{k}" for k in expected_kv} <= on_disk.keys()
+    assert all(torch.equal(on_disk[k], v) for k, v in expected_kv.items())
+
+    loaded = DiffusionPipeline.from_pretrained(path)
+    assert type(loaded) is type(original)
+    loaded_kv = _kv_weights(loaded.unet)
+    assert loaded_kv.keys() == expected_kv.keys()
+    assert all(torch.equal(loaded_kv[k], v) for k, v in expected_kv.items())
+
+    for (tok_a, enc_a), (tok_b, enc_b) in zip(_text_encoders(original), _text_encoders(loaded)):
+        ids_a = tok_a(CAPTION, padding="max_length", max_length=77, return_tensors="pt").input_ids
+        ids_b = tok_b(CAPTION, padding="max_length", max_length=77, return_tensors="pt").input_ids
+        assert torch.equal(ids_a, ids_b)
+        assert tok_b.pad_token == tok_a.pad_token
+        with torch.no_grad():
+            out_a = enc_a(ids_a, output_hidden_states=True)
+            out_b = enc_b(ids_b, output_hidden_states=True)
+        assert torch.equal(out_a[0], out_b[0])
+        assert torch.equal(out_a.hidden_states[-2], out_b.hidden_states[-2])
+
+
+def test_specific_pipeline_class_loads(tiny_pipeline_path):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    assert isinstance(StableDiffusionPipeline.from_pretrained(tiny_pipeline_path("sd1")),
+                      StableDiffusionPipeline)
+    assert isinstance(StableDiffusionXLPipeline.from_pretrained(tiny_pipeline_path("sdxl")),
+                      StableDiffusionXLPipeline)
+
+
+def test_save_returns_path(tmp_path):
+    out = save_tiny_pipeline("sd1", str(tmp_path / "x"), seed=1)
+    assert out == tmp_path / "x"
+    assert (out / "tokenizer" / "vocab.json").is_file()
+    assert (out / "tokenizer" / "merges.txt").is_file()
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_pipeline_runs(pipes, arch):
+    pipe = pipes[arch]
+    images = pipe(CAPTION, num_inference_steps=2, output_type="np",
+                  generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (1, 16, 16, 3)
+    assert np.isfinite(images).all()
+    images = pipe(CAPTION, num_inference_steps=2, height=24, width=32, output_type="np",
+                  guidance_scale=1.0, generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (1, 24, 32, 3)
+    assert np.isfinite(images).all()
+
+
+def test_tokenizer_handles_any_text():
+    tok = tiny_tokenizer()
+    caption = "zürich naïve café 😀 xylophone quokka"
+    ids = tok(caption).input_ids
+    assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+    assert tok.unk_token_id not in ids[1:-1]
+    assert tok.decode(ids, skip_special_tokens=True) == caption
+    messy = "A Photo of   the CAT, (42) -- in Zürich?"
+    decoded = tok.decode(tok(messy).input_ids, skip_special_tokens=True)
+    assert decoded.replace(" ", "") == messy.lower().replace(" ", "")
+    for word in ("a", "photo", "of", "the", "cat", "dog", "painting", "style", "ktn", "sks"):
+        assert len(tok(word, add_special_tokens=False).input_ids) == 1, word
+    padded = tok("a cat", padding="max_length", max_length=77).input_ids
+    assert len(padded) == 77 and padded[3:] == [tok.eos_token_id] * 74
+
+
+def test_tokenizer_pad_tokens_follow_real_checkpoints(pipes):
+    assert pipes["sd1"].tokenizer.pad_token == "<|endoftext|>"
+    assert pipes["sd2"].tokenizer.pad_token == "!"
+    assert pipes["sd2"].tokenizer.pad_token_id == 0
+    assert pipes["sdxl"].tokenizer.pad_token == "<|endoftext|>"
+    assert pipes["sdxl"].tokenizer_2.pad_token == "!"
+    for _, encoder in _text_encoders(pipes["sdxl"]) + _text_encoders(pipes["sd2"]):
+        assert encoder.config.eos_token_id == pipes["sd1"].tokenizer.eos_token_id
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_adding_modifier_token(arch):
+    pipe = build_tiny_pipeline(arch)
+    for tokenizer, encoder in _text_encoders(pipe):
+        before = encoder.get_input_embeddings().weight.detach().clone()
+        n = len(tokenizer)
+        assert tokenizer.add_tokens("<new1>") == 1
+        assert len(tokenizer) == n + 1
+        new_id = tokenizer.convert_tokens_to_ids("<new1>")
+        assert new_id == n
+        ids = tokenizer("a <new1> cat").input_ids
+        assert ids.count(new_id) == 1 and len(ids) == 5
+        encoder.resize_token_embeddings(len(tokenizer))
+        after = encoder.get_input_embeddings().weight
+        assert after.shape == (n + 1, before.shape[1])
+        assert torch.equal(after[:n], before)
+    images = pipe("a <new1> cat", num_inference_steps=2, output_type="np").images
+    assert np.isfinite(images).all()
+
+
+def test_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="unknown architecture"):
+        build_tiny_pipeline("sd3")
+    with pytest.raises(ValueError, match="seed"):
+        build_tiny_pipeline("sd1", seed=-1)
