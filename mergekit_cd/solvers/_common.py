@@ -33,8 +33,11 @@ DEFAULT_RTOL = 1e-9
 #: A dependent direction q "conflicts" when ||(V - W0 C^T) q|| exceeds this fraction of
 #: ||V - W0 C^T||: its targets cannot all be met, so they are met in least squares.
 CONFLICT_RTOL = 1e-6
+#: Cholesky is used when its pivots bound cond(G + ridge I) below G_CONDITION_LIMIT / this margin;
+#: otherwise the exact eigendecomposition decides.
+CHOLESKY_MARGIN = 10.0
 #: Rows streamed per chunk are chosen so one float64 chunk holds about this many numbers.
-CHUNK_ELEMENTS = 1 << 23
+CHUNK_ELEMENTS = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -70,10 +73,10 @@ def whiten(A: Tensor, ridge: float, *, what: str) -> Whitening:
     if scale > 0:
         lower, info = torch.linalg.cholesky_ex(shifted)
         if int(info) == 0:
-            ldiag = torch.diagonal(lower)
-            estimate = float((ldiag.max() / ldiag.min()) ** 2)
-            # The diagonal ratio underestimates the condition number; keep a wide margin.
-            if estimate * 1e3 < G_CONDITION_LIMIT:
+            # Every Cholesky pivot L_ii^2 is >= lambda_min and every diagonal entry <= lambda_max,
+            # so this is a lower bound of cond(A); a singular A shows up as a tiny pivot. Keep a margin.
+            estimate = scale / float(torch.diagonal(lower).min()) ** 2
+            if estimate * CHOLESKY_MARGIN < G_CONDITION_LIMIT:
                 return Whitening(lower, None, None, ridge, ())
     eigenvalues, eigenvectors = torch.linalg.eigh(shifted)
     top = float(eigenvalues[-1]) if d else 0.0
@@ -142,20 +145,21 @@ def update_operator(spectrum: ConstraintSpectrum, gains: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class RowStats:
-    """Totals gathered while streaming rows: used for diagnostics only."""
+    """Totals gathered while streaming rows, for diagnostics only (zeros/NaN when not asked)."""
 
-    residual: float  # relative ||W C^T - V||_F / ||V||_F of the returned W (NaN if not asked)
+    residual: float  # relative ||W C^T - V||_F / ||V||_F of the returned W
     misfit_norm_sq: float  # ||V - W0 C^T||_F^2
     watched_norms_sq: Tensor  # squared norms of the misfit along each watched direction
 
 
 def stream_rows(
-    W0: Tensor, C: Tensor, V: Tensor, Z: Tensor, *, watch: Tensor, return_residual: bool
+    W0: Tensor, C: Tensor, V: Tensor, Z: Tensor, *, watch: Tensor, diagnostics: bool
 ) -> tuple[Tensor, RowStats]:
     """Compute ``W = W0 + (V - W0 C^T) Z`` chunk by chunk in float64; W keeps W0's dtype.
 
     Rows are independent, so streaming bounds the float64 working set whatever ``n`` is.
-    ``watch`` (s, k) are constraint-space directions whose misfit norms are reported.
+    With ``diagnostics``, also measure the residual of the returned W and the misfit along
+    the constraint-space directions ``watch`` (s, k).
     """
     n, d = W0.shape
     s = C.shape[0]
@@ -167,15 +171,15 @@ def stream_rows(
         rows = slice(start, min(n, start + step))
         w0 = W0[rows].to(FLOAT)
         target = V[rows].to(FLOAT)
-        misfit = target - w0 @ C.mT
-        misfit_sq += float((misfit**2).sum())
-        watched += ((misfit @ watch) ** 2).sum(dim=0)
-        out[rows] = w0 + misfit @ Z
-        if return_residual:
-            residual_sq += float(((out[rows].to(FLOAT) @ C.mT - target) ** 2).sum())
-            target_sq += float((target**2).sum())
+        misfit = torch.addmm(target, w0, C.mT, alpha=-1.0)
+        out[rows] = torch.addmm(w0, misfit, Z)
+        if diagnostics:
+            misfit_sq += float(misfit.square().sum())
+            watched += (misfit @ watch).square().sum(dim=0)
+            residual_sq += float(torch.addmm(target, out[rows].to(FLOAT), C.mT, alpha=-1.0).square().sum())
+            target_sq += float(target.square().sum())
     residual = math.nan
-    if return_residual:
+    if diagnostics:
         residual = math.sqrt(residual_sq / target_sq) if target_sq > 0 else math.sqrt(residual_sq)
     return out, RowStats(residual, misfit_sq, watched)
 
@@ -188,7 +192,9 @@ def check_matrix(x: Tensor, name: str, ndim: int, check_finite: bool) -> None:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}.")
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}.")
-    if check_finite and not bool(torch.isfinite(x).all()):
+    # A NaN or inf anywhere makes the sum non-finite (cheap); only then look element-wise
+    # (a finite sum that overflowed is let through by the exact check).
+    if check_finite and not math.isfinite(float(x.sum())) and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or infinite values.")
 
 

@@ -66,7 +66,7 @@ def solve_hard(
     gains = torch.where(dependent[:m], torch.zeros_like(S), 1.0 / S.clamp_min(torch.finfo(FLOAT).tiny))
     Z = update_operator(spectrum, gains)
     W, stats = stream_rows(W0, C64, V, Z, watch=spectrum.right[:, dependent],
-                           return_residual=return_info)
+                           diagnostics=return_info)
     if not return_info:
         return W
     return W, build_info(A, whitening, spectrum, dependent, stats, rtol)

@@ -90,7 +90,7 @@ def solve_soft(
     Z = row_scale[:, None] * update_operator(spectrum, S / (S * S + 1.0))
     dependent = dependent_mask(spectrum, rtol)
     watch = row_scale[:, None] * spectrum.right[:, dependent]
-    W, stats = stream_rows(W0, C64, V, Z, watch=watch, return_residual=return_info)
+    W, stats = stream_rows(W0, C64, V, Z, watch=watch, diagnostics=return_info)
     if not return_info:
         return W
     return W, build_info(A, whitening, spectrum, dependent, stats, rtol)
