@@ -1,0 +1,67 @@
+"""The model families mergekit-cd knows, as data: text encoders, which hidden state feeds
+cross-attention, and how to recognise each family from a diffusers folder's configs.
+
+Layer names everywhere in mergekit-cd are diffusers module paths up to the cross-attention
+module, e.g. ``down_blocks.0.attentions.0.transformer_blocks.0.attn2``; its K and V weights are
+``<layer>.to_k.weight`` and ``<layer>.to_v.weight`` in the UNet state dict.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import MergeError
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One model family.
+
+    text_encoders / tokenizers: component folder names, in the order their features are
+    concatenated on the feature axis.
+    hidden_state: ``None`` = ``last_hidden_state`` (after the final layer norm, SD1/SD2);
+    ``-2`` = ``hidden_states[-2]``, the penultimate layer without final norm (SDXL).
+    pipeline: the diffusers pipeline class that runs it.
+    """
+
+    name: str
+    text_encoders: tuple[str, ...]
+    tokenizers: tuple[str, ...]
+    hidden_state: int | None
+    pipeline: str
+    description: str
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "sd1": Architecture("sd1", ("text_encoder",), ("tokenizer",), None,
+                        "StableDiffusionPipeline", "Stable Diffusion 1.x (CLIP ViT-L text encoder)"),
+    "sd2": Architecture("sd2", ("text_encoder",), ("tokenizer",), None,
+                        "StableDiffusionPipeline", "Stable Diffusion 2.x (OpenCLIP ViT-H text encoder)"),
+    "sdxl": Architecture("sdxl", ("text_encoder", "text_encoder_2"), ("tokenizer", "tokenizer_2"), -2,
+                         "StableDiffusionXLPipeline", "Stable Diffusion XL (CLIP ViT-L + OpenCLIP bigG)"),
+}
+
+
+def get_architecture(name: str) -> Architecture:
+    try:
+        return ARCHITECTURES[name]
+    except KeyError:
+        raise MergeError(f"Unknown architecture {name!r}; expected one of {', '.join(ARCHITECTURES)}.") from None
+
+
+def detect_architecture(model_index: dict[str, Any], unet_config: dict[str, Any],
+                        text_encoder_config: dict[str, Any]) -> Architecture:
+    """Recognise the family from configs (never from names or paths).
+
+    SDXL: a second text encoder and the ``text_time`` added conditioning. SD2 vs SD1: the
+    text encoder's activation (OpenCLIP uses ``gelu``, OpenAI CLIP ``quick_gelu``).
+    """
+    if "text_encoder_2" in model_index and unet_config.get("addition_embed_type") == "text_time":
+        return ARCHITECTURES["sdxl"]
+    if "text_encoder" not in model_index:
+        raise MergeError("The model has no text_encoder; only text-conditioned Stable Diffusion "
+                         "pipelines (SD1.x, SD2.x, SDXL) can be merged.")
+    if text_encoder_config.get("hidden_act") == "gelu":
+        return ARCHITECTURES["sd2"]
+    return ARCHITECTURES["sd1"]
