@@ -73,7 +73,7 @@ def run(name: str, concepts: int, per_shape: int, seed: int) -> dict:
     timed = 0
     residual_ours = residual_base = 0.0
     for size, members in by_shape.items():
-        sample = members[:per_shape]
+        sample = members[:per_shape] if per_shape > 0 else members
         elapsed = 0.0
         for index in sample:
             rows = slice(offsets[index], offsets[index + 1])
@@ -91,13 +91,16 @@ def run(name: str, concepts: int, per_shape: int, seed: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline-layers", type=int, default=3,
-                        help="layers per distinct shape the baseline is timed on (default 3)")
+                        help="layers per distinct shape the baseline is timed on and scaled from "
+                             "(default 3; 0 = time every layer, slow for SDXL)")
     parser.add_argument("--concepts", type=int, nargs="+", default=[2, 10, 100])
     parser.add_argument("--architectures", nargs="+", default=list(ARCHITECTURES), choices=list(ARCHITECTURES))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ours: float64 inside, float32 in/out; "
-          f"baseline: float32 per layer, timed on {args.baseline_layers} layers per shape and scaled")
+    sampled = "every layer" if args.baseline_layers <= 0 else \
+        f"{args.baseline_layers} layers per shape, scaled by the layer count (extrapolated)"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ours: float64 inside, float32 in/out, "
+          f"whole model; baseline: float32 per layer, timed on {sampled}")
     header = (f"{'model':6} {'concepts':>8} {'rows':>5} {'matrices':>9} {'speedup':>8} "
               f"{'ours/base time':>15} {'residual ours':>14} {'residual base':>14}")
     print(header)

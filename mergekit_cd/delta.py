@@ -8,7 +8,10 @@ converted at the format boundary. Deltas support plain algebra (``a + b``, ``a -
 Tokens are not differences: they are new rows of the embedding table. Adding deltas takes the
 union of their tokens (a name used by both for different embeddings is renamed, and the
 mapping is recorded in ``token_renames`` and warned); scaling keeps them; ``a - b`` removes
-``b``'s concept, so it drops ``a``'s tokens whose embeddings equal one of ``b``'s.
+``b``'s concept, so it drops ``a``'s tokens whose embeddings equal one of ``b``'s (so
+``2 * a - a`` keeps no token, and ``(b + a) - b`` keeps ``a``'s token under the name it got in
+``b + a``). ``token_renames`` records the renames of the operation that made the delta only;
+:func:`sum_deltas` renames many inputs in one operation and records them all.
 """
 
 from __future__ import annotations
@@ -246,15 +249,22 @@ def _check_compatible(deltas: Sequence[ConceptDelta]) -> None:
                              f"({first.base or 'unnamed'}, fingerprint {first.base_fingerprint[:12]}) "
                              f"and operand {i} ({other.base or 'unnamed'}, fingerprint "
                              f"{other.base_fingerprint[:12]}).")
+        if (first.base and other.base and first.base != other.base
+                and not (first.base_fingerprint and other.base_fingerprint)):
+            raise MergeError(f"Cannot tell whether operand 0 (base {first.base}) and operand {i} (base "
+                             f"{other.base}) were made against the same model: their base names differ "
+                             f"and no fingerprint is recorded. Load both with the same --base.")
         if first.layers.keys() != other.layers.keys():
             missing = sorted(first.layers.keys() ^ other.layers.keys())
             raise MergeError(f"Operands 0 and {i} cover different layers, e.g. {missing[0]} "
                              f"({len(missing)} differ).")
         for name, layer in first.layers.items():
             theirs = other.layers[name]
-            if layer.key.shape != theirs.key.shape or layer.value.shape != theirs.value.shape:
-                raise MergeError(f"Layer {name} has shape {tuple(layer.key.shape)} in operand 0 "
-                                 f"but {tuple(theirs.key.shape)} in operand {i}.")
+            for which in ("key", "value"):
+                mine, yours = getattr(layer, which).shape, getattr(theirs, which).shape
+                if mine != yours:
+                    raise MergeError(f"Layer {name} {which} has shape {tuple(mine)} in operand 0 "
+                                     f"but {tuple(yours)} in operand {i}.")
 
 
 _NAME = re.compile(r"^(<?)(.*?)(\d*)(>?)$")
@@ -355,7 +365,9 @@ def compress(delta: ConceptDelta, rtol: float = 0.01) -> tuple[ConceptDelta, Com
 
     Each K and V difference keeps the fewest singular values whose discarded energy stays
     within ``rtol``; factors are stored as the authors' compressed files do (``u = U S``,
-    ``v = Vh``). Returns the compressed delta and a report of the error reached.
+    ``v = Vh``), in float32 or better. Returns the compressed delta and a report of the error
+    reached, measured on the stored factors (an ``rtol`` below float32 rounding, about 1e-7,
+    cannot be met; the report then says what was).
     """
     if not (0 <= rtol < 1):
         raise MergeError(f"compress: rtol must be in [0, 1), got {rtol}.")
@@ -379,13 +391,23 @@ def compress(delta: ConceptDelta, rtol: float = 0.01) -> tuple[ConceptDelta, Com
 
 
 def _truncate(matrix: Tensor, rtol: float) -> tuple[LowRank, float, float]:
-    """Smallest-rank SVD truncation within ``rtol``; returns factors, lost norm and full norm."""
-    U, S, Vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+    """Smallest-rank SVD truncation within ``rtol``, measured on the factors as stored.
+
+    Factors are kept in at least float32 (an fp16 factor pair would add its own rounding error);
+    if rounding still pushes the error over ``rtol`` the rank grows until it fits or is full.
+    Returns the factors, the error actually reached and the matrix norm.
+    """
+    original = matrix.double()
+    U, S, Vh = torch.linalg.svd(original, full_matrices=False)
     energy = S.flip(0).square().cumsum(0).flip(0)  # energy[r] = sum of S[r:]^2
     total = float(energy[0]) if S.numel() else 0.0
     tail = torch.cat([energy[1:], energy.new_zeros(1)])  # tail[r] = energy lost keeping r+1
     within = (tail <= (rtol**2) * total).nonzero()
     rank = 0 if total == 0 else int(within[0]) + 1
-    lost = math.sqrt(float(tail[rank - 1])) if rank else math.sqrt(total)
-    low_rank = LowRank((U[:, :rank] * S[:rank]).to(matrix.dtype), Vh[:rank].to(matrix.dtype))
-    return low_rank, lost, math.sqrt(total)
+    storage = torch.promote_types(matrix.dtype, torch.float32)
+    while True:
+        low_rank = LowRank((U[:, :rank] * S[:rank]).to(storage), Vh[:rank].to(storage))
+        lost = float((low_rank.dense().double() - original).norm())
+        if lost <= rtol * math.sqrt(total) or rank >= S.numel():
+            return low_rank, lost, math.sqrt(total)
+        rank += 1

@@ -14,6 +14,9 @@ from hypothesis import strategies as st
 from mergekit_cd.solvers import IllConditionedWarning, solve_hard, solve_soft
 
 F64 = torch.float64
+# Generated problems include deliberately ill-conditioned constraints; the warning they raise is
+# tested on its own below.
+pytestmark = pytest.mark.filterwarnings("ignore::mergekit_cd.solvers.IllConditionedWarning")
 
 
 def random_matrix(rng: np.random.Generator, rows: int, cols: int, cond: float, scale: float) -> torch.Tensor:
@@ -241,6 +244,11 @@ def test_soft_is_stationary_and_order_independent(problem, seed):
     size = sum(w * float(Ci.norm()) ** 2 for w, Ci in zip(weights, C_list)) + mu * float(G.norm()) + ridge
     assert float(gradient.norm()) <= 1e-8 * size * (float(W.norm()) + float(V.norm()) + 1)
     order = rng.permutation(concepts)
+    C_list, V_list = C_list + [C_list[0]], V_list + [V_list[0] + 1.0]  # a conflicting duplicate concept
+    weights.append(weights[0])
+    concepts += 1
+    order = rng.permutation(concepts)
+    W = solve_soft(W0, G, C_list, V_list, weights, mu, ridge=ridge)
     W_perm = solve_soft(W0, G, [C_list[i] for i in order], [V_list[i] for i in order],
                         [weights[i] for i in order], mu, ridge=ridge)
     assert torch.allclose(W, W_perm, rtol=1e-9, atol=1e-9 * float(W.abs().max()) + 1e-300)
@@ -280,14 +288,71 @@ def test_low_precision_inputs_are_solved_in_float64_and_returned_in_their_dtype(
     C = torch.from_numpy(rng.standard_normal((s, d)))
     V = torch.from_numpy(rng.standard_normal((n, s)))
     exact = solve_hard(W0, C_reg.T @ C_reg, C, V)
-    low = solve_hard(W0.to(dtype), (C_reg.T @ C_reg).to(dtype), C.to(dtype), V.to(dtype))
+    low = solve_hard(W0.to(dtype), (C_reg.T @ C_reg).to(dtype), C.to(dtype), V.to(dtype), rtol=1e-9)
     assert low.dtype == dtype
     # the inputs are rounded to dtype; the answer must be as good as that rounding allows
     reference = solve_hard(W0.to(dtype).double(), (C_reg.T @ C_reg).to(dtype).double(),
-                           C.to(dtype).double(), V.to(dtype).double())
+                           C.to(dtype).double(), V.to(dtype).double(), rtol=1e-9)
     assert torch.equal(low, reference.to(dtype))
     eps = torch.finfo(dtype).eps
     assert float((low.double() - exact).norm() / exact.norm()) < 200 * eps
+
+
+@given(problems(), st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
+def test_any_input_dtype_is_solved_in_float64_and_returned_in_its_own(problem, dtype):
+    """Weights in low precision: the answer is the float64 answer for those weights, rounded once."""
+    W0, G, C, V, ridge = problem
+    assume(float(W0.abs().max()) < 1e4 and float(V.abs().max()) < 1e4)
+    low = solve_hard(W0.to(dtype), G, C, V.to(dtype), ridge=ridge)
+    reference = solve_hard(W0.to(dtype).double(), G, C, V.to(dtype).double(), ridge=ridge)
+    assert low.dtype == dtype
+    assert torch.equal(low, reference.to(dtype))
+
+
+@pytest.mark.parametrize("epsilon", [1e-5, 1e-6, 1e-7])
+def test_conflicting_near_duplicates_in_float32_features_are_one_row(epsilon):
+    """Rows equal to float32 precision with different targets: least squares, not a blow-up."""
+    rng = np.random.default_rng(7)
+    n, d = 20, 16
+    W0 = torch.from_numpy(rng.standard_normal((n, d)))
+    C_reg = torch.from_numpy(rng.standard_normal((64, d)))
+    C = torch.from_numpy(rng.standard_normal((3, d)))
+    C = torch.cat([C, C[:1] * (1 + epsilon * torch.from_numpy(rng.standard_normal(d)))]).float()
+    V = W0 @ C.double().T
+    V[:, 3] += 1.0  # the near-duplicate wants a different output
+    W, info = solve_hard(W0, C_reg.T @ C_reg, C, V, return_info=True)
+    assert info.n_dependent == 1 and info.n_conflicting == 1
+    assert info.relative_change < 1.0
+    achieved = W @ C.double().T
+    assert torch.allclose(achieved[:, 0], W0 @ C[0].double() + 0.5, atol=1e-3)
+
+
+def test_kept_near_duplicates_warn_that_the_weights_may_move_far():
+    """Float64 features 1e-6 apart count as distinct rows: met exactly, with a warning."""
+    rng = np.random.default_rng(8)
+    n, d = 20, 16
+    W0 = torch.from_numpy(rng.standard_normal((n, d)))
+    C_reg = torch.from_numpy(rng.standard_normal((64, d)))
+    C = torch.from_numpy(rng.standard_normal((3, d)))
+    C = torch.cat([C, C[:1] + 1e-6 * torch.from_numpy(rng.standard_normal((1, d)))])
+    V = W0 @ C.T
+    V[:, 3] += 1.0
+    with pytest.warns(IllConditionedWarning, match=r"nearly dependent \(cond\(M\) = "):
+        W, info = solve_hard(W0, C_reg.T @ C_reg, C, V, return_info=True)
+    assert info.rank == 4 and info.relative_change > 100
+    assert info.residual < 1e-6
+
+
+def test_diagnostics_survive_extreme_scales():
+    """Norms in the diagnostics neither overflow nor underflow."""
+    rng = np.random.default_rng(9)
+    W0 = torch.from_numpy(rng.standard_normal((4, 5)))
+    C_reg = torch.from_numpy(rng.standard_normal((20, 5)))
+    C = torch.from_numpy(rng.standard_normal((2, 5)))
+    for scale in (1e-150, 1e250):
+        V = torch.from_numpy(rng.standard_normal((4, 2))) * scale
+        W, info = solve_hard(W0 * scale, C_reg.T @ C_reg, C, V, return_info=True)
+        assert 0 < info.residual < 1e-12 and np.isfinite(info.relative_change)
 
 
 def test_singular_gram_matrix_warns_and_falls_back_without_nan():

@@ -27,9 +27,19 @@ FLOAT = torch.float64
 #: A G (plus ridge) whose condition number exceeds this is treated as singular: the fallback
 #: ridge lambda_max / G_CONDITION_LIMIT is added so the solve stays defined and finite.
 G_CONDITION_LIMIT = 1e10
-#: Default relative tolerance on the singular values of the whitened constraints: rows whose
-#: singular value is below ``rtol * s_max`` are counted as dependent on the others.
-DEFAULT_RTOL = 1e-9
+#: Constraint rows whose singular value (in the G-metric) is below ``rtol * s_max`` are dependent.
+#: The default is ``sqrt(eps)`` of the constraint features' dtype (1.5e-8 for float64, 3.5e-4 for
+#: float32, 3.1e-2 for float16): rows closer than the precision they were computed in are one
+#: row, so near-duplicates with conflicting targets are met in least squares instead of being
+#: met exactly at the price of an enormous weight change.
+def default_rtol(dtype: torch.dtype) -> float:
+    """``sqrt(eps)`` of ``dtype``: the default dependence tolerance for features of that precision."""
+    return math.sqrt(torch.finfo(dtype).eps)
+
+
+#: cond(M) on the kept constraint directions above this gets an IllConditionedWarning: the rows
+#: are nearly dependent, and meeting them exactly can move the weights very far.
+M_CONDITION_WARNING = 1e8
 #: A dependent direction q "conflicts" when ||(V - W0 C^T) q|| exceeds this fraction of
 #: ||V - W0 C^T||: its targets cannot all be met, so they are met in least squares.
 CONFLICT_RTOL = 1e-6
@@ -145,11 +155,20 @@ def update_operator(spectrum: ConstraintSpectrum, gains: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class RowStats:
-    """Totals gathered while streaming rows, for diagnostics only (zeros/NaN when not asked)."""
+    """Norms gathered while streaming rows, for diagnostics only (NaN/empty when not asked)."""
 
     residual: float  # relative ||W C^T - V||_F / ||V||_F of the returned W
-    misfit_norm_sq: float  # ||V - W0 C^T||_F^2
-    watched_norms_sq: Tensor  # squared norms of the misfit along each watched direction
+    relative_change: float  # ||W - W0||_F / ||W0||_F
+    misfit_norm: float  # ||V - W0 C^T||_F
+    watched_norms: Tensor  # norms of the misfit along each watched direction
+
+
+def scaled_norm(x: Tensor, dim: int | None = None) -> Tensor:
+    """Frobenius (or per-``dim``) norm that neither overflows nor underflows: scale by max |x| first."""
+    scale = x.abs().amax(dim=dim, keepdim=True) if x.numel() else torch.ones((), dtype=x.dtype)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    norm = (x / scale).norm(dim=dim, keepdim=True) * scale
+    return norm.reshape(-1) if dim is not None else norm.reshape(())
 
 
 def stream_rows(
@@ -158,15 +177,14 @@ def stream_rows(
     """Compute ``W = W0 + (V - W0 C^T) Z`` chunk by chunk in float64; W keeps W0's dtype.
 
     Rows are independent, so streaming bounds the float64 working set whatever ``n`` is.
-    With ``diagnostics``, also measure the residual of the returned W and the misfit along
-    the constraint-space directions ``watch`` (s, k).
+    With ``diagnostics``, also measure the residual and change of the returned W and the misfit
+    along the constraint-space directions ``watch`` (s, k).
     """
     n, d = W0.shape
     s = C.shape[0]
     out = torch.empty_like(W0)
     step = max(1, CHUNK_ELEMENTS // max(d, s, 1))
-    watched = torch.zeros(watch.shape[1], dtype=FLOAT, device=W0.device)
-    misfit_sq = residual_sq = target_sq = 0.0
+    norms: dict[str, list[Tensor]] = {key: [] for key in ("residual", "target", "change", "base", "misfit", "watched")}
     for start in range(0, n, step):
         rows = slice(start, min(n, start + step))
         w0 = W0[rows].to(FLOAT)
@@ -174,14 +192,26 @@ def stream_rows(
         misfit = torch.addmm(target, w0, C.mT, alpha=-1.0)
         out[rows] = torch.addmm(w0, misfit, Z)
         if diagnostics:
-            misfit_sq += float(misfit.square().sum())
-            watched += (misfit @ watch).square().sum(dim=0)
-            residual_sq += float(torch.addmm(target, out[rows].to(FLOAT), C.mT, alpha=-1.0).square().sum())
-            target_sq += float(target.square().sum())
-    residual = math.nan
-    if diagnostics:
-        residual = math.sqrt(residual_sq / target_sq) if target_sq > 0 else math.sqrt(residual_sq)
-    return out, RowStats(residual, misfit_sq, watched)
+            achieved = out[rows].to(FLOAT)
+            norms["residual"].append(scaled_norm(torch.addmm(target, achieved, C.mT, alpha=-1.0)))
+            norms["target"].append(scaled_norm(target))
+            norms["change"].append(scaled_norm(achieved - w0))
+            norms["base"].append(scaled_norm(w0))
+            norms["misfit"].append(scaled_norm(misfit))
+            norms["watched"].append(scaled_norm(misfit @ watch, dim=0))
+    if not diagnostics:
+        return out, RowStats(math.nan, math.nan, math.nan, torch.zeros(0))
+    total = {key: scaled_norm(torch.stack(values)) if values else torch.zeros((), dtype=FLOAT)
+             for key, values in norms.items() if key != "watched"}
+    watched = scaled_norm(torch.stack(norms["watched"]), dim=0) if norms["watched"] \
+        else torch.zeros(watch.shape[1], dtype=FLOAT)
+    return out, RowStats(_ratio(total["residual"], total["target"]), _ratio(total["change"], total["base"]),
+                         float(total["misfit"]), watched)
+
+
+def _ratio(numerator: Tensor, denominator: Tensor) -> float:
+    """numerator / denominator, or the numerator itself when the denominator is zero."""
+    return float(numerator / denominator) if float(denominator) > 0 else float(numerator)
 
 
 def check_matrix(x: Tensor, name: str, ndim: int, check_finite: bool) -> None:
@@ -226,6 +256,8 @@ def check_problem(W0: Tensor, G: Tensor, C: Tensor, V: Tensor, ridge: float,
     for name, x in (("W0", W0), ("G", G), (c_name, C), (v_name, V)):
         check_matrix(x, name, 2, check_finite)
     n, d = W0.shape
+    if d == 0:
+        raise ValueError("W0 has no feature columns (d = 0); there is nothing to merge.")
     check_shapes([("G rows", G.shape[0], d), ("G columns", G.shape[1], d),
                   (f"{c_name} columns (feature dim)", C.shape[1], d),
                   (f"{v_name} rows", V.shape[0], n),
@@ -242,8 +274,8 @@ def build_info(A: Tensor, whitening: Whitening, spectrum: ConstraintSpectrum, de
     m = spectrum.singular_values.shape[0]
     kept = spectrum.singular_values[~dependent[:m]]
     rank = int(kept.numel())
-    threshold = (CONFLICT_RTOL**2) * stats.misfit_norm_sq
-    n_conflicting = int((stats.watched_norms_sq > threshold).sum()) if threshold > 0 else 0
+    threshold = CONFLICT_RTOL * stats.misfit_norm
+    n_conflicting = int((stats.watched_norms > threshold).sum()) if threshold > 0 else 0
     notes = list(whitening.notes)
     if rank < s:
         notes.append(f"{s - rank} of {s} constraint rows depend on the others (rtol {rtol:g}): "
@@ -251,4 +283,4 @@ def build_info(A: Tensor, whitening: Whitening, spectrum: ConstraintSpectrum, de
                      f"{n_conflicting} conflicting, met in the least-squares sense.")
     m_condition = float((kept[0] / kept[-1]) ** 2) if rank else math.inf
     return SolveInfo(stats.residual, condition_number(A), m_condition, s, rank, s - rank,
-                     n_conflicting, whitening.ridge, tuple(notes))
+                     n_conflicting, whitening.ridge, stats.relative_change, rtol, tuple(notes))

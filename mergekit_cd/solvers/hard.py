@@ -5,19 +5,22 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+import warnings
+
 from ._common import (
-    DEFAULT_RTOL,
     FLOAT,
+    M_CONDITION_WARNING,
     build_info,
     check_problem,
     constraint_spectrum,
+    default_rtol,
     dependent_mask,
     regulariser,
     stream_rows,
     update_operator,
     whiten,
 )
-from .info import SolveInfo
+from .info import IllConditionedWarning, SolveInfo
 
 
 def solve_hard(
@@ -27,7 +30,7 @@ def solve_hard(
     V: Tensor,
     *,
     ridge: float = 0.0,
-    rtol: float = DEFAULT_RTOL,
+    rtol: float | None = None,
     check_finite: bool = True,
     return_info: bool = False,
 ) -> Tensor | tuple[Tensor, SolveInfo]:
@@ -45,7 +48,9 @@ def solve_hard(
     rtol : constraint rows whose singular value in the G-metric is below ``rtol * s_max`` are
         dependent. Consistent dependent rows are satisfied exactly; conflicting ones (same
         feature, different targets) are met in the least-squares sense, symmetrically, so the
-        result does not depend on the order of the rows.
+        result does not depend on the order of the rows. Default ``sqrt(eps)`` of C's dtype:
+        rows that agree to the precision they were computed in count as one. Nearly dependent
+        rows that are kept (cond(M) > 1e8) raise an ``IllConditionedWarning``.
     check_finite : reject NaN/inf inputs (like ``scipy.linalg``).
     return_info : also return a :class:`SolveInfo`.
 
@@ -56,6 +61,7 @@ def solve_hard(
     ``IllConditionedWarning`` instead of NaNs.
     """
     check_problem(W0, G, C, V, ridge, check_finite)
+    rtol = default_rtol(C.dtype) if rtol is None else rtol
     A = regulariser(G, 1.0)
     whitening = whiten(A, ridge, what="G + ridge*I")
     C64 = C.to(FLOAT)
@@ -65,6 +71,12 @@ def solve_hard(
     S = spectrum.singular_values
     gains = torch.where(dependent[:m], torch.zeros_like(S), 1.0 / S.clamp_min(torch.finfo(FLOAT).tiny))
     Z = update_operator(spectrum, gains)
+    kept = S[~dependent[:m]]
+    if kept.numel() and float(kept[0] / kept[-1]) ** 2 > M_CONDITION_WARNING:
+        warnings.warn(f"Constraint rows are nearly dependent (cond(M) = {float(kept[0] / kept[-1]) ** 2:.2g}): "
+                      f"meeting them exactly may move the weights far. Check SolveInfo.relative_change; "
+                      f"a ridge, the soft merge or a larger rtol trade exactness for stability.",
+                      IllConditionedWarning, stacklevel=2)
     W, stats = stream_rows(W0, C64, V, Z, watch=spectrum.right[:, dependent],
                            diagnostics=return_info)
     if not return_info:

@@ -24,7 +24,9 @@ class SolveInfo:
     n_conflicting: dependent rows whose targets disagree with the rows they depend on;
         they are met in the least-squares sense, symmetrically in the inputs.
     ridge: ridge actually used, including any fallback added for a singular G.
-    notes: one human-readable line per action taken (fallbacks, dropped rows).
+    relative_change: ||W - W0||_F / ||W0||_F, how far the weights moved.
+    rtol: the dependence tolerance that was applied.
+    notes: one human-readable line per action taken or warning raised.
     """
 
     residual: float
@@ -35,4 +37,6 @@ class SolveInfo:
     n_dependent: int
     n_conflicting: int
     ridge: float
+    relative_change: float
+    rtol: float
     notes: tuple[str, ...] = ()

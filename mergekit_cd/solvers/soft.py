@@ -9,11 +9,11 @@ import torch
 from torch import Tensor
 
 from ._common import (
-    DEFAULT_RTOL,
     FLOAT,
     build_info,
     check_problem,
     constraint_spectrum,
+    default_rtol,
     dependent_mask,
     regulariser,
     stream_rows,
@@ -32,7 +32,7 @@ def solve_soft(
     mu: float = 1.0,
     *,
     ridge: float = 0.0,
-    rtol: float = DEFAULT_RTOL,
+    rtol: float | None = None,
     check_finite: bool = True,
     return_info: bool = False,
 ) -> Tensor | tuple[Tensor, SolveInfo]:
@@ -53,9 +53,12 @@ def solve_soft(
     Closed form: ``W (sum_i l_i C_i^T C_i + mu G + ridge I) = sum_i l_i V_i C_i + (mu G + ridge I) W0``,
     solved in float64 through the same whitened SVD as :func:`solve_hard`.
 
-    Limits. As every weight grows (``weights -> inf`` with mu, ridge fixed), each target is met
-    ever more exactly and the solution converges to ``solve_hard(W0, G, C, V, ridge=ridge/mu)``
-    on the stacked constraints: the error shrinks like ``1/weight``. With ``mu -> 0`` the caption
+    Limits. As the weights grow together (``weights = t * w``, ``t -> inf``, mu and ridge fixed),
+    every consistent target is met ever more exactly and the solution converges to
+    ``solve_hard(W0, G, C, V, ridge=ridge/mu)`` on the stacked constraints; the gap shrinks like
+    ``1/t``. Targets that conflict (the same feature, different values) are met in the
+    *weighted* least-squares sense, so they agree with ``solve_hard`` (an unweighted mean) only
+    when their weights are equal. With ``mu -> 0`` the caption
     term vanishes and the objective becomes Mix-of-Show's "gradient fusion",
     ``sum_i ||W C_i^T - W_i C_i^T||^2``; it has no unique minimiser on its own, so keep a small
     ridge: ``mu = 0, ridge -> 0`` selects the fusion solution closest to W0, the one gradient
@@ -79,6 +82,7 @@ def solve_soft(
     C = torch.cat(list(C_list))
     V = torch.cat(list(V_list), dim=1)
     check_problem(W0, G, C, V, ridge, check_finite, labels=("C_list", "V_list"))
+    rtol = default_rtol(C.dtype) if rtol is None else rtol
     counts = torch.tensor([c.shape[0] for c in C_list])
     row_scale = weights.sqrt().to(C.device).repeat_interleave(counts.to(C.device))
 
