@@ -17,8 +17,8 @@ from .delta import (
 )
 from .errors import MergeError
 from .solvers import SolveInfo, solve_hard, solve_soft
+from .version import __version__
 
-__version__ = "0.1.0"
 
 __all__ = [
     "CompressionReport",
