@@ -1,0 +1,337 @@
+"""The base model of a merge, read lazily from a diffusers Stable Diffusion folder or hub repo.
+
+A merge needs little of a multi-gigabyte pipeline: the configs (to recognise the family), the
+UNet's cross-attention ``attn2.to_k`` / ``attn2.to_v`` weights, and the tokenizer(s) and text
+encoder(s) that produce the features those layers read. :func:`open_base` reads only that.
+The UNet is never instantiated: K/V tensors come straight from its safetensors file(s) with
+``safe_open``, one layer at a time, and their shapes from the file headers alone.
+
+Supported UNet weight layouts, in the order diffusers prefers them: the plain
+``diffusion_pytorch_model.safetensors``, its sharded form (``...safetensors.index.json``),
+then the fp16 variant of either (``diffusion_pytorch_model.fp16.safetensors``,
+``...safetensors.index.fp16.json``). Text encoders likewise need ``model.safetensors`` (or
+its index), else the fp16 variant; pickled ``.bin`` weights are not read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+from . import hub
+from .architectures import Architecture, detect_architecture
+from .errors import MergeError
+
+#: Mixed into every fingerprint; change it if the recipe below ever changes.
+FINGERPRINT_VERSION = "mergekit_cd kv-fingerprint v1 (float16)"
+
+_WHAT = "diffusers Stable Diffusion folder"
+_UNET_STEM = "diffusion_pytorch_model"
+_TEXT_ENCODER_STEM = "model"
+_VARIANTS = (None, "fp16")
+_KEY_SUFFIX = ".to_k.weight"
+_VALUE_SUFFIX = ".to_v.weight"
+# Files any base needs besides weights; ``tokenizer*/*`` are small and their names vary.
+_CONFIG_PATTERNS = ["model_index.json", "unet/config.json", "text_encoder*/config.json", "tokenizer*/*"]
+_BLOCK_ORDER = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
+
+
+def kv_fingerprint(layers: Iterable[tuple[str, Tensor, Tensor]]) -> str:
+    """sha256 hex identifying a set of K/V weights: ``(layer name, to_k, to_v)`` triples.
+
+    Recipe: each layer's digest is sha256 over the shape and the float16 bytes (native byte
+    order, row-major) of K, then of V; the fingerprint is sha256 over
+    :data:`FINGERPRINT_VERSION` and ``name NUL digest LF`` for every layer in sorted name
+    order. Converting to float16 first makes an fp16 variant (``.half()`` of the same
+    weights) give the same fingerprint as the fp32 file, and the order the layers come in
+    does not matter. Tensors may live on any device and have any float dtype.
+    """
+    digests: dict[str, str] = {}
+    for name, key, value in layers:
+        digest = hashlib.sha256()
+        for tensor in (key, value):
+            half = tensor.detach().to("cpu", torch.float16).contiguous()
+            digest.update(repr(tuple(half.shape)).encode())
+            digest.update(memoryview(half.numpy()).cast("B"))
+        digests[name] = digest.hexdigest()
+    total = hashlib.sha256(FINGERPRINT_VERSION.encode())
+    for name in sorted(digests):
+        total.update(f"{name}\0{digests[name]}\n".encode())
+    return total.hexdigest()
+
+
+def layer_order(name: str) -> tuple[int, list[tuple[int, int, str]]]:
+    """Sort key putting layers in the UNet's data-flow order: down, mid, up, numeric indices."""
+    parts = name.split(".")
+    return (_BLOCK_ORDER.get(parts[0], len(_BLOCK_ORDER)),
+            [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in parts])
+
+
+class BaseModel:
+    """A base model opened by :func:`open_base`: configs and lazy access to its K/V weights.
+
+    name: the reference as given (folder, or hub ``org/name[@revision]``); path: the local
+    folder read (a hub cache snapshot for a repo id); architecture: the family, detected from
+    configs; context_dim: the UNet's ``cross_attention_dim`` (= the width of text features).
+    """
+
+    def __init__(self, name: str, path: Path, architecture: Architecture, model_index: dict[str, Any],
+                 text_encoder_configs: dict[str, dict[str, Any]],
+                 text_encoder_variants: dict[str, str | None],
+                 context_dim: int, kv_files: dict[str, Path]) -> None:
+        self.name = name
+        self.path = path
+        self.architecture = architecture
+        self.context_dim = context_dim
+        self._model_index = model_index
+        self._text_encoder_configs = text_encoder_configs
+        self._text_encoder_variants = text_encoder_variants
+        self._kv_files = kv_files
+
+    def __repr__(self) -> str:
+        return f"BaseModel({self.name!r}, architecture={self.architecture.name!r}, path={str(self.path)!r})"
+
+    def layer_names(self) -> list[str]:
+        """Cross-attention layers (diffusers module paths ending in ``attn2``), down -> mid -> up."""
+        return list(self._layers)
+
+    @cached_property
+    def _layers(self) -> tuple[str, ...]:
+        return tuple(sorted(_layers_of(self._kv_files, _KEY_SUFFIX), key=layer_order))
+
+    def kv_shapes(self) -> dict[str, tuple[torch.Size, torch.Size]]:
+        """(to_k shape, to_v shape) per layer, from the safetensors headers (no tensor data read)."""
+        return dict(self._shapes)
+
+    @cached_property
+    def _shapes(self) -> dict[str, tuple[torch.Size, torch.Size]]:
+        shapes: dict[str, torch.Size] = {}
+        for file, keys in _by_file(self._kv_files, self._kv_files).items():
+            with safe_open(str(file), framework="pt", device="cpu") as handle:
+                shapes.update({key: torch.Size(handle.get_slice(key).get_shape()) for key in keys})
+        return {layer: (shapes[layer + _KEY_SUFFIX], shapes[layer + _VALUE_SUFFIX])
+                for layer in self.layer_names()}
+
+    def kv(self, layer: str) -> tuple[Tensor, Tensor]:
+        """The base's (to_k, to_v) weights of ``layer``, float32 on the CPU, read from disk."""
+        keys = (layer + _KEY_SUFFIX, layer + _VALUE_SUFFIX)
+        if keys[0] not in self._kv_files:
+            raise MergeError(f"{self.name} has no cross-attention layer {layer}.")
+        tensors: dict[str, Tensor] = {}
+        for file, file_keys in _by_file(keys, self._kv_files).items():
+            with safe_open(str(file), framework="pt", device="cpu") as handle:
+                tensors.update({key: handle.get_tensor(key).float() for key in file_keys})
+        return tensors[keys[0]], tensors[keys[1]]
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """:func:`kv_fingerprint` of all K/V weights: equal for the fp32 and fp16 files of a model.
+
+        Reads every K/V tensor once (1.4 GB for SDXL in fp32), so it is computed on first use.
+        """
+        return kv_fingerprint((layer, *self.kv(layer)) for layer in self.layer_names())
+
+    def token_dims(self) -> tuple[int, ...]:
+        """Hidden size of each text encoder, in feature (concatenation) order."""
+        return tuple(int(self._text_encoder_configs[name]["hidden_size"])
+                     for name in self.architecture.text_encoders)
+
+    def load_tokenizers(self) -> list[Any]:
+        """The tokenizer(s), in the architecture's order, as the classes model_index.json names."""
+        return [self._component_class(name).from_pretrained(self.path / name)
+                for name in self.architecture.tokenizers]
+
+    def load_text_encoders(self, device: str | torch.device = "cpu",
+                           dtype: torch.dtype = torch.float32) -> list[Any]:
+        """The text encoder(s) in eval mode without gradients (e.g. ``CLIPTextModel`` and, for
+        SDXL, ``CLIPTextModelWithProjection``), as the classes model_index.json names."""
+        encoders = []
+        for name in self.architecture.text_encoders:
+            model = self._component_class(name).from_pretrained(
+                self.path / name, dtype=dtype, variant=self._text_encoder_variants[name])
+            encoders.append(model.to(device).eval().requires_grad_(False))
+        return encoders
+
+    def _component_class(self, component: str) -> type:
+        """The transformers class model_index.json gives for ``component``."""
+        import transformers
+
+        library, class_name = self._model_index[component]
+        found = getattr(transformers, class_name, None) if library == "transformers" else None
+        if found is None:
+            raise MergeError(f"{self.path}/model_index.json says {component} is {library}.{class_name}; "
+                             f"only transformers tokenizers and text encoders are supported.")
+        return found
+
+
+def open_base(reference: str | os.PathLike[str], *, revision: str | None = None) -> BaseModel:
+    """Open a base model: a local diffusers SD folder or a hub repo id (``org/name[@revision]``).
+
+    For a repo id only the configs, the UNet and text encoder weights and the tokenizers are
+    fetched (never the VAE), the plain weights first and the fp16 variant only where plain
+    weights are missing; ``revision`` (a branch, tag or commit) applies to repo ids only.
+    Anything missing gives one MergeError naming the folder and files.
+    """
+    name = str(reference)
+    folder = _fetch(name, revision)
+    if not folder.is_dir():
+        raise MergeError(f"{folder} is a file; a base model is a {_WHAT} (with model_index.json).")
+    return _open_folder(name, folder)
+
+
+def _fetch(reference: str, revision: str | None) -> Path:
+    """Resolve the reference; for a repo, fetch the fp16 variant only of components that lack
+    plain weights (a second pass, so a repo holding both never downloads both)."""
+    patterns = _CONFIG_PATTERNS + _weight_patterns("unet", _UNET_STEM, None) \
+        + _weight_patterns("text_encoder*", _TEXT_ENCODER_STEM, None)
+    folder = hub.resolve(reference, allow_patterns=patterns, revision=revision)
+    lacking = _lacking_plain_weights(folder) if folder.is_dir() else []
+    if lacking:
+        variant_patterns = [pattern for component, stem in lacking
+                            for pattern in _weight_patterns(component, stem, "fp16")]
+        folder = hub.resolve(reference, allow_patterns=patterns + variant_patterns, revision=revision)
+    return folder
+
+
+def _weight_patterns(component: str, stem: str, variant: str | None) -> list[str]:
+    """Hub file patterns of one component's safetensors weights (single, index, shards)."""
+    infix = f".{variant}" if variant else ""
+    return [f"{component}/{stem}{infix}.safetensors",
+            f"{component}/{stem}.safetensors.index{infix}.json",
+            f"{component}/{stem}{infix}-*.safetensors"]
+
+
+def _weights_file(folder: Path, stem: str) -> tuple[Path, str | None] | None:
+    """A component's safetensors weights (single file or shard index) and their variant, the
+    plain weights before the fp16 variant, as diffusers and transformers choose them."""
+    for variant in _VARIANTS:
+        infix = f".{variant}" if variant else ""
+        for file_name in (f"{stem}{infix}.safetensors", f"{stem}.safetensors.index{infix}.json"):
+            if (folder / file_name).is_file():
+                return folder / file_name, variant
+    return None
+
+
+def _lacking_plain_weights(folder: Path) -> list[tuple[str, str]]:
+    """(component, weights stem) of the UNet and text encoders without non-variant weights."""
+    components = [("unet", _UNET_STEM)]
+    components += [(config.parent.name, _TEXT_ENCODER_STEM)
+                   for config in sorted(folder.glob("text_encoder*/config.json"))]
+    lacking = []
+    for component, stem in components:
+        found = _weights_file(folder / component, stem)
+        if found is None or found[1] is not None:
+            lacking.append((component, stem))
+    return lacking
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise MergeError(f"Cannot read {path}: {error}") from None
+
+
+def _open_folder(name: str, folder: Path) -> BaseModel:
+    """Validate ``folder`` (all problems in one MergeError) and build the :class:`BaseModel`."""
+    missing = [file for file in ("model_index.json", "unet/config.json") if not (folder / file).is_file()]
+    if missing:
+        raise hub.missing_files_error(name, folder, missing, what=_WHAT)
+    model_index = _read_json(folder / "model_index.json")
+    unet_config = _read_json(folder / "unet/config.json")
+    first_encoder = folder / "text_encoder" / "config.json"
+    architecture = detect_architecture(model_index, unet_config,
+                                       _read_json(first_encoder) if first_encoder.is_file() else {})
+    kv_files, missing_weights = _kv_files(folder / "unet")
+    missing += _missing_text_files(folder, architecture) + missing_weights
+    if missing:
+        raise hub.missing_files_error(name, folder, missing, what=_WHAT)
+    configs = {encoder: _read_json(folder / encoder / "config.json")
+               for encoder in architecture.text_encoders}
+    variants = {encoder: _weights_file(folder / encoder, _TEXT_ENCODER_STEM)[1]
+                for encoder in architecture.text_encoders}
+    base = BaseModel(name, folder, architecture, model_index, configs, variants,
+                     _context_dim(folder, unet_config), kv_files)
+    _check_widths(base)
+    return base
+
+
+def _missing_text_files(folder: Path, architecture: Architecture) -> list[str]:
+    """Config and weights of each text encoder, vocabulary files of each tokenizer."""
+    missing = []
+    for encoder in architecture.text_encoders:
+        if not (folder / encoder / "config.json").is_file():
+            missing.append(f"{encoder}/config.json")
+        if _weights_file(folder / encoder, _TEXT_ENCODER_STEM) is None:
+            missing.append(f"{encoder}/model.safetensors (or model.fp16.safetensors)")
+    for tokenizer in architecture.tokenizers:
+        directory = folder / tokenizer
+        has_vocabulary = (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file()
+        if not has_vocabulary and not (directory / "tokenizer.json").is_file():
+            missing.append(f"{tokenizer}/vocab.json and merges.txt (or tokenizer.json)")
+    return missing
+
+
+def _kv_files(unet: Path) -> tuple[dict[str, Path], list[str]]:
+    """(K/V tensor name -> the safetensors file holding it, missing UNet weight files)."""
+    found = _weights_file(unet, _UNET_STEM)
+    if found is None:
+        return {}, [f"unet/{_UNET_STEM}.safetensors (or its .fp16 variant or a sharded index)"]
+    file, _ = found
+    if file.suffix == ".json":
+        weight_map = _read_json(file).get("weight_map", {})
+        files = {key: unet / shard for key, shard in weight_map.items()}
+    else:
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            files = {key: file for key in handle.keys()}
+    kv_files = {key: path for key, path in files.items()
+                if ".attn2." in key and key.endswith((_KEY_SUFFIX, _VALUE_SUFFIX))}
+    missing_shards = sorted({f"unet/{path.name}" for path in files.values() if not path.is_file()})
+    if missing_shards:
+        return kv_files, missing_shards
+    if not kv_files:
+        raise MergeError(f"{file} holds no cross-attention (attn2.to_k / attn2.to_v) weights; "
+                         f"is it a Stable Diffusion UNet?")
+    unpaired = sorted(_layers_of(kv_files, _KEY_SUFFIX) ^ _layers_of(kv_files, _VALUE_SUFFIX))
+    if unpaired:
+        raise MergeError(f"{file}: cross-attention layer {unpaired[0]} lacks its to_k or to_v weight.")
+    return kv_files, []
+
+
+def _context_dim(folder: Path, unet_config: dict[str, Any]) -> int:
+    """The UNet's cross_attention_dim (one number; per-block lists must agree)."""
+    value = unet_config.get("cross_attention_dim")
+    values = set(value) if isinstance(value, (list, tuple)) else {value}
+    if len(values) != 1 or not isinstance(next(iter(values)), int):
+        raise MergeError(f"{folder}/unet/config.json has cross_attention_dim {value!r}; one number "
+                         f"(the width of the text features) is needed.")
+    return values.pop()
+
+
+def _check_widths(base: BaseModel) -> None:
+    """The text features must be as wide as the K/V inputs, or no merge can be meaningful."""
+    if sum(base.token_dims()) != base.context_dim:
+        raise MergeError(f"{base.path}: the text encoder(s) give {'+'.join(map(str, base.token_dims()))} "
+                         f"features but the UNet's cross_attention_dim is {base.context_dim}; "
+                         f"this is not a {base.architecture.description} model.")
+
+
+def _layers_of(kv_files: dict[str, Path], suffix: str) -> set[str]:
+    return {key[: -len(suffix)] for key in kv_files if key.endswith(suffix)}
+
+
+def _by_file(keys: Iterable[str], files: dict[str, Path]) -> dict[Path, list[str]]:
+    """Group tensor names by the file that holds them, so each file is opened once."""
+    grouped: dict[Path, list[str]] = {}
+    for key in keys:
+        grouped.setdefault(files[key], []).append(key)
+    return grouped

@@ -1,0 +1,310 @@
+"""Token features of captions, exactly as the UNet's cross-attention layers read them.
+
+SD1.x / SD2.x: ``text_encoder(input_ids)[0]``, the last hidden state after the final layer
+norm. SDXL: ``hidden_states[-2]`` of both text encoders, concatenated on the feature axis
+(REFERENCE 1b). Captions are tokenized without padding (truncated to the tokenizer's 77
+tokens); captions of equal token length are encoded together, so batching never pads.
+
+Which rows of a caption's features count (:func:`kept_rows`) follows the authors' diffusers
+merge script exactly; :data:`FEATURE_RULE` names that rule so caches and merge metadata can
+record it. :func:`cached_gram` stores the regularisation Gram matrix ``C_reg^T C_reg`` on disk,
+keyed by the base fingerprint, the captions, the rule and the text encoder dtype.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .errors import MergeError
+
+if TYPE_CHECKING:
+    from .base import BaseModel
+
+#: Name of the row rule of :func:`kept_rows`; part of every Gram cache key.
+FEATURE_RULE = "authors-v1"
+#: The authors drop the rows of this phrase (and BOS) when it starts a caption.
+PHOTO_PHRASE = "photo of a"
+#: ... where "starts" is their test: the phrase occurs within the first 15 characters.
+PHOTO_PHRASE_WINDOW = 15
+
+#: Target prompts of an object concept: the paper's two prompts.
+OBJECT_TEMPLATES = ("{token} {class_word}", "photo of a {token} {class_word}")
+#: Target prompts of a style concept: the authors' style prompt plus the bare token prompt.
+STYLE_TEMPLATES = ("{token} {class_word}", "painting in the style of {token} {class_word}")
+
+_CACHE_FORMAT_VERSION = "1"
+
+
+def kept_rows(caption: str, num_tokens: int) -> slice:
+    """Rows of a caption's ``num_tokens`` token features (BOS .. EOS, no padding) that count.
+
+    Every token after BOS, EOS included; but when "photo of a" occurs within the first 15
+    characters (the authors' test ``"photo of a" in caption[:15]``, so "a photo of a cat"
+    qualifies too), the first four rows (BOS and the next three tokens) are dropped.
+    """
+    start = 4 if PHOTO_PHRASE in caption[:PHOTO_PHRASE_WINDOW] else 1
+    return slice(start, num_tokens)
+
+
+class TextFeatures:
+    """The base's tokenizer(s) and text encoder(s), with modifier tokens installed.
+
+    tokens: token -> one embedding per text encoder (in the architecture's order). Each token
+    is added to every tokenizer and its rows set in every encoder's embedding table; a token
+    the vocabulary already has is refused, as diffusers' textual-inversion loader does.
+    """
+
+    def __init__(self, base: BaseModel, tokens: Mapping[str, Sequence[Tensor]] | None = None, *,
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        self.base = base
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.tokenizers = base.load_tokenizers()
+        self.encoders = base.load_text_encoders(self.device, dtype)
+        self._install_tokens(dict(tokens or {}))
+
+    def _install_tokens(self, tokens: dict[str, Sequence[Tensor]]) -> None:
+        """Check every token first, then add them all: a refused token leaves nothing half-done."""
+        dims = self.base.token_dims()
+        for token, embeddings in tokens.items():
+            _check_token(token, embeddings, dims, self.tokenizers)
+        if not tokens:
+            return
+        for index, (tokenizer, encoder) in enumerate(zip(self.tokenizers, self.encoders)):
+            tokenizer.add_tokens(list(tokens))
+            rows = encoder.get_input_embeddings().weight.shape[0]
+            encoder.resize_token_embeddings(max(rows, len(tokenizer)), mean_resizing=False)
+            table = encoder.get_input_embeddings().weight
+            with torch.no_grad():
+                for token, embeddings in tokens.items():
+                    row = tokenizer.convert_tokens_to_ids(token)
+                    table[row] = embeddings[index].to(table.device, table.dtype)
+
+    def token_ids(self, captions: Sequence[str]) -> list[list[list[int]]]:
+        """Per caption, its token ids from each tokenizer (BOS .. EOS, truncated, no padding)."""
+        if not captions:
+            return []
+        per_tokenizer = [tokenizer(list(captions), truncation=True,
+                                   max_length=tokenizer.model_max_length)["input_ids"]
+                         for tokenizer in self.tokenizers]
+        ids = [list(caption_ids) for caption_ids in zip(*per_tokenizer)]
+        for caption, caption_ids in zip(captions, ids):
+            if len({len(sequence) for sequence in caption_ids}) != 1:
+                raise MergeError(f"The tokenizers of {self.base.name} split {caption!r} into different "
+                                 f"numbers of tokens; their features cannot be concatenated.")
+        return ids
+
+    def features(self, captions: Sequence[str], *, batch_size: int = 64,
+                 progress: bool = False) -> list[Tensor]:
+        """Per caption, its kept feature rows (rows, d), float32 on the CPU, in input order."""
+        by_index: dict[int, Tensor] = {}
+        for indices, rows in self._kept_batches(captions, batch_size, progress):
+            by_index.update((index, caption_rows.float().cpu()) for index, caption_rows in zip(indices, rows))
+        return [by_index[index] for index in range(len(captions))]
+
+    def gram(self, captions: Sequence[str], *, batch_size: int = 64,
+             progress: bool = False) -> tuple[Tensor, int]:
+        """``(G, n)``: G = C^T C of the stacked kept rows C (float64, CPU), n = number of rows.
+
+        Accumulated batch by batch, so the features of all captions are never held at once.
+        """
+        if not captions:
+            raise MergeError("No captions to compute a Gram matrix from.")
+        # MPS has no float64; everywhere else accumulate where the features are.
+        device = torch.device("cpu") if self.device.type == "mps" else self.device
+        width = sum(self.base.token_dims())
+        gram = torch.zeros(width, width, dtype=torch.float64, device=device)
+        count = 0
+        for _, rows in self._kept_batches(captions, batch_size, progress):
+            stacked = torch.cat(rows).to(device, torch.float64)
+            gram += stacked.T @ stacked
+            count += stacked.shape[0]
+        return gram.cpu(), count
+
+    def _kept_batches(self, captions: Sequence[str], batch_size: int,
+                      progress: bool) -> Iterator[tuple[list[int], list[Tensor]]]:
+        """(caption indices, their kept rows) per batch of captions of equal token length."""
+        if batch_size < 1:
+            raise MergeError(f"batch_size must be at least 1, got {batch_size}.")
+        ids = self.token_ids(captions)
+        by_length: dict[int, list[int]] = {}
+        for index, caption_ids in enumerate(ids):
+            by_length.setdefault(len(caption_ids[0]), []).append(index)
+        with tqdm(total=len(captions), disable=not progress, desc="text features", unit="caption") as bar:
+            for length in sorted(by_length):
+                group = by_length[length]
+                for start in range(0, len(group), batch_size):
+                    indices = group[start:start + batch_size]
+                    states = self._encode([ids[index] for index in indices])
+                    yield indices, [states[row, kept_rows(captions[index], length)]
+                                    for row, index in enumerate(indices)]
+                    bar.update(len(indices))
+
+    def _encode(self, batch: list[list[list[int]]]) -> Tensor:
+        """Cross-attention context (batch, tokens, d) of equal-length token id sequences."""
+        hidden_state = self.base.architecture.hidden_state  # None: last, after the final norm
+        states = []
+        with torch.no_grad():
+            for index, encoder in enumerate(self.encoders):
+                input_ids = torch.tensor([caption_ids[index] for caption_ids in batch], device=self.device)
+                output = encoder(input_ids, output_hidden_states=hidden_state is not None)
+                states.append(output.last_hidden_state if hidden_state is None
+                              else output.hidden_states[hidden_state])
+        return torch.cat(states, dim=-1)
+
+
+def _check_token(token: str, embeddings: Sequence[Tensor], dims: tuple[int, ...],
+                 tokenizers: list[Any]) -> None:
+    """A modifier token must be one new word with one embedding of the right size per encoder."""
+    if not token or any(character.isspace() for character in token):
+        raise MergeError(f"Modifier token {token!r} must be a non-empty word without spaces.")
+    sizes = tuple(int(embedding.shape[-1]) for embedding in embeddings)
+    if sizes != dims:
+        raise MergeError(f"Token {token} has embedding sizes {sizes}, but the text encoder(s) need {dims}.")
+    if any(token in tokenizer.get_vocab() for tokenizer in tokenizers):
+        raise MergeError(f"Token {token} is already in the base model's vocabulary; a modifier token "
+                         f"must be new (rename it, e.g. <new1>).")
+
+
+def target_prompts(token: str, class_word: str, *, templates: Sequence[str] | None = None,
+                   style: bool = False) -> list[str]:
+    """A concept's target prompts: each template filled with ``token`` and ``class_word``.
+
+    Defaults: :data:`OBJECT_TEMPLATES`, or :data:`STYLE_TEMPLATES` when ``style`` is set.
+    Style is only ever this explicit flag: the authors switched templates whenever the class
+    string contained "art", so "cartoon" or "party" counted as styles. Runs of spaces are
+    collapsed (an empty class word or token leaves no stray space) and repeated prompts
+    dropped (duplicate constraints would make the hard merge singular).
+    """
+    chosen = tuple(templates) if templates else (STYLE_TEMPLATES if style else OBJECT_TEMPLATES)
+    prompts: list[str] = []
+    for template in chosen:
+        if "{token}" not in template:
+            raise MergeError(f"Target template {template!r} lacks {{token}}; every target prompt must "
+                             f"contain the concept's modifier token.")
+        try:
+            prompt = " ".join(template.format(token=token, class_word=class_word).split())
+        except (KeyError, IndexError, ValueError) as error:
+            raise MergeError(f"Target template {template!r} may only use {{token}} and {{class_word}} "
+                             f"({error!r}).") from None
+        if prompt not in prompts:
+            prompts.append(prompt)
+    return prompts
+
+
+def default_cache_dir() -> Path:
+    """``$MERGEKIT_CD_CACHE``, else ``$XDG_CACHE_HOME/mergekit_cd``, else ``~/.cache/mergekit_cd``."""
+    if os.environ.get("MERGEKIT_CD_CACHE"):
+        return Path(os.environ["MERGEKIT_CD_CACHE"]).expanduser()
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root).expanduser() / "mergekit_cd"
+
+
+def gram_cache_key(base: BaseModel, captions: Sequence[str], dtype: torch.dtype) -> str:
+    """sha256 hex of what decides a regularisation Gram matrix.
+
+    The base fingerprint (its K/V weights), the architecture, the exact captions, the row rule
+    and the text encoder dtype. Device and batch size only change rounding, so they are not
+    part of it.
+    """
+    content = {
+        "format_version": _CACHE_FORMAT_VERSION,
+        "base_fingerprint": base.fingerprint,
+        "architecture": base.architecture.name,
+        "captions": list(captions),
+        "feature_rule": FEATURE_RULE,
+        "text_dtype": str(dtype),
+    }
+    return hashlib.sha256(json.dumps(content, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def cached_gram(base: BaseModel, captions: Sequence[str], *, device: str | torch.device = "cpu",
+                dtype: torch.dtype = torch.float32, batch_size: int = 64,
+                cache_dir: str | os.PathLike[str] | None = None,
+                progress: bool = False) -> tuple[Tensor, int, bool]:
+    """``(G, n, from_cache)``: :meth:`TextFeatures.gram` of ``captions``, stored on disk.
+
+    The file is ``gram-<key>.safetensors`` under ``cache_dir`` (default :func:`default_cache_dir`),
+    keyed by :func:`gram_cache_key`. A hit loads neither tokenizer nor text encoder. An
+    unreadable cache file counts as a miss; an unwritable cache only warns.
+    """
+    if not captions:
+        raise MergeError("No regularisation captions to compute a Gram matrix from.")
+    key = gram_cache_key(base, captions, dtype)
+    path = Path(cache_dir or default_cache_dir()).expanduser() / f"gram-{key}.safetensors"
+    cached = _read_gram(path)
+    if cached is not None:
+        return (*cached, True)
+    gram, count = TextFeatures(base, device=device, dtype=dtype).gram(captions, batch_size=batch_size,
+                                                                      progress=progress)
+    metadata = {"format_version": _CACHE_FORMAT_VERSION, "rows": str(count), "feature_rule": FEATURE_RULE,
+                "base": base.name, "base_fingerprint": base.fingerprint, "text_dtype": str(dtype),
+                "num_captions": str(len(captions))}
+    _write_gram(path, gram, metadata)
+    return gram, count, False
+
+
+def _read_gram(path: Path) -> tuple[Tensor, int] | None:
+    """The cached (G, n), or None when there is no usable file."""
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            return handle.get_tensor("gram"), int(handle.metadata()["rows"])
+    except Exception:  # noqa: BLE001 - a damaged cache file is recomputed, whatever the damage
+        return None
+
+
+def _write_gram(path: Path, gram: Tensor, metadata: dict[str, str]) -> None:
+    """Write atomically (temporary file, then rename), so readers never see half a file."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"gram": gram.contiguous()}, str(temporary), metadata=metadata)
+        os.replace(temporary, path)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        warnings.warn(f"Could not cache the Gram matrix in {path.parent}: {error}", stacklevel=3)
+
+
+def read_captions(path: str | os.PathLike[str]) -> list[str]:
+    """Captions from a text file: one per line, surrounding spaces removed, blank lines skipped."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise MergeError(f"Cannot read captions file {path}: {error}") from None
+    captions = _caption_lines(text)
+    if not captions:
+        raise MergeError(f"Captions file {path} is empty; write one caption per line.")
+    return captions
+
+
+def default_reg_captions() -> list[str]:
+    """The regularisation captions shipped with the package (``data/reg_captions.txt``)."""
+    return _packaged_captions("reg_captions.txt")
+
+
+def heldout_captions() -> list[str]:
+    """Captions disjoint from the regularisation set, for measuring drift (``data/heldout_captions.txt``)."""
+    return _packaged_captions("heldout_captions.txt")
+
+
+def _packaged_captions(name: str) -> list[str]:
+    return _caption_lines(resources.files("mergekit_cd").joinpath("data", name).read_text(encoding="utf-8"))
+
+
+def _caption_lines(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip()]

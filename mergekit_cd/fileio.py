@@ -1,0 +1,181 @@
+"""Safe file input and output: atomic writes, content hashes, and the one pickle loader.
+
+Every output is written under a temporary sibling name and renamed into place only when the
+writer finished, so an interrupted or failed write never leaves a half-written delta where a
+finished one is expected. Pickle files (``.bin``, ``.ckpt``) can run code when loaded; they
+are only ever opened by :func:`load_pickle`, which accepts plain tensors and containers.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import pickle
+import re
+import secrets
+import shutil
+import warnings
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import Tensor
+
+from .errors import MergeError
+
+_DISALLOWED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike[str], *, force: bool, folder: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path`` to write; rename it to ``path`` only on success.
+
+    folder: create the temporary path as an empty folder (for multi-file layouts); otherwise
+    the caller creates the file. An existing ``path`` is refused unless ``force``; with
+    ``force`` it is replaced only after the new output is complete. On any failure the
+    temporary output is removed and ``path`` is left as it was; a write failure (``OSError``,
+    or safetensors' own error) becomes a :class:`MergeError` naming ``path``.
+    """
+    target = Path(path)
+    _check_destination(target, force=force)
+    temporary = _sibling(target, "partial")
+    try:
+        if folder:
+            temporary.mkdir()
+        yield temporary
+        _move_into_place(temporary, target)
+    except (OSError, SafetensorError) as error:  # safetensors reports I/O failures as its own type
+        _remove(temporary)
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+        raise MergeError(f"Cannot write {target}: {reason}.") from error
+    except BaseException:
+        _remove(temporary)
+        raise
+
+
+def _check_destination(target: Path, *, force: bool) -> None:
+    """Fail before any work is done when the output could not be written."""
+    parent = target.parent
+    if not parent.exists():
+        raise MergeError(f"Cannot write {target}: folder {parent} does not exist.")
+    if not parent.is_dir():
+        raise MergeError(f"Cannot write {target}: {parent} is not a folder.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise MergeError(f"Cannot write {target}: folder {parent} is not writable.")
+    if os.path.lexists(target) and not force:
+        raise MergeError(f"{target} exists; pass --force to overwrite.")
+
+
+def _sibling(target: Path, purpose: str) -> Path:
+    """A hidden, unused name next to ``target`` (same folder, so renames are atomic)."""
+    return target.with_name(f".{target.name}.{secrets.token_hex(4)}.{purpose}")
+
+
+def _move_into_place(temporary: Path, target: Path) -> None:
+    """Rename ``temporary`` to ``target``; an existing folder is swapped out, then deleted."""
+    replacing_folder = target.is_dir() and not target.is_symlink()
+    if not replacing_folder and not temporary.is_dir():
+        os.replace(temporary, target)  # atomic for a file over a file
+        return
+    if not os.path.lexists(target):
+        os.rename(temporary, target)
+        return
+    old = _sibling(target, "old")
+    os.rename(target, old)
+    try:
+        os.rename(temporary, target)
+    except OSError:
+        os.rename(old, target)
+        raise
+    _remove(old)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        path.unlink()
+
+
+def save_pickle(obj: Any, path: str | os.PathLike[str]) -> None:
+    """``torch.save``, its write failures (full disk, I/O error) raised as OSError.
+
+    torch reports them as RuntimeError; saving plain tensors and containers fails no other way.
+    """
+    try:
+        torch.save(obj, path)
+    except RuntimeError as error:
+        raise OSError(errno.EIO, _reason(error)) from error
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file's bytes (recorded for merge inputs in the recipe metadata)."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as file:
+            for chunk in iter(lambda: file.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError as error:
+        raise MergeError(f"Cannot read {path}: {error.strerror or error}.") from error
+    return digest.hexdigest()
+
+
+def load_pickle(path: str | os.PathLike[str], *, mmap: bool = False) -> Any:
+    """Load a torch pickle holding only tensors and plain containers; never runs its code.
+
+    mmap: map tensor data instead of reading it (cheap for sniffing; zip-format files only,
+    older files are read whole).
+    Any failure is one :class:`MergeError` naming the file: a file that needs other globals
+    (it would run code) is refused, an unreadable one is reported truncated or corrupt.
+    """
+    _check_not_empty(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True,
+                              mmap=mmap and zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as error:
+        disallowed = _DISALLOWED_GLOBAL.search(str(error))
+        if disallowed:
+            raise MergeError(f"{path}: needs more than plain tensors to load (it would run code: "
+                             f"{disallowed.group(1)}); refused.") from None
+        raise MergeError(f"{path}: not a plain-tensor torch file ({_reason(error)}); truncated "
+                         f"or corrupt, or it uses pickle features that could run code; refused.") from None
+    except OSError as error:
+        raise MergeError(f"Cannot read {path}: {error.strerror or error}.") from error
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as error:
+        raise MergeError(f"{path}: truncated or corrupt ({_reason(error)}).") from None
+
+
+def load_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Tensors and header metadata of a safetensors file; a broken file is one MergeError."""
+    _check_not_empty(path)
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            metadata = file.metadata() or {}
+            return {key: file.get_tensor(key) for key in file.keys()}, metadata
+    except SafetensorError as error:
+        raise MergeError(f"{path}: truncated or corrupt safetensors file ({error}).") from None
+    except OSError as error:
+        raise MergeError(f"Cannot read {path}: {error.strerror or error}.") from error
+
+
+def _check_not_empty(path: str | os.PathLike[str]) -> None:
+    try:
+        empty = os.path.getsize(path) == 0
+    except OSError as error:
+        raise MergeError(f"Cannot read {path}: {error.strerror or error}.") from error
+    if empty:
+        raise MergeError(f"{path}: truncated or corrupt (the file is empty).")
+
+
+def _reason(error: BaseException) -> str:
+    """The informative first sentence of torch's long load errors (its inner unpickler error)."""
+    inner = error.__context__ if isinstance(error.__context__, pickle.UnpicklingError) else error
+    text = " ".join(str(inner).split())
+    return text.split(". ")[0][:200] or type(inner).__name__

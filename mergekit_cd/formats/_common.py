@@ -1,0 +1,239 @@
+"""Checks and helpers the format modules share: structure validation with messages that name
+the file and the key, cheap sniffing for ``detect``, and tensors ready to be saved.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import Tensor
+
+from ..delta import ConceptDelta, Difference, LayerDelta, LowRank
+from ..errors import MergeError
+from ..fileio import load_pickle
+from ..weights import FineTunedWeights
+
+Delta = ConceptDelta | FineTunedWeights
+# Per layer, the weights of the attention projections a K/V merge does not use; kept as names.
+IGNORED_SUFFIXES = (".to_q.weight", ".to_out.0.weight", ".to_out.0.bias")
+
+
+# ---------------------------------------------------------------- describing what was found
+def describe(value: Any) -> str:
+    """A short description of a value found where a tensor was expected."""
+    if isinstance(value, Tensor):
+        return f"a {str(value.dtype).removeprefix('torch.')} tensor of shape {tuple(value.shape)}"
+    return f"a {type(value).__name__}"
+
+
+def describe_container(value: Any) -> str:
+    """A short description of a loaded file's top-level structure."""
+    if isinstance(value, dict):
+        return f"a dict with keys {natural_order(map(str, value))[:6]}"
+    if isinstance(value, (list, tuple)):
+        return f"a {type(value).__name__} of {len(value)} items"
+    return describe(value)
+
+
+def natural_order(names: Any) -> list[str]:
+    """Names sorted with their numbers compared as numbers: <new2> before <new10>."""
+    return sorted(names, key=lambda name: [int(part) if part.isdigit() else part
+                                           for part in re.split(r"(\d+)", name)])
+
+
+# ---------------------------------------------------------------- checking what was found
+def check_finite(tensor: Tensor, key: str, source: str) -> None:
+    if not bool(torch.isfinite(tensor).all()):
+        raise MergeError(f"{source}: {key} holds NaN or infinite values.")
+
+
+def check_matrix(value: Any, key: str, source: str) -> Tensor:
+    """``value`` as a finite 2-D float tensor, or one MergeError naming the file and key."""
+    if not isinstance(value, Tensor) or value.dim() != 2 or not value.is_floating_point():
+        raise MergeError(f"{source}: {key} should be a 2-D float weight matrix, found {describe(value)}.")
+    check_finite(value, key, source)
+    return value
+
+
+def check_vector(value: Any, key: str, source: str) -> Tensor:
+    """``value`` as a finite 1-D float embedding (a ``[1, d]`` row is accepted and flattened)."""
+    if isinstance(value, Tensor) and value.dim() == 2 and value.shape[0] == 1:
+        value = value[0]
+    if not isinstance(value, Tensor) or value.dim() != 1 or not value.is_floating_point():
+        raise MergeError(f"{source}: token embedding {key} should be a 1-D float vector, found "
+                         f"{describe(value)}.")
+    check_finite(value, key, source)
+    return value
+
+
+def check_factors(factors: Any, key: str, source: str) -> LowRank:
+    """A compressed entry ``{"u": U S, "v": Vh}`` as a LowRank difference."""
+    if not isinstance(factors, dict) or set(factors) != {"u", "v"}:
+        found = f"keys {sorted(map(str, factors))}" if isinstance(factors, dict) else describe(factors)
+        raise MergeError(f"{source}: {key} should be compressed factors {{'u', 'v'}}, found {found}.")
+    up = check_matrix(factors["u"], f"{key}['u']", source)
+    down = check_matrix(factors["v"], f"{key}['v']", source)
+    if up.shape[1] != down.shape[0]:
+        raise MergeError(f"{source}: {key} factors do not fit: u is {tuple(up.shape)}, v is "
+                         f"{tuple(down.shape)}.")
+    return LowRank(up, down)
+
+
+# ---------------------------------------------------------------- building the result
+@dataclass
+class LayerCollector:
+    """Gathers a file's to_k/to_v entries per layer, then checks they form whole layers."""
+
+    source: str
+    found: dict[str, dict[str, tuple[str, Tensor | LowRank]]] = field(default_factory=dict)
+
+    def add(self, layer: str, projection: str, key: str, value: Tensor | LowRank) -> None:
+        """Record ``value`` (already checked) as ``projection`` ("to_k"/"to_v") of ``layer``."""
+        entries = self.found.setdefault(layer, {})
+        if projection in entries:
+            raise MergeError(f"{self.source}: {key} and {entries[projection][0]} both hold "
+                             f"{projection} of layer {layer}.")
+        entries[projection] = (key, value)
+
+    def layers(self, *, allow_empty: bool = False) -> dict[str, tuple[Difference, Difference]]:
+        """layer -> (to_k, to_v); every layer complete, shapes consistent across layers."""
+        if not self.found and not allow_empty:
+            raise MergeError(f"{self.source}: holds no cross-attention to_k/to_v weights.")
+        first_key, context = None, None
+        result = {}
+        for layer, entries in self.found.items():
+            for projection, other in (("to_k", "to_v"), ("to_v", "to_k")):
+                if projection not in entries:
+                    raise MergeError(f"{self.source}: layer {layer} has {other} but no {projection}.")
+            (key_name, key), (value_name, value) = entries["to_k"], entries["to_v"]
+            if key.shape != value.shape:
+                raise MergeError(f"{self.source}: {key_name} has shape {tuple(key.shape)} but "
+                                 f"{value_name} has shape {tuple(value.shape)}.")
+            if context is None:
+                first_key, context = key_name, key.shape[1]
+            if key.shape[1] != context:
+                raise MergeError(f"{self.source}: {key_name} reads {key.shape[1]} features but "
+                                 f"{first_key} reads {context}.")
+            result[layer] = (key, value)
+        return result
+
+
+def check_token_shapes(tokens: dict[str, tuple[Tensor, ...]], source: str) -> None:
+    """All tokens have the same number of embeddings with the same sizes."""
+    shapes = {name: tuple(e.numel() for e in embeddings) for name, embeddings in tokens.items()}
+    first = next(iter(shapes.items()), None)
+    for name, shape in shapes.items():
+        if shape != first[1]:
+            raise MergeError(f"{source}: token {name} has embedding sizes {shape} but {first[0]} "
+                             f"has {first[1]}.")
+
+
+def unexpected_key(key: str, source: str, expected: str) -> MergeError:
+    return MergeError(f"{source}: unexpected key {key!r}; expected {expected}.")
+
+
+def split_layer_key(key: str, suffixes: dict[str, str]) -> tuple[str, str] | None:
+    """(layer, projection) when ``key`` ends with one of ``suffixes`` (suffix -> projection)."""
+    for suffix, projection in suffixes.items():
+        if key.endswith(suffix) and len(key) > len(suffix):
+            return key[: -len(suffix)], projection
+    return None
+
+
+def assemble(layers: dict[str, tuple[Difference, Difference]], tokens: dict[str, tuple[Tensor, ...]],
+             ignored: list[str], source: str) -> Delta:
+    """FineTunedWeights when the file holds full matrices, ConceptDelta when it holds factors.
+
+    A ConceptDelta has no ``ignored`` field, so the names of ignored weights go to its
+    ``metadata["ignored"]``.
+    """
+    check_token_shapes(tokens, source)
+    compressed = {isinstance(x, LowRank) for pair in layers.values() for x in pair}
+    if compressed == {True, False}:
+        raise MergeError(f"{source}: mixes full weight matrices and compressed differences; a file "
+                         f"holds one or the other.")
+    if compressed == {True}:
+        return ConceptDelta({name: LayerDelta(*pair) for name, pair in layers.items()}, tokens,
+                            metadata={"ignored": ignored} if ignored else {})
+    return FineTunedWeights(layers, tokens, ignored=tuple(ignored))
+
+
+# ---------------------------------------------------------------- writing
+def full_weights(obj: Delta, path: str | os.PathLike[str], format_name: str) -> FineTunedWeights:
+    """``obj`` when it holds full weights; a ConceptDelta is refused (no base is known here)."""
+    if not isinstance(obj, FineTunedWeights):
+        raise MergeError(f"Cannot write {path} as {format_name}: the format holds full fine-tuned "
+                         f"weights but this is a {type(obj).__name__} (differences); make full "
+                         f"weights against the base with FineTunedWeights.from_delta first.")
+    return obj
+
+
+def stored_entries(obj: Delta, path: str | os.PathLike[str],
+                   format_name: str) -> dict[str, dict[str, Tensor | dict[str, Tensor]]]:
+    """layer -> {"to_k": entry, "to_v": entry} as the authors' pickles store them: full
+    matrices for FineTunedWeights, ``{"u": up, "v": down}`` for a compressed ConceptDelta.
+    """
+    if isinstance(obj, FineTunedWeights):
+        return {name: {"to_k": owned(key), "to_v": owned(value)}
+                for name, (key, value) in obj.layers.items()}
+    entries: dict[str, dict[str, Tensor | dict[str, Tensor]]] = {}
+    for name, layer in obj.layers.items():
+        for projection, difference in (("to_k", layer.key), ("to_v", layer.value)):
+            if not isinstance(difference, LowRank):
+                raise MergeError(f"Cannot write {path} as {format_name}: its compressed variant "
+                                 f"stores low-rank factors, but layer {name} holds a dense "
+                                 f"difference; compress the delta first (mergekit_cd.compress) or "
+                                 f"write full weights (FineTunedWeights.from_delta).")
+            entries.setdefault(name, {})[projection] = {"u": owned(difference.up),
+                                                        "v": owned(difference.down)}
+    return entries
+
+
+def owned(tensor: Tensor) -> Tensor:
+    """A contiguous CPU tensor owning exactly its storage (a saved view would store it all)."""
+    tensor = tensor.detach().cpu()
+    storage = tensor.untyped_storage()
+    whole = (tensor.is_contiguous() and tensor.storage_offset() == 0
+             and storage.nbytes() == tensor.numel() * tensor.element_size())
+    return tensor if whole else tensor.clone(memory_format=torch.contiguous_format)
+
+
+def saveable(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Tensors safetensors accepts: each owned, no two sharing storage."""
+    seen: set[int] = set()
+    result = {}
+    for name, tensor in tensors.items():
+        tensor = owned(tensor)
+        if tensor.numel() and tensor.untyped_storage().data_ptr() in seen:
+            tensor = tensor.clone()
+        seen.add(tensor.untyped_storage().data_ptr())
+        result[name] = tensor
+    return result
+
+
+# ---------------------------------------------------------------- sniffing, for detect()
+def safetensors_header(path: str | os.PathLike[str]) -> tuple[list[str], dict[str, str]] | None:
+    """Keys and header metadata without reading tensors; None if not a readable safetensors file."""
+    if not Path(path).is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            return list(file.keys()), file.metadata() or {}
+    except (SafetensorError, OSError):
+        return None
+
+
+def peek_pickle(path: str | os.PathLike[str]) -> Any | None:
+    """A torch pickle's contents with tensor data mapped, not read; None if it does not load."""
+    if not Path(path).is_file() or Path(path).suffix == ".safetensors":
+        return None
+    try:
+        return load_pickle(path, mmap=True)
+    except MergeError:
+        return None

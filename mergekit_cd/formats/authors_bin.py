@@ -1,0 +1,95 @@
+"""The authors' diffusers-variant ``delta.bin``: full K/V weights, or their compressed differences."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from torch import Tensor
+
+from ..errors import MergeError
+from ..fileio import atomic_path, load_pickle, save_pickle
+from ._common import (
+    IGNORED_SUFFIXES,
+    Delta,
+    LayerCollector,
+    assemble,
+    check_factors,
+    check_matrix,
+    check_vector,
+    describe_container,
+    owned,
+    peek_pickle,
+    split_layer_key,
+    stored_entries,
+    unexpected_key,
+)
+
+NAME = "authors-bin"
+WRITES_FULL_WEIGHTS = True  # FineTunedWeights; a LowRank ConceptDelta gives the compressed variant
+_PROJECTIONS = {".to_k.weight": "to_k", ".to_v.weight": "to_v"}
+_CONTAINER = "{'unet': {'<layer>.to_k.weight': ..., ...}, 'modifier_token': {'<token>': ...}}"
+
+
+def detect(path: str | os.PathLike[str]) -> bool:
+    """A torch pickle whose top level is a dict with a ``unet`` dict."""
+    contents = peek_pickle(path)
+    return isinstance(contents, dict) and isinstance(contents.get("unet"), dict)
+
+
+def read(path: str | os.PathLike[str]) -> Delta:
+    """FineTunedWeights for full weights; ConceptDelta of LowRank for the compressed variant.
+
+    Every modifier token is kept (the authors' own merge keeps one per file). Other top-level
+    entries (e.g. a fine-tuned ``text_encoder``) and q/out projections are listed as ignored.
+    """
+    source = str(path)
+    contents = load_pickle(path)
+    if not isinstance(contents, dict) or not isinstance(contents.get("unet"), dict):
+        raise MergeError(f"{source}: expected the authors' delta layout {_CONTAINER}, found "
+                         f"{describe_container(contents)}.")
+    ignored = [str(key) for key in contents if key not in ("unet", "modifier_token")]
+    collector = LayerCollector(source)
+    for key, value in contents["unet"].items():
+        key = str(key)
+        split = split_layer_key(key, _PROJECTIONS)
+        if split is not None:
+            entry = check_factors(value, key, source) if isinstance(value, dict) \
+                else check_matrix(value, key, source)
+            collector.add(*split, key, entry)
+        elif key.endswith(IGNORED_SUFFIXES):
+            ignored.append(key)
+        else:
+            raise unexpected_key(key, source, "'<layer>.to_k.weight' and '<layer>.to_v.weight' in 'unet'")
+    tokens = _read_tokens(contents.get("modifier_token", {}), source)
+    return assemble(collector.layers(), tokens, ignored, source)
+
+
+def _read_tokens(entries: Any, source: str) -> dict[str, tuple[Tensor, ...]]:
+    """token -> embeddings; an SDXL token holds a pair [text_encoder row, text_encoder_2 row]."""
+    if not isinstance(entries, dict):
+        raise MergeError(f"{source}: modifier_token should be a dict token -> embedding, found "
+                         f"{describe_container(entries)}.")
+    tokens = {}
+    for name, value in entries.items():
+        key = f"modifier_token[{str(name)!r}]"
+        if isinstance(value, (list, tuple)):
+            if not value:
+                raise MergeError(f"{source}: {key} holds no embedding.")
+            tokens[str(name)] = tuple(check_vector(part, f"{key}[{index}]", source)
+                                      for index, part in enumerate(value))
+        else:
+            tokens[str(name)] = (check_vector(value, key, source),)
+    return tokens
+
+
+def write(obj: Delta, path: str | os.PathLike[str], *, force: bool = False) -> None:
+    """Full weights from FineTunedWeights; the compressed variant from a LowRank ConceptDelta."""
+    entries = stored_entries(obj, path, NAME)
+    unet = {f"{layer}.{projection}.weight": entry
+            for layer, projections in entries.items() for projection, entry in projections.items()}
+    modifier_token = {token: owned(embeddings[0]) if len(embeddings) == 1
+                      else [owned(embedding) for embedding in embeddings]
+                      for token, embeddings in obj.tokens.items()}
+    with atomic_path(path, force=force) as temporary:
+        save_pickle({"unet": unet, "modifier_token": modifier_token}, temporary)

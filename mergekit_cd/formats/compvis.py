@@ -1,0 +1,141 @@
+"""The authors' CompVis checkpoints (``delta_epoch=*.ckpt``, ``compressed_delta*.ckpt``), SD1/SD2 only."""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import MergeError
+from ..fileio import atomic_path, load_pickle, save_pickle
+from ._common import (
+    IGNORED_SUFFIXES,
+    Delta,
+    LayerCollector,
+    assemble,
+    check_factors,
+    check_finite,
+    check_matrix,
+    describe,
+    describe_container,
+    owned,
+    peek_pickle,
+    split_layer_key,
+    stored_entries,
+    unexpected_key,
+)
+
+NAME = "compvis"
+WRITES_FULL_WEIGHTS = True  # FineTunedWeights; a LowRank ConceptDelta gives the compressed variant
+PREFIX = "model.diffusion_model."
+EMBED = "embed"
+_PROJECTIONS = {".to_k.weight": "to_k", ".to_v.weight": "to_v"}
+_EXPECTED = "'model.diffusion_model.<block>...attn2.to_k.weight' / '.to_v.weight' and 'embed'"
+_COMPVIS_BLOCK = re.compile(r"^(input_blocks\.(\d+)|middle_block|output_blocks\.(\d+))\.1\.(.+)$")
+_DIFFUSERS_BLOCK = re.compile(r"^(down_blocks\.(\d+)\.attentions\.(\d+)|mid_block\.attentions\.0"
+                              r"|up_blocks\.(\d+)\.attentions\.(\d+))\.(.+)$")
+
+
+def detect(path: str | os.PathLike[str]) -> bool:
+    """A torch pickle with a ``state_dict`` holding ``model.diffusion_model.`` keys or ``embed``."""
+    contents = peek_pickle(path)
+    if not isinstance(contents, dict) or not isinstance(contents.get("state_dict"), dict):
+        return False
+    return any(str(key).startswith(PREFIX) or key == EMBED for key in contents["state_dict"])
+
+
+def to_diffusers_name(name: str) -> str | None:
+    """``input_blocks.i.1.rest`` -> ``down_blocks.{(i-1)//3}.attentions.{(i-1)%3}.rest`` and
+    likewise for the middle and output blocks; None for a name outside those blocks."""
+    match = _COMPVIS_BLOCK.match(name)
+    if match is None:
+        return None
+    _, down, up, rest = match.groups()
+    if down is not None:
+        index = int(down) - 1
+        return None if index < 0 else f"down_blocks.{index // 3}.attentions.{index % 3}.{rest}"
+    if up is not None:
+        return f"up_blocks.{int(up) // 3}.attentions.{int(up) % 3}.{rest}"
+    return f"mid_block.attentions.0.{rest}"
+
+
+def to_compvis_name(layer: str) -> str | None:
+    """The inverse of :func:`to_diffusers_name`; None for a layer CompVis has no name for."""
+    match = _DIFFUSERS_BLOCK.match(layer)
+    if match is None:
+        return None
+    _, down_block, down_attention, up_block, up_attention, rest = match.groups()
+    if down_block is not None:
+        attention = int(down_attention)
+        return f"input_blocks.{3 * int(down_block) + attention + 1}.1.{rest}" if attention < 3 else None
+    if up_block is not None:
+        attention = int(up_attention)
+        return f"output_blocks.{3 * int(up_block) + attention}.1.{rest}" if attention < 3 else None
+    return f"middle_block.1.{rest}"
+
+
+def read(path: str | os.PathLike[str]) -> Delta:
+    """FineTunedWeights for full weights; ConceptDelta of LowRank for ``compressed_delta`` files.
+
+    Layers carry LDM names (``model.diffusion_model.input_blocks.1.1...attn2``), returned under
+    their diffusers names. ``embed`` holds only rows (the last n of the token table), so the
+    tokens are named ``<new1>`` .. ``<newn>`` in row order, as the authors' scripts name them.
+    """
+    source = str(path)
+    contents = load_pickle(path)
+    if not isinstance(contents, dict) or not isinstance(contents.get("state_dict"), dict):
+        raise MergeError(f"{source}: expected the authors' CompVis layout {{'state_dict': {{...}}}}, "
+                         f"found {describe_container(contents)}.")
+    ignored = [str(key) for key in contents if key != "state_dict"]
+    collector = LayerCollector(source)
+    tokens: dict[str, tuple[Tensor, ...]] = {}
+    for key, value in contents["state_dict"].items():
+        key = str(key)
+        split = split_layer_key(key, _PROJECTIONS)
+        layer = to_diffusers_name(split[0].removeprefix(PREFIX)) \
+            if split is not None and key.startswith(PREFIX) else None
+        if key == EMBED:
+            tokens = _read_embed(value, source)
+        elif layer is not None:
+            entry = check_factors(value, key, source) if isinstance(value, dict) \
+                else check_matrix(value, key, source)
+            collector.add(layer, split[1], key, entry)
+        elif key.startswith(PREFIX) and key.endswith(IGNORED_SUFFIXES):
+            ignored.append(key)
+        else:
+            raise unexpected_key(key, source, _EXPECTED)
+    return assemble(collector.layers(), tokens, ignored, source)
+
+
+def _read_embed(value: Any, source: str) -> dict[str, tuple[Tensor, ...]]:
+    """``embed`` [n, d] (or one row [d]) -> tokens ``<new1>`` .. ``<newn>``."""
+    if isinstance(value, Tensor) and value.dim() == 1:
+        value = value[None]
+    if not isinstance(value, Tensor) or value.dim() != 2 or not value.is_floating_point():
+        raise MergeError(f"{source}: {EMBED} should be float token rows [n, d], found {describe(value)}.")
+    check_finite(value, EMBED, source)
+    return {f"<new{index + 1}>": (row,) for index, row in enumerate(value)}
+
+
+def write(obj: Delta, path: str | os.PathLike[str], *, force: bool = False) -> None:
+    """Full weights from FineTunedWeights; the compressed variant from a LowRank ConceptDelta.
+
+    Token embeddings become the rows of ``embed`` in order; their names are not stored.
+    """
+    if obj.architecture == "sdxl" or any(len(embeddings) != 1 for embeddings in obj.tokens.values()):
+        raise MergeError(f"Cannot write {path} as {NAME}: CompVis checkpoints exist only for SD1/SD2 "
+                         f"and this is an SDXL delta; use the diffusers, authors-bin or native format.")
+    state: dict[str, Any] = {}
+    for layer, projections in stored_entries(obj, path, NAME).items():
+        name = to_compvis_name(layer)
+        if name is None:
+            raise MergeError(f"Cannot write {path} as {NAME}: layer {layer} has no CompVis name.")
+        for projection, entry in projections.items():
+            state[f"{PREFIX}{name}.{projection}.weight"] = entry
+    if obj.tokens:
+        state[EMBED] = owned(torch.stack([embeddings[0] for embeddings in obj.tokens.values()]))
+    with atomic_path(path, force=force) as temporary:
+        save_pickle({"state_dict": state}, temporary)

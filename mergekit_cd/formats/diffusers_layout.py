@@ -1,0 +1,175 @@
+"""diffusers' Custom Diffusion training output: a folder of full K/V weights and one file per token."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+from torch import Tensor
+
+from ..errors import MergeError
+from ..fileio import atomic_path, load_pickle, load_safetensors
+from ..metadata import from_header, to_header
+from ..weights import FineTunedWeights
+from ._common import (
+    Delta,
+    LayerCollector,
+    check_matrix,
+    check_token_shapes,
+    check_vector,
+    full_weights,
+    natural_order,
+    peek_pickle,
+    safetensors_header,
+    saveable,
+    split_layer_key,
+    unexpected_key,
+)
+
+NAME = "diffusers"
+WRITES_FULL_WEIGHTS = True  # writes FineTunedWeights only
+WEIGHTS_NAMES = ("pytorch_custom_diffusion_weights.safetensors", "pytorch_custom_diffusion_weights.bin")
+TOKEN_SUFFIXES = (".safetensors", ".bin")
+SDXL_TOKEN_KEYS = ("clip_l", "clip_g")  # the community SDXL embedding layout, one row per encoder
+_PROJECTIONS = {".processor.to_k_custom_diffusion.weight": "to_k",
+                ".processor.to_v_custom_diffusion.weight": "to_v"}
+_IGNORED = (".processor.to_q_custom_diffusion.weight", ".processor.to_out_custom_diffusion.0.weight",
+            ".processor.to_out_custom_diffusion.0.bias")
+_MARK = "_custom_diffusion."
+
+
+def detect(path: str | os.PathLike[str]) -> bool:
+    """A folder holding the weights file, or the weights file itself (by name or by its keys)."""
+    path = Path(path)
+    if path.is_dir():
+        return any((path / name).is_file() for name in WEIGHTS_NAMES)
+    if path.name in WEIGHTS_NAMES:
+        return path.is_file()
+    header = safetensors_header(path)
+    keys = header[0] if header is not None else _pickle_keys(path)
+    return any(_MARK in key for key in keys)
+
+
+def _pickle_keys(path: Path) -> list[str]:
+    contents = peek_pickle(path)
+    return [str(key) for key in contents] if isinstance(contents, dict) else []
+
+
+def read(path: str | os.PathLike[str]) -> FineTunedWeights:
+    """Full weights and every token file beside them; metadata from the weights file's header."""
+    weights_file = _weights_file(Path(path))
+    source = str(weights_file)
+    state, header = _load(weights_file)
+    collector = LayerCollector(source)
+    ignored = []
+    for key, value in state.items():
+        key = str(key)
+        split = split_layer_key(key, _PROJECTIONS)
+        if split is not None:
+            collector.add(*split, key, check_matrix(value, key, source))
+        elif key.endswith(_IGNORED):
+            ignored.append(key)
+        elif not (key.endswith(".processor") and isinstance(value, dict) and not value):
+            # the .bin variant stores an empty dict for each processor without weights (attn1)
+            raise unexpected_key(key, source, "'<layer>.processor.to_k_custom_diffusion.weight' and "
+                                              "'<layer>.processor.to_v_custom_diffusion.weight'")
+    tokens = _read_tokens(weights_file)
+    check_token_shapes(tokens, str(weights_file.parent))
+    return FineTunedWeights(collector.layers(), tokens, ignored=tuple(ignored),
+                            **from_header(header, source=source))
+
+
+def _weights_file(path: Path) -> Path:
+    if not path.is_dir():
+        return path
+    for name in WEIGHTS_NAMES:
+        if (path / name).is_file():
+            return path / name
+    raise MergeError(f"{path}: no {' or '.join(WEIGHTS_NAMES)} in this folder.")
+
+
+def _load(file: Path) -> tuple[dict[Any, Any], dict[str, str]]:
+    """A flat dict from a safetensors or pickle file, and its header metadata (pickles have none)."""
+    if file.suffix == ".safetensors":
+        return load_safetensors(file)
+    state = load_pickle(file)
+    if not isinstance(state, dict):
+        raise MergeError(f"{file}: expected a dict of tensors, found a {type(state).__name__}.")
+    return state, {}
+
+
+def _read_tokens(weights_file: Path) -> dict[str, tuple[Tensor, ...]]:
+    """Every token file in the weights file's folder, in natural name order."""
+    tokens: dict[str, tuple[Tensor, ...]] = {}
+    origins: dict[str, Path] = {}
+    for file in sorted(weights_file.parent.iterdir()):
+        if file.name in WEIGHTS_NAMES or file.suffix not in TOKEN_SUFFIXES or not file.is_file():
+            continue
+        name, embeddings = _read_token_file(file)
+        if name in tokens:
+            raise MergeError(f"{weights_file.parent}: token {name} is in both {origins[name].name} "
+                             f"and {file.name}.")
+        tokens[name], origins[name] = embeddings, file
+    return {name: tokens[name] for name in natural_order(tokens)}
+
+
+def _read_token_file(file: Path) -> tuple[str, tuple[Tensor, ...]]:
+    """``{"<token>": vector}`` (textual inversion) or ``{"clip_l", "clip_g"}`` named by the file."""
+    state, _ = _load(file)
+    source = str(file)
+    if set(state) == set(SDXL_TOKEN_KEYS):
+        return file.stem, tuple(check_vector(state[key], key, source) for key in SDXL_TOKEN_KEYS)
+    if len(state) == 1:
+        name, value = next(iter(state.items()))
+        return str(name), (check_vector(value, str(name), source),)
+    raise MergeError(f"{source}: expected a token embedding file beside the Custom Diffusion weights "
+                     f"({{'<token>': vector}}, or {{'clip_l', 'clip_g'}} for SDXL), found keys "
+                     f"{natural_order(map(str, state))[:6]}.")
+
+
+def write(obj: Delta, path: str | os.PathLike[str], *, force: bool = False) -> None:
+    """Write full weights as the folder ``path``: the weights file plus ``<token>.safetensors`` each."""
+    weights = full_weights(obj, path, NAME)
+    target = Path(path)
+    if force and target.is_dir():
+        _check_replaceable(target)
+    header = to_header(weights)
+    tensors = {f"{layer}.processor.{projection}_custom_diffusion.weight": matrix
+               for layer, pair in weights.layers.items()
+               for projection, matrix in zip(("to_k", "to_v"), pair)}
+    token_files = {_token_file_name(token, target): _token_state(token, embeddings, target)
+                   for token, embeddings in weights.tokens.items()}
+    with atomic_path(target, force=force, folder=True) as folder:
+        save_file(saveable(tensors), str(folder / WEIGHTS_NAMES[0]), metadata=header)
+        for file_name, state in token_files.items():
+            save_file(saveable(state), str(folder / file_name), metadata=header)
+
+
+def _check_replaceable(folder: Path) -> None:
+    """--force replaces a folder only when it is empty or an output of this layout, nothing more."""
+    names = sorted(entry.name for entry in folder.iterdir())
+    strays = [name for name in names
+              if not ((folder / name).is_file() and Path(name).suffix in TOKEN_SUFFIXES)]
+    if names and (strays or not detect(folder)):
+        raise MergeError(f"{folder} holds other things than a Custom Diffusion output (e.g. "
+                         f"{(strays or names)[0]}); refusing to replace it, even with --force. "
+                         f"Choose another output folder.")
+
+
+def _token_file_name(token: str, target: Path) -> str:
+    name = f"{token}.safetensors"
+    if not token or token in (".", "..") or "/" in token or "\0" in token or name in WEIGHTS_NAMES:
+        raise MergeError(f"Cannot write {target} as {NAME}: token {token!r} cannot be a file name.")
+    return name
+
+
+def _token_state(token: str, embeddings: tuple[Tensor, ...], target: Path) -> dict[str, Tensor]:
+    """``{token: vector}`` for one text encoder; ``{"clip_l": [1, d], "clip_g": [1, d]}`` for SDXL."""
+    if len(embeddings) == 1:
+        return {token: embeddings[0]}
+    if len(embeddings) == 2:
+        return {key: embedding[None] for key, embedding in zip(SDXL_TOKEN_KEYS, embeddings)}
+    raise MergeError(f"Cannot write {target} as {NAME}: token {token} has {len(embeddings)} "
+                     f"embeddings; the layout stores one (SD1/SD2) or two (SDXL).")

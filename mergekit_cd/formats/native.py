@@ -1,0 +1,131 @@
+"""mergekit-cd's own single safetensors file: K/V differences (dense or low-rank), tokens, metadata."""
+
+from __future__ import annotations
+
+import os
+
+from safetensors.torch import save_file
+from torch import Tensor
+
+from ..delta import ConceptDelta, LayerDelta, LowRank
+from ..errors import MergeError
+from ..fileio import atomic_path, load_safetensors
+from ..metadata import HEADER_FORMAT, from_header, to_header
+from ._common import (
+    Delta,
+    LayerCollector,
+    check_matrix,
+    check_token_shapes,
+    check_vector,
+    natural_order,
+    safetensors_header,
+    saveable,
+    unexpected_key,
+)
+
+NAME = "native"
+WRITES_FULL_WEIGHTS = False  # writes ConceptDelta differences
+TOKEN_PREFIX = "token."
+# key suffix -> (projection, part): a dense difference, or the two factors of a low-rank one.
+_PARTS = {f".{projection}.{part}": (projection, part)
+          for projection in ("to_k", "to_v") for part in ("diff", "up", "down")}
+_EXPECTED = ("'<layer>.to_k.diff' / '<layer>.to_k.up' + '.down' (same for to_v) or "
+             "'token.<name>.<encoder index>'")
+
+
+def detect(path: str | os.PathLike[str]) -> bool:
+    """A safetensors file whose keys are all ours (differences and tokens)."""
+    header = safetensors_header(path)
+    if header is None:
+        return False
+    keys, metadata = header
+    if not keys and metadata.get("format") != HEADER_FORMAT:
+        return False
+    return all(key.startswith(TOKEN_PREFIX) or _split(key) for key in keys)
+
+
+def _split(key: str) -> tuple[str, str, str] | None:
+    """(layer, projection, part) of a difference key, or None."""
+    for suffix, (projection, part) in _PARTS.items():
+        if key.endswith(suffix) and len(key) > len(suffix):
+            return key[: -len(suffix)], projection, part
+    return None
+
+
+def read(path: str | os.PathLike[str]) -> ConceptDelta:
+    """The delta stored in ``path``, low-rank factors kept as :class:`LowRank`."""
+    source = str(path)
+    tensors, header = load_safetensors(path)
+    identity = from_header(header, source=source)
+    collector = LayerCollector(source)
+    factors: dict[tuple[str, str], dict[str, Tensor]] = {}
+    embeddings: dict[str, dict[int, Tensor]] = {}
+    for key, tensor in tensors.items():
+        if key.startswith(TOKEN_PREFIX):
+            name, index = _split_token_key(key, source)
+            embeddings.setdefault(name, {})[index] = check_vector(tensor, key, source)
+            continue
+        parsed = _split(key)
+        if parsed is None:
+            raise unexpected_key(key, source, _EXPECTED)
+        layer, projection, part = parsed
+        matrix = check_matrix(tensor, key, source)
+        if part == "diff":
+            collector.add(layer, projection, key, matrix)
+        else:
+            factors.setdefault((layer, projection), {})[part] = matrix
+    for (layer, projection), pair in factors.items():
+        key = f"{layer}.{projection}"
+        collector.add(layer, projection, f"{key}.up", _low_rank(pair, key, source))
+    tokens = {name: _ordered(embeddings[name], name, source) for name in natural_order(embeddings)}
+    check_token_shapes(tokens, source)
+    layers = collector.layers(allow_empty=True)
+    return ConceptDelta({name: LayerDelta(*pair) for name, pair in layers.items()}, tokens, **identity)
+
+
+def _split_token_key(key: str, source: str) -> tuple[str, int]:
+    name, _, index = key[len(TOKEN_PREFIX):].rpartition(".")
+    if not name or not index.isdigit():
+        raise unexpected_key(key, source, _EXPECTED)
+    return name, int(index)
+
+
+def _low_rank(pair: dict[str, Tensor], key: str, source: str) -> LowRank:
+    for part, other in (("up", "down"), ("down", "up")):
+        if part not in pair:
+            raise MergeError(f"{source}: {key}.{other} has no matching {key}.{part}.")
+    up, down = pair["up"], pair["down"]
+    if up.shape[1] != down.shape[0]:
+        raise MergeError(f"{source}: {key} factors do not fit: up is {tuple(up.shape)}, down is "
+                         f"{tuple(down.shape)}.")
+    return LowRank(up, down)
+
+
+def _ordered(by_index: dict[int, Tensor], name: str, source: str) -> tuple[Tensor, ...]:
+    """One embedding per text encoder, indices 0..n-1 all present."""
+    if sorted(by_index) != list(range(len(by_index))):
+        raise MergeError(f"{source}: token {name} has embeddings for encoders {sorted(by_index)}; "
+                         f"expected 0 to {len(by_index) - 1}.")
+    return tuple(by_index[index] for index in range(len(by_index)))
+
+
+def write(obj: Delta, path: str | os.PathLike[str], *, force: bool = False) -> None:
+    """Write a ConceptDelta (differences; factors stay factors) with its metadata."""
+    if not isinstance(obj, ConceptDelta):
+        raise MergeError(f"Cannot write {path} as {NAME}: the format holds differences but this is "
+                         f"{type(obj).__name__} (full weights); make a delta against the base with "
+                         f".to_delta first.")
+    tensors: dict[str, Tensor] = {}
+    for name, layer in obj.layers.items():
+        for projection, difference in (("to_k", layer.key), ("to_v", layer.value)):
+            if isinstance(difference, LowRank):
+                tensors[f"{name}.{projection}.up"] = difference.up
+                tensors[f"{name}.{projection}.down"] = difference.down
+            else:
+                tensors[f"{name}.{projection}.diff"] = difference
+    for token, embeddings in obj.tokens.items():
+        for index, embedding in enumerate(embeddings):
+            tensors[f"{TOKEN_PREFIX}{token}.{index}"] = embedding
+    header = to_header(obj)
+    with atomic_path(path, force=force) as temporary:
+        save_file(saveable(tensors), str(temporary), metadata=header)

@@ -1,0 +1,123 @@
+"""The JSON metadata mergekit-cd writes into its outputs, and reading it back.
+
+One JSON document per file, stored in the safetensors header (``__metadata__`` maps strings
+to strings) as ``{"format": "mergekit-cd", "format_version": "1", "mergekit_cd": <json>}``.
+The document (format version 1)::
+
+    {
+      "format_version": "1",
+      "tool": {"name": "mergekit-cd", "version": "0.1.0"},   # the program that wrote the file
+      "base": "runwayml/stable-diffusion-v1-5" | null,      # name, path or repo id
+      "base_fingerprint": "<hex>" | null,                   # hash of the base's K/V weights
+      "architecture": "sd1" | "sd2" | "sdxl" | null,
+      "concepts": [{"token": "<new1>", "class_word": "cat" | null,
+                    "prompts": ["photo of a <new1> cat"], "style": false}],
+      "recipe": {}                  # free: how a merge was made (method, inputs + sha256, ridge)
+      ...                           # any other JSON-serialisable entry of the object's metadata
+    }
+
+Every field but ``format_version`` may be missing; files made by other tools have no
+document at all. A newer ``format_version`` is refused rather than half understood.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .architectures import ARCHITECTURES
+from .delta import Concept, ConceptDelta
+from .errors import MergeError
+from .weights import FineTunedWeights
+
+FORMAT_VERSION = "1"
+HEADER_FORMAT = "mergekit-cd"
+HEADER_KEY = "mergekit_cd"
+IDENTITY_FIELDS = ("base", "base_fingerprint", "architecture", "concepts")
+_OWNED_FIELDS = ("format_version", "tool", *IDENTITY_FIELDS)
+
+
+def to_metadata(obj: ConceptDelta | FineTunedWeights) -> dict[str, Any]:
+    """The metadata document describing ``obj``; free entries of ``obj.metadata`` are kept."""
+    from . import __version__  # deferred: the package imports the formats that import this
+
+    free = {key: value for key, value in obj.metadata.items() if key not in _OWNED_FIELDS}
+    return {
+        "format_version": FORMAT_VERSION,
+        "tool": {"name": "mergekit-cd", "version": __version__},
+        "base": obj.base,
+        "base_fingerprint": obj.base_fingerprint,
+        "architecture": obj.architecture,
+        "concepts": [{"token": c.token, "class_word": c.class_word, "prompts": list(c.prompts),
+                      "style": c.style} for c in obj.concepts],
+        "recipe": {},
+        **free,
+    }
+
+
+def identity_from_metadata(document: dict[str, Any], *, source: str = "metadata") -> dict[str, Any]:
+    """Keyword arguments (base, base_fingerprint, architecture, concepts, metadata) for a
+    ConceptDelta or FineTunedWeights, from a metadata document; ``source`` names it in errors.
+    """
+    if not isinstance(document, dict):
+        raise MergeError(f"{source}: mergekit-cd metadata must be a JSON object, got "
+                         f"{type(document).__name__}.")
+    _check_version(document.get("format_version"), source)
+    for name in ("base", "base_fingerprint", "architecture"):
+        if not isinstance(document.get(name), (str, type(None))):
+            raise MergeError(f"{source}: metadata field {name!r} must be a string or null.")
+    architecture = document.get("architecture")
+    if architecture is not None and architecture not in ARCHITECTURES:
+        raise MergeError(f"{source}: metadata names architecture {architecture!r}; this version "
+                         f"knows {', '.join(ARCHITECTURES)}.")
+    return {
+        "base": document.get("base"),
+        "base_fingerprint": document.get("base_fingerprint"),
+        "architecture": architecture,
+        "concepts": tuple(_concept(entry, source) for entry in document.get("concepts") or ()),
+        "metadata": {key: value for key, value in document.items()
+                     if key not in ("format_version", *IDENTITY_FIELDS)},
+    }
+
+
+def _check_version(version: Any, source: str) -> None:
+    if version is None:
+        raise MergeError(f"{source}: mergekit-cd metadata has no format_version.")
+    if version != FORMAT_VERSION:
+        raise MergeError(f"{source}: metadata format_version {version!r} is not one this "
+                         f"mergekit-cd reads ({FORMAT_VERSION!r}); upgrade mergekit-cd.")
+
+
+def _concept(entry: Any, source: str) -> Concept:
+    valid = (isinstance(entry, dict) and isinstance(entry.get("token"), str)
+             and isinstance(entry.get("class_word"), (str, type(None)))
+             and isinstance(entry.get("prompts", []), list)
+             and all(isinstance(p, str) for p in entry.get("prompts", []))
+             and isinstance(entry.get("style", False), bool))
+    if not valid:
+        raise MergeError(f"{source}: metadata concept {entry!r} is malformed; expected "
+                         f'{{"token": str, "class_word": str|null, "prompts": [str], "style": bool}}.')
+    return Concept(entry["token"], entry.get("class_word"), tuple(entry.get("prompts", ())),
+                   entry.get("style", False))
+
+
+def to_header(obj: ConceptDelta | FineTunedWeights) -> dict[str, str]:
+    """The safetensors ``__metadata__`` (string -> string) carrying ``obj``'s metadata."""
+    try:
+        document = json.dumps(to_metadata(obj), sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise MergeError(f"The delta's metadata cannot be stored as JSON: {error}.") from None
+    return {"format": HEADER_FORMAT, "format_version": FORMAT_VERSION, HEADER_KEY: document}
+
+
+def from_header(header: dict[str, str], *, source: str) -> dict[str, Any]:
+    """Identity keyword arguments from a safetensors header; ``{}`` when it has none of ours."""
+    if header.get("format") != HEADER_FORMAT or HEADER_KEY not in header:
+        return {}
+    _check_version(header.get("format_version"), source)
+    try:
+        document = json.loads(header[HEADER_KEY])
+    except json.JSONDecodeError as error:
+        raise MergeError(f"{source}: the mergekit-cd metadata in the header is not valid JSON "
+                         f"({error}).") from None
+    return identity_from_metadata(document, source=source)

@@ -1,0 +1,283 @@
+"""Tests for mergekit_cd.features: token features as cross-attention reads them, the authors'
+row rule, batching, the Gram matrix and its cache, modifier tokens, prompts and captions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mergekit_cd import features as features_module
+from mergekit_cd.base import BaseModel, open_base
+from mergekit_cd.errors import MergeError
+from mergekit_cd.features import (
+    FEATURE_RULE,
+    OBJECT_TEMPLATES,
+    TextFeatures,
+    cached_gram,
+    default_cache_dir,
+    default_reg_captions,
+    gram_cache_key,
+    heldout_captions,
+    kept_rows,
+    read_captions,
+    target_prompts,
+)
+from mergekit_cd.testing import build_tiny_pipeline
+
+CAPTIONS = [
+    "photo of a cat",
+    "a photo of a cat",
+    "cat photo",
+    "a dog in the garden",
+    "a cat in the garden",  # same token count as the caption before: shares its batch
+    "a very nice photo of a cat",
+    "Photo of a red car",
+    "a man",
+]
+
+
+@pytest.fixture(scope="module")
+def sd1_base(tiny_pipeline_path) -> BaseModel:
+    return open_base(tiny_pipeline_path("sd1"))
+
+
+@pytest.fixture(scope="module")
+def sdxl_base(tiny_pipeline_path) -> BaseModel:
+    return open_base(tiny_pipeline_path("sdxl"))
+
+
+@pytest.fixture(scope="module")
+def sd1_features(sd1_base) -> TextFeatures:
+    return TextFeatures(sd1_base)
+
+
+@pytest.fixture(scope="module")
+def sdxl_features(sdxl_base) -> TextFeatures:
+    return TextFeatures(sdxl_base)
+
+
+def _ids(tokenizer, caption: str) -> torch.Tensor:
+    return torch.tensor([tokenizer(caption).input_ids])
+
+
+# --- the row rule ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("caption, start", [
+    ("photo of a cat", 4),
+    ("a photo of a cat", 4),  # "photo of a" within the first 15 characters: the authors' test
+    ("A photo of a cat", 4),
+    ("cat photo", 1),
+    ("a very nice photo of a cat", 1),  # the phrase starts at character 12: not within 15
+    ("Photo of a cat", 1),  # their test is case-sensitive
+])
+def test_kept_rows_follow_the_authors_rule(caption, start):
+    assert kept_rows(caption, 9) == slice(start, 9)  # stop = number of tokens: EOS is kept
+    assert FEATURE_RULE == "authors-v1"
+
+
+def test_rows_kept_through_the_encoder(sd1_features):
+    tokenizer, encoder = sd1_features.tokenizers[0], sd1_features.encoders[0]
+    for caption, dropped in (("photo of a cat", 4), ("a photo of a cat", 4), ("cat photo", 1)):
+        ids = _ids(tokenizer, caption)
+        with torch.no_grad():
+            states = encoder(ids).last_hidden_state[0]
+        rows = sd1_features.features([caption])[0]
+        assert rows.shape[0] == ids.shape[1] - dropped
+        assert torch.equal(rows[-1], states[-1])  # the EOS row
+
+
+# --- features equal hand-computed encoder outputs ----------------------------------------------
+
+def test_sd1_features_are_the_last_hidden_state(sd1_features):
+    pipe = build_tiny_pipeline("sd1")  # same seed as the saved folder: same weights
+    caption = "a cat in the garden"
+    with torch.no_grad():
+        states = pipe.text_encoder(_ids(pipe.tokenizer, caption))[0][0]
+    ours = sd1_features.features([caption])[0]
+    assert ours.shape == (states.shape[0] - 1, 32)  # BOS dropped, EOS kept
+    torch.testing.assert_close(ours, states[1:], rtol=0, atol=0)
+
+
+def test_sdxl_features_concatenate_penultimate_states(sdxl_features):
+    pipe = build_tiny_pipeline("sdxl")
+    caption = "photo of a cat"
+    with torch.no_grad():
+        first = pipe.text_encoder(_ids(pipe.tokenizer, caption), output_hidden_states=True).hidden_states[-2]
+        second = pipe.text_encoder_2(_ids(pipe.tokenizer_2, caption),
+                                     output_hidden_states=True).hidden_states[-2]
+    expected = torch.cat([first, second], dim=-1)[0, 4:]  # BOS + "photo of a" dropped
+    ours = sdxl_features.features([caption])[0]
+    assert ours.shape == (2, 80)  # "cat" and EOS
+    torch.testing.assert_close(ours, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("architecture", ["sd1", "sdxl"])
+def test_features_are_the_pipeline_context(architecture, sd1_features, sdxl_features):
+    """diffusers' own encode_prompt pads to 77 tokens; CLIP is causal, so its first rows are ours."""
+    pipe = build_tiny_pipeline(architecture)
+    encoder = {"sd1": sd1_features, "sdxl": sdxl_features}[architecture]
+    caption = "a cat in the garden"
+    with torch.no_grad():
+        context = pipe.encode_prompt(caption, device="cpu", num_images_per_prompt=1,
+                                     do_classifier_free_guidance=False)[0][0]
+    num_tokens = len(pipe.tokenizer(caption).input_ids)
+    torch.testing.assert_close(encoder.features([caption])[0], context[1:num_tokens], rtol=1e-5, atol=1e-6)
+
+
+# --- batching and the Gram matrix --------------------------------------------------------------
+
+@pytest.mark.parametrize("architecture", ["sd1", "sdxl"])
+def test_batched_features_equal_one_by_one_in_input_order(architecture, sd1_features, sdxl_features):
+    encoder = {"sd1": sd1_features, "sdxl": sdxl_features}[architecture]
+    batched = encoder.features(CAPTIONS, batch_size=2)
+    assert len(batched) == len(CAPTIONS)
+    for caption, rows in zip(CAPTIONS, batched):
+        alone = encoder.features([caption])[0]
+        assert rows.dtype == torch.float32
+        torch.testing.assert_close(rows, alone, rtol=1e-5, atol=1e-6)
+
+
+def test_gram_is_the_float64_product_of_stacked_features(sdxl_features):
+    gram, count = sdxl_features.gram(CAPTIONS, batch_size=3)
+    stacked = torch.cat(sdxl_features.features(CAPTIONS)).double()
+    assert gram.dtype == torch.float64 and gram.shape == (80, 80)
+    assert count == stacked.shape[0]
+    torch.testing.assert_close(gram, stacked.T @ stacked, rtol=1e-6, atol=1e-6)
+
+
+def test_gram_of_no_captions_is_refused(sd1_features):
+    with pytest.raises(MergeError, match="No captions"):
+        sd1_features.gram([])
+    assert sd1_features.features([]) == []
+
+
+# --- the Gram cache ----------------------------------------------------------------------------
+
+def test_cached_gram_second_call_never_touches_the_text_encoder(sd1_base, tmp_path, monkeypatch):
+    captions = CAPTIONS[:5]
+    gram, count, from_cache = cached_gram(sd1_base, captions, cache_dir=tmp_path)
+    assert not from_cache
+    assert len(list(tmp_path.glob("gram-*.safetensors"))) == 1
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a cache hit must not load the tokenizer or text encoder")
+
+    monkeypatch.setattr(BaseModel, "load_text_encoders", refuse)
+    monkeypatch.setattr(BaseModel, "load_tokenizers", refuse)
+    monkeypatch.setattr(features_module, "TextFeatures", refuse)
+    again, again_count, from_cache = cached_gram(sd1_base, list(captions), cache_dir=tmp_path)
+    assert from_cache and again_count == count
+    assert torch.equal(again, gram)
+
+
+def test_cache_key_depends_on_captions_dtype_and_base(sd1_base, sdxl_base):
+    key = gram_cache_key(sd1_base, CAPTIONS, torch.float32)
+    assert key == gram_cache_key(sd1_base, list(CAPTIONS), torch.float32)
+    assert key != gram_cache_key(sd1_base, CAPTIONS[:-1], torch.float32)
+    assert key != gram_cache_key(sd1_base, CAPTIONS, torch.float16)
+    assert key != gram_cache_key(sdxl_base, CAPTIONS, torch.float32)
+
+
+def test_damaged_cache_file_is_recomputed(sd1_base, tmp_path):
+    gram, count, _ = cached_gram(sd1_base, CAPTIONS[:3], cache_dir=tmp_path)
+    [file] = tmp_path.glob("gram-*.safetensors")
+    file.write_bytes(b"not a safetensors file")
+    again, again_count, from_cache = cached_gram(sd1_base, CAPTIONS[:3], cache_dir=tmp_path)
+    assert not from_cache and again_count == count
+    torch.testing.assert_close(again, gram)
+
+
+def test_default_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("MERGEKIT_CD_CACHE", str(tmp_path / "own"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "own"
+    monkeypatch.delenv("MERGEKIT_CD_CACHE")
+    assert default_cache_dir() == tmp_path / "xdg" / "mergekit_cd"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert default_cache_dir() == Path.home() / ".cache" / "mergekit_cd"
+
+
+# --- modifier tokens ---------------------------------------------------------------------------
+
+def test_tokens_change_only_prompts_that_contain_them(sdxl_base, sdxl_features):
+    generator = torch.Generator().manual_seed(0)
+    embeddings = (torch.randn(32, generator=generator), torch.randn(48, generator=generator))
+    with_token = TextFeatures(sdxl_base, {"<new1>": embeddings})
+    other = TextFeatures(sdxl_base, {"<new1>": tuple(-e for e in embeddings)})
+    plain_captions = ["a cat in the garden", "photo of a dog"]
+    for ours, plain in zip(with_token.features(plain_captions), sdxl_features.features(plain_captions)):
+        assert torch.equal(ours, plain)
+    prompt = "photo of a <new1> cat"
+    assert [len(ids) for ids in with_token.token_ids([prompt])[0]] == [7, 7]  # one token, both tokenizers
+    changed, flipped = with_token.features([prompt])[0], other.features([prompt])[0]
+    assert changed.shape == (3, 80)  # <new1>, cat, EOS
+    assert not torch.allclose(changed, flipped)
+
+
+def test_token_embedding_row_is_what_the_encoder_reads(sd1_base):
+    embedding = torch.randn(32, generator=torch.Generator().manual_seed(1))
+    encoder = TextFeatures(sd1_base, {"<new1>": (embedding,)})
+    tokenizer, text_encoder = encoder.tokenizers[0], encoder.encoders[0]
+    row = tokenizer.convert_tokens_to_ids("<new1>")
+    assert torch.equal(text_encoder.get_input_embeddings().weight[row], embedding)
+
+
+def test_bad_tokens_are_refused(sdxl_base):
+    with pytest.raises(MergeError, match="already in the base model's vocabulary"):
+        TextFeatures(sdxl_base, {"<|endoftext|>": (torch.zeros(32), torch.zeros(48))})
+    with pytest.raises(MergeError, match=r"embedding sizes \(32,\).*\(32, 48\)"):
+        TextFeatures(sdxl_base, {"<new1>": (torch.zeros(32),)})
+    with pytest.raises(MergeError, match="without spaces"):
+        TextFeatures(sdxl_base, {"<new 1>": (torch.zeros(32), torch.zeros(48))})
+
+
+# --- target prompts ----------------------------------------------------------------------------
+
+def test_target_prompts_defaults():
+    assert target_prompts("<new1>", "cat") == ["<new1> cat", "photo of a <new1> cat"]
+    assert target_prompts("<new1>", "art", style=True) == \
+        ["<new1> art", "painting in the style of <new1> art"]
+
+
+def test_a_class_containing_art_is_not_a_style():
+    """The authors' script took "cartoon" for a style because it contains "art"."""
+    assert target_prompts("<new1>", "cartoon") == [t.format(token="<new1>", class_word="cartoon")
+                                                    for t in OBJECT_TEMPLATES]
+    assert target_prompts("<new1>", "art") == ["<new1> art", "photo of a <new1> art"]
+
+
+def test_custom_templates_and_spacing():
+    assert target_prompts("<new1>", "dog", templates=["a {token} {class_word} on the beach", "{token}"]) == \
+        ["a <new1> dog on the beach", "<new1>"]
+    assert target_prompts("", "dog") == ["dog", "photo of a dog"]
+    assert target_prompts("<new1>", "", templates=["{token} {class_word}", "{token}"]) == ["<new1>"]
+    with pytest.raises(MergeError, match="lacks {token}"):
+        target_prompts("<new1>", "dog", templates=["a {class_word}"])
+    with pytest.raises(MergeError, match="only use {token} and {class_word}"):
+        target_prompts("<new1>", "dog", templates=["{token} {colour}"])
+
+
+# --- captions ----------------------------------------------------------------------------------
+
+def test_packaged_captions():
+    package = Path(features_module.__file__).parent / "data"
+    reg = default_reg_captions()
+    lines = (package / "reg_captions.txt").read_text().splitlines()
+    assert reg == [line.strip() for line in lines if line.strip()]
+    assert len(reg) == 1232
+    assert len(heldout_captions()) == 300
+    assert not set(reg) & set(heldout_captions())
+
+
+def test_read_captions(tmp_path):
+    file = tmp_path / "captions.txt"
+    file.write_text("a cat\n\n  a dog  \n\n")
+    assert read_captions(file) == ["a cat", "a dog"]
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n")
+    with pytest.raises(MergeError, match=f"{empty}.*empty"):
+        read_captions(empty)
+    with pytest.raises(MergeError, match="Cannot read captions file"):
+        read_captions(tmp_path / "absent.txt")

@@ -1,0 +1,609 @@
+"""File formats: round trips, conversions, metadata, atomic writes, and every bad input's message.
+
+Layer names and shapes come from the tiny pipelines, so the files look like real ones of each
+architecture (sd1/sd2: 11 cross-attention layers; sdxl: 17, context 80 = 32 + 48).
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import hashlib
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from mergekit_cd import Concept, ConceptDelta, LayerDelta, LowRank, MergeError
+from mergekit_cd import formats
+from mergekit_cd.fileio import atomic_path, load_pickle, sha256_file
+from mergekit_cd.formats import authors_bin, compvis, diffusers_layout, native
+from mergekit_cd.metadata import identity_from_metadata, to_metadata
+from mergekit_cd.weights import FineTunedWeights
+
+TOKEN_SIZES = {"sd1": (32,), "sd2": (48,), "sdxl": (32, 48)}
+FINGERPRINT = "ab" * 32
+LAYER = "down_blocks.0.attentions.0.transformer_blocks.0.attn2"
+FILE_NAMES = {"native": "delta.safetensors", "diffusers": "out", "authors-bin": "delta.bin",
+              "compvis": "delta_epoch=000001.ckpt"}
+
+
+@functools.cache
+def layer_shapes(architecture: str) -> dict[str, tuple[int, int]]:
+    """Cross-attention layer -> (out, context) of the tiny pipeline's UNet."""
+    from mergekit_cd.testing import build_tiny_pipeline
+
+    suffix = ".to_k.weight"
+    state = build_tiny_pipeline(architecture).unet.state_dict()
+    return {key[: -len(suffix)]: tuple(value.shape) for key, value in state.items()
+            if key.endswith("attn2" + suffix)}
+
+
+def make_tokens(architecture: str, generator: torch.Generator,
+                names: tuple[str, ...] = ("<new1>", "<new2>")) -> dict[str, tuple[torch.Tensor, ...]]:
+    return {name: tuple(torch.randn(size, generator=generator) for size in TOKEN_SIZES[architecture])
+            for name in names}
+
+
+def identity(architecture: str) -> dict:
+    return dict(base=f"tiny-{architecture}", base_fingerprint=FINGERPRINT, architecture=architecture,
+                concepts=(Concept("<new1>", "cat", ("photo of a <new1> cat",)),
+                          Concept("<new2>", None, ("painting in the style of <new2>",), style=True)),
+                metadata={"recipe": {"method": "hard", "inputs": [{"path": "a.bin", "sha256": "00"}],
+                                     "ridge": 0.0}})
+
+
+def make_weights(architecture: str, seed: int = 0, **names) -> FineTunedWeights:
+    """Full weights with two tokens, shaped like the tiny pipeline's."""
+    generator = torch.Generator().manual_seed(seed)
+    layers = {name: (torch.randn(shape, generator=generator), torch.randn(shape, generator=generator))
+              for name, shape in layer_shapes(architecture).items()}
+    return FineTunedWeights(layers, make_tokens(architecture, generator, **names), **identity(architecture))
+
+
+def make_delta(architecture: str, seed: int = 0, rank: int | None = None, **names) -> ConceptDelta:
+    """Differences with two tokens; low-rank factors when ``rank`` is given."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def difference(shape: tuple[int, int]) -> torch.Tensor | LowRank:
+        if rank is None:
+            return torch.randn(shape, generator=generator)
+        return LowRank(torch.randn(shape[0], rank, generator=generator),
+                       torch.randn(rank, shape[1], generator=generator))
+
+    layers = {name: LayerDelta(difference(shape), difference(shape))
+              for name, shape in layer_shapes(architecture).items()}
+    return ConceptDelta(layers, make_tokens(architecture, generator, **names), **identity(architecture))
+
+
+def make_object(kind: str, architecture: str, **names) -> FineTunedWeights | ConceptDelta:
+    if kind == "weights":
+        return make_weights(architecture, **names)
+    return make_delta(architecture, rank=3 if kind == "low_rank" else None, **names)
+
+
+def assert_same_tokens(a, b) -> None:
+    assert list(a.tokens) == list(b.tokens)
+    for name, embeddings in a.tokens.items():
+        assert len(embeddings) == len(b.tokens[name])
+        assert all(torch.equal(x, y) for x, y in zip(embeddings, b.tokens[name]))
+
+
+def assert_same_content(a, b) -> None:
+    """Same type, layers (bit for bit; factors stay factors) and tokens."""
+    assert type(a) is type(b) and a.layers.keys() == b.layers.keys()
+    for name, layer in a.layers.items():
+        theirs = b.layers[name]
+        pairs = zip(layer, theirs) if isinstance(a, FineTunedWeights) \
+            else zip((layer.key, layer.value), (theirs.key, theirs.value))
+        for x, y in pairs:
+            assert type(x) is type(y)
+            if isinstance(x, LowRank):
+                assert torch.equal(x.up, y.up) and torch.equal(x.down, y.down)
+            else:
+                assert torch.equal(x, y)
+    assert_same_tokens(a, b)
+
+
+def assert_same_identity(a, b) -> None:
+    assert (a.base, a.base_fingerprint, a.architecture, a.concepts) == \
+           (b.base, b.base_fingerprint, b.architecture, b.concepts)
+    assert a.metadata["recipe"] == b.metadata["recipe"]
+
+
+# ---------------------------------------------------------------------------- round trips
+def test_every_format_module_offers_the_same_interface():
+    assert formats.format_names() == ["native", "diffusers", "authors-bin", "compvis"]
+    for module in formats.FORMATS:
+        assert len(module.__doc__.strip().splitlines()) == 1
+        assert isinstance(module.WRITES_FULL_WEIGHTS, bool)
+        assert all(callable(getattr(module, verb)) for verb in ("detect", "read", "write"))
+
+
+ROUND_TRIPS = [
+    ("native", "sd1", "delta"), ("native", "sd2", "low_rank"), ("native", "sdxl", "delta"),
+    ("native", "sdxl", "low_rank"),
+    ("diffusers", "sd1", "weights"), ("diffusers", "sd2", "weights"), ("diffusers", "sdxl", "weights"),
+    ("authors-bin", "sd1", "weights"), ("authors-bin", "sdxl", "weights"),
+    ("authors-bin", "sd1", "low_rank"), ("authors-bin", "sdxl", "low_rank"),
+    ("compvis", "sd1", "weights"), ("compvis", "sd2", "weights"), ("compvis", "sd1", "low_rank"),
+]
+
+
+@pytest.mark.parametrize("format_name, architecture, kind", ROUND_TRIPS)
+def test_write_detect_read_gives_the_same_object(tmp_path, format_name, architecture, kind):
+    """write -> detect -> read returns every layer and every token (both, for two-token deltas)."""
+    original = make_object(kind, architecture)
+    path = tmp_path / FILE_NAMES[format_name]
+    formats.write(original, path, format_name)
+    assert formats.detect_format(path).NAME == format_name
+    back = formats.read(path)
+    assert_same_content(original, back)
+    if format_name in ("native", "diffusers"):  # formats with a header keep the metadata
+        assert_same_identity(original, back)
+
+
+def test_sdxl_token_files_use_the_clip_l_clip_g_layout(tmp_path):
+    formats.write(make_weights("sdxl"), tmp_path / "out", "diffusers")
+    state = load_file(tmp_path / "out" / "<new1>.safetensors")
+    assert {key: tuple(value.shape) for key, value in state.items()} == \
+           {"clip_l": (1, 32), "clip_g": (1, 48)}
+
+
+def test_diffusers_weights_file_uses_diffusers_key_names(tmp_path):
+    formats.write(make_weights("sd1"), tmp_path / "out", "diffusers")
+    keys = set(load_file(tmp_path / "out" / "pytorch_custom_diffusion_weights.safetensors"))
+    assert f"{LAYER}.processor.to_k_custom_diffusion.weight" in keys
+    assert len(keys) == 2 * len(layer_shapes("sd1"))
+    assert formats.detect_format(tmp_path / "out" / "pytorch_custom_diffusion_weights.safetensors") \
+        is diffusers_layout
+
+
+def test_compvis_block_names_match_the_reference_mapping():
+    """input_blocks.i.1 -> down_blocks.{i//3}.attentions.{0 if i in (1,4,7) else 1}, and back."""
+    for i in (1, 2, 4, 5, 7, 8):
+        name = compvis.to_diffusers_name(f"input_blocks.{i}.1.transformer_blocks.0.attn2")
+        attention = 0 if i in (1, 4, 7) else 1
+        assert name == f"down_blocks.{i // 3}.attentions.{attention}.transformer_blocks.0.attn2"
+    for i in range(3, 12):
+        assert compvis.to_diffusers_name(f"output_blocks.{i}.1.x") == \
+            f"up_blocks.{i // 3}.attentions.{i % 3}.x"
+    assert compvis.to_diffusers_name("middle_block.1.x") == "mid_block.attentions.0.x"
+    for layer in layer_shapes("sd1"):
+        assert compvis.to_diffusers_name(compvis.to_compvis_name(layer)) == layer
+
+
+# ---------------------------------------------------------------------------- conversions
+def test_full_weights_convert_between_all_full_weight_formats(tmp_path):
+    original = make_weights("sd1")
+    current = original
+    for index, format_name in enumerate(["diffusers", "authors-bin", "compvis", "diffusers"]):
+        path = tmp_path / f"{index}-{FILE_NAMES[format_name]}"
+        formats.write(current, path, format_name)
+        current = formats.read(path)
+    assert_same_content(original, current)
+
+
+def test_sdxl_full_weights_convert_through_the_authors_bin(tmp_path):
+    original = make_weights("sdxl")
+    formats.write(original, tmp_path / "delta.bin", "authors-bin")
+    formats.write(formats.read(tmp_path / "delta.bin"), tmp_path / "out", "diffusers")
+    assert_same_content(original, formats.read(tmp_path / "out"))
+
+
+def test_low_rank_differences_stay_low_rank_through_every_difference_format(tmp_path):
+    original = make_delta("sd1", rank=2)
+    current = original
+    for index, format_name in enumerate(["authors-bin", "compvis", "native"]):
+        path = tmp_path / f"{index}-{FILE_NAMES[format_name]}"
+        formats.write(current, path, format_name)
+        current = formats.read(path)
+    assert_same_content(original, current)
+    assert all(isinstance(layer.key, LowRank) for layer in current.layers.values())
+
+
+def test_compvis_tokens_are_positional(tmp_path):
+    """CompVis stores only rows: tokens come back as <new1>, <new2> in the order written."""
+    original = make_weights("sd1", names=("<dog>", "<cat>"))
+    formats.write(original, tmp_path / "delta.ckpt", "compvis")
+    back = formats.read(tmp_path / "delta.ckpt")
+    assert list(back.tokens) == ["<new1>", "<new2>"]
+    assert torch.equal(back.tokens["<new1>"][0], original.tokens["<dog>"][0])
+
+
+def test_authors_bin_keeps_every_token_and_lists_ignored_weights(tmp_path):
+    shape = (32, 32)
+    torch.save({"unet": {f"{LAYER}.to_k.weight": torch.ones(shape), f"{LAYER}.to_v.weight": torch.ones(shape),
+                         f"{LAYER}.to_q.weight": torch.ones(shape), f"{LAYER}.to_out.0.bias": torch.ones(32)},
+                "modifier_token": {"<new1>": torch.ones(32), "<new2>": torch.zeros(32)},
+                "text_encoder": {}}, tmp_path / "delta.bin")
+    weights = formats.read(tmp_path / "delta.bin")
+    assert list(weights.tokens) == ["<new1>", "<new2>"]
+    assert set(weights.ignored) == {"text_encoder", f"{LAYER}.to_q.weight", f"{LAYER}.to_out.0.bias"}
+
+
+def test_diffusers_bin_weights_with_empty_processor_entries_read(tmp_path):
+    """The .bin variant diffusers saves holds ``{}`` for every processor without weights."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    shape = (32, 32)
+    torch.save({f"{LAYER}.processor.to_k_custom_diffusion.weight": torch.ones(shape),
+                f"{LAYER}.processor.to_v_custom_diffusion.weight": torch.ones(shape),
+                f"{LAYER}.processor.to_out_custom_diffusion.0.weight": torch.ones(shape),
+                LAYER.replace("attn2", "attn1") + ".processor": {}},
+               folder / "pytorch_custom_diffusion_weights.bin")
+    torch.save({"<new1>": torch.ones(32)}, folder / "<new1>.bin")
+    weights = formats.read(folder)
+    assert list(weights.layers) == [LAYER] and list(weights.tokens) == ["<new1>"]
+    assert weights.ignored == (f"{LAYER}.processor.to_out_custom_diffusion.0.weight",)
+
+
+# ---------------------------------------------------------------------------- metadata
+def test_metadata_document_round_trips():
+    delta = make_delta("sdxl")
+    document = json.loads(json.dumps(to_metadata(delta)))
+    assert document["format_version"] == "1" and document["tool"]["name"] == "mergekit-cd"
+    assert document["concepts"][1] == {"token": "<new2>", "class_word": None,
+                                       "prompts": ["painting in the style of <new2>"], "style": True}
+    kwargs = identity_from_metadata(document)
+    assert kwargs["concepts"] == delta.concepts and kwargs["base"] == delta.base
+    assert kwargs["metadata"]["recipe"] == delta.metadata["recipe"]
+
+
+def test_native_header_carries_the_metadata(tmp_path):
+    formats.write(make_delta("sd1"), tmp_path / "d.safetensors", "native")
+    with safe_open(str(tmp_path / "d.safetensors"), framework="pt") as file:
+        header = file.metadata()
+    assert header["format"] == "mergekit-cd" and header["format_version"] == "1"
+    assert json.loads(header["mergekit_cd"])["base_fingerprint"] == FINGERPRINT
+
+
+def test_files_without_metadata_read_with_unknown_identity(tmp_path):
+    save_file({f"{LAYER}.to_k.diff": torch.ones(4, 3), f"{LAYER}.to_v.diff": torch.ones(4, 3)},
+              tmp_path / "plain.safetensors")
+    delta = formats.read(tmp_path / "plain.safetensors")
+    assert (delta.base, delta.base_fingerprint, delta.architecture, delta.concepts) == (None, None, None, ())
+
+
+def test_newer_metadata_version_is_refused(tmp_path):
+    header = {"format": "mergekit-cd", "format_version": "1",
+              "mergekit_cd": json.dumps({"format_version": "2", "base": None})}
+    save_file({f"{LAYER}.to_k.diff": torch.ones(4, 3), f"{LAYER}.to_v.diff": torch.ones(4, 3)},
+              tmp_path / "new.safetensors", metadata=header)
+    with pytest.raises(MergeError, match=r"new\.safetensors: metadata format_version '2' is not one "
+                                         r"this mergekit-cd reads \('1'\); upgrade mergekit-cd"):
+        formats.read(tmp_path / "new.safetensors")
+
+
+def test_metadata_that_is_not_json_is_refused_before_writing(tmp_path):
+    delta = make_delta("sd1")
+    delta.metadata["recipe"] = {"weights": torch.ones(2)}
+    with pytest.raises(MergeError, match="metadata cannot be stored as JSON"):
+        formats.write(delta, tmp_path / "d.safetensors", "native")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------- atomic writes
+def test_existing_output_is_refused_without_force_and_replaced_with_it(tmp_path):
+    path = tmp_path / "d.safetensors"
+    path.write_bytes(b"old")
+    with pytest.raises(MergeError, match=r"d\.safetensors exists; pass --force to overwrite"):
+        formats.write(make_delta("sd1"), path, "native")
+    assert path.read_bytes() == b"old"
+    formats.write(make_delta("sd1"), path, "native", force=True)
+    assert_same_content(make_delta("sd1"), formats.read(path))
+
+
+def test_forced_write_replaces_an_output_folder(tmp_path):
+    formats.write(make_weights("sd1", names=("<a>", "<b>")), tmp_path / "out", "diffusers")
+    formats.write(make_weights("sd1", seed=1), tmp_path / "out", "diffusers", force=True)
+    assert_same_content(make_weights("sd1", seed=1), formats.read(tmp_path / "out"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("name", ["notes.txt", "model.safetensors"])
+def test_forced_write_never_replaces_a_folder_holding_other_things(tmp_path, name):
+    """A folder of anything but this layout's files (e.g. someone's model) survives --force."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / name).write_text("keep me")
+    with pytest.raises(MergeError, match=rf"out holds other things than a Custom Diffusion output "
+                                         rf"\(e\.g\. {name}\); refusing to replace it"):
+        formats.write(make_weights("sd1"), tmp_path / "out", "diffusers", force=True)
+    assert (tmp_path / "out" / name).read_text() == "keep me"
+
+
+def _failing_save_file(calls_before_failure: int):
+    """A save_file that writes real files, then half a file and fails (like a full disk)."""
+    calls = []
+
+    def save(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) > calls_before_failure:
+            Path(filename).write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        save_file(tensors, filename, metadata=metadata)
+
+    return save
+
+
+def test_a_failed_file_write_leaves_neither_output_nor_leftovers(tmp_path, monkeypatch):
+    path = tmp_path / "d.safetensors"
+    formats.write(make_delta("sd1"), path, "native")
+    before = path.read_bytes()
+    monkeypatch.setattr(native, "save_file", _failing_save_file(0))
+    with pytest.raises(MergeError, match=r"Cannot write .*d\.safetensors: No space left on device"):
+        formats.write(make_delta("sd1", seed=1), path, "native", force=True)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["d.safetensors"]
+    with pytest.raises(MergeError, match="No space left on device"):
+        formats.write(make_delta("sd1"), tmp_path / "new.safetensors", "native")
+    assert [p.name for p in tmp_path.iterdir()] == ["d.safetensors"]
+
+
+def test_a_failed_folder_write_leaves_neither_output_nor_leftovers(tmp_path, monkeypatch):
+    monkeypatch.setattr(diffusers_layout, "save_file", _failing_save_file(2))  # fails on a token file
+    with pytest.raises(MergeError, match=r"Cannot write .*out: No space left on device"):
+        formats.write(make_weights("sd1"), tmp_path / "out", "diffusers")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_failures_of_either_library_become_one_clear_error(tmp_path, monkeypatch):
+    """safetensors reports I/O failures as SafetensorError, torch.save as RuntimeError."""
+    def safetensors_fails(tensors, filename, metadata=None):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    def torch_fails(obj, path):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(native, "save_file", safetensors_fails)
+    monkeypatch.setattr(torch, "save", torch_fails)
+    with pytest.raises(MergeError, match=r"Cannot write .*d\.safetensors: .*No space left on device"):
+        formats.write(make_delta("sd1"), tmp_path / "d.safetensors", "native")
+    with pytest.raises(MergeError, match=r"Cannot write .*delta\.bin: \[enforce fail"):
+        formats.write(make_weights("sd1"), tmp_path / "delta.bin", "authors-bin")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_bug_inside_an_atomic_write_propagates_unchanged_and_cleans_up(tmp_path):
+    with pytest.raises(ZeroDivisionError):
+        with atomic_path(tmp_path / "x", force=False, folder=True) as folder:
+            (folder / "file").write_text("half")
+            1 / 0
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("destination, message", [
+    ("missing/d.safetensors", r"Cannot write .*missing/d\.safetensors: folder .*missing does not exist"),
+    ("file.txt/d.safetensors", r"Cannot write .*file\.txt/d\.safetensors: .*file\.txt is not a folder"),
+])
+def test_unwritable_destinations_are_named(tmp_path, destination, message):
+    (tmp_path / "file.txt").write_text("")
+    with pytest.raises(MergeError, match=message):
+        formats.write(make_delta("sd1"), tmp_path / destination, "native")
+
+
+def test_sha256_file_hashes_the_bytes(tmp_path):
+    (tmp_path / "f").write_bytes(b"mergekit")
+    assert sha256_file(tmp_path / "f") == hashlib.sha256(b"mergekit").hexdigest()
+
+
+# ---------------------------------------------------------------------------- writers refuse
+@pytest.mark.parametrize("format_name, obj, message", [
+    ("diffusers", lambda: make_delta("sd1"), "the format holds full fine-tuned weights but this is a "
+                                             "ConceptDelta"),
+    ("native", lambda: make_weights("sd1"), "the format holds differences but this is FineTunedWeights"),
+    ("compvis", lambda: make_weights("sdxl"), "CompVis checkpoints exist only for SD1/SD2"),
+    ("authors-bin", lambda: make_delta("sd1"), "holds a dense difference; compress the delta first"),
+])
+def test_writers_refuse_what_their_format_cannot_hold(tmp_path, format_name, obj, message):
+    with pytest.raises(MergeError, match=f"Cannot write .* as {format_name}: .*{message}"):
+        formats.write(obj(), tmp_path / "out", format_name)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_format_name():
+    with pytest.raises(MergeError, match="Unknown format 'lora'; expected one of native, diffusers, "
+                                         "authors-bin, compvis"):
+        formats.get_format("lora")
+
+
+# ---------------------------------------------------------------------------- bad inputs
+class RunsCode:
+    """Unpickling this would create ``marker``: the loader must refuse before that happens."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+@pytest.mark.parametrize("save", [
+    lambda obj, path: torch.save(obj, path),
+    lambda obj, path: path.write_bytes(pickle.dumps(obj, protocol=2)),
+], ids=["torch-zip", "plain-pickle"])
+def test_a_pickle_that_would_run_code_is_refused_without_running(tmp_path, save):
+    marker = tmp_path / "MARKER"
+    path = tmp_path / "delta.bin"
+    save({"unet": RunsCode(marker), "modifier_token": {}}, path)
+    message = r"delta\.bin: needs more than plain tensors to load \(it would run code: .*open\); refused"
+    for reader in (formats.read, authors_bin.read, compvis.read, load_pickle):
+        with pytest.raises(MergeError, match=message):
+            reader(path)
+    assert not marker.exists()
+
+
+def _truncated(tmp_path: Path, format_name: str) -> Path:
+    path = tmp_path / FILE_NAMES[format_name]
+    formats.write(make_object("weights" if format_name != "native" else "delta", "sd1"), path, format_name)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda tmp: _truncated(tmp, "authors-bin"),
+     r"delta\.bin: truncated or corrupt \(PytorchStreamReader failed reading zip archive"),
+    (lambda tmp: _truncated(tmp, "native"), r"delta\.safetensors: truncated or corrupt safetensors file"),
+    (lambda tmp: _write(tmp / "x.ckpt", b""), r"x\.ckpt: truncated or corrupt \(the file is empty\)"),
+    (lambda tmp: _write(tmp / "x.safetensors", b""),
+     r"x\.safetensors: truncated or corrupt \(the file is empty\)"),
+    (lambda tmp: _write(tmp / "x.ckpt", bytes(range(256)) * 4),
+     r"x\.ckpt: not a plain-tensor torch file \(Unsupported operand .*\); truncated or corrupt"),
+    (lambda tmp: _saved(tmp / "x.bin", [1, 2]),
+     r"x\.bin: not a Custom Diffusion file mergekit-cd reads; found a torch pickle holding a list of 2 "
+     r"items\. Formats: native, diffusers, authors-bin, compvis"),
+    (lambda tmp: _write_safetensors(tmp / "x.safetensors", {"foo": torch.ones(2)}),
+     r"found a safetensors file with keys \['foo'\] \(1 keys\)"),
+    (lambda tmp: (tmp / "empty").mkdir() or tmp / "empty",
+     r"empty: not a Custom Diffusion .*found an empty folder"),
+    (lambda tmp: tmp / "absent.bin", r"absent\.bin: no such file or folder"),
+], ids=["truncated-pickle", "truncated-safetensors", "empty-pickle", "empty-safetensors", "random-bytes",
+        "wrong-container", "foreign-safetensors", "empty-folder", "missing"])
+def test_unreadable_files_are_one_clear_error(tmp_path, make, message):
+    with pytest.raises(MergeError, match=message):
+        formats.read(make(tmp_path))
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _saved(path: Path, obj) -> Path:
+    torch.save(obj, path)
+    return path
+
+
+def _write_safetensors(path: Path, tensors: dict) -> Path:
+    save_file(tensors, path)
+    return path
+
+
+def _authors(unet: dict, tokens: dict | None = None) -> dict:
+    return {"unet": unet, "modifier_token": {"<new1>": torch.ones(32)} if tokens is None else tokens}
+
+
+K, V = f"{LAYER}.to_k.weight", f"{LAYER}.to_v.weight"
+OTHER = "mid_block.attentions.0.transformer_blocks.0.attn2"
+NAN = torch.full((64, 32), float("nan"))
+
+
+@pytest.mark.parametrize("contents, message", [
+    (_authors({K: torch.ones(32, 32), V: torch.ones(32, 32), f"{OTHER}.to_k.weight": NAN,
+               f"{OTHER}.to_v.weight": NAN}),
+     f"{OTHER}.to_k.weight holds NaN or infinite values"),
+    (_authors({K: torch.ones(32, 32)}), f"layer {LAYER} has to_k but no to_v"),
+    (_authors({K: torch.ones(32, 32), V: torch.ones(32, 32, dtype=torch.int64)}),
+     rf"{V} should be a 2-D float weight matrix, found a int64 tensor of shape \(32, 32\)"),
+    (_authors({K: torch.ones(32), V: torch.ones(32, 32)}),
+     rf"{K} should be a 2-D float weight matrix, found a float32 tensor of shape \(32,\)"),
+    (_authors({K: torch.ones(32, 32), V: torch.ones(32, 32), f"{OTHER}.to_k.weight": torch.ones(64, 16),
+               f"{OTHER}.to_v.weight": torch.ones(64, 16)}),
+     f"{OTHER}.to_k.weight reads 16 features but {K} reads 32"),
+    (_authors({K: torch.ones(32, 32), V: torch.ones(32, 32)}, {"<new1>": torch.ones(2, 3)}),
+     r"token embedding modifier_token\['<new1>'\] should be a 1-D float vector"),
+    (_authors({K: torch.ones(32, 32), V: torch.ones(32, 32)}, {"<new1>": torch.tensor([1.0, float("inf")])}),
+     r"modifier_token\['<new1>'\] holds NaN or infinite values"),
+    (_authors({K: torch.ones(32, 32), V: torch.ones(32, 32), "conv_in.weight": torch.ones(2, 2)}),
+     r"unexpected key 'conv_in\.weight'; expected '<layer>\.to_k\.weight'"),
+    (_authors({}), "holds no cross-attention to_k/to_v weights"),
+    (_authors({K: torch.ones(32, 32), V: {"u": torch.ones(32, 1), "v": torch.ones(1, 32)}}),
+     "mixes full weight matrices and compressed differences"),
+    (_authors({K: {"u": torch.ones(32, 2), "v": torch.ones(1, 32)}, V: torch.ones(32, 32)}),
+     r"factors do not fit: u is \(32, 2\), v is \(1, 32\)"),
+    (_authors({K: torch.ones(32, 32), V: torch.ones(32, 32)}, [torch.ones(32)]),
+     "modifier_token should be a dict token -> embedding, found a list of 1 items"),
+], ids=["nan", "missing-to_v", "integer", "one-dimensional", "context-mismatch", "token-matrix",
+        "token-inf", "unknown-key", "no-layers", "mixed", "factors", "token-container"])
+def test_bad_authors_bin_contents_are_named(tmp_path, contents, message):
+    path = _saved(tmp_path / "delta.bin", contents)
+    with pytest.raises(MergeError, match=rf"delta\.bin: .*{message}"):
+        formats.read(path)
+
+
+@pytest.mark.parametrize("contents, message", [
+    ({"state_dict": {"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight":
+                     torch.ones(4, 4), "embed": torch.ones(2, 4, dtype=torch.int32)}},
+     r"embed should be float token rows \[n, d\], found a int32 tensor"),
+    ({"state_dict": {"model.diffusion_model.input_blocks.0.0.weight": torch.ones(4, 4)}},
+     r"unexpected key 'model\.diffusion_model\.input_blocks\.0\.0\.weight'"),
+    ({"state_dict": {"model.diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_k.weight":
+                     torch.ones(4, 4)}},
+     "layer mid_block.attentions.0.transformer_blocks.0.attn2 has to_k but no to_v"),
+], ids=["embed-type", "unknown-key", "missing-to_v"])
+def test_bad_compvis_contents_are_named(tmp_path, contents, message):
+    path = _saved(tmp_path / "delta.ckpt", contents)
+    with pytest.raises(MergeError, match=rf"delta\.ckpt: .*{message}"):
+        formats.read(path)
+
+
+def test_wrong_containers_are_named_by_each_reader(tmp_path):
+    path = _saved(tmp_path / "x.bin", {"weights": torch.ones(2)})
+    with pytest.raises(MergeError, match=r"x\.bin: expected the authors' delta layout .*found a dict with "
+                                         r"keys \['weights'\]"):
+        authors_bin.read(path)
+    with pytest.raises(MergeError, match=r"x\.bin: expected the authors' CompVis layout"):
+        compvis.read(path)
+
+
+def test_bad_native_contents_are_named(tmp_path):
+    path = _write_safetensors(tmp_path / "d.safetensors", {f"{LAYER}.to_k.up": torch.ones(4, 1),
+                                                           f"{LAYER}.to_v.diff": torch.ones(4, 3)})
+    with pytest.raises(MergeError, match=rf"d\.safetensors: {LAYER}\.to_k\.up has no matching "
+                                         rf"{LAYER}\.to_k\.down"):
+        formats.read(path)
+    path = _write_safetensors(tmp_path / "e.safetensors", {f"{LAYER}.to_k.diff": torch.ones(4, 3),
+                                                           f"{LAYER}.to_v.diff": torch.ones(4, 3),
+                                                           "token.<new1>.1": torch.ones(3)})
+    with pytest.raises(MergeError, match=r"token <new1> has embeddings for encoders \[1\]; expected 0 to 0"):
+        native.read(path)
+
+
+def test_a_stray_file_beside_diffusers_weights_is_named(tmp_path):
+    formats.write(make_weights("sd1"), tmp_path / "out", "diffusers")
+    save_file({"a": torch.ones(2), "b": torch.ones(2)}, tmp_path / "out" / "extra.safetensors")
+    with pytest.raises(MergeError, match=r"extra\.safetensors: expected a token embedding file beside the "
+                                         r"Custom Diffusion weights .* found keys \['a', 'b'\]"):
+        formats.read(tmp_path / "out")
+
+
+# ---------------------------------------------------------------------------- diffusers itself
+def test_diffusers_loads_the_written_token_file_and_parses_the_weights(tmp_path):
+    from mergekit_cd.testing import build_tiny_pipeline
+
+    weights = make_weights("sd1")
+    formats.write(weights, tmp_path / "out", "diffusers")
+    pipe = build_tiny_pipeline("sd1")
+    pipe.load_textual_inversion(tmp_path / "out", weight_name="<new1>.safetensors")
+    token_id = pipe.tokenizer.convert_tokens_to_ids("<new1>")
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[token_id].detach(),
+                       weights.tokens["<new1>"][0])
+    # diffusers' own parser of Custom Diffusion weight files (load_attn_procs installs nothing
+    # in diffusers 0.29-0.42, see REFERENCE section 4, so its parser is checked directly).
+    state = load_file(tmp_path / "out" / "pytorch_custom_diffusion_weights.safetensors")
+    processors = pipe.unet._process_custom_diffusion(state_dict=state)
+    for layer, (key, value) in weights.layers.items():
+        processor = processors[f"{layer}.processor"]
+        assert torch.equal(processor.to_k_custom_diffusion.weight.detach(), key)
+        assert torch.equal(processor.to_v_custom_diffusion.weight.detach(), value)
+
+
+def test_diffusers_loads_the_sdxl_token_file_into_both_encoders(tmp_path):
+    """The documented SDXL recipe: clip_l into text_encoder, clip_g into text_encoder_2."""
+    from mergekit_cd.testing import build_tiny_pipeline
+
+    weights = make_weights("sdxl")
+    formats.write(weights, tmp_path / "out", "diffusers")
+    state = load_file(tmp_path / "out" / "<new1>.safetensors")
+    pipe = build_tiny_pipeline("sdxl")
+    pipe.load_textual_inversion(state["clip_l"], token="<new1>", text_encoder=pipe.text_encoder,
+                                tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(state["clip_g"], token="<new1>", text_encoder=pipe.text_encoder_2,
+                                tokenizer=pipe.tokenizer_2)
+    for index, (tokenizer, encoder) in enumerate([(pipe.tokenizer, pipe.text_encoder),
+                                                  (pipe.tokenizer_2, pipe.text_encoder_2)]):
+        row = encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids("<new1>")]
+        assert torch.equal(row.detach(), weights.tokens["<new1>"][index])
