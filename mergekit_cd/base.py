@@ -140,6 +140,21 @@ class BaseModel:
         """
         return kv_fingerprint((layer, *self.kv(layer)) for layer in self.layer_names())
 
+    @cached_property
+    def text_fingerprint(self) -> str:
+        """sha256 over the tokenizer and text-encoder files: what decides the text features.
+
+        Files in a hub cache are named by their content hash already (``blobs/<sha256>``), so
+        only local folders are read through.
+        """
+        digest = hashlib.sha256()
+        components = (*self.architecture.tokenizers, *self.architecture.text_encoders)
+        for component in components:
+            for file in sorted(p for p in (self.path / component).rglob("*") if p.is_file()):
+                digest.update(str(file.relative_to(self.path)).encode())
+                digest.update(_content_id(file).encode())
+        return digest.hexdigest()
+
     def token_dims(self) -> tuple[int, ...]:
         """Hidden size of each text encoder, in feature (concatenation) order."""
         return tuple(int(self._text_encoder_configs[name]["hidden_size"])
@@ -335,3 +350,15 @@ def _by_file(keys: Iterable[str], files: dict[str, Path]) -> dict[Path, list[str
     for key in keys:
         grouped.setdefault(files[key], []).append(key)
     return grouped
+
+
+def _content_id(file: Path) -> str:
+    """A file's content hash: the hub cache's blob name when it is one, else sha256 of its bytes."""
+    real = Path(os.path.realpath(file))
+    if real.parent.name == "blobs" and real.parent.parent.name.startswith("models--"):
+        return real.name
+    digest = hashlib.sha256()
+    with open(real, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -216,13 +216,14 @@ def default_cache_dir() -> Path:
 def gram_cache_key(base: BaseModel, captions: Sequence[str], dtype: torch.dtype) -> str:
     """sha256 hex of what decides a regularisation Gram matrix.
 
-    The base fingerprint (its K/V weights), the architecture, the exact captions, the row rule
-    and the text encoder dtype. Device and batch size only change rounding, so they are not
+    The base fingerprint (its K/V weights), the text-encoder and tokenizer files, the
+    architecture, the exact captions, the row rule and the text encoder dtype. Device and batch size only change rounding, so they are not
     part of it.
     """
     content = {
         "format_version": _CACHE_FORMAT_VERSION,
         "base_fingerprint": base.fingerprint,
+        "text_fingerprint": base.text_fingerprint,
         "architecture": base.architecture.name,
         "captions": list(captions),
         "feature_rule": FEATURE_RULE,

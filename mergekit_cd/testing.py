@@ -12,14 +12,19 @@ reads or edits cross-attention K/V weights can be exercised without a network:
 
 Architectures (see ``TINY_CONFIGS``):
 
-- ``"sd1"``: SD1.x-like. CLIP-L-like text encoder (``quick_gelu``), hidden 32,
-  UNet cross_attention_dim 32, conv proj_in/proj_out.
-- ``"sd2"``: SD2.x-like. OpenCLIP-H-like text encoder (``gelu``), hidden 48,
-  UNet cross_attention_dim 48, linear proj_in/proj_out.
-- ``"sdxl"``: SDXL-like. ``text_encoder`` hidden 32 (CLIP-L-like) and
-  ``text_encoder_2`` hidden 48 (bigG-like, with projection); the UNet reads the
+- ``"sd1"``: SD1.x-like. CLIP-L-like text encoder (``quick_gelu``), hidden 64,
+  UNet cross_attention_dim 64, conv proj_in/proj_out.
+- ``"sd2"``: SD2.x-like. OpenCLIP-H-like text encoder (``gelu``), hidden 96,
+  UNet cross_attention_dim 96, linear proj_in/proj_out.
+- ``"sdxl"``: SDXL-like. ``text_encoder`` hidden 64 (CLIP-L-like) and
+  ``text_encoder_2`` hidden 96 (bigG-like, with projection); the UNet reads the
   concatenation of both encoders' penultimate hidden states: cross_attention_dim
-  80 = 32 + 48. Two transformer layers per attention block at the low resolution,
+  160 = 64 + 96.
+
+Feature widths are large enough against a few concepts' constraint rows (6 each) for merging
+to behave as it does at full size, where 768+ dimensions dwarf the constraints. Text-encoder
+layer norms get random scales and offsets, as trained CLIP models have (with the default
+unit scale and zero offset, every final-layer-norm output would lie in one hyperplane). Two transformer layers per attention block at the low resolution,
   so names like ``transformer_blocks.1.attn2`` exist, as in real SDXL.
 
 All UNets use ``layers_per_block=2`` with two cross-attention down blocks, a
@@ -56,6 +61,7 @@ __all__ = [
     "ARCHITECTURES",
     "TINY_CONFIGS",
     "build_tiny_pipeline",
+    "random_concept_delta",
     "save_tiny_pipeline",
     "tiny_tokenizer",
 ]
@@ -76,12 +82,12 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
             (
                 "text_encoder",
                 EOS_TOKEN,
-                dict(hidden_size=32, intermediate_size=128, num_attention_heads=4,
-                     num_hidden_layers=3, hidden_act="quick_gelu", projection_dim=32),
+                dict(hidden_size=64, intermediate_size=256, num_attention_heads=4,
+                     num_hidden_layers=3, hidden_act="quick_gelu", projection_dim=64),
                 "CLIPTextModel",
             ),
         ],
-        "unet": dict(cross_attention_dim=32, attention_head_dim=2, use_linear_projection=False),
+        "unet": dict(cross_attention_dim=64, attention_head_dim=2, use_linear_projection=False),
         "vae": dict(scaling_factor=0.18215),
     },
     "sd2": {
@@ -90,12 +96,12 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
             (
                 "text_encoder",
                 "!",
-                dict(hidden_size=48, intermediate_size=192, num_attention_heads=4,
-                     num_hidden_layers=4, hidden_act="gelu", projection_dim=48),
+                dict(hidden_size=96, intermediate_size=384, num_attention_heads=4,
+                     num_hidden_layers=4, hidden_act="gelu", projection_dim=96),
                 "CLIPTextModel",
             ),
         ],
-        "unet": dict(cross_attention_dim=48, attention_head_dim=(2, 4), use_linear_projection=True),
+        "unet": dict(cross_attention_dim=96, attention_head_dim=(2, 4), use_linear_projection=True),
         "vae": dict(scaling_factor=0.18215),
     },
     "sdxl": {
@@ -104,26 +110,26 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
             (
                 "text_encoder",
                 EOS_TOKEN,
-                dict(hidden_size=32, intermediate_size=128, num_attention_heads=4,
-                     num_hidden_layers=3, hidden_act="quick_gelu", projection_dim=32),
+                dict(hidden_size=64, intermediate_size=256, num_attention_heads=4,
+                     num_hidden_layers=3, hidden_act="quick_gelu", projection_dim=64),
                 "CLIPTextModel",
             ),
             (
                 "text_encoder_2",
                 "!",
-                dict(hidden_size=48, intermediate_size=192, num_attention_heads=4,
-                     num_hidden_layers=4, hidden_act="gelu", projection_dim=48),
+                dict(hidden_size=96, intermediate_size=384, num_attention_heads=4,
+                     num_hidden_layers=4, hidden_act="gelu", projection_dim=96),
                 "CLIPTextModelWithProjection",
             ),
         ],
         "unet": dict(
-            cross_attention_dim=80,  # 32 + 48: both encoders' features concatenated
+            cross_attention_dim=160,  # 64 + 96: both encoders' features concatenated
             attention_head_dim=(2, 4),
             use_linear_projection=True,
             transformer_layers_per_block=(1, 2),
             addition_embed_type="text_time",
             addition_time_embed_dim=8,
-            projection_class_embeddings_input_dim=6 * 8 + 48,
+            projection_class_embeddings_input_dim=6 * 8 + 96,
         ),
         "vae": dict(scaling_factor=0.13025),
     },
@@ -289,7 +295,13 @@ def _check_architecture(architecture: str) -> dict[str, Any]:
 def _seeded(seed: int, component: str, build: Any) -> Any:
     """Build one module with torch's global RNG seeded for it, then put it in eval mode."""
     torch.manual_seed(seed * 16 + _COMPONENT_INDEX[component])
-    return build().eval()
+    module = build().eval()
+    if component.startswith("text_encoder"):
+        with torch.no_grad():
+            for norm in (m for m in module.modules() if isinstance(m, torch.nn.LayerNorm)):
+                norm.weight.copy_(1.0 + 0.2 * torch.randn_like(norm.weight))
+                norm.bias.copy_(0.2 * torch.randn_like(norm.bias))
+    return module
 
 
 def build_tiny_pipeline(architecture: str, *, seed: int = 0) -> Any:
@@ -352,3 +364,34 @@ def save_tiny_pipeline(
         if (path / name).is_dir():
             _write_vocab_files(path / name)
     return path
+
+
+def random_concept_delta(base: Any, token: str = "<new1>", class_word: str = "cat", *, seed: int = 0,
+                         strength: float = 0.05) -> Any:
+    """A stand-in for a trained concept on ``base`` (a :class:`~mergekit_cd.base.BaseModel`).
+
+    Fine-tuning K/V on prompts moves each weight only along the text features of those
+    prompts (the gradient of ``||W c - t||^2`` is ``(W c - t) c^T``), so every difference here is
+    a random combination of the features of the concept's training prompts, scaled to
+    ``strength`` times the weight's norm. The token gets random embeddings (std 0.02, like
+    CLIP's table). Deterministic in ``seed``; records base, fingerprint, architecture, class word.
+    """
+    from .delta import Concept, ConceptDelta, LayerDelta
+    from .features import TextFeatures, target_prompts
+
+    generator = torch.Generator().manual_seed(seed)
+    embeddings = tuple(0.02 * torch.randn(dim, generator=generator) for dim in base.token_dims())
+    prompts = tuple(target_prompts(token, class_word))
+    training = [*prompts, f"a {token} {class_word} on a table", f"a close up of a {token} {class_word}"]
+    features = torch.cat(TextFeatures(base, {token: embeddings}).features(training))
+
+    def difference(weight: torch.Tensor) -> torch.Tensor:
+        change = torch.randn(weight.shape[0], features.shape[0], generator=generator) @ features
+        return change * (strength * float(weight.norm()) / float(change.norm()))
+
+    layers = {}
+    for name in base.layer_names():
+        key, value = base.kv(name)
+        layers[name] = LayerDelta(difference(key), difference(value))
+    return ConceptDelta(layers, {token: embeddings}, base=base.name, base_fingerprint=base.fingerprint,
+                        architecture=base.architecture.name, concepts=(Concept(token, class_word, prompts),))

@@ -21,7 +21,7 @@ from mergekit_cd.errors import MergeError
 
 UNET_FILE = "unet/diffusion_pytorch_model.safetensors"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
-EXPECTED = {"sd1": ((32,), 32), "sd2": ((48,), 48), "sdxl": ((32, 48), 80)}
+EXPECTED = {"sd1": ((64,), 64), "sd2": ((96,), 96), "sdxl": ((64, 96), 160)}
 
 
 def _real_unet_kv(folder: Path) -> dict[str, torch.Tensor]:

@@ -96,7 +96,7 @@ def test_sd1_features_are_the_last_hidden_state(sd1_features):
     with torch.no_grad():
         states = pipe.text_encoder(_ids(pipe.tokenizer, caption))[0][0]
     ours = sd1_features.features([caption])[0]
-    assert ours.shape == (states.shape[0] - 1, 32)  # BOS dropped, EOS kept
+    assert ours.shape == (states.shape[0] - 1, 64)  # BOS dropped, EOS kept
     torch.testing.assert_close(ours, states[1:], rtol=0, atol=0)
 
 
@@ -109,7 +109,7 @@ def test_sdxl_features_concatenate_penultimate_states(sdxl_features):
                                      output_hidden_states=True).hidden_states[-2]
     expected = torch.cat([first, second], dim=-1)[0, 4:]  # BOS + "photo of a" dropped
     ours = sdxl_features.features([caption])[0]
-    assert ours.shape == (2, 80)  # "cat" and EOS
+    assert ours.shape == (2, 160)  # "cat" and EOS
     torch.testing.assert_close(ours, expected, rtol=0, atol=0)
 
 
@@ -123,7 +123,7 @@ def test_features_are_the_pipeline_context(architecture, sd1_features, sdxl_feat
         context = pipe.encode_prompt(caption, device="cpu", num_images_per_prompt=1,
                                      do_classifier_free_guidance=False)[0][0]
     num_tokens = len(pipe.tokenizer(caption).input_ids)
-    torch.testing.assert_close(encoder.features([caption])[0], context[1:num_tokens], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(encoder.features([caption])[0], context[1:num_tokens], rtol=1e-4, atol=1e-5)
 
 
 # --- batching and the Gram matrix --------------------------------------------------------------
@@ -136,15 +136,15 @@ def test_batched_features_equal_one_by_one_in_input_order(architecture, sd1_feat
     for caption, rows in zip(CAPTIONS, batched):
         alone = encoder.features([caption])[0]
         assert rows.dtype == torch.float32
-        torch.testing.assert_close(rows, alone, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(rows, alone, rtol=1e-4, atol=1e-5)
 
 
 def test_gram_is_the_float64_product_of_stacked_features(sdxl_features):
     gram, count = sdxl_features.gram(CAPTIONS, batch_size=3)
     stacked = torch.cat(sdxl_features.features(CAPTIONS)).double()
-    assert gram.dtype == torch.float64 and gram.shape == (80, 80)
+    assert gram.dtype == torch.float64 and gram.shape == (160, 160)
     assert count == stacked.shape[0]
-    torch.testing.assert_close(gram, stacked.T @ stacked, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gram, stacked.T @ stacked, rtol=1e-6, atol=1e-6 * float(gram.abs().max()))
 
 
 def test_gram_of_no_captions_is_refused(sd1_features):
@@ -203,7 +203,7 @@ def test_default_cache_dir_follows_the_environment(monkeypatch, tmp_path):
 
 def test_tokens_change_only_prompts_that_contain_them(sdxl_base, sdxl_features):
     generator = torch.Generator().manual_seed(0)
-    embeddings = (torch.randn(32, generator=generator), torch.randn(48, generator=generator))
+    embeddings = (torch.randn(64, generator=generator), torch.randn(96, generator=generator))
     with_token = TextFeatures(sdxl_base, {"<new1>": embeddings})
     other = TextFeatures(sdxl_base, {"<new1>": tuple(-e for e in embeddings)})
     plain_captions = ["a cat in the garden", "photo of a dog"]
@@ -212,12 +212,12 @@ def test_tokens_change_only_prompts_that_contain_them(sdxl_base, sdxl_features):
     prompt = "photo of a <new1> cat"
     assert [len(ids) for ids in with_token.token_ids([prompt])[0]] == [7, 7]  # one token, both tokenizers
     changed, flipped = with_token.features([prompt])[0], other.features([prompt])[0]
-    assert changed.shape == (3, 80)  # <new1>, cat, EOS
+    assert changed.shape == (3, 160)  # <new1>, cat, EOS
     assert not torch.allclose(changed, flipped)
 
 
 def test_token_embedding_row_is_what_the_encoder_reads(sd1_base):
-    embedding = torch.randn(32, generator=torch.Generator().manual_seed(1))
+    embedding = torch.randn(64, generator=torch.Generator().manual_seed(1))
     encoder = TextFeatures(sd1_base, {"<new1>": (embedding,)})
     tokenizer, text_encoder = encoder.tokenizers[0], encoder.encoders[0]
     row = tokenizer.convert_tokens_to_ids("<new1>")
@@ -226,9 +226,9 @@ def test_token_embedding_row_is_what_the_encoder_reads(sd1_base):
 
 def test_bad_tokens_are_refused(sdxl_base):
     with pytest.raises(MergeError, match="already in the base model's vocabulary"):
-        TextFeatures(sdxl_base, {"<|endoftext|>": (torch.zeros(32), torch.zeros(48))})
-    with pytest.raises(MergeError, match=r"embedding sizes \(32,\).*\(32, 48\)"):
-        TextFeatures(sdxl_base, {"<new1>": (torch.zeros(32),)})
+        TextFeatures(sdxl_base, {"<|endoftext|>": (torch.zeros(64), torch.zeros(96))})
+    with pytest.raises(MergeError, match=r"embedding sizes \(64,\).*\(64, 96\)"):
+        TextFeatures(sdxl_base, {"<new1>": (torch.zeros(64),)})
     with pytest.raises(MergeError, match="without spaces"):
         TextFeatures(sdxl_base, {"<new 1>": (torch.zeros(32), torch.zeros(48))})
 

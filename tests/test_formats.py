@@ -1,7 +1,7 @@
 """File formats: round trips, conversions, metadata, atomic writes, and every bad input's message.
 
 Layer names and shapes come from the tiny pipelines, so the files look like real ones of each
-architecture (sd1/sd2: 11 cross-attention layers; sdxl: 17, context 80 = 32 + 48).
+architecture (sd1/sd2: 11 cross-attention layers; sdxl: 17, context 160 = 64 + 96).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from mergekit_cd.formats import authors_bin, compvis, diffusers_layout, native
 from mergekit_cd.metadata import identity_from_metadata, to_metadata
 from mergekit_cd.weights import FineTunedWeights
 
-TOKEN_SIZES = {"sd1": (32,), "sd2": (48,), "sdxl": (32, 48)}
+TOKEN_SIZES = {"sd1": (64,), "sd2": (96,), "sdxl": (64, 96)}
 FINGERPRINT = "ab" * 32
 LAYER = "down_blocks.0.attentions.0.transformer_blocks.0.attn2"
 FILE_NAMES = {"native": "delta.safetensors", "diffusers": "out", "authors-bin": "delta.bin",
@@ -151,7 +151,7 @@ def test_sdxl_token_files_use_the_clip_l_clip_g_layout(tmp_path):
     formats.write(make_weights("sdxl"), tmp_path / "out", "diffusers")
     state = load_file(tmp_path / "out" / "<new1>.safetensors")
     assert {key: tuple(value.shape) for key, value in state.items()} == \
-           {"clip_l": (1, 32), "clip_g": (1, 48)}
+           {"clip_l": (1, 64), "clip_g": (1, 96)}
 
 
 def test_diffusers_weights_file_uses_diffusers_key_names(tmp_path):

@@ -1,0 +1,53 @@
+"""``cd-convert IN -o OUT --to FORMAT``: rewrite a delta in another format."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .. import formats
+from ..loading import convert
+from ._common import run
+
+EXAMPLES = """\
+examples:
+  cd-convert delta.bin -o cat.safetensors --to native --base ./sd15
+  cd-convert cat.safetensors -o cat/ --to diffusers --base ./sd15
+  cd-convert cat.safetensors -o compressed_delta.bin --to authors-bin --compress 0.05"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cd-convert", description="Convert a Custom Diffusion delta between formats. Full-weight formats "
+                                        "(diffusers, authors-bin, compvis) need --base to turn weights into "
+                                        "differences or back.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("input", help="delta file, folder or hub repo id (any supported format)")
+    parser.add_argument("-o", "--output", required=True, help="output file or folder")
+    parser.add_argument("--to", required=True, choices=formats.format_names(), help="output format")
+    parser.add_argument("--base", help="base model (diffusers folder or hub repo id)")
+    parser.add_argument("--compress", type=float, metavar="RTOL",
+                        help="store low-rank differences with relative error at most RTOL "
+                             "(native, or the compressed variants of authors-bin / compvis)")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing output")
+    parser.add_argument("--no-base-check", action="store_true",
+                        help="accept a delta whose recorded base fingerprint differs (experts only)")
+    return parser
+
+
+def main_with_args(args: argparse.Namespace) -> int:
+    report = convert(args.input, args.output, args.to, base=args.base, compress_rtol=args.compress,
+                     force=args.force, check_base=not args.no_base_check)
+    if report is not None:
+        print(f"compressed: relative error {report.relative_error:.3g} (bound {report.rtol:g}), "
+              f"{report.parameters_before} -> {report.parameters_after} numbers")
+    print(f"wrote {args.output} ({args.to})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(main_with_args, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

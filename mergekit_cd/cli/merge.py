@@ -1,0 +1,154 @@
+"""``cd-merge A B C -o OUT --base BASE``: merge Custom Diffusion concepts into one delta."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .. import formats
+from ..errors import MergeError
+from ..features import TextFeatures, default_reg_captions, read_captions
+from ..loading import save
+from ..merge import METHODS, execute, plan_merge
+from ._common import DTYPES, add_device_arguments, device, run, table
+
+EXAMPLES = """\
+examples:
+  cd-merge cat/ pot/delta.bin -o merged/ --base runwayml/stable-diffusion-v1-5 --class cat --class pot
+  cd-merge a.safetensors b.safetensors -o ab.safetensors --base ./sd15 --ridge 1e-3
+  cd-merge a.safetensors b.safetensors -o ab/ --base ./sd15 --method soft --weights 100 10
+  cd-merge a.safetensors b.safetensors -o ab/ --base ./sd15 --dry-run
+
+Inputs may be files or folders in any supported format, or Hugging Face repo ids
+(resolved through the local cache; set HF_HUB_OFFLINE=1 to never touch the network)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cd-merge",
+        description="Merge Custom Diffusion concept deltas into one: every concept keeps its K/V outputs "
+                    "on its own target prompts, and the base changes as little as possible on ordinary "
+                    "captions (Kumari et al. 2023, constrained least squares).",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("inputs", nargs="+", help="concept deltas: files, folders or hub repo ids")
+    parser.add_argument("-o", "--output", required=True,
+                        help="FILE.safetensors writes the native file; a folder writes the diffusers layout "
+                             "(pytorch_custom_diffusion_weights.safetensors + <token>.safetensors)")
+    parser.add_argument("--base", required=True, help="base model: diffusers folder or hub repo id")
+    parser.add_argument("--class", dest="class_words", action="append", metavar="WORD",
+                        help="class word of each input, in input order (repeat once per input; "
+                             "comma-separated for an input with several tokens). Needed when an input's "
+                             "file does not record it")
+    parser.add_argument("--style", action="append", default=[], metavar="INPUT",
+                        help="treat this input (its position, 1-based, or its name as given) as a style "
+                             "concept: style target prompts instead of object prompts")
+    parser.add_argument("--target-template", action="append", metavar="TEMPLATE",
+                        help="target prompt template with {token} and {class_word}; repeatable. Default: "
+                             "'{token} {class_word}' and 'photo of a {token} {class_word}'")
+    parser.add_argument("--method", choices=METHODS, default="constrained",
+                        help="constrained (default, the paper's), soft (weighted), or the naive sum / average")
+    parser.add_argument("--weights", type=float, nargs="+",
+                        help="soft: weight of each concept (default 1000 each); larger keeps it more exactly")
+    parser.add_argument("--mu", type=float, default=1.0, help="soft: weight of preserving the captions (default 1)")
+    parser.add_argument("--ridge", type=float, default=0.0,
+                        help="adds ridge*||W - W0||^2: bounds how far weights move in feature directions "
+                             "the captions never exercise (default 0, the paper's objective)")
+    parser.add_argument("--reg-captions", type=Path, metavar="FILE",
+                        help="regularisation captions, one per line (default: the ~1200 shipped with mergekit-cd)")
+    parser.add_argument("--num-reg-captions", type=int, metavar="N", help="use only the first N captions")
+    parser.add_argument("--held-out-captions", type=Path, metavar="FILE",
+                        help="captions for the drift report (default: the shipped held-out set)")
+    parser.add_argument("--format", choices=formats.format_names(),
+                        help="output format (default: from the output name)")
+    parser.add_argument("--batch-size", type=int, default=64, help="captions per text-encoder batch (default 64)")
+    parser.add_argument("--cache-dir", type=Path, help="where cached Gram matrices live "
+                                                       "(default $MERGEKIT_CD_CACHE or ~/.cache/mergekit_cd)")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and stop before solving")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing output")
+    parser.add_argument("--no-base-check", action="store_true",
+                        help="accept inputs whose recorded base fingerprint differs (experts only)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    add_device_arguments(parser)
+    return parser
+
+
+def _style_flags(inputs: list[str], styles: list[str]) -> list[bool] | None:
+    if not styles:
+        return None
+    flags = [False] * len(inputs)
+    for style in styles:
+        if style.isdigit() and 1 <= int(style) <= len(inputs):
+            flags[int(style) - 1] = True
+        elif style in inputs:
+            flags[inputs.index(style)] = True
+        else:
+            raise MergeError(f"--style {style}: not an input position (1-{len(inputs)}) or an input name.")
+    return flags
+
+
+def main_with_args(args: argparse.Namespace) -> int:
+    output = Path(args.output)
+    if output.exists() and not args.force and not args.dry_run:
+        raise MergeError(f"{output} exists; pass --force to overwrite it.")
+    captions = read_captions(args.reg_captions) if args.reg_captions else None
+    if args.num_reg_captions is not None:
+        captions = (captions or default_reg_captions())[: args.num_reg_captions]
+    plan = plan_merge(args.inputs, captions, base=args.base, class_words=args.class_words,
+                      styles=_style_flags(args.inputs, args.style), target_templates=args.target_template,
+                      check_base=not args.no_base_check)
+    for rename in plan.token_renames:
+        print(f"token {rename.old} of {plan.sources[rename.operand]} renamed to {rename.new}")
+    if args.dry_run:
+        print(_describe_plan(plan, args))
+        return 0
+    delta, report = execute(plan, method=args.method, weights=args.weights, mu=args.mu, ridge=args.ridge,
+                            device=device(args.device), text_dtype=DTYPES[args.dtype],
+                            batch_size=args.batch_size, cache_dir=args.cache_dir,
+                            held_out=read_captions(args.held_out_captions) if args.held_out_captions else None,
+                            progress=not args.quiet, return_report=True)
+    save(delta, output, format=args.format, base=plan.base, force=args.force)
+    print(_describe_report(report))
+    print(f"wrote {output}")
+    return 0
+
+
+def _describe_plan(plan, args: argparse.Namespace) -> str:
+    """Inputs, tokens, prompts, constraint rows and memory: what a merge would do."""
+    encoder = TextFeatures(plan.base, plan.tokens)
+    rows = []
+    total = 0
+    for concept, owner in zip(plan.concepts, plan.owners):
+        count = sum(f.shape[0] for f in encoder.features(list(concept.prompts)))
+        total += count
+        rows.append((plan.sources[owner], concept.token, concept.class_word, count, " | ".join(concept.prompts)))
+    base = plan.base
+    memory = plan.estimated_memory_bytes(total) / 2**20
+    lines = [f"base: {base.name} ({base.architecture.name}, {len(base.layer_names())} cross-attention layers, "
+             f"{plan.num_weight_rows} K/V rows x {base.context_dim} features, fingerprint {base.fingerprint[:12]})",
+             table(rows, ("input", "token", "class", "rows", "target prompts")),
+             f"method {args.method}: {total} constraint rows (rank at most {min(total, base.context_dim)}), "
+             f"{len(plan.reg_captions)} regularisation captions, estimated memory {memory:.0f} MiB"]
+    return "\n".join(lines)
+
+
+def _describe_report(report) -> str:
+    """Per-concept residuals, held-out drift and solver diagnostics as a small table."""
+    rows = [(c.token, c.class_word, f"{c.residual:.2e}", f"{c.sum_residual:.2e}") for c in report.concepts]
+    lines = [table(rows, ("token", "class", "residual", "naive sum residual")),
+             f"held-out drift: {report.drift:.2e} (naive sum: {report.sum_drift:.2e})"]
+    if report.solve_info is not None:
+        info = report.solve_info
+        lines.append(f"solve: rank {info.rank}/{info.n_constraints}, cond(G) {info.g_condition:.1e}, "
+                     f"cond(M) {info.m_condition:.1e}, ridge {info.ridge:.3g}"
+                     + (", Gram matrix from cache" if report.gram_from_cache else ""))
+    lines.extend(f"note: {note}" for note in report.notes)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(main_with_args, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

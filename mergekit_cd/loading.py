@@ -1,0 +1,165 @@
+"""``load`` and ``save``: files (or hub repos) <-> validated :class:`ConceptDelta` objects.
+
+Formats only parse and serialise; this module turns full fine-tuned weights into differences
+against the base, and checks that a delta fits the base it is used with: architecture, base
+fingerprint, layer coverage, shapes and token sizes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from . import formats, hub
+from .base import BaseModel, open_base
+from .delta import CompressionReport, ConceptDelta, LowRank, compress
+from .errors import MergeError
+from .weights import FineTunedWeights
+
+PathLike = str | os.PathLike[str]
+
+#: Files a delta repo on the hub may hold; only these are fetched.
+DELTA_FILE_PATTERNS = ["*.safetensors", "*.bin", "*.ckpt", "*.json"]
+
+
+def as_base(base: BaseModel | PathLike) -> BaseModel:
+    """Accept an opened base or anything :func:`open_base` accepts."""
+    return base if isinstance(base, BaseModel) else open_base(str(base))
+
+
+def load(reference: PathLike | ConceptDelta, *, base: BaseModel | PathLike | None = None,
+         check_base: bool = True) -> ConceptDelta:
+    """Read a delta in any supported format (local path or hub repo id) and validate it.
+
+    Files that hold full fine-tuned weights need ``base`` to become differences. With a base,
+    the delta is checked against it; ``check_base=False`` accepts a delta whose recorded base
+    fingerprint differs (for experts who know the bases are equivalent).
+    """
+    if isinstance(reference, ConceptDelta):
+        delta, source = reference, "delta"
+    else:
+        path = resolve_delta(reference)
+        source = str(reference)
+        content = formats.read(path)
+        if isinstance(content, FineTunedWeights):
+            if base is None:
+                raise MergeError(f"{source} holds full fine-tuned weights; give the base model they "
+                                 f"were trained from (--base) to turn them into differences.")
+            base = as_base(base)
+            check_fits(content.layers.keys(), {k: v[0].shape for k, v in content.layers.items()},
+                       content.tokens, base, source)
+            content = _with_base_identity(content, base, source, check_base)
+            delta = content.to_delta(base.kv)
+        else:
+            delta = content
+        delta.metadata.setdefault("source", source)
+    if base is not None:
+        base = as_base(base)
+        check_delta(delta, base, source, check_base=check_base)
+        if delta.base_fingerprint is None:
+            delta.base_fingerprint = base.fingerprint
+            delta.base = delta.base or base.name
+        delta.architecture = delta.architecture or base.architecture.name
+    return delta
+
+
+def resolve_delta(reference: PathLike) -> Path:
+    """A local file/folder, or a hub repo id fetched (only delta files) through the cache."""
+    path = Path(reference)
+    if path.exists():
+        return path
+    return hub.resolve(str(reference), allow_patterns=DELTA_FILE_PATTERNS)
+
+
+def _with_base_identity(content: FineTunedWeights, base: BaseModel, source: str,
+                        check_base: bool) -> FineTunedWeights:
+    """Full weights are differences against the base they were trained from: record which."""
+    if content.base_fingerprint and content.base_fingerprint != base.fingerprint and check_base:
+        raise MergeError(_wrong_base_message(source, content.base, content.base_fingerprint, base))
+    content.base = content.base or base.name
+    content.base_fingerprint = base.fingerprint
+    content.architecture = content.architecture or base.architecture.name
+    return content
+
+
+def _wrong_base_message(source: str, made_for: str | None, fingerprint: str, base: BaseModel) -> str:
+    return (f"{source} was made for another base model ({made_for or 'unnamed'}, fingerprint "
+            f"{fingerprint[:12]}) than {base.name} (fingerprint {base.fingerprint[:12]}); use that "
+            f"base, or pass --no-base-check if you know they are equivalent.")
+
+
+def check_delta(delta: ConceptDelta, base: BaseModel, source: str, *, check_base: bool = True) -> None:
+    """Refuse a delta that does not fit ``base``: one MergeError naming the source and problem."""
+    if delta.architecture and delta.architecture != base.architecture.name:
+        raise MergeError(f"{source} is a {delta.architecture} delta but {base.name} is an "
+                         f"{base.architecture.name} model ({base.architecture.description}).")
+    if check_base and delta.base_fingerprint and delta.base_fingerprint != base.fingerprint:
+        raise MergeError(_wrong_base_message(source, delta.base, delta.base_fingerprint, base))
+    shapes = {name: layer.key.shape for name, layer in delta.layers.items()}
+    check_fits(delta.layers.keys(), shapes, delta.tokens, base, source)
+
+
+def check_fits(layer_names, key_shapes: dict, tokens: dict, base: BaseModel, source: str) -> None:
+    """Layers, shapes and token sizes of a delta or weight file against the base."""
+    expected = base.kv_shapes()
+    context = base.context_dim
+    widths = {tuple(shape)[1] for shape in key_shapes.values()}
+    if widths and widths != {context}:
+        raise MergeError(f"{source} was made for a model whose text features have {sorted(widths)[0]} "
+                         f"dimensions, but {base.name} ({base.architecture.name}) uses {context}: "
+                         f"wrong architecture.")
+    missing = sorted(set(expected) - set(layer_names))
+    if missing:
+        raise MergeError(f"{source} is missing {len(missing)} of {len(expected)} cross-attention "
+                         f"layers of {base.name}, e.g. {missing[0]}.")
+    extra = sorted(set(layer_names) - set(expected))
+    if extra:
+        raise MergeError(f"{source} has layers that {base.name} does not have, e.g. {extra[0]}.")
+    for name, shape in key_shapes.items():
+        if tuple(shape) != tuple(expected[name][0]):
+            raise MergeError(f"{source}: layer {name} has shape {tuple(shape)}, but the base's is "
+                             f"{tuple(expected[name][0])}.")
+    dims = base.token_dims()
+    for token, embeddings in tokens.items():
+        got = tuple(e.shape[0] for e in embeddings)
+        if got != dims:
+            raise MergeError(f"{source}: token {token} has embedding sizes {got}, but the text "
+                             f"encoder(s) of {base.name} need {dims}.")
+
+
+def save(delta: ConceptDelta, path: PathLike, *, format: str | None = None,
+         base: BaseModel | PathLike | None = None, force: bool = False) -> Path:
+    """Write ``delta``: ``FILE.safetensors`` -> native file, a folder -> diffusers layout.
+
+    Full-weight formats (diffusers, authors' files) need the base to add the differences to;
+    a compressed (low-rank) delta goes to the authors' compressed variants as it is. The write
+    is atomic and refuses to replace an existing output unless ``force``.
+    """
+    path = Path(path)
+    name = format or ("native" if path.suffix == ".safetensors" else "diffusers")
+    module = formats.get_format(name)
+    compressed = any(isinstance(part, LowRank) for layer in delta.layers.values()
+                     for part in (layer.key, layer.value))
+    if module.WRITES_FULL_WEIGHTS and not (compressed and name != "diffusers"):
+        if base is None:
+            raise MergeError(f"Writing the {name} format stores full weights: give the base model (--base).")
+        base = as_base(base)
+        check_delta(delta, base, "the delta to write")
+        content = FineTunedWeights.from_delta(delta, base.kv)
+    else:
+        content = delta
+    formats.write(content, path, name, force=force)
+    return path
+
+
+def convert(source: PathLike, output: PathLike, to: str, *, base: BaseModel | PathLike | None = None,
+            compress_rtol: float | None = None, force: bool = False,
+            check_base: bool = True) -> CompressionReport | None:
+    """Read ``source`` in any format and write it as ``to`` (optionally compressed first)."""
+    base = as_base(base) if base is not None else None
+    delta = load(source, base=base, check_base=check_base)
+    report = None
+    if compress_rtol is not None:
+        delta, report = compress(delta, rtol=compress_rtol)
+    save(delta, output, format=to, base=base, force=force)
+    return report
