@@ -15,12 +15,22 @@ from .delta import (
     interpolate,
     sum_deltas,
 )
+from .apply import apply, remove
 from .errors import MergeError
+from .loading import convert, load, save
+from .merge import MergeReport, merge
 from .solvers import SolveInfo, solve_hard, solve_soft
 from .version import __version__
 
 
 __all__ = [
+    "apply",
+    "convert",
+    "load",
+    "merge",
+    "MergeReport",
+    "remove",
+    "save",
     "CompressionReport",
     "Concept",
     "ConceptDelta",

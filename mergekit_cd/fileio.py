@@ -42,7 +42,7 @@ def atomic_path(path: str | os.PathLike[str], *, force: bool, folder: bool = Fal
     or safetensors' own error) becomes a :class:`MergeError` naming ``path``.
     """
     target = Path(path)
-    _check_destination(target, force=force)
+    check_destination(target, force=force)
     temporary = _sibling(target, "partial")
     try:
         if folder:
@@ -58,7 +58,7 @@ def atomic_path(path: str | os.PathLike[str], *, force: bool, folder: bool = Fal
         raise
 
 
-def _check_destination(target: Path, *, force: bool) -> None:
+def check_destination(target: Path, *, force: bool) -> None:
     """Fail before any work is done when the output could not be written."""
     parent = target.parent
     if not parent.exists():

@@ -64,11 +64,23 @@ def load(reference: PathLike | ConceptDelta, *, base: BaseModel | PathLike | Non
 
 
 def resolve_delta(reference: PathLike) -> Path:
-    """A local file/folder, or a hub repo id fetched (only delta files) through the cache."""
+    """A local file/folder, or a hub repo id fetched (only delta files) through the cache.
+
+    A folder that is not itself a delta (e.g. a repo holding ``concept.safetensors``) stands
+    for the one delta file inside it.
+    """
     path = Path(reference)
-    if path.exists():
+    if not path.exists():
+        path = hub.resolve(str(reference), allow_patterns=DELTA_FILE_PATTERNS)
+    if not path.is_dir() or any(module.detect(path) for module in formats.FORMATS):
         return path
-    return hub.resolve(str(reference), allow_patterns=DELTA_FILE_PATTERNS)
+    inside = sorted(p for p in path.iterdir() if p.is_file() and any(m.detect(p) for m in formats.FORMATS))
+    if len(inside) == 1:
+        return inside[0]
+    if len(inside) > 1:
+        raise MergeError(f"{reference} holds several deltas ({', '.join(p.name for p in inside)}); "
+                         f"name the file you mean.")
+    return path  # let the format layer say what it found there
 
 
 def _with_base_identity(content: FineTunedWeights, base: BaseModel, source: str,

@@ -20,6 +20,7 @@ from .errors import MergeError
 from .features import FEATURE_RULE, TextFeatures, cached_gram, default_reg_captions, heldout_captions, target_prompts
 from .loading import PathLike, as_base, load
 from .solvers import SolveInfo, solve_hard, solve_soft
+from .solvers._common import default_rtol
 from .version import __version__
 
 METHODS = ("constrained", "soft", "sum", "average")
@@ -180,6 +181,8 @@ def execute(plan: MergePlan, *, method: str = "constrained", weights: Sequence[f
         naive_sum += _stack(delta, layers)
 
     gram_cached, num_rows, info = False, 0, None
+    # features are float64 here but only as exact as the text encoder that made them
+    rtol = default_rtol(text_dtype)
     if method in ("constrained", "soft"):
         G, num_rows, gram_cached = cached_gram(base, list(plan.reg_captions), device=device,
                                                dtype=text_dtype, batch_size=batch_size,
@@ -187,13 +190,14 @@ def execute(plan: MergePlan, *, method: str = "constrained", weights: Sequence[f
         W0_device, G = W0.to(device), G.to(device)
         if method == "constrained":
             W, info = solve_hard(W0_device, G, torch.cat(target_features).to(device),
-                                 torch.cat(targets, dim=1).to(device), ridge=ridge, return_info=True)
+                                 torch.cat(targets, dim=1).to(device), ridge=ridge, rtol=rtol,
+                                 return_info=True)
         else:
             weights = list(weights) if weights is not None else [1e3] * len(plan.concepts)
             if len(weights) != len(plan.concepts):
                 raise MergeError(f"Got {len(weights)} soft-merge weights for {len(plan.concepts)} concepts.")
             W, info = solve_soft(W0_device, G, [c.to(device) for c in target_features],
-                                 [t.to(device) for t in targets], weights, mu, ridge=ridge,
+                                 [t.to(device) for t in targets], weights, mu, ridge=ridge, rtol=rtol,
                                  return_info=True)
         merged_rows = W.cpu() - W0
     elif method == "sum":

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -19,8 +17,9 @@ from mergekit_cd import hub
 from mergekit_cd.base import BaseModel, kv_fingerprint, layer_order, open_base
 from mergekit_cd.errors import MergeError
 
+from hubcache import COMMIT, add_to_hub_cache, use_hub_cache
+
 UNET_FILE = "unet/diffusion_pytorch_model.safetensors"
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
 EXPECTED = {"sd1": ((64,), 64), "sd2": ((96,), 96), "sdxl": ((64, 96), 160)}
 
 
@@ -212,56 +211,22 @@ def test_neither_path_nor_repo_id(tmp_path):
 
 # --- hub references and the cache -------------------------------------------------------------
 
-def _add_to_hub_cache(cache: Path, repo_id: str, source: Path, *, skip: tuple[str, ...] = (),
-                      change=None) -> None:
-    """Lay ``source``'s files out as huggingface_hub's cache does: content-addressed blobs,
-    snapshot files as relative symlinks to them, and ``refs/main`` naming the commit."""
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    snapshot = repo / "snapshots" / COMMIT
-    (repo / "blobs").mkdir(parents=True)
-    for file in sorted(source.rglob("*")):
-        relative = file.relative_to(source).as_posix()
-        if file.is_dir() or relative.startswith(skip):
-            continue
-        data = file.read_bytes()
-        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.write_bytes(data)
-        link = snapshot / relative
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(COMMIT)  # no newline, as huggingface_hub writes it
-
-
 @pytest.fixture(scope="module")
 def hub_cache(tiny_pipeline_path, tmp_path_factory) -> Path:
     """A hub cache with a complete tiny SD1 repo, one without text_encoder, one fp16-only."""
     cache = tmp_path_factory.mktemp("hf-cache")
     sd1 = tiny_pipeline_path("sd1")
-    _add_to_hub_cache(cache, "org/tiny-sd1", sd1)
-    _add_to_hub_cache(cache, "org/no-text-encoder", sd1, skip=("text_encoder/",))
+    add_to_hub_cache(cache, "org/tiny-sd1", sd1)
+    add_to_hub_cache(cache, "org/no-text-encoder", sd1, skip=("text_encoder/",))
     fp16 = _copy_pipeline(sd1, tmp_path_factory.mktemp("fp16") / "pipeline")
     _rewrite_unet(fp16, _save_fp16)
-    _add_to_hub_cache(cache, "org/fp16-only", fp16)
+    add_to_hub_cache(cache, "org/fp16-only", fp16)
     return cache
-
-
-def _use_cache(monkeypatch, cache: Path, *, offline: bool) -> None:
-    """Point huggingface_hub at ``cache``. huggingface_hub 2.4 reads HF_HUB_CACHE and
-    HF_HUB_OFFLINE into ``constants`` when it is imported, so both the environment and the
-    constants are patched: the test holds whether it reads them at import or at call time."""
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        monkeypatch.delenv(variable, raising=False)
-    if offline:
-        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", offline)
 
 
 @pytest.fixture
 def offline_hub(hub_cache, monkeypatch) -> Path:
-    _use_cache(monkeypatch, hub_cache, offline=True)
+    use_hub_cache(monkeypatch, hub_cache, offline=True)
     return hub_cache
 
 
@@ -332,7 +297,7 @@ def test_fetches_only_what_a_merge_reads(offline_hub, tiny_pipeline_path, monkey
 
 
 def test_unreachable_hub_without_offline_flag_uses_the_cache_quickly(hub_cache, monkeypatch):
-    _use_cache(monkeypatch, hub_cache, offline=False)
+    use_hub_cache(monkeypatch, hub_cache, offline=False)
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens
     start = time.monotonic()
     assert open_base("org/tiny-sd1").architecture.name == "sd1"

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .. import formats
 from ..errors import MergeError
+from ..fileio import check_destination
 from ..features import TextFeatures, default_reg_captions, read_captions
 from ..loading import save
 from ..merge import METHODS, execute, plan_merge
@@ -89,8 +90,8 @@ def _style_flags(inputs: list[str], styles: list[str]) -> list[bool] | None:
 
 def main_with_args(args: argparse.Namespace) -> int:
     output = Path(args.output)
-    if output.exists() and not args.force and not args.dry_run:
-        raise MergeError(f"{output} exists; pass --force to overwrite it.")
+    if not args.dry_run:
+        check_destination(output, force=args.force)  # before minutes of work, not after
     captions = read_captions(args.reg_captions) if args.reg_captions else None
     if args.num_reg_captions is not None:
         captions = (captions or default_reg_captions())[: args.num_reg_captions]

@@ -1,0 +1,374 @@
+"""cd-merge end to end on the tiny SD1, SD2 and SDXL models, checked against features computed here.
+
+The check is independent of the library's feature code: tokens are installed and prompts
+encoded with transformers directly, and the authors' row rule is re-implemented below.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mergekit_cd import formats
+from mergekit_cd.base import open_base
+from mergekit_cd.cli.merge import main as cd_merge
+from mergekit_cd.delta import ConceptDelta, LayerDelta, dense
+from mergekit_cd.loading import save
+from mergekit_cd.merge import merge
+from mergekit_cd.testing import random_concept_delta
+from mergekit_cd.weights import FineTunedWeights
+
+from hubcache import add_to_hub_cache, use_hub_cache
+
+CONCEPTS = [("<new1>", "cat"), ("<new2>", "pot"), ("<new3>", "dog")]
+NUM_REG = 300  # keeps each run to a few seconds; the full set is exercised by the API tests
+HELD_OUT = ["a red bicycle leaning on a brick wall", "two boats on a calm lake at dawn",
+            "a bowl of oranges on a kitchen table", "an old man reading a newspaper in a park",
+            "a watercolor of a lighthouse in a storm", "a golden retriever running on the beach"]
+FORMAT_FILES = {"native": "{i}.safetensors", "diffusers": "{i}", "authors-bin": "{i}/delta.bin",
+                "compvis": "{i}/delta_epoch=000001.ckpt"}
+
+
+@pytest.fixture(scope="module")
+def bases(tiny_pipeline_path):
+    return {arch: open_base(tiny_pipeline_path(arch)) for arch in ("sd1", "sd2", "sdxl")}
+
+
+@pytest.fixture(scope="module")
+def concept_deltas(bases):
+    return {arch: [random_concept_delta(base, token, word, seed=10 + i)
+                   for i, (token, word) in enumerate(CONCEPTS)] for arch, base in bases.items()}
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    """One Gram cache for this module, away from the user's."""
+    monkeypatch.setenv("MERGEKIT_CD_CACHE", str(tmp_path_factory.getbasetemp() / "gram-cache"))
+
+
+# ----------------------------------------------------------------------------- independent features
+
+
+def encode(base_path: Path, architecture: str, prompt: str, tokens: dict[str, tuple[torch.Tensor, ...]]):
+    """Token features of ``prompt`` as the UNet's cross-attention reads them, rows kept by the authors' rule."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    parts = [("tokenizer", "text_encoder", CLIPTextModel)]
+    if architecture == "sdxl":
+        parts.append(("tokenizer_2", "text_encoder_2", CLIPTextModelWithProjection))
+    outputs = []
+    for index, (tokenizer_name, encoder_name, model_class) in enumerate(parts):
+        tokenizer = CLIPTokenizer.from_pretrained(base_path / tokenizer_name)
+        encoder = model_class.from_pretrained(base_path / encoder_name).eval()
+        tokenizer.add_tokens(list(tokens))
+        encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        with torch.no_grad():
+            for token, embeddings in tokens.items():
+                encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids(token)] = embeddings[index]
+            ids = tokenizer(prompt, return_tensors="pt").input_ids
+            result = encoder(ids, output_hidden_states=True)
+        outputs.append(result.hidden_states[-2] if architecture == "sdxl" else result.last_hidden_state)
+    features = torch.cat(outputs, dim=-1)[0].double()
+    first_kept = 4 if "photo of a" in prompt[:15] else 1
+    return features[first_kept:]
+
+
+def merged_weights(output: Path, base) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Full merged K/V weights per layer, from whatever cd-merge wrote."""
+    content = formats.read(output)
+    if isinstance(content, FineTunedWeights):
+        return {name: (k.double(), v.double()) for name, (k, v) in content.layers.items()}
+    return {name: (base.kv(name)[0].double() + dense(layer.key).double(),
+                   base.kv(name)[1].double() + dense(layer.value).double())
+            for name, layer in content.layers.items()}
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def check_merge(output: Path, base, architecture: str, deltas: list[ConceptDelta], merged_tokens: dict):
+    """Every concept keeps its outputs on its target prompts; held-out drift below the naive sum's."""
+    weights = merged_weights(output, base)
+    assert set(weights) == set(base.layer_names())
+    for delta, (token, word) in zip(deltas, CONCEPTS):
+        embedding = delta.tokens[token]
+        name = next(t for t, e in merged_tokens.items() if all(torch.equal(x, y) for x, y in zip(e, embedding)))
+        for template in ("{} {}", "photo of a {} {}"):
+            C = encode(base.path, architecture, template.format(name, word), {name: embedding})
+            for layer in base.layer_names():
+                for which, index in (("key", 0), ("value", 1)):
+                    own = (base.kv(layer)[index].double() + dense(getattr(delta.layers[layer], which)).double()) @ C.T
+                    assert relative(weights[layer][index] @ C.T, own) < 1e-5, (layer, which, template)
+    drift = naive = base_norm = 0.0
+    for caption in HELD_OUT:
+        C = encode(base.path, architecture, caption, {})
+        for layer in base.layer_names():
+            for index, which in ((0, "key"), (1, "value")):
+                W0 = base.kv(layer)[index].double()
+                total = sum(dense(getattr(d.layers[layer], which)).double() for d in deltas)
+                drift += float(((weights[layer][index] - W0) @ C.T).norm() ** 2)
+                naive += float((total @ C.T).norm() ** 2)
+                base_norm += float((W0 @ C.T).norm() ** 2)
+    assert drift < 0.5 * naive, (drift / base_norm, naive / base_norm)
+
+
+# ----------------------------------------------------------------------------- the CLI, every format
+
+
+def write_inputs(tmp_path: Path, fmt: str, deltas: list[ConceptDelta], base) -> list[str]:
+    paths = []
+    for i, delta in enumerate(deltas):
+        path = tmp_path / FORMAT_FILES[fmt].format(i=f"concept{i}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save(delta, path, format=fmt, base=base)
+        paths.append(str(path))
+    return paths
+
+
+CASES = [(arch, fmt) for arch in ("sd1", "sd2", "sdxl") for fmt in FORMAT_FILES
+         if not (arch == "sdxl" and fmt == "compvis")]
+
+
+@pytest.mark.parametrize("architecture, fmt", CASES)
+def test_cli_merge_keeps_every_concept_and_drifts_less_than_the_sum(architecture, fmt, bases, concept_deltas,
+                                                                    tmp_path, capsys):
+    base, deltas = bases[architecture], concept_deltas[architecture]
+    inputs = write_inputs(tmp_path, fmt, deltas, base)
+    output = tmp_path / "merged.safetensors"
+    classes = [] if fmt in ("native", "diffusers") else [arg for _, w in CONCEPTS for arg in ("--class", w)]
+    code = cd_merge([*inputs, "-o", str(output), "--base", str(base.path), "--num-reg-captions", str(NUM_REG),
+                     "-q", *classes])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert "held-out drift" in printed.out and f"wrote {output}" in printed.out
+    merged = formats.read(output)
+    assert merged.base_fingerprint == base.fingerprint and merged.architecture == architecture
+    assert [c.class_word for c in merged.concepts] == [w for _, w in CONCEPTS]
+    assert merged.metadata["recipe"]["method"] == "constrained"
+    if fmt == "compvis":  # tokens are positional there: every file says <new1>, so two are renamed
+        assert "renamed to <new2>" in printed.out and "renamed to <new3>" in printed.out
+    check_merge(output, base, architecture, deltas, merged.tokens)
+
+
+def test_cli_writes_the_diffusers_layout_with_full_weights_and_token_files(bases, concept_deltas, tmp_path, capsys):
+    base, deltas = bases["sd1"], concept_deltas["sd1"]
+    inputs = write_inputs(tmp_path, "native", deltas, base)
+    output = tmp_path / "merged"
+    assert cd_merge([*inputs, "-o", str(output), "--base", str(base.path), "--num-reg-captions", str(NUM_REG),
+                     "-q"]) == 0
+    assert sorted(p.name for p in output.iterdir()) == ["<new1>.safetensors", "<new2>.safetensors",
+                                                       "<new3>.safetensors",
+                                                       "pytorch_custom_diffusion_weights.safetensors"]
+    weights = load_file(output / "pytorch_custom_diffusion_weights.safetensors")
+    layer = base.layer_names()[0]
+    assert f"{layer}.processor.to_k_custom_diffusion.weight" in weights
+    check_merge(output, base, "sd1", deltas, formats.read(output).tokens)
+    capsys.readouterr()
+
+
+def test_result_does_not_depend_on_input_order(bases, concept_deltas):
+    base, deltas = bases["sd2"], concept_deltas["sd2"]
+    forward = merge(deltas, None, base=base)
+    backward = merge(deltas[::-1], None, base=base)
+    for name in base.layer_names():
+        for which in ("key", "value"):
+            a, b = getattr(forward.layers[name], which), getattr(backward.layers[name], which)
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-6 * float(a.abs().max()))
+    assert forward.tokens.keys() == backward.tokens.keys()
+
+
+def test_second_merge_reuses_the_cached_gram_matrix_without_the_text_encoder(bases, concept_deltas, monkeypatch):
+    base, deltas = bases["sd1"], concept_deltas["sd1"]
+    captions = [f"a photo of a house number {i}" for i in range(40)]
+    _, first = merge(deltas[:2], captions, base=base, return_report=True)
+    from mergekit_cd import features
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the regularisation captions were encoded again")
+
+    monkeypatch.setattr(features.TextFeatures, "gram", refuse)
+    _, second = merge(deltas[:2], captions, base=base, return_report=True)
+    assert not first.gram_from_cache and second.gram_from_cache
+
+
+def test_methods_trade_fidelity_for_preservation(bases, concept_deltas):
+    base, deltas = bases["sd1"], concept_deltas["sd1"]
+    reports = {method: merge(deltas, None, base=base, method=method, return_report=True)[1]
+               for method in ("constrained", "soft", "sum", "average")}
+    exact = max(c.residual for c in reports["constrained"].concepts)
+    assert exact < 1e-5
+    assert max(c.residual for c in reports["soft"].concepts) < max(c.residual for c in reports["sum"].concepts)
+    assert reports["constrained"].drift < reports["sum"].drift
+    assert reports["sum"].drift == pytest.approx(reports["constrained"].sum_drift)
+    summed = merge(deltas, None, base=base, method="sum")
+    name = base.layer_names()[0]
+    expected = sum(dense(d.layers[name].key) for d in deltas)
+    assert torch.allclose(summed.layers[name].key, expected, atol=1e-6)
+
+
+def test_ridge_bounds_the_weight_change(bases, concept_deltas):
+    base, deltas = bases["sd1"], concept_deltas["sd1"]
+    _, plain = merge(deltas, None, base=base, return_report=True)
+    _, damped = merge(deltas, None, base=base, ridge=10.0, return_report=True)
+    assert damped.solve_info.relative_change < plain.solve_info.relative_change
+    assert max(c.residual for c in damped.concepts) < 1e-5
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(bases, concept_deltas, tmp_path, capsys):
+    base, deltas = bases["sdxl"], concept_deltas["sdxl"]
+    inputs = write_inputs(tmp_path, "native", deltas, base)
+    output = tmp_path / "merged.safetensors"
+    assert cd_merge([*inputs, "-o", str(output), "--base", str(base.path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert not output.exists()
+    assert "sdxl" in out and "<new3>" in out and "photo of a <new2> pot" in out
+    assert "18 constraint rows" in out and "estimated memory" in out
+
+
+def test_base_and_deltas_as_hub_repo_ids_offline(bases, concept_deltas, tmp_path, monkeypatch, capsys):
+    base, deltas = bases["sd1"], concept_deltas["sd1"]
+    cache = tmp_path / "hf-cache"
+    add_to_hub_cache(cache, "someone/tiny-sd1", base.path)
+    for i, delta in enumerate(deltas[:2]):
+        folder = tmp_path / f"repo{i}"
+        folder.mkdir()
+        save(delta, folder / "concept.safetensors")
+        add_to_hub_cache(cache, f"someone/concept-{i}", folder)
+    use_hub_cache(monkeypatch, cache, offline=True)
+    output = tmp_path / "merged.safetensors"
+    code = cd_merge(["someone/concept-0", "someone/concept-1", "-o", str(output), "--base", "someone/tiny-sd1",
+                     "--num-reg-captions", str(NUM_REG), "-q"])
+    assert code == 0, capsys.readouterr().err
+    assert formats.read(output).base_fingerprint == base.fingerprint
+    code = cd_merge(["someone/not-cached", "-o", str(tmp_path / "x.safetensors"), "--base", "someone/tiny-sd1"])
+    assert code == 1
+    assert "someone/not-cached" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+
+class RunsCode:
+    """Unpickling this would create a file: the loader must refuse it without running it."""
+
+    marker: Path
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def bad_inputs(tmp_path: Path, base, other_base, sdxl_base, deltas) -> dict[str, tuple[list[str], str]]:
+    """name -> (extra cd-merge arguments, expected message pattern)."""
+    good = tmp_path / "good.safetensors"
+    save(deltas[0], good)
+    cases: dict[str, tuple[list[str], str]] = {}
+
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[:200])
+    cases["truncated file"] = ([str(truncated)], rf"{truncated}.*(truncated|corrupt)")
+
+    noise = tmp_path / "noise.bin"
+    noise.write_bytes(bytes(range(256)) * 8)
+    cases["random bytes"] = ([str(noise)], rf"{noise}")
+
+    payload = RunsCode()
+    payload.marker = tmp_path / "code-ran"
+    malicious = tmp_path / "malicious.bin"
+    torch.save({"unet": payload}, malicious, pickle_protocol=2)
+    cases["pickle that runs code"] = ([str(malicious)], rf"{malicious}.*(refused|refusing)")
+
+    wrong_arch = tmp_path / "sdxl.safetensors"
+    save(random_concept_delta(sdxl_base, "<x>", "cat"), wrong_arch)
+    cases["wrong architecture"] = ([str(wrong_arch)], r"sdxl delta but .* is an sd1 model")
+
+    wrong_base = tmp_path / "other-base.safetensors"
+    save(random_concept_delta(other_base, "<y>", "cat"), wrong_base)
+    cases["wrong base"] = ([str(wrong_base)], r"made for another base model .*--no-base-check")
+
+    nan = tmp_path / "nan.safetensors"
+    tensors = load_file(good)
+    first = next(k for k in tensors if k.endswith("to_k.diff"))
+    tensors[first][0, 0] = float("nan")
+    from safetensors import safe_open
+    with safe_open(str(good), "pt") as handle:
+        header = handle.metadata()
+    save_file(tensors, nan, metadata=header)
+    cases["NaN weights"] = ([str(nan)], rf"{nan}.*(NaN|non-finite|not finite)")
+
+    missing = tmp_path / "missing.safetensors"
+    partial = ConceptDelta({k: v for k, v in list(deltas[0].layers.items())[1:]}, deltas[0].tokens,
+                           base=deltas[0].base, base_fingerprint=deltas[0].base_fingerprint,
+                           architecture="sd1", concepts=deltas[0].concepts)
+    save(partial, missing)
+    cases["missing layers"] = ([str(missing)], r"missing 1 of 11 cross-attention layers")
+
+    no_class = tmp_path / "no-class.bin"
+    save(deltas[1], no_class, format="authors-bin", base=base)
+    cases["missing class word"] = ([str(good), str(no_class)], r"No class word .*--class WORD for every input")
+    return cases
+
+
+def test_bad_inputs_each_get_one_clear_message(bases, concept_deltas, tiny_pipeline_path, tmp_path, capsys):
+    base = bases["sd1"]
+    other_base = open_base(tiny_pipeline_path("sd1", seed=1))
+    cases = bad_inputs(tmp_path, base, other_base, bases["sdxl"], concept_deltas["sd1"])
+    capsys.readouterr()  # building the inputs may print; only the commands' output is checked
+    for name, (inputs, pattern) in cases.items():
+        output = tmp_path / f"out-{name.replace(' ', '-')}.safetensors"
+        code = cd_merge([*inputs, "-o", str(output), "--base", str(base.path), "--num-reg-captions", "50", "-q"])
+        err = capsys.readouterr().err
+        assert code == 1, name
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("cd-merge: error: "), (name, err)
+        assert "Traceback" not in err
+        assert re.search(pattern, lines[0]), (name, lines[0])
+        assert not output.exists(), name
+    assert not (tmp_path / "code-ran").exists()
+
+
+def test_more_constraint_rows_than_the_feature_rank_are_reported(bases, concept_deltas, tmp_path, capsys):
+    """64-dimensional features, 13 concepts x 6 rows = 78 rows: some must be dependent, and it is said."""
+    base = bases["sd1"]
+    deltas = [random_concept_delta(base, f"<c{i}>", "cat", seed=100 + i) for i in range(13)]
+    inputs = []
+    for i, delta in enumerate(deltas):
+        path = tmp_path / f"c{i}.safetensors"
+        save(delta, path)
+        inputs.append(str(path))
+    output = tmp_path / "merged.safetensors"
+    code = cd_merge([*inputs, "-o", str(output), "--base", str(base.path), "--num-reg-captions", "100", "-q"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "rank 64/78" in out
+    assert "14 of 78 constraint rows depend on the others" in out and "least-squares" in out
+
+
+def test_unwritable_output_is_one_error_and_leaves_nothing(bases, concept_deltas, tmp_path, capsys):
+    base = bases["sd1"]
+    good = tmp_path / "good.safetensors"
+    save(concept_deltas["sd1"][0], good)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    output = blocker / "merged.safetensors"
+    code = cd_merge([str(good), "-o", str(output), "--base", str(base.path), "--num-reg-captions", "50", "-q"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("cd-merge: error: ") and str(output) in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "good.safetensors"]
+    existing = tmp_path / "exists.safetensors"
+    shutil.copy(good, existing)
+    code = cd_merge([str(good), "-o", str(existing), "--base", str(base.path), "-q"])
+    assert code == 1 and "exists; pass --force" in capsys.readouterr().err
+
+
+def test_pickle_payload_class_is_picklable():
+    """Guard for the malicious-pickle case above: the payload really would run on a plain load."""
+    payload = RunsCode()
+    payload.marker = Path("/nonexistent-dir/marker")
+    assert pickle.dumps(payload)
