@@ -4,18 +4,24 @@
 0.29-0.42), so this adds the K/V differences to the UNet's own ``attn2.to_k``/``to_v``
 weights, adds the modifier tokens to every tokenizer/text encoder pair, and checks that the
 weights really changed.
+
+Everything is checked before anything is touched (architecture, layers, shapes, base
+fingerprint, token sizes, tokens already in the vocabulary), so a refused delta leaves the
+pipeline as it was. :func:`remove` restores the K/V weights, the tokenizers and the embedding
+tables bit for bit.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import formats
-from .architectures import ARCHITECTURES
+from .architectures import Architecture, detect_architecture
 from .base import kv_fingerprint
 from .delta import ConceptDelta, dense
 from .errors import MergeError
@@ -26,14 +32,25 @@ _STATE = "_mergekit_cd_installed"
 
 
 @dataclass
+class _Table:
+    """An embedding table as it was before tokens were added: its own Parameter, untouched."""
+
+    weight: nn.Parameter
+    num_embeddings: int
+    vocab_size: int | None
+
+
+@dataclass
 class _Installed:
-    """What :func:`remove` needs to restore: original K/V weights, tokenizers, table sizes."""
+    """What :func:`remove` needs: original K/V weights (CPU copies), tokenizers, embedding tables."""
 
-    weights: dict[str, tuple[Tensor, Tensor]]
-    tokenizers: dict[str, object]
-    table_sizes: dict[str, int]
+    source: str
+    weights: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    tokenizers: dict[str, Any] = field(default_factory=dict)
+    tables: dict[str, _Table] = field(default_factory=dict)
 
 
+# ---------------------------------------------------------------- what the pipeline has
 def _pipeline_kv(pipe, layer: str) -> tuple[Tensor, Tensor]:
     module = pipe.unet.get_submodule(layer)
     return module.to_k.weight.detach(), module.to_v.weight.detach()
@@ -44,45 +61,82 @@ def _pipeline_layers(pipe) -> list[str]:
                   if name.endswith(".attn2") and hasattr(module, "to_k"))
 
 
-def _encoder_pairs(pipe) -> list[tuple[str, str]]:
+def _pipeline_architecture(pipe) -> Architecture:
+    """The family of a loaded pipeline, recognised from its configs as for a folder."""
+    if getattr(pipe, "unet", None) is None:
+        raise MergeError(f"{type(pipe).__name__} has no UNet; a delta goes into a Stable Diffusion "
+                         f"pipeline (SD1.x, SD2.x, SDXL).")
+    encoder = getattr(pipe, "text_encoder", None)
+    encoder_config = encoder.config.to_dict() if encoder is not None else {}
+    return detect_architecture(dict(pipe.config), dict(pipe.unet.config), encoder_config)
+
+
+def _encoder_pairs(pipe, architecture: Architecture) -> list[tuple[str, str]]:
     """(tokenizer, text encoder) attribute names of the pipeline, in feature order."""
-    architecture = ARCHITECTURES["sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd1"]
-    return list(zip(architecture.tokenizers, architecture.text_encoders))
+    pairs = list(zip(architecture.tokenizers, architecture.text_encoders))
+    for tokenizer_name, encoder_name in pairs:
+        if getattr(pipe, tokenizer_name, None) is None or getattr(pipe, encoder_name, None) is None:
+            raise MergeError(f"This {architecture.name} pipeline has no {tokenizer_name} / {encoder_name}; "
+                             f"the delta's tokens need both.")
+    return pairs
 
 
-def apply(pipe, delta: ConceptDelta | PathLike, *, scale: float = 1.0, check_base: bool = True) -> ConceptDelta:
+# ---------------------------------------------------------------- apply / remove
+def apply(pipe, delta: ConceptDelta | FineTunedWeights | PathLike, *, scale: float = 1.0,
+          check_base: bool = True) -> ConceptDelta:
     """Add ``delta`` (object, file, folder or hub repo) to ``pipe`` in place; returns the delta.
 
+    The K/V differences (times ``scale``) are added to every ``attn2.to_k``/``to_v`` weight of
+    ``pipe.unet`` and the modifier tokens are added to every tokenizer with their embeddings.
     Full fine-tuned weight files are read as differences against the pipeline's own weights.
     A delta that records a base fingerprint is refused on another base unless
-    ``check_base=False``. Only one delta can be installed at a time: merge first.
+    ``check_base=False``; a delta of another architecture is always refused. Only one delta
+    can be installed at a time (merge several first); :func:`remove` undoes this exactly.
     """
     if getattr(pipe, _STATE, None) is not None:
-        raise MergeError("This pipeline already has a delta installed; call mergekit_cd.remove(pipe) "
-                         "first, or merge the deltas into one with mergekit_cd.merge.")
+        previous = getattr(pipe, _STATE).source
+        raise MergeError(f"This pipeline already has a delta installed ({previous}); call "
+                         f"mergekit_cd.remove(pipe) first, or merge the deltas into one with "
+                         f"mergekit_cd.merge.")
+    architecture = _pipeline_architecture(pipe)
     layers = _pipeline_layers(pipe)
     source = "the delta"
-    if not isinstance(delta, ConceptDelta):
+    content = delta
+    if not isinstance(delta, (ConceptDelta, FineTunedWeights)):
         source = str(delta)
         content = formats.read(resolve_delta(delta))
-        delta = content.to_delta(lambda name: _pipeline_kv(pipe, name)) \
-            if isinstance(content, FineTunedWeights) else content
-    _check_fits_pipeline(pipe, delta, layers, source, check_base)
+    shapes = ({name: tuple(layer.key.shape) for name, layer in content.layers.items()}
+              if isinstance(content, ConceptDelta)
+              else {name: tuple(key.shape) for name, (key, _) in content.layers.items()})
+    _check_fits_pipeline(pipe, architecture, layers, shapes, content, source, check_base)
+    if isinstance(content, FineTunedWeights):
+        content = content.to_delta(lambda name: tuple(w.float().cpu() for w in _pipeline_kv(pipe, name)))
+    delta = content
+    pairs = _encoder_pairs(pipe, architecture) if delta.tokens else []
+    _check_tokens(pipe, pairs, delta, source)
 
-    state = _Installed({}, {}, {})
-    with torch.no_grad():
-        for name, layer in delta.layers.items():
-            module = pipe.unet.get_submodule(name)
-            state.weights[name] = (module.to_k.weight.detach().clone(), module.to_v.weight.detach().clone())
-            for linear, difference in ((module.to_k, layer.key), (module.to_v, layer.value)):
-                linear.weight += scale * dense(difference).to(linear.weight.device, linear.weight.dtype)
-        _install_tokens(pipe, delta, state)
+    state = _Installed(source)
+    try:
+        with torch.no_grad():
+            for name, layer in delta.layers.items():
+                module = pipe.unet.get_submodule(name)
+                state.weights[name] = (module.to_k.weight.detach().to("cpu", copy=True),
+                                       module.to_v.weight.detach().to("cpu", copy=True))
+                for linear, difference in ((module.to_k, layer.key), (module.to_v, layer.value)):
+                    weight = linear.weight
+                    # add in float32, round once to the pipeline's dtype
+                    updated = weight.float() + scale * dense(difference).to(weight.device, torch.float32)
+                    weight.copy_(updated.to(weight.dtype))
+            _install_tokens(pipe, pairs, delta, state)
+    except BaseException:
+        _restore(pipe, state)
+        raise
     setattr(pipe, _STATE, state)
-    changed = any(not torch.equal(pipe.unet.get_submodule(n).to_k.weight, state.weights[n][0])
-                  or not torch.equal(pipe.unet.get_submodule(n).to_v.weight, state.weights[n][1])
+    changed = any(not torch.equal(pipe.unet.get_submodule(n).to_k.weight.cpu(), state.weights[n][0])
+                  or not torch.equal(pipe.unet.get_submodule(n).to_v.weight.cpu(), state.weights[n][1])
                   for n in delta.layers)
-    nonzero = scale != 0 and any(float(dense(l.key).abs().max()) > 0 or float(dense(l.value).abs().max()) > 0
-                                 for l in delta.layers.values())
+    nonzero = scale != 0 and any(bool(dense(part).abs().max() > 0)
+                                 for layer in delta.layers.values() for part in (layer.key, layer.value))
     if nonzero and not changed:
         remove(pipe)
         raise MergeError(f"Installing {source} did not change the pipeline's weights (its differences "
@@ -90,51 +144,23 @@ def apply(pipe, delta: ConceptDelta | PathLike, *, scale: float = 1.0, check_bas
     return delta
 
 
-def _check_fits_pipeline(pipe, delta: ConceptDelta, layers: list[str], source: str, check_base: bool) -> None:
-    missing = sorted(set(layers) - set(delta.layers))
-    extra = sorted(set(delta.layers) - set(layers))
-    if missing or extra:
-        example = (missing or extra)[0]
-        raise MergeError(f"{source} does not fit this pipeline: {len(missing)} of its cross-attention "
-                         f"layers are missing and {len(extra)} are unknown, e.g. {example}.")
-    for name in layers:
-        key, _ = _pipeline_kv(pipe, name)
-        if tuple(delta.layers[name].key.shape) != tuple(key.shape):
-            raise MergeError(f"{source}: layer {name} has shape {tuple(delta.layers[name].key.shape)}, "
-                             f"the pipeline's is {tuple(key.shape)} (wrong architecture).")
-    if check_base and delta.base_fingerprint:
-        fingerprint = kv_fingerprint((name, *_pipeline_kv(pipe, name)) for name in layers)
-        if fingerprint != delta.base_fingerprint:
-            raise MergeError(f"{source} was made for another base model ({delta.base or 'unnamed'}, "
-                             f"fingerprint {delta.base_fingerprint[:12]}) than this pipeline "
-                             f"(fingerprint {fingerprint[:12]}); pass check_base=False if you know "
-                             f"they are equivalent.")
-
-
-def _install_tokens(pipe, delta: ConceptDelta, state: _Installed) -> None:
-    """Add each token to every tokenizer and set its embedding row in the matching encoder."""
-    for index, (tokenizer_name, encoder_name) in enumerate(_encoder_pairs(pipe)):
-        tokenizer, encoder = getattr(pipe, tokenizer_name), getattr(pipe, encoder_name)
-        state.tokenizers[tokenizer_name] = copy.deepcopy(tokenizer)
-        table = encoder.get_input_embeddings()
-        state.table_sizes[encoder_name] = table.weight.shape[0]
-        for token in delta.tokens:
-            if token in tokenizer.get_vocab():
-                raise MergeError(f"Token {token} is already in the pipeline's vocabulary; load the "
-                                 f"pipeline afresh or remove the delta installed before.")
-        tokenizer.add_tokens(list(delta.tokens))
-        encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        table = encoder.get_input_embeddings()
-        for token, embeddings in delta.tokens.items():
-            row = tokenizer.convert_tokens_to_ids(token)
-            table.weight[row] = embeddings[index].to(table.weight.device, table.weight.dtype)
-
-
 def remove(pipe) -> None:
     """Undo :func:`apply`: restore the K/V weights, tokenizers and embedding tables exactly."""
     state: _Installed | None = getattr(pipe, _STATE, None)
     if state is None:
-        raise MergeError("No mergekit-cd delta is installed in this pipeline.")
+        raise MergeError("No mergekit-cd delta is installed in this pipeline; nothing to remove.")
+    _restore(pipe, state)
+    setattr(pipe, _STATE, None)
+
+
+def installed(pipe) -> str | None:
+    """What :func:`apply` installed in ``pipe`` (its source), or None."""
+    state: _Installed | None = getattr(pipe, _STATE, None)
+    return state.source if state is not None else None
+
+
+def _restore(pipe, state: _Installed) -> None:
+    """Put back whatever ``state`` recorded (all of it after apply, part of it after a failure)."""
     with torch.no_grad():
         for name, (key, value) in state.weights.items():
             module = pipe.unet.get_submodule(name)
@@ -142,6 +168,94 @@ def remove(pipe) -> None:
             module.to_v.weight.copy_(value)
         for tokenizer_name, tokenizer in state.tokenizers.items():
             setattr(pipe, tokenizer_name, tokenizer)
-        for encoder_name, size in state.table_sizes.items():
-            getattr(pipe, encoder_name).resize_token_embeddings(size)
-    setattr(pipe, _STATE, None)
+        for encoder_name, table in state.tables.items():
+            encoder = getattr(pipe, encoder_name)
+            embedding = encoder.get_input_embeddings()
+            embedding.weight = table.weight
+            embedding.num_embeddings = table.num_embeddings
+            if table.vocab_size is not None:
+                encoder.config.vocab_size = table.vocab_size
+
+
+# ---------------------------------------------------------------- checks, before anything changes
+def _check_fits_pipeline(pipe, architecture: Architecture, layers: list[str], shapes: dict[str, tuple],
+                         content: ConceptDelta | FineTunedWeights, source: str, check_base: bool) -> None:
+    """Architecture, layer names, shapes and base fingerprint; one MergeError naming the problem."""
+    if content.architecture and content.architecture != architecture.name:
+        raise MergeError(f"{source} is an {content.architecture} delta but this pipeline is "
+                         f"{architecture.name} ({architecture.description}): wrong architecture.")
+    context = pipe.unet.get_submodule(layers[0]).to_k.weight.shape[1] if layers else None
+    widths = sorted({shape[1] for shape in shapes.values()})
+    if widths and widths != [context]:
+        raise MergeError(f"{source} was made for a model whose text features have {widths[0]} "
+                         f"dimensions, but this {architecture.name} pipeline's have {context}: "
+                         f"wrong architecture.")
+    missing = sorted(set(layers) - set(shapes))
+    extra = sorted(set(shapes) - set(layers))
+    if missing or extra:
+        example = (missing or extra)[0]
+        raise MergeError(f"{source} does not fit this pipeline: {len(missing)} of its {len(layers)} "
+                         f"cross-attention layers are missing and {len(extra)} are unknown, e.g. "
+                         f"{example} (wrong architecture?).")
+    for name in layers:
+        key, _ = _pipeline_kv(pipe, name)
+        if tuple(shapes[name]) != tuple(key.shape):
+            raise MergeError(f"{source}: layer {name} has shape {tuple(shapes[name])}, the pipeline's "
+                             f"is {tuple(key.shape)} (wrong architecture).")
+        processor = getattr(pipe.unet.get_submodule(name), "processor", None)
+        if getattr(processor, "train_kv", False):
+            raise MergeError(f"Layer {name} of this pipeline runs a {type(processor).__name__}, which "
+                             f"uses its own K/V weights instead of to_k/to_v, so the delta would have no "
+                             f"effect; reset the attention processors first "
+                             f"(pipe.unet.set_default_attn_processor()).")
+    if check_base and content.base_fingerprint:
+        fingerprint = kv_fingerprint((name, *_pipeline_kv(pipe, name)) for name in layers)
+        if fingerprint != content.base_fingerprint:
+            hint = (" A bfloat16 pipeline never matches (its weights are rounded): load it in float16 "
+                    "or float32." if pipe.unet.dtype == torch.bfloat16 else "")
+            raise MergeError(f"{source} was made for another base model ({content.base or 'unnamed'}, "
+                             f"fingerprint {content.base_fingerprint[:12]}) than this pipeline "
+                             f"(fingerprint {fingerprint[:12]}); pass check_base=False if you know "
+                             f"they are equivalent.{hint}")
+
+
+def _check_tokens(pipe, pairs: list[tuple[str, str]], delta: ConceptDelta, source: str) -> None:
+    """Each token has one embedding per text encoder, of its width, and is new to every tokenizer."""
+    widths = tuple(getattr(pipe, encoder).get_input_embeddings().weight.shape[1] for _, encoder in pairs)
+    for token, embeddings in delta.tokens.items():
+        sizes = tuple(e.shape[0] for e in embeddings)
+        if sizes != widths:
+            raise MergeError(f"{source}: token {token} has embedding sizes {list(sizes)}, but this "
+                             f"pipeline's text encoder(s) need {list(widths)} (wrong architecture).")
+        for tokenizer_name, _ in pairs:
+            if token in getattr(pipe, tokenizer_name).get_vocab():
+                raise MergeError(f"{source}: token {token} is already in the pipeline's {tokenizer_name} "
+                                 f"(added by load_textual_inversion or an earlier delta?); load the "
+                                 f"pipeline afresh.")
+
+
+def _install_tokens(pipe, pairs: list[tuple[str, str]], delta: ConceptDelta, state: _Installed) -> None:
+    """Add each token to every tokenizer and its embedding to a new table of the matching encoder.
+
+    The old table's Parameter is kept aside untouched, so :func:`remove` puts it back as it was
+    (no resizing: ``resize_token_embeddings`` would draw random rows from torch's global RNG).
+    """
+    tokens = list(delta.tokens)
+    for index, (tokenizer_name, encoder_name) in enumerate(pairs):
+        tokenizer, encoder = getattr(pipe, tokenizer_name), getattr(pipe, encoder_name)
+        embedding = encoder.get_input_embeddings()
+        old = embedding.weight
+        state.tokenizers[tokenizer_name] = copy.deepcopy(tokenizer)
+        state.tables[encoder_name] = _Table(old, embedding.num_embeddings,
+                                            getattr(encoder.config, "vocab_size", None))
+        tokenizer.add_tokens(tokens)
+        ids = [tokenizer.convert_tokens_to_ids(token) for token in tokens]
+        rows = max(old.shape[0], max(ids) + 1)
+        weight = torch.zeros((rows, old.shape[1]), dtype=old.dtype, device=old.device)
+        weight[: old.shape[0]] = old.detach()
+        for token, row in zip(tokens, ids):
+            weight[row] = delta.tokens[token][index].to(old.device, old.dtype)
+        embedding.weight = nn.Parameter(weight, requires_grad=old.requires_grad)
+        embedding.num_embeddings = rows
+        if getattr(encoder.config, "vocab_size", None) is not None:
+            encoder.config.vocab_size = rows

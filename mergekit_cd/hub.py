@@ -14,6 +14,8 @@ cache folder and the fix.
 
 from __future__ import annotations
 
+import functools
+
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -70,10 +72,14 @@ def hub_reachable() -> bool:
     Any failure to get a response (no DNS, refused, timeout, proxy error) counts as unreachable:
     the probe only decides whether to read the cache alone.
     """
-    if is_offline():
-        return False
+    return not is_offline() and _answers(constants.ENDPOINT)
+
+
+@functools.lru_cache(maxsize=None)
+def _answers(endpoint: str) -> bool:
+    """One probe per endpoint and process: a dead network costs the timeout once, not per file."""
     try:
-        get_session().head(constants.ENDPOINT, timeout=PROBE_TIMEOUT_SECONDS)
+        get_session().head(endpoint, timeout=PROBE_TIMEOUT_SECONDS)
     except Exception:  # noqa: BLE001 - every failure mode means "no usable network"
         return False
     return True

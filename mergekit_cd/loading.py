@@ -103,7 +103,7 @@ def _wrong_base_message(source: str, made_for: str | None, fingerprint: str, bas
 def check_delta(delta: ConceptDelta, base: BaseModel, source: str, *, check_base: bool = True) -> None:
     """Refuse a delta that does not fit ``base``: one MergeError naming the source and problem."""
     if delta.architecture and delta.architecture != base.architecture.name:
-        raise MergeError(f"{source} is a {delta.architecture} delta but {base.name} is an "
+        raise MergeError(f"{source} is an {delta.architecture} delta but {base.name} is an "
                          f"{base.architecture.name} model ({base.architecture.description}).")
     if check_base and delta.base_fingerprint and delta.base_fingerprint != base.fingerprint:
         raise MergeError(_wrong_base_message(source, delta.base, delta.base_fingerprint, base))
@@ -168,6 +168,9 @@ def convert(source: PathLike, output: PathLike, to: str, *, base: BaseModel | Pa
             compress_rtol: float | None = None, force: bool = False,
             check_base: bool = True) -> CompressionReport | None:
     """Read ``source`` in any format and write it as ``to`` (optionally compressed first)."""
+    if compress_rtol is not None and to == "diffusers":
+        raise MergeError("The diffusers layout stores full weights, so it cannot hold a compressed delta; "
+                         "compress to native, authors-bin or compvis instead.")
     base = as_base(base) if base is not None else None
     delta = load(source, base=base, check_base=check_base)
     report = None

@@ -9,38 +9,79 @@ from pathlib import Path
 
 import torch
 
+from . import hub
 from .apply import apply
 from .delta import ConceptDelta
 from .errors import MergeError
-from .fileio import atomic_path
+from .fileio import atomic_path, check_destination
 
 
-def load_pipeline(reference: str | os.PathLike[str], *, device: torch.device, dtype: torch.dtype = torch.float32):
-    """A diffusers pipeline from a local folder or a hub repo id (through the hub cache)."""
+def load_pipeline(reference: str | os.PathLike[str], *, device: torch.device | str = "cpu",
+                  dtype: torch.dtype = torch.float32):
+    """A diffusers pipeline from a local folder or a hub repo id (through the hub cache).
+
+    A repo id is read from the cache alone when the hub cannot be reached (or HF_HUB_OFFLINE
+    is set), so an offline machine never waits on the network.
+    """
     from diffusers import DiffusionPipeline
 
+    local = Path(reference).expanduser()
+    options = {} if dtype == torch.float32 else {_dtype_keyword(): dtype}  # float32 is the default
+    if not local.exists():
+        # one clear error for a path that is not there, or a repo not in the cache while offline
+        hub.resolve(str(reference), allow_patterns=["model_index.json"])
+        options["local_files_only"] = not hub.hub_reachable()
     try:
-        pipe = DiffusionPipeline.from_pretrained(str(reference), torch_dtype=dtype)
-    except (OSError, ValueError, EnvironmentError) as error:
-        raise MergeError(f"Cannot load the pipeline {reference}: {str(error).splitlines()[0]}") from None
+        pipe = DiffusionPipeline.from_pretrained(str(local) if local.exists() else str(reference), **options)
+    except (OSError, ValueError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise MergeError(f"Cannot load the pipeline {reference}: {first}") from None
+    if getattr(pipe, "unet", None) is None:
+        raise MergeError(f"{reference} is a {type(pipe).__name__}, not a Stable Diffusion pipeline "
+                         f"with a UNet.")
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    return pipe.to(torch.device(device))
+
+
+def _dtype_keyword() -> str:
+    """``dtype``, or ``torch_dtype`` for diffusers before the rename (0.42 warns on the old name)."""
+    from diffusers.pipelines import pipeline_utils
+
+    return "dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype"
 
 
 def sample(pipe, prompts: Sequence[str], *, num_images: int = 4, seed: int = 0, steps: int = 50,
            guidance_scale: float = 6.0, height: int | None = None, width: int | None = None,
            progress: bool = False) -> list:
-    """``num_images`` PIL images per prompt; image j of every prompt uses seed ``seed + j``."""
+    """``num_images`` PIL images per prompt; image j of every prompt uses seed ``seed + j``.
+
+    The noise is drawn on the CPU, so a seed gives the same starting noise on any device.
+    """
     from tqdm.auto import tqdm
 
+    _check_counts(num_images, steps)
+    if (height is None) != (width is None):
+        # diffusers ignores a lone height or width (it falls back to the default for both)
+        default = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        height, width = height or default, width or default
     images = []
     jobs = [(prompt, j) for prompt in prompts for j in range(num_images)]
-    for prompt, j in tqdm(jobs, desc="sampling", disable=not progress):
+    for prompt, j in tqdm(jobs, desc="sampling", unit="image", disable=not progress):
         generator = torch.Generator(device="cpu").manual_seed(seed + j)
-        result = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance_scale, height=height,
-                      width=width, generator=generator, output_type="pil")
+        try:
+            result = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance_scale, height=height,
+                          width=width, generator=generator, output_type="pil")
+        except ValueError as error:  # the pipeline's own input checks (sizes, prompt)
+            raise MergeError(f"Cannot sample {prompt!r}: {str(error).strip().splitlines()[0]}") from None
         images.append(result.images[0])
     return images
+
+
+def _check_counts(num_images: int, steps: int) -> None:
+    if num_images < 1:
+        raise MergeError(f"The number of images per prompt must be at least 1, got {num_images}.")
+    if steps < 1:
+        raise MergeError(f"The number of denoising steps must be at least 1, got {steps}.")
 
 
 def image_grid(images: Sequence, columns: int):
@@ -55,21 +96,40 @@ def image_grid(images: Sequence, columns: int):
     return grid
 
 
+def _image_format(output: Path) -> str:
+    """PIL's format name for the output's extension (no extension: PNG)."""
+    from PIL import Image
+
+    if not output.suffix:
+        return "PNG"
+    found = Image.registered_extensions().get(output.suffix.lower())
+    if found is None or found not in Image.SAVE:
+        raise MergeError(f"Cannot write {output}: {output.suffix} is not an image format PIL writes "
+                         f"(use .png, .jpg or .webp).")
+    return found
+
+
 def sample_grid(base: str | os.PathLike[str], delta: ConceptDelta | str | os.PathLike[str] | None,
                 prompts: Sequence[str], output: str | os.PathLike[str], *, num_images: int = 4,
-                seed: int = 0, steps: int = 50, guidance_scale: float = 6.0, device: torch.device | str = "cpu",
-                height: int | None = None, width: int | None = None, force: bool = False,
-                check_base: bool = True, progress: bool = False) -> Path:
-    """Load ``base``, install ``delta``, sample every prompt and write one grid image (atomically)."""
+                seed: int = 0, steps: int = 50, guidance_scale: float = 6.0,
+                device: torch.device | str = "cpu", height: int | None = None, width: int | None = None,
+                force: bool = False, check_base: bool = True, progress: bool = False) -> Path:
+    """Load ``base``, install ``delta``, sample every prompt and write one grid image (atomically).
+
+    The grid has one row per prompt and ``num_images`` images in each row. The output is
+    checked (exists without ``force``, missing folder, unknown extension) before any work.
+    """
     if not prompts:
         raise MergeError("Give at least one prompt.")
-    pipe = load_pipeline(base, device=torch.device(device))
+    _check_counts(num_images, steps)
+    output = Path(output)
+    image_format = _image_format(output)
+    check_destination(output, force=force)
+    pipe = load_pipeline(base, device=device)
     if delta is not None:
         apply(pipe, delta, check_base=check_base)
     images = sample(pipe, prompts, num_images=num_images, seed=seed, steps=steps,
                     guidance_scale=guidance_scale, height=height, width=width, progress=progress)
-    output = Path(output)
     with atomic_path(output, force=force) as temporary:
-        image_grid(images, num_images).save(temporary, format=(output.suffix.lstrip(".") or "png").upper()
-                                            .replace("JPG", "JPEG"))
+        image_grid(images, num_images).save(temporary, format=image_format)
     return output

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import formats
+from .base import BaseModel, layer_order
 from .delta import ConceptDelta, LowRank, dense
-from .loading import as_base, load, resolve_delta
+from .loading import as_base, check_delta, check_fits, resolve_delta
 from .weights import FineTunedWeights
 
 #: Text-feature widths of the real model families, to name the architecture of foreign files.
@@ -27,28 +28,50 @@ class LayerSummary:
 
 @dataclass(frozen=True)
 class Summary:
-    """Everything ``cd-inspect`` prints."""
+    """Everything ``cd-inspect`` prints.
+
+    kind: what the file stores, "differences" or "full fine-tuned weights"; the layer norms
+    are of differences whenever ``compared_with`` is set (full weights minus that base).
+    architecture_source: "recorded" (in the file), "guessed" (from the text-feature width) or
+    "base" (the base it was compared with).
+    compared_with: the ``--base`` given, with its fingerprint and whether it matches the
+    fingerprint the file records.
+    """
 
     source: str
     format: str
-    kind: str  # "differences" or "full fine-tuned weights"
+    kind: str
     architecture: str | None
+    architecture_source: str | None
     base: str | None
     base_fingerprint: str | None
     context_dim: int | None
     layers: tuple[LayerSummary, ...]
     tokens: dict[str, tuple[int, ...]]
+    concepts: tuple[str, ...]
     ignored: tuple[str, ...]
     metadata: dict[str, Any]
+    compared_with: str | None = None
+
+    @property
+    def norms_of_differences(self) -> bool:
+        return self.kind == "differences" or self.compared_with is not None
 
     def lines(self, *, all_layers: bool = False) -> list[str]:
+        architecture = self.architecture or "unknown"
+        if self.architecture and self.architecture_source != "recorded":
+            architecture += f" ({self.architecture_source})"
         out = [f"file:         {self.source}",
                f"format:       {self.format} ({self.kind})",
-               f"architecture: {self.architecture or 'unknown'} (text features: {self.context_dim})",
+               f"architecture: {architecture}, text features: {self.context_dim}",
                f"base:         {self.base or 'not recorded'}"
-               + (f" (fingerprint {self.base_fingerprint[:16]})" if self.base_fingerprint else ""),
-               f"tokens:       " + (", ".join(f"{t} {list(d)}" for t, d in self.tokens.items()) or "none")]
-        norms = "difference norms" if self.kind == "differences" else "weight norms"
+               + (f" (fingerprint {self.base_fingerprint[:16]})" if self.base_fingerprint else "")]
+        if self.compared_with:
+            out.append(f"compared to:  {self.compared_with}")
+        out.append("tokens:       " + (", ".join(f"{t} {list(d)}" for t, d in self.tokens.items()) or "none"))
+        if self.concepts:
+            out.append("concepts:     " + ", ".join(self.concepts))
+        norms = "difference norms" if self.norms_of_differences else "weight norms"
         out.append(f"layers:       {len(self.layers)} cross-attention layers ({norms}: K, V)")
         shown = self.layers if all_layers or len(self.layers) <= 20 else self.layers[:10]
         for layer in shown:
@@ -57,7 +80,8 @@ class Summary:
         if len(shown) < len(self.layers):
             out.append(f"  ... {len(self.layers) - len(shown)} more (--all-layers)")
         if self.ignored:
-            out.append(f"ignored:      {len(self.ignored)} entries a K/V merge does not use, e.g. {self.ignored[0]}")
+            out.append(f"ignored:      {len(self.ignored)} entries a K/V merge does not use, "
+                       f"e.g. {self.ignored[0]}")
         if self.metadata:
             out.append("metadata:")
             out.extend("  " + line for line in json.dumps(self.metadata, indent=2, default=str).splitlines())
@@ -68,29 +92,60 @@ def _rank(x: Any) -> str:
     return f"rank {x.rank}" if isinstance(x, LowRank) else "full"
 
 
-def summarize(reference: str | os.PathLike[str], *, base: str | os.PathLike[str] | None = None) -> Summary:
-    """Read ``reference`` (no base needed); with ``base``, full weights are shown as differences."""
+def summarize(reference: str | os.PathLike[str], *,
+              base: BaseModel | str | os.PathLike[str] | None = None) -> Summary:
+    """Read ``reference`` (no base needed); with ``base``, full weights are shown as differences
+    against it and the file's recorded base fingerprint is compared with it.
+
+    The file is read once; the base's architecture, layers and token sizes must fit (a file
+    recorded for another base fingerprint is still shown, with the difference noted).
+    """
     path = resolve_delta(reference)
     module = formats.detect_format(path)
     content = module.read(path)
+    source = str(reference)
+    kind = "full fine-tuned weights" if isinstance(content, FineTunedWeights) else "differences"
+    ignored = (content.ignored if isinstance(content, FineTunedWeights)
+               else tuple(content.metadata.get("ignored", ())))
+    recorded = (content.base, content.base_fingerprint, content.architecture)
+    compared_with = None
     if base is not None:
-        content = load(reference, base=as_base(base), check_base=False)
+        base = as_base(base)
+        if isinstance(content, FineTunedWeights):
+            check_fits(content.layers.keys(), {k: v[0].shape for k, v in content.layers.items()},
+                       content.tokens, base, source)
+            content = content.to_delta(base.kv)
+        check_delta(content, base, source, check_base=False)
+        compared_with = f"{base.name} (fingerprint {base.fingerprint[:16]}; {_match(recorded[1], base)})"
     if isinstance(content, FineTunedWeights):
-        layers = tuple(LayerSummary(name, tuple(k.shape), float(k.float().norm()), float(v.float().norm()), "full")
+        layers = tuple(LayerSummary(name, tuple(k.shape), float(k.float().norm()), float(v.float().norm()),
+                                    "full")
                        for name, (k, v) in content.layers.items())
-        ignored = content.ignored
-        kind = "full fine-tuned weights"
     else:
-        assert isinstance(content, ConceptDelta)
         layers = tuple(LayerSummary(name, tuple(layer.key.shape), float(dense(layer.key).float().norm()),
                                     float(dense(layer.value).float().norm()),
                                     _rank(layer.key) if _rank(layer.key) == _rank(layer.value)
                                     else f"{_rank(layer.key)} / {_rank(layer.value)}")
                        for name, layer in content.layers.items())
-        ignored = tuple(content.metadata.get("ignored", ()))
-        kind = "differences"
+    layers = tuple(sorted(layers, key=lambda layer: layer_order(layer.name)))
     context = layers[0].shape[1] if layers else None
+    architecture, architecture_source = recorded[2], "recorded"
+    if architecture is None and base is not None:
+        architecture, architecture_source = base.architecture.name, "from the base"
+    elif architecture is None and context in CONTEXT_DIMS:
+        architecture, architecture_source = CONTEXT_DIMS[context], "guessed from the text-feature width"
     metadata = {k: v for k, v in content.metadata.items() if k != "ignored"}
-    return Summary(str(reference), module.NAME, kind, content.architecture or CONTEXT_DIMS.get(context),
-                   content.base, content.base_fingerprint, context, layers,
-                   {t: tuple(e.shape[0] for e in emb) for t, emb in content.tokens.items()}, ignored, metadata)
+    concepts = tuple(f"{c.token} = {'style' if c.style else (c.class_word or 'class not recorded')}"
+                     for c in content.concepts)
+    return Summary(source, module.NAME, kind, architecture, architecture_source if architecture else None,
+                   recorded[0], recorded[1], context, layers,
+                   {t: tuple(e.shape[0] for e in emb) for t, emb in content.tokens.items()},
+                   concepts, ignored, metadata, compared_with)
+
+
+def _match(recorded_fingerprint: str | None, base: BaseModel) -> str:
+    if recorded_fingerprint is None:
+        return "the file records no base fingerprint"
+    if recorded_fingerprint == base.fingerprint:
+        return "matches the file's base"
+    return "DIFFERS from the file's base: the delta was made for another model"

@@ -38,3 +38,33 @@ def tiny_pipeline_path(tmp_path_factory: pytest.TempPathFactory) -> Callable[...
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_delta_files(tiny_pipeline_path, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., dict]:
+    """Factory: ``tiny_delta_files("sd1")`` -> one random concept (token ``<new1>``, class ``cat``)
+    on the tiny base of that architecture (seed 0), as an object and saved in each format.
+
+    Keys: ``"object"`` (the ConceptDelta), ``"native"`` (``delta.safetensors``), ``"diffusers"``
+    (a folder), ``"authors-bin"`` (``delta.bin``, full weights). Made once per session; treat
+    the files as read-only.
+    """
+    from mergekit_cd.base import open_base
+    from mergekit_cd.loading import save
+    from mergekit_cd.testing import random_concept_delta
+
+    cache: dict[str, dict] = {}
+
+    def get(architecture: str) -> dict:
+        if architecture not in cache:
+            base = open_base(tiny_pipeline_path(architecture))
+            delta = random_concept_delta(base, "<new1>", "cat", seed=1)
+            folder = tmp_path_factory.mktemp(f"delta-{architecture}")
+            files = {"object": delta}
+            for name, file_name in (("native", "delta.safetensors"), ("diffusers", "delta"),
+                                    ("authors-bin", "delta.bin")):
+                files[name] = save(delta, folder / file_name, format=name, base=base)
+            cache[architecture] = files
+        return cache[architecture]
+
+    return get

@@ -1,30 +1,91 @@
-"""What every command shares: the error boundary, devices and dtypes, and small tables."""
+"""What every command shares: the error boundary, quiet libraries, devices and dtypes, tables."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 
-from ..errors import MergeError
+from ..errors import MergeError, TokenRenameWarning
+from ..solvers import IllConditionedWarning
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+#: Our own warnings that the commands report themselves (renamed tokens, the solver's notes).
+REPORTED_WARNINGS = (TokenRenameWarning, IllConditionedWarning)
+#: Libraries whose deprecation notices are for developers, not for the user of a command.
+THIRD_PARTY_MODULES = r"(diffusers|transformers|huggingface_hub|accelerate|torch|safetensors)(\.|$)"
 
 
 def run(main: Callable[[argparse.Namespace], int | None], parser: argparse.ArgumentParser,
         argv: Sequence[str] | None = None) -> int:
-    """Parse, run, and turn user errors into one line on stderr and exit status 1."""
+    """Parse, run quietly, and turn user errors into one line on stderr and exit status 1.
+
+    While ``main`` runs, transformers / diffusers / huggingface_hub log only errors and show no
+    progress bars of their own, :data:`REPORTED_WARNINGS` are not printed (the commands print
+    those facts in their reports), nor are the libraries' deprecation notices; everything is
+    restored afterwards.
+    """
     args = parser.parse_args(argv)
     try:
-        return main(args) or 0
+        with quiet_libraries(), warnings.catch_warnings():
+            for category in REPORTED_WARNINGS:
+                warnings.simplefilter("ignore", category)
+            for category in (FutureWarning, DeprecationWarning):  # not actionable for a command's user
+                warnings.filterwarnings("ignore", category=category, module=THIRD_PARTY_MODULES)
+            return main(args) or 0
     except MergeError as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `cd-inspect x | head`: the reader left, which is fine
+        _silence_stdout()
+        return 141
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout replaced (tests) or already closed
+        pass
+
+
+@contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """Errors only and no progress bars from transformers, diffusers and huggingface_hub."""
+    import huggingface_hub.utils as hub_utils
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    saved = (transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled(),
+             diffusers_logging.get_verbosity(), diffusers_logging.is_progress_bar_enabled(),
+             hub_utils.are_progress_bars_disabled())
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    hub_utils.disable_progress_bars()
+    try:
+        yield
+    finally:
+        transformers_verbosity, transformers_bars, diffusers_verbosity, diffusers_bars, hub_disabled = saved
+        transformers_logging.set_verbosity(transformers_verbosity)
+        diffusers_logging.set_verbosity(diffusers_verbosity)
+        if transformers_bars:
+            transformers_logging.enable_progress_bar()
+        if diffusers_bars:
+            diffusers_logging.enable_progress_bar()
+        if not hub_disabled:
+            hub_utils.enable_progress_bars()
 
 
 def device(name: str) -> torch.device:
@@ -33,15 +94,25 @@ def device(name: str) -> torch.device:
         print("note: no CUDA device available, running on CPU", file=sys.stderr)
         return torch.device("cpu")
     try:
-        return torch.device(name)
+        chosen = torch.device(name)
     except RuntimeError as error:
-        raise MergeError(f"Unknown device {name!r}: {error}") from None
+        raise MergeError(f"Unknown device {name!r}: {str(error).splitlines()[0]}") from None
+    if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
+        raise MergeError(f"Device {name} does not exist: this machine has {torch.cuda.device_count()} "
+                         f"CUDA device(s) (cuda:0 to cuda:{torch.cuda.device_count() - 1}).")
+    return chosen
+
+
+def add_device_argument(parser: argparse.ArgumentParser, *, what: str = "the pipeline") -> None:
+    """``--device`` alone (commands without a text-encoder precision to choose, e.g. cd-sample)."""
+    parser.add_argument("--device", default="cpu",
+                        help=f"where to run {what}: cpu (default) or cuda[:N]; falls back to CPU "
+                             f"when no GPU is present")
 
 
 def add_device_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="cpu",
-                        help="where to run the text encoder and the solve: cpu (default) or cuda[:N]; "
-                             "falls back to CPU when no GPU is present")
+    """``--device`` and ``--dtype`` (the text-encoder precision), for cd-merge."""
+    add_device_argument(parser, what="the text encoder and the solve")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
                         help="text-encoder precision (the solve is always float64; default float32)")
 

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from .. import formats
+from ..errors import MergeError
 from ..loading import convert
 from ._common import run
 
@@ -36,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main_with_args(args: argparse.Namespace) -> int:
+    if args.compress is not None and args.to == "diffusers":  # as loading.save decides
+        raise MergeError("--compress: the diffusers layout has no compressed variant (it stores full "
+                         "weights, so nothing would shrink); compress to native, authors-bin or compvis.")
     report = convert(args.input, args.output, args.to, base=args.base, compress_rtol=args.compress,
                      force=args.force, check_base=not args.no_base_check)
     if report is not None:

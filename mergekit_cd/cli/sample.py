@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..sampling import sample_grid
-from ._common import add_device_arguments, device, run
+from ._common import add_device_argument, device, run
 
 EXAMPLES = """\
 examples:
@@ -23,18 +23,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("prompts", nargs="+", help="prompts; use the delta's tokens, e.g. '<new1> cat'")
     parser.add_argument("--base", required=True, help="base pipeline: diffusers folder or hub repo id")
     parser.add_argument("--delta", help="delta to install (any supported format); omit to sample the base")
-    parser.add_argument("-o", "--output", type=Path, default=Path("grid.png"), help="grid image (default grid.png)")
+    parser.add_argument("-o", "--output", type=Path, default=Path("grid.png"),
+                        help="grid image, one row per prompt (default grid.png; .png, .jpg, .webp)")
     parser.add_argument("-n", "--num-images", type=int, default=4, help="images per prompt (default 4)")
     parser.add_argument("--seed", type=int, default=0, help="image j of every prompt uses seed+j (default 0)")
     parser.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
-    parser.add_argument("--guidance-scale", type=float, default=6.0, help="classifier-free guidance (default 6, the paper's)")
+    parser.add_argument("--guidance-scale", type=float, default=6.0,
+                        help="classifier-free guidance (default 6, the paper's)")
     parser.add_argument("--height", type=int, help="image height (default: the model's)")
     parser.add_argument("--width", type=int, help="image width (default: the model's)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing output")
     parser.add_argument("--no-base-check", action="store_true",
                         help="install a delta whose recorded base fingerprint differs (experts only)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    add_device_arguments(parser)
+    add_device_argument(parser, what="the pipeline")
     return parser
 
 
