@@ -219,6 +219,9 @@ def test_ridge_bounds_the_weight_change(bases, concept_deltas):
     _, damped = merge(deltas, None, base=base, ridge=10.0, return_report=True)
     assert damped.solve_info.relative_change < plain.solve_info.relative_change
     assert max(c.residual for c in damped.concepts) < 1e-5
+    _, relative = merge(deltas, None, base=base, relative_ridge=1e-3, return_report=True)
+    assert relative.solve_info.relative_change < 0.5 * plain.solve_info.relative_change
+    assert relative.drift < 1.2 * plain.drift
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(bases, concept_deltas, tmp_path, capsys):
