@@ -236,24 +236,31 @@ def _check_tokens(tokens: dict[str, tuple[Tensor, ...]]) -> None:
             raise MergeError(f"Token {name} has embedding shapes {shape}, others have {dims}.")
 
 
+def _check_same_base(first: ConceptDelta, i: int, other: ConceptDelta, j: int) -> None:
+    """Two deltas may combine only if nothing they record says their bases differ."""
+    if first.base_fingerprint and other.base_fingerprint \
+            and first.base_fingerprint != other.base_fingerprint:
+        raise MergeError(f"Cannot combine deltas made against different base models: operand {i} "
+                         f"({first.base or 'unnamed'}, fingerprint {first.base_fingerprint[:12]}) "
+                         f"and operand {j} ({other.base or 'unnamed'}, fingerprint "
+                         f"{other.base_fingerprint[:12]}).")
+    if (first.base and other.base and first.base != other.base
+            and not (first.base_fingerprint and other.base_fingerprint)):
+        raise MergeError(f"Cannot tell whether operand {i} (base {first.base}) and operand {j} (base "
+                         f"{other.base}) were made against the same model: their base names differ "
+                         f"and no fingerprint is recorded. Load both with the same --base.")
+
+
 def _check_compatible(deltas: Sequence[ConceptDelta]) -> None:
     """Deltas combine only when made against the same base, with the same layers and shapes."""
+    for i, one in enumerate(deltas):  # every pair: a delta that records nothing must not bridge two bases
+        for j in range(i + 1, len(deltas)):
+            _check_same_base(one, i, deltas[j], j)
     first = deltas[0]
     for i, other in enumerate(deltas[1:], start=1):
         if first.architecture and other.architecture and first.architecture != other.architecture:
             raise MergeError(f"Cannot combine deltas for different architectures: operand 0 is "
                              f"{first.architecture}, operand {i} is {other.architecture}.")
-        if first.base_fingerprint and other.base_fingerprint \
-                and first.base_fingerprint != other.base_fingerprint:
-            raise MergeError(f"Cannot combine deltas made against different base models: operand 0 "
-                             f"({first.base or 'unnamed'}, fingerprint {first.base_fingerprint[:12]}) "
-                             f"and operand {i} ({other.base or 'unnamed'}, fingerprint "
-                             f"{other.base_fingerprint[:12]}).")
-        if (first.base and other.base and first.base != other.base
-                and not (first.base_fingerprint and other.base_fingerprint)):
-            raise MergeError(f"Cannot tell whether operand 0 (base {first.base}) and operand {i} (base "
-                             f"{other.base}) were made against the same model: their base names differ "
-                             f"and no fingerprint is recorded. Load both with the same --base.")
         if first.layers.keys() != other.layers.keys():
             missing = sorted(first.layers.keys() ^ other.layers.keys())
             raise MergeError(f"Operands 0 and {i} cover different layers, e.g. {missing[0]} "

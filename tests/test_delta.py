@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from mergekit_cd import (
@@ -42,6 +42,7 @@ seeds = st.integers(0, 2**31 - 1)
 @given(seeds, seeds)
 def test_adding_then_subtracting_a_delta_gives_it_back(a_seed, b_seed):
     """(a + b) - b == a: differences and tokens alike, even when token names collide."""
+    assume(a_seed != b_seed + 1)  # b == a would be one token, not a collision
     a, b = make_delta(a_seed), make_delta(b_seed + 1)
     with pytest.warns(TokenRenameWarning):
         both = a + b
@@ -126,6 +127,10 @@ def test_deltas_whose_bases_cannot_be_matched_do_not_combine():
     b.base = "another-base"
     with pytest.raises(MergeError, match="base names differ and no fingerprint is recorded"):
         a + b
+    unrecorded = make_delta(4, fingerprint=None)
+    unrecorded.base = None
+    with pytest.raises(MergeError, match=r"different base models: operand 1 .* and operand 2"):
+        sum_deltas([unrecorded, make_delta(5), make_delta(6, fingerprint="0" * 64)])
     same_name = make_delta(3, fingerprint=None)
     assert (a + same_name).base == "tiny-base"
 

@@ -37,6 +37,8 @@ def default_rtol(dtype: torch.dtype) -> float:
     return math.sqrt(torch.finfo(dtype).eps)
 
 
+#: Singular values below this fraction of the largest are rounding noise (about 1e3 * float64 eps).
+NUMERICAL_ZERO = 1e3 * torch.finfo(torch.float64).eps
 #: cond(M) on the kept constraint directions above this gets an IllConditionedWarning: the rows
 #: are nearly dependent, and meeting them exactly can move the weights very far.
 M_CONDITION_WARNING = 1e8
@@ -282,5 +284,8 @@ def build_info(A: Tensor, whitening: Whitening, spectrum: ConstraintSpectrum, de
                      f"{s - rank - n_conflicting} consistent, satisfied exactly; "
                      f"{n_conflicting} conflicting, met in the least-squares sense.")
     m_condition = float((kept[0] / kept[-1]) ** 2) if rank else math.inf
+    if m_condition > M_CONDITION_WARNING and rank:
+        notes.append(f"Constraint rows are nearly dependent (cond(M) = {m_condition:.2g}): meeting them "
+                     f"exactly moved the weights by {100 * stats.relative_change:.3g}% of their norm.")
     return SolveInfo(stats.residual, condition_number(A), m_condition, s, rank, s - rank,
                      n_conflicting, whitening.ridge, stats.relative_change, rtol, tuple(notes))

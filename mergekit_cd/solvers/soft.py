@@ -10,6 +10,7 @@ from torch import Tensor
 
 from ._common import (
     FLOAT,
+    NUMERICAL_ZERO,
     build_info,
     check_problem,
     constraint_spectrum,
@@ -91,7 +92,10 @@ def solve_soft(
     C64 = C.to(FLOAT)
     spectrum = constraint_spectrum(C64 * row_scale[:, None], whitening)
     S = spectrum.singular_values
-    Z = row_scale[:, None] * update_operator(spectrum, S / (S * S + 1.0))
+    # directions at rounding level are zero, not signal: amplified by large weights they would grow
+    numerically_zero = S <= NUMERICAL_ZERO * (S[0] if S.numel() else 0.0)
+    gains = torch.where(numerically_zero, torch.zeros_like(S), S / (S * S + 1.0))
+    Z = row_scale[:, None] * update_operator(spectrum, gains)
     dependent = dependent_mask(spectrum, rtol)
     watch = row_scale[:, None] * spectrum.right[:, dependent]
     W, stats = stream_rows(W0, C64, V, Z, watch=watch, diagnostics=return_info)
