@@ -436,15 +436,16 @@ def test_rows_are_streamed_in_chunks_with_identical_results(monkeypatch):
         (lambda a: a.update(W0=torch.ones(3, 4, dtype=torch.int64)), "W0 must be a floating-point tensor"),
         (lambda a: a.update(W0=torch.ones(3, 4, 1, dtype=F64)), "W0 must have 2 dimensions"),
         (lambda a: a.update(ridge=-1.0), "ridge must be a finite number >= 0"),
+        (lambda a: a.update(rtol=float("nan")), r"rtol must be in \[0, 1\)"),
         (lambda a: a.update(G=-torch.eye(4, dtype=F64)), "positive semi-definite"),
     ],
 )
 def test_bad_arguments_are_rejected_with_a_message(change, message):
     args = dict(W0=torch.ones(3, 4, dtype=F64), G=torch.eye(4, dtype=F64),
-                C=torch.ones(2, 4, dtype=F64), V=torch.ones(3, 2, dtype=F64), ridge=0.0)
+                C=torch.ones(2, 4, dtype=F64), V=torch.ones(3, 2, dtype=F64), ridge=0.0, rtol=None)
     change(args)
     with pytest.raises((ValueError, TypeError), match=message):
-        solve_hard(args["W0"], args["G"], args["C"], args["V"], ridge=args["ridge"])
+        solve_hard(args["W0"], args["G"], args["C"], args["V"], ridge=args["ridge"], rtol=args["rtol"])
 
 
 def test_soft_argument_errors_name_the_problem():

@@ -29,12 +29,21 @@ FLOAT = torch.float64
 G_CONDITION_LIMIT = 1e10
 #: Constraint rows whose singular value (in the G-metric) is below ``rtol * s_max`` are dependent.
 #: The default is ``sqrt(eps)`` of the constraint features' dtype (1.5e-8 for float64, 3.5e-4 for
-#: float32, 3.1e-2 for float16): rows closer than the precision they were computed in are one
-#: row, so near-duplicates with conflicting targets are met in least squares instead of being
-#: met exactly at the price of an enormous weight change.
+#: float32, 3.1e-2 for float16): rows that agree to about half the digits their dtype carries
+#: are one row, so near-duplicates with conflicting targets are met in least squares instead of
+#: exactly at the price of an enormous weight change.
 def default_rtol(dtype: torch.dtype) -> float:
     """``sqrt(eps)`` of ``dtype``: the default dependence tolerance for features of that precision."""
     return math.sqrt(torch.finfo(dtype).eps)
+
+
+def resolve_rtol(rtol: float | None, dtype: torch.dtype) -> float:
+    """The tolerance to use: the caller's, checked, or :func:`default_rtol`."""
+    if rtol is None:
+        return default_rtol(dtype)
+    if not (0 <= rtol < 1):
+        raise ValueError(f"rtol must be in [0, 1), got {rtol}.")
+    return rtol
 
 
 #: Singular values below this fraction of the largest are rounding noise (about 1e3 * float64 eps).

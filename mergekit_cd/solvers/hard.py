@@ -13,9 +13,9 @@ from ._common import (
     build_info,
     check_problem,
     constraint_spectrum,
-    default_rtol,
     dependent_mask,
     regulariser,
+    resolve_rtol,
     stream_rows,
     update_operator,
     whiten,
@@ -61,7 +61,7 @@ def solve_hard(
     ``IllConditionedWarning`` instead of NaNs.
     """
     check_problem(W0, G, C, V, ridge, check_finite)
-    rtol = default_rtol(C.dtype) if rtol is None else rtol
+    rtol = resolve_rtol(rtol, C.dtype)
     A = regulariser(G, 1.0)
     whitening = whiten(A, ridge, what="G + ridge*I")
     C64 = C.to(FLOAT)

@@ -14,9 +14,9 @@ from ._common import (
     build_info,
     check_problem,
     constraint_spectrum,
-    default_rtol,
     dependent_mask,
     regulariser,
+    resolve_rtol,
     stream_rows,
     update_operator,
     whiten,
@@ -83,7 +83,7 @@ def solve_soft(
     C = torch.cat(list(C_list))
     V = torch.cat(list(V_list), dim=1)
     check_problem(W0, G, C, V, ridge, check_finite, labels=("C_list", "V_list"))
-    rtol = default_rtol(C.dtype) if rtol is None else rtol
+    rtol = resolve_rtol(rtol, C.dtype)
     counts = torch.tensor([c.shape[0] for c in C_list])
     row_scale = weights.sqrt().to(C.device).repeat_interleave(counts.to(C.device))
 
