@@ -148,7 +148,7 @@ def load_pickle(path: str | os.PathLike[str], *, mmap: bool = False) -> Any:
                          f"or corrupt, or it uses pickle features that could run code; refused.") from None
     except OSError as error:
         raise MergeError(f"Cannot read {path}: {error.strerror or error}.") from error
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as error:
+    except Exception as error:  # noqa: BLE001 - a corrupt pickle can fail in any of pickle's internals
         raise MergeError(f"{path}: truncated or corrupt ({_reason(error)}).") from None
 
 

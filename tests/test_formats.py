@@ -607,3 +607,25 @@ def test_diffusers_loads_the_sdxl_token_file_into_both_encoders(tmp_path):
                                                   (pipe.tokenizer_2, pipe.text_encoder_2)]):
         row = encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids("<new1>")]
         assert torch.equal(row.detach(), weights.tokens["<new1>"][index])
+
+
+def test_truncated_and_random_pickles_are_one_error_never_a_traceback(tmp_path):
+    """Corrupt pickle bytes fail in many places inside pickle; every one is a MergeError."""
+    import io
+    import random
+
+    from mergekit_cd.fileio import load_pickle
+
+    buffer = io.BytesIO()
+    torch.save({"unet": {"a": torch.ones(3)}}, buffer, _use_new_zipfile_serialization=False)
+    legacy = buffer.getvalue()
+    rng = random.Random(0)
+    samples = [legacy[:n] for n in range(1, len(legacy), max(1, len(legacy) // 60))]
+    samples += [bytes(rng.randrange(256) for _ in range(rng.randrange(2, 200))) for _ in range(60)]
+    for index, data in enumerate(samples):
+        path = tmp_path / f"bad{index}.bin"
+        path.write_bytes(data)
+        try:
+            load_pickle(path)
+        except MergeError as error:
+            assert str(path) in str(error)
