@@ -43,13 +43,6 @@ ARCHITECTURES: dict[str, Architecture] = {
 }
 
 
-def get_architecture(name: str) -> Architecture:
-    try:
-        return ARCHITECTURES[name]
-    except KeyError:
-        raise MergeError(f"Unknown architecture {name!r}; expected one of {', '.join(ARCHITECTURES)}.") from None
-
-
 def detect_architecture(model_index: dict[str, Any], unet_config: dict[str, Any],
                         text_encoder_config: dict[str, Any]) -> Architecture:
     """Recognise the family from configs (never from names or paths).

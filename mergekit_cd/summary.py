@@ -9,7 +9,7 @@ from typing import Any
 
 from . import formats
 from .base import BaseModel, layer_order
-from .delta import ConceptDelta, LowRank, dense
+from .delta import LowRank, dense
 from .loading import as_base, check_delta, check_fits, resolve_delta
 from .weights import FineTunedWeights
 
