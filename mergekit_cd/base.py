@@ -160,6 +160,22 @@ class BaseModel:
         return tuple(int(self._text_encoder_configs[name]["hidden_size"])
                      for name in self.architecture.text_encoders)
 
+    def text_encoder_parameters(self) -> int:
+        """Number of parameters of all text encoders, from their safetensors headers (no data read)."""
+        total = 0
+        for name in self.architecture.text_encoders:
+            found = _weights_file(self.path / name, _TEXT_ENCODER_STEM)
+            if found is None:
+                continue
+            files = [found[0]]
+            if found[0].suffix == ".json":
+                files = [found[0].parent / f for f in sorted(set(_read_json(found[0]).get("weight_map", {}).values()))]
+            for file in files:
+                with safe_open(str(file), framework="pt", device="cpu") as handle:
+                    for key in handle.keys():
+                        total += int(torch.Size(handle.get_slice(key).get_shape()).numel())
+        return total
+
     def load_tokenizers(self) -> list[Any]:
         """The tokenizer(s), in the architecture's order, as the classes model_index.json names."""
         return [self._component_class(name).from_pretrained(self.path / name)

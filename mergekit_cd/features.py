@@ -234,23 +234,26 @@ def gram_cache_key(base: BaseModel, captions: Sequence[str], dtype: torch.dtype)
 
 def cached_gram(base: BaseModel, captions: Sequence[str], *, device: str | torch.device = "cpu",
                 dtype: torch.dtype = torch.float32, batch_size: int = 64,
-                cache_dir: str | os.PathLike[str] | None = None,
-                progress: bool = False) -> tuple[Tensor, int, bool]:
+                cache_dir: str | os.PathLike[str] | None = None, progress: bool = False,
+                encoder: TextFeatures | None = None) -> tuple[Tensor, int, bool]:
     """``(G, n, from_cache)``: :meth:`TextFeatures.gram` of ``captions``, stored on disk.
 
     The file is ``gram-<key>.safetensors`` under ``cache_dir`` (default :func:`default_cache_dir`),
-    keyed by :func:`gram_cache_key`. A hit loads neither tokenizer nor text encoder. An
+    keyed by :func:`gram_cache_key`. A hit loads neither tokenizer nor text encoder; a miss
+    uses ``encoder`` when given (its dtype wins over ``dtype``) instead of loading its own. An
     unreadable cache file counts as a miss; an unwritable cache only warns.
     """
     if not captions:
         raise MergeError("No regularisation captions to compute a Gram matrix from.")
+    if encoder is not None:
+        dtype = encoder.dtype
     key = gram_cache_key(base, captions, dtype)
     path = Path(cache_dir or default_cache_dir()).expanduser() / f"gram-{key}.safetensors"
     cached = _read_gram(path)
     if cached is not None:
         return (*cached, True)
-    gram, count = TextFeatures(base, device=device, dtype=dtype).gram(captions, batch_size=batch_size,
-                                                                      progress=progress)
+    encoder = encoder or TextFeatures(base, device=device, dtype=dtype)
+    gram, count = encoder.gram(captions, batch_size=batch_size, progress=progress)
     metadata = {"format_version": _CACHE_FORMAT_VERSION, "rows": str(count), "feature_rule": FEATURE_RULE,
                 "base": base.name, "base_fingerprint": base.fingerprint, "text_dtype": str(dtype),
                 "num_captions": str(len(captions))}

@@ -7,23 +7,30 @@ its soft/weighted generalisation); ``sum`` and ``average`` are the naive baselin
 
 from __future__ import annotations
 
+import gc
 import hashlib
+import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
+from . import formats
 from .base import BaseModel
-from .delta import Concept, ConceptDelta, LayerDelta, TokenRename, dense, merge_tokens
+from .delta import Concept, ConceptDelta, LayerDelta, LowRank, TokenRename, dense, merge_tokens
 from .errors import MergeError
 from .features import FEATURE_RULE, TextFeatures, cached_gram, default_reg_captions, heldout_captions, target_prompts
-from .loading import PathLike, as_base, load
-from .solvers import SolveInfo, solve_hard, solve_soft
+from .loading import PathLike, as_base, load, resolve_delta
+from .solvers import SolveInfo, factor_hard, factor_soft
 from .solvers._common import default_rtol
 from .version import __version__
 
 METHODS = ("constrained", "soft", "sum", "average")
+#: Soft-merge weight of each concept when none is given: its outputs are kept almost exactly.
+DEFAULT_SOFT_WEIGHT = 1e3
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,7 @@ class MergePlan:
     base: BaseModel
     deltas: tuple[ConceptDelta, ...]
     sources: tuple[str, ...]
+    formats: tuple[str, ...]  # the format each input was read in ("object" for deltas given in memory)
     concepts: tuple[Concept, ...]  # tokens already renamed to their merged names
     owners: tuple[int, ...]  # index of the input each concept comes from
     tokens: dict[str, tuple[Tensor, ...]]
@@ -70,23 +78,66 @@ class MergePlan:
     def num_weight_rows(self) -> int:
         return sum(k[0] + v[0] for k, v in self.base.kv_shapes().values())
 
-    def estimated_memory_bytes(self, num_constraint_rows: int) -> int:
-        """Base K/V in float32, result, stacked targets and one d x d float64 Gram matrix."""
-        n, d = self.num_weight_rows, self.base.context_dim
-        return 4 * n * d * 2 + 4 * n * num_constraint_rows * 2 + 8 * d * d * 3
+    def estimated_memory_bytes(self, num_constraint_rows: int, text_dtype: torch.dtype = torch.float32) -> int:
+        """Peak memory of :func:`execute` beyond the interpreter, on the CPU.
+
+        The inputs stay loaded throughout; on top come either the text encoder (released
+        first) or the result (float32) plus one layer's float64 working rows and the d x d
+        matrices of the factorisation.
+        """
+        d = self.base.context_dim
+        inputs = sum(_delta_bytes(delta) for delta in self.deltas)
+        text = self.base.text_encoder_parameters() * torch.finfo(text_dtype).bits // 8
+        layer_rows = max((k[0] + v[0] for k, v in self.base.kv_shapes().values()), default=0)
+        working = 8 * layer_rows * (d * (len(self.deltas) + 4) + num_constraint_rows)
+        solver = 8 * (4 * d * d + 3 * num_constraint_rows * d)
+        return inputs + max(text, 4 * self.num_weight_rows * d + working + solver)
+
+
+@dataclass(frozen=True)
+class PlanSummary:
+    """What a merge would do, for ``--dry-run``: per concept its input, format and constraint rows."""
+
+    concepts: tuple[tuple[str, str, Concept, int], ...]  # (source, format, concept, rows)
+    num_constraint_rows: int
+    rank: int  # numerical rank of the stacked target-prompt features
+    estimated_memory_bytes: int
+
+
+def summarize_plan(plan: MergePlan, *, device: str | torch.device = "cpu",
+                   text_dtype: torch.dtype = torch.float32, batch_size: int = 64) -> PlanSummary:
+    """Encode the target prompts (not the captions) to count constraint rows and their rank."""
+    encoder = TextFeatures(plan.base, plan.tokens, device=device, dtype=text_dtype)
+    features = [torch.cat(encoder.features(list(c.prompts), batch_size=batch_size)).double()
+                for c in plan.concepts]
+    stacked = torch.cat(features)
+    singular_values = torch.linalg.svdvals(stacked)
+    top = float(singular_values[0]) if singular_values.numel() else 0.0
+    rank = int((singular_values > default_rtol(text_dtype) * top).sum()) if top > 0 else 0
+    rows = tuple((plan.sources[owner], plan.formats[owner], concept, C.shape[0])
+                 for concept, owner, C in zip(plan.concepts, plan.owners, features))
+    return PlanSummary(rows, stacked.shape[0], rank, plan.estimated_memory_bytes(stacked.shape[0], text_dtype))
 
 
 def plan_merge(deltas: Sequence[PathLike | ConceptDelta], reg_captions: Sequence[str] | None = None, *,
                base: BaseModel | PathLike, class_words: Sequence[str | None] | None = None,
                styles: Sequence[bool] | None = None, target_templates: Sequence[str] | None = None,
-               check_base: bool = True) -> MergePlan:
-    """Load and validate the inputs, name their tokens, attach class words and target prompts."""
+               style_templates: Sequence[str] | None = None, check_base: bool = True) -> MergePlan:
+    """Load and validate the inputs, name their tokens, attach class words and target prompts.
+
+    A concept's target prompts are the ones its file records (our native files and cd-train
+    outputs do), unless a class word, a style flag or templates are given for it; then they
+    are built from ``target_templates`` (object concepts) or ``style_templates`` (style
+    concepts, see ``styles``).
+    """
     if not deltas:
         raise MergeError("Nothing to merge: give at least one delta.")
     base = as_base(base)
     loaded = [load(d, base=base, check_base=check_base) for d in deltas]
     sources = tuple(d if isinstance(d, str) else str(d) if not isinstance(d, ConceptDelta)
                     else d.metadata.get("source", f"input {i + 1}") for i, d in enumerate(deltas))
+    read_as = tuple("object" if isinstance(d, ConceptDelta) else formats.detect_format(resolve_delta(d)).NAME
+                    for d in deltas)
     if class_words is not None and len(class_words) not in (0, len(loaded)):
         raise MergeError(f"Got {len(class_words)} class words for {len(loaded)} inputs; give one --class "
                          f"per input, in order (comma-separated for an input with several tokens).")
@@ -96,22 +147,42 @@ def plan_merge(deltas: Sequence[PathLike | ConceptDelta], reg_captions: Sequence
     concepts: list[Concept] = []
     owners: list[int] = []
     for index, delta in enumerate(loaded):
+        if not delta.tokens:
+            warnings.warn(f"{sources[index]} has no modifier token: its target prompts hold only the class "
+                          f"word, so the merge pins the base's outputs on ordinary prompts of that class.",
+                          stacklevel=2)
         renamed = {r.old: r.new for r in renames if r.operand == index}
         own_tokens = list(delta.tokens) or [""]
-        words = _class_words_for(delta, own_tokens, class_words[index] if class_words else None,
-                                 sources[index])
+        given_word = class_words[index] if class_words else None
+        words = _class_words_for(delta, own_tokens, given_word, sources[index])
         for token, word in zip(own_tokens, words):
             known = delta.concept_for(token)
             style = styles[index] if styles is not None else bool(known and known.style)
             new_token = renamed.get(token, token)
-            prompts = target_prompts(new_token, word, templates=target_templates, style=style)
+            recorded = known.renamed(token, new_token).prompts if known and known.prompts else ()
+            explicit = given_word or target_templates or style_templates or (styles is not None and styles[index])
+            if recorded and not explicit:
+                prompts = recorded
+            else:
+                prompts = tuple(target_prompts(new_token, word, style=style,
+                                               templates=style_templates if style else target_templates))
             concepts.append(Concept(new_token, word, tuple(prompts), style))
             owners.append(index)
     captions = tuple(reg_captions) if reg_captions is not None else tuple(default_reg_captions())
     if not captions:
         raise MergeError("The regularisation caption set is empty.")
-    return MergePlan(base, tuple(loaded), sources, tuple(concepts), tuple(owners), tokens,
+    return MergePlan(base, tuple(loaded), sources, read_as, tuple(concepts), tuple(owners), tokens,
                      renames, captions)
+
+
+def _delta_bytes(delta: ConceptDelta) -> int:
+    """Memory held by a loaded delta's differences."""
+    total = 0
+    for layer in delta.layers.values():
+        for part in (layer.key, layer.value):
+            tensors = (part.up, part.down) if isinstance(part, LowRank) else (part,)
+            total += sum(t.numel() * t.element_size() for t in tensors)
+    return total
 
 
 def _class_words_for(delta: ConceptDelta, tokens: list[str], given: str | None, source: str) -> list[str]:
@@ -135,14 +206,35 @@ def _class_words_for(delta: ConceptDelta, tokens: list[str], given: str | None, 
     return words
 
 
+def check_options(method: str, *, weights: Sequence[float] | None = None, mu: float = 1.0,
+                  ridge: float = 0.0, relative_ridge: float = 0.0, batch_size: int = 64) -> None:
+    """Refuse bad merge options before any file is read or text encoded."""
+    if method not in METHODS:
+        raise MergeError(f"Unknown merge method {method!r}; choose one of {', '.join(METHODS)}.")
+    for name, value in (("ridge", ridge), ("relative ridge", relative_ridge), ("mu", mu)):
+        if not (math.isfinite(value) and value >= 0):
+            raise MergeError(f"The {name} must be a finite number >= 0, got {value}.")
+    if weights is not None:
+        if method != "soft":
+            raise MergeError(f"Concept weights only apply to the soft merge, not to {method!r}.")
+        if not weights or not all(math.isfinite(w) and w > 0 for w in weights):
+            raise MergeError(f"Soft-merge weights must be finite numbers > 0, got {list(weights)}.")
+    if method == "soft" and mu == 0 and ridge == 0 and relative_ridge == 0:
+        raise MergeError("mu = 0 with no ridge leaves the soft merge without a unique solution; "
+                         "give mu > 0, or a small ridge.")
+    if batch_size < 1:
+        raise MergeError(f"The batch size must be at least 1, got {batch_size}.")
+
+
 def merge(deltas: Sequence[PathLike | ConceptDelta], reg_captions: Sequence[str] | None = None, *,
           base: BaseModel | PathLike, method: str = "constrained",
           class_words: Sequence[str | None] | None = None, styles: Sequence[bool] | None = None,
-          target_templates: Sequence[str] | None = None, weights: Sequence[float] | None = None,
-          mu: float = 1.0, ridge: float = 0.0, relative_ridge: float = 0.0,
-          device: str | torch.device = "cpu", text_dtype: torch.dtype = torch.float32,
-          batch_size: int = 64, cache_dir: PathLike | None = None,
-          held_out: Sequence[str] | None = None, check_base: bool = True, progress: bool = False,
+          target_templates: Sequence[str] | None = None, style_templates: Sequence[str] | None = None,
+          weights: Sequence[float] | None = None, mu: float = 1.0, ridge: float = 0.0,
+          relative_ridge: float = 0.0, device: str | torch.device = "cpu",
+          text_dtype: torch.dtype = torch.float32, batch_size: int = 64,
+          cache_dir: PathLike | None = None, held_out: Sequence[str] | None = None,
+          check_base: bool = True, progress: bool = False,
           return_report: bool = False) -> ConceptDelta | tuple[ConceptDelta, MergeReport]:
     """Merge concept deltas into one delta on ``base``.
 
@@ -153,15 +245,74 @@ def merge(deltas: Sequence[PathLike | ConceptDelta], reg_captions: Sequence[str]
     ``ridge * ||W - W0||^2``; ``relative_ridge`` adds the same in units of G's mean eigenvalue
     (``trace(G) / d``), which needs no knowledge of the feature scale: 1e-3 typically cuts the
     weight change several-fold while the drift on captions barely moves.
+
+    The work streams layer by layer: one factorisation serves every layer, and besides the
+    inputs only the result and one layer's rows are held (the text encoder is released first).
     """
-    if method not in METHODS:
-        raise MergeError(f"Unknown merge method {method!r}; choose one of {', '.join(METHODS)}.")
+    check_options(method, weights=weights, mu=mu, ridge=ridge, relative_ridge=relative_ridge,
+                  batch_size=batch_size)
     plan = plan_merge(deltas, reg_captions, base=base, class_words=class_words, styles=styles,
-                      target_templates=target_templates, check_base=check_base)
+                      target_templates=target_templates, style_templates=style_templates,
+                      check_base=check_base)
     return execute(plan, method=method, weights=weights, mu=mu, ridge=ridge,
                    relative_ridge=relative_ridge, device=device,
                    text_dtype=text_dtype, batch_size=batch_size, cache_dir=cache_dir,
                    held_out=held_out, progress=progress, return_report=return_report)
+
+
+@dataclass
+class _TextPhase:
+    """Everything the text encoder contributes, computed before any K/V row is read."""
+
+    targets: list[Tensor]  # per concept, its target-prompt feature rows, float64
+    gram: Tensor | None  # C_reg^T C_reg (constrained / soft only)
+    num_rows: int
+    gram_from_cache: bool
+    held_gram: Tensor | None  # C_held^T C_held, for the drift report
+
+
+def _encode_text(plan: MergePlan, method: str, *, device: torch.device, text_dtype: torch.dtype,
+                 batch_size: int, cache_dir: PathLike | None, held_out: Sequence[str] | None,
+                 report: bool, progress: bool) -> _TextPhase:
+    """Target features, the caption Gram matrix and (for the report) the held-out one.
+
+    One text encoder serves all three; it is dropped on return, before the K/V work starts.
+    """
+    encoder = TextFeatures(plan.base, plan.tokens, device=device, dtype=text_dtype)
+    targets = [torch.cat(encoder.features(list(c.prompts), batch_size=batch_size)).double()
+               for c in plan.concepts]
+    gram, num_rows, from_cache = None, 0, False
+    if method in ("constrained", "soft"):
+        gram, num_rows, from_cache = cached_gram(plan.base, list(plan.reg_captions), batch_size=batch_size,
+                                                 cache_dir=cache_dir, progress=progress, encoder=encoder)
+    held_gram = None
+    if report:
+        captions = list(held_out) if held_out is not None else heldout_captions()
+        held_gram = cached_gram(plan.base, captions, batch_size=batch_size, cache_dir=cache_dir,
+                                encoder=encoder)[0]
+    return _TextPhase(targets, gram, num_rows, from_cache, held_gram)
+
+
+class _ReportSums:
+    """Squared norms for the report, accumulated layer by layer (no output matrix is kept)."""
+
+    def __init__(self, num_concepts: int) -> None:
+        self.residual = [0.0] * num_concepts
+        self.sum_residual = [0.0] * num_concepts
+        self.target = [0.0] * num_concepts
+        self.drift = self.sum_drift = self.base = 0.0
+
+    def add(self, features: list[Tensor], owners: tuple[int, ...], W0: Tensor, inputs: list[Tensor],
+            merged: Tensor, naive_sum: Tensor, held_gram: Tensor) -> None:
+        """One layer: base rows, each input's difference rows, merged and summed differences."""
+        for i, (C, owner) in enumerate(zip(features, owners)):
+            own = inputs[owner]
+            self.residual[i] += _squared((merged - own) @ C.T)
+            self.sum_residual[i] += _squared((naive_sum - own) @ C.T)
+            self.target[i] += _squared((W0 + own) @ C.T)
+        self.drift += _quadratic(merged, held_gram)
+        self.sum_drift += _quadratic(naive_sum, held_gram)
+        self.base += _quadratic(W0, held_gram)
 
 
 def execute(plan: MergePlan, *, method: str = "constrained", weights: Sequence[float] | None = None,
@@ -171,94 +322,94 @@ def execute(plan: MergePlan, *, method: str = "constrained", weights: Sequence[f
             cache_dir: PathLike | None = None, held_out: Sequence[str] | None = None,
             progress: bool = False, return_report: bool = False):
     """Run a planned merge (see :func:`merge`)."""
+    check_options(method, weights=weights, mu=mu, ridge=ridge, relative_ridge=relative_ridge,
+                  batch_size=batch_size)
+    if weights is not None and len(weights) != len(plan.concepts):
+        raise MergeError(f"Got {len(weights)} soft-merge weights for {len(plan.concepts)} concepts "
+                         f"({', '.join(c.token for c in plan.concepts)}); give one per concept.")
     device = torch.device(device)
-    base = plan.base
-    encoder = TextFeatures(base, plan.tokens, device=device, dtype=text_dtype)
-    target_features = [torch.cat(encoder.features(list(c.prompts), batch_size=batch_size)).double()
-                       for c in plan.concepts]
-    layers = base.layer_names()
-    W0 = torch.cat([w for name in layers for w in base.kv(name)])
-    base_outputs = [rows_times(W0, C) for C in target_features]
-    targets = [out + rows_times(_stack(plan.deltas[owner], layers), C)
-               for owner, C, out in zip(plan.owners, target_features, base_outputs)]
-    naive_sum = _stack(plan.deltas[0], layers)
-    for delta in plan.deltas[1:]:
-        naive_sum += _stack(delta, layers)
-
-    gram_cached, num_rows, info = False, 0, None
-    # features are float64 here but only as exact as the text encoder that made them
-    rtol = default_rtol(text_dtype)
+    # MPS has no float64: encode text there, but solve on the CPU
+    solve_device = torch.device("cpu") if device.type == "mps" else device
+    text = _encode_text(plan, method, device=device, text_dtype=text_dtype, batch_size=batch_size,
+                        cache_dir=cache_dir, held_out=held_out, report=return_report, progress=progress)
+    _release_memory(device)
+    operator, total_ridge = None, ridge
     if method in ("constrained", "soft"):
-        G, num_rows, gram_cached = cached_gram(base, list(plan.reg_captions), device=device,
-                                               dtype=text_dtype, batch_size=batch_size,
-                                               cache_dir=cache_dir, progress=progress)
-        if ridge < 0 or relative_ridge < 0:
-            raise MergeError("ridge and relative ridge must be >= 0.")
-        ridge = ridge + relative_ridge * float(torch.diagonal(G).mean())
-        W0_device, G = W0.to(device), G.to(device)
+        total_ridge = ridge + relative_ridge * float(torch.diagonal(text.gram).mean())
+        # features are float64 here but only as exact as the text encoder that made them
+        rtol = default_rtol(text_dtype)
+        G = text.gram.to(solve_device)
         if method == "constrained":
-            W, info = solve_hard(W0_device, G, torch.cat(target_features).to(device),
-                                 torch.cat(targets, dim=1).to(device), ridge=ridge, rtol=rtol,
-                                 return_info=True)
+            operator = factor_hard(G, torch.cat(text.targets).to(solve_device), ridge=total_ridge,
+                                   rtol=rtol, diagnostics=return_report)
         else:
-            weights = list(weights) if weights is not None else [1e3] * len(plan.concepts)
-            if len(weights) != len(plan.concepts):
-                raise MergeError(f"Got {len(weights)} soft-merge weights for {len(plan.concepts)} concepts.")
-            W, info = solve_soft(W0_device, G, [c.to(device) for c in target_features],
-                                 [t.to(device) for t in targets], weights, mu, ridge=ridge, rtol=rtol,
-                                 return_info=True)
-        merged_rows = W.cpu() - W0
-    elif method == "sum":
-        merged_rows = naive_sum
-    else:
-        merged_rows = naive_sum / len(plan.deltas)
+            weights = list(weights) if weights is not None else [DEFAULT_SOFT_WEIGHT] * len(plan.concepts)
+            operator = factor_soft(G, [C.to(solve_device) for C in text.targets], weights, mu,
+                                   ridge=total_ridge, rtol=rtol, diagnostics=return_report)
 
-    result = ConceptDelta(_unstack(merged_rows, layers, base), plan.tokens, base=base.name,
-                          base_fingerprint=base.fingerprint, architecture=base.architecture.name,
+    features = [C.to(solve_device) for C in text.targets]
+    held_gram = text.held_gram.to(solve_device) if text.held_gram is not None else None
+    sums = _ReportSums(len(plan.concepts))
+    layers: dict[str, LayerDelta] = {}
+    for name in tqdm(plan.base.layer_names(), desc="merging layers", unit="layer", disable=not progress):
+        W0 = torch.cat(plan.base.kv(name)).to(solve_device, torch.float64)
+        inputs = [_layer_rows(delta, name).to(solve_device, torch.float64) for delta in plan.deltas]
+        naive_sum = torch.stack(inputs).sum(0)
+        if operator is not None:
+            targets = torch.cat([(W0 + inputs[owner]) @ C.T for owner, C in zip(plan.owners, features)], dim=1)
+            merged = operator.apply(W0, targets) - W0
+        elif method == "sum":
+            merged = naive_sum
+        else:
+            merged = naive_sum / len(plan.deltas)
+        if return_report:
+            sums.add(features, plan.owners, W0, inputs, merged, naive_sum, held_gram)
+        keys = plan.base.kv_shapes()[name][0][0]
+        merged = merged.float().cpu()
+        layers[name] = LayerDelta(merged[:keys].contiguous(), merged[keys:].contiguous())
+
+    result = ConceptDelta(layers, plan.tokens, base=plan.base.name,
+                          base_fingerprint=plan.base.fingerprint, architecture=plan.base.architecture.name,
                           concepts=plan.concepts, token_renames=plan.token_renames)
-    result.metadata["recipe"] = _recipe(plan, method, weights, mu, ridge)
+    result.metadata["recipe"] = _recipe(plan, method, weights, mu, total_ridge)
     if not return_report:
         return result
-    concepts = tuple(
-        ConceptReport(c.token, c.class_word or "", c.prompts,
-                      _relative(out + rows_times(merged_rows, C), V),
-                      _relative(out + rows_times(naive_sum, C), V))
-        for c, C, V, out in zip(plan.concepts, target_features, targets, base_outputs))
-    captions = list(held_out) if held_out is not None else heldout_captions()
-    C_held = torch.cat(encoder.features(captions, batch_size=batch_size)).double()
-    base_held = rows_times(W0, C_held)
-    report = MergeReport(method, concepts,
-                         _relative(base_held + rows_times(merged_rows, C_held), base_held),
-                         _relative(base_held + rows_times(naive_sum, C_held), base_held),
-                         plan.token_renames, len(plan.reg_captions), num_rows, gram_cached, info,
-                         info.notes if info is not None else ())
+    info = operator.info() if operator is not None else None
+    concepts = tuple(ConceptReport(c.token, c.class_word or "", c.prompts, _ratio(r, t), _ratio(sr, t))
+                     for c, r, sr, t in zip(plan.concepts, sums.residual, sums.sum_residual, sums.target))
+    report = MergeReport(method, concepts, _ratio(sums.drift, sums.base), _ratio(sums.sum_drift, sums.base),
+                         plan.token_renames, len(plan.reg_captions), text.num_rows, text.gram_from_cache,
+                         info, info.notes if info is not None else ())
     return result, report
 
 
-def rows_times(rows: Tensor, C: Tensor, chunk: int = 8192) -> Tensor:
-    """``rows @ C^T`` in float64, streamed over row chunks (rows may be a huge float32 stack)."""
-    out = torch.empty(rows.shape[0], C.shape[0], dtype=torch.float64)
-    C = C.double().cpu()
-    for start in range(0, rows.shape[0], chunk):
-        out[start:start + chunk] = rows[start:start + chunk].double() @ C.T
-    return out
+def _layer_rows(delta: ConceptDelta, name: str) -> Tensor:
+    """One layer's K then V difference rows of ``delta``, dense."""
+    layer = delta.layers[name]
+    return torch.cat([dense(layer.key), dense(layer.value)])
 
 
-def _stack(delta: ConceptDelta, layers: list[str]) -> Tensor:
-    """All K/V difference rows in base layer order (K then V per layer), float32."""
-    return torch.cat([dense(getattr(delta.layers[name], which)).float()
-                      for name in layers for which in ("key", "value")])
+def _release_memory(device: torch.device) -> None:
+    """Give the text encoder's memory back before the K/V work."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
-def _unstack(rows: Tensor, layers: list[str], base: BaseModel) -> dict[str, LayerDelta]:
-    shapes = base.kv_shapes()
-    out, start = {}, 0
-    for name in layers:
-        k, v = shapes[name][0][0], shapes[name][1][0]
-        out[name] = LayerDelta(rows[start:start + k].float().contiguous(),
-                               rows[start + k:start + k + v].float().contiguous())
-        start += k + v
-    return out
+def _squared(x: Tensor) -> float:
+    return float(x.square().sum())
+
+
+def _quadratic(X: Tensor, gram: Tensor) -> float:
+    """``||X C^T||^2 = sum((X G) * X)`` for ``G = C^T C``, without the rows of C."""
+    return float(((X @ gram) * X).sum().clamp_min(0))
+
+
+def _ratio(squared_numerator: float, squared_denominator: float) -> float:
+    """sqrt(a / b): a relative norm from squared norms; the absolute one when b is zero."""
+    if squared_denominator > 0:
+        return math.sqrt(squared_numerator / squared_denominator)
+    return math.sqrt(squared_numerator)
 
 
 def _recipe(plan: MergePlan, method: str, weights, mu: float, ridge: float) -> dict:
@@ -291,9 +442,3 @@ def _delta_hash(delta: ConceptDelta) -> str:
         for embedding in delta.tokens[token]:
             digest.update(embedding.float().contiguous().numpy().tobytes())
     return digest.hexdigest()
-
-
-def _relative(a: Tensor, b: Tensor) -> float:
-    """||a - b|| / ||b||; the absolute difference when b is zero."""
-    norm = float(b.norm())
-    return float((a - b).norm()) / norm if norm > 0 else float((a - b).norm())

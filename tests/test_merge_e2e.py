@@ -232,7 +232,8 @@ def test_dry_run_prints_the_plan_and_writes_nothing(bases, concept_deltas, tmp_p
     out = capsys.readouterr().out
     assert not output.exists()
     assert "sdxl" in out and "<new3>" in out and "photo of a <new2> pot" in out
-    assert "18 constraint rows" in out and "estimated memory" in out
+    assert "18 constraint rows of rank 18" in out and "estimated peak memory" in out
+    assert "native" in out  # the format each input was read in
 
 
 def test_base_and_deltas_as_hub_repo_ids_offline(bases, concept_deltas, tmp_path, monkeypatch, capsys):

@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
 from .. import formats
+from ..base import open_base
 from ..errors import MergeError
-from ..fileio import check_destination
-from ..features import TextFeatures, default_reg_captions, read_captions
+from ..features import default_reg_captions, read_captions
 from ..loading import save
-from ..merge import METHODS, execute, plan_merge
+from ..merge import METHODS, execute, plan_merge, summarize_plan
 from ._common import DTYPES, add_device_arguments, device, run, table
 
 EXAMPLES = """\
 examples:
-  cd-merge cat/ pot/delta.bin -o merged/ --base runwayml/stable-diffusion-v1-5 --class cat --class pot
+  cd-merge cat/ pot/delta.bin -o merged/ --base stable-diffusion-v1-5/stable-diffusion-v1-5 \\
+      --class cat --class pot
   cd-merge a.safetensors b.safetensors -o ab.safetensors --base ./sd15 --ridge 1e-3
   cd-merge a.safetensors b.safetensors -o ab/ --base ./sd15 --method soft --weights 100 10
   cd-merge a.safetensors b.safetensors -o ab/ --base ./sd15 --dry-run
@@ -34,8 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="+", help="concept deltas: files, folders or hub repo ids")
     parser.add_argument("-o", "--output", required=True,
-                        help="FILE.safetensors writes the native file; a folder writes the diffusers layout "
-                             "(pytorch_custom_diffusion_weights.safetensors + <token>.safetensors)")
+                        help="FILE.safetensors writes the native file, a name without extension a folder in "
+                             "the diffusers layout (pytorch_custom_diffusion_weights.safetensors + "
+                             "<token>.safetensors); see --format")
     parser.add_argument("--base", required=True, help="base model: diffusers folder or hub repo id")
     parser.add_argument("--class", dest="class_words", action="append", metavar="WORD",
                         help="class word of each input, in input order (repeat once per input; "
@@ -51,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="constrained (default, the paper's), soft (weighted), or the naive sum / average")
     parser.add_argument("--weights", type=float, nargs="+",
                         help="soft: weight of each concept (default 1000 each); larger keeps it more exactly")
-    parser.add_argument("--mu", type=float, default=1.0, help="soft: weight of preserving the captions (default 1)")
+    parser.add_argument("--mu", type=float, help="soft: weight of preserving the captions (default 1)")
     parser.add_argument("--ridge", type=float, default=0.0,
                         help="adds ridge*||W - W0||^2: bounds how far weights move in feature directions "
                              "the captions never exercise (default 0, the paper's objective)")
@@ -63,8 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-reg-captions", type=int, metavar="N", help="use only the first N captions")
     parser.add_argument("--held-out-captions", type=Path, metavar="FILE",
                         help="captions for the drift report (default: the shipped held-out set)")
-    parser.add_argument("--format", choices=formats.format_names(),
-                        help="output format (default: from the output name)")
+    parser.add_argument("--format", choices=formats.format_names(), help=formats.OUTPUT_FORMAT_HELP)
     parser.add_argument("--batch-size", type=int, default=64, help="captions per text-encoder batch (default 64)")
     parser.add_argument("--cache-dir", type=Path, help="where cached Gram matrices live "
                                                        "(default $MERGEKIT_CD_CACHE or ~/.cache/mergekit_cd)")
@@ -91,50 +93,86 @@ def _style_flags(inputs: list[str], styles: list[str]) -> list[bool] | None:
     return flags
 
 
+def _check_arguments(args: argparse.Namespace) -> None:
+    """Every option that is wrong on its own, before any file is read or text encoded."""
+    soft_only = [option for option, value in (("--weights", args.weights), ("--mu", args.mu)) if value is not None]
+    if soft_only and args.method != "soft":
+        raise MergeError(f"{' and '.join(soft_only)} only apply to --method soft, not to --method {args.method}; "
+                         f"add --method soft or leave them out.")
+    for option, value in (("--ridge", args.ridge), ("--relative-ridge", args.relative_ridge), ("--mu", args.mu)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise MergeError(f"{option} {value:g}: must be a finite number >= 0.")
+    if args.mu == 0 and args.ridge == 0 and args.relative_ridge == 0:
+        raise MergeError("--mu 0 with no --ridge / --relative-ridge leaves the soft merge without a unique "
+                         "solution; give --mu > 0, or a small --relative-ridge such as 1e-3.")
+    if args.weights is not None:
+        bad = [weight for weight in args.weights if not (math.isfinite(weight) and weight > 0)]
+        if bad:
+            raise MergeError(f"--weights: every weight must be a finite number > 0, got {bad[0]:g}.")
+        if len(args.weights) < len(args.inputs):  # every input holds at least one concept
+            raise MergeError(f"--weights: got {len(args.weights)} weight(s) for {len(args.inputs)} inputs; "
+                             f"give one per concept, in input order.")
+    for option, value in (("--num-reg-captions", args.num_reg_captions), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise MergeError(f"{option} {value}: must be at least 1.")
+
+
+def _check_weight_count(weights: list[float] | None, plan) -> None:
+    """One soft-merge weight per concept: known once the inputs' tokens are."""
+    if weights is not None and len(weights) != len(plan.concepts):
+        tokens = ", ".join(concept.token or plan.sources[owner] for concept, owner in zip(plan.concepts, plan.owners))
+        raise MergeError(f"--weights: got {len(weights)} weight(s) for {len(plan.concepts)} concepts ({tokens}); "
+                         f"give one per concept, in input order.")
+
+
 def main_with_args(args: argparse.Namespace) -> int:
+    _check_arguments(args)
+    chosen_device = device(args.device)
     output = Path(args.output)
-    if not args.dry_run:
-        check_destination(output, force=args.force)  # before minutes of work, not after
+    output_format = formats.output_format(output, args.format)
     captions = read_captions(args.reg_captions) if args.reg_captions else None
     if args.num_reg_captions is not None:
         captions = (captions or default_reg_captions())[: args.num_reg_captions]
-    plan = plan_merge(args.inputs, captions, base=args.base, class_words=args.class_words,
+    held_out = read_captions(args.held_out_captions) if args.held_out_captions else None
+    base = open_base(args.base)
+    if args.dry_run:
+        formats.check_can_hold(output_format, base.architecture.name, output)
+    else:  # before minutes of work, not after
+        formats.check_output(output, output_format, architecture=base.architecture.name, force=args.force)
+    plan = plan_merge(args.inputs, captions, base=base, class_words=args.class_words,
                       styles=_style_flags(args.inputs, args.style), target_templates=args.target_template,
                       check_base=not args.no_base_check)
+    _check_weight_count(args.weights, plan)
     for rename in plan.token_renames:
         print(f"token {rename.old} of {plan.sources[rename.operand]} renamed to {rename.new}")
     if args.dry_run:
         print(_describe_plan(plan, args))
         return 0
-    delta, report = execute(plan, method=args.method, weights=args.weights, mu=args.mu, ridge=args.ridge,
-                            relative_ridge=args.relative_ridge,
-                            device=device(args.device), text_dtype=DTYPES[args.dtype],
-                            batch_size=args.batch_size, cache_dir=args.cache_dir,
-                            held_out=read_captions(args.held_out_captions) if args.held_out_captions else None,
-                            progress=not args.quiet, return_report=True)
-    save(delta, output, format=args.format, base=plan.base, force=args.force)
+    delta, report = execute(plan, method=args.method, weights=args.weights,
+                            mu=1.0 if args.mu is None else args.mu, ridge=args.ridge,
+                            relative_ridge=args.relative_ridge, device=chosen_device,
+                            text_dtype=DTYPES[args.dtype], batch_size=args.batch_size, cache_dir=args.cache_dir,
+                            held_out=held_out, progress=not args.quiet, return_report=True)
+    save(delta, output, format=output_format, base=plan.base, force=args.force)
     print(_describe_report(report))
     print(f"wrote {output}")
     return 0
 
 
 def _describe_plan(plan, args: argparse.Namespace) -> str:
-    """Inputs, tokens, prompts, constraint rows and memory: what a merge would do."""
-    encoder = TextFeatures(plan.base, plan.tokens)
-    rows = []
-    total = 0
-    for concept, owner in zip(plan.concepts, plan.owners):
-        count = sum(f.shape[0] for f in encoder.features(list(concept.prompts)))
-        total += count
-        rows.append((plan.sources[owner], concept.token, concept.class_word, count, " | ".join(concept.prompts)))
+    """Inputs, formats, tokens, prompts, constraint rows, rank and memory: what a merge would do."""
+    summary = summarize_plan(plan, device=device(args.device), text_dtype=DTYPES[args.dtype],
+                             batch_size=args.batch_size)
     base = plan.base
-    memory = plan.estimated_memory_bytes(total) / 2**20
-    lines = [f"base: {base.name} ({base.architecture.name}, {len(base.layer_names())} cross-attention layers, "
-             f"{plan.num_weight_rows} K/V rows x {base.context_dim} features, fingerprint {base.fingerprint[:12]})",
-             table(rows, ("input", "token", "class", "rows", "target prompts")),
-             f"method {args.method}: {total} constraint rows (rank at most {min(total, base.context_dim)}), "
-             f"{len(plan.reg_captions)} regularisation captions, estimated memory {memory:.0f} MiB"]
-    return "\n".join(lines)
+    rows = [(source, read_as, concept.token or "(none)", concept.class_word, count, " | ".join(concept.prompts))
+            for source, read_as, concept, count in summary.concepts]
+    return "\n".join([
+        f"base: {base.name} ({base.architecture.name}, {len(base.layer_names())} cross-attention layers, "
+        f"{plan.num_weight_rows} K/V rows x {base.context_dim} features, fingerprint {base.fingerprint[:12]})",
+        table(rows, ("input", "format", "token", "class", "rows", "target prompts")),
+        f"method {args.method}: {summary.num_constraint_rows} constraint rows of rank {summary.rank}, "
+        f"{len(plan.reg_captions)} regularisation captions, estimated peak memory "
+        f"{summary.estimated_memory_bytes / 2**20:.0f} MiB (plus the Python runtime)"])
 
 
 def _describe_report(report) -> str:

@@ -3,11 +3,15 @@
 ``solve_hard`` is the paper's constrained merge, ``solve_soft`` its weighted generalisation.
 Both take the rows of every layer stacked into one ``W0`` (rows share the text features, so
 one factorisation serves them all) and accept ``ridge``, ``rtol``, ``check_finite`` and
-``return_info`` like ``scipy.linalg`` solvers.
+``return_info`` like ``scipy.linalg`` solvers. ``factor_hard`` / ``factor_soft`` split a solve
+into one factorisation and a :class:`MergeOperator` applied layer by layer (as
+``cho_factor`` / ``cho_solve`` do), so a merge can stream the layers.
 """
 
-from .hard import solve_hard
+from .hard import factor_hard, solve_hard
 from .info import IllConditionedWarning, SolveInfo
-from .soft import solve_soft
+from .operator import MergeOperator
+from .soft import factor_soft, solve_soft
 
-__all__ = ["solve_hard", "solve_soft", "SolveInfo", "IllConditionedWarning"]
+__all__ = ["solve_hard", "solve_soft", "factor_hard", "factor_soft", "MergeOperator", "SolveInfo",
+           "IllConditionedWarning"]

@@ -166,7 +166,7 @@ def update_operator(spectrum: ConstraintSpectrum, gains: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class RowStats:
-    """Norms gathered while streaming rows, for diagnostics only (NaN/empty when not asked)."""
+    """Norms gathered while streaming rows, for diagnostics only."""
 
     residual: float  # relative ||W C^T - V||_F / ||V||_F of the returned W
     relative_change: float  # ||W - W0||_F / ||W0||_F
@@ -182,42 +182,53 @@ def scaled_norm(x: Tensor, dim: int | None = None) -> Tensor:
     return norm.reshape(-1) if dim is not None else norm.reshape(())
 
 
-def stream_rows(
-    W0: Tensor, C: Tensor, V: Tensor, Z: Tensor, *, watch: Tensor, diagnostics: bool
-) -> tuple[Tensor, RowStats]:
+class RowNorms:
+    """Accumulates the norms behind :class:`RowStats` over chunks, and over several calls
+    (one per layer), without keeping any rows."""
+
+    _KEYS = ("residual", "target", "change", "base", "misfit")
+
+    def __init__(self, watch: Tensor) -> None:
+        self.watch = watch  # (s, k) constraint-space directions whose misfit is measured
+        self._parts: dict[str, list[Tensor]] = {key: [] for key in (*self._KEYS, "watched")}
+
+    def add(self, w0: Tensor, target: Tensor, misfit: Tensor, achieved: Tensor, C: Tensor) -> None:
+        """Record one float64 chunk: base rows, targets, misfit and the rows actually returned."""
+        self._parts["residual"].append(scaled_norm(torch.addmm(target, achieved, C.mT, alpha=-1.0)))
+        self._parts["target"].append(scaled_norm(target))
+        self._parts["change"].append(scaled_norm(achieved - w0))
+        self._parts["base"].append(scaled_norm(w0))
+        self._parts["misfit"].append(scaled_norm(misfit))
+        self._parts["watched"].append(scaled_norm(misfit @ self.watch, dim=0))
+
+    def stats(self) -> RowStats:
+        total = {key: scaled_norm(torch.stack(self._parts[key]).cpu()) if self._parts[key]
+                 else torch.zeros((), dtype=FLOAT) for key in self._KEYS}
+        watched = scaled_norm(torch.stack(self._parts["watched"]).cpu(), dim=0) if self._parts["watched"] \
+            else torch.zeros(self.watch.shape[1], dtype=FLOAT)
+        return RowStats(_ratio(total["residual"], total["target"]), _ratio(total["change"], total["base"]),
+                        float(total["misfit"]), watched)
+
+
+def stream_rows(W0: Tensor, C: Tensor, V: Tensor, Z: Tensor, *, norms: RowNorms | None = None) -> Tensor:
     """Compute ``W = W0 + (V - W0 C^T) Z`` chunk by chunk in float64; W keeps W0's dtype.
 
     Rows are independent, so streaming bounds the float64 working set whatever ``n`` is.
-    With ``diagnostics``, also measure the residual and change of the returned W and the misfit
-    along the constraint-space directions ``watch`` (s, k).
+    With ``norms``, also record the residual, change and misfit of every chunk there.
     """
     n, d = W0.shape
     s = C.shape[0]
     out = torch.empty_like(W0)
     step = max(1, CHUNK_ELEMENTS // max(d, s, 1))
-    norms: dict[str, list[Tensor]] = {key: [] for key in ("residual", "target", "change", "base", "misfit", "watched")}
     for start in range(0, n, step):
         rows = slice(start, min(n, start + step))
         w0 = W0[rows].to(FLOAT)
         target = V[rows].to(FLOAT)
         misfit = torch.addmm(target, w0, C.mT, alpha=-1.0)
         out[rows] = torch.addmm(w0, misfit, Z)
-        if diagnostics:
-            achieved = out[rows].to(FLOAT)
-            norms["residual"].append(scaled_norm(torch.addmm(target, achieved, C.mT, alpha=-1.0)))
-            norms["target"].append(scaled_norm(target))
-            norms["change"].append(scaled_norm(achieved - w0))
-            norms["base"].append(scaled_norm(w0))
-            norms["misfit"].append(scaled_norm(misfit))
-            norms["watched"].append(scaled_norm(misfit @ watch, dim=0))
-    if not diagnostics:
-        return out, RowStats(math.nan, math.nan, math.nan, torch.zeros(0))
-    total = {key: scaled_norm(torch.stack(values)) if values else torch.zeros((), dtype=FLOAT)
-             for key, values in norms.items() if key != "watched"}
-    watched = scaled_norm(torch.stack(norms["watched"]), dim=0) if norms["watched"] \
-        else torch.zeros(watch.shape[1], dtype=FLOAT)
-    return out, RowStats(_ratio(total["residual"], total["target"]), _ratio(total["change"], total["base"]),
-                         float(total["misfit"]), watched)
+        if norms is not None:
+            norms.add(w0, target, misfit, out[rows].to(FLOAT), C)
+    return out
 
 
 def _ratio(numerator: Tensor, denominator: Tensor) -> float:
@@ -246,11 +257,11 @@ def check_shapes(pairs: list[tuple[str, int, int]]) -> None:
             raise ValueError(f"Shape mismatch: {label} is {got}, expected {expected}.")
 
 
-def check_same_device(tensors: dict[str, Tensor], reference: Tensor) -> None:
-    """All arguments must live on W0's device; we never move data behind the caller's back."""
+def check_same_device(tensors: dict[str, Tensor], reference: Tensor, reference_name: str = "W0") -> None:
+    """All arguments must live on one device; we never move data behind the caller's back."""
     for name, t in tensors.items():
         if t.device != reference.device:
-            raise ValueError(f"{name} is on {t.device} but W0 is on {reference.device}.")
+            raise ValueError(f"{name} is on {t.device} but {reference_name} is on {reference.device}.")
 
 
 def regulariser(G: Tensor, scale: float) -> Tensor:
@@ -274,6 +285,22 @@ def check_problem(W0: Tensor, G: Tensor, C: Tensor, V: Tensor, ridge: float,
                   (f"{v_name} rows", V.shape[0], n),
                   (f"{v_name} columns (constraint rows)", V.shape[1], C.shape[0])])
     check_same_device({"G": G, c_name: C, v_name: V}, W0)
+    check_ridge(ridge)
+
+
+def check_factor_problem(G: Tensor, C: Tensor, ridge: float, check_finite: bool, c_name: str = "C") -> None:
+    """Validate what a factorisation needs: G (d, d) and C (s, d) on one device, ridge >= 0."""
+    for name, x in (("G", G), (c_name, C)):
+        check_matrix(x, name, 2, check_finite)
+    d = G.shape[0]
+    if d == 0:
+        raise ValueError("G is empty (d = 0); there is nothing to merge.")
+    check_shapes([("G columns", G.shape[1], d), (f"{c_name} columns (feature dim)", C.shape[1], d)])
+    check_same_device({c_name: C}, G, "G")
+    check_ridge(ridge)
+
+
+def check_ridge(ridge: float) -> None:
     if not (math.isfinite(ridge) and ridge >= 0):
         raise ValueError(f"ridge must be a finite number >= 0, got {ridge}.")
 

@@ -2,25 +2,26 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
-
-import warnings
 
 from ._common import (
     FLOAT,
     M_CONDITION_WARNING,
-    build_info,
+    RowNorms,
+    check_factor_problem,
     check_problem,
     constraint_spectrum,
     dependent_mask,
     regulariser,
     resolve_rtol,
-    stream_rows,
     update_operator,
     whiten,
 )
 from .info import IllConditionedWarning, SolveInfo
+from .operator import MergeOperator
 
 
 def solve_hard(
@@ -61,6 +62,27 @@ def solve_hard(
     ``IllConditionedWarning`` instead of NaNs.
     """
     check_problem(W0, G, C, V, ridge, check_finite)
+    operator = factor_hard(G, C, ridge=ridge, rtol=rtol, check_finite=False, diagnostics=return_info)
+    W = operator.apply(W0, V)
+    return (W, operator.info()) if return_info else W
+
+
+def factor_hard(
+    G: Tensor,
+    C: Tensor,
+    *,
+    ridge: float = 0.0,
+    rtol: float | None = None,
+    check_finite: bool = True,
+    diagnostics: bool = False,
+) -> MergeOperator:
+    """Factor :func:`solve_hard`'s problem once; ``.apply(W0, V)`` then solves it for any rows.
+
+    Rows of different layers share ``G`` and ``C``, so one factorisation serves a merge that
+    streams layer by layer. With ``diagnostics``, ``.info()`` reports on every row applied.
+    Arguments as in :func:`solve_hard`.
+    """
+    check_factor_problem(G, C, ridge, check_finite)
     rtol = resolve_rtol(rtol, C.dtype)
     A = regulariser(G, 1.0)
     whitening = whiten(A, ridge, what="G + ridge*I")
@@ -70,15 +92,12 @@ def solve_hard(
     m = spectrum.singular_values.shape[0]
     S = spectrum.singular_values
     gains = torch.where(dependent[:m], torch.zeros_like(S), 1.0 / S.clamp_min(torch.finfo(FLOAT).tiny))
-    Z = update_operator(spectrum, gains)
     kept = S[~dependent[:m]]
     if kept.numel() and float(kept[0] / kept[-1]) ** 2 > M_CONDITION_WARNING:
         warnings.warn(f"Constraint rows are nearly dependent (cond(M) = {float(kept[0] / kept[-1]) ** 2:.2g}): "
                       f"meeting them exactly may move the weights far. Check SolveInfo.relative_change; "
                       f"a ridge, the soft merge or a larger rtol trade exactness for stability.",
-                      IllConditionedWarning, stacklevel=2)
-    W, stats = stream_rows(W0, C64, V, Z, watch=spectrum.right[:, dependent],
-                           diagnostics=return_info)
-    if not return_info:
-        return W
-    return W, build_info(A, whitening, spectrum, dependent, stats, rtol)
+                      IllConditionedWarning, stacklevel=3)
+    norms = RowNorms(spectrum.right[:, dependent]) if diagnostics else None
+    return MergeOperator(C64, update_operator(spectrum, gains), A, whitening, spectrum, dependent, rtol,
+                         check_finite, norms)

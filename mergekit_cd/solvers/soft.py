@@ -11,17 +11,18 @@ from torch import Tensor
 from ._common import (
     FLOAT,
     NUMERICAL_ZERO,
-    build_info,
+    RowNorms,
+    check_factor_problem,
     check_problem,
     constraint_spectrum,
     dependent_mask,
     regulariser,
     resolve_rtol,
-    stream_rows,
     update_operator,
     whiten,
 )
 from .info import SolveInfo
+from .operator import MergeOperator
 
 
 def solve_soft(
@@ -68,6 +69,32 @@ def solve_soft(
     """
     if len(C_list) != len(V_list):
         raise ValueError(f"C_list has {len(C_list)} concepts but V_list has {len(V_list)}.")
+    if not C_list:
+        raise ValueError("solve_soft needs at least one concept.")
+    C = torch.cat(list(C_list))
+    V = torch.cat(list(V_list), dim=1)
+    check_problem(W0, G, C, V, ridge, check_finite, labels=("C_list", "V_list"))
+    operator = factor_soft(G, C_list, weights, mu, ridge=ridge, rtol=rtol, check_finite=False,
+                           diagnostics=return_info)
+    W = operator.apply(W0, V)
+    return (W, operator.info()) if return_info else W
+
+
+def factor_soft(
+    G: Tensor,
+    C_list: Sequence[Tensor],
+    weights: Sequence[float] | Tensor,
+    mu: float = 1.0,
+    *,
+    ridge: float = 0.0,
+    rtol: float | None = None,
+    check_finite: bool = True,
+    diagnostics: bool = False,
+) -> MergeOperator:
+    """Factor :func:`solve_soft`'s problem once; ``.apply(W0, V)`` (V: the concepts' targets
+    concatenated column-wise) then solves it for any rows. Arguments as in :func:`solve_soft`."""
+    if not C_list:
+        raise ValueError("solve_soft needs at least one concept.")
     weights = torch.as_tensor(weights, dtype=FLOAT).reshape(-1)
     if weights.numel() != len(C_list):
         raise ValueError(f"weights has {weights.numel()} entries for {len(C_list)} concepts.")
@@ -78,14 +105,11 @@ def solve_soft(
     if mu == 0 and ridge == 0:
         raise ValueError("mu = 0 and ridge = 0 leave the merge without a unique solution; "
                          "give mu > 0, or a small ridge for the gradient-fusion limit.")
-    if not C_list:
-        raise ValueError("solve_soft needs at least one concept.")
     C = torch.cat(list(C_list))
-    V = torch.cat(list(V_list), dim=1)
-    check_problem(W0, G, C, V, ridge, check_finite, labels=("C_list", "V_list"))
+    check_factor_problem(G, C, ridge, check_finite, c_name="C_list")
     rtol = resolve_rtol(rtol, C.dtype)
     counts = torch.tensor([c.shape[0] for c in C_list])
-    row_scale = weights.sqrt().to(C.device).repeat_interleave(counts.to(C.device))
+    row_scale = weights.to(C.device).sqrt().repeat_interleave(counts.to(C.device))
 
     A = regulariser(G, mu)
     whitening = whiten(A, ridge, what="mu*G + ridge*I")
@@ -97,8 +121,5 @@ def solve_soft(
     gains = torch.where(numerically_zero, torch.zeros_like(S), S / (S * S + 1.0))
     Z = row_scale[:, None] * update_operator(spectrum, gains)
     dependent = dependent_mask(spectrum, rtol)
-    watch = row_scale[:, None] * spectrum.right[:, dependent]
-    W, stats = stream_rows(W0, C64, V, Z, watch=watch, diagnostics=return_info)
-    if not return_info:
-        return W
-    return W, build_info(A, whitening, spectrum, dependent, stats, rtol)
+    norms = RowNorms(row_scale[:, None] * spectrum.right[:, dependent]) if diagnostics else None
+    return MergeOperator(C64, Z, A, whitening, spectrum, dependent, rtol, check_finite, norms)

@@ -1,0 +1,202 @@
+"""Planning and running a merge: options checked up front, recorded prompts reused, the
+layer-by-layer execution matching a one-shot solve, and peak memory near the inputs."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mergekit_cd.base import open_base
+from mergekit_cd.delta import Concept
+from mergekit_cd.errors import MergeError
+from mergekit_cd.loading import save
+from mergekit_cd.merge import check_options, merge, plan_merge, summarize_plan
+from mergekit_cd.solvers import factor_hard, factor_soft, solve_hard, solve_soft
+from mergekit_cd.testing import random_concept_delta
+
+NUM_REG = 40
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("MERGEKIT_CD_CACHE", str(tmp_path_factory.getbasetemp() / "gram-cache-plan"))
+
+
+@pytest.fixture(scope="module")
+def base(tiny_pipeline_path):
+    return open_base(tiny_pipeline_path("sd1"))
+
+
+@pytest.fixture(scope="module")
+def two(base):
+    return [random_concept_delta(base, "<new1>", "cat", seed=1), random_concept_delta(base, "<new2>", "pot", seed=2)]
+
+
+def captions():
+    from mergekit_cd.features import default_reg_captions
+
+    return default_reg_captions()[:NUM_REG]
+
+
+# ----------------------------------------------------------------------------- factor once, apply per layer
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_factor_applied_per_block_equals_the_stacked_solve(soft):
+    g = torch.Generator().manual_seed(0)
+    d, s, n = 24, 6, 50
+    C_reg = torch.randn(80, d, generator=g, dtype=torch.float64)
+    G = C_reg.T @ C_reg
+    C = torch.randn(s, d, generator=g, dtype=torch.float64)
+    W0 = torch.randn(n, d, generator=g, dtype=torch.float64)
+    V = torch.randn(n, s, generator=g, dtype=torch.float64)
+    if soft:
+        C_list, weights = [C[:2], C[2:]], [10.0, 3.0]
+        W, info = solve_soft(W0, G, C_list, [V[:, :2], V[:, 2:]], weights, 0.5, return_info=True)
+        operator = factor_soft(G, C_list, weights, 0.5, diagnostics=True)
+    else:
+        W, info = solve_hard(W0, G, C, V, return_info=True)
+        operator = factor_hard(G, C, diagnostics=True)
+    blocks = [operator.apply(W0[a:b], V[a:b]) for a, b in ((0, 7), (7, 31), (31, n))]
+    torch.testing.assert_close(torch.cat(blocks), W, rtol=0, atol=1e-12)
+    stacked = operator.info()
+    assert stacked.rank == info.rank
+    assert stacked.residual == pytest.approx(info.residual, rel=1e-9, abs=1e-15)
+    assert stacked.relative_change == pytest.approx(info.relative_change, rel=1e-9)
+
+
+def test_operator_checks_the_rows_it_is_given():
+    G = torch.eye(4, dtype=torch.float64)
+    operator = factor_hard(G, torch.randn(2, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="W0 columns"):
+        operator.apply(torch.zeros(3, 5), torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="V columns"):
+        operator.apply(torch.zeros(3, 4), torch.zeros(3, 3))
+    with pytest.raises(ValueError, match="without diagnostics"):
+        operator.info()
+
+
+# ----------------------------------------------------------------------------- options and plans
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(method="soft", mu=-1.0), "mu must be a finite number >= 0"),
+    (dict(method="constrained", ridge=float("nan")), "ridge must be a finite number"),
+    (dict(method="constrained", relative_ridge=-1e-3), "relative ridge must be"),
+    (dict(method="constrained", weights=[1.0]), "only apply to the soft merge"),
+    (dict(method="soft", weights=[1.0, 0.0]), "finite numbers > 0"),
+    (dict(method="soft", mu=0.0), "without a unique solution"),
+    (dict(method="constrained", batch_size=0), "batch size must be at least 1"),
+    (dict(method="best"), "Unknown merge method"),
+])
+def test_bad_options_are_refused_before_any_work(options, message):
+    method = options.pop("method")
+    with pytest.raises(MergeError, match=message):
+        check_options(method, **options)
+    # merge() checks them before it even opens the base
+    with pytest.raises(MergeError, match=message):
+        merge(["/nonexistent/delta.safetensors"], base="/nonexistent/base", method=method, **options)
+
+
+def test_soft_weights_must_match_the_concepts(base, two):
+    with pytest.raises(MergeError, match="3 soft-merge weights for 2 concepts"):
+        merge(two, captions(), base=base, method="soft", weights=[1.0, 2.0, 3.0])
+
+
+def test_recorded_prompts_are_reused_and_renamed(base, tmp_path):
+    custom = random_concept_delta(base, "<new1>", "cat", seed=3)
+    custom.concepts = (Concept("<new1>", "cat", ("<new1> cat on a sofa", "a sketch of <new1> cat")),)
+    other = random_concept_delta(base, "<new1>", "dog", seed=4)
+    path = save(custom, tmp_path / "custom.safetensors")
+    plan = plan_merge([other, path], captions(), base=base)
+    renamed = plan.concepts[1]
+    assert renamed.token != "<new1>"
+    assert renamed.prompts == (f"{renamed.token} cat on a sofa", f"a sketch of {renamed.token} cat")
+    assert plan.formats == ("object", "native")
+    # an explicit class word or template means: build the prompts from templates
+    plan = plan_merge([path], captions(), base=base, target_templates=["a {token} {class_word} toy"])
+    assert plan.concepts[0].prompts == ("a <new1> cat toy",)
+
+
+def test_style_flag_and_templates_work_together(base, two):
+    plan = plan_merge(two, captions(), base=base, styles=[False, True], target_templates=["{token} {class_word} X"])
+    assert plan.concepts[0].prompts == ("<new1> cat X",)
+    assert "painting in the style of <new2> pot" in plan.concepts[1].prompts
+    plan = plan_merge(two, captions(), base=base, styles=[False, True], style_templates=["{token} art of {class_word}"])
+    assert plan.concepts[1].prompts == ("<new2> art of pot",)
+    assert plan.concepts[0].prompts == ("<new1> cat", "photo of a <new1> cat")
+
+
+def test_an_input_without_tokens_is_warned_about(base, two):
+    tokenless = random_concept_delta(base, "<new9>", "cat", seed=5)
+    tokenless.tokens = {}
+    tokenless.concepts = (Concept("", "cat"),)
+    with pytest.warns(UserWarning, match="no modifier token"):
+        plan_merge([tokenless, two[1]], captions(), base=base)
+
+
+def test_dry_run_summary_counts_rows_and_rank(base, two):
+    twin = random_concept_delta(base, "<new1>", "cat", seed=9)
+    plan = plan_merge([two[0], twin], captions(), base=base)
+    summary = summarize_plan(plan)  # the twin's "<new1>" is renamed: its own embedding, its own rows
+    assert summary.num_constraint_rows == sum(rows for *_, rows in summary.concepts)
+    assert 0 < summary.rank <= summary.num_constraint_rows
+    same = plan_merge([two[0], two[0]], captions(), base=base)
+    duplicate = summarize_plan(same)
+    # the same concept twice: the same embedding, so its rows repeat
+    assert duplicate.rank == duplicate.num_constraint_rows // 2
+    assert duplicate.estimated_memory_bytes > 0
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+MEMORY_SCRIPT = textwrap.dedent("""
+    import resource, sys, warnings
+    from mergekit_cd.base import open_base
+    from mergekit_cd.features import TextFeatures, default_reg_captions
+    from mergekit_cd.merge import merge, plan_merge
+
+    base = open_base(sys.argv[1])
+    inputs = sys.argv[2:5]
+    held_out = [f"an ordinary caption number {i} about a house by the sea" for i in range(400)]
+    plan = plan_merge(inputs, default_reg_captions()[:20], base=base)
+    estimate = plan.estimated_memory_bytes(12)
+    TextFeatures(base).gram(held_out[:5])  # load the libraries' lazy parts first
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    warnings.simplefilter("ignore")
+    merge(plan.deltas, default_reg_captions()[:20], base=base, held_out=held_out, return_report=True)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(after - before, estimate)
+""")
+
+
+def test_peak_memory_stays_near_the_inputs(tiny_pipeline_path, tmp_path):
+    """A base with tall K/V layers: the merge must not build (rows x captions) matrices."""
+    folder = tmp_path / "tall"
+    shutil.copytree(tiny_pipeline_path("sd1"), folder)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    g = torch.Generator().manual_seed(0)
+    for key in tensors:
+        if ".attn2.to_k." in key or ".attn2.to_v." in key:
+            tensors[key] = torch.randn(3000, tensors[key].shape[1], generator=g) * 0.05
+    save_file(tensors, weights)
+    tall = open_base(folder)
+    rows = sum(k[0] + v[0] for k, v in tall.kv_shapes().values())
+    paths = [save(random_concept_delta(tall, f"<new{i}>", word, seed=i), tmp_path / f"{i}.safetensors")
+             for i, word in enumerate(("cat", "dog", "pot"), start=1)]
+    result = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(folder), *map(str, paths)],
+                            capture_output=True, text=True, check=True)
+    growth, estimate = map(int, result.stdout.split()[-2:])
+    kv_bytes = 4 * rows * tall.context_dim
+    # the old report built float64 (rows x held-out rows) matrices: > 1 GB here
+    assert growth < 8 * kv_bytes + 64 * 2**20, (growth, kv_bytes)
+    assert estimate >= 4 * kv_bytes  # inputs (3 x K/V) plus the result at least
