@@ -59,9 +59,11 @@ import torch
 
 __all__ = [
     "ARCHITECTURES",
+    "FULL_SIZE_CONFIGS",
     "TINY_CONFIGS",
     "build_tiny_pipeline",
     "random_concept_delta",
+    "save_full_size_base",
     "save_tiny_pipeline",
     "tiny_tokenizer",
 ]
@@ -395,3 +397,96 @@ def random_concept_delta(base: Any, token: str = "<new1>", class_word: str = "ca
         layers[name] = LayerDelta(difference(key), difference(value))
     return ConceptDelta(layers, {token: embeddings}, base=base.name, base_fingerprint=base.fingerprint,
                         architecture=base.architecture.name, concepts=(Concept(token, class_word, prompts),))
+
+
+_CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+               hidden_act="quick_gelu", projection_dim=768)
+_OPEN_CLIP_BIG_G = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20,
+                        num_hidden_layers=32, hidden_act="gelu", projection_dim=1280)
+
+#: Real layer shapes of SD1.5 and SDXL (their published configs), for benchmarks at full size:
+#: the text encoders (CLIP ViT-L; SDXL adds OpenCLIP bigG) and the UNet's configuration.
+FULL_SIZE_CONFIGS: dict[str, dict[str, Any]] = {
+    "sd15": {
+        "text_encoders": [("text_encoder", EOS_TOKEN, _CLIP_L, "CLIPTextModel")],
+        "unet": dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                     block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+                     down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                     up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3),
+        "vae": dict(sample_size=512, in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+                    block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                    up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, scaling_factor=0.18215),
+    },
+    "sdxl": {
+        "text_encoders": [("text_encoder", EOS_TOKEN, _CLIP_L, "CLIPTextModel"),
+                          ("text_encoder_2", "!", _OPEN_CLIP_BIG_G, "CLIPTextModelWithProjection")],
+        "unet": dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+                     block_out_channels=(320, 640, 1280), cross_attention_dim=2048,
+                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                     transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+                     use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+                     projection_class_embeddings_input_dim=2816),
+    },
+}
+#: CLIP's vocabulary size: the embedding tables get their real size (the tiny tokenizer uses the first rows).
+_CLIP_VOCAB = 49408
+
+
+def save_full_size_base(kind: str, path: str | os.PathLike[str], *, seed: int = 0,
+                        full_unet: bool = False) -> Path:
+    """Write a base with the real shapes of SD1.5 (``"sd15"``) or SDXL (``"sdxl"``) and random weights.
+
+    By default only what a merge reads is written: the text encoder(s) at full size (random
+    weights, the tiny tokenizer), the UNet's real ``config.json``, and its ``attn2.to_k``/``to_v``
+    tensors under their real names and shapes (a full SDXL UNet would be 10 GB of random
+    numbers nobody reads); such a folder serves ``cd-merge`` and benchmarks, not sampling.
+    ``full_unet`` (SD1.5 only) writes the whole UNet and VAE instead: a complete pipeline, for
+    baselines that load one.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from safetensors.torch import save_file
+    import transformers
+    from transformers import CLIPTextConfig
+
+    if kind not in FULL_SIZE_CONFIGS:
+        raise ValueError(f"kind must be one of {sorted(FULL_SIZE_CONFIGS)}, got {kind!r}")
+    config = FULL_SIZE_CONFIGS[kind]
+    path = Path(path)
+    model_index: dict[str, Any] = {"_class_name": "StableDiffusionXLPipeline" if kind == "sdxl"
+                                   else "StableDiffusionPipeline", "_diffusers_version": "0.30.0"}
+    with torch.random.fork_rng(devices=[]):
+        for name, pad_token, te_kwargs, model_class in config["text_encoders"]:
+            tokenizer = tiny_tokenizer(pad_token)
+            te_config = CLIPTextConfig(vocab_size=_CLIP_VOCAB, max_position_embeddings=tokenizer.model_max_length,
+                                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                       pad_token_id=tokenizer.pad_token_id, **te_kwargs)
+            encoder = _seeded(seed, name, lambda: getattr(transformers, model_class)(te_config))
+            encoder.save_pretrained(path / name, safe_serialization=True)
+            del encoder
+            tokenizer_name = name.replace("text_encoder", "tokenizer")
+            tokenizer.save_pretrained(path / tokenizer_name)
+            _write_vocab_files(path / tokenizer_name)
+            model_index[name] = ["transformers", model_class]
+            model_index[tokenizer_name] = ["transformers", "CLIPTokenizer"]
+        if full_unet:
+            if "vae" not in config:
+                raise ValueError(f"full_unet is only offered for sd15 (a full {kind} UNet is too large).")
+            _seeded(seed, "unet", lambda: UNet2DConditionModel(**config["unet"])).save_pretrained(path / "unet")
+            _seeded(seed, "vae", lambda: AutoencoderKL(**config["vae"])).save_pretrained(path / "vae")
+            model_index.update(vae=["diffusers", "AutoencoderKL"], safety_checker=[None, None],
+                               feature_extractor=[None, None], requires_safety_checker=False)
+        else:
+            with torch.device("meta"):
+                unet = UNet2DConditionModel(**config["unet"])
+            unet.save_config(path / "unet")
+            generator = torch.Generator().manual_seed(seed)
+            tensors = {name: 0.02 * torch.randn(tuple(parameter.shape), generator=generator)
+                       for name, parameter in unet.named_parameters()
+                       if name.endswith(("attn2.to_k.weight", "attn2.to_v.weight"))}
+            save_file(tensors, str(path / "unet" / "diffusion_pytorch_model.safetensors"))
+    DDIMScheduler(**_SCHEDULER).save_pretrained(path / "scheduler")
+    model_index["unet"] = ["diffusers", "UNet2DConditionModel"]
+    model_index["scheduler"] = ["diffusers", "DDIMScheduler"]
+    (path / "model_index.json").write_text(json.dumps(model_index, indent=2))
+    return path

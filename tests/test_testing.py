@@ -252,3 +252,30 @@ def test_rejects_bad_arguments():
         build_tiny_pipeline("sd3")
     with pytest.raises(ValueError, match="seed"):
         build_tiny_pipeline("sd1", seed=-1)
+
+
+def test_full_size_sd15_base_has_the_real_shapes(tmp_path):
+    """The SD1.5-size base: 16 cross-attention layers, 768-wide features, CLIP-L's 123M parameters."""
+    from mergekit_cd.base import open_base
+    from mergekit_cd.testing import save_full_size_base
+
+    base = open_base(save_full_size_base("sd15", tmp_path / "sd15"))
+    assert base.architecture.name == "sd1" and base.context_dim == 768
+    shapes = base.kv_shapes()
+    assert len(shapes) == 16
+    assert shapes["down_blocks.0.attentions.0.transformer_blocks.0.attn2"][0] == (320, 768)
+    assert sum(k.numel() + v.numel() for k, v in shapes.values()) == 19_169_280
+    assert base.text_encoder_parameters() == 123_060_480
+
+
+def test_full_size_sdxl_config_matches_the_published_model():
+    """SDXL's 70 cross-attention layers, 2048-wide features: 1.36 GB of K/V in float32 per concept."""
+    from diffusers import UNet2DConditionModel
+
+    from mergekit_cd.testing import FULL_SIZE_CONFIGS
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**FULL_SIZE_CONFIGS["sdxl"]["unet"])
+    kv = [p for name, p in unet.named_parameters() if name.endswith(("attn2.to_k.weight", "attn2.to_v.weight"))]
+    assert len(kv) == 140 and {p.shape[1] for p in kv} == {2048}
+    assert sum(p.numel() for p in kv) * 4 == 1_363_148_800
