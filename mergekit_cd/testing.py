@@ -63,6 +63,7 @@ __all__ = [
     "TINY_CONFIGS",
     "build_tiny_pipeline",
     "random_concept_delta",
+    "random_concept_deltas",
     "save_full_size_base",
     "save_tiny_pipeline",
     "tiny_tokenizer",
@@ -378,26 +379,36 @@ def random_concept_delta(base: Any, token: str = "<new1>", class_word: str = "ca
     ``strength`` times the weight's norm. The token gets random embeddings (std 0.02, like
     CLIP's table). Deterministic in ``seed``; records base, fingerprint, architecture, class word.
     """
+    return random_concept_deltas(base, [(token, class_word)], seed=seed, strength=strength)[0]
+
+
+def random_concept_deltas(base: Any, concepts: list[tuple[str, str]], *, seed: int = 0,
+                          strength: float = 0.05) -> list[Any]:
+    """:func:`random_concept_delta` for several (token, class word) pairs, seeds ``seed, seed + 1, ...``,
+    with one text-encoder load for all of them (what makes 100 full-size concepts affordable)."""
     from .delta import Concept, ConceptDelta, LayerDelta
     from .features import TextFeatures, target_prompts
 
-    generator = torch.Generator().manual_seed(seed)
-    embeddings = tuple(0.02 * torch.randn(dim, generator=generator) for dim in base.token_dims())
-    prompts = tuple(target_prompts(token, class_word))
-    training = [*prompts, f"a {token} {class_word} on a table", f"a close up of a {token} {class_word}"]
-    features = torch.cat(TextFeatures(base, {token: embeddings}).features(training))
+    generators = [torch.Generator().manual_seed(seed + i) for i in range(len(concepts))]
+    embeddings = {token: tuple(0.02 * torch.randn(dim, generator=generator) for dim in base.token_dims())
+                  for (token, _), generator in zip(concepts, generators)}
+    encoder = TextFeatures(base, embeddings)
+    base_layers = [(name, base.kv(name)) for name in base.layer_names()]
+    deltas = []
+    for (token, class_word), generator in zip(concepts, generators):
+        prompts = tuple(target_prompts(token, class_word))
+        training = [*prompts, f"a {token} {class_word} on a table", f"a close up of a {token} {class_word}"]
+        features = torch.cat(encoder.features(training))
 
-    def difference(weight: torch.Tensor) -> torch.Tensor:
-        change = torch.randn(weight.shape[0], features.shape[0], generator=generator) @ features
-        return change * (strength * float(weight.norm()) / float(change.norm()))
+        def difference(weight: torch.Tensor) -> torch.Tensor:
+            change = torch.randn(weight.shape[0], features.shape[0], generator=generator) @ features
+            return change * (strength * float(weight.norm()) / float(change.norm()))
 
-    layers = {}
-    for name in base.layer_names():
-        key, value = base.kv(name)
-        layers[name] = LayerDelta(difference(key), difference(value))
-    return ConceptDelta(layers, {token: embeddings}, base=base.name, base_fingerprint=base.fingerprint,
-                        architecture=base.architecture.name, concepts=(Concept(token, class_word, prompts),))
-
+        layers = {name: LayerDelta(difference(key), difference(value)) for name, (key, value) in base_layers}
+        deltas.append(ConceptDelta(layers, {token: embeddings[token]}, base=base.name,
+                                   base_fingerprint=base.fingerprint, architecture=base.architecture.name,
+                                   concepts=(Concept(token, class_word, prompts),)))
+    return deltas
 
 _CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
                hidden_act="quick_gelu", projection_dim=768)
