@@ -88,26 +88,51 @@ def quiet_libraries() -> Iterator[None]:
             hub_utils.enable_progress_bars()
 
 
-def device(name: str) -> torch.device:
-    """``cuda`` falls back to CPU with a notice when no GPU is present; anything else must exist."""
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        print("note: no CUDA device available, running on CPU", file=sys.stderr)
-        return torch.device("cpu")
+def device(name: str, *, types: Sequence[str] = ("cpu", "cuda")) -> torch.device:
+    """The device ``--device name`` names, if this command runs there and this machine has it.
+
+    types: the device types the command supports (cd-merge: cpu and cuda, its solve is float64,
+    which MPS lacks; cd-sample adds mps). A name torch does not parse, a type the command does
+    not support (meta, xla, ...) and a device this machine lacks (cuda without a GPU, cuda:N
+    past the last GPU) are each one MergeError naming the devices that are available.
+    """
+    have = available_devices(types)
     try:
         chosen = torch.device(name)
-    except RuntimeError as error:
-        raise MergeError(f"Unknown device {name!r}: {str(error).splitlines()[0]}") from None
-    if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
-        raise MergeError(f"Device {name} does not exist: this machine has {torch.cuda.device_count()} "
-                         f"CUDA device(s) (cuda:0 to cuda:{torch.cuda.device_count() - 1}).")
+    except RuntimeError:
+        raise MergeError(f"--device {name}: not a device name; {have}.") from None
+    if chosen.type not in types:
+        supported = " or ".join("cuda[:N]" if kind == "cuda" else kind for kind in types)
+        raise MergeError(f"--device {name}: this command runs on {supported}, not {chosen.type}; {have}.")
+    if chosen.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            why = "torch found no GPU" if torch.version.cuda else f"torch {torch.__version__} was built without CUDA"
+            raise MergeError(f"--device {name}: no CUDA device is available ({why}); {have}.")
+        if chosen.index is not None and chosen.index >= count:
+            raise MergeError(f"--device {name}: there is no such GPU; {have}.")
+    if chosen.type == "mps" and not torch.backends.mps.is_available():
+        raise MergeError(f"--device {name}: MPS (Apple GPU) is not available here; {have}.")
     return chosen
 
 
-def add_device_argument(parser: argparse.ArgumentParser, *, what: str = "the pipeline") -> None:
+def available_devices(types: Sequence[str] = ("cpu", "cuda")) -> str:
+    """``this machine has cpu, cuda:0``: the devices of ``types`` present here, for messages."""
+    names = ["cpu"]
+    if "cuda" in types and torch.cuda.is_available():
+        names += [f"cuda:{index}" for index in range(torch.cuda.device_count())]
+    if "mps" in types and torch.backends.mps.is_available():
+        names.append("mps")
+    return f"this machine has {', '.join(names)}"
+
+
+def add_device_argument(parser: argparse.ArgumentParser, *, what: str = "the pipeline",
+                        types: Sequence[str] = ("cpu", "cuda")) -> None:
     """``--device`` alone (commands without a text-encoder precision to choose, e.g. cd-sample)."""
+    others = ", ".join("cuda or cuda:N" if kind == "cuda" else kind for kind in types if kind != "cpu")
     parser.add_argument("--device", default="cpu",
-                        help=f"where to run {what}: cpu (default) or cuda[:N]; falls back to CPU "
-                             f"when no GPU is present")
+                        help=f"where to run {what}: cpu (default), {others}; a device this machine "
+                             f"does not have is an error")
 
 
 def add_device_arguments(parser: argparse.ArgumentParser) -> None:

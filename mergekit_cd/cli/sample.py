@@ -9,9 +9,13 @@ from pathlib import Path
 from ..sampling import sample_grid
 from ._common import add_device_argument, device, run
 
+#: Sampling runs anywhere diffusers does; cd-merge's float64 solve rules out mps there.
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
 EXAMPLES = """\
 examples:
-  cd-sample --base runwayml/stable-diffusion-v1-5 --delta merged/ "<new1> cat sitting next to a <new2> pot" -o grid.png
+  cd-sample --base stable-diffusion-v1-5/stable-diffusion-v1-5 --delta merged/ \\
+      "<new1> cat sitting next to a <new2> pot" -o grid.png
   cd-sample --base ./sd15 --delta cat.safetensors "photo of a <new1> cat" "<new1> cat in the snow" -n 2 --seed 7"""
 
 
@@ -36,14 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-base-check", action="store_true",
                         help="install a delta whose recorded base fingerprint differs (experts only)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    add_device_argument(parser, what="the pipeline")
+    add_device_argument(parser, what="the pipeline", types=DEVICE_TYPES)
     return parser
 
 
 def main_with_args(args: argparse.Namespace) -> int:
+    chosen = device(args.device, types=DEVICE_TYPES)
     path = sample_grid(args.base, args.delta, args.prompts, args.output, num_images=args.num_images,
                        seed=args.seed, steps=args.steps, guidance_scale=args.guidance_scale,
-                       device=device(args.device), height=args.height, width=args.width, force=args.force,
+                       device=chosen, height=args.height, width=args.width, force=args.force,
                        check_base=not args.no_base_check, progress=not args.quiet)
     print(f"wrote {path} ({len(args.prompts)} prompt(s) x {args.num_images} image(s))")
     return 0
