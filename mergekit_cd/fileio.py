@@ -17,7 +17,7 @@ import secrets
 import shutil
 import warnings
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -32,17 +32,19 @@ _DISALLOWED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike[str], *, force: bool, folder: bool = False) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike[str], *, force: bool, folder: bool = False,
+                foreign_entries: Callable[[Path], list[str]] | None = None) -> Iterator[Path]:
     """Yield a temporary sibling of ``path`` to write; rename it to ``path`` only on success.
 
     folder: create the temporary path as an empty folder (for multi-file layouts); otherwise
     the caller creates the file. An existing ``path`` is refused unless ``force``; with
-    ``force`` it is replaced only after the new output is complete. On any failure the
+    ``force`` it is replaced only after the new output is complete, and an existing folder
+    only as :func:`check_destination` allows (``foreign_entries``). On any failure the
     temporary output is removed and ``path`` is left as it was; a write failure (``OSError``,
     or safetensors' own error) becomes a :class:`MergeError` naming ``path``.
     """
     target = Path(path)
-    check_destination(target, force=force)
+    check_destination(target, force=force, foreign_entries=foreign_entries)
     temporary = _sibling(target, "partial")
     try:
         if folder:
@@ -58,8 +60,15 @@ def atomic_path(path: str | os.PathLike[str], *, force: bool, folder: bool = Fal
         raise
 
 
-def check_destination(target: Path, *, force: bool) -> None:
-    """Fail before any work is done when the output could not be written."""
+def check_destination(target: Path, *, force: bool,
+                      foreign_entries: Callable[[Path], list[str]] | None = None) -> None:
+    """Fail before any work is done when the output could not, or must not, be written.
+
+    An existing output is refused unless ``force``. Even with ``force``, an existing folder is
+    replaced only when it is empty or an output of the format being written:
+    ``foreign_entries(folder)`` names what in it is not (a format that writes folders passes
+    it; without it every entry is foreign), so someone's model folder is never deleted.
+    """
     parent = target.parent
     if not parent.exists():
         raise MergeError(f"Cannot write {target}: folder {parent} does not exist.")
@@ -69,6 +78,13 @@ def check_destination(target: Path, *, force: bool) -> None:
         raise MergeError(f"Cannot write {target}: folder {parent} is not writable.")
     if os.path.lexists(target) and not force:
         raise MergeError(f"{target} exists; pass --force to overwrite.")
+    if target.is_dir() and not target.is_symlink():
+        names = sorted(entry.name for entry in target.iterdir())
+        foreign = foreign_entries(target) if foreign_entries is not None and names else names
+        if foreign:
+            raise MergeError(f"{target} holds other things than a Custom Diffusion output (e.g. "
+                             f"{foreign[0]}); refusing to replace it, even with --force. Choose "
+                             f"another output name.")
 
 
 def _sibling(target: Path, purpose: str) -> Path:
@@ -114,7 +130,10 @@ def save_pickle(obj: Any, path: str | os.PathLike[str]) -> None:
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex SHA-256 of a file's bytes (recorded for merge inputs in the recipe metadata)."""
+    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks; an unreadable file is a MergeError.
+
+    (Merge recipes identify their inputs by content instead, whatever file format held them.)
+    """
     digest = hashlib.sha256()
     try:
         with open(path, "rb") as file:

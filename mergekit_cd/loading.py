@@ -141,15 +141,17 @@ def check_fits(layer_names, key_shapes: dict, tokens: dict, base: BaseModel, sou
 
 def save(delta: ConceptDelta, path: PathLike, *, format: str | None = None,
          base: BaseModel | PathLike | None = None, force: bool = False) -> Path:
-    """Write ``delta``: ``FILE.safetensors`` -> native file, a folder -> diffusers layout.
+    """Write ``delta`` in ``format``, or the format the name tells (:func:`formats.output_format`:
+    ``.safetensors`` native, ``.bin`` authors-bin, ``.ckpt`` compvis, no extension a diffusers folder).
 
     Full-weight formats (diffusers, authors' files) need the base to add the differences to;
     a compressed (low-rank) delta goes to the authors' compressed variants as it is. The write
     is atomic and refuses to replace an existing output unless ``force``.
     """
     path = Path(path)
-    name = format or ("native" if path.suffix == ".safetensors" else "diffusers")
+    name = formats.output_format(path, format)
     module = formats.get_format(name)
+    formats.check_can_hold(name, delta.architecture, path)
     compressed = any(isinstance(part, LowRank) for layer in delta.layers.values()
                      for part in (layer.key, layer.value))
     if module.WRITES_FULL_WEIGHTS and not (compressed and name != "diffusers"):
@@ -164,15 +166,24 @@ def save(delta: ConceptDelta, path: PathLike, *, format: str | None = None,
     return path
 
 
-def convert(source: PathLike, output: PathLike, to: str, *, base: BaseModel | PathLike | None = None,
-            compress_rtol: float | None = None, force: bool = False,
-            check_base: bool = True) -> CompressionReport | None:
-    """Read ``source`` in any format and write it as ``to`` (optionally compressed first)."""
+def convert(source: PathLike, output: PathLike, to: str | None = None, *,
+            base: BaseModel | PathLike | None = None, compress_rtol: float | None = None,
+            force: bool = False, check_base: bool = True) -> CompressionReport | None:
+    """Read ``source`` in any format and write it as ``to`` (default: told by the output's
+    name, as :func:`save` tells it), optionally compressed first.
+
+    The output is checked (format, destination, architecture) before the input is read.
+    """
+    to = formats.output_format(output, to)
+    if compress_rtol is not None and not 0 <= compress_rtol < 1:
+        raise MergeError(f"--compress {compress_rtol:g}: the relative error bound must be in [0, 1).")
     if compress_rtol is not None and to == "diffusers":
-        raise MergeError("The diffusers layout stores full weights, so it cannot hold a compressed delta; "
-                         "compress to native, authors-bin or compvis instead.")
+        raise MergeError("--compress: the diffusers layout stores full weights, so it has no compressed "
+                         "variant (nothing would shrink); compress to native, authors-bin or compvis instead.")
     base = as_base(base) if base is not None else None
+    formats.check_output(output, to, architecture=base.architecture.name if base else None, force=force)
     delta = load(source, base=base, check_base=check_base)
+    formats.check_can_hold(to, delta.architecture, output)
     report = None
     if compress_rtol is not None:
         delta, report = compress(delta, rtol=compress_rtol)

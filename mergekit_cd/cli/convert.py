@@ -6,7 +6,6 @@ import argparse
 import sys
 
 from .. import formats
-from ..errors import MergeError
 from ..loading import convert
 from ._common import run
 
@@ -25,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("input", help="delta file, folder or hub repo id (any supported format)")
     parser.add_argument("-o", "--output", required=True, help="output file or folder")
-    parser.add_argument("--to", required=True, choices=formats.format_names(), help="output format")
+    parser.add_argument("--to", choices=formats.format_names(), help=formats.OUTPUT_FORMAT_HELP)
     parser.add_argument("--base", help="base model (diffusers folder or hub repo id)")
     parser.add_argument("--compress", type=float, metavar="RTOL",
                         help="store low-rank differences with relative error at most RTOL "
@@ -37,15 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main_with_args(args: argparse.Namespace) -> int:
-    if args.compress is not None and args.to == "diffusers":  # as loading.save decides
-        raise MergeError("--compress: the diffusers layout has no compressed variant (it stores full "
-                         "weights, so nothing would shrink); compress to native, authors-bin or compvis.")
-    report = convert(args.input, args.output, args.to, base=args.base, compress_rtol=args.compress,
+    to = formats.output_format(args.output, args.to)
+    report = convert(args.input, args.output, to, base=args.base, compress_rtol=args.compress,
                      force=args.force, check_base=not args.no_base_check)
     if report is not None:
         print(f"compressed: relative error {report.relative_error:.3g} (bound {report.rtol:g}), "
               f"{report.parameters_before} -> {report.parameters_after} numbers")
-    print(f"wrote {args.output} ({args.to})")
+    print(f"wrote {args.output} ({to})")
     return 0
 
 

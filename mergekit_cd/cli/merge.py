@@ -97,7 +97,8 @@ def _check_arguments(args: argparse.Namespace) -> None:
     """Every option that is wrong on its own, before any file is read or text encoded."""
     soft_only = [option for option, value in (("--weights", args.weights), ("--mu", args.mu)) if value is not None]
     if soft_only and args.method != "soft":
-        raise MergeError(f"{' and '.join(soft_only)} only apply to --method soft, not to --method {args.method}; "
+        verb = "applies" if len(soft_only) == 1 else "apply"
+        raise MergeError(f"{' and '.join(soft_only)} only {verb} to --method soft, not to --method {args.method}; "
                          f"add --method soft or leave them out.")
     for option, value in (("--ridge", args.ridge), ("--relative-ridge", args.relative_ridge), ("--mu", args.mu)):
         if value is not None and not (math.isfinite(value) and value >= 0):

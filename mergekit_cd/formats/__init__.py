@@ -1,7 +1,9 @@
 """File formats: one module per layout, each with ``NAME``, ``detect``, ``read`` and ``write``.
 
 A format module also says ``WRITES_FULL_WEIGHTS``: whether ``write`` wants full fine-tuned
-weights (FineTunedWeights) rather than differences (ConceptDelta) as its usual input.
+weights (FineTunedWeights) rather than differences (ConceptDelta) as its usual input. It may
+say ``ARCHITECTURES``, the model families it can hold (default: all), and a format that
+writes folders says which existing folders ``--force`` may replace (``foreign_entries``).
 
 ``FORMATS`` is tried in order by :func:`detect_format`; adding a format is one new module and
 one line here. Formats never do math: full-weight files read as
@@ -16,7 +18,7 @@ from pathlib import Path
 from types import ModuleType
 
 from ..errors import MergeError
-from ..fileio import load_pickle, load_safetensors
+from ..fileio import check_destination, load_pickle, load_safetensors
 from . import authors_bin, compvis, diffusers_layout, native
 from ._common import Delta, describe_container, natural_order, safetensors_header
 
@@ -39,6 +41,61 @@ def get_format(name: str) -> ModuleType:
         if module.NAME == name:
             return module
     raise MergeError(f"Unknown format {name!r}; expected one of {', '.join(format_names())}.")
+
+
+#: Output file extension -> the format it is written in; a name without one is a folder.
+OUTPUT_SUFFIXES = {".safetensors": native.NAME, ".bin": authors_bin.NAME, ".ckpt": compvis.NAME}
+FOLDER_FORMAT = diffusers_layout.NAME
+#: The help of ``--format`` / ``--to``: how the default is told from the output name.
+OUTPUT_FORMAT_HELP = ("output format; default: from the output name: .safetensors native, .bin authors-bin, "
+                      ".ckpt compvis, no extension (or an existing folder) the diffusers folder layout; "
+                      "any other extension needs this option")
+
+
+def output_format(path: str | os.PathLike[str], format_name: str | None = None) -> str:
+    """The format to write ``path`` in: ``format_name`` when given, else told by the name.
+
+    ``.safetensors`` -> native, ``.bin`` -> authors-bin, ``.ckpt`` -> compvis, a name without
+    extension (or an existing folder) -> the diffusers layout; any other extension is refused
+    rather than guessed.
+    """
+    if format_name is not None:
+        return get_format(format_name).NAME
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in OUTPUT_SUFFIXES:
+        return OUTPUT_SUFFIXES[suffix]
+    if not suffix or path.is_dir():
+        return FOLDER_FORMAT
+    choices = ", ".join(f"{ext} ({name})" for ext, name in OUTPUT_SUFFIXES.items())
+    raise MergeError(f"Cannot tell which format to write {path} in: {suffix} is none of {choices}, nor a "
+                     f"folder name without extension ({FOLDER_FORMAT}). Rename the output, or name the "
+                     f"format ({', '.join(format_names())}) with --format (cd-convert: --to).")
+
+
+def check_can_hold(format_name: str, architecture: str | None, path: str | os.PathLike[str]) -> None:
+    """Refuse a format that cannot hold models of ``architecture`` (e.g. SDXL as compvis)."""
+    supported = getattr(get_format(format_name), "ARCHITECTURES", None)
+    if architecture is None or supported is None or architecture in supported:
+        return
+    others = [name for name in format_names()
+              if architecture in (getattr(get_format(name), "ARCHITECTURES", None) or (architecture,))]
+    raise MergeError(f"Cannot write {path} as {format_name}: the format holds only {' and '.join(supported)} "
+                     f"models, and this is an {architecture} delta; choose {_one_of(others)} instead.")
+
+
+def _one_of(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+def check_output(path: str | os.PathLike[str], format_name: str, *, architecture: str | None = None,
+                 force: bool = False) -> None:
+    """Everything about writing ``path`` that can be checked before the work: the format can
+    hold the architecture, the folder is writable, an existing output is replaced only with
+    ``force``, and never a folder holding other things."""
+    check_can_hold(format_name, architecture, path)
+    module = get_format(format_name)
+    check_destination(Path(path), force=force, foreign_entries=getattr(module, "foreign_entries", None))
 
 
 def detect_format(path: str | os.PathLike[str]) -> ModuleType:

@@ -30,6 +30,7 @@ from ._common import (
 
 NAME = "compvis"
 WRITES_FULL_WEIGHTS = True  # FineTunedWeights; a LowRank ConceptDelta gives the compressed variant
+ARCHITECTURES = ("sd1", "sd2")  # the authors' CompVis code never had SDXL
 PREFIX = "model.diffusion_model."
 EMBED = "embed"
 _PROJECTIONS = {".to_k.weight": "to_k", ".to_v.weight": "to_v"}

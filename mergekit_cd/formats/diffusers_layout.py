@@ -133,29 +133,25 @@ def write(obj: Delta, path: str | os.PathLike[str], *, force: bool = False) -> N
     """Write full weights as the folder ``path``: the weights file plus ``<token>.safetensors`` each."""
     weights = full_weights(obj, path, NAME)
     target = Path(path)
-    if force and target.is_dir():
-        _check_replaceable(target)
     header = to_header(weights)
     tensors = {f"{layer}.processor.{projection}_custom_diffusion.weight": matrix
                for layer, pair in weights.layers.items()
                for projection, matrix in zip(("to_k", "to_v"), pair)}
     token_files = {_token_file_name(token, target): _token_state(token, embeddings, target)
                    for token, embeddings in weights.tokens.items()}
-    with atomic_path(target, force=force, folder=True) as folder:
+    with atomic_path(target, force=force, folder=True, foreign_entries=foreign_entries) as folder:
         save_file(saveable(tensors), str(folder / WEIGHTS_NAMES[0]), metadata=header)
         for file_name, state in token_files.items():
             save_file(saveable(state), str(folder / file_name), metadata=header)
 
 
-def _check_replaceable(folder: Path) -> None:
-    """--force replaces a folder only when it is empty or an output of this layout, nothing more."""
+def foreign_entries(folder: Path) -> list[str]:
+    """What in ``folder`` is not part of an output of this layout; ``--force`` replaces a
+    folder only when there is nothing (the weights file and token files alone)."""
     names = sorted(entry.name for entry in folder.iterdir())
-    strays = [name for name in names
-              if not ((folder / name).is_file() and Path(name).suffix in TOKEN_SUFFIXES)]
-    if names and (strays or not detect(folder)):
-        raise MergeError(f"{folder} holds other things than a Custom Diffusion output (e.g. "
-                         f"{(strays or names)[0]}); refusing to replace it, even with --force. "
-                         f"Choose another output folder.")
+    if not detect(folder):
+        return names
+    return [name for name in names if not ((folder / name).is_file() and Path(name).suffix in TOKEN_SUFFIXES)]
 
 
 def _token_file_name(token: str, target: Path) -> str:

@@ -1,0 +1,244 @@
+"""Bad command lines are refused up front: one line ``cd-<command>: error: ...`` naming the
+option or file and the problem, exit status 1, nothing written, and no work done first (the
+steps that would do the work are replaced by ones that fail the test if they run).
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from mergekit_cd import MergeError, formats
+from mergekit_cd.cli import _common
+from mergekit_cd.cli import convert as cd_convert
+from mergekit_cd.cli import merge as cd_merge
+from mergekit_cd.cli import sample as cd_sample
+from mergekit_cd.fileio import check_destination
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tiny_models(tiny_pipeline_path, tiny_delta_files):
+    """Built before any test captures output (saving them prints transformers' progress bars)."""
+    for architecture in ("sd1", "sdxl"):
+        tiny_pipeline_path(architecture)
+        tiny_delta_files(architecture)
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("MERGEKIT_CD_CACHE", str(tmp_path_factory.getbasetemp() / "gram-cache"))
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """cd-merge fails the test if it gets as far as reading its inputs."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the inputs were read before the command line was checked")
+
+    monkeypatch.setattr(cd_merge, "plan_merge", refuse)
+
+
+def one_error_line(capsys, command: str) -> str:
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and captured.out == "", captured
+    assert lines[0].startswith(f"{command}: error: "), lines[0]
+    return lines[0][len(f"{command}: error: "):]
+
+
+def merge_args(tiny_pipeline_path, tiny_delta_files, architecture: str = "sd1") -> list[str]:
+    files = tiny_delta_files(architecture)
+    return [str(files["native"]), str(files["diffusers"]), "--base", str(tiny_pipeline_path(architecture)),
+            "--num-reg-captions", "30", "-q"]
+
+
+# ---------------------------------------------------------------- cd-merge options
+@pytest.mark.parametrize(("arguments", "message"), [
+    (["--method", "soft", "--mu", "-1"], r"^--mu -1: must be a finite number >= 0\.$"),
+    (["--method", "soft", "--mu", "nan"], r"^--mu nan: must be a finite number >= 0\.$"),
+    (["--method", "soft", "--mu", "0"], r"^--mu 0 with no --ridge / --relative-ridge leaves the soft merge "
+                                        r"without a unique solution"),
+    (["--method", "soft", "--weights", "1", "0"], r"^--weights: every weight must be a finite number > 0, "
+                                                  r"got 0\.$"),
+    (["--method", "soft", "--weights", "1", "inf"], r"^--weights: every weight must be .*, got inf\.$"),
+    (["--method", "soft", "--weights", "5"], r"^--weights: got 1 weight\(s\) for 2 inputs; give one per "
+                                             r"concept, in input order\.$"),
+    (["--weights", "1", "2"], r"^--weights only applies to --method soft, not to --method constrained; "),
+    (["--method", "sum", "--mu", "2"], r"^--mu only applies to --method soft, not to --method sum; "),
+    (["--method", "average", "--weights", "1", "2", "--mu", "2"], r"^--weights and --mu only apply to "),
+    (["--num-reg-captions", "0"], r"^--num-reg-captions 0: must be at least 1\.$"),
+    (["--num-reg-captions", "-5"], r"^--num-reg-captions -5: must be at least 1\.$"),
+    (["--ridge", "-1"], r"^--ridge -1: must be a finite number >= 0\.$"),
+    (["--ridge", "inf"], r"^--ridge inf: must be a finite number >= 0\.$"),
+    (["--relative-ridge", "nan"], r"^--relative-ridge nan: must be a finite number >= 0\.$"),
+    (["--batch-size", "0"], r"^--batch-size 0: must be at least 1\.$"),
+    (["--device", "meta"], r"^--device meta: this command runs on cpu or cuda\[:N\], not meta; this machine "
+                           r"has cpu"),
+    (["--device", "mps"], r"^--device mps: this command runs on cpu or cuda\[:N\], not mps; "),
+    (["--device", "gpu"], r"^--device gpu: not a device name; this machine has cpu"),
+    (["-o", "{tmp}/merged.weird"], r"^Cannot tell which format to write \S+merged\.weird in: \.weird is none "
+                                   r"of \.safetensors \(native\), \.bin \(authors-bin\), \.ckpt \(compvis\), "
+                                   r"nor a folder name without extension \(diffusers\)\. .*--format"),
+])
+def test_bad_cd_merge_options_are_refused_before_any_input_is_read(tiny_pipeline_path, tiny_delta_files,
+                                                                   tmp_path, capsys, no_work, arguments,
+                                                                   message):
+    arguments = [argument.format(tmp=tmp_path) for argument in arguments]
+    output = ["-o", str(tmp_path / "merged.safetensors")] if "-o" not in arguments else []
+    assert cd_merge.main([*merge_args(tiny_pipeline_path, tiny_delta_files), *output, *arguments]) == 1
+    assert re.search(message, one_error_line(capsys, "cd-merge")), message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_wrong_weight_count_is_refused_before_any_text_is_encoded(tiny_pipeline_path, tiny_delta_files,
+                                                                    tmp_path, capsys, monkeypatch):
+    """The number of concepts is known once the inputs' tokens are: before the solve."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the merge ran before the weights were counted")
+
+    monkeypatch.setattr(cd_merge, "execute", refuse)
+    output = tmp_path / "merged.safetensors"
+    args = [*merge_args(tiny_pipeline_path, tiny_delta_files), "-o", str(output), "--method", "soft"]
+    assert cd_merge.main([*args, "--weights", "1", "2", "3"]) == 1
+    assert one_error_line(capsys, "cd-merge") == ("--weights: got 3 weight(s) for 2 concepts (<new1>, <new1>); "
+                                                  "give one per concept, in input order.")
+    assert not output.exists()
+
+
+def test_soft_weights_and_mu_still_reach_the_merge(tiny_pipeline_path, tiny_delta_files, tmp_path, capsys):
+    output = tmp_path / "merged.safetensors"
+    args = [*merge_args(tiny_pipeline_path, tiny_delta_files), "-o", str(output), "--method", "soft",
+            "--weights", "100", "10", "--mu", "0.5"]
+    assert cd_merge.main(args) == 0, capsys.readouterr().err
+    recipe = formats.read(output).metadata["recipe"]
+    assert recipe["weights"] == [100.0, 10.0] and recipe["mu"] == 0.5
+
+
+# ---------------------------------------------------------------- devices
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_cuda_without_a_gpu_is_an_error_not_a_silent_cpu_run(tiny_pipeline_path, tiny_delta_files, tmp_path,
+                                                             capsys, no_work):
+    output = tmp_path / "merged.safetensors"
+    assert cd_merge.main([*merge_args(tiny_pipeline_path, tiny_delta_files), "-o", str(output),
+                          "--device", "cuda"]) == 1
+    assert re.fullmatch(r"--device cuda: no CUDA device is available \(.*\); this machine has cpu\.",
+                        one_error_line(capsys, "cd-merge"))
+    assert cd_sample.main(["--base", str(tiny_pipeline_path("sd1")), "a cat", "-o", str(tmp_path / "g.png"),
+                           "--device", "cuda:0"]) == 1
+    assert one_error_line(capsys, "cd-sample").startswith("--device cuda:0: no CUDA device is available")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_devices_name_what_this_machine_has(monkeypatch):
+    """With two GPUs (simulated): cuda and cuda:1 are accepted, cuda:2 names the ones there are."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert _common.device("cuda") == torch.device("cuda")
+    assert _common.device("cuda:1") == torch.device("cuda:1")
+    assert _common.device("cpu") == torch.device("cpu")
+    with pytest.raises(MergeError, match=r"^--device cuda:2: there is no such GPU; this machine has cpu, "
+                                         r"cuda:0, cuda:1\.$"):
+        _common.device("cuda:2")
+    with pytest.raises(MergeError, match=r"^--device mps: MPS \(Apple GPU\) is not available here; this "
+                                         r"machine has cpu, cuda:0, cuda:1\.$"):
+        _common.device("mps", types=cd_sample.DEVICE_TYPES)
+    with pytest.raises(MergeError, match=r"^--device xla: this command runs on cpu or cuda\[:N\] or mps, "
+                                         r"not xla"):
+        _common.device("xla", types=cd_sample.DEVICE_TYPES)
+
+
+# ---------------------------------------------------------------- outputs
+@pytest.mark.parametrize(("name", "expected"), [
+    ("merged.safetensors", "native"), ("delta.bin", "authors-bin"), ("delta_epoch=000001.ckpt", "compvis"),
+    ("merged", "diffusers"), ("merged.SAFETENSORS", "native"),
+])
+def test_the_output_name_tells_the_format(tmp_path, name, expected):
+    assert formats.output_format(tmp_path / name) == expected
+    assert formats.output_format(tmp_path / name, "native") == "native"  # the option wins
+
+
+def test_an_existing_folder_is_the_diffusers_layout_whatever_its_name(tmp_path):
+    (tmp_path / "merged.v2").mkdir()
+    assert formats.output_format(tmp_path / "merged.v2") == "diffusers"
+    with pytest.raises(MergeError, match=r"\.v3 is none of .safetensors"):
+        formats.output_format(tmp_path / "merged.v3")
+
+
+def test_cd_merge_writes_the_format_the_name_tells(tiny_pipeline_path, tiny_delta_files, tmp_path, capsys):
+    """``-o weird.bin`` used to write a diffusers folder named weird.bin."""
+    output = tmp_path / "weird.bin"
+    assert cd_merge.main([*merge_args(tiny_pipeline_path, tiny_delta_files), "-o", str(output)]) == 0
+    capsys.readouterr()
+    assert output.is_file() and formats.detect_format(output).NAME == "authors-bin"
+
+
+def test_sdxl_as_compvis_is_refused_before_any_input_is_read(tiny_pipeline_path, tiny_delta_files, tmp_path,
+                                                             capsys, no_work):
+    for extra in ([], ["--dry-run"]):
+        output = tmp_path / "merged.ckpt"
+        assert cd_merge.main([*merge_args(tiny_pipeline_path, tiny_delta_files, "sdxl"), "-o", str(output),
+                              *extra]) == 1
+        assert one_error_line(capsys, "cd-merge") == (
+            f"Cannot write {output} as compvis: the format holds only sd1 and sd2 models, and this is an sdxl "
+            f"delta; choose native, diffusers or authors-bin instead.")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("output_name", ["model", "model.safetensors"])
+def test_force_never_replaces_a_foreign_folder_and_says_so_before_any_work(tiny_pipeline_path, tiny_delta_files,
+                                                                           tmp_path, capsys, no_work,
+                                                                           output_name):
+    folder = tmp_path / output_name
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    assert cd_merge.main([*merge_args(tiny_pipeline_path, tiny_delta_files), "-o", str(folder), "--force"]) == 1
+    assert one_error_line(capsys, "cd-merge") == (
+        f"{folder} holds other things than a Custom Diffusion output (e.g. notes.txt); refusing to replace "
+        f"it, even with --force. Choose another output name.")
+    assert (folder / "notes.txt").read_text() == "keep me"
+
+
+def test_force_replaces_an_earlier_output_folder(tiny_pipeline_path, tiny_delta_files, tmp_path, capsys):
+    output = tmp_path / "merged"
+    args = [*merge_args(tiny_pipeline_path, tiny_delta_files), "-o", str(output)]
+    assert cd_merge.main(args) == 0
+    assert cd_merge.main([*args, "--force"]) == 0
+    capsys.readouterr()
+    assert formats.detect_format(output).NAME == "diffusers"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["merged"]
+
+
+def test_a_file_output_never_replaces_a_non_empty_folder(tmp_path):
+    (tmp_path / "grid.png").mkdir()
+    (tmp_path / "grid.png" / "a.png").write_bytes(b"keep")
+    with pytest.raises(MergeError, match=r"grid\.png holds other things .*\(e\.g\. a\.png\)"):
+        check_destination(tmp_path / "grid.png", force=True)
+    (tmp_path / "empty").mkdir()
+    check_destination(tmp_path / "empty", force=True)  # nothing to lose
+
+
+def test_cd_convert_tells_the_format_from_the_output_name(tiny_delta_files, tiny_pipeline_path, tmp_path,
+                                                          capsys):
+    files = tiny_delta_files("sd1")
+    output = tmp_path / "cat.bin"
+    assert cd_convert.main([str(files["native"]), "-o", str(output), "--base",
+                            str(tiny_pipeline_path("sd1"))]) == 0
+    assert capsys.readouterr().out == f"wrote {output} (authors-bin)\n"
+    assert cd_convert.main([str(files["native"]), "-o", str(tmp_path / "cat.pt")]) == 1
+    assert re.search(r"^Cannot tell which format to write \S+cat\.pt in", one_error_line(capsys, "cd-convert"))
+    assert cd_convert.main([str(files["native"]), "-o", str(tmp_path / "small.safetensors"),
+                            "--compress", "1.5"]) == 1
+    assert one_error_line(capsys, "cd-convert") == "--compress 1.5: the relative error bound must be in [0, 1)."
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["cat.bin"]
+
+
+@pytest.mark.parametrize("command", [cd_merge, cd_convert])
+def test_format_help_describes_the_inference(command, capsys):
+    with pytest.raises(SystemExit):
+        command.main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert (".safetensors native, .bin authors-bin, .ckpt compvis, no extension (or an existing folder) the "
+            "diffusers folder layout") in help_text
