@@ -1,5 +1,7 @@
 """Turn a model or delta reference into a local path: a folder or file on disk, or a Hugging
 Face repo id (``org/name``, optionally ``org/name@revision``) fetched through the hub cache.
+A delta reference may also name one file or folder inside a repo: ``org/name:path/in/repo``
+or ``org/name@revision:path/in/repo`` (:func:`split_path`).
 
 Only the files a caller asks for (``allow_patterns``) are fetched, so opening a base model never
 downloads its VAE. The cache is huggingface_hub's own (``HF_HUB_CACHE`` / ``HF_HOME``, read by
@@ -15,7 +17,6 @@ cache folder and the fix.
 from __future__ import annotations
 
 import functools
-
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -56,6 +57,22 @@ def parse_repo_reference(reference: str, revision: str | None = None) -> tuple[s
     return match.group("repo"), written or revision
 
 
+def split_path(reference: str) -> tuple[str, str | None]:
+    """``org/name@revision:path/in/repo`` -> (``org/name@revision``, ``path/in/repo``).
+
+    Without ``:`` the path is None (the whole repo). A path that leaves the repo (``..``) or is
+    empty is a MergeError. (Git revisions cannot hold ``:``, so the first one splits.)
+    """
+    repo, colon, inside = reference.partition(":")
+    if not colon:
+        return reference, None
+    inside = inside.strip("/")
+    if not inside or "\\" in inside or any(part in ("", ".", "..") for part in inside.split("/")):
+        raise MergeError(f"{reference}: {inside or 'nothing'!r} after ':' is not a path inside the repo "
+                         f"(expected org/name:folder/file.safetensors).")
+    return repo, inside
+
+
 def cache_folder() -> Path:
     """The hub cache huggingface_hub uses (``HF_HUB_CACHE``, else ``HF_HOME/hub``)."""
     return Path(constants.HF_HUB_CACHE).expanduser()
@@ -86,11 +103,13 @@ def _answers(endpoint: str) -> bool:
 
 
 def resolve(reference: str, *, allow_patterns: Sequence[str] | None = None,
-            revision: str | None = None) -> Path:
+            ignore_patterns: Sequence[str] | None = None, revision: str | None = None) -> Path:
     """A local path for ``reference``: an existing file or folder as is, else a repo snapshot.
 
-    For a repo id, only files matching ``allow_patterns`` (fnmatch, as huggingface_hub reads
-    them; ``None`` = all) are fetched into the hub cache; the snapshot folder is returned.
+    For a repo id, only files matching ``allow_patterns`` and none of ``ignore_patterns``
+    (fnmatch, as huggingface_hub reads them, where ``*`` also matches ``/``: ``"*/*"`` ignores
+    every file below the top level; ``None`` = no filter) are fetched into the hub cache; the
+    snapshot folder is returned.
     Offline, or when the hub cannot be reached, the cached snapshot is used. The snapshot
     may still lack files the hub could not be asked for: callers check what they need and
     report it with :func:`missing_files_error`.
@@ -102,7 +121,8 @@ def resolve(reference: str, *, allow_patterns: Sequence[str] | None = None,
     online = hub_reachable()
     try:
         folder = snapshot_download(repo_id, revision=revision, local_files_only=not online,
-                                   allow_patterns=list(allow_patterns) if allow_patterns else None)
+                                   allow_patterns=list(allow_patterns) if allow_patterns else None,
+                                   ignore_patterns=list(ignore_patterns) if ignore_patterns else None)
     except LocalEntryNotFoundError:
         raise MergeError(_not_cached_message(reference, repo_id, revision, online)) from None
     except RevisionNotFoundError:

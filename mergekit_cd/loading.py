@@ -18,8 +18,11 @@ from .weights import FineTunedWeights
 
 PathLike = str | os.PathLike[str]
 
-#: Files a delta repo on the hub may hold; only these are fetched.
+#: Files a delta repo on the hub may hold; only these are fetched, from the top level (or from
+#: the folder ``org/name:folder`` names), never from deeper folders (``*`` also matches ``/``).
 DELTA_FILE_PATTERNS = ["*.safetensors", "*.bin", "*.ckpt", "*.json"]
+#: Extensions that make a reference a file path, never a repo id.
+DELTA_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
 
 
 def as_base(base: BaseModel | PathLike) -> BaseModel:
@@ -64,23 +67,54 @@ def load(reference: PathLike | ConceptDelta, *, base: BaseModel | PathLike | Non
 
 
 def resolve_delta(reference: PathLike) -> Path:
-    """A local file/folder, or a hub repo id fetched (only delta files) through the cache.
+    """A local file/folder, or a delta fetched (its files only) from a hub repo through the cache.
 
-    A folder that is not itself a delta (e.g. a repo holding ``concept.safetensors``) stands
-    for the one delta file inside it.
+    A repo id (``org/name[@revision]``) stands for the delta files at the top of the repo;
+    ``org/name[@revision]:path/in/repo`` for the one file or folder it names (a repo holding
+    several deltas). A missing path that looks like one (an extension of a delta file, ``./``,
+    ``~``, absolute, or more than one ``/``) is "no such file", never taken for a repo id. A
+    folder that is not itself a delta (e.g. a repo holding ``concept.safetensors``) stands for
+    the one delta file inside it.
     """
-    path = Path(reference)
-    if not path.exists():
-        path = hub.resolve(str(reference), allow_patterns=DELTA_FILE_PATTERNS)
+    path = Path(reference).expanduser()
+    from_hub = not path.exists()
+    if from_hub:
+        path = _fetch_delta(str(reference))
     if not path.is_dir() or any(module.detect(path) for module in formats.FORMATS):
         return path
     inside = sorted(p for p in path.iterdir() if p.is_file() and any(m.detect(p) for m in formats.FORMATS))
     if len(inside) == 1:
         return inside[0]
     if len(inside) > 1:
+        how = f"{hub.split_path(str(reference))[0]}:<file>" if from_hub else "its path"
         raise MergeError(f"{reference} holds several deltas ({', '.join(p.name for p in inside)}); "
-                         f"name the file you mean.")
+                         f"name the one you mean ({how}).")
+    if from_hub and hub.split_path(str(reference))[1] is None:
+        found = sorted(entry.name for entry in path.iterdir())
+        raise MergeError(f"The Hugging Face repo {reference} has no delta at its top level (found "
+                         f"{found[:6] if found else 'nothing'}); for a delta in a subfolder, name it: "
+                         f"{reference}:path/in/repo.")
     return path  # let the format layer say what it found there
+
+
+def _fetch_delta(reference: str) -> Path:
+    """The delta files of a hub repo (top level), or the file or folder ``org/name:path`` names."""
+    repo, inside = hub.split_path(reference)
+    if _looks_like_a_path(repo):
+        raise MergeError(f"{reference}: no such file or folder.")
+    if inside is None:
+        return hub.resolve(repo, allow_patterns=DELTA_FILE_PATTERNS, ignore_patterns=["*/*"])
+    snapshot = hub.resolve(repo, allow_patterns=[inside, *(f"{inside}/{p}" for p in DELTA_FILE_PATTERNS)],
+                           ignore_patterns=[f"{inside}/*/*"])
+    if not (snapshot / inside).exists():
+        raise hub.missing_files_error(repo, snapshot, [inside], what="delta repo")
+    return snapshot / inside
+
+
+def _looks_like_a_path(reference: str) -> bool:
+    """True for what only a file path would be written as, never a repo id (``org/name``)."""
+    return (reference.startswith((".", "~", "/", "\\")) or Path(reference).is_absolute()
+            or reference.count("/") > 1 or reference.lower().endswith(DELTA_SUFFIXES))
 
 
 def _with_base_identity(content: FineTunedWeights, base: BaseModel, source: str,

@@ -242,3 +242,96 @@ def test_format_help_describes_the_inference(command, capsys):
     help_text = " ".join(capsys.readouterr().out.split())
     assert (".safetensors native, .bin authors-bin, .ckpt compvis, no extension (or an existing folder) the "
             "diffusers folder layout") in help_text
+
+
+# ---------------------------------------------------------------- delta references on the hub
+@pytest.fixture
+def multi_delta_repo(tiny_delta_files, tmp_path, monkeypatch):
+    """An offline hub cache with ``someone/concepts``: one delta at the top, two in subfolders."""
+    import shutil
+
+    from hubcache import add_to_hub_cache, use_hub_cache
+
+    files = tiny_delta_files("sd1")
+    source = tmp_path / "repo"
+    (source / "cats" / "old").mkdir(parents=True)
+    (source / "dogs").mkdir()
+    shutil.copy(files["native"], source / "top.safetensors")
+    shutil.copy(files["native"], source / "cats" / "cat.safetensors")
+    shutil.copy(files["authors-bin"], source / "cats" / "old" / "delta.bin")
+    shutil.copytree(files["diffusers"], source / "dogs" / "dog")
+    (source / "README.md").write_text("three concepts")
+    cache = tmp_path / "hf-cache"
+    add_to_hub_cache(cache, "someone/concepts", source)
+    use_hub_cache(monkeypatch, cache, offline=True)
+    return sorted(file.relative_to(source).as_posix() for file in source.rglob("*") if file.is_file())
+
+
+@pytest.fixture
+def fetched(monkeypatch, multi_delta_repo):
+    """The repo files each snapshot_download call would fetch, by its own pattern filter."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    from mergekit_cd import hub
+
+    calls: list[set[str]] = []
+    real_download = hub.snapshot_download
+
+    def recording(repo_id, **kwargs):
+        calls.append(set(filter_repo_objects(multi_delta_repo, allow_patterns=kwargs.get("allow_patterns"),
+                                             ignore_patterns=kwargs.get("ignore_patterns"))))
+        return real_download(repo_id, **kwargs)
+
+    monkeypatch.setattr(hub, "snapshot_download", recording)
+    return calls
+
+
+def test_a_delta_repo_is_fetched_from_its_top_level_only(fetched, tiny_delta_files):
+    from mergekit_cd.loading import load
+
+    delta = load("someone/concepts")
+    assert fetched == [{"top.safetensors"}]  # not cats/cat.safetensors, cats/old/delta.bin, dogs/dog/...
+    assert delta.allclose(tiny_delta_files("sd1")["object"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("reference", "wanted"), [
+    ("someone/concepts:cats/cat.safetensors", {"cats/cat.safetensors"}),
+    ("someone/concepts@main:cats/cat.safetensors", {"cats/cat.safetensors"}),
+    ("someone/concepts:cats", {"cats/cat.safetensors"}),  # a folder: its own delta files, not cats/old/
+    ("someone/concepts:dogs/dog/", {"dogs/dog/<new1>.safetensors",
+                                    "dogs/dog/pytorch_custom_diffusion_weights.safetensors"}),
+])
+def test_repo_colon_path_names_one_delta_of_a_repo_and_fetches_only_it(fetched, tiny_delta_files,
+                                                                       tiny_pipeline_path, reference, wanted):
+    from mergekit_cd.loading import load
+
+    delta = load(reference, base=tiny_pipeline_path("sd1"))
+    assert fetched == [wanted]
+    assert delta.allclose(tiny_delta_files("sd1")["object"], rtol=0, atol=1e-6)
+
+
+def test_a_path_missing_from_a_repo_is_named(fetched, capsys):
+    from mergekit_cd.cli import inspect as cd_inspect
+
+    assert cd_inspect.main(["someone/concepts:cats/dog.safetensors"]) == 1
+    message = one_error_line(capsys, "cd-inspect")
+    assert message.startswith("The Hugging Face repo someone/concepts (snapshot ")
+    assert "is not a complete delta repo: it lacks cats/dog.safetensors." in message
+    assert cd_inspect.main(["someone/concepts:../x"]) == 1
+    assert one_error_line(capsys, "cd-inspect") == ("someone/concepts:../x: '../x' after ':' is not a path inside "
+                                                    "the repo (expected org/name:folder/file.safetensors).")
+
+
+@pytest.mark.parametrize("reference", ["missing.safetensors", "./missing", "../missing", "~/missing",
+                                       "/abs/missing", "folder/sub/missing", "org/missing.bin",
+                                       "./missing:cats"])
+def test_a_missing_local_path_is_file_not_found_not_a_repo_id(reference, capsys, monkeypatch):
+    from mergekit_cd import hub
+    from mergekit_cd.cli import inspect as cd_inspect
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError(f"{reference} was looked up on the hub")
+
+    monkeypatch.setattr(hub, "snapshot_download", no_hub)
+    assert cd_inspect.main([reference]) == 1
+    assert one_error_line(capsys, "cd-inspect") == f"{reference}: no such file or folder."
