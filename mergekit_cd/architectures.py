@@ -22,24 +22,22 @@ class Architecture:
     concatenated on the feature axis.
     hidden_state: ``None`` = ``last_hidden_state`` (after the final layer norm, SD1/SD2);
     ``-2`` = ``hidden_states[-2]``, the penultimate layer without final norm (SDXL).
-    pipeline: the diffusers pipeline class that runs it.
     """
 
     name: str
     text_encoders: tuple[str, ...]
     tokenizers: tuple[str, ...]
     hidden_state: int | None
-    pipeline: str
     description: str
 
 
 ARCHITECTURES: dict[str, Architecture] = {
     "sd1": Architecture("sd1", ("text_encoder",), ("tokenizer",), None,
-                        "StableDiffusionPipeline", "Stable Diffusion 1.x (CLIP ViT-L text encoder)"),
+                        "Stable Diffusion 1.x (CLIP ViT-L text encoder)"),
     "sd2": Architecture("sd2", ("text_encoder",), ("tokenizer",), None,
-                        "StableDiffusionPipeline", "Stable Diffusion 2.x (OpenCLIP ViT-H text encoder)"),
+                        "Stable Diffusion 2.x (OpenCLIP ViT-H text encoder)"),
     "sdxl": Architecture("sdxl", ("text_encoder", "text_encoder_2"), ("tokenizer", "tokenizer_2"), -2,
-                         "StableDiffusionXLPipeline", "Stable Diffusion XL (CLIP ViT-L + OpenCLIP bigG)"),
+                         "Stable Diffusion XL (CLIP ViT-L + OpenCLIP bigG)"),
 }
 
 

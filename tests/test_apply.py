@@ -18,7 +18,7 @@ from diffusers import DiffusionPipeline
 
 import mergekit_cd
 from mergekit_cd.apply import apply, installed, remove
-from mergekit_cd.delta import ConceptDelta, compress, dense
+from mergekit_cd.delta import compress, dense
 from mergekit_cd.errors import MergeError
 from mergekit_cd.loading import save
 

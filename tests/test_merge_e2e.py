@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from mergekit_cd import formats
 from mergekit_cd.base import open_base
 from mergekit_cd.cli.merge import main as cd_merge
-from mergekit_cd.delta import ConceptDelta, LayerDelta, dense
+from mergekit_cd.delta import ConceptDelta, dense
 from mergekit_cd.loading import save
 from mergekit_cd.merge import merge
 from mergekit_cd.testing import random_concept_delta
