@@ -1,0 +1,115 @@
+"""The output folder of a run, and the trained delta written into it.
+
+``OUT/`` holds:
+
+- ``delta.safetensors``: the native file (K/V differences against the base, the token
+  embeddings, and metadata: base name and fingerprint, architecture, each concept's token,
+  class word and target prompts, and the training recipe). ``cd-merge OUT --base BASE``
+  reads it (a folder holding one delta file stands for that file).
+- ``diffusers/``: the diffusers training-script layout (full weights
+  ``pytorch_custom_diffusion_weights.safetensors`` plus ``<token>.safetensors`` per token), the
+  same metadata in its headers. With ``--train q,k,v,out`` it also holds the trained q and out
+  projections under diffusers' key names; the native file has K/V only, which is all a merge uses.
+- ``checkpoints/step-NNNNNN/`` while training, and ``validation/step-NNNNNN.png`` when asked for.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from safetensors.torch import save_file
+
+from ..delta import Concept, ConceptDelta, LayerDelta
+from ..errors import MergeError
+from ..features import target_prompts
+from ..fileio import atomic_path, load_safetensors
+from ..loading import save
+from .config import TrainingConfig
+
+if TYPE_CHECKING:
+    from .loop import Session
+
+NATIVE_NAME = "delta.safetensors"
+DIFFUSERS_NAME = "diffusers"
+TRAINER = "cd-train"
+
+
+def check(config: TrainingConfig) -> None:
+    """Fail before any work when the output folder cannot be used."""
+    out = Path(config.output)
+    if out.suffix == ".safetensors":
+        raise MergeError(f"-o {out}: cd-train writes a folder (with {NATIVE_NAME}, {DIFFUSERS_NAME}/ and "
+                         f"checkpoints/); give a folder name, e.g. -o {out.with_suffix('')}.")
+    if out.exists() and not out.is_dir():
+        raise MergeError(f"-o {out} is a file; cd-train writes a folder.")
+    if not out.parent.is_dir():
+        raise MergeError(f"Cannot write {out}: folder {out.parent} does not exist.")
+    if out.is_dir() and any(out.iterdir()) and config.resume is None and not config.force:
+        raise MergeError(f"{out} exists and is not empty (an earlier run?); pass --resume {out} to continue "
+                         f"from its latest checkpoint, or --force to start over.")
+
+
+def prepare(config: TrainingConfig) -> None:
+    """Create the output folder; with --force and no --resume, drop an earlier run's checkpoints."""
+    out = Path(config.output)
+    out.mkdir(exist_ok=True)
+    if config.force and config.resume is None and (out / "checkpoints").is_dir():
+        shutil.rmtree(out / "checkpoints")
+
+
+def build_delta(session: Session) -> ConceptDelta:
+    """The trained K/V differences and token embeddings, float32 on the CPU, with metadata."""
+    config = session.config
+    weights = {name: parameter.detach().to("cpu", copy=True).float() for name, parameter in session.trainables}
+    layers = {}
+    for layer in session.layers:
+        key, value = f"{layer}.to_k.weight", f"{layer}.to_v.weight"
+        layers[layer] = LayerDelta(weights[key] - session.base_weights[key],
+                                   weights[value] - session.base_weights[value])
+    tokens = {token: tuple(wrapper.rows.detach()[index].to("cpu", copy=True).float()
+                           for wrapper in session.wrappers)
+              for index, token in enumerate(session.tokens)}
+    concepts = tuple(Concept(c.token, c.class_word, tuple(target_prompts(c.token, c.class_word)))
+                     for c in config.concepts)
+    recipe = {"method": "custom-diffusion", "trainer": TRAINER, **config.recipe(),
+              "resolution": session.resolution, "learning_rate": session.learning_rate,
+              "num_processes": session.accelerator.num_processes, "mixed_precision": session.mixed_precision,
+              "detach_start_token": True, "noise_scheduler": "DDPM",
+              "prediction_type": session.noise_scheduler.config.prediction_type,
+              "steps_done": session.step, "final_loss": session.losses[-1] if session.losses else None,
+              "stored": "K/V differences" if set(config.train) == {"k", "v"}
+              else "K/V differences (native); q/out full weights in the diffusers layout"}
+    if session.class_images:
+        recipe["num_class_images"] = [len(s.paths) for s in session.class_images]
+    return ConceptDelta(layers, tokens, base=str(config.base), base_fingerprint=session.fingerprint,
+                        architecture=session.architecture.name, concepts=concepts, metadata={"recipe": recipe})
+
+
+def write(session: Session, delta: ConceptDelta) -> tuple[Path, Path]:
+    """``OUT/delta.safetensors`` and ``OUT/diffusers/`` (plus q/out weights when they trained)."""
+    out = Path(session.config.output)
+    replace = True  # everything in OUT is this run's (checked before training)
+    native = save(delta, out / NATIVE_NAME, format="native", force=replace)
+    folder = save(delta, out / DIFFUSERS_NAME, format="diffusers", base=session.base, force=replace)
+    extra = {name: parameter for name, parameter in session.trainables
+             if ".to_q." in name or ".to_out.0." in name}
+    if extra:
+        _add_projections(folder, extra)
+    return native, folder
+
+
+def _add_projections(folder: Path, extra: dict) -> None:
+    """Add trained q/out weights to the diffusers weights file, under diffusers' key names."""
+    from ..formats.diffusers_layout import WEIGHTS_NAMES
+
+    file = folder / WEIGHTS_NAMES[0]
+    tensors, header = load_safetensors(file)
+    for name, parameter in extra.items():
+        layer, rest = name.split(".to_", 1)  # "<layer>.attn2" + "q.weight" / "out.0.weight"
+        projection, parameter_name = rest.split(".", 1)
+        key = f"{layer}.processor.to_{projection}_custom_diffusion.{parameter_name}"
+        tensors[key] = parameter.detach().to("cpu", copy=True).float().contiguous()
+    with atomic_path(file, force=True) as temporary:
+        save_file(tensors, str(temporary), metadata=header)
