@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Sequence
@@ -27,7 +28,9 @@ def load_pipeline(reference: str | os.PathLike[str], *, device: torch.device | s
 
     local = Path(reference).expanduser()
     options = {} if dtype == torch.float32 else {_dtype_keyword(): dtype}  # float32 is the default
-    if not local.exists():
+    if local.is_dir():
+        check_components(local)
+    elif not local.exists():
         # one clear error for a path that is not there, or a repo not in the cache while offline
         hub.resolve(str(reference), allow_patterns=["model_index.json"])
         options["local_files_only"] = not hub.hub_reachable()
@@ -41,6 +44,32 @@ def load_pipeline(reference: str | os.PathLike[str], *, device: torch.device | s
                          f"with a UNet.")
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(torch.device(device))
+
+
+def check_components(folder: Path) -> None:
+    """A local pipeline folder has every component its ``model_index.json`` lists, with weights.
+
+    diffusers would report a missing one as some file missing from the pipeline folder itself
+    (or fail deep inside a tokenizer); this names the component.
+    """
+    index_file = folder / "model_index.json"
+    if not index_file.is_file():
+        raise MergeError(f"{folder} is not a diffusers pipeline folder: it has no model_index.json.")
+    try:
+        index = json.loads(index_file.read_text())
+    except (OSError, ValueError) as error:
+        raise MergeError(f"{index_file}: not a readable model index ({error}).") from None
+    listed = [name for name, value in index.items() if not name.startswith("_") and isinstance(value, list)
+              and len(value) == 2 and value[0] is not None]
+    for name in listed:
+        component = folder / name
+        if not component.is_dir() or not any(component.iterdir()):
+            raise MergeError(f"{folder} lacks the {name} component that its model_index.json lists "
+                             f"(no {name}/ folder, or an empty one).")
+        has_weights = any(file.suffix in (".safetensors", ".bin") for file in component.iterdir())
+        if (component / "config.json").is_file() and not has_weights:
+            raise MergeError(f"{folder}: the {name} component has a config.json but no weights "
+                             f"(.safetensors or .bin) in {component}.")
 
 
 def _dtype_keyword() -> str:

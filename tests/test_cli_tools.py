@@ -99,7 +99,7 @@ def test_cd_sample_refuses_to_overwrite(tiny_pipeline_path, tmp_path, capsys):
 @pytest.mark.parametrize(("arguments", "message"), [
     (["--delta", "{sdxl_delta}"],
      r"^\S*delta is an sdxl delta but this pipeline is sd1 .*wrong architecture\.$"),
-    (["--base", "{sdxl_delta}"], r"^Cannot load the pipeline \S+: .*model_index\.json"),
+    (["--base", "{sdxl_delta}"], r"^\S+ is not a diffusers pipeline folder: it has no model_index\.json\.$"),
     (["-o", "{tmp}/grid.gif.unknown"],
      r"^Cannot write \S+grid\.gif\.unknown: \.unknown is not an image format"),
     (["-o", "{tmp}/missing/grid.png"], r"^Cannot write \S+grid\.png: folder \S+missing does not exist\.$"),
@@ -116,6 +116,28 @@ def test_cd_sample_user_errors_are_one_line(tiny_pipeline_path, tiny_delta_files
     assert cd_sample.main(args) == 1
     assert re.search(message, one_error_line(capsys, "cd-sample")), message
     assert not (tmp_path / "grid.png").exists()
+
+
+@pytest.mark.parametrize(("missing", "message"), [
+    ("vae", "lacks the vae component that its model_index.json lists (no vae/ folder, or an empty one)."),
+    ("unet", "lacks the unet component that its model_index.json lists (no unet/ folder, or an empty one)."),
+    ("tokenizer", "lacks the tokenizer component that its model_index.json lists (no tokenizer/ folder, or an "
+                  "empty one)."),
+    ("vae/diffusion_pytorch_model.safetensors", "the vae component has a config.json but no weights "
+                                                "(.safetensors or .bin) in {base}/vae."),
+])
+def test_cd_sample_names_a_missing_pipeline_component(tiny_pipeline_path, tmp_path, capsys, missing, message):
+    """diffusers itself says a file is missing from the pipeline folder, or fails in a tokenizer."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_pipeline_path("sd1"), base)
+    victim = base / missing
+    shutil.rmtree(victim) if victim.is_dir() else victim.unlink()
+    assert cd_sample.main(["--base", str(base), "a cat", "--steps", "1", "-q", "-o", str(tmp_path / "g.png")]) == 1
+    error = one_error_line(capsys, "cd-sample")
+    assert error.startswith(str(base)) and error.endswith(message.format(base=base)), error
+    assert not (tmp_path / "g.png").exists()
 
 
 def test_only_cd_merge_has_a_text_encoder_dtype(capsys):
