@@ -166,6 +166,9 @@ def load_pickle(path: str | os.PathLike[str], *, mmap: bool = False) -> Any:
         raise MergeError(f"{path}: not a plain-tensor torch file ({_reason(error)}); truncated "
                          f"or corrupt, or it uses pickle features that could run code; refused.") from None
     except OSError as error:
+        if error.errno == errno.EINVAL:  # torch's zip reader on an archive cut short
+            raise MergeError(f"{path}: truncated, or not a valid PyTorch (zip) file: its archive cannot "
+                             f"be read.") from None
         raise MergeError(f"Cannot read {path}: {error.strerror or error}.") from error
     except Exception as error:  # noqa: BLE001 - a corrupt pickle can fail in any of pickle's internals
         raise MergeError(f"{path}: truncated or corrupt ({_reason(error)}).") from None

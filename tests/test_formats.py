@@ -629,3 +629,20 @@ def test_truncated_and_random_pickles_are_one_error_never_a_traceback(tmp_path):
             load_pickle(path)
         except MergeError as error:
             assert str(path) in str(error)
+
+
+def test_a_zip_pickle_cut_anywhere_is_called_truncated(tmp_path):
+    """torch's zip reader fails on an archive cut short with a bare OSError ("Invalid argument")."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save({"unet": {"a": torch.ones(64, 64)}}, buffer)
+    data = buffer.getvalue()
+    for size in range(1, len(data), max(1, len(data) // 40)):
+        path = tmp_path / f"cut{size}.bin"
+        path.write_bytes(data[:size])
+        with pytest.raises(MergeError) as caught:
+            load_pickle(path)
+        message = str(caught.value)
+        assert message.startswith(f"{path}: ") and "truncated" in message, message
+        assert "Invalid argument" not in message, message
