@@ -2,8 +2,8 @@
 
 A :class:`ConceptDelta` is always a *difference*; files that hold full fine-tuned weights are
 converted at the format boundary. Deltas support plain algebra (``a + b``, ``a - b``,
-``k * a``, ``-a``), :func:`interpolate`, :func:`compress`, and the naive baselines
-:func:`sum_deltas` and :func:`average_deltas`.
+``k * a`` and ``a / k`` with a number or a 0-dim tensor ``k``, ``-a``), :func:`interpolate`,
+:func:`compress`, and the naive baselines :func:`sum_deltas` and :func:`average_deltas`.
 
 Tokens are not differences: they are new rows of the embedding table. Adding deltas takes the
 union of their tokens (a name used by both for different embeddings is renamed, and the
@@ -17,6 +17,7 @@ mapping is recorded in ``token_renames`` and warned); scaling keeps them; ``a - 
 from __future__ import annotations
 
 import math
+import numbers
 import re
 import warnings
 from collections.abc import Iterable, Sequence
@@ -183,15 +184,17 @@ class ConceptDelta:
                        concepts=tuple(c for c in self.concepts if c.token in keep),
                        metadata={}, token_renames=())
 
-    def __mul__(self, scale: float) -> ConceptDelta:
-        if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+    def __mul__(self, scale: float | Tensor) -> ConceptDelta:
+        scale = _as_scale(scale)
+        if scale is None:
             return NotImplemented
         return self._with_layers({k: v.map(lambda x: _scaled(x, scale)) for k, v in self.layers.items()})
 
     __rmul__ = __mul__
 
-    def __truediv__(self, scale: float) -> ConceptDelta:
-        if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+    def __truediv__(self, scale: float | Tensor) -> ConceptDelta:
+        scale = _as_scale(scale)
+        if scale is None:
             return NotImplemented
         return self * (1.0 / scale)
 
@@ -200,6 +203,17 @@ class ConceptDelta:
 
     def _with_layers(self, layers: dict[str, LayerDelta]) -> ConceptDelta:
         return replace(self, layers=layers, metadata={}, token_renames=())
+
+
+def _as_scale(value: Any) -> float | None:
+    """A real number (Python, NumPy or a 0-dim real tensor) as a float; None for anything else."""
+    if isinstance(value, Tensor):
+        if value.dim() != 0 or value.dtype == torch.bool or value.is_complex():
+            return None
+        return float(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    return None
 
 
 def _scaled(x: Difference, scale: float) -> Difference:
@@ -362,39 +376,58 @@ class CompressionReport:
     rtol: float
     relative_error: float  # ||D - D_r||_F / ||D||_F over all layers together
     max_layer_error: float  # worst single matrix
-    ranks: dict[str, tuple[int, int]]  # layer -> (key rank, value rank)
+    ranks: dict[str, tuple[int, int]]  # layer -> (key rank, value rank) the bound needs
     parameters_before: int
     parameters_after: int
+    # "<layer>.to_k" / "<layer>.to_v" stored whole: their factors would have taken more bytes
+    kept_dense: tuple[str, ...] = ()
 
 
-def compress(delta: ConceptDelta, rtol: float = 0.01) -> tuple[ConceptDelta, CompressionReport]:
+def compress(delta: ConceptDelta, rtol: float = 0.01, *,
+             dense_fallback: bool = True) -> tuple[ConceptDelta, CompressionReport]:
     """Low-rank differences with relative Frobenius error at most ``rtol`` per matrix (so overall).
 
     Each K and V difference keeps the fewest singular values whose discarded energy stays
     within ``rtol``; factors are stored as the authors' compressed files do (``u = U S``,
-    ``v = Vh``), in float32 or better. Returns the compressed delta and a report of the error
-    reached, measured on the stored factors (an ``rtol`` below float32 rounding, about 1e-7,
+    ``v = Vh``), in float32 or better. A matrix whose factors would take more bytes than the
+    matrix itself (nearly full rank) stays dense and exact, and is listed in the report's
+    ``kept_dense``; ``dense_fallback=False`` factors every matrix anyway (the authors'
+    compressed files hold factors only). Returns the compressed delta and a report of the
+    error reached, measured on what is stored (an ``rtol`` below float32 rounding, about 1e-7,
     cannot be met; the report then says what was).
     """
     if not (0 <= rtol < 1):
         raise MergeError(f"compress: rtol must be in [0, 1), got {rtol}.")
     layers: dict[str, LayerDelta] = {}
     ranks: dict[str, tuple[int, int]] = {}
+    kept_dense: list[str] = []
     lost_sq = total_sq = worst = 0.0
     for name, layer in delta.layers.items():
-        factors = []
-        for matrix in (dense(layer.key), dense(layer.value)):
+        stored: list[Difference] = []
+        layer_ranks = []
+        for projection, matrix in (("to_k", dense(layer.key)), ("to_v", dense(layer.value))):
             low_rank, lost, norm = _truncate(matrix, rtol)
-            factors.append(low_rank)
+            layer_ranks.append(low_rank.rank)
+            if dense_fallback and _nbytes(low_rank.up) + _nbytes(low_rank.down) > _nbytes(matrix):
+                kept_dense.append(f"{name}.{projection}")
+                stored.append(matrix)
+                lost = 0.0
+            else:
+                stored.append(low_rank)
             lost_sq += lost**2
             total_sq += norm**2
             worst = max(worst, lost / norm if norm > 0 else 0.0)
-        layers[name] = LayerDelta(*factors)
-        ranks[name] = (factors[0].rank, factors[1].rank)
+        layers[name] = LayerDelta(*stored)
+        ranks[name] = (layer_ranks[0], layer_ranks[1])
     compressed = delta._with_layers(layers)
     report = CompressionReport(rtol, math.sqrt(lost_sq / total_sq) if total_sq > 0 else 0.0,
-                               worst, ranks, delta.num_parameters(), compressed.num_parameters())
+                               worst, ranks, delta.num_parameters(), compressed.num_parameters(),
+                               tuple(kept_dense))
     return compressed, report
+
+
+def _nbytes(tensor: Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
 
 
 def _truncate(matrix: Tensor, rtol: float) -> tuple[LowRank, float, float]:

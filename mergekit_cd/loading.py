@@ -219,7 +219,9 @@ def convert(source: PathLike, output: PathLike, to: str | None = None, *,
     delta = load(source, base=base, check_base=check_base)
     formats.check_can_hold(to, delta.architecture, output)
     report = None
-    if compress_rtol is not None:
-        delta, report = compress(delta, rtol=compress_rtol)
+    if compress_rtol is not None:  # native stores a matrix dense when its factors would be bigger;
+        # the authors' compressed variants store factors only
+        delta, report = compress(delta, rtol=compress_rtol,
+                                 dense_fallback=not formats.get_format(to).WRITES_FULL_WEIGHTS)
     save(delta, output, format=to, base=base, force=force)
     return report

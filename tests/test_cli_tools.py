@@ -256,6 +256,27 @@ def test_cd_convert_compress_reports_the_error(tiny_pipeline_path, tiny_delta_fi
     assert (error / total) ** 0.5 <= 0.1 + 1e-6
 
 
+def test_cd_convert_keeps_a_full_rank_difference_dense_rather_than_grow_it(tiny_delta_files, tmp_path, capsys):
+    from dataclasses import replace
+
+    from mergekit_cd.loading import save
+
+    delta = tiny_delta_files("sd1")["object"]
+    generator = torch.Generator().manual_seed(0)
+    noisy = replace(delta, layers={name: layer.map(lambda x: x + 0.01 * torch.randn(x.shape, generator=generator))
+                                   for name, layer in delta.layers.items()})
+    source = save(noisy, tmp_path / "full-rank.safetensors")
+    output = tmp_path / "small.safetensors"
+    assert cd_convert.main([str(source), "-o", str(output), "--compress", "1e-4"]) == 0
+    out = capsys.readouterr().out
+    assert f"kept dense: {2 * len(delta.layers)} of {2 * len(delta.layers)} matrices (their low-rank factors " \
+           f"would be larger)" in out, out
+    assert output.stat().st_size <= source.stat().st_size + 1024  # the header's recipe may grow a little
+    stored = load(output)
+    assert stored.allclose(noisy, rtol=0, atol=0)
+    assert not any(isinstance(layer.key, LowRank) for layer in stored.layers.values())
+
+
 def test_cd_convert_refuses_to_compress_to_the_diffusers_layout(tiny_pipeline_path, tiny_delta_files,
                                                                 tmp_path, capsys):
     assert cd_convert.main([str(tiny_delta_files("sd1")["native"]), "-o", str(tmp_path / "out"), "--to",

@@ -174,29 +174,50 @@ def low_rank_plus_noise(draw):
 
 
 @given(low_rank_plus_noise(), low_rank_plus_noise(), st.sampled_from([1e-4, 0.01, 0.1, 0.5]),
-       st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64]))
-def test_compression_error_stays_within_its_bound_and_is_reported_exactly(key, value, rtol, dtype):
+       st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64]), st.booleans())
+def test_compression_error_stays_within_its_bound_and_is_reported_exactly(key, value, rtol, dtype, fallback):
+    """Each matrix is stored as the fewest factors that meet the bound or, when those would take
+    more bytes than the matrix (and ``dense_fallback``), as the matrix itself, exactly."""
     key = key.to(dtype)
     value = (value[:, : key.shape[1]] if value.shape[1] >= key.shape[1] else key.clone()).to(dtype)
     delta = ConceptDelta({"layer": LayerDelta(key, value)})
-    compressed, report = compress(delta, rtol=rtol)
+    compressed, report = compress(delta, rtol=rtol, dense_fallback=fallback)
     layer, original = compressed.layers["layer"], delta.layers["layer"]
-    assert isinstance(layer.key, LowRank) and layer.key.shape == original.key.shape
-    lost = [float((a.dense().double() - b.double()).norm()) for a, b in
-            ((layer.key, original.key), (layer.value, original.value))]
-    norms = [float(original.key.double().norm()), float(original.value.double().norm())]
-    for miss, norm in zip(lost, norms):
-        assert miss <= rtol * norm * (1 + 1e-9)
+    lost, norms = [], []
+    for which, projection in (("key", "to_k"), ("value", "to_v")):
+        stored, full = getattr(layer, which), getattr(original, which)
+        norms.append(float(full.double().norm()))
+        nbytes = full.numel() * full.element_size()
+        rank = report.ranks["layer"][0 if which == "key" else 1]
+        factor_bytes = rank * sum(full.shape) * max(full.element_size(), 4)
+        if isinstance(stored, LowRank):
+            assert stored.shape == full.shape and stored.rank == rank
+            assert not fallback or factor_bytes <= nbytes
+            assert f"layer.{projection}" not in report.kept_dense
+            lost.append(float((stored.dense().double() - full.double()).norm()))
+            if rank:  # minimal: one rank fewer would break the bound
+                S = torch.linalg.svdvals(full.double())
+                assert float(S[rank - 1:].square().sum().sqrt()) > rtol * norms[-1] * (1 - 1e-6)
+        else:
+            assert fallback and factor_bytes > nbytes and f"layer.{projection}" in report.kept_dense
+            assert torch.equal(stored, full)
+            lost.append(0.0)
+        assert lost[-1] <= rtol * norms[-1] * (1 + 1e-9)
     overall = (sum(x * x for x in lost) / max(sum(n * n for n in norms), 1e-300)) ** 0.5
     assert report.relative_error <= rtol * (1 + 1e-9)
     assert report.relative_error == pytest.approx(overall, rel=1e-9, abs=1e-12)
-    # minimal: one rank fewer would break the bound
-    for which in ("key", "value"):
-        factors = getattr(layer, which)
-        if factors.rank:
-            full = getattr(original, which).double()
-            S = torch.linalg.svdvals(full)
-            assert float(S[factors.rank - 1:].square().sum().sqrt()) > rtol * float(full.norm()) * (1 - 1e-6)
+
+
+def test_a_full_rank_difference_is_kept_dense_rather_than_grown():
+    """Factors of a full-rank 8 x 6 matrix hold 6 * (8 + 6) = 84 numbers, the matrix 48."""
+    delta = make_delta(1)
+    compressed, report = compress(delta, rtol=1e-6)
+    assert compressed.num_parameters() == delta.num_parameters() == report.parameters_after
+    assert len(report.kept_dense) == 2 * len(LAYERS) and report.relative_error == 0
+    assert compressed.allclose(delta, rtol=0, atol=0)
+    factored, forced = compress(delta, rtol=1e-6, dense_fallback=False)
+    assert forced.kept_dense == () and forced.parameters_after > forced.parameters_before
+    assert all(isinstance(layer.key, LowRank) for layer in factored.layers.values())
 
 
 def test_compressed_deltas_scale_without_densifying_and_add_densely():
@@ -213,3 +234,15 @@ def test_compressed_deltas_scale_without_densifying_and_add_densely():
 def test_compress_rejects_a_meaningless_tolerance():
     with pytest.raises(MergeError, match=r"rtol must be in \[0, 1\)"):
         compress(make_delta(1), rtol=1.5)
+
+
+def test_a_zero_dim_tensor_scales_like_the_number_it_holds():
+    a = make_delta(1)
+    name = next(iter(LAYERS))
+    for scale in (torch.tensor(2.5), torch.tensor(2.5, dtype=torch.float64), torch.tensor(3)):
+        for scaled in (scale * a, a * scale):
+            assert torch.equal(scaled.layers[name].key, float(scale) * a.layers[name].key)
+    assert torch.equal((a / torch.tensor(4.0)).layers[name].value, (a / 4.0).layers[name].value)
+    for not_a_scale in (torch.tensor([2.0]), torch.tensor(True), True):
+        with pytest.raises(TypeError):
+            not_a_scale * a

@@ -42,6 +42,9 @@ def main_with_args(args: argparse.Namespace) -> int:
     if report is not None:
         print(f"compressed: relative error {report.relative_error:.3g} (bound {report.rtol:g}), "
               f"{report.parameters_before} -> {report.parameters_after} numbers")
+        if report.kept_dense:
+            print(f"kept dense: {len(report.kept_dense)} of {2 * len(report.ranks)} matrices (their low-rank "
+                  f"factors would be larger), e.g. {report.kept_dense[0]}")
     print(f"wrote {args.output} ({to})")
     return 0
 
