@@ -20,6 +20,7 @@ from .errors import MergeError
 from .loading import convert, load, save
 from .merge import MergeReport, merge
 from .solvers import SolveInfo, solve_hard, solve_soft
+from .train import train  # the function; its modules stay importable as mergekit_cd.train.<module>
 from .version import __version__
 
 
@@ -44,4 +45,5 @@ __all__ = [
     "solve_hard",
     "solve_soft",
     "sum_deltas",
+    "train",
 ]

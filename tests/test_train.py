@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import runpy
+import shutil
 import signal
 import sys
 from dataclasses import replace
@@ -293,11 +294,16 @@ def test_bf16_mixed_precision_keeps_trainable_weights_in_float32(tiny_pipeline_p
 
 def test_caching_gives_the_same_steps_as_the_plain_way(tiny_pipeline_path, images, fast, tmp_path):
     """Class latents and class-prompt features computed once give the losses that encoding
-    them every step gives (the benchmark's baseline)."""
-    base = tiny_pipeline_path("sd1")
+    them every step gives (the benchmark's baseline). On SD2 with v-prediction, as SD2-768 is."""
+    base = tmp_path / "sd2-v"
+    shutil.copytree(tiny_pipeline_path("sd2"), base)
+    scheduler = json.loads((base / "scheduler" / "scheduler_config.json").read_text())
+    (base / "scheduler" / "scheduler_config.json").write_text(json.dumps({**scheduler, "prediction_type": "v_prediction"}))
     cached = train(base, images["cat"], "cat", tmp_path / "cached", **{**fast, "steps": 3})
     plain = train(base, images["cat"], "cat", tmp_path / "plain", cache=False, **{**fast, "steps": 3})
     assert plain.losses == pytest.approx(cached.losses, rel=1e-5)
+    recipe = cached.delta.metadata["recipe"]
+    assert recipe["prediction_type"] == "v_prediction" and cached.delta.architecture == "sd2"
 
 
 # ----------------------------------------------------------------------------- bad inputs

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +101,6 @@ class TrainingConfig:
     force: bool = False
     progress: bool = True
     cache: bool = True  # False: the plain way (VAE and text encoder every step), for benchmarks
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def total_steps(self) -> int:

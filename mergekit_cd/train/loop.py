@@ -234,25 +234,27 @@ class Session:
             module.requires_grad_(False)
         vae_dtype = torch.float32 if (self.mixed_precision == "fp16" and self.architecture.name == "sdxl") \
             else weight_dtype
+        projections = {"q": "to_q", "k": "to_k", "v": "to_v", "out": "to_out.0"}
+        children = [f"{layer}.{projections[part]}" for layer in self.layers for part in config.train]
+        # the base weights as loaded (float32), before any cast: the delta is taken against these
+        self.base_weights: dict[str, Tensor] = {
+            f"{child}.{name}": parameter.detach().to("cpu", torch.float32, copy=True)
+            for child in children for name, parameter in pipe.unet.get_submodule(child).named_parameters()}
         for module, dtype in ((pipe.vae, vae_dtype), (pipe.unet, weight_dtype)):
             module.to(self.device)
             if dtype != torch.float32:
                 module.to(dtype)
         for encoder in self.encoders:  # float32 (the new rows' gradient flows through them); autocast runs them
             encoder.to(self.device)
-        projections = {"q": ["to_q"], "k": ["to_k"], "v": ["to_v"], "out": ["to_out.0"]}
         self.trainables: list[tuple[str, torch.nn.Parameter]] = []
-        self.base_weights: dict[str, Tensor] = {}
-        for layer in self.layers:
-            module = pipe.unet.get_submodule(layer)
-            for part in config.train:
-                for child_name in projections[part]:
-                    child = module.get_submodule(child_name).to(torch.float32)
-                    for parameter_name, parameter in child.named_parameters():
-                        name = f"{layer}.{child_name}.{parameter_name}"
-                        parameter.requires_grad_(True)
-                        self.base_weights[name] = parameter.detach().to("cpu", copy=True)
-                        self.trainables.append((name, parameter))
+        for child_name in children:
+            child = pipe.unet.get_submodule(child_name).to(torch.float32)
+            for parameter_name, parameter in child.named_parameters():
+                name = f"{child_name}.{parameter_name}"
+                with torch.no_grad():
+                    parameter.copy_(self.base_weights[name])  # exact, not float32(half(weight))
+                parameter.requires_grad_(True)
+                self.trainables.append((name, parameter))
         for index, wrapper in enumerate(self.wrappers):
             wrapper.rows.requires_grad_(True)
             self.trainables.append((f"{self.architecture.text_encoders[index]}.new_token_rows", wrapper.rows))
@@ -347,9 +349,11 @@ class Session:
         self.class_pooled = torch.cat(pooled) if pooled[0] is not None else None
 
     def _latent_distribution(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
-        """Mean and standard deviation of the VAE's latent distribution of pixels in [-1, 1]."""
-        with self.accelerator.autocast():
-            distribution = self.pipe.vae.encode(pixels.to(self.device, self.vae_dtype)).latent_dist
+        """Mean and standard deviation of the VAE's latent distribution of pixels in [-1, 1].
+
+        Outside autocast: the VAE runs in its own dtype (float32 for SDXL under fp16, whose VAE
+        overflows in half precision)."""
+        distribution = self.pipe.vae.encode(pixels.to(self.device, self.vae_dtype)).latent_dist
         return distribution.mean.float(), distribution.std.float()
 
     def _encode(self, prompts: list[str]) -> tuple[Tensor, Tensor | None]:
