@@ -80,7 +80,10 @@ def check_destination(target: Path, *, force: bool,
         raise MergeError(f"{target} exists; pass --force to overwrite.")
     if target.is_dir() and not target.is_symlink():
         names = sorted(entry.name for entry in target.iterdir())
-        foreign = foreign_entries(target) if foreign_entries is not None and names else names
+        if names and foreign_entries is None:
+            raise MergeError(f"{target} is a folder (holding e.g. {names[0]}); refusing to replace it with a "
+                             f"file, even with --force. Choose another output name.")
+        foreign = foreign_entries(target) if names else []
         if foreign:
             raise MergeError(f"{target} holds other things than a Custom Diffusion output (e.g. "
                              f"{foreign[0]}); refusing to replace it, even with --force. Choose "

@@ -187,17 +187,31 @@ def test_sdxl_as_compvis_is_refused_before_any_input_is_read(tiny_pipeline_path,
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("output_name", ["model", "model.safetensors"])
+@pytest.mark.parametrize("format_options", [[], ["--format", "diffusers"]])
 def test_force_never_replaces_a_foreign_folder_and_says_so_before_any_work(tiny_pipeline_path, tiny_delta_files,
                                                                            tmp_path, capsys, no_work,
-                                                                           output_name):
-    folder = tmp_path / output_name
+                                                                           format_options):
+    folder = tmp_path / "model.v1"  # an existing folder: the diffusers layout, whatever its name
     folder.mkdir()
     (folder / "notes.txt").write_text("keep me")
-    assert cd_merge.main([*merge_args(tiny_pipeline_path, tiny_delta_files), "-o", str(folder), "--force"]) == 1
+    assert cd_merge.main([*merge_args(tiny_pipeline_path, tiny_delta_files), "-o", str(folder), "--force",
+                          *format_options]) == 1
     assert one_error_line(capsys, "cd-merge") == (
         f"{folder} holds other things than a Custom Diffusion output (e.g. notes.txt); refusing to replace "
         f"it, even with --force. Choose another output name.")
+    assert (folder / "notes.txt").read_text() == "keep me"
+
+
+def test_force_never_replaces_a_folder_with_a_file(tiny_pipeline_path, tiny_delta_files, tmp_path, capsys,
+                                                   no_work):
+    folder = tmp_path / "merged.safetensors"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    assert cd_merge.main([*merge_args(tiny_pipeline_path, tiny_delta_files), "-o", str(folder), "--force",
+                          "--format", "native"]) == 1
+    assert one_error_line(capsys, "cd-merge") == (
+        f"{folder} is a folder (holding e.g. notes.txt); refusing to replace it with a file, even with --force. "
+        f"Choose another output name.")
     assert (folder / "notes.txt").read_text() == "keep me"
 
 
@@ -214,7 +228,7 @@ def test_force_replaces_an_earlier_output_folder(tiny_pipeline_path, tiny_delta_
 def test_a_file_output_never_replaces_a_non_empty_folder(tmp_path):
     (tmp_path / "grid.png").mkdir()
     (tmp_path / "grid.png" / "a.png").write_bytes(b"keep")
-    with pytest.raises(MergeError, match=r"grid\.png holds other things .*\(e\.g\. a\.png\)"):
+    with pytest.raises(MergeError, match=r"grid\.png is a folder \(holding e\.g\. a\.png\); refusing"):
         check_destination(tmp_path / "grid.png", force=True)
     (tmp_path / "empty").mkdir()
     check_destination(tmp_path / "empty", force=True)  # nothing to lose
