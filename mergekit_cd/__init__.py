@@ -17,16 +17,18 @@ from .delta import (
 )
 from .apply import apply, remove
 from .errors import MergeError
+from .evaluation import evaluate
 from .loading import convert, load, save
 from .merge import MergeReport, merge
 from .solvers import SolveInfo, solve_hard, solve_soft
-from .train import train  # the function; its modules stay importable as mergekit_cd.train.<module>
+from .train import train  # the function; reach its modules with `from mergekit_cd.train import loop`
 from .version import __version__
 
 
 __all__ = [
     "apply",
     "convert",
+    "evaluate",
     "load",
     "merge",
     "MergeReport",

@@ -1,0 +1,151 @@
+"""``cd-eval --base B --concepts D1 D2 --merged M``: what a merge keeps of each concept, and breaks."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..errors import MergeError
+from ..evaluation import evaluate, save_plot, summary_table, write_json
+from ..evaluation.methods import COMPARE_FORMS
+from ..evaluation.report import check_plot_path
+from ..features import default_reg_captions, read_captions
+from ..fileio import check_destination
+from ._common import DTYPES, add_device_argument, device, run, table
+
+#: The UNet runs anywhere diffusers does; merges on mps solve on the CPU.
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+EXAMPLES = """\
+examples:
+  cd-eval --base ./sd15 --concepts cat.safetensors pot.safetensors --merged merged.safetensors
+  cd-eval --base ./sd15 --concepts cat.safetensors pot.safetensors --compare sum,constrained,relative-ridge=1e-3,soft \\
+      --instance-dirs data/cat data/pot --json eval.json --plot eval.png
+  cd-eval --base ./sd15 --concepts cat.safetensors --merged merged.safetensors \\
+      --clip ./clip-vit-base-patch32 --dino ./dino-vits16 --device cuda
+
+fidelity of a concept: 1 - ||eps_M - eps_i|| / ||eps_i - eps_B|| on its probes (1: the model predicts
+what the concept's own delta does; 0: what the base does with the concept's token; below 0: worse).
+preservation: ||eps_M - eps_B|| / ||eps_B|| on held-out captions (0: the base exactly; lower is better).
+max residual: the worst concept's relative K/V error on its target-prompt features (the merge's constraint)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cd-eval",
+        description="Measure merges by the UNet's noise predictions: how much of each concept's own change "
+                    "survives (fidelity) and how much the model changes on held-out captions (preservation), "
+                    "on the same seeded latents, timesteps and noise for every model; with local CLIP / DINO "
+                    "models also the paper's text and image alignment.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", required=True, help="base pipeline: diffusers folder or hub repo id")
+    parser.add_argument("--concepts", nargs="+", required=True, metavar="DELTA",
+                        help="the single-concept deltas that were merged (any supported format)")
+    parser.add_argument("--merged", nargs="+", default=[], metavar="DELTA",
+                        help="deltas to evaluate, one row each: a cd-merge output, a jointly trained delta, ...")
+    parser.add_argument("--compare", metavar="LIST",
+                        help=f"merges to run and evaluate too, comma-separated: {COMPARE_FORMS} (soft: a sweep "
+                             f"of concept weights). Default: sum with --merged, else sum,average,constrained; "
+                             f"a sum row is always shown")
+    parser.add_argument("--class", dest="class_words", action="append", metavar="WORD",
+                        help="class word of each concept input, in order (repeat once per input); needed when "
+                             "a file does not record it")
+    parser.add_argument("--style", action="append", default=[], metavar="INPUT",
+                        help="treat this concept input (1-based position or name) as a style concept")
+    parser.add_argument("--instance-dirs", nargs="+", type=Path, metavar="DIR",
+                        help="one folder of instance images per concept, in order. Without them, the probes "
+                             "use images sampled from each concept's own delta")
+    parser.add_argument("--held-out", type=Path, metavar="FILE",
+                        help="held-out captions, one per line (default: the shipped held-out set); keep them "
+                             "apart from the regularisation captions")
+    parser.add_argument("--reg-captions", type=Path, metavar="FILE",
+                        help="regularisation captions of the compared merges (default: the shipped set)")
+    parser.add_argument("--num-reg-captions", type=int, metavar="N", help="use only the first N of them")
+    parser.add_argument("--samples", type=int, default=16, metavar="N",
+                        help="probes per concept: latent, timestep, noise and prompt (default 16)")
+    parser.add_argument("--held-out-samples", type=int, default=32, metavar="N",
+                        help="held-out captions probed for preservation (default 32)")
+    parser.add_argument("--batch-size", type=int, default=8, help="UNet batch size (default 8)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
+    parser.add_argument("--sample-images", type=int, default=2, metavar="N",
+                        help="without instance images: images sampled per target prompt (default 2)")
+    parser.add_argument("--sample-steps", type=int, default=20, metavar="N",
+                        help="without instance images: denoising steps of those samples (default 20)")
+    parser.add_argument("--clip", type=Path, metavar="DIR",
+                        help="local transformers CLIP folder (the paper: openai/clip-vit-base-patch32): adds "
+                             "text alignment (CLIPScore, tokens removed) and CLIP image alignment")
+    parser.add_argument("--dino", type=Path, metavar="DIR",
+                        help="local transformers DINO ViT folder (the paper: facebook/dino-vits16): adds DINO "
+                             "image alignment")
+    parser.add_argument("--num-images", type=int, default=4, metavar="N",
+                        help="with --clip/--dino: images generated per target prompt and model (default 4)")
+    parser.add_argument("--steps", type=int, default=50, help="with --clip/--dino: denoising steps (default 50)")
+    parser.add_argument("--guidance-scale", type=float, default=6.0,
+                        help="classifier-free guidance of every sample (default 6, the paper's)")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write every number as JSON")
+    parser.add_argument("--plot", type=Path, metavar="FILE.png",
+                        help="draw mean fidelity against preservation, one point per row (soft merges as a curve)")
+    parser.add_argument("--force", action="store_true", help="overwrite existing --json / --plot files")
+    parser.add_argument("--cache-dir", type=Path, help="where cached Gram matrices live "
+                                                       "(default $MERGEKIT_CD_CACHE or ~/.cache/mergekit_cd)")
+    parser.add_argument("--no-base-check", action="store_true",
+                        help="accept deltas whose recorded base fingerprint differs (experts only)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_device_argument(parser, what="the pipeline", types=DEVICE_TYPES)
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                        help="pipeline precision (default float32; float16 on a GPU)")
+    return parser
+
+
+def _style_flags(inputs: list[str], styles: list[str]) -> list[bool] | None:
+    if not styles:
+        return None
+    flags = [False] * len(inputs)
+    for style in styles:
+        if style.isdigit() and 1 <= int(style) <= len(inputs):
+            flags[int(style) - 1] = True
+        elif style in inputs:
+            flags[inputs.index(style)] = True
+        else:
+            raise MergeError(f"--style {style}: not a concept position (1-{len(inputs)}) or a --concepts name.")
+    return flags
+
+
+def main_with_args(args: argparse.Namespace) -> int:
+    chosen = device(args.device, types=DEVICE_TYPES)
+    if args.num_reg_captions is not None and args.num_reg_captions < 1:
+        raise MergeError(f"--num-reg-captions {args.num_reg_captions}: must be at least 1.")
+    if args.json is not None:
+        check_destination(args.json, force=args.force)
+    if args.plot is not None:
+        check_plot_path(args.plot, force=args.force)
+    captions = read_captions(args.reg_captions) if args.reg_captions else None
+    if args.num_reg_captions is not None:
+        captions = (captions or default_reg_captions())[: args.num_reg_captions]
+    report = evaluate(args.concepts, base=args.base, merged=args.merged, compare=args.compare,
+                      class_words=args.class_words, styles=_style_flags(args.concepts, args.style),
+                      instance_dirs=args.instance_dirs,
+                      held_out=read_captions(args.held_out) if args.held_out else None, reg_captions=captions,
+                      samples=args.samples, held_out_samples=args.held_out_samples, batch_size=args.batch_size,
+                      seed=args.seed, sample_images=args.sample_images, sample_steps=args.sample_steps,
+                      clip=args.clip, dino=args.dino, num_images=args.num_images, steps=args.steps,
+                      guidance_scale=args.guidance_scale, device=chosen, dtype=DTYPES[args.dtype],
+                      cache_dir=args.cache_dir, check_base=not args.no_base_check, progress=not args.quiet)
+    header, rows = summary_table(report)
+    print(table(rows, header))
+    for note in report.notes:
+        print(f"note: {note}")
+    if args.json is not None:
+        print(f"wrote {write_json(report, args.json, force=args.force)}")
+    if args.plot is not None:
+        print(f"wrote {save_plot(report, args.plot, force=args.force)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(main_with_args, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

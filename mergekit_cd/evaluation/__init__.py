@@ -1,0 +1,31 @@
+"""cd-eval: measure what a merge keeps of each concept and what it changes of the base.
+
+- :func:`evaluate`: function-level fidelity and preservation from the UNet's noise predictions
+  (any model, CPU fine), the constraint residuals, and the paper's CLIP / DINO metrics when
+  local CLIP / DINO folders are given;
+- :class:`EvalReport`: the result; :func:`summary_table`, :func:`write_json` and
+  :func:`save_plot` present it.
+"""
+
+from .clip_metrics import clip_score, mean_pairwise_cosine, strip_tokens
+from .methods import SOFT_SWEEP, Method, parse_compare
+from .report import ConceptInfo, ConceptScores, EvalReport, MethodResult, save_plot, summary_table, write_json
+from .runner import DEFAULT_COMPARE, evaluate
+
+__all__ = [
+    "DEFAULT_COMPARE",
+    "SOFT_SWEEP",
+    "ConceptInfo",
+    "ConceptScores",
+    "EvalReport",
+    "Method",
+    "MethodResult",
+    "clip_score",
+    "evaluate",
+    "mean_pairwise_cosine",
+    "parse_compare",
+    "save_plot",
+    "strip_tokens",
+    "summary_table",
+    "write_json",
+]

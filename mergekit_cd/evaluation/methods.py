@@ -1,0 +1,90 @@
+"""The rows of an evaluation: merge methods to run (``--compare``), given deltas, the base.
+
+A compare list is a comma-separated string (or a sequence of items) of:
+
+- ``sum``, ``average``: the naive baselines;
+- ``constrained``: the paper's merge; ``ridge=X`` / ``relative-ridge=X``: the same with a ridge
+  (absolute, or in units of the caption Gram matrix's mean eigenvalue, as ``cd-merge``);
+- ``soft``: the soft merge over a sweep of concept weights (:data:`SOFT_SWEEP`), drawn as a
+  curve by the plot; ``soft=W``: one soft merge with weight ``W`` for every concept;
+- ``base``: the base model itself (fidelity 0 and preservation 0 by definition).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import MergeError
+
+#: Concept weights of the soft merge that ``soft`` sweeps (mu = 1): from loose to nearly exact.
+SOFT_SWEEP = (1.0, 10.0, 100.0, 1000.0)
+#: What ``--compare`` accepts, for messages.
+COMPARE_FORMS = "sum, average, constrained, ridge=X, relative-ridge=X, soft, soft=W, base"
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row to compare.
+
+    kind: ``constrained``, ``soft``, ``sum``, ``average`` (a merge run by :func:`mergekit_cd.merge`
+    with ``options``), ``base`` (no delta), or ``delta`` (a delta given by the user, ``source``).
+    """
+
+    label: str
+    kind: str
+    options: dict[str, Any] = field(default_factory=dict)
+    source: Any = None
+
+    @property
+    def is_merge(self) -> bool:
+        return self.kind in ("constrained", "soft", "sum", "average")
+
+
+def parse_compare(spec: str | Sequence[str] | None) -> list[Method]:
+    """The methods a compare list names, in order, without repeats (see the module docstring)."""
+    if spec is None:
+        return []
+    items = spec.split(",") if isinstance(spec, str) else [part for item in spec for part in str(item).split(",")]
+    methods: list[Method] = []
+    for item in (item.strip() for item in items):
+        if not item:
+            continue
+        for method in _parse_item(item):
+            if all(method.label != known.label for known in methods):
+                methods.append(method)
+    return methods
+
+
+def _parse_item(item: str) -> list[Method]:
+    name, _, value = item.partition("=")
+    name = name.strip().lower()
+    if name in ("sum", "average", "constrained", "base") and not value:
+        return [Method(name, name)]
+    if name == "soft" and not value:
+        return [soft_method(weight) for weight in SOFT_SWEEP]
+    if name == "soft":
+        return [soft_method(_number(item, value, positive=True))]
+    if name in ("ridge", "relative-ridge"):
+        number = _number(item, value, positive=False)
+        option = "ridge" if name == "ridge" else "relative_ridge"
+        return [Method(f"constrained {name}={number:g}", "constrained", {option: number})]
+    raise MergeError(f"--compare: unknown method {item!r}; use a comma-separated list of {COMPARE_FORMS}.")
+
+
+def soft_method(weight: float) -> Method:
+    """The soft merge with ``weight`` for every concept (mu = 1)."""
+    return Method(f"soft w={weight:g}", "soft", {"weight": weight})
+
+
+def _number(item: str, text: str, *, positive: bool) -> float:
+    try:
+        number = float(text)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number) or number < 0 or (positive and number == 0):
+        bound = "> 0" if positive else ">= 0"
+        raise MergeError(f"--compare {item}: the value must be a finite number {bound}.")
+    return number

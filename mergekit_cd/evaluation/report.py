@@ -1,0 +1,195 @@
+"""What an evaluation found, as objects, table rows, JSON, and a fidelity-preservation plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import MergeError
+from ..fileio import atomic_path, check_destination
+
+#: Version of the JSON layout written by :func:`write_json`.
+JSON_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ConceptInfo:
+    """One evaluated concept: its token (as its own delta names it), class, prompts, sources."""
+
+    token: str
+    class_word: str
+    prompts: tuple[str, ...]
+    source: str  # the input it comes from
+    latents: str  # where its probe latents came from: an instance folder, or "sampled ..."
+
+
+@dataclass(frozen=True)
+class ConceptScores:
+    """How one model does on one concept."""
+
+    token: str
+    fidelity: float  # 1 - ||eps_M - eps_i|| / ||eps_i - eps_B|| on the concept's probes
+    residual: float  # K/V outputs on its target-prompt features: ||(M - D_i) C^T|| / ||(W0 + D_i) C^T||
+    text_alignment: float | None = None  # CLIPScore, tokens removed from the prompt
+    image_alignment: float | None = None  # CLIP image-image cosine, generated vs reference
+    dino_alignment: float | None = None  # DINO image-image cosine, generated vs reference
+
+
+@dataclass(frozen=True)
+class MethodResult:
+    """One row: a merge method (or a given delta, or the base) and its scores."""
+
+    label: str
+    kind: str  # constrained, soft, sum, average, base, delta
+    options: dict[str, Any]
+    concepts: tuple[ConceptScores, ...]
+    preservation: float  # ||eps_M - eps_B|| / ||eps_B|| on held-out captions
+
+    @property
+    def mean_fidelity(self) -> float:
+        return _mean([c.fidelity for c in self.concepts])
+
+    @property
+    def max_residual(self) -> float:
+        values = [c.residual for c in self.concepts if not math.isnan(c.residual)]
+        return max(values) if values else math.nan
+
+    def mean(self, metric: str) -> float | None:
+        """Mean of ``text_alignment``, ``image_alignment`` or ``dino_alignment`` over concepts."""
+        values = [getattr(c, metric) for c in self.concepts]
+        return None if any(v is None for v in values) else _mean(values)
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    """Everything :func:`mergekit_cd.evaluate` measured, and how."""
+
+    base: str
+    architecture: str
+    concepts: tuple[ConceptInfo, ...]
+    rows: tuple[MethodResult, ...]
+    settings: dict[str, Any]
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def row(self, label: str) -> MethodResult:
+        """The row named ``label`` (e.g. ``"sum"``, ``"constrained"``, ``"soft w=10"``)."""
+        for row in self.rows:
+            if row.label == label:
+                return row
+        raise KeyError(f"no row {label!r}; rows: {', '.join(r.label for r in self.rows)}")
+
+    @property
+    def has_clip(self) -> bool:
+        return any(c.text_alignment is not None for row in self.rows for c in row.concepts)
+
+    @property
+    def has_dino(self) -> bool:
+        return any(c.dino_alignment is not None for row in self.rows for c in row.concepts)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (NaN written as null)."""
+        rows = [{**asdict(row), "mean_fidelity": row.mean_fidelity, "max_residual": row.max_residual}
+                for row in self.rows]
+        content = {"format_version": JSON_FORMAT_VERSION, "base": self.base, "architecture": self.architecture,
+                   "concepts": [asdict(c) for c in self.concepts], "rows": rows,
+                   "settings": self.settings, "notes": list(self.notes)}
+        return _finite(content)
+
+
+def summary_table(report: EvalReport) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the summary: per concept its fidelity, then the means, preservation,
+    worst constraint residual, and the CLIP / DINO means when they were measured."""
+    tokens = [concept.token for concept in report.concepts]
+    if len(set(tokens)) < len(tokens):  # separately trained concepts often share a token name
+        tokens = [f"{c.token} {c.class_word}".strip() for c in report.concepts]
+    header = ["method", *(f"fidelity {t}" for t in tokens)]
+    if len(tokens) > 1:
+        header.append("mean fidelity")
+    header += ["preservation", "max residual"]
+    metrics = []
+    if report.has_clip:
+        metrics += [("text_alignment", "text (CLIP)"), ("image_alignment", "image (CLIP)")]
+    if report.has_dino:
+        metrics.append(("dino_alignment", "image (DINO)"))
+    header += [name for _, name in metrics]
+    rows = []
+    for row in report.rows:
+        cells = [row.label, *(_number(c.fidelity, ".3f") for c in row.concepts)]
+        if len(tokens) > 1:
+            cells.append(_number(row.mean_fidelity, ".3f"))
+        cells += [_number(row.preservation, ".3f"), _number(row.max_residual, ".1e")]
+        cells += [_number(row.mean(metric), ".3f") for metric, _ in metrics]
+        rows.append(cells)
+    return header, rows
+
+
+def write_json(report: EvalReport, path: str | os.PathLike[str], *, force: bool = False) -> Path:
+    """Write :meth:`EvalReport.to_dict` as JSON, atomically."""
+    path = Path(path)
+    with atomic_path(path, force=force) as temporary:
+        temporary.write_text(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
+def check_plot_path(path: str | os.PathLike[str], *, force: bool = False) -> Path:
+    """Refuse, before any work, a plot path that cannot or must not be written."""
+    from PIL import Image
+
+    path = Path(path)
+    image_format = Image.registered_extensions().get(path.suffix.lower())
+    if image_format is None or image_format not in Image.SAVE:
+        raise MergeError(f"Cannot write the plot {path}: {path.suffix or 'no extension'} is not an image format "
+                         f"PIL writes (use .png).")
+    check_destination(path, force=force)
+    return path
+
+
+def save_plot(report: EvalReport, path: str | os.PathLike[str], *, force: bool = False) -> Path:
+    """Draw mean fidelity against preservation, one point per row; the soft merges as a curve."""
+    from .plot import draw_scatter
+
+    path = check_plot_path(path, force=force)
+    points = [(row.preservation, row.mean_fidelity, row.label, row.kind) for row in report.rows
+              if math.isfinite(row.preservation) and math.isfinite(row.mean_fidelity)]
+    soft = sorted((row.options.get("weight", 0.0), row.preservation, row.mean_fidelity)
+                  for row in report.rows if row.kind == "soft")
+    curve = [(x, y) for _, x, y in soft if math.isfinite(x) and math.isfinite(y)]
+    image = draw_scatter(points, curve, title=f"{report.base}: {len(report.concepts)} concept(s)",
+                         x_label="preservation: held-out change vs base (lower is better)",
+                         y_label="mean concept fidelity (higher is better)")
+    with atomic_path(path, force=force) as temporary:
+        image.save(temporary, format=_image_format(path))
+    return path
+
+
+def _image_format(path: Path) -> str:
+    from PIL import Image
+
+    return Image.registered_extensions()[path.suffix.lower()]
+
+
+def _mean(values: Sequence[float]) -> float:
+    finite = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
+def _number(value: float | None, spec: str) -> str:
+    if value is None:
+        return "-"
+    return "n/a" if math.isnan(value) else format(value, spec)
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with NaN / infinite floats replaced by None (JSON has no NaN)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value

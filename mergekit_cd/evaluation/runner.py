@@ -1,0 +1,392 @@
+"""``evaluate(concepts, base=..., merged=..., compare=...)``: what each merge keeps and breaks.
+
+The base pipeline is loaded once; each compared model is installed with :func:`apply` in turn
+and taken out again with :func:`remove`, so every model runs the same UNet on the same probes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..apply import apply, remove
+from ..base import BaseModel
+from ..delta import ConceptDelta, dense
+from ..errors import MergeError, TokenRenameWarning
+from ..features import TextFeatures, heldout_captions
+from ..loading import PathLike, as_base, load
+from ..merge import MergePlan, merge, plan_merge
+from ..sampling import load_pipeline, sample
+from .clip_metrics import ClipEmbedder, DinoEmbedder, clip_score, mean_pairwise_cosine, strip_tokens
+from .fidelity import NoisePredictor, Probes, draw_probes, fidelity, relative_change, rename_tokens, training_scheduler
+from .images import decode_latents, encode_images, read_images, sample_latents
+from .methods import Method, parse_compare
+from .report import ConceptInfo, ConceptScores, EvalReport, MethodResult
+
+#: Rows compared when the caller names none: the naive baselines and the paper's merge.
+DEFAULT_COMPARE = "sum,average,constrained"
+#: Rows compared next to given merged deltas when the caller names none.
+DEFAULT_COMPARE_WITH_MERGED = "sum"
+
+
+@dataclass
+class _Concept:
+    """One concept under evaluation, with its fixed inputs and reference predictions."""
+
+    index: int  # in the plan
+    owner: int  # the input it comes from
+    token: str  # as its own delta names it ("" for a tokenless input)
+    embeddings: tuple[Tensor, ...] | None
+    class_word: str
+    prompts: tuple[str, ...]  # in its own delta's token names
+    latents_from: str
+    clean: Tensor  # clean latents the probes are drawn from
+    references: list | None = None  # reference images for the CLIP / DINO image metrics
+    probes: Probes | None = None
+    base_output: Tensor | None = None
+    own_output: Tensor | None = None
+
+
+def evaluate(concepts: Sequence[PathLike | ConceptDelta], *, base: BaseModel | PathLike,
+             merged: Sequence[PathLike | ConceptDelta] | PathLike | ConceptDelta | None = None,
+             compare: str | Sequence[str] | None = None, class_words: Sequence[str | None] | None = None,
+             styles: Sequence[bool] | None = None, target_templates: Sequence[str] | None = None,
+             instance_dirs: Sequence[PathLike] | None = None, held_out: Sequence[str] | None = None,
+             reg_captions: Sequence[str] | None = None, samples: int = 16, held_out_samples: int = 32,
+             batch_size: int = 8, seed: int = 0, sample_images: int = 2, sample_steps: int = 20,
+             clip: PathLike | None = None, dino: PathLike | None = None, num_images: int = 4,
+             steps: int = 50, guidance_scale: float = 6.0, device: str | torch.device = "cpu",
+             dtype: torch.dtype = torch.float32, cache_dir: PathLike | None = None,
+             check_base: bool = True, progress: bool = False) -> EvalReport:
+    """Measure how much of each concept a merge keeps and how much of the base it changes.
+
+    concepts: the single-concept deltas D_1..D_N (files, folders, hub ids or objects), with
+    ``class_words`` / ``styles`` / ``target_templates`` as for :func:`mergekit_cd.merge` (a
+    concept's prompts are its target prompts). merged: deltas to evaluate (e.g. a cd-merge
+    output, or a jointly trained delta), one row each. compare: merges to run and evaluate
+    as well (see :mod:`mergekit_cd.evaluation.methods`; default ``sum`` next to ``merged``,
+    else ``sum,average,constrained``); a ``sum`` row is always included.
+
+    Per row and concept: the fidelity ``1 - ||eps_M - eps_i|| / ||eps_i - eps_B||`` over
+    ``samples`` probes (a clean latent of the concept, a uniform timestep, Gaussian noise and one
+    of its prompts), and the constraint residual on its target-prompt features. Per row: the
+    preservation ``||eps_M - eps_B|| / ||eps_B||`` over ``held_out_samples`` held-out captions
+    (default: the shipped held-out set, disjoint from the regularisation captions). Clean
+    latents come from ``instance_dirs`` (one folder per concept, encoded by the VAE at the
+    model's size) or, without them, from ``sample_images`` images per target prompt sampled
+    from the concept's own delta (``sample_steps`` steps; the report says so).
+
+    With ``clip`` / ``dino`` (local transformers folders), each row also samples ``num_images``
+    images per target prompt (``steps``, ``guidance_scale``) and gets the paper's text and
+    image alignment, against the instance images or else the images sampled from each
+    concept's own delta. All randomness comes from ``seed``: every model sees the same inputs.
+    """
+    _check_options(samples=samples, held_out_samples=held_out_samples, batch_size=batch_size,
+                   sample_images=sample_images, sample_steps=sample_steps, num_images=num_images, steps=steps)
+    merged_list = [] if merged is None else [merged] if isinstance(merged, (str, os.PathLike, ConceptDelta)) \
+        else list(merged)
+    methods = _methods(merged_list, compare)
+    device = torch.device(device)
+    base_model = as_base(base)
+    plan = plan_merge(concepts, reg_captions, base=base_model, class_words=class_words, styles=styles,
+                      target_templates=target_templates, check_base=check_base)
+    if instance_dirs is not None and len(instance_dirs) != len(plan.concepts):
+        names = ", ".join(f"{c.token or '(no token)'} {c.class_word}" for c in plan.concepts)
+        raise MergeError(f"Got {len(instance_dirs)} instance image folder(s) for {len(plan.concepts)} concept(s) "
+                         f"({names}); give one folder per concept, in order.")
+    instance_images = [read_images(folder) for folder in instance_dirs] if instance_dirs is not None else None
+    given = [load(m, base=base_model, check_base=check_base) for m in merged_list]
+    clip_model = ClipEmbedder(clip, device=device) if clip is not None else None
+    dino_model = DinoEmbedder(dino, device=device) if dino is not None else None
+    captions = list(held_out) if held_out is not None else heldout_captions()
+    if not captions:
+        raise MergeError("The held-out caption set is empty.")
+
+    pipe = load_pipeline(base_model.path, device=device, dtype=dtype)  # the folder open_base read
+    notes: list[str] = []
+    evaluated = _concepts(plan, pipe, instance_images, instance_dirs, sample_images=sample_images,
+                          sample_steps=sample_steps, seed=seed, guidance_scale=guidance_scale,
+                          batch_size=batch_size, need_references=clip_model is not None or dino_model is not None,
+                          check_base=check_base, notes=notes)
+    predictor = NoisePredictor(pipe, batch_size=batch_size)
+    scheduler = training_scheduler(pipe)
+    generator = torch.Generator().manual_seed(seed)
+    for concept in evaluated:
+        concept.probes = draw_probes(concept.clean, concept.prompts, samples, scheduler=scheduler,
+                                     generator=generator)
+    held = _held_out_probes(pipe, captions, held_out_samples, scheduler=scheduler, generator=generator)
+    notes.append(f"preservation: {held_out_samples} held-out captions on standard-normal latents (a stand-in "
+                 f"for image latents) at uniform timesteps.")
+
+    reference_steps = 1 + len({c.owner for c in evaluated})
+    with tqdm(total=reference_steps + len(methods), desc="evaluating", unit="model", disable=not progress) as bar:
+        base_held = predictor.predict(held)
+        bar.update()
+        for owner in sorted({c.owner for c in evaluated}):
+            for scale, attribute in ((0.0, "base_output"), (1.0, "own_output")):
+                # scale 0: the base UNet with the concept's own tokens, so only the UNet part counts
+                apply(pipe, plan.deltas[owner], scale=scale, check_base=check_base)
+                try:
+                    for concept in (c for c in evaluated if c.owner == owner):
+                        setattr(concept, attribute, predictor.predict(concept.probes))
+                finally:
+                    remove(pipe)
+            bar.update()
+        for concept in evaluated:
+            if torch.equal(concept.own_output, concept.base_output):
+                notes.append(f"{concept.token or concept.class_word}: its own delta predicts exactly what the base "
+                             f"does on its probes, so its fidelity is undefined (n/a).")
+
+        models = [_model(method, plan, given, base_model, class_words=class_words, styles=styles,
+                         target_templates=target_templates, reg_captions=reg_captions, device=device,
+                         cache_dir=cache_dir, check_base=check_base) for method in methods]
+        residuals = _residuals(plan, base_model, evaluated,
+                               [None if m.kind == "base" else model for m, model in zip(methods, models)],
+                               device=device, batch_size=batch_size)
+        references = _reference_embeddings(evaluated, clip_model, dino_model)
+        rows = []
+        for method, model, row_residuals in zip(methods, models, residuals):
+            rows.append(_evaluate_row(method, model, pipe, predictor, evaluated, held, base_held, row_residuals,
+                                      clip_model=clip_model, dino_model=dino_model, references=references,
+                                      num_images=num_images, steps=steps, guidance_scale=guidance_scale,
+                                      seed=seed, check_base=check_base, notes=notes))
+            bar.update()
+
+    settings = {"seed": seed, "samples": samples, "held_out_samples": held_out_samples, "batch_size": batch_size,
+                "timesteps": f"uniform over [0, {scheduler.config.num_train_timesteps})",
+                "prediction_type": scheduler.config.prediction_type, "device": str(device), "dtype": str(dtype),
+                "held_out_captions": "given" if held_out is not None else "shipped held-out set",
+                "sample_images": sample_images, "sample_steps": sample_steps,
+                "clip": str(clip) if clip is not None else None, "dino": str(dino) if dino is not None else None,
+                "num_images": num_images, "steps": steps, "guidance_scale": guidance_scale}
+    infos = tuple(ConceptInfo(c.token, c.class_word, c.prompts, plan.sources[c.owner], c.latents_from)
+                  for c in evaluated)
+    return EvalReport(base_model.name, base_model.architecture.name, infos, tuple(rows), settings,
+                      tuple(dict.fromkeys(notes)))
+
+
+def _check_options(**counts: int) -> None:
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise MergeError(f"{name.replace('_', ' ')} must be a whole number >= 1, got {value!r}.")
+
+
+def _methods(merged: list, compare: str | Sequence[str] | None) -> list[Method]:
+    """Given deltas first (labelled by name, ``source`` = their index), then the compared merges,
+    a sum row always."""
+    if compare is None:
+        compare = DEFAULT_COMPARE_WITH_MERGED if merged else DEFAULT_COMPARE
+    methods: list[Method] = []
+    for index, reference in enumerate(merged):
+        label = _label(reference, index, len(merged))
+        if any(m.label == label for m in methods):
+            label = f"{label} ({index + 1})"
+        methods.append(Method(label, "delta", source=index))
+    compared = parse_compare(compare)
+    if not any(m.label == "sum" for m in compared):
+        compared.insert(0, Method("sum", "sum"))
+    taken = {m.label for m in methods}
+    return methods + [m for m in compared if m.label not in taken]
+
+
+def _label(reference, index: int, count: int) -> str:
+    if isinstance(reference, ConceptDelta):
+        return "merged" if count == 1 else f"merged {index + 1}"
+    path = Path(str(reference))
+    name = path.name[: -len(".safetensors")] if path.name.endswith(".safetensors") else path.name
+    return name or str(reference)
+
+
+def _concepts(plan: MergePlan, pipe, instance_images: list | None, instance_dirs, *, sample_images: int,
+              sample_steps: int, seed: int, guidance_scale: float, batch_size: int, need_references: bool,
+              check_base: bool, notes: list[str]) -> list[_Concept]:
+    """Each concept with its own token name, prompts and clean latents (instance or sampled)."""
+    evaluated = []
+    for index, (concept, owner) in enumerate(zip(plan.concepts, plan.owners)):
+        back = {r.new: r.old for r in plan.token_renames if r.operand == owner}
+        token = back.get(concept.token, concept.token)
+        prompts = tuple(rename_tokens(p, {concept.token: token}) if concept.token else p for p in concept.prompts)
+        delta = plan.deltas[owner]
+        embeddings = delta.tokens.get(token) if token else None
+        name = f"{token or '(no token)'} {concept.class_word}"
+        if instance_images is not None:
+            references = instance_images[index]
+            clean = encode_images(pipe, references, batch_size=batch_size)
+            latents_from = str(instance_dirs[index])
+        else:
+            apply(pipe, delta, check_base=check_base)
+            try:
+                clean = sample_latents(pipe, prompts, num_images=sample_images, seed=seed, steps=sample_steps,
+                                       guidance_scale=guidance_scale)
+                references = decode_latents(pipe, clean) if need_references else None
+            finally:
+                remove(pipe)
+            latents_from = f"sampled: {len(clean)} images from its own delta ({sample_steps} steps)"
+            notes.append(f"{name}: no instance images; its probes use latents of {len(clean)} images sampled "
+                         f"from its own delta ({sample_steps} steps)"
+                         + (", and the image metrics use those images as references." if need_references else "."))
+        evaluated.append(_Concept(index, owner, token, embeddings, concept.class_word or "", prompts,
+                                  latents_from, clean, references))
+    return evaluated
+
+
+def _held_out_probes(pipe, captions: list[str], count: int, *, scheduler, generator: torch.Generator) -> Probes:
+    """``count`` held-out captions (no repeats while they last), each on its own standard-normal
+    latent at a uniform timestep with Gaussian noise."""
+    order = torch.randperm(len(captions), generator=generator).tolist()
+    chosen = tuple(captions[order[i % len(order)]] for i in range(count))
+    size = int(pipe.unet.config.sample_size)
+    clean = torch.randn((count, int(pipe.unet.config.in_channels), size, size), generator=generator)
+    timesteps = torch.randint(int(scheduler.config.num_train_timesteps), (count,), generator=generator)
+    noise = torch.randn(clean.shape, generator=generator)
+    return Probes(scheduler.add_noise(clean, noise, timesteps), timesteps, chosen)
+
+
+def _model(method: Method, plan: MergePlan, given: list[ConceptDelta], base: BaseModel, *, class_words, styles,
+           target_templates, reg_captions, device: torch.device, cache_dir, check_base: bool) -> ConceptDelta:
+    """The delta a row evaluates: a given delta, the merge it names, or for the base row the
+    concepts' tokens (with some layers, installed with scale 0)."""
+    if method.kind == "base":
+        return ConceptDelta(dict(plan.deltas[0].layers), dict(plan.tokens), base=base.name,
+                            base_fingerprint=base.fingerprint, architecture=base.architecture.name,
+                            concepts=plan.concepts)
+    if method.kind == "delta":
+        return given[method.source]
+    options = dict(method.options)
+    weight = options.pop("weight", None)
+    if weight is not None:
+        options["weights"] = [weight] * len(plan.concepts)
+    with warnings.catch_warnings():  # the plan warned once already; tokens are matched by embedding
+        warnings.simplefilter("ignore", TokenRenameWarning)
+        return merge(list(plan.deltas), reg_captions, base=base, method=method.kind, class_words=class_words,
+                     styles=styles, target_templates=target_templates, device=device, cache_dir=cache_dir,
+                     check_base=check_base, **options)
+
+
+def _residuals(plan: MergePlan, base: BaseModel, evaluated: list[_Concept], models: list[ConceptDelta | None],
+               *, device: torch.device, batch_size: int) -> list[list[float]]:
+    """Per row and concept, ``||(M - D_i) C_i^T|| / ||(W0 + D_i) C_i^T||`` over all layers.
+
+    C_i: the features of concept i's target prompts, as the merge computes them (every
+    concept's token installed); the merge report's residual, recomputed for any delta.
+    """
+    text_device = torch.device("cpu") if device.type == "mps" else device
+    encoder = TextFeatures(base, plan.tokens, device=text_device)
+    features = [torch.cat(encoder.features(list(plan.concepts[c.index].prompts), batch_size=batch_size)).double()
+                for c in evaluated]
+    del encoder
+    errors = [[0.0] * len(evaluated) for _ in models]
+    targets = [0.0] * len(evaluated)
+    for name in base.layer_names():
+        W0 = torch.cat(base.kv(name)).double()
+        inputs = {owner: _layer_rows(plan.deltas[owner], name) for owner in {c.owner for c in evaluated}}
+        rows = [_layer_rows(model, name) if model is not None else torch.zeros_like(W0) for model in models]
+        for k, (concept, C) in enumerate(zip(evaluated, features)):
+            own = inputs[concept.owner]
+            targets[k] += float(((W0 + own) @ C.T).square().sum())
+            for row, model_rows in enumerate(rows):
+                errors[row][k] += float(((model_rows - own) @ C.T).square().sum())
+    return [[math.sqrt(e / t) if t > 0 else math.sqrt(e) for e, t in zip(row, targets)] for row in errors]
+
+
+def _layer_rows(delta: ConceptDelta, name: str) -> Tensor:
+    """K then V difference rows of one layer, float64."""
+    layer = delta.layers[name]
+    return torch.cat([dense(layer.key), dense(layer.value)]).double()
+
+
+def _token_for(concept: _Concept, model: ConceptDelta | None, label: str, notes: list[str]) -> str:
+    """The name ``model`` gives concept's token: the token with the same embeddings (a merge
+    keeps them, maybe renamed), else the one of a concept with the same class word, else the
+    same name. A model without it keeps the name, which its tokenizer splits like any word."""
+    token = concept.token
+    if model is None or not token:
+        return token
+    same = [name for name, embeddings in model.tokens.items() if _equal(embeddings, concept.embeddings)]
+    if same:
+        return token if token in same else same[0]
+    by_class = [c.token for c in model.concepts if c.class_word == concept.class_word and c.token in model.tokens]
+    if len(by_class) == 1:
+        notes.append(f"{label}: no token has {token}'s embeddings; the {concept.class_word} concept's token "
+                     f"{by_class[0]} stands for it.")
+        return by_class[0]
+    if token in model.tokens:
+        notes.append(f"{label}: its token {token} has other embeddings than {token} {concept.class_word}'s own.")
+        return token
+    notes.append(f"{label}: has no token for {token} {concept.class_word}; its prompts keep the name {token}, "
+                 f"which the model reads as plain text.")
+    return token
+
+
+def _equal(a: tuple[Tensor, ...] | None, b: tuple[Tensor, ...] | None) -> bool:
+    return a is not None and b is not None and len(a) == len(b) and all(
+        x.shape == y.shape and torch.equal(x.float(), y.float()) for x, y in zip(a, b))
+
+
+def _reference_embeddings(evaluated: list[_Concept], clip_model: ClipEmbedder | None,
+                          dino_model: DinoEmbedder | None) -> list[dict[str, Tensor]]:
+    """Per concept, the CLIP and DINO embeddings of its reference images."""
+    embeddings: list[dict[str, Tensor]] = []
+    for concept in evaluated:
+        found = {}
+        if clip_model is not None:
+            found["clip"] = clip_model.embed_images(concept.references)
+        if dino_model is not None:
+            found["dino"] = dino_model.embed_images(concept.references)
+        embeddings.append(found)
+    return embeddings
+
+
+def _evaluate_row(method: Method, model: ConceptDelta | None, pipe, predictor: NoisePredictor,
+                  evaluated: list[_Concept], held: Probes, base_held: Tensor, residuals: list[float], *,
+                  clip_model: ClipEmbedder | None, dino_model: DinoEmbedder | None,
+                  references: list[dict[str, Tensor]], num_images: int, steps: int, guidance_scale: float,
+                  seed: int, check_base: bool, notes: list[str]) -> MethodResult:
+    """Install the row's model, predict on every probe set (and sample for CLIP / DINO), remove it."""
+    if model is not None:
+        apply(pipe, model, scale=0.0 if method.kind == "base" else 1.0, check_base=check_base)
+    try:
+        scores = []
+        for concept, residual, reference in zip(evaluated, residuals, references):
+            token = _token_for(concept, model, method.label, notes)
+            prompts = [rename_tokens(p, {concept.token: token}) if concept.token else p for p in concept.prompts]
+            output = predictor.predict(concept.probes.with_prompts(
+                [rename_tokens(p, {concept.token: token}) if concept.token else p for p in concept.probes.prompts]))
+            metrics = {}
+            if clip_model is not None or dino_model is not None:
+                metrics = _image_metrics(pipe, prompts, {concept.token, token}, reference, clip_model, dino_model,
+                                         num_images=num_images, steps=steps, guidance_scale=guidance_scale, seed=seed)
+            scores.append(ConceptScores(concept.token, fidelity(output, concept.own_output, concept.base_output),
+                                        residual, **metrics))
+        preservation = relative_change(predictor.predict(held), base_held)
+    finally:
+        if model is not None:
+            remove(pipe)
+    options = dict(method.options)
+    if method.kind == "delta":
+        options["source"] = str(model.metadata.get("source", method.label)) if model is not None else None
+    return MethodResult(method.label, method.kind, options, tuple(scores), preservation)
+
+
+def _image_metrics(pipe, prompts: list[str], tokens: set[str], reference: dict[str, Tensor],
+                   clip_model: ClipEmbedder | None, dino_model: DinoEmbedder | None, *, num_images: int,
+                   steps: int, guidance_scale: float, seed: int) -> dict[str, float]:
+    """Sample ``num_images`` per prompt and score them as the paper did."""
+    images = sample(pipe, prompts, num_images=num_images, seed=seed, steps=steps, guidance_scale=guidance_scale)
+    metrics = {}
+    if clip_model is not None:
+        texts = [strip_tokens(prompt, tokens) for prompt in prompts for _ in range(num_images)]
+        generated = clip_model.embed_images(images)
+        metrics["text_alignment"] = float(clip_score(clip_model.embed_texts(texts), generated).mean())
+        metrics["image_alignment"] = mean_pairwise_cosine(generated, reference["clip"])
+    if dino_model is not None:
+        metrics["dino_alignment"] = mean_pairwise_cosine(dino_model.embed_images(images), reference["dino"])
+    return metrics

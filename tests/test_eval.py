@@ -1,0 +1,262 @@
+"""cd-eval and ``mergekit_cd.evaluate`` on tiny models: fidelity and preservation from the UNet's
+noise predictions, constraint residuals, the paper's CLIP / DINO metrics on tiny random CLIP and
+ViT models, the table, JSON and plot, and the command's one-line errors."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mergekit_cd import MergeError, evaluate, merge
+from mergekit_cd.base import open_base
+from mergekit_cd.cli import eval as cd_eval
+from mergekit_cd.evaluation import clip_score, mean_pairwise_cosine, parse_compare, strip_tokens, summary_table
+from mergekit_cd.evaluation.fidelity import draw_probes
+from mergekit_cd.evaluation.methods import SOFT_SWEEP
+from mergekit_cd.features import default_reg_captions
+from mergekit_cd.loading import save
+from mergekit_cd.testing import random_concept_delta, tiny_tokenizer
+
+#: Few probes, one tiny sampled image per prompt, two denoising steps: seconds per evaluation.
+FAST = dict(samples=8, held_out_samples=8, sample_images=1, sample_steps=2, batch_size=8)
+CAPTIONS = default_reg_captions()[:200]
+
+pytestmark = pytest.mark.filterwarnings("ignore::mergekit_cd.errors.TokenRenameWarning")  # two <new1> cats
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny UNet runs several times faster on one thread than on two contended ones."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="module")
+def sd1(tiny_pipeline_path, tmp_path_factory):
+    """The tiny SD1 base and two concepts of the same class, which interfere when summed."""
+    path = tiny_pipeline_path("sd1")
+    base = open_base(path)
+    return SimpleNamespace(path=path, base=base, cat=random_concept_delta(base, "<new1>", "cat", seed=1),
+                           other_cat=random_concept_delta(base, "<new1>", "cat", seed=2),
+                           cache=tmp_path_factory.mktemp("gram-cache"))
+
+
+@pytest.fixture(scope="module")
+def two_concepts(sd1):
+    """Both concepts, the first one's own delta as the "merged" row, the sum, the paper's merge, the base."""
+    return evaluate([sd1.cat, sd1.other_cat], base=sd1.path, merged=[sd1.cat], compare="sum,constrained,base",
+                    reg_captions=CAPTIONS, cache_dir=sd1.cache, **FAST)
+
+
+@pytest.fixture(scope="module")
+def one_concept(sd1):
+    """One concept; rows: its own delta, the other cat's delta, and the sum of the one delta."""
+    return evaluate([sd1.cat], base=sd1.path, merged=[sd1.cat, sd1.other_cat], compare="sum",
+                    cache_dir=sd1.cache, **FAST)
+
+
+# ---------------------------------------------------------------- function-level fidelity
+def test_a_delta_against_itself_has_fidelity_one_and_the_base_zero(two_concepts):
+    """eps_M = eps_i gives 1 exactly; the base (the concepts' tokens, no K/V change) gives 0 and
+    changes nothing on held-out captions."""
+    itself = two_concepts.row("merged")
+    assert itself.concepts[0].fidelity == pytest.approx(1.0, abs=1e-12)
+    assert itself.concepts[0].residual == pytest.approx(0.0, abs=1e-6)
+    base = two_concepts.row("base")
+    assert [c.fidelity for c in base.concepts] == [0.0, 0.0]
+    assert base.preservation == 0.0
+    assert all(c.residual > 0.01 for c in base.concepts)
+
+
+def test_constrained_merge_beats_the_sum_when_concepts_interfere(two_concepts, sd1):
+    """The constrained merge keeps each concept's K/V outputs on its target-prompt token rows
+    (residual ~ 0) where the sum of two same-class concepts misses them, so its mean fidelity is
+    higher and its preservation better. (Per concept it need not be: the rows the constraints
+    leave free, BOS, padding and "photo of a", carry part of a concept.) The residual column is
+    the merge report's."""
+    constrained, summed = two_concepts.row("constrained"), two_concepts.row("sum")
+    assert constrained.max_residual < 1e-4 < 0.1 < min(c.residual for c in summed.concepts)
+    assert constrained.mean_fidelity > summed.mean_fidelity + 0.1
+    assert constrained.preservation < summed.preservation
+
+    _, report = merge([sd1.cat, sd1.other_cat], CAPTIONS, base=sd1.path, cache_dir=sd1.cache, return_report=True)
+    for row_constrained, row_sum, reported in zip(constrained.concepts, summed.concepts, report.concepts):
+        assert row_constrained.residual == pytest.approx(reported.residual, abs=1e-6)
+        assert row_sum.residual == pytest.approx(reported.sum_residual, rel=1e-6)
+
+
+def test_the_sum_of_a_single_delta_is_that_delta(one_concept):
+    """Summing one delta changes nothing: same fidelity (1), residual (0) and preservation."""
+    itself, summed = one_concept.row("merged 1"), one_concept.row("sum")
+    assert summed.concepts[0].fidelity == pytest.approx(1.0, abs=1e-12)
+    assert summed.concepts[0].residual == pytest.approx(0.0, abs=1e-6)
+    assert summed.preservation == itself.preservation > 0
+    other = one_concept.row("merged 2").concepts[0]  # another cat, whose own token stands in
+    assert other.fidelity < 0.5 and other.residual > 0.01
+    assert "merged 2: no token has <new1>'s embeddings; the cat concept's token <new1> stands for it." \
+        in one_concept.notes
+    assert any("sampled from its own delta" in note for note in one_concept.notes)
+
+
+def test_results_are_reproducible_with_the_same_seed(one_concept, sd1):
+    """Same seed: the same latents, timesteps, noise and prompts for every model, so the same
+    numbers; another seed draws other probes."""
+    again = evaluate([sd1.cat], base=sd1.path, merged=[sd1.cat, sd1.other_cat], compare="sum",
+                     cache_dir=sd1.cache, **FAST)
+    assert again.to_dict() == one_concept.to_dict()
+
+    clean = torch.randn(3, 4, 8, 8)
+    scheduler = SimpleNamespace(config=SimpleNamespace(num_train_timesteps=1000),
+                                add_noise=lambda x, noise, t: x + noise * t[:, None, None, None])
+    draws = [draw_probes(clean, ["a", "b"], 6, scheduler=scheduler, generator=torch.Generator().manual_seed(seed))
+             for seed in (0, 0, 1)]
+    assert torch.equal(draws[0].noisy, draws[1].noisy) and draws[0].prompts == draws[1].prompts
+    assert not torch.equal(draws[0].timesteps, draws[2].timesteps)
+
+
+# ---------------------------------------------------------------- the paper's metrics
+def test_clip_score_matches_a_hand_computation():
+    """CLIPScore 2.5 max(cos, 0) row by row; image alignment = mean cosine over all pairs;
+    modifier tokens leave the prompt whole-word only."""
+    text = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+    image = torch.tensor([[3.0, 4.0], [0.0, -5.0], [2.0, 2.0]])  # cos 0.6, -1, 1
+    torch.testing.assert_close(clip_score(text, image), torch.tensor([1.5, 0.0, 2.5], dtype=torch.float64))
+    generated = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    reference = torch.tensor([[1.0, 1.0], [-2.0, 0.0]])
+    # cosines: (1,0)·: 1/sqrt2, -1; (0,1)·: 1/sqrt2, 0
+    assert mean_pairwise_cosine(generated, reference) == pytest.approx((2 / math.sqrt(2) - 1) / 4)
+    assert strip_tokens("photo of a <new1> cat beside a <new10> pot", ["<new1>", "<new10>"]) == \
+        "photo of a cat beside a pot"
+    assert strip_tokens("<new1>cat <new1>", ["<new1>"]) == "<new1>cat"
+
+
+def tiny_clip(folder):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    tokenizer = tiny_tokenizer()
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    vision = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+def tiny_dino(folder):
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=64)).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+def instance_folder(folder, count=2, seed=0):
+    """Random images of odd sizes (they are centre-cropped and resized to the model's size)."""
+    folder.mkdir()
+    generator = np.random.default_rng(seed)
+    for index in range(count):
+        pixels = generator.integers(0, 256, size=(20 + 4 * index, 24, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{index}.png")
+    return folder
+
+
+def test_sdxl_with_instance_images_and_clip_and_dino(tiny_pipeline_path, tmp_path):
+    """SDXL (pooled text embedding and size conditioning), probes on VAE latents of instance
+    images, and the paper's three alignments from tiny random CLIP / ViT folders."""
+    path = tiny_pipeline_path("sdxl")
+    concept = random_concept_delta(open_base(path), "<new1>", "cat", seed=1)
+    images = instance_folder(tmp_path / "cat")
+    report = evaluate([concept], base=path, merged=[concept], compare="sum", instance_dirs=[images],
+                      clip=tiny_clip(tmp_path / "clip"), dino=tiny_dino(tmp_path / "dino"), num_images=1, steps=2,
+                      reg_captions=CAPTIONS, cache_dir=tmp_path / "cache", **FAST)
+    assert report.concepts[0].latents == str(images)
+    assert not any("sampled" in note for note in report.notes)
+    itself, summed = report.row("merged"), report.row("sum")
+    assert itself.concepts[0].fidelity == pytest.approx(1.0, abs=1e-12)
+    for row in report.rows:
+        scores = row.concepts[0]
+        assert 0 <= scores.text_alignment <= 2.5
+        assert -1 <= scores.image_alignment <= 1 and -1 <= scores.dino_alignment <= 1
+    assert summed.concepts[0] == itself.concepts[0]  # the same model samples the same images
+    header, _ = summary_table(report)
+    assert header[-3:] == ["text (CLIP)", "image (CLIP)", "image (DINO)"]
+
+
+# ---------------------------------------------------------------- compare lists
+def test_compare_lists_name_merges_and_sweeps():
+    labels = [m.label for m in parse_compare("sum, soft=10,ridge=1e-3,relative-ridge=0.01,soft,base,sum")]
+    assert labels == ["sum", "soft w=10", "constrained ridge=0.001", "constrained relative-ridge=0.01",
+                      *(f"soft w={w:g}" for w in SOFT_SWEEP if w != 10), "base"]
+    with pytest.raises(MergeError, match="unknown method 'lora'"):
+        parse_compare("sum,lora")
+    with pytest.raises(MergeError, match="soft=0: the value must be a finite number > 0"):
+        parse_compare("soft=0")
+
+
+# ---------------------------------------------------------------- the command
+def test_cd_eval_prints_the_table_and_writes_json_and_plot(sd1, tiny_delta_files, tmp_path, capsys):
+    """Files in two formats (the merged one holds full weights), a soft curve, --json and --plot."""
+    files = tiny_delta_files("sd1")
+    arguments = ["--base", str(sd1.path), "--concepts", str(files["native"]), "--merged", str(files["diffusers"]),
+                 "--compare", "soft=10,soft=1000", "--samples", "8", "--held-out-samples", "8",
+                 "--sample-images", "1", "--sample-steps", "2", "--num-reg-captions", "200",
+                 "--cache-dir", str(sd1.cache), "--json", str(tmp_path / "eval.json"),
+                 "--plot", str(tmp_path / "eval.png"), "-q"]
+    assert cd_eval.main(arguments) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["method", "fidelity", "<new1>", "preservation", "max", "residual"]
+    assert [line.split()[0] for line in out[2:6]] == ["delta", "sum", "soft", "soft"]
+    assert out[-2:] == [f"wrote {tmp_path / 'eval.json'}", f"wrote {tmp_path / 'eval.png'}"]
+    content = json.loads((tmp_path / "eval.json").read_text())
+    assert content["format_version"] == 1 and content["settings"]["seed"] == 0
+    assert [row["label"] for row in content["rows"]] == ["delta", "sum", "soft w=10", "soft w=1000"]
+    assert content["rows"][0]["concepts"][0]["fidelity"] == pytest.approx(1.0, abs=1e-6)
+    with Image.open(tmp_path / "eval.png") as plot:
+        assert plot.format == "PNG" and plot.size == (720, 480)
+        assert len(plot.getcolors(10_000)) > 2
+
+    assert cd_eval.main(arguments) == 1  # the outputs exist now
+    assert "exists; pass --force" in capsys.readouterr().err
+
+
+def error_of(capsys, arguments) -> str:
+    assert cd_eval.main(arguments) == 1
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cd-eval: error: "), captured.err
+    return lines[0][len("cd-eval: error: "):]
+
+
+def test_cd_eval_user_errors_are_one_line(sd1, tiny_delta_files, tmp_path, capsys):
+    common = ["--base", str(sd1.path), "--concepts", str(tiny_delta_files("sd1")["native"]), "-q"]
+    assert "unknown method 'lora'" in error_of(capsys, [*common, "--compare", "sum,lora"])
+    assert error_of(capsys, [*common, "--instance-dirs", str(tmp_path / "missing")]) == \
+        f"Instance image folder {tmp_path / 'missing'} does not exist."
+    (tmp_path / "empty").mkdir()
+    assert "holds no images" in error_of(capsys, [*common, "--instance-dirs", str(tmp_path / "empty")])
+    assert "1 concept(s) (<new1> cat); give one folder per concept" in error_of(
+        capsys, [*common, "--instance-dirs", str(tmp_path / "empty"), str(tmp_path / "empty")])
+    (tmp_path / "clip").mkdir()
+    (tmp_path / "clip" / "config.json").write_text("{}")
+    assert error_of(capsys, [*common, "--clip", str(tmp_path / "clip")]) == (
+        f"--clip {tmp_path / 'clip'}: config.json but no weights (model.safetensors or pytorch_model.bin); "
+        f"download the CLIP model completely.")
+    assert "no such folder" in error_of(capsys, [*common, "--dino", str(tmp_path / "nowhere")])
+    assert ".txt is not an image format" in error_of(capsys, [*common, "--plot", str(tmp_path / "plot.txt")])
+    assert "samples must be a whole number >= 1, got 0" in error_of(capsys, [*common, "--samples", "0"])
