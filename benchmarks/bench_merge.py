@@ -1,0 +1,228 @@
+"""cd-merge end to end at full size (random weights, real shapes) against the authors' way.
+
+Scenarios, each job in a fresh process; wall time and peak RSS come from the OS (``wait4``):
+
+- ``sd15``: 3 SD1.5-size concepts (the authors' ``delta.bin``, full K/V weights) with 200 and
+  1000 captions: cd-merge cold (empty Gram cache), cd-merge with the cached Gram matrix, and
+  the baseline.
+- ``sdxl``: 10 SDXL-size concepts (native files, 1.36 GB each): cd-merge cold and cached; its
+  peak memory against the size of the inputs. No baseline: the authors' script is SD1-only.
+- ``many``: 100 SD1.5-size concepts, cd-merge against the baseline.
+
+The baseline does what the authors' diffusers merge script does: load the whole pipeline, load
+every delta file whole, encode each caption on its own (padded to 77 tokens), and solve layer by
+layer in float32 with an explicit inverse of M (``torch.linalg.inv``). Their text encoder ran in
+fp16 on a GPU; on the CPU it runs in float32 here, as ours does.
+
+The SDXL base holds only what a merge reads (text encoders at full size, the UNet's K/V tensors
+under their real names): a full random SDXL UNet would be 10 GB nobody reads. The SD1.5 base is
+a complete pipeline, so that the baseline can load it whole.
+
+Run: ``python benchmarks/bench_merge.py [--only sd15 sdxl many]`` (builds its models once under
+``--work``, ~30 GB of disk; about 30 minutes on 2 CPU cores). Prints ratios measured in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CLASS_WORDS = ("cat", "dog", "pot", "chair", "car", "tree", "house", "flower", "guitar", "watch")
+
+
+def build(work: Path, scenario: str) -> tuple[Path, list[Path]]:
+    """The base folder and the concept files of a scenario, made once and reused."""
+    from mergekit_cd.base import open_base
+    from mergekit_cd.loading import save
+    from mergekit_cd.testing import random_concept_deltas, save_full_size_base
+
+    kind, count, file_format = {"sd15": ("sd15", 3, "authors-bin"), "many": ("sd15", 100, "authors-bin"),
+                                "sdxl": ("sdxl", 10, "native")}[scenario]
+    base_dir = work / f"base-{kind}"
+    if not (base_dir / "model_index.json").is_file():
+        shutil.rmtree(base_dir, ignore_errors=True)
+        print(f"building the {kind} base in {base_dir} ...", flush=True)
+        save_full_size_base(kind, base_dir, full_unet=kind == "sd15")
+    suffix = "delta.bin" if file_format == "authors-bin" else "delta.safetensors"
+    files = [work / f"{scenario}-concepts" / f"{i:03d}" / suffix for i in range(count)]
+    missing = [i for i, f in enumerate(files) if not f.is_file()]
+    if missing:
+        print(f"making {len(missing)} {kind} concepts ...", flush=True)
+        base = open_base(base_dir)
+        for start in range(0, len(missing), 10):
+            chunk = missing[start:start + 10]
+            specs = [(f"<new{i + 1}>", CLASS_WORDS[i % len(CLASS_WORDS)]) for i in chunk]
+            for i, delta in zip(chunk, random_concept_deltas(base, specs, seed=1000 + chunk[0])):
+                files[i].parent.mkdir(parents=True, exist_ok=True)
+                save(delta, files[i], format=file_format, base=base, force=True)
+    return base_dir, files
+
+
+# ----------------------------------------------------------------------------- jobs (run in a child)
+
+
+def job_ours(base: str, output: str, cache: str, captions: str, *inputs: str) -> None:
+    from mergekit_cd.cli.merge import main
+
+    words = [CLASS_WORDS[i % len(CLASS_WORDS)] for i in range(len(inputs))]
+    classes = [arg for word in words for arg in ("--class", word)]
+    code = main([*inputs, "-o", output, "--base", base, "--num-reg-captions", captions,
+                 "--cache-dir", cache, "--force", "-q", *classes])
+    if code:
+        raise SystemExit(code)
+
+
+def job_baseline(base: str, output: str, captions: str, *inputs: str) -> None:
+    """The authors' merge, step by step (see the module docstring)."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from mergekit_cd.features import default_reg_captions
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_solvers import baseline_layer
+
+    pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False)
+    tokenizer, encoder = pipe.tokenizer, pipe.text_encoder.eval()
+    deltas = [torch.load(path, map_location="cpu", weights_only=True) for path in inputs]
+    tokens = [f"<new{i + 1}>" for i in range(len(deltas))]
+    tokenizer.add_tokens(tokens)
+    encoder.resize_token_embeddings(len(tokenizer))
+    with torch.no_grad():
+        for token, delta in zip(tokens, deltas):
+            embedding = next(iter(delta["modifier_token"].values()))
+            encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids(token)] = embedding
+
+    def encode(caption: str) -> torch.Tensor:
+        ids = tokenizer(caption, padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids
+        length = len(tokenizer(caption, truncation=True).input_ids)
+        with torch.no_grad():
+            states = encoder(ids)[0][0]
+        return states[(4 if "photo of a" in caption[:15] else 1):length]
+
+    C_reg = torch.cat([encode(c) for c in default_reg_captions()[:int(captions)]])
+    G = C_reg.T @ C_reg
+    targets = [torch.cat([encode(f"{t} {w}"), encode(f"photo of a {t} {w}")])
+               for t, w in zip(tokens, (CLASS_WORDS[i % len(CLASS_WORDS)] for i in range(len(deltas))))]
+    C = torch.cat(targets)
+    unet = pipe.unet.state_dict()
+    merged, worst = {}, 0.0
+    for key in deltas[0]["unet"]:
+        W0 = unet[key]
+        V = torch.cat([delta["unet"][key] @ Ci.T for delta, Ci in zip(deltas, targets)], dim=1)
+        W = baseline_layer(W0, G, C, V)
+        worst = max(worst, float((W.double() @ C.T.double() - V.double()).norm() / V.double().norm()))
+        merged[key] = W
+    torch.save({"unet": merged, "modifier_token": {t: d["modifier_token"] for t, d in zip(tokens, deltas)}},
+               output)
+    print(json.dumps({"residual": worst}))
+
+
+JOBS = {"ours": job_ours, "baseline": job_baseline}
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def measure(job: str, *args: str) -> dict:
+    """Run one job in a fresh interpreter; its wall time and peak RSS (GiB), and what it printed."""
+    command = [sys.executable, __file__, "--job", job, *args]
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+        start = time.perf_counter()
+        process = subprocess.Popen(command, stdout=stdout, stderr=stderr, text=True)
+        _, status, usage = os.wait4(process.pid, 0)
+        elapsed = time.perf_counter() - start
+        stdout.seek(0), stderr.seek(0)
+        out, err = stdout.read(), stderr.read()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{job} failed:\n{out}\n{err[-3000:]}")
+    residual = next((json.loads(line)["residual"] for line in out.splitlines() if line.startswith("{")), None)
+    return {"seconds": elapsed, "peak_gib": usage.ru_maxrss / 2**20, "residual": residual, "log": out}
+
+
+def ours_residual(log: str) -> float:
+    """Worst per-concept residual from cd-merge's report table."""
+    values = []
+    for line in log.splitlines():
+        parts = line.split()
+        if len(parts) >= 4 and parts[0].startswith("<new"):
+            values.append(float(parts[2]))
+    return max(values)
+
+
+def run_scenario(work: Path, scenario: str, caption_counts: list[int]) -> list[dict]:
+    base, files = build(work, scenario)
+    inputs = [str(f) for f in files]
+    input_gib = sum(f.stat().st_size for f in files) / 2**30
+    rows = []
+    for captions in caption_counts:
+        cache = work / f"gram-cache-{scenario}-{captions}"
+        shutil.rmtree(cache, ignore_errors=True)
+        output = str(work / f"out-{scenario}.safetensors")
+        print(f"{scenario}, {captions} captions: ours cold ...", flush=True)
+        cold = measure("ours", str(base), output, str(cache), str(captions), *inputs)
+        print(f"{scenario}, {captions} captions: ours cached ...", flush=True)
+        cached = measure("ours", str(base), output, str(cache), str(captions), *inputs)
+        row = {"scenario": scenario, "concepts": len(files), "captions": captions, "input_gib": input_gib,
+               "cold": cold, "cached": cached, "ours_residual": ours_residual(cached["log"])}
+        if scenario != "sdxl":
+            print(f"{scenario}, {captions} captions: baseline ...", flush=True)
+            row["baseline"] = measure("baseline", str(base), str(work / f"out-{scenario}-baseline.bin"),
+                                      str(captions), *inputs)
+        rows.append(row)
+        print(describe(row), flush=True)
+    return rows
+
+
+def describe(row: dict) -> str:
+    cold, cached, baseline = row["cold"], row["cached"], row.get("baseline")
+    text = (f"| {row['scenario']} | {row['concepts']} | {row['captions']} | {row['input_gib']:.2f} "
+            f"| {cold['seconds']:.0f} / {cached['seconds']:.0f} | {cold['peak_gib']:.2f} ")
+    if baseline is None:
+        return text + (f"| n/a | {cold['peak_gib'] / row['input_gib']:.2f}x inputs "
+                       f"| {row['ours_residual']:.1e} | n/a |")
+    return text + (f"| {baseline['seconds']:.0f} | {baseline['seconds'] / cold['seconds']:.1f}x / "
+                   f"{baseline['seconds'] / cached['seconds']:.1f}x | {baseline['peak_gib'] / cold['peak_gib']:.1f}x less "
+                   f"| {row['ours_residual']:.1e} | {baseline['residual']:.1e} |")
+
+
+HEADER = ("| scenario | concepts | captions | inputs GiB | ours s (cold / cached) | ours peak GiB "
+          "| baseline s | speed-up (cold / cached) | memory | ours residual | baseline residual |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=Path(__file__).parent / "work",
+                        help="where models, concepts and outputs are kept (default benchmarks/work)")
+    parser.add_argument("--only", nargs="+", choices=("sd15", "sdxl", "many"), default=["sd15", "sdxl", "many"])
+    parser.add_argument("--captions", type=int, nargs="+", default=[200, 1000],
+                        help="caption counts for the sd15 scenario (default 200 1000)")
+    parser.add_argument("--job", help=argparse.SUPPRESS)
+    args, rest = parser.parse_known_args()
+    if args.job:
+        JOBS[args.job](*rest)
+        return
+    args.work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for scenario in args.only:
+        counts = args.captions if scenario == "sd15" else [200]
+        rows += run_scenario(args.work, scenario, counts)
+    print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"python {platform.python_version()}")
+    print(HEADER)
+    for row in rows:
+        print(describe(row))
+
+
+if __name__ == "__main__":
+    main()
