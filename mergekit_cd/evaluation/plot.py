@@ -49,12 +49,35 @@ def draw_scatter(points: Sequence[tuple[float, float, str, str]], curve: Sequenc
 
     if len(curve) > 1:
         draw.line([at(x, y) for x, y in curve], fill=COLOURS["soft"], width=2)
-    for x, y, name, kind in points:
-        px, py = at(x, y)
+    taken: list[tuple[float, float, float, float]] = []  # label boxes drawn so far
+    for (px, py), names, kind in _group([(at(x, y), name, kind) for x, y, name, kind in points]):
         colour = COLOURS.get(kind, (0, 0, 0))
         draw.ellipse([(px - 4, py - 4), (px + 4, py + 4)], fill=colour)
-        draw.text((px + 7, py - 7), name, fill=colour, font=font)
+        text = " = ".join(names)
+        width = draw.textlength(text, font=font)
+        top = py - 7
+        while any(_overlap((px + 7, top, px + 7 + width, top + 12), box) for box in taken):
+            top += 12  # step down until the label is clear of the others
+        taken.append((px + 7, top, px + 7 + width, top + 12))
+        draw.text((px + 7, top), text, fill=colour, font=font)
     return image
+
+
+def _group(points: Sequence[tuple[tuple[float, float], str, str]]) -> list[tuple[tuple[float, float], list[str], str]]:
+    """Points that land on the same spot (within 2 pixels) become one dot with all their names."""
+    groups: list[tuple[tuple[float, float], list[str], str]] = []
+    for position, name, kind in points:
+        for spot, names, _ in groups:
+            if abs(spot[0] - position[0]) <= 2 and abs(spot[1] - position[1]) <= 2:
+                names.append(name)
+                break
+        else:
+            groups.append((position, [name], kind))
+    return groups
+
+
+def _overlap(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
 def _range(low: float, high: float) -> tuple[float, float]:

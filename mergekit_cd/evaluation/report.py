@@ -159,7 +159,8 @@ def save_plot(report: EvalReport, path: str | os.PathLike[str], *, force: bool =
     soft = sorted((row.options.get("weight", 0.0), row.preservation, row.mean_fidelity)
                   for row in report.rows if row.kind == "soft")
     curve = [(x, y) for _, x, y in soft if math.isfinite(x) and math.isfinite(y)]
-    image = draw_scatter(points, curve, title=f"{report.base}: {len(report.concepts)} concept(s)",
+    concepts = ", ".join(f"{c.token} {c.class_word}".strip() for c in report.concepts)
+    image = draw_scatter(points, curve, title=f"{Path(report.base).name or report.base}: {concepts}",
                          x_label="preservation: held-out change vs base (lower is better)",
                          y_label="mean concept fidelity (higher is better)")
     with atomic_path(path, force=force) as temporary:
