@@ -20,7 +20,6 @@ from mergekit_cd.evaluation import clip_score, mean_pairwise_cosine, parse_compa
 from mergekit_cd.evaluation.fidelity import draw_probes
 from mergekit_cd.evaluation.methods import SOFT_SWEEP
 from mergekit_cd.features import default_reg_captions
-from mergekit_cd.loading import save
 from mergekit_cd.testing import random_concept_delta, tiny_tokenizer
 
 #: Few probes, one tiny sampled image per prompt, two denoising steps: seconds per evaluation.

@@ -6,7 +6,9 @@ drawn once from a seeded generator. Only the prompts' token names change from mo
 
 - fidelity of concept i in model M: ``1 - ||eps_M - eps_i|| / ||eps_i - eps_B||`` on concept
   i's probes (1: M predicts what concept i's own model predicts; 0: no closer than the base;
-  negative: further away than the base);
+  negative: further away than the base). B is the base UNet with concept i's own token
+  embedding installed: every merge keeps the tokens as they are, so this measures the part
+  of the concept a merge decides about, its K/V change;
 - preservation of M: ``||eps_M - eps_B|| / ||eps_B||`` on held-out captions (0: the base's
   predictions exactly; lower is better).
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -58,12 +59,27 @@ def to_pixels(images: Sequence[Any], size: int) -> Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
+@contextmanager
+def _vae_precision(vae) -> Iterator[None]:
+    """Run a VAE that asks for it (``force_upcast``, e.g. SDXL's, which overflows in float16) in
+    float32, as the diffusers pipelines do, and put it back afterwards."""
+    dtype = vae.dtype
+    upcast = dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
+    if upcast:
+        vae.to(torch.float32)
+    try:
+        yield
+    finally:
+        if upcast:
+            vae.to(dtype)
+
+
 def encode_images(pipe, images: Sequence[Any], *, batch_size: int = 8) -> Tensor:
     """VAE latents (mean of the posterior, times the scaling factor) of ``images``, float32 CPU."""
     pixels = to_pixels(images, image_size(pipe))
     vae = pipe.vae
     latents = []
-    with torch.no_grad():
+    with torch.no_grad(), _vae_precision(vae):
         for start in range(0, len(pixels), batch_size):
             batch = pixels[start:start + batch_size].to(vae.device, vae.dtype)
             latents.append(vae.encode(batch).latent_dist.mean.float().cpu())
@@ -74,7 +90,7 @@ def decode_latents(pipe, latents: Tensor) -> list[Any]:
     """PIL images of VAE latents (as a pipeline's ``output_type="latent"`` returns them)."""
     vae = pipe.vae
     images = []
-    with torch.no_grad():
+    with torch.no_grad(), _vae_precision(vae):
         for latent in latents:
             scaled = latent[None].to(vae.device, vae.dtype) / float(vae.config.scaling_factor)
             decoded = vae.decode(scaled).sample

@@ -7,7 +7,8 @@ A compare list is a comma-separated string (or a sequence of items) of:
   (absolute, or in units of the caption Gram matrix's mean eigenvalue, as ``cd-merge``);
 - ``soft``: the soft merge over a sweep of concept weights (:data:`SOFT_SWEEP`), drawn as a
   curve by the plot; ``soft=W``: one soft merge with weight ``W`` for every concept;
-- ``base``: the base model itself (fidelity 0 and preservation 0 by definition).
+- ``base``: the base UNet with the concepts' tokens (fidelity 0 and preservation 0 by
+  definition: the reference every fidelity is measured from).
 """
 
 from __future__ import annotations
