@@ -23,7 +23,7 @@ from mergekit_cd.features import default_reg_captions
 from mergekit_cd.testing import random_concept_delta, tiny_tokenizer
 
 #: Few probes, one tiny sampled image per prompt, two denoising steps: seconds per evaluation.
-FAST = dict(samples=8, held_out_samples=8, sample_images=1, sample_steps=2, batch_size=8)
+FAST = dict(samples=6, held_out_samples=6, sample_images=1, sample_steps=1, batch_size=6)
 CAPTIONS = default_reg_captions()[:200]
 
 pytestmark = pytest.mark.filterwarnings("ignore::mergekit_cd.errors.TokenRenameWarning")  # two <new1> cats
@@ -73,6 +73,11 @@ def test_a_delta_against_itself_has_fidelity_one_and_the_base_zero(two_concepts)
     assert [c.fidelity for c in base.concepts] == [0.0, 0.0]
     assert base.preservation == 0.0
     assert all(c.residual > 0.01 for c in base.concepts)
+    header, rows = summary_table(two_concepts)
+    assert header == ["method", "fidelity 1 (<new1> cat)", "fidelity 2 (<new1> cat)", "mean fidelity",
+                      "preservation", "max residual"]
+    assert [row[0] for row in rows] == ["merged", "sum", "constrained", "base"]
+    assert rows[-1][1:] == ["0.000", "0.000", "0.000", "0.000", rows[-1][-1]]
 
 
 def test_constrained_merge_beats_the_sum_when_concepts_interfere(two_concepts, sd1):
@@ -213,8 +218,8 @@ def test_cd_eval_prints_the_table_and_writes_json_and_plot(sd1, tiny_delta_files
     """Files in two formats (the merged one holds full weights), a soft curve, --json and --plot."""
     files = tiny_delta_files("sd1")
     arguments = ["--base", str(sd1.path), "--concepts", str(files["native"]), "--merged", str(files["diffusers"]),
-                 "--compare", "soft=10,soft=1000", "--samples", "8", "--held-out-samples", "8",
-                 "--sample-images", "1", "--sample-steps", "2", "--num-reg-captions", "200",
+                 "--compare", "soft=10,soft=1000", "--samples", "6", "--held-out-samples", "6",
+                 "--sample-images", "1", "--sample-steps", "1", "--num-reg-captions", "200",
                  "--cache-dir", str(sd1.cache), "--json", str(tmp_path / "eval.json"),
                  "--plot", str(tmp_path / "eval.png"), "-q"]
     assert cd_eval.main(arguments) == 0

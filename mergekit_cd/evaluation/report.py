@@ -107,6 +107,8 @@ def summary_table(report: EvalReport) -> tuple[list[str], list[list[str]]]:
     tokens = [concept.token for concept in report.concepts]
     if len(set(tokens)) < len(tokens):  # separately trained concepts often share a token name
         tokens = [f"{c.token} {c.class_word}".strip() for c in report.concepts]
+    if len(set(tokens)) < len(tokens):  # ... and a class word
+        tokens = [f"{index + 1} ({name})" for index, name in enumerate(tokens)]
     header = ["method", *(f"fidelity {t}" for t in tokens)]
     if len(tokens) > 1:
         header.append("mean fidelity")
