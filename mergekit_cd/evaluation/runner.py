@@ -213,7 +213,7 @@ def _concepts(plan: MergePlan, pipe, instance_images: list | None, instance_dirs
     for index, (concept, owner) in enumerate(zip(plan.concepts, plan.owners)):
         back = {r.new: r.old for r in plan.token_renames if r.operand == owner}
         token = back.get(concept.token, concept.token)
-        prompts = tuple(rename_tokens(p, {concept.token: token}) if concept.token else p for p in concept.prompts)
+        prompts = tuple(_renamed(concept.prompts, concept.token, token))
         delta = plan.deltas[owner]
         embeddings = delta.tokens.get(token) if token else None
         name = f"{token or '(no token)'} {concept.class_word}"
@@ -303,12 +303,12 @@ def _layer_rows(delta: ConceptDelta, name: str) -> Tensor:
     return torch.cat([dense(layer.key), dense(layer.value)]).double()
 
 
-def _token_for(concept: _Concept, model: ConceptDelta | None, label: str, notes: list[str]) -> str:
+def _token_for(concept: _Concept, model: ConceptDelta, label: str, notes: list[str]) -> str:
     """The name ``model`` gives concept's token: the token with the same embeddings (a merge
     keeps them, maybe renamed), else the one of a concept with the same class word, else the
     same name. A model without it keeps the name, which its tokenizer splits like any word."""
     token = concept.token
-    if model is None or not token:
+    if not token:
         return token
     same = [name for name, embeddings in model.tokens.items() if _equal(embeddings, concept.embeddings)]
     if same:
@@ -324,6 +324,11 @@ def _token_for(concept: _Concept, model: ConceptDelta | None, label: str, notes:
     notes.append(f"{label}: has no token for {token} {concept.class_word}; its prompts keep the name {token}, "
                  f"which the model reads as plain text.")
     return token
+
+
+def _renamed(prompts: Sequence[str], token: str, new: str) -> list[str]:
+    """``prompts`` with the whole-word token renamed (tokenless prompts as they are)."""
+    return [rename_tokens(prompt, {token: new}) for prompt in prompts] if token else list(prompts)
 
 
 def _equal(a: tuple[Tensor, ...] | None, b: tuple[Tensor, ...] | None) -> bool:
@@ -345,21 +350,20 @@ def _reference_embeddings(evaluated: list[_Concept], clip_model: ClipEmbedder | 
     return embeddings
 
 
-def _evaluate_row(method: Method, model: ConceptDelta | None, pipe, predictor: NoisePredictor,
+def _evaluate_row(method: Method, model: ConceptDelta, pipe, predictor: NoisePredictor,
                   evaluated: list[_Concept], held: Probes, base_held: Tensor, residuals: list[float], *,
                   clip_model: ClipEmbedder | None, dino_model: DinoEmbedder | None,
                   references: list[dict[str, Tensor]], num_images: int, steps: int, guidance_scale: float,
                   seed: int, check_base: bool, notes: list[str]) -> MethodResult:
     """Install the row's model, predict on every probe set (and sample for CLIP / DINO), remove it."""
-    if model is not None:
-        apply(pipe, model, scale=0.0 if method.kind == "base" else 1.0, check_base=check_base)
+    apply(pipe, model, scale=0.0 if method.kind == "base" else 1.0, check_base=check_base)
     try:
         scores = []
         for concept, residual, reference in zip(evaluated, residuals, references):
             token = _token_for(concept, model, method.label, notes)
-            prompts = [rename_tokens(p, {concept.token: token}) if concept.token else p for p in concept.prompts]
-            output = predictor.predict(concept.probes.with_prompts(
-                [rename_tokens(p, {concept.token: token}) if concept.token else p for p in concept.probes.prompts]))
+            prompts = _renamed(concept.prompts, concept.token, token)
+            output = predictor.predict(concept.probes.with_prompts(_renamed(concept.probes.prompts, concept.token,
+                                                                            token)))
             metrics = {}
             if clip_model is not None or dino_model is not None:
                 metrics = _image_metrics(pipe, prompts, {concept.token, token}, reference, clip_model, dino_model,
@@ -368,11 +372,10 @@ def _evaluate_row(method: Method, model: ConceptDelta | None, pipe, predictor: N
                                         residual, **metrics))
         preservation = relative_change(predictor.predict(held), base_held)
     finally:
-        if model is not None:
-            remove(pipe)
+        remove(pipe)
     options = dict(method.options)
     if method.kind == "delta":
-        options["source"] = str(model.metadata.get("source", method.label)) if model is not None else None
+        options["source"] = str(model.metadata.get("source", method.label))
     return MethodResult(method.label, method.kind, options, tuple(scores), preservation)
 
 
