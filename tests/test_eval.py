@@ -25,6 +25,7 @@ from mergekit_cd.testing import random_concept_delta, tiny_tokenizer
 #: Few probes, one tiny sampled image per prompt, two denoising steps: seconds per evaluation.
 FAST = dict(samples=6, held_out_samples=6, sample_images=1, sample_steps=1, batch_size=6)
 CAPTIONS = default_reg_captions()[:200]
+HELD_OUT = [*CAPTIONS[:2], "a tortoise on a beach", "a red van in the snow"]
 
 pytestmark = pytest.mark.filterwarnings("ignore::mergekit_cd.errors.TokenRenameWarning")  # two <new1> cats
 
@@ -57,8 +58,9 @@ def two_concepts(sd1):
 
 @pytest.fixture(scope="module")
 def one_concept(sd1):
-    """One concept; rows: its own delta, the other cat's delta, and the sum of the one delta."""
-    return evaluate([sd1.cat], base=sd1.path, merged=[sd1.cat, sd1.other_cat], compare="sum",
+    """One concept; rows: its own delta, the other cat's delta, and the sum of the one delta.
+    Two of the held-out captions are regularisation captions."""
+    return evaluate([sd1.cat], base=sd1.path, merged=[sd1.cat, sd1.other_cat], compare="sum", held_out=HELD_OUT,
                     cache_dir=sd1.cache, **FAST)
 
 
@@ -108,12 +110,14 @@ def test_the_sum_of_a_single_delta_is_that_delta(one_concept):
     assert "merged 2: no token has <new1>'s embeddings; the cat concept's token <new1> stands for it." \
         in one_concept.notes
     assert any("sampled from its own delta" in note for note in one_concept.notes)
+    assert "2 of the 4 held-out captions are regularisation captions too, which the merges were fitted to keep: " \
+        "preservation looks better than it is." in one_concept.notes
 
 
 def test_results_are_reproducible_with_the_same_seed(one_concept, sd1):
     """Same seed: the same latents, timesteps, noise and prompts for every model, so the same
     numbers; another seed draws other probes."""
-    again = evaluate([sd1.cat], base=sd1.path, merged=[sd1.cat, sd1.other_cat], compare="sum",
+    again = evaluate([sd1.cat], base=sd1.path, merged=[sd1.cat, sd1.other_cat], compare="sum", held_out=HELD_OUT,
                      cache_dir=sd1.cache, **FAST)
     assert again.to_dict() == one_concept.to_dict()
 

@@ -125,6 +125,10 @@ def evaluate(concepts: Sequence[PathLike | ConceptDelta], *, base: BaseModel | P
     held = _held_out_probes(pipe, captions, held_out_samples, scheduler=scheduler, generator=generator)
     notes.append(f"preservation: {held_out_samples} held-out captions on standard-normal latents (a stand-in "
                  f"for image latents) at uniform timesteps.")
+    shared = set(captions) & set(plan.reg_captions)
+    if shared:
+        notes.append(f"{len(shared)} of the {len(set(captions))} held-out captions are regularisation captions too, "
+                     f"which the merges were fitted to keep: preservation looks better than it is.")
 
     reference_steps = 1 + len({c.owner for c in evaluated})
     with tqdm(total=reference_steps + len(methods), desc="evaluating", unit="model", disable=not progress) as bar:
