@@ -20,7 +20,7 @@ import math
 import numbers
 import re
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Union
 
@@ -72,6 +72,44 @@ class LayerDelta:
         return LayerDelta(fn(self.key), fn(self.value))
 
 
+Shapes = tuple[torch.Size, torch.Size]
+
+
+class LazyLayers(Mapping[str, LayerDelta]):
+    """Layer differences read from their file when accessed, one layer at a time.
+
+    What lets a merge stream its inputs layer by layer instead of holding every file in memory
+    (ten SDXL concepts are 13.6 GB). Shapes are known from the file header without reading.
+    The file must stay where it is while the delta is used (as with ``safe_open``);
+    ``delta.dense()`` makes an in-memory copy.
+    """
+
+    def __init__(self, shapes: dict[str, Shapes], loader: Callable[[str], LayerDelta]) -> None:
+        self._shapes = dict(shapes)
+        self._loader = loader
+
+    def __getitem__(self, name: str) -> LayerDelta:
+        if name not in self._shapes:
+            raise KeyError(name)
+        return self._loader(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._shapes)
+
+    def __len__(self) -> int:
+        return len(self._shapes)
+
+    def shapes(self) -> dict[str, Shapes]:
+        return dict(self._shapes)
+
+
+def layer_shapes(layers: Mapping[str, LayerDelta]) -> dict[str, Shapes]:
+    """(key shape, value shape) per layer, without reading lazily stored layers."""
+    if isinstance(layers, LazyLayers):
+        return layers.shapes()
+    return {name: (layer.key.shape, layer.value.shape) for name, layer in layers.items()}
+
+
 @dataclass(frozen=True)
 class Concept:
     """What a token stands for: its class word and target prompts, when known."""
@@ -104,7 +142,7 @@ class ConceptDelta:
     base: the base model's name, path or repo id; base_fingerprint: hash of its K/V weights.
     """
 
-    layers: dict[str, LayerDelta]
+    layers: Mapping[str, LayerDelta]  # a dict, or LazyLayers read from a file on access
     tokens: dict[str, tuple[Tensor, ...]] = field(default_factory=dict)
     base: str | None = None
     base_fingerprint: str | None = None
@@ -124,8 +162,8 @@ class ConceptDelta:
     @property
     def context_dim(self) -> int | None:
         """Feature dimension the K/V projections read (768 SD1, 1024 SD2, 2048 SDXL)."""
-        first = next(iter(self.layers.values()), None)
-        return None if first is None else first.key.shape[1]
+        first = next(iter(layer_shapes(self.layers).values()), None)
+        return None if first is None else first[0][1]
 
     def num_parameters(self) -> int:
         """Numbers stored for the layer differences (factors count as stored)."""
@@ -224,17 +262,17 @@ def _same_embedding(a: tuple[Tensor, ...], b: tuple[Tensor, ...]) -> bool:
     return len(a) == len(b) and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b))
 
 
-def _check_layers(layers: dict[str, LayerDelta]) -> None:
+def _check_layers(layers: Mapping[str, LayerDelta]) -> None:
     context = None
-    for name, layer in layers.items():
-        for which, x in (("key", layer.key), ("value", layer.value)):
-            if len(x.shape) != 2:
+    for name, shapes in layer_shapes(layers).items():
+        for which, shape in zip(("key", "value"), shapes):
+            if len(shape) != 2:
                 raise MergeError(f"Layer {name} {which}: expected a 2-D weight difference, "
-                                 f"got shape {tuple(x.shape)}.")
+                                 f"got shape {tuple(shape)}.")
             if context is None:
-                context = x.shape[1]
-            if x.shape[1] != context:
-                raise MergeError(f"Layer {name} {which} reads {x.shape[1]} features but other "
+                context = shape[1]
+            if shape[1] != context:
+                raise MergeError(f"Layer {name} {which} reads {shape[1]} features but other "
                                  f"layers read {context}.")
 
 

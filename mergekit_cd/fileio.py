@@ -179,15 +179,27 @@ def load_pickle(path: str | os.PathLike[str], *, mmap: bool = False) -> Any:
 
 def load_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Tensors and header metadata of a safetensors file; a broken file is one MergeError."""
+    with open_safetensors(path) as file:
+        return {key: file.get_tensor(key) for key in file.keys()}, file.metadata() or {}
+
+
+@contextmanager
+def open_safetensors(path: str | os.PathLike[str]) -> Iterator[Any]:
+    """``safe_open`` on the CPU, with a broken or unreadable file turned into one MergeError."""
     _check_not_empty(path)
     try:
         with safe_open(str(path), framework="pt") as file:
-            metadata = file.metadata() or {}
-            return {key: file.get_tensor(key) for key in file.keys()}, metadata
+            yield file
     except SafetensorError as error:
         raise MergeError(f"{path}: truncated or corrupt safetensors file ({error}).") from None
     except OSError as error:
         raise MergeError(f"Cannot read {path}: {error.strerror or error}.") from error
+
+
+def file_identity(path: str | os.PathLike[str]) -> tuple[int, int, int]:
+    """(device and inode, size, modification time): changes when the file is replaced or rewritten."""
+    stat = os.stat(path)
+    return stat.st_dev * 2**64 + stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 def _check_not_empty(path: str | os.PathLike[str]) -> None:

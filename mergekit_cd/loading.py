@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import formats, hub
 from .base import BaseModel, open_base
-from .delta import CompressionReport, ConceptDelta, LowRank, compress
+from .delta import CompressionReport, ConceptDelta, LowRank, compress, layer_shapes
 from .errors import MergeError
 from .weights import FineTunedWeights
 
@@ -141,7 +141,7 @@ def check_delta(delta: ConceptDelta, base: BaseModel, source: str, *, check_base
                          f"{base.architecture.name} model ({base.architecture.description}).")
     if check_base and delta.base_fingerprint and delta.base_fingerprint != base.fingerprint:
         raise MergeError(_wrong_base_message(source, delta.base, delta.base_fingerprint, base))
-    shapes = {name: layer.key.shape for name, layer in delta.layers.items()}
+    shapes = {name: key for name, (key, _) in layer_shapes(delta.layers).items()}
     check_fits(delta.layers.keys(), shapes, delta.tokens, base, source)
 
 

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from . import formats
 from .base import BaseModel
-from .delta import Concept, ConceptDelta, LayerDelta, LowRank, TokenRename, dense, merge_tokens
+from .delta import Concept, ConceptDelta, LayerDelta, LazyLayers, LowRank, TokenRename, dense, merge_tokens
 from .errors import MergeError
 from .features import FEATURE_RULE, TextFeatures, cached_gram, default_reg_captions, heldout_captions, target_prompts
 from .loading import PathLike, as_base, load, resolve_delta
@@ -176,7 +176,9 @@ def plan_merge(deltas: Sequence[PathLike | ConceptDelta], reg_captions: Sequence
 
 
 def _delta_bytes(delta: ConceptDelta) -> int:
-    """Memory held by a loaded delta's differences."""
+    """Memory held by a loaded delta's differences (none for layers read from their file on use)."""
+    if isinstance(delta.layers, LazyLayers):
+        return 0
     total = 0
     for layer in delta.layers.values():
         for part in (layer.key, layer.value):

@@ -646,3 +646,28 @@ def test_a_zip_pickle_cut_anywhere_is_called_truncated(tmp_path):
         message = str(caught.value)
         assert message.startswith(f"{path}: ") and "truncated" in message, message
         assert "Invalid argument" not in message, message
+
+
+def test_native_layers_stream_from_the_file_and_notice_a_replaced_file(tiny_delta_files, tmp_path):
+    """Native deltas are validated on load, then read layer by layer when used (LazyLayers)."""
+    import os
+    import shutil
+
+    from mergekit_cd.delta import LazyLayers
+    from mergekit_cd.formats import native
+
+    files = tiny_delta_files("sd1")
+    path = tmp_path / "lazy.safetensors"
+    shutil.copy(files["native"], path)
+    delta = native.read(path)
+    assert isinstance(delta.layers, LazyLayers)
+    assert delta.allclose(files["object"], rtol=0, atol=0)
+    name = next(iter(delta.layers))
+    assert delta.layers.shapes()[name][0] == files["object"].layers[name].key.shape
+    copy = delta.dense()  # an in-memory copy outlives the file
+    replacement = files["object"] * 2.0
+    native.write(replacement, path, force=True)
+    os.utime(path, ns=(1, 1))  # a different modification time even on coarse clocks
+    with pytest.raises(MergeError, match="changed after it was read"):
+        delta.layers[name]
+    assert copy.allclose(files["object"], rtol=0, atol=0)

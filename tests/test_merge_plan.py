@@ -197,6 +197,8 @@ def test_peak_memory_stays_near_the_inputs(tiny_pipeline_path, tmp_path):
                             capture_output=True, text=True, check=True)
     growth, estimate = map(int, result.stdout.split()[-2:])
     kv_bytes = 4 * rows * tall.context_dim
-    # the old report built float64 (rows x held-out rows) matrices: > 1 GB here
-    assert growth < 8 * kv_bytes + 64 * 2**20, (growth, kv_bytes)
-    assert estimate >= 4 * kv_bytes  # inputs (3 x K/V) plus the result at least
+    # the inputs (native files) stream layer by layer, so beyond the libraries only the result
+    # (1 x K/V) and one layer's rows are held; the old report alone built float64
+    # (rows x held-out rows) matrices, > 1 GB here, and the inputs took 3 x K/V
+    assert growth < 2.5 * kv_bytes + 32 * 2**20, (growth, kv_bytes)
+    assert kv_bytes <= estimate < 2.5 * kv_bytes + 32 * 2**20

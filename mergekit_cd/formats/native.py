@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 
+import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from ..delta import ConceptDelta, LayerDelta, LowRank
+from ..delta import ConceptDelta, Difference, LayerDelta, LazyLayers, LowRank
 from ..errors import MergeError
-from ..fileio import atomic_path, load_safetensors
+from ..fileio import atomic_path, file_identity, open_safetensors
 from ..metadata import HEADER_FORMAT, from_header, to_header
 from ._common import (
     Delta,
@@ -53,34 +54,66 @@ def _split(key: str) -> tuple[str, str, str] | None:
 
 
 def read(path: str | os.PathLike[str]) -> ConceptDelta:
-    """The delta stored in ``path``, low-rank factors kept as :class:`LowRank`."""
+    """The delta stored in ``path``, low-rank factors kept as :class:`LowRank`.
+
+    Every tensor is validated in one pass that holds one tensor at a time; the layers are then
+    read again when used (:class:`LazyLayers`), so a merge of many large files streams them.
+    """
     source = str(path)
-    tensors, header = load_safetensors(path)
-    identity = from_header(header, source=source)
     collector = LayerCollector(source)
-    factors: dict[tuple[str, str], dict[str, Tensor]] = {}
+    factors: dict[tuple[str, str], dict[str, tuple[str, Tensor]]] = {}
     embeddings: dict[str, dict[int, Tensor]] = {}
-    for key, tensor in tensors.items():
-        if key.startswith(TOKEN_PREFIX):
-            name, index = _split_token_key(key, source)
-            embeddings.setdefault(name, {})[index] = check_vector(tensor, key, source)
-            continue
-        parsed = _split(key)
-        if parsed is None:
-            raise unexpected_key(key, source, _EXPECTED)
-        layer, projection, part = parsed
-        matrix = check_matrix(tensor, key, source)
-        if part == "diff":
-            collector.add(layer, projection, key, matrix)
-        else:
-            factors.setdefault((layer, projection), {})[part] = matrix
+    locations: dict[tuple[str, str], tuple[str, ...]] = {}
+    with open_safetensors(path) as handle:
+        identity = from_header(handle.metadata() or {}, source=source)
+        for key in handle.keys():
+            if key.startswith(TOKEN_PREFIX):
+                name, index = _split_token_key(key, source)
+                embeddings.setdefault(name, {})[index] = check_vector(handle.get_tensor(key), key, source)
+                continue
+            parsed = _split(key)
+            if parsed is None:
+                raise unexpected_key(key, source, _EXPECTED)
+            layer, projection, part = parsed
+            matrix = check_matrix(handle.get_tensor(key), key, source)
+            stand_in = torch.empty(matrix.shape, dtype=matrix.dtype, device="meta")  # shape only
+            if part == "diff":
+                collector.add(layer, projection, key, stand_in)
+                locations[(layer, projection)] = (key,)
+            else:
+                factors.setdefault((layer, projection), {})[part] = (key, stand_in)
     for (layer, projection), pair in factors.items():
         key = f"{layer}.{projection}"
-        collector.add(layer, projection, f"{key}.up", _low_rank(pair, key, source))
+        collector.add(layer, projection, f"{key}.up",
+                      _low_rank({part: tensor for part, (_, tensor) in pair.items()}, key, source))
+        locations[(layer, projection)] = (pair["up"][0], pair["down"][0])
     tokens = {name: _ordered(embeddings[name], name, source) for name in natural_order(embeddings)}
     check_token_shapes(tokens, source)
-    layers = collector.layers(allow_empty=True)
-    return ConceptDelta({name: LayerDelta(*pair) for name, pair in layers.items()}, tokens, **identity)
+    shapes = {name: (key.shape, value.shape) for name, (key, value) in collector.layers(allow_empty=True).items()}
+    reader = _LayerReader(path, locations, file_identity(path))
+    return ConceptDelta(LazyLayers(shapes, reader), tokens, **identity)
+
+
+class _LayerReader:
+    """Reads one layer's differences back from a validated native file, if it is unchanged."""
+
+    def __init__(self, path: str | os.PathLike[str], locations: dict[tuple[str, str], tuple[str, ...]],
+                 identity: tuple[int, int, int]) -> None:
+        self.path, self.locations, self.identity = path, locations, identity
+
+    def __call__(self, layer: str) -> LayerDelta:
+        try:
+            unchanged = file_identity(self.path) == self.identity
+        except OSError:
+            unchanged = False
+        if not unchanged:
+            raise MergeError(f"{self.path} was moved, replaced or changed after it was read; load it again.")
+        parts: list[Difference] = []
+        with open_safetensors(self.path) as handle:
+            for projection in ("to_k", "to_v"):
+                tensors = [handle.get_tensor(key) for key in self.locations[(layer, projection)]]
+                parts.append(tensors[0] if len(tensors) == 1 else LowRank(*tensors))
+        return LayerDelta(*parts)
 
 
 def _split_token_key(key: str, source: str) -> tuple[str, int]:
