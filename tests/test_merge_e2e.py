@@ -236,6 +236,17 @@ def test_dry_run_prints_the_plan_and_writes_nothing(bases, concept_deltas, tmp_p
     assert "native" in out  # the format each input was read in
 
 
+def test_dry_run_shows_style_and_object_templates_together(bases, concept_deltas, tmp_path, capsys):
+    base, deltas = bases["sd1"], concept_deltas["sd1"]
+    inputs = write_inputs(tmp_path, "native", deltas, base)
+    assert cd_merge([*inputs, "-o", str(tmp_path / "m.safetensors"), "--base", str(base.path), "--dry-run",
+                     "--style", "2", "--target-template", "a {token} {class_word} toy",
+                     "--style-template", "{token} art of {class_word}"]) == 0
+    out = capsys.readouterr().out
+    assert "a <new1> cat toy" in out and "<new2> art of pot" in out and "a <new3> dog toy" in out
+    assert "photo of a" not in out
+
+
 def test_base_and_deltas_as_hub_repo_ids_offline(bases, concept_deltas, tmp_path, monkeypatch, capsys):
     base, deltas = bases["sd1"], concept_deltas["sd1"]
     cache = tmp_path / "hf-cache"

@@ -48,8 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="treat this input (its position, 1-based, or its name as given) as a style "
                              "concept: style target prompts instead of object prompts")
     parser.add_argument("--target-template", action="append", metavar="TEMPLATE",
-                        help="target prompt template with {token} and {class_word}; repeatable. Default: "
+                        help="target prompt template of object concepts, with {token} and {class_word}; "
+                             "repeatable. Default: the prompts an input's file records, else "
                              "'{token} {class_word}' and 'photo of a {token} {class_word}'")
+    parser.add_argument("--style-template", action="append", metavar="TEMPLATE",
+                        help="the same for --style concepts. Default: '{token} {class_word}' and "
+                             "'painting in the style of {token} {class_word}'")
     parser.add_argument("--method", choices=METHODS, default="constrained",
                         help="constrained (default, the paper's), soft (weighted), or the naive sum / average")
     parser.add_argument("--weights", type=float, nargs="+",
@@ -142,6 +146,7 @@ def main_with_args(args: argparse.Namespace) -> int:
         formats.check_output(output, output_format, architecture=base.architecture.name, force=args.force)
     plan = plan_merge(args.inputs, captions, base=base, class_words=args.class_words,
                       styles=_style_flags(args.inputs, args.style), target_templates=args.target_template,
+                      style_templates=args.style_template,
                       check_base=not args.no_base_check)
     _check_weight_count(args.weights, plan)
     for rename in plan.token_renames:
