@@ -7,7 +7,7 @@ The document (format version 1)::
     {
       "format_version": "1",
       "tool": {"name": "mergekit-cd", "version": "0.1.0"},   # the program that wrote the file
-      "base": "runwayml/stable-diffusion-v1-5" | null,      # name, path or repo id
+      "base": "stable-diffusion-v1-5/stable-diffusion-v1-5" | null,      # name, path or repo id
       "base_fingerprint": "<hex>" | null,                   # hash of the base's K/V weights
       "architecture": "sd1" | "sd2" | "sdxl" | null,
       "concepts": [{"token": "<new1>", "class_word": "cat" | null,
