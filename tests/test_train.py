@@ -109,14 +109,23 @@ def trained(tiny_pipeline_path, images, fast, tmp_path_factory):
             return sum(float(session.loss_terms(step)[0]) for step in range(1000, 1016)) / 16
 
     before = evaluation_loss()
+    processors = {name: type(p).__name__ for name, p in session.pipe.unet.attn_processors.items()}
     result = session.train(return_pipeline=True)
-    return {"base": base, "output": output, "result": result, "session": session,
+    return {"base": base, "output": output, "result": result, "session": session, "processors": processors,
             "before": before, "after": evaluation_loss()}
 
 
 def test_training_lowers_the_loss_on_the_instance_images(trained):
     assert trained["after"] < 0.99 * trained["before"], (trained["before"], trained["after"])
     assert len(trained["result"].losses) == 16 and all(np.isfinite(trained["result"].losses))
+
+
+def test_cross_attention_detaches_the_start_token_while_training_only(trained):
+    during = trained["processors"]
+    assert {during[n] for n in during if ".attn2." in n} == {"DetachStartTokenAttnProcessor"}
+    assert "DetachStartTokenAttnProcessor" not in {during[n] for n in during if ".attn1." in n}
+    after = {type(p).__name__ for p in trained["result"].pipeline.unet.attn_processors.values()}
+    assert "DetachStartTokenAttnProcessor" not in after
 
 
 def test_frozen_weights_and_old_embedding_rows_stay_bit_identical(trained):

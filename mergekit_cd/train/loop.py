@@ -174,6 +174,8 @@ class Session:
         from ..sampling import load_pipeline
 
         pipe = load_pipeline(config.base, device="cpu")
+        if getattr(pipe, "safety_checker", None) is not None:
+            pipe.safety_checker = None  # not needed for training; it would blank some class images
         self.pipe = pipe
         self.resolution = self._resolution()
         self.factor = pipe.vae_scale_factor

@@ -105,7 +105,7 @@ def generate_class_images(pipe, prompt: str, count: int, folder: Path, *, resolu
     (folder / "prompt.txt").write_text(prompt + "\n", encoding="utf-8")
     paths = [folder / f"{index:05d}.png" for index in range(count)]
     missing = [index for index, path in enumerate(paths) if not path.is_file()]
-    for index in tqdm(missing, desc=f"class images ({prompt})", unit="image", disable=not progress):
+    for index in tqdm(missing, desc=f"class images ({prompt})", unit="image", disable=not (progress and missing)):
         generator = torch.Generator(device="cpu").manual_seed(index)
         with torch.no_grad(), autocast():
             image = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance_scale, height=resolution,
