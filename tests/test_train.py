@@ -197,8 +197,12 @@ def test_output_folder_holds_native_and_diffusers_files_with_metadata(trained):
 
 
 def test_the_run_refuses_to_reuse_its_output_folder_without_force_or_resume(trained, images, fast):
-    with pytest.raises(MergeError, match=r"exists and is not empty .* --resume .* or --force"):
+    with pytest.raises(MergeError, match=r"holds a finished run \(delta.safetensors\); .* --force"):
         train(trained["base"], images["cat"], "cat", trained["output"], **fast)
+    interrupted = trained["output"].parent / "interrupted"
+    (interrupted / "checkpoints").mkdir(parents=True)
+    with pytest.raises(MergeError, match=r"not empty \(an interrupted run\?\); pass --resume .* or --force"):
+        train(trained["base"], images["cat"], "cat", interrupted, **fast)
 
 
 # ----------------------------------------------------------------------------- merging what was trained
@@ -282,7 +286,8 @@ def test_joint_training_from_a_concepts_file_trains_every_token(tiny_pipeline_pa
     out = tmp_path / "joint"
     assert cd_train.main(["--base", str(base), "--concepts", str(concepts), "-o", str(out), "--steps", "3",
                           "--batch-size", "2", "--num-class-images", "2", "--class-sampling-steps", "1",
-                          "--class-cache-dir", str(fast["class_cache_dir"]), "--device", "cpu", "-q"]) == 0
+                          "--class-cache-dir", str(fast["class_cache_dir"]), "--device", "cpu", "--hflip",
+                          "--no-aug", "-q"]) == 0
     delta = load(out)
     assert list(delta.tokens) == ["<new1>", "<new2>"]
     pipe = load_pipeline(base)
@@ -290,11 +295,12 @@ def test_joint_training_from_a_concepts_file_trains_every_token(tiny_pipeline_pa
         assert not torch.equal(delta.tokens[token][0], embedding_row(pipe, init))
     recipe = delta.metadata["recipe"]
     assert recipe["concepts"][1]["class_images"] == str(reg) and recipe["num_class_images"] == [2, 2]
+    assert recipe["hflip"] is True and recipe["augment"] is False and recipe["steps"] == 3
 
 
 def test_bf16_mixed_precision_keeps_trainable_weights_in_float32(tiny_pipeline_path, images, fast, tmp_path):
     result = train(tiny_pipeline_path("sd1"), images["cat"], "cat", tmp_path / "bf16", mixed_precision="bf16",
-                   return_pipeline=True, **{**fast, "steps": 2})
+                   gradient_checkpointing=True, return_pipeline=True, **{**fast, "steps": 2})
     assert all(np.isfinite(result.losses)) and result.delta.metadata["recipe"]["mixed_precision"] == "bf16"
     unet = result.pipeline.unet
     assert unet.get_submodule("mid_block.attentions.0.transformer_blocks.0.attn2.to_k").weight.dtype == torch.float32

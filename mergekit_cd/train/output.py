@@ -47,8 +47,11 @@ def check(config: TrainingConfig) -> None:
     if not out.parent.is_dir():
         raise MergeError(f"Cannot write {out}: folder {out.parent} does not exist.")
     if out.is_dir() and any(out.iterdir()) and config.resume is None and not config.force:
-        raise MergeError(f"{out} exists and is not empty (an earlier run?); pass --resume {out} to continue "
-                         f"from its latest checkpoint, or --force to start over.")
+        if (out / NATIVE_NAME).exists():
+            raise MergeError(f"{out} holds a finished run ({NATIVE_NAME}); choose another folder, or pass "
+                             f"--force to train again into it.")
+        raise MergeError(f"{out} exists and is not empty (an interrupted run?); pass --resume {out} to "
+                         f"continue from its latest checkpoint, or --force to start over.")
 
 
 def prepare(config: TrainingConfig) -> None:
