@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import json
+
 from mergekit_cd import demo
 
 
-def test_demo_merges_the_built_in_example_and_reports(tmp_path, monkeypatch, capsys):
+def test_demo_trains_merges_samples_and_evaluates(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MERGEKIT_CD_CACHE", str(tmp_path / "cache"))
     demo.main()
     out = capsys.readouterr().out
-    assert "$ cd-merge" in out and "renamed to <new2>" in out and "held-out drift" in out
-    assert "--relative-ridge 1e-3" in out and "$ cd-inspect" in out
-    assert "constrained (solve_hard)" in out
-    assert (tmp_path / "demo-output" / "merged.safetensors").is_file()
-    assert (tmp_path / "demo-output" / "merged-ridge" / "pytorch_custom_diffusion_weights.safetensors").is_file()
+    for command in ("$ cd-train", "$ cd-merge", "$ cd-sample", "$ cd-eval"):
+        assert command in out
+    assert "held-out drift" in out and "naive sum" in out
+    output = tmp_path / "demo-output"
+    for name in ("toy/delta.safetensors", "pot/diffusers", "merged.safetensors", "naive-sum.safetensors",
+                 "grid.png", "eval.json", "eval.png"):
+        assert (output / name).exists(), name
+    rows = {row["label"]: row for row in json.loads((output / "eval.json").read_text())["rows"]}
+    # the constrained merge keeps both concepts and changes the base less than the naive sum
+    assert rows["constrained"]["mean_fidelity"] > rows["sum"]["mean_fidelity"]
+    assert rows["constrained"]["preservation"] < rows["sum"]["preservation"]
