@@ -202,3 +202,10 @@ def test_peak_memory_stays_near_the_inputs(tiny_pipeline_path, tmp_path):
     # (rows x held-out rows) matrices, > 1 GB here, and the inputs took 3 x K/V
     assert growth < 2.5 * kv_bytes + 32 * 2**20, (growth, kv_bytes)
     assert kv_bytes <= estimate < 2.5 * kv_bytes + 32 * 2**20
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_merge_on_cuda_matches_the_cpu(base, two):
+    on_cpu = merge(two, captions(), base=base)
+    on_gpu = merge(two, captions(), base=base, device="cuda")
+    assert on_gpu.allclose(on_cpu, rtol=1e-4, atol=1e-6)

@@ -9,6 +9,7 @@ tiny models' many small kernels are several times faster that way.
 from __future__ import annotations
 
 import json
+import math
 import re
 import runpy
 import shutil
@@ -464,3 +465,11 @@ def test_config_defaults_are_the_papers():
         (1e-2, 1.0, 200, ("k", "v"))
     joint = replace(config, concepts=(ConceptSpec(Path("x"), "cat"), ConceptSpec(Path("y"), "pot", "<new2>")))
     assert joint.total_steps == 500 and joint.init_token(1) == "pll"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_training_runs_on_cuda(tiny_pipeline_path, images, fast, tmp_path):
+    result = train(tiny_pipeline_path("sd1"), images["cat"], "cat", tmp_path / "cuda",
+                   **{**fast, "device": "cuda", "steps": 3})
+    assert (tmp_path / "cuda" / "delta.safetensors").is_file()
+    assert all(math.isfinite(loss) for loss in result.losses)
