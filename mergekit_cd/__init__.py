@@ -47,5 +47,6 @@ __all__ = [
     "solve_hard",
     "solve_soft",
     "sum_deltas",
+    "__version__",
     "train",
 ]

@@ -7,7 +7,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import warnings
 
 import pytest
 import torch
