@@ -349,3 +349,13 @@ def test_a_missing_local_path_is_file_not_found_not_a_repo_id(reference, capsys,
     monkeypatch.setattr(hub, "snapshot_download", no_hub)
     assert cd_inspect.main([reference]) == 1
     assert one_error_line(capsys, "cd-inspect") == f"{reference}: no such file or folder."
+
+
+def test_style_flags_name_inputs_by_position_or_name():
+    from mergekit_cd.cli._common import style_flags
+
+    assert style_flags(["a.safetensors", "b/"], ["2"]) == [False, True]
+    assert style_flags(["a.safetensors", "b/"], ["a.safetensors"]) == [True, False]
+    assert style_flags(["a"], []) is None
+    with pytest.raises(MergeError, match=r"--style 3: not an input position \(1-1\) or an input name"):
+        style_flags(["a"], ["3"], what="an input")

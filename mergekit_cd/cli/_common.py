@@ -149,3 +149,18 @@ def table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def style_flags(inputs: list[str], styles: list[str], *, what: str = "input") -> list[bool] | None:
+    """Per input, whether ``--style`` named it (by 1-based position or by its name as given)."""
+    if not styles:
+        return None
+    flags = [False] * len(inputs)
+    for style in styles:
+        if style.isdigit() and 1 <= int(style) <= len(inputs):
+            flags[int(style) - 1] = True
+        elif style in inputs:
+            flags[inputs.index(style)] = True
+        else:
+            raise MergeError(f"--style {style}: not {what} position (1-{len(inputs)}) or {what} name.")
+    return flags

@@ -12,7 +12,7 @@ from ..evaluation.methods import COMPARE_FORMS
 from ..evaluation.report import check_plot_path
 from ..features import default_reg_captions, read_captions
 from ..fileio import check_destination
-from ._common import DTYPES, add_device_argument, device, run, table
+from ._common import DTYPES, add_device_argument, device, run, style_flags, table
 
 #: The UNet runs anywhere diffusers does; merges on mps solve on the CPU.
 DEVICE_TYPES = ("cpu", "cuda", "mps")
@@ -98,20 +98,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _style_flags(inputs: list[str], styles: list[str]) -> list[bool] | None:
-    if not styles:
-        return None
-    flags = [False] * len(inputs)
-    for style in styles:
-        if style.isdigit() and 1 <= int(style) <= len(inputs):
-            flags[int(style) - 1] = True
-        elif style in inputs:
-            flags[inputs.index(style)] = True
-        else:
-            raise MergeError(f"--style {style}: not a concept position (1-{len(inputs)}) or a --concepts name.")
-    return flags
-
-
 def main_with_args(args: argparse.Namespace) -> int:
     chosen = device(args.device, types=DEVICE_TYPES)
     if args.num_reg_captions is not None and args.num_reg_captions < 1:
@@ -124,7 +110,7 @@ def main_with_args(args: argparse.Namespace) -> int:
     if args.num_reg_captions is not None:
         captions = (captions or default_reg_captions())[: args.num_reg_captions]
     report = evaluate(args.concepts, base=args.base, merged=args.merged, compare=args.compare,
-                      class_words=args.class_words, styles=_style_flags(args.concepts, args.style),
+                      class_words=args.class_words, styles=style_flags(args.concepts, args.style, what="a concept"),
                       instance_dirs=args.instance_dirs,
                       held_out=read_captions(args.held_out) if args.held_out else None, reg_captions=captions,
                       samples=args.samples, held_out_samples=args.held_out_samples, batch_size=args.batch_size,

@@ -13,7 +13,7 @@ from ..errors import MergeError
 from ..features import default_reg_captions, read_captions
 from ..loading import save
 from ..merge import METHODS, execute, plan_merge, summarize_plan
-from ._common import DTYPES, add_device_arguments, device, run, table
+from ._common import DTYPES, add_device_arguments, device, run, style_flags, table
 
 EXAMPLES = """\
 examples:
@@ -83,20 +83,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _style_flags(inputs: list[str], styles: list[str]) -> list[bool] | None:
-    if not styles:
-        return None
-    flags = [False] * len(inputs)
-    for style in styles:
-        if style.isdigit() and 1 <= int(style) <= len(inputs):
-            flags[int(style) - 1] = True
-        elif style in inputs:
-            flags[inputs.index(style)] = True
-        else:
-            raise MergeError(f"--style {style}: not an input position (1-{len(inputs)}) or an input name.")
-    return flags
-
-
 def _check_arguments(args: argparse.Namespace) -> None:
     """Every option that is wrong on its own, before any file is read or text encoded."""
     soft_only = [option for option, value in (("--weights", args.weights), ("--mu", args.mu)) if value is not None]
@@ -145,8 +131,8 @@ def main_with_args(args: argparse.Namespace) -> int:
     else:  # before minutes of work, not after
         formats.check_output(output, output_format, architecture=base.architecture.name, force=args.force)
     plan = plan_merge(args.inputs, captions, base=base, class_words=args.class_words,
-                      styles=_style_flags(args.inputs, args.style), target_templates=args.target_template,
-                      style_templates=args.style_template,
+                      styles=style_flags(args.inputs, args.style, what="an input"),
+                      target_templates=args.target_template, style_templates=args.style_template,
                       check_base=not args.no_base_check)
     _check_weight_count(args.weights, plan)
     for rename in plan.token_renames:
