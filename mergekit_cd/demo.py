@@ -97,7 +97,7 @@ def main() -> None:
                             "photo of a <new2> pot", "-n", "3", "--steps", "10", "-o", grid, "--force", "-q"])
 
     run_command(cd_eval, ["cd-eval", "--base", str(base), "--concepts", *deltas, "--merged", merged,
-                          "--instance-dirs", *image_dirs, "--compare", "sum,constrained,relative-ridge=1e-3,soft", "--json",
+                          "--instance-dirs", *image_dirs, "--compare", "sum,average,relative-ridge=1e-3,soft", "--json",
                           str(OUTPUT / "eval.json"), "--plot", str(OUTPUT / "eval.png"), "--force", "-q"])
 
     print(f"\nDone in {time.perf_counter() - start:.0f} s. In {OUTPUT}/:\n"
