@@ -57,8 +57,9 @@ def build(work: Path, scenario: str) -> tuple[Path, list[Path]]:
     if missing:
         print(f"making {len(missing)} {kind} concepts ...", flush=True)
         base = open_base(base_dir)
-        for start in range(0, len(missing), 10):
-            chunk = missing[start:start + 10]
+        per_batch = 2 if kind == "sdxl" else 10  # an SDXL concept is 1.36 GB in memory
+        for start in range(0, len(missing), per_batch):
+            chunk = missing[start:start + per_batch]
             specs = [(f"<new{i + 1}>", CLASS_WORDS[i % len(CLASS_WORDS)]) for i in chunk]
             for i, delta in zip(chunk, random_concept_deltas(base, specs, seed=1000 + chunk[0])):
                 files[i].parent.mkdir(parents=True, exist_ok=True)
