@@ -4,14 +4,19 @@ ViT models, the table, JSON and plot, and the command's one-line errors."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import shutil
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import CLIPImageProcessor
 
 from mergekit_cd import MergeError, evaluate, merge
 from mergekit_cd.base import open_base
@@ -19,7 +24,9 @@ from mergekit_cd.cli import eval as cd_eval
 from mergekit_cd.evaluation import clip_score, mean_pairwise_cosine, parse_compare, strip_tokens, summary_table
 from mergekit_cd.evaluation.fidelity import draw_probes
 from mergekit_cd.evaluation.methods import SOFT_SWEEP
+from mergekit_cd.evaluation.report import write_outputs
 from mergekit_cd.features import default_reg_captions
+from mergekit_cd.loading import save
 from mergekit_cd.testing import random_concept_delta, tiny_tokenizer
 
 #: Few probes, one tiny sampled image per prompt, two denoising steps: seconds per evaluation.
@@ -51,9 +58,10 @@ def sd1(tiny_pipeline_path, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def two_concepts(sd1):
-    """Both concepts, the first one's own delta as the "merged" row, the sum, the paper's merge, the base."""
-    return evaluate([sd1.cat, sd1.other_cat], base=sd1.path, merged=[sd1.cat], compare="sum,constrained,base",
-                    reg_captions=CAPTIONS, cache_dir=sd1.cache, **FAST)
+    """Both concepts, the first one's own delta as the "merged" row, the sum, the paper's merge, the
+    base with the concepts' tokens and the plain base."""
+    return evaluate([sd1.cat, sd1.other_cat], base=sd1.path, merged=[sd1.cat],
+                    compare="sum,constrained,base,plain-base", reg_captions=CAPTIONS, cache_dir=sd1.cache, **FAST)
 
 
 @pytest.fixture(scope="module")
@@ -66,20 +74,31 @@ def one_concept(sd1):
 
 # ---------------------------------------------------------------- function-level fidelity
 def test_a_delta_against_itself_has_fidelity_one_and_the_base_zero(two_concepts):
-    """eps_M = eps_i gives 1 exactly; the base (the concepts' tokens, no K/V change) gives 0 and
-    changes nothing on held-out captions."""
+    """eps_M = eps_i gives 1 exactly under both references; the base with the concepts' tokens (no
+    K/V change) gives fidelity 0, the plain base (the issue's B) gives fidelity_plain_base 0, and
+    neither changes anything on held-out captions. The two references differ: the token alone
+    already moves the plain base's predictions toward the concept."""
     itself = two_concepts.row("merged")
     assert itself.concepts[0].fidelity == pytest.approx(1.0, abs=1e-12)
+    assert itself.concepts[0].fidelity_plain_base == pytest.approx(1.0, abs=1e-12)
     assert itself.concepts[0].residual == pytest.approx(0.0, abs=1e-6)
-    base = two_concepts.row("base")
+    base, plain = two_concepts.row("base"), two_concepts.row("plain base")
     assert [c.fidelity for c in base.concepts] == [0.0, 0.0]
-    assert base.preservation == 0.0
+    assert [c.fidelity_plain_base for c in plain.concepts] == [0.0, 0.0]
+    assert base.preservation == plain.preservation == 0.0
+    assert all(c.fidelity_plain_base > 0.05 for c in base.concepts)
+    assert all(c.fidelity < -0.05 for c in plain.concepts)
+    assert [c.residual for c in base.concepts] == [c.residual for c in plain.concepts]
     assert all(c.residual > 0.01 for c in base.concepts)
     header, rows = summary_table(two_concepts)
     assert header == ["method", "fidelity 1 (<new1> cat)", "fidelity 2 (<new1> cat)", "mean fidelity",
-                      "preservation", "max residual"]
-    assert [row[0] for row in rows] == ["merged", "sum", "constrained", "base"]
-    assert rows[-1][1:] == ["0.000", "0.000", "0.000", "0.000", rows[-1][-1]]
+                      "mean fidelity (plain base)", "preservation", "max residual"]
+    assert [row[0] for row in rows] == ["merged", "sum", "constrained", "base", "plain base"]
+    assert rows[-2][1:] == ["0.000", "0.000", "0.000", rows[-2][4], "0.000", rows[-2][-1]]
+    assert rows[-1][4:6] == ["0.000", "0.000"]
+    content = two_concepts.to_dict()["rows"][0]
+    assert content["concepts"][0]["fidelity_plain_base"] == pytest.approx(1.0, abs=1e-12)
+    assert content["mean_fidelity_plain_base"] == itself.mean_fidelity_plain_base
 
 
 def test_constrained_merge_beats_the_sum_when_concepts_interfere(two_concepts, sd1):
@@ -109,7 +128,9 @@ def test_the_sum_of_a_single_delta_is_that_delta(one_concept):
     assert other.fidelity < 0.5 and other.residual > 0.01
     assert "merged 2: no token has <new1>'s embeddings; the cat concept's token <new1> stands for it." \
         in one_concept.notes
-    assert any("sampled from its own delta" in note for note in one_concept.notes)
+    assert "<new1> cat: no instance images; its probes use latents of 2 images sampled from its own delta " \
+        "(1 step)." in one_concept.notes
+    assert one_concept.concepts[0].latents == "sampled: 2 images from its own delta (1 step)"
     assert "2 of the 4 held-out captions are regularisation captions too, which the merges were fitted to keep: " \
         "preservation looks better than it is." in one_concept.notes
 
@@ -184,14 +205,30 @@ def instance_folder(folder, count=2, seed=0):
     return folder
 
 
-def test_sdxl_with_instance_images_and_clip_and_dino(tiny_pipeline_path, tmp_path):
+def tiny_text_model(folder):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    CLIPTextModel(CLIPTextConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, bos_token_id=0, eos_token_id=1)).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def vision(tmp_path_factory):
+    """Tiny random CLIP and ViT (DINO) folders, and a text model that is neither."""
+    folder = tmp_path_factory.mktemp("vision")
+    return SimpleNamespace(clip=tiny_clip(folder / "clip"), dino=tiny_dino(folder / "dino"),
+                           text=tiny_text_model(folder / "text"))
+
+
+def test_sdxl_with_instance_images_and_clip_and_dino(tiny_pipeline_path, vision, tmp_path):
     """SDXL (pooled text embedding and size conditioning), probes on VAE latents of instance
     images, and the paper's three alignments from tiny random CLIP / ViT folders."""
     path = tiny_pipeline_path("sdxl")
     concept = random_concept_delta(open_base(path), "<new1>", "cat", seed=1)
     images = instance_folder(tmp_path / "cat")
     report = evaluate([concept], base=path, merged=[concept], compare="sum", instance_dirs=[images],
-                      clip=tiny_clip(tmp_path / "clip"), dino=tiny_dino(tmp_path / "dino"), num_images=1, steps=2,
+                      clip=vision.clip, dino=vision.dino, num_images=1, steps=2,
                       reg_captions=CAPTIONS, cache_dir=tmp_path / "cache", **FAST)
     assert report.concepts[0].latents == str(images)
     assert not any("sampled" in note for note in report.notes)
@@ -215,6 +252,15 @@ def test_compare_lists_name_merges_and_sweeps():
         parse_compare("sum,lora")
     with pytest.raises(MergeError, match="soft=0: the value must be a finite number > 0"):
         parse_compare("soft=0")
+    assert [m.kind for m in parse_compare(["base", "plain-base"])] == ["base", "plain-base"]
+
+
+@pytest.mark.parametrize("spec", ["", " , ", []])
+def test_an_empty_compare_list_is_an_error_not_just_the_sum(spec):
+    """An empty list would evaluate only the sum row that is always shown; None is the default."""
+    with pytest.raises(MergeError, match="names no method; give a comma-separated list of sum, "):
+        parse_compare(spec)
+    assert parse_compare(None) == []
 
 
 # ---------------------------------------------------------------- the command
@@ -228,13 +274,15 @@ def test_cd_eval_prints_the_table_and_writes_json_and_plot(sd1, tiny_delta_files
                  "--plot", str(tmp_path / "eval.png"), "-q"]
     assert cd_eval.main(arguments) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split() == ["method", "fidelity", "<new1>", "preservation", "max", "residual"]
+    assert out[0].split() == ["method", "fidelity", "<new1>", "fidelity", "(plain", "base)", "preservation", "max",
+                              "residual"]
     assert [line.split()[0] for line in out[2:6]] == ["delta", "sum", "soft", "soft"]
     assert out[-2:] == [f"wrote {tmp_path / 'eval.json'}", f"wrote {tmp_path / 'eval.png'}"]
     content = json.loads((tmp_path / "eval.json").read_text())
     assert content["format_version"] == 1 and content["settings"]["seed"] == 0
     assert [row["label"] for row in content["rows"]] == ["delta", "sum", "soft w=10", "soft w=1000"]
     assert content["rows"][0]["concepts"][0]["fidelity"] == pytest.approx(1.0, abs=1e-6)
+    assert content["rows"][0]["concepts"][0]["fidelity_plain_base"] == pytest.approx(1.0, abs=1e-6)
     with Image.open(tmp_path / "eval.png") as plot:
         assert plot.format == "PNG" and plot.size == (720, 480)
         assert len(plot.getcolors(10_000)) > 2
@@ -253,6 +301,7 @@ def error_of(capsys, arguments) -> str:
 
 def test_cd_eval_user_errors_are_one_line(sd1, tiny_delta_files, tmp_path, capsys):
     common = ["--base", str(sd1.path), "--concepts", str(tiny_delta_files("sd1")["native"]), "-q"]
+    capsys.readouterr()  # what making the fixtures printed
     assert "unknown method 'lora'" in error_of(capsys, [*common, "--compare", "sum,lora"])
     assert error_of(capsys, [*common, "--instance-dirs", str(tmp_path / "missing")]) == \
         f"Instance image folder {tmp_path / 'missing'} does not exist."
@@ -268,3 +317,137 @@ def test_cd_eval_user_errors_are_one_line(sd1, tiny_delta_files, tmp_path, capsy
     assert "no such folder" in error_of(capsys, [*common, "--dino", str(tmp_path / "nowhere")])
     assert ".txt is not an image format" in error_of(capsys, [*common, "--plot", str(tmp_path / "plot.txt")])
     assert "samples must be a whole number >= 1, got 0" in error_of(capsys, [*common, "--samples", "0"])
+    assert error_of(capsys, [*common, "--compare", ""]) == (
+        "--compare '': names no method; give a comma-separated list of sum, average, constrained, ridge=X, "
+        "relative-ridge=X, soft, soft=W, base, plain-base, or leave --compare out for the default.")
+
+
+def test_cd_eval_refuses_wrong_or_corrupt_clip_and_dino_folders_before_the_unet_work(
+        sd1, tiny_delta_files, vision, tmp_path, capsys, monkeypatch):
+    """A CLIP folder given to --dino (and the reverse), a text model, corrupt weights, weights of
+    another model, a processor that does not fit the model: one line each, found when the models
+    load, before the pipeline is even loaded."""
+    from mergekit_cd.evaluation import runner
+
+    def no_unet_work(*args, **kwargs):
+        raise AssertionError("the pipeline was loaded before the CLIP / DINO folders were checked")
+
+    monkeypatch.setattr(runner, "load_pipeline", no_unet_work)
+    common = ["--base", str(sd1.path), "--concepts", str(tiny_delta_files("sd1")["native"]), "-q"]
+    capsys.readouterr()  # what making the fixtures printed
+    assert error_of(capsys, [*common, "--dino", str(vision.clip)]) == (
+        f"--dino {vision.clip}: holds a CLIP model (text and image towers); give it to --clip. "
+        f"--dino needs a vision model such as facebook/dino-vits16.")
+    assert error_of(capsys, [*common, "--clip", str(vision.dino)]) == (
+        f"--clip {vision.dino}: holds a 'vit' model, not a CLIP model (transformers CLIPModel, e.g. "
+        f"openai/clip-vit-base-patch32). A vision model such as DINO goes to --dino.")
+    assert error_of(capsys, [*common, "--dino", str(vision.text)]) == (
+        f"--dino {vision.text}: holds a CLIPTextModel, whose input is input_ids, not images; --dino needs a vision "
+        f"model such as facebook/dino-vits16.")
+
+    corrupt = shutil.copytree(vision.clip, tmp_path / "corrupt")
+    (corrupt / "model.safetensors").write_bytes(b"garbage!")
+    message = error_of(capsys, [*common, "--clip", str(corrupt)])
+    assert message.startswith(f"--clip {corrupt}: cannot load the CLIP model (SafetensorError: ")
+    assert message.endswith("); are its weights complete and uncorrupted? Download them again.")
+    (corrupt / "model.safetensors").unlink()
+    (corrupt / "pytorch_model.bin").write_bytes(b"garbage!")
+    message = error_of(capsys, [*common, "--clip", str(corrupt)])
+    assert message.startswith(f"--clip {corrupt}: cannot load the CLIP model (")
+    assert message.endswith("); are its weights complete and uncorrupted? Download them again.")
+    (corrupt / "pytorch_model.bin").unlink()
+    shutil.copy(vision.dino / "model.safetensors", corrupt / "model.safetensors")  # ViT weights, CLIP config
+    message = error_of(capsys, [*common, "--clip", str(corrupt)])
+    assert message.startswith(f"--clip {corrupt}: its weights lack 78 of the CLIP model's parameters (e.g. ")
+    assert message.endswith("), which would be left random; are they this model's complete weights? "
+                            "Download them again.")
+
+    dino = shutil.copytree(vision.dino, tmp_path / "dino")
+    with safe_open(dino / "model.safetensors", "pt") as weights:  # a truncated download: one layer short
+        kept = {name: weights.get_tensor(name) for name in weights.keys() if ".layer.1." not in name}
+    save_file(kept, dino / "model.safetensors", metadata={"format": "pt"})
+    assert error_of(capsys, [*common, "--dino", str(dino)]).startswith(
+        f"--dino {dino}: its weights lack 16 of the DINO model's parameters (e.g. ")
+
+    mismatched = shutil.copytree(vision.clip, tmp_path / "mismatched")  # a processor for 64 px, a model for 32
+    CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}).save_pretrained(mismatched)
+    message = error_of(capsys, [*common, "--clip", str(mismatched)])
+    assert message.startswith(f"--clip {mismatched}: the CLIP model fails on a test input (")
+    assert message.endswith("); is it a complete CLIP model folder?")
+
+
+def test_the_dino_pooler_may_be_missing(vision, tmp_path):
+    """DINO checkpoints have no pooler, which the CLS embedding does not use: they load."""
+    from mergekit_cd.evaluation.clip_metrics import DinoEmbedder
+
+    dino = shutil.copytree(vision.dino, tmp_path / "dino")
+    with safe_open(dino / "model.safetensors", "pt") as weights:
+        names = list(weights.keys())
+        kept = {name: weights.get_tensor(name) for name in names if not name.startswith("pooler.")}
+    assert len(kept) == len(names) - 2  # pooler.dense weight and bias
+    save_file(kept, dino / "model.safetensors", metadata={"format": "pt"})
+    embedder = DinoEmbedder(dino)
+    assert embedder.embed_images([Image.new("RGB", (40, 30), (10, 200, 30))]).shape == (1, 32)
+
+
+def test_cd_eval_checks_its_outputs_before_the_work(sd1, tiny_delta_files, tmp_path, capsys, monkeypatch):
+    """One file for --json and --plot, a missing folder, an input as output (even with --force):
+    refused before the pipeline loads."""
+    from mergekit_cd.evaluation import runner
+
+    def no_unet_work(*args, **kwargs):
+        raise AssertionError("the pipeline was loaded before the outputs were checked")
+
+    monkeypatch.setattr(runner, "load_pipeline", no_unet_work)
+    concept = shutil.copy(tiny_delta_files("sd1")["native"], tmp_path / "cat.safetensors")
+    common = ["--base", str(sd1.path), "--concepts", str(concept), "-q"]
+    capsys.readouterr()  # what making the fixtures printed
+    assert error_of(capsys, [*common, "--json", str(tmp_path / "out.png"), "--plot",
+                             str(tmp_path / "sub" / ".." / "out.png")]) == (
+        f"The JSON and the plot would both be written to {tmp_path / 'sub' / '..' / 'out.png'}; give each its own "
+        f"file.")
+    assert error_of(capsys, [*common, "--json", str(tmp_path / "missing" / "eval.json")]) == (
+        f"Cannot write {tmp_path / 'missing' / 'eval.json'}: folder {tmp_path / 'missing'} does not exist.")
+    assert error_of(capsys, [*common, "--json", str(concept), "--force"]) == (
+        f"--json {concept} is the --concepts input {concept}; writing there would overwrite it. Choose another "
+        f"output name.")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["cat.safetensors"]
+
+
+def test_json_and_plot_are_written_all_or_nothing(one_concept, tmp_path, monkeypatch):
+    """A plot that fails half-way leaves neither it nor the JSON (nor a temporary file) behind."""
+    from mergekit_cd.evaluation import report as report_module
+
+    class FullDisk:
+        def save(self, path, format):
+            path.write_bytes(b"half a png")
+            raise OSError(28, "No space left on device")
+
+    outputs = dict(json_path=tmp_path / "eval.json", plot_path=tmp_path / "eval.png")
+    with monkeypatch.context() as patch:
+        patch.setattr(report_module, "_plot", lambda report: FullDisk())
+        with pytest.raises(MergeError, match="^Cannot write .*eval.png: No space left on device.$"):
+            write_outputs(one_concept, **outputs)
+    assert list(tmp_path.iterdir()) == []
+    assert write_outputs(one_concept, **outputs) == list(outputs.values())
+    assert json.loads(outputs["json_path"].read_text())["rows"][0]["label"] == "merged 1"
+
+
+def test_cd_eval_runs_a_bfloat16_pipeline(sd1, tiny_delta_files, capsys):
+    """The deltas are checked against the base in full precision as they load; installing them in a
+    bfloat16 pipeline (whose rounded weights have another fingerprint) does not check again."""
+    delta = str(tiny_delta_files("sd1")["native"])
+    arguments = ["--base", str(sd1.path), "--concepts", delta, "--merged", delta, "--compare", "sum",
+                 "--dtype", "bfloat16", "--samples", "2", "--held-out-samples", "2", "--sample-images", "1",
+                 "--sample-steps", "1", "--num-reg-captions", "200", "--cache-dir", str(sd1.cache), "-q"]
+    assert cd_eval.main(arguments) == 0, capsys.readouterr().err
+    rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()[2:4]}
+    assert rows["delta"][:2] == ["1.000", "1.000"] and rows["sum"][:2] == ["1.000", "1.000"]
+
+
+def test_cd_eval_names_its_flag_for_a_delta_of_another_base(sd1, tmp_path, capsys):
+    """The base check's advice is the command's flag, not the Python argument."""
+    other = save(dataclasses.replace(sd1.cat, base_fingerprint="0" * 64), tmp_path / "other.safetensors")
+    message = error_of(capsys, ["--base", str(sd1.path), "--concepts", str(other), "-q"])
+    assert message.startswith(f"{other} was made for another base model (") and "--no-base-check" in message
+    assert "check_base" not in message

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from ..errors import MergeError
-from ..evaluation import evaluate, save_plot, summary_table, write_json
+from ..evaluation import evaluate, summary_table
 from ..evaluation.methods import COMPARE_FORMS
-from ..evaluation.report import check_plot_path
+from ..evaluation.report import check_outputs, write_outputs
 from ..features import default_reg_captions, read_captions
-from ..fileio import check_destination
 from ._common import DTYPES, add_device_argument, device, run, style_flags, table
 
 #: The UNet runs anywhere diffusers does; merges on mps solve on the CPU.
@@ -25,8 +25,11 @@ examples:
   cd-eval --base ./sd15 --concepts cat.safetensors --merged merged.safetensors \\
       --clip ./clip-vit-base-patch32 --dino ./dino-vits16 --device cuda
 
-fidelity of a concept: 1 - ||eps_M - eps_i|| / ||eps_i - eps_B|| on its probes (1: the model predicts
-what the concept's own delta does; 0: what the base does with the concept's token; below 0: worse).
+fidelity of a concept: 1 - ||eps_M - eps_i|| / ||eps_i - eps_B|| on its probes, B the base with the
+concept's token (1: the model predicts what the concept's own delta does; 0: what the base does with
+the concept's token; below 0: worse). Every merge keeps the tokens, so this scores the K/V change.
+fidelity (plain base): the same with B the plain base, which reads the token as plain text (the
+token's own effect counts too); --compare plain-base adds that base as a row (0 there by definition).
 preservation: ||eps_M - eps_B|| / ||eps_B|| on held-out captions (0: the base exactly; lower is better).
 max residual: the worst concept's relative K/V error on its target-prompt features (the merge's constraint)."""
 
@@ -46,8 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="deltas to evaluate, one row each: a cd-merge output, a jointly trained delta, ...")
     parser.add_argument("--compare", metavar="LIST",
                         help=f"merges to run and evaluate too, comma-separated: {COMPARE_FORMS} (soft: a sweep "
-                             f"of concept weights). Default: sum with --merged, else sum,average,constrained; "
-                             f"a sum row is always shown")
+                             f"of concept weights; base: the base with the concepts' tokens; plain-base: the "
+                             f"base alone). Default: sum with --merged, else sum,average,constrained; a sum "
+                             f"row is always shown; an empty list is an error")
     parser.add_argument("--class", dest="class_words", action="append", metavar="WORD",
                         help="class word of each concept input, in order (repeat once per input); needed when "
                              "a file does not record it")
@@ -83,10 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=50, help="with --clip/--dino: denoising steps (default 50)")
     parser.add_argument("--guidance-scale", type=float, default=6.0,
                         help="classifier-free guidance of every sample (default 6, the paper's)")
-    parser.add_argument("--json", type=Path, metavar="FILE", help="also write every number as JSON")
+    parser.add_argument("--json", type=Path, metavar="FILE",
+                        help="also write every number as JSON (with --plot: another file; both are written, "
+                             "or neither)")
     parser.add_argument("--plot", type=Path, metavar="FILE.png",
                         help="draw mean fidelity against preservation, one point per row (soft merges as a curve)")
-    parser.add_argument("--force", action="store_true", help="overwrite existing --json / --plot files")
+    parser.add_argument("--force", action="store_true",
+                        help="overwrite existing --json / --plot files (never an input file)")
     parser.add_argument("--cache-dir", type=Path, help="where cached Gram matrices live "
                                                        "(default $MERGEKIT_CD_CACHE or ~/.cache/mergekit_cd)")
     parser.add_argument("--no-base-check", action="store_true",
@@ -94,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_device_argument(parser, what="the pipeline", types=DEVICE_TYPES)
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
-                        help="pipeline precision (default float32; float16 on a GPU)")
+                        help="precision of the pipeline's weights (default float32). float16 or bfloat16 halve "
+                             "memory and run faster on a GPU; the scores then carry their rounding")
     return parser
 
 
@@ -102,10 +110,8 @@ def main_with_args(args: argparse.Namespace) -> int:
     chosen = device(args.device, types=DEVICE_TYPES)
     if args.num_reg_captions is not None and args.num_reg_captions < 1:
         raise MergeError(f"--num-reg-captions {args.num_reg_captions}: must be at least 1.")
-    if args.json is not None:
-        check_destination(args.json, force=args.force)
-    if args.plot is not None:
-        check_plot_path(args.plot, force=args.force)
+    check_outputs(args.json, args.plot, force=args.force)
+    _check_not_an_input(args)
     captions = read_captions(args.reg_captions) if args.reg_captions else None
     if args.num_reg_captions is not None:
         captions = (captions or default_reg_captions())[: args.num_reg_captions]
@@ -122,11 +128,23 @@ def main_with_args(args: argparse.Namespace) -> int:
     print(table(rows, header))
     for note in report.notes:
         print(f"note: {note}")
-    if args.json is not None:
-        print(f"wrote {write_json(report, args.json, force=args.force)}")
-    if args.plot is not None:
-        print(f"wrote {save_plot(report, args.plot, force=args.force)}")
+    for path in write_outputs(report, json_path=args.json, plot_path=args.plot, force=args.force):
+        print(f"wrote {path}")
     return 0
+
+
+def _check_not_an_input(args: argparse.Namespace) -> None:
+    """Refuse a --json / --plot file that is one of the inputs: --force would overwrite it."""
+    inputs = [("--concepts", name) for name in args.concepts] + [("--merged", name) for name in args.merged]
+    inputs += [(option, value) for option, value in (("--held-out", args.held_out),
+                                                      ("--reg-captions", args.reg_captions)) if value is not None]
+    for output_option, output in (("--json", args.json), ("--plot", args.plot)):
+        if output is None or not output.is_file():
+            continue
+        for option, value in inputs:
+            if Path(value).is_file() and os.path.samefile(output, value):
+                raise MergeError(f"{output_option} {output} is the {option} input {value}; writing there would "
+                                 f"overwrite it. Choose another output name.")
 
 
 def main(argv: list[str] | None = None) -> int:

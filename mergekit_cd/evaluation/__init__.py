@@ -3,13 +3,14 @@
 - :func:`evaluate`: function-level fidelity and preservation from the UNet's noise predictions
   (any model, CPU fine), the constraint residuals, and the paper's CLIP / DINO metrics when
   local CLIP / DINO folders are given;
-- :class:`EvalReport`: the result; :func:`summary_table`, :func:`write_json` and
-  :func:`save_plot` present it.
+- :class:`EvalReport`: the result; :func:`summary_table`, :func:`write_json`,
+  :func:`save_plot` and :func:`write_outputs` (both files, all or nothing) present it.
 """
 
 from .clip_metrics import clip_score, mean_pairwise_cosine, strip_tokens
 from .methods import SOFT_SWEEP, Method, parse_compare
-from .report import ConceptInfo, ConceptScores, EvalReport, MethodResult, save_plot, summary_table, write_json
+from .report import (ConceptInfo, ConceptScores, EvalReport, MethodResult, save_plot, summary_table, write_json,
+                     write_outputs)
 from .runner import DEFAULT_COMPARE, evaluate
 
 __all__ = [
@@ -28,4 +29,5 @@ __all__ = [
     "strip_tokens",
     "summary_table",
     "write_json",
+    "write_outputs",
 ]

@@ -9,6 +9,9 @@ drawn once from a seeded generator. Only the prompts' token names change from mo
   negative: further away than the base). B is the base UNet with concept i's own token
   embedding installed: every merge keeps the tokens as they are, so this measures the part
   of the concept a merge decides about, its K/V change;
+- fidelity against the plain base (``fidelity_plain_base``): the same with B the plain base,
+  to which the token is plain text, as the issue defines it; the token's own effect counts
+  too, so a merge that keeps the token usually scores higher here;
 - preservation of M: ``||eps_M - eps_B|| / ||eps_B||`` on held-out captions (0: the base's
   predictions exactly; lower is better).
 
@@ -66,9 +69,10 @@ def training_scheduler(pipe):
 
 
 def rename_tokens(prompt: str, renames: Mapping[str, str]) -> str:
-    """``prompt`` with each whole-word token of ``renames`` replaced by its new name."""
+    """``prompt`` with each whole-word token of ``renames`` replaced by its new name (a token
+    inside a longer word, ``<new1>cat``, is left alone: it is not that token)."""
     for old, new in renames.items():
-        if old != new:
+        if old and old != new:
             prompt = re.sub(rf"(?<!\S){re.escape(old)}(?!\S)", lambda _: new, prompt)
     return prompt
 

@@ -8,7 +8,11 @@ A compare list is a comma-separated string (or a sequence of items) of:
 - ``soft``: the soft merge over a sweep of concept weights (:data:`SOFT_SWEEP`), drawn as a
   curve by the plot; ``soft=W``: one soft merge with weight ``W`` for every concept;
 - ``base``: the base UNet with the concepts' tokens (fidelity 0 and preservation 0 by
-  definition: the reference every fidelity is measured from).
+  definition: the reference ``fidelity`` is measured from);
+- ``plain-base``: the plain base, the concepts' tokens plain text to it (``fidelity_plain_base``
+  0 and preservation 0 by definition: the issue's reference B).
+
+An empty list is refused: leave ``compare`` out (None) for the default rows.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ from ..errors import MergeError
 #: Concept weights of the soft merge that ``soft`` sweeps (mu = 1): from loose to nearly exact.
 SOFT_SWEEP = (1.0, 10.0, 100.0, 1000.0)
 #: What ``--compare`` accepts, for messages.
-COMPARE_FORMS = "sum, average, constrained, ridge=X, relative-ridge=X, soft, soft=W, base"
+COMPARE_FORMS = "sum, average, constrained, ridge=X, relative-ridge=X, soft, soft=W, base, plain-base"
+#: Kinds of the rows that change no K/V weight: their constraint residual is the base's.
+BASE_KINDS = ("base", "plain-base")
 
 
 @dataclass(frozen=True)
@@ -31,7 +37,8 @@ class Method:
     """One row to compare.
 
     kind: ``constrained``, ``soft``, ``sum``, ``average`` (a merge run by :func:`mergekit_cd.merge`
-    with ``options``), ``base`` (no delta), or ``delta`` (a delta given by the user, ``source``).
+    with ``options``), ``base`` (the concepts' tokens only), ``plain-base`` (nothing installed), or
+    ``delta`` (a delta given by the user, ``source``).
     """
 
     label: str
@@ -39,20 +46,20 @@ class Method:
     options: dict[str, Any] = field(default_factory=dict)
     source: Any = None
 
-    @property
-    def is_merge(self) -> bool:
-        return self.kind in ("constrained", "soft", "sum", "average")
-
 
 def parse_compare(spec: str | Sequence[str] | None) -> list[Method]:
-    """The methods a compare list names, in order, without repeats (see the module docstring)."""
+    """The methods a compare list names, in order, without repeats (see the module docstring);
+    None names none, an empty list is a MergeError (it would silently leave only the sum row)."""
     if spec is None:
         return []
     items = spec.split(",") if isinstance(spec, str) else [part for item in spec for part in str(item).split(",")]
+    names = [item.strip() for item in items if item.strip()]
+    if not names:
+        raise MergeError(f"--compare {spec if isinstance(spec, str) else ','.join(map(str, spec))!r}: names no "
+                         f"method; give a comma-separated list of {COMPARE_FORMS}, or leave --compare out for "
+                         f"the default.")
     methods: list[Method] = []
-    for item in (item.strip() for item in items):
-        if not item:
-            continue
+    for item in names:
         for method in _parse_item(item):
             if all(method.label != known.label for known in methods):
                 methods.append(method)
@@ -64,6 +71,8 @@ def _parse_item(item: str) -> list[Method]:
     name = name.strip().lower()
     if name in ("sum", "average", "constrained", "base") and not value:
         return [Method(name, name)]
+    if name == "plain-base" and not value:
+        return [Method("plain base", name)]
     if name == "soft" and not value:
         return [soft_method(weight) for weight in SOFT_SWEEP]
     if name == "soft":

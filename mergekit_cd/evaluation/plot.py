@@ -10,7 +10,8 @@ WIDTH, HEIGHT = 720, 480
 LEFT, RIGHT, TOP, BOTTOM = 80, 40, 40, 60  # margins around the plotting area
 #: Colour of each kind of row.
 COLOURS = {"constrained": (31, 119, 180), "soft": (44, 160, 44), "sum": (214, 39, 40),
-           "average": (255, 127, 14), "base": (90, 90, 90), "delta": (148, 103, 189)}
+           "average": (255, 127, 14), "base": (90, 90, 90), "plain-base": (150, 150, 150),
+           "delta": (148, 103, 189)}
 
 
 def draw_scatter(points: Sequence[tuple[float, float, str, str]], curve: Sequence[tuple[float, float]], *,

@@ -6,6 +6,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,8 @@ class ConceptScores:
     """How one model does on one concept."""
 
     token: str
-    fidelity: float  # 1 - ||eps_M - eps_i|| / ||eps_i - eps_B|| on the concept's probes
+    fidelity: float  # 1 - ||eps_M - eps_i|| / ||eps_i - eps_B|| on the concept's probes, B with its token
+    fidelity_plain_base: float  # the same with B the plain base (the issue's definition; the token counts too)
     residual: float  # K/V outputs on its target-prompt features: ||(M - D_i) C^T|| / ||(W0 + D_i) C^T||
     text_alignment: float | None = None  # CLIPScore, tokens removed from the prompt
     image_alignment: float | None = None  # CLIP image-image cosine, generated vs reference
@@ -52,7 +54,13 @@ class MethodResult:
 
     @property
     def mean_fidelity(self) -> float:
+        """Mean fidelity over the concepts (the base with each concept's token as reference)."""
         return _mean([c.fidelity for c in self.concepts])
+
+    @property
+    def mean_fidelity_plain_base(self) -> float:
+        """Mean fidelity over the concepts with the plain base as reference."""
+        return _mean([c.fidelity_plain_base for c in self.concepts])
 
     @property
     def max_residual(self) -> float:
@@ -93,7 +101,8 @@ class EvalReport:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (NaN written as null)."""
-        rows = [{**asdict(row), "mean_fidelity": row.mean_fidelity, "max_residual": row.max_residual}
+        rows = [{**asdict(row), "mean_fidelity": row.mean_fidelity,
+                 "mean_fidelity_plain_base": row.mean_fidelity_plain_base, "max_residual": row.max_residual}
                 for row in self.rows]
         content = {"format_version": JSON_FORMAT_VERSION, "base": self.base, "architecture": self.architecture,
                    "concepts": [asdict(c) for c in self.concepts], "rows": rows,
@@ -102,8 +111,9 @@ class EvalReport:
 
 
 def summary_table(report: EvalReport) -> tuple[list[str], list[list[str]]]:
-    """(header, rows) of the summary: per concept its fidelity, then the means, preservation,
-    worst constraint residual, and the CLIP / DINO means when they were measured."""
+    """(header, rows) of the summary: per concept its fidelity, then their mean, the (mean)
+    fidelity against the plain base, preservation, worst constraint residual, and the CLIP /
+    DINO means when they were measured."""
     tokens = [concept.token for concept in report.concepts]
     if len(set(tokens)) < len(tokens):  # separately trained concepts often share a token name
         tokens = [f"{c.token} {c.class_word}".strip() for c in report.concepts]
@@ -112,7 +122,8 @@ def summary_table(report: EvalReport) -> tuple[list[str], list[list[str]]]:
     header = ["method", *(f"fidelity {t}" for t in tokens)]
     if len(tokens) > 1:
         header.append("mean fidelity")
-    header += ["preservation", "max residual"]
+    header += ["mean fidelity (plain base)" if len(tokens) > 1 else "fidelity (plain base)",
+               "preservation", "max residual"]
     metrics = []
     if report.has_clip:
         metrics += [("text_alignment", "text (CLIP)"), ("image_alignment", "image (CLIP)")]
@@ -124,18 +135,53 @@ def summary_table(report: EvalReport) -> tuple[list[str], list[list[str]]]:
         cells = [row.label, *(_number(c.fidelity, ".3f") for c in row.concepts)]
         if len(tokens) > 1:
             cells.append(_number(row.mean_fidelity, ".3f"))
-        cells += [_number(row.preservation, ".3f"), _number(row.max_residual, ".1e")]
+        cells += [_number(row.mean_fidelity_plain_base, ".3f"), _number(row.preservation, ".3f"),
+                  _number(row.max_residual, ".1e")]
         cells += [_number(row.mean(metric), ".3f") for metric, _ in metrics]
         rows.append(cells)
     return header, rows
 
 
+def check_outputs(json_path: str | os.PathLike[str] | None = None, plot_path: str | os.PathLike[str] | None = None,
+                  *, force: bool = False) -> None:
+    """Refuse, before any work, outputs that cannot or must not be written: one path for both,
+    a missing or read-only folder, an existing file without ``force``, a plot suffix PIL does
+    not write."""
+    if json_path is not None and plot_path is not None and _same_file(Path(json_path), Path(plot_path)):
+        raise MergeError(f"The JSON and the plot would both be written to {plot_path}; give each its own file.")
+    if json_path is not None:
+        check_destination(Path(json_path), force=force)
+    if plot_path is not None:
+        check_plot_path(plot_path, force=force)
+
+
+def write_outputs(report: EvalReport, *, json_path: str | os.PathLike[str] | None = None,
+                  plot_path: str | os.PathLike[str] | None = None, force: bool = False) -> list[Path]:
+    """Write the JSON and / or the plot, all or nothing: each goes to a temporary name first and
+    is renamed into place only when every one is written, so a failure leaves no partial output."""
+    check_outputs(json_path, plot_path, force=force)
+    written = []
+    with ExitStack() as stack:  # the temporary files are renamed (or removed) as the stack unwinds
+        if json_path is not None:
+            temporary = stack.enter_context(atomic_path(json_path, force=force))
+            temporary.write_text(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            written.append(Path(json_path))
+        if plot_path is not None:
+            image = _plot(report)
+            temporary = stack.enter_context(atomic_path(plot_path, force=force))
+            image.save(temporary, format=_image_format(Path(plot_path)))
+            written.append(Path(plot_path))
+    return written
+
+
 def write_json(report: EvalReport, path: str | os.PathLike[str], *, force: bool = False) -> Path:
     """Write :meth:`EvalReport.to_dict` as JSON, atomically."""
-    path = Path(path)
-    with atomic_path(path, force=force) as temporary:
-        temporary.write_text(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    return path
+    return write_outputs(report, json_path=path, force=force)[0]
+
+
+def save_plot(report: EvalReport, path: str | os.PathLike[str], *, force: bool = False) -> Path:
+    """Draw mean fidelity against preservation, one point per row (the soft merges as a curve), atomically."""
+    return write_outputs(report, plot_path=path, force=force)[0]
 
 
 def check_plot_path(path: str | os.PathLike[str], *, force: bool = False) -> Path:
@@ -151,23 +197,26 @@ def check_plot_path(path: str | os.PathLike[str], *, force: bool = False) -> Pat
     return path
 
 
-def save_plot(report: EvalReport, path: str | os.PathLike[str], *, force: bool = False) -> Path:
-    """Draw mean fidelity against preservation, one point per row; the soft merges as a curve."""
+def _plot(report: EvalReport) -> Any:
+    """The PIL image of mean fidelity against preservation, one point per row; soft merges as a curve."""
     from .plot import draw_scatter
 
-    path = check_plot_path(path, force=force)
     points = [(row.preservation, row.mean_fidelity, row.label, row.kind) for row in report.rows
               if math.isfinite(row.preservation) and math.isfinite(row.mean_fidelity)]
     soft = sorted((row.options.get("weight", 0.0), row.preservation, row.mean_fidelity)
                   for row in report.rows if row.kind == "soft")
     curve = [(x, y) for _, x, y in soft if math.isfinite(x) and math.isfinite(y)]
     concepts = ", ".join(f"{c.token} {c.class_word}".strip() for c in report.concepts)
-    image = draw_scatter(points, curve, title=f"{Path(report.base).name or report.base}: {concepts}",
-                         x_label="preservation: held-out change vs base (lower is better)",
-                         y_label="mean concept fidelity (higher is better)")
-    with atomic_path(path, force=force) as temporary:
-        image.save(temporary, format=_image_format(path))
-    return path
+    return draw_scatter(points, curve, title=f"{Path(report.base).name or report.base}: {concepts}",
+                        x_label="preservation: held-out change vs base (lower is better)",
+                        y_label="mean concept fidelity (higher is better)")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two output paths name one file (through ``..``, links, or an existing file)."""
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.expanduser().resolve() == b.expanduser().resolve()
 
 
 def _image_format(path: Path) -> str:

@@ -2,6 +2,9 @@
 
 The base pipeline is loaded once; each compared model is installed with :func:`apply` in turn
 and taken out again with :func:`remove`, so every model runs the same UNet on the same probes.
+Everything that can be refused is checked before the pipeline loads: the options, the deltas
+against the base, the instance images, and the CLIP / DINO folders (loaded and tried on a test
+image then, so a wrong or corrupt folder costs seconds, not the whole evaluation).
 """
 
 from __future__ import annotations
@@ -9,7 +12,8 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +32,7 @@ from ..sampling import load_pipeline, sample
 from .clip_metrics import ClipEmbedder, DinoEmbedder, clip_score, mean_pairwise_cosine, strip_tokens
 from .fidelity import NoisePredictor, Probes, draw_probes, fidelity, relative_change, rename_tokens, training_scheduler
 from .images import decode_latents, encode_images, read_images, sample_latents
-from .methods import Method, parse_compare
+from .methods import BASE_KINDS, Method, parse_compare
 from .report import ConceptInfo, ConceptScores, EvalReport, MethodResult
 
 #: Rows compared when the caller names none: the naive baselines and the paper's merge.
@@ -51,7 +55,8 @@ class _Concept:
     clean: Tensor  # clean latents the probes are drawn from
     references: list | None = None  # reference images for the CLIP / DINO image metrics
     probes: Probes | None = None
-    base_output: Tensor | None = None
+    plain_base_output: Tensor | None = None  # the plain base: its token is plain text to it
+    base_output: Tensor | None = None  # the base UNet with the concept's own token installed
     own_output: Tensor | None = None
 
 
@@ -72,12 +77,16 @@ def evaluate(concepts: Sequence[PathLike | ConceptDelta], *, base: BaseModel | P
     ``class_words`` / ``styles`` / ``target_templates`` as for :func:`mergekit_cd.merge` (a
     concept's prompts are its target prompts). merged: deltas to evaluate (e.g. a cd-merge
     output, or a jointly trained delta), one row each. compare: merges to run and evaluate
-    as well (see :mod:`mergekit_cd.evaluation.methods`; default ``sum`` next to ``merged``,
-    else ``sum,average,constrained``); a ``sum`` row is always included.
+    as well, or the ``base`` / ``plain-base`` reference rows (see
+    :mod:`mergekit_cd.evaluation.methods`; default ``sum`` next to ``merged``, else
+    ``sum,average,constrained``; an empty list is a MergeError); a ``sum`` row is always included.
 
-    Per row and concept: the fidelity ``1 - ||eps_M - eps_i|| / ||eps_i - eps_B||`` over
-    ``samples`` probes (a clean latent of the concept, a uniform timestep, Gaussian noise and one
-    of its prompts), and the constraint residual on its target-prompt features. Per row: the
+    Per row and concept, over ``samples`` probes (a clean latent of the concept, a uniform
+    timestep, Gaussian noise and one of its prompts): the fidelity ``1 - ||eps_M - eps_i|| /
+    ||eps_i - eps_B||`` with B the base UNet with concept i's own token installed (every merge
+    keeps the tokens, so this scores the K/V change a merge decides about), the same with B the
+    plain base as the issue defines it (``fidelity_plain_base``: the token's own effect counts
+    too), and the constraint residual on its target-prompt features. Per row: the
     preservation ``||eps_M - eps_B|| / ||eps_B||`` over ``held_out_samples`` held-out captions
     (default: the shipped held-out set, disjoint from the regularisation captions). Clean
     latents come from ``instance_dirs`` (one folder per concept, encoded by the VAE at the
@@ -88,6 +97,11 @@ def evaluate(concepts: Sequence[PathLike | ConceptDelta], *, base: BaseModel | P
     images per target prompt (``steps``, ``guidance_scale``) and gets the paper's text and
     image alignment, against the instance images or else the images sampled from each
     concept's own delta. All randomness comes from ``seed``: every model sees the same inputs.
+
+    ``dtype`` is the pipeline's precision. The deltas are checked against the base (unless
+    ``check_base`` is False) once, in full precision, as they load; installing them in the
+    pipeline, which comes from the same folder, does not check again, so float16 and bfloat16
+    pipelines, whose rounded weights have other fingerprints, work too.
     """
     _check_options(samples=samples, held_out_samples=held_out_samples, batch_size=batch_size,
                    sample_images=sample_images, sample_steps=sample_steps, num_images=num_images, steps=steps)
@@ -115,7 +129,7 @@ def evaluate(concepts: Sequence[PathLike | ConceptDelta], *, base: BaseModel | P
     evaluated = _concepts(plan, pipe, instance_images, instance_dirs, sample_images=sample_images,
                           sample_steps=sample_steps, seed=seed, guidance_scale=guidance_scale,
                           batch_size=batch_size, need_references=clip_model is not None or dino_model is not None,
-                          check_base=check_base, notes=notes)
+                          notes=notes)
     predictor = NoisePredictor(pipe, batch_size=batch_size)
     scheduler = training_scheduler(pipe)
     generator = torch.Generator().manual_seed(seed)
@@ -133,16 +147,15 @@ def evaluate(concepts: Sequence[PathLike | ConceptDelta], *, base: BaseModel | P
     reference_steps = 1 + len({c.owner for c in evaluated})
     with tqdm(total=reference_steps + len(methods), desc="evaluating", unit="model", disable=not progress) as bar:
         base_held = predictor.predict(held)
+        for concept in evaluated:
+            concept.plain_base_output = predictor.predict(concept.probes)
         bar.update()
         for owner in sorted({c.owner for c in evaluated}):
             for scale, attribute in ((0.0, "base_output"), (1.0, "own_output")):
                 # scale 0: the base UNet with the concept's own tokens, so only the UNet part counts
-                apply(pipe, plan.deltas[owner], scale=scale, check_base=check_base)
-                try:
+                with _installed(pipe, plan.deltas[owner], scale=scale):
                     for concept in (c for c in evaluated if c.owner == owner):
                         setattr(concept, attribute, predictor.predict(concept.probes))
-                finally:
-                    remove(pipe)
             bar.update()
         for concept in evaluated:
             if torch.equal(concept.own_output, concept.base_output):
@@ -153,7 +166,7 @@ def evaluate(concepts: Sequence[PathLike | ConceptDelta], *, base: BaseModel | P
                          target_templates=target_templates, reg_captions=reg_captions, device=device,
                          cache_dir=cache_dir, check_base=check_base) for method in methods]
         residuals = _residuals(plan, base_model, evaluated,
-                               [None if m.kind == "base" else model for m, model in zip(methods, models)],
+                               [None if m.kind in BASE_KINDS else model for m, model in zip(methods, models)],
                                device=device, batch_size=batch_size)
         references = _reference_embeddings(evaluated, clip_model, dino_model)
         rows = []
@@ -161,7 +174,7 @@ def evaluate(concepts: Sequence[PathLike | ConceptDelta], *, base: BaseModel | P
             rows.append(_evaluate_row(method, model, pipe, predictor, evaluated, held, base_held, row_residuals,
                                       clip_model=clip_model, dino_model=dino_model, references=references,
                                       num_images=num_images, steps=steps, guidance_scale=guidance_scale,
-                                      seed=seed, check_base=check_base, notes=notes))
+                                      seed=seed, notes=notes))
             bar.update()
 
     settings = {"seed": seed, "samples": samples, "held_out_samples": held_out_samples, "batch_size": batch_size,
@@ -177,7 +190,31 @@ def evaluate(concepts: Sequence[PathLike | ConceptDelta], *, base: BaseModel | P
                       tuple(dict.fromkeys(notes)))
 
 
+@contextmanager
+def _installed(pipe, delta: ConceptDelta | None, *, scale: float = 1.0) -> Iterator[None]:
+    """``delta`` (times ``scale``) installed in ``pipe`` for the block, then removed; None: nothing.
+
+    Every delta here was checked against the base as it loaded, in full precision, and the
+    pipeline comes from the same folder, so :func:`apply` does not check the fingerprint again:
+    a float16 or bfloat16 pipeline's rounded weights would never match it.
+    """
+    if delta is None:
+        yield
+        return
+    apply(pipe, delta, scale=scale, check_base=False)
+    try:
+        yield
+    finally:
+        remove(pipe)
+
+
+def _count(number: int, noun: str) -> str:
+    """``1 image``, ``2 images``."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
 def _check_options(**counts: int) -> None:
+    """Each count is a whole number >= 1, else one MergeError naming it."""
     for name, value in counts.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise MergeError(f"{name.replace('_', ' ')} must be a whole number >= 1, got {value!r}.")
@@ -202,6 +239,7 @@ def _methods(merged: list, compare: str | Sequence[str] | None) -> list[Method]:
 
 
 def _label(reference, index: int, count: int) -> str:
+    """A given delta's row label: its file name without ``.safetensors``, or ``merged [N]``."""
     if isinstance(reference, ConceptDelta):
         return "merged" if count == 1 else f"merged {index + 1}"
     path = Path(str(reference))
@@ -211,7 +249,7 @@ def _label(reference, index: int, count: int) -> str:
 
 def _concepts(plan: MergePlan, pipe, instance_images: list | None, instance_dirs, *, sample_images: int,
               sample_steps: int, seed: int, guidance_scale: float, batch_size: int, need_references: bool,
-              check_base: bool, notes: list[str]) -> list[_Concept]:
+              notes: list[str]) -> list[_Concept]:
     """Each concept with its own token name, prompts and clean latents (instance or sampled)."""
     evaluated = []
     for index, (concept, owner) in enumerate(zip(plan.concepts, plan.owners)):
@@ -226,16 +264,14 @@ def _concepts(plan: MergePlan, pipe, instance_images: list | None, instance_dirs
             clean = encode_images(pipe, references, batch_size=batch_size)
             latents_from = str(instance_dirs[index])
         else:
-            apply(pipe, delta, check_base=check_base)
-            try:
+            with _installed(pipe, delta):
                 clean = sample_latents(pipe, prompts, num_images=sample_images, seed=seed, steps=sample_steps,
                                        guidance_scale=guidance_scale)
                 references = decode_latents(pipe, clean) if need_references else None
-            finally:
-                remove(pipe)
-            latents_from = f"sampled: {len(clean)} images from its own delta ({sample_steps} steps)"
-            notes.append(f"{name}: no instance images; its probes use latents of {len(clean)} images sampled "
-                         f"from its own delta ({sample_steps} steps)"
+            images, steps = _count(len(clean), "image"), _count(sample_steps, "step")
+            latents_from = f"sampled: {images} from its own delta ({steps})"
+            notes.append(f"{name}: no instance images; its probes use latents of {images} sampled from its own "
+                         f"delta ({steps})"
                          + (", and the image metrics use those images as references." if need_references else "."))
         evaluated.append(_Concept(index, owner, token, embeddings, concept.class_word or "", prompts,
                                   latents_from, clean, references))
@@ -255,9 +291,12 @@ def _held_out_probes(pipe, captions: list[str], count: int, *, scheduler, genera
 
 
 def _model(method: Method, plan: MergePlan, given: list[ConceptDelta], base: BaseModel, *, class_words, styles,
-           target_templates, reg_captions, device: torch.device, cache_dir, check_base: bool) -> ConceptDelta:
-    """The delta a row evaluates: a given delta, the merge it names, or for the base row the
-    concepts' tokens (with some layers, installed with scale 0)."""
+           target_templates, reg_captions, device: torch.device, cache_dir,
+           check_base: bool) -> ConceptDelta | None:
+    """The delta a row evaluates: a given delta, the merge it names, for the base row the
+    concepts' tokens (with some layers, installed with scale 0), for the plain base None."""
+    if method.kind == "plain-base":
+        return None
     if method.kind == "base":
         return ConceptDelta(dict(plan.deltas[0].layers), dict(plan.tokens), base=base.name,
                             base_fingerprint=base.fingerprint, architecture=base.architecture.name,
@@ -336,6 +375,7 @@ def _renamed(prompts: Sequence[str], token: str, new: str) -> list[str]:
 
 
 def _equal(a: tuple[Tensor, ...] | None, b: tuple[Tensor, ...] | None) -> bool:
+    """Whether two token embeddings (one per text encoder) are the same numbers."""
     return a is not None and b is not None and len(a) == len(b) and all(
         x.shape == y.shape and torch.equal(x.float(), y.float()) for x, y in zip(a, b))
 
@@ -354,17 +394,16 @@ def _reference_embeddings(evaluated: list[_Concept], clip_model: ClipEmbedder | 
     return embeddings
 
 
-def _evaluate_row(method: Method, model: ConceptDelta, pipe, predictor: NoisePredictor,
+def _evaluate_row(method: Method, model: ConceptDelta | None, pipe, predictor: NoisePredictor,
                   evaluated: list[_Concept], held: Probes, base_held: Tensor, residuals: list[float], *,
                   clip_model: ClipEmbedder | None, dino_model: DinoEmbedder | None,
                   references: list[dict[str, Tensor]], num_images: int, steps: int, guidance_scale: float,
-                  seed: int, check_base: bool, notes: list[str]) -> MethodResult:
+                  seed: int, notes: list[str]) -> MethodResult:
     """Install the row's model, predict on every probe set (and sample for CLIP / DINO), remove it."""
-    apply(pipe, model, scale=0.0 if method.kind == "base" else 1.0, check_base=check_base)
-    try:
+    with _installed(pipe, model, scale=0.0 if method.kind == "base" else 1.0):
         scores = []
         for concept, residual, reference in zip(evaluated, residuals, references):
-            token = _token_for(concept, model, method.label, notes)
+            token = concept.token if model is None else _token_for(concept, model, method.label, notes)
             prompts = _renamed(concept.prompts, concept.token, token)
             output = predictor.predict(concept.probes.with_prompts(_renamed(concept.probes.prompts, concept.token,
                                                                             token)))
@@ -372,11 +411,11 @@ def _evaluate_row(method: Method, model: ConceptDelta, pipe, predictor: NoisePre
             if clip_model is not None or dino_model is not None:
                 metrics = _image_metrics(pipe, prompts, {concept.token, token}, reference, clip_model, dino_model,
                                          num_images=num_images, steps=steps, guidance_scale=guidance_scale, seed=seed)
-            scores.append(ConceptScores(concept.token, fidelity(output, concept.own_output, concept.base_output),
-                                        residual, **metrics))
+            scores.append(ConceptScores(
+                concept.token, fidelity=fidelity(output, concept.own_output, concept.base_output),
+                fidelity_plain_base=fidelity(output, concept.own_output, concept.plain_base_output),
+                residual=residual, **metrics))
         preservation = relative_change(predictor.predict(held), base_held)
-    finally:
-        remove(pipe)
     options = dict(method.options)
     if method.kind == "delta":
         options["source"] = str(model.metadata.get("source", method.label))
