@@ -208,3 +208,16 @@ def test_merge_on_cuda_matches_the_cpu(base, two):
     on_cpu = merge(two, captions(), base=base)
     on_gpu = merge(two, captions(), base=base, device="cuda")
     assert on_gpu.allclose(on_cpu, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_a_loaded_native_file_is_not_kept_mapped(base, two, tmp_path):
+    """A streamed input holds no view into its file: one would keep the whole file mapped, and
+    every page the validation read resident (10 SDXL inputs showed as 16 GB of RSS)."""
+    from mergekit_cd.loading import load
+
+    path = save(two[0], tmp_path / "cat.safetensors")
+    delta = load(path, base=base)
+    with open("/proc/self/maps") as maps:
+        assert str(path) not in maps.read()
+    assert delta.tokens

@@ -69,7 +69,8 @@ def read(path: str | os.PathLike[str]) -> ConceptDelta:
         for key in handle.keys():
             if key.startswith(TOKEN_PREFIX):
                 name, index = _split_token_key(key, source)
-                embeddings.setdefault(name, {})[index] = check_vector(handle.get_tensor(key), key, source)
+                # a copy: a view would keep the whole file mapped (and every page read below resident)
+                embeddings.setdefault(name, {})[index] = check_vector(handle.get_tensor(key), key, source).clone()
                 continue
             parsed = _split(key)
             if parsed is None:
