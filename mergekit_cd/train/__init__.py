@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MergeError
-from .config import ConceptSpec, TrainingConfig, read_concepts_file
+from .config import ConceptSpec, TrainingConfig, parse_concepts, read_concepts_file
 from .loop import StepCallback, TrainingInterrupted, TrainingResult, run
 
 __all__ = ["ConceptSpec", "TrainingConfig", "TrainingInterrupted", "TrainingResult", "train"]
@@ -37,7 +37,8 @@ def train(base: PathLike, instance_dir: PathLike | None = None, class_word: str 
     (``"<new1>"``), ``init_token`` (default ``"ktn"``), ``instance_prompt`` (template, default
     ``"photo of a {token} {class_word}"``), ``reg_dir`` (real class images; default: generate
     ``num_class_images`` from ``class_prompt``, ``"photo of a {class_word}"``). Several:
-    ``concepts``, a JSON file or a list of :class:`ConceptSpec` or dicts with those fields.
+    ``concepts``, a JSON file or a list of :class:`ConceptSpec` or dicts with those fields
+    (checked as a concepts file is, see :func:`.config.parse_concepts`).
 
     Options (keyword, defaults = the paper's recipe): ``steps`` (250; 500 for several
     concepts), ``batch_size`` (8), ``learning_rate`` (1e-5), ``scale_lr`` (True: times batch
@@ -49,7 +50,8 @@ def train(base: PathLike, instance_dir: PathLike | None = None, class_word: str 
     ``checkpoint_every`` (50), ``keep_checkpoints`` (1), ``validation_prompts``,
     ``validation_every``, ``num_validation_images`` (2), ``validation_sampling_steps`` (50),
     ``weight_decay`` (1e-2), ``max_grad_norm`` (1.0), ``device`` (None: accelerate's choice;
-    "cpu"), ``force`` (replace an earlier run's output), ``progress`` (True).
+    "cpu", "cuda" or "cuda:N", read as the other commands' ``--device``: one this machine
+    lacks is an error), ``force`` (replace an earlier run's output), ``progress`` (True).
 
     ``on_step(step, loss)`` is called after every step; returning True stops the run as Ctrl-C
     does: a checkpoint is saved and :class:`TrainingInterrupted` raised. Returns a
@@ -76,29 +78,20 @@ def train(base: PathLike, instance_dir: PathLike | None = None, class_word: str 
     return run(config, on_step=on_step, return_pipeline=return_pipeline)
 
 
-def _concepts(instance_dir, class_word, token, init_token, instance_prompt, reg_dir, class_prompt,
-              concepts) -> list[ConceptSpec]:
+def _concepts(instance_dir: PathLike | None, class_word: str | None, token: str, init_token: str | None,
+              instance_prompt: str | None, reg_dir: PathLike | None, class_prompt: str | None,
+              concepts: PathLike | Sequence[ConceptSpec | dict] | None) -> list[ConceptSpec]:
+    """The run's concepts, from the one-concept arguments or ``concepts``, all checked by
+    :func:`.config.parse_concepts`."""
     if concepts is not None:
         if instance_dir is not None or class_word is not None:
             raise MergeError("Give either one concept (--instance-dir, --class-word) or --concepts, not both.")
         if isinstance(concepts, (str, os.PathLike)):
             return read_concepts_file(concepts)
-        specs = []
-        for index, entry in enumerate(concepts):
-            if isinstance(entry, ConceptSpec):
-                specs.append(entry)
-            else:
-                entry = dict(entry)
-                entry.setdefault("token", f"<new{index + 1}>")
-                for key in ("instance_dir", "reg_dir"):
-                    if entry.get(key) is not None:
-                        entry[key] = Path(entry[key])
-                specs.append(ConceptSpec(**entry))
-        return specs
+        return parse_concepts(concepts, where="The concepts list")
     if instance_dir is None or not class_word:
         raise MergeError("Give the concept's images and class: --instance-dir DIR --class-word WORD "
                          "(or --concepts FILE for several).")
-    extra = {key: value for key, value in (("instance_prompt", instance_prompt), ("class_prompt", class_prompt))
-             if value is not None}
-    return [ConceptSpec(Path(instance_dir), class_word, token, init_token,
-                        reg_dir=Path(reg_dir) if reg_dir is not None else None, **extra)]
+    return parse_concepts([{"instance_dir": instance_dir, "class_word": class_word, "token": token,
+                            "init_token": init_token, "instance_prompt": instance_prompt, "reg_dir": reg_dir,
+                            "class_prompt": class_prompt}], where="The concept")

@@ -10,7 +10,9 @@ with its prompt prefixes and loss mask.
 from __future__ import annotations
 
 import json
+import math
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -48,13 +50,16 @@ class ConceptSpec:
     class_prompt: str = CLASS_TEMPLATE
 
     def filled_instance_prompt(self) -> str:
+        """The training caption with this concept's token and class word filled in."""
         return _fill(self.instance_prompt, self.token, self.class_word, "instance prompt")
 
     def filled_class_prompt(self) -> str:
+        """The class images' caption (and generation prompt) with the class word filled in."""
         return _fill(self.class_prompt, self.token, self.class_word, "class prompt")
 
 
 def _fill(template: str, token: str, class_word: str, what: str) -> str:
+    """``template`` with {token} and {class_word} filled in and spaces collapsed; a malformed one is a MergeError."""
     try:
         return " ".join(template.format(token=token, class_word=class_word).split())
     except (KeyError, IndexError, ValueError) as error:
@@ -139,6 +144,57 @@ class TrainingConfig:
         return json.dumps(asdict(self), default=str, sort_keys=True)
 
 
+def resume_fields(config: TrainingConfig, *, resolution: int, mixed_precision: str,
+                  processes: int) -> dict[str, Any]:
+    """The options that decide what a run trains, as stored in its checkpoints and compared on
+    resume: {option as the user writes it: value}, JSON-ready. The step count is not among
+    them (a run may be resumed with more steps: the learning rate is constant, so N steps
+    then M more are the first N + M of a longer run). ``resolution``, ``mixed_precision`` and
+    ``processes`` are the values in effect (the model's own resolution, accelerate's choice).
+    """
+    several = len(config.concepts) > 1
+    fields: dict[str, Any] = {"number of concepts": len(config.concepts)}
+    generated = False
+    for index, concept in enumerate(config.concepts):
+        which = f" (concept {index + 1})" if several else ""
+        fields[f"--instance-dir{which}"] = _absolute(concept.instance_dir)
+        fields[f"--class-word{which}"] = concept.class_word
+        fields[f"--token{which}"] = concept.token
+        fields[f"--init-token{which}"] = config.init_token(index)
+        fields[f"--instance-prompt{which}"] = concept.filled_instance_prompt()
+        if config.prior:
+            fields[f"--reg-dir{which}"] = _absolute(concept.reg_dir) if concept.reg_dir else None
+            fields[f"--class-prompt{which}"] = concept.filled_class_prompt()
+            generated = generated or concept.reg_dir is None
+    fields.update({
+        "--batch-size": config.batch_size, "--lr": config.learning_rate, "--scale-lr": config.scale_lr,
+        "number of processes": processes, "--resolution": resolution, "--train": ",".join(config.train),
+        "augmentation (--no-aug)": config.augment, "--hflip": config.hflip, "--seed": config.seed,
+        "--mixed-precision": mixed_precision, "prior preservation (--no-prior)": config.prior,
+        "weight_decay": config.weight_decay, "adam_betas": list(config.adam_betas),
+        "adam_epsilon": config.adam_epsilon, "max_grad_norm": config.max_grad_norm})
+    if config.prior:
+        fields["--prior-loss-weight"] = config.prior_loss_weight
+        fields["--num-class-images"] = config.num_class_images
+        if generated:
+            fields["--class-sampling-steps"] = config.class_sampling_steps
+            fields["class_guidance_scale"] = config.class_guidance_scale
+    return fields
+
+
+def _absolute(folder: PathLike) -> str:
+    """A folder as an absolute path, so a resume from another working directory compares equal."""
+    return str(Path(folder).expanduser().resolve())
+
+
+def compare_fields(now: dict[str, Any], then: dict[str, Any]) -> list[str]:
+    """``option: now (the checkpoint's: then)`` for every field both hold with other values;
+    fields only one side holds (e.g. prior settings when one run has no prior) are left to the
+    field that explains them."""
+    return [f"{name} {now[name]!r} (the checkpoint's: {then[name]!r})"
+            for name in now if name in then and now[name] != then[name]]
+
+
 def check_config(config: TrainingConfig) -> TrainingConfig:
     """Refuse impossible options with one MergeError each; returns the config, normalised."""
     if not config.concepts:
@@ -167,10 +223,18 @@ def check_config(config: TrainingConfig) -> TrainingConfig:
     for name, value in positive.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise MergeError(f"--{name.replace('_', '-')} must be a positive whole number, got {value!r}.")
-    if config.learning_rate <= 0:
-        raise MergeError(f"--lr must be positive, got {config.learning_rate}.")
-    if config.prior_loss_weight < 0:
-        raise MergeError(f"--prior-loss-weight must not be negative, got {config.prior_loss_weight}.")
+    # `not value > 0` rather than `value <= 0`: NaN fails every comparison and must be refused too
+    for option, value, least in (("--lr", config.learning_rate, "positive"),
+                                 ("--prior-loss-weight", config.prior_loss_weight, "zero or more"),
+                                 ("weight_decay", config.weight_decay, "zero or more"),
+                                 ("max_grad_norm", config.max_grad_norm, "zero or more (0: no clipping)"),
+                                 ("adam_epsilon", config.adam_epsilon, "positive"),
+                                 ("class_guidance_scale", config.class_guidance_scale, "zero or more")):
+        finite = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not finite or not (value > 0 if least == "positive" else value >= 0):
+            raise MergeError(f"{option} must be a finite number, {least}; got {value!r}.")
+    if len(config.adam_betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in config.adam_betas):
+        raise MergeError(f"adam_betas must be two numbers in [0, 1), got {config.adam_betas!r}.")
     if config.num_class_images < 0:
         raise MergeError(f"--num-class-images must not be negative, got {config.num_class_images}.")
     if config.resolution is not None and (not isinstance(config.resolution, int) or config.resolution < 1):
@@ -192,12 +256,9 @@ def check_config(config: TrainingConfig) -> TrainingConfig:
 
 
 def read_concepts_file(path: PathLike) -> list[ConceptSpec]:
-    """Concepts for joint training from a JSON list.
+    """Concepts for joint training from a JSON list (see :func:`parse_concepts` for the fields).
 
-    Each entry: ``instance_dir`` (or diffusers' ``instance_data_dir``), ``class_word``, and
-    optionally ``token`` (default ``<new1>``, ``<new2>``, ... by position), ``init_token``,
-    ``instance_prompt``, ``reg_dir`` (or ``class_data_dir``) and ``class_prompt``. Relative
-    folders are read relative to the JSON file.
+    Relative folders are read relative to the JSON file.
     """
     path = Path(path)
     try:
@@ -206,27 +267,55 @@ def read_concepts_file(path: PathLike) -> list[ConceptSpec]:
         raise MergeError(f"Cannot read {path}: {error.strerror or error}.") from None
     except ValueError as error:
         raise MergeError(f"{path} is not valid JSON ({error}).") from None
-    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
+    if not isinstance(entries, list):
         raise MergeError(f"{path} must hold a non-empty JSON list of concept objects, e.g. "
                          f'[{{"instance_dir": "cat/", "class_word": "cat", "token": "<new1>"}}].')
-    aliases = {"instance_data_dir": "instance_dir", "class_data_dir": "reg_dir"}
-    known = {"instance_dir", "class_word", "token", "init_token", "instance_prompt", "reg_dir", "class_prompt"}
+    return parse_concepts(entries, where=str(path), relative_to=path.parent)
+
+
+#: Other names accepted for concept fields (those of diffusers' concepts_list).
+CONCEPT_ALIASES = {"instance_data_dir": "instance_dir", "class_data_dir": "reg_dir"}
+CONCEPT_FIELDS = ("instance_dir", "class_word", "token", "init_token", "instance_prompt", "reg_dir", "class_prompt")
+
+
+def parse_concepts(entries: Iterable[ConceptSpec | Mapping[str, Any]], *, where: str = "concepts",
+                   relative_to: Path | None = None) -> list[ConceptSpec]:
+    """Concepts from :class:`ConceptSpec` objects or mappings (a concepts file or the API's list).
+
+    A mapping has ``instance_dir`` (or diffusers' ``instance_data_dir``), ``class_word``, and
+    optionally ``token`` (default ``<new1>``, ``<new2>``, ... by position), ``init_token``,
+    ``instance_prompt``, ``reg_dir`` (or ``class_data_dir``) and ``class_prompt``; an unknown
+    or missing field, or a value of the wrong type, is one MergeError naming the concept.
+    Relative folders are taken relative to ``relative_to`` when given.
+    """
+    entries = list(entries) if isinstance(entries, Iterable) and not isinstance(entries, (str, bytes, Mapping)) \
+        else None
+    if not entries or not all(isinstance(e, (ConceptSpec, Mapping)) for e in entries):
+        raise MergeError(f"{where} must be a non-empty list of concepts (objects with instance_dir, class_word "
+                         f'and optionally token, ...), e.g. [{{"instance_dir": "cat/", "class_word": "cat"}}].')
     concepts = []
     for index, raw in enumerate(entries):
-        entry = {aliases.get(key, key): value for key, value in raw.items()}
-        unknown = sorted(set(entry) - known)
+        if isinstance(raw, ConceptSpec):
+            concepts.append(raw)
+            continue
+        entry = {CONCEPT_ALIASES.get(str(key), key): value for key, value in raw.items()}
+        unknown = sorted(str(key) for key in set(entry) - set(CONCEPT_FIELDS))
         if unknown:
-            raise MergeError(f"{path}: concept {index + 1} has unknown field {unknown[0]!r}; known fields: "
-                             f"{', '.join(sorted(known))}.")
+            raise MergeError(f"{where}: concept {index + 1} has unknown field {unknown[0]!r}; known fields: "
+                             f"{', '.join(sorted(CONCEPT_FIELDS))} (or instance_data_dir, class_data_dir).")
+        entry = {key: value for key, value in entry.items() if value is not None}
         missing = [key for key in ("instance_dir", "class_word") if not entry.get(key)]
         if missing:
-            raise MergeError(f"{path}: concept {index + 1} lacks {missing[0]!r}.")
-        if not all(isinstance(value, str) for value in entry.values()):
-            raise MergeError(f"{path}: concept {index + 1}: every field must be a string.")
+            raise MergeError(f"{where}: concept {index + 1} lacks {missing[0]!r}.")
+        for key, value in entry.items():
+            folder = key in ("instance_dir", "reg_dir")
+            if not (isinstance(value, str) or (folder and isinstance(value, os.PathLike))):
+                kind = "a folder path" if folder else "a string"
+                raise MergeError(f"{where}: concept {index + 1}: {key} must be {kind}, got {value!r}.")
         for key in ("instance_dir", "reg_dir"):
             if entry.get(key):
                 folder = Path(entry[key]).expanduser()
-                entry[key] = folder if folder.is_absolute() else path.parent / folder
+                entry[key] = folder if folder.is_absolute() or relative_to is None else relative_to / folder
         entry.setdefault("token", f"<new{index + 1}>")
         concepts.append(ConceptSpec(**entry))
     return concepts
