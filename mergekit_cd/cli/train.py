@@ -9,36 +9,48 @@ from pathlib import Path
 from ..train import TrainingInterrupted, train
 from ._common import run
 
+DESCRIPTION = """\
+Teach a Stable Diffusion model (SD1.x, SD2.x, SDXL) a new concept the Custom
+Diffusion way (Kumari et al. 2023): only the cross-attention keys/values and a
+new token's embedding train, with prior preservation on class images. The
+result is a delta (the K/V changes and the token's embedding: about 77 MB for
+SD1.5, 1.4 GB for SDXL) that cd-merge composes with others."""
+
 EXAMPLES = """\
 examples:
-  cd-train --base runwayml/stable-diffusion-v1-5 --instance-dir data/cat --class-word cat -o cat/
-  cd-train --base ./sd15 --instance-dir data/cat --class-word cat --reg-dir real_reg/samples_cat -o cat/
-  cd-train --base ./sdxl --instance-dir data/dog --class-word dog --token "<dog1>" -o dog/ \\
-      --mixed-precision bf16 --gradient-checkpointing --batch-size 2
-  cd-train --base ./sd15 --concepts concepts.json -o catpot/        # two concepts trained jointly
-  cd-train --base ./sd15 --instance-dir data/cat --class-word cat -o cat/ --resume latest
-  accelerate launch -m mergekit_cd.train --base ./sd15 --instance-dir data/cat --class-word cat -o cat/
-  cd-merge cat/ dog/ -o catdog/ --base ./sd15                      # compose what you trained
+  cd-train --base runwayml/stable-diffusion-v1-5 --instance-dir data/cat \\
+      --class-word cat -o cat/
+  cd-train --base ./sd15 --instance-dir data/cat --class-word cat -o cat/ \\
+      --reg-dir real_reg/samples_cat
+  cd-train --base ./sdxl --instance-dir data/dog --class-word dog -o dog/ \\
+      --token "<dog1>" --mixed-precision bf16 --gradient-checkpointing \\
+      --batch-size 2
+  cd-train --base ./sd15 --concepts concepts.json -o catpot/  # two, jointly
+  cd-train --base ./sd15 --instance-dir data/cat --class-word cat -o cat/ \\
+      --resume latest
+  accelerate launch -m mergekit_cd.train --base ./sd15 --instance-dir data/cat \\
+      --class-word cat -o cat/
+  cd-merge cat/ dog/ -o catdog/ --base ./sd15        # compose what you trained
 
-The output folder gets delta.safetensors (K/V differences, tokens and metadata: class word,
-target prompts, base fingerprint, recipe) and diffusers/ (the layout diffusers' training script
-writes); cd-merge, cd-sample and mergekit_cd.apply read either. Ctrl-C saves a checkpoint to
-resume from. Defaults follow the paper: K/V of cross-attention and the new token train, 250
-steps (500 for joint training), batch 8, lr 1e-5 x batch = 8e-5, AdamW (weight decay 1e-2),
-gradient clipping 1.0, 200 generated class images, resize augmentation with a loss mask.
+The output folder gets delta.safetensors (K/V differences, tokens and
+metadata: class word, target prompts, base fingerprint, recipe) and diffusers/
+(the layout diffusers' training script writes); cd-merge, cd-sample and
+mergekit_cd.apply read either. Ctrl-C saves a checkpoint to resume from.
+Defaults follow the paper: K/V of cross-attention and the new token train, 250
+steps (500 for joint training), batch 8, lr 1e-5 x batch = 8e-5, AdamW (weight
+decay 1e-2), gradient clipping 1.0, 200 generated class images, resize
+augmentation with a loss mask.
 
-concepts.json: [{"instance_dir": "data/cat", "class_word": "cat", "token": "<new1>"},
-                {"instance_dir": "data/pot", "class_word": "pot", "token": "<new2>",
-                 "reg_dir": "real_reg/samples_pot"}]"""
+concepts.json:
+  [{"instance_dir": "data/cat", "class_word": "cat", "token": "<new1>"},
+   {"instance_dir": "data/pot", "class_word": "pot", "token": "<new2>",
+    "reg_dir": "real_reg/samples_pot"}]"""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cd-train",
-        description="Teach a Stable Diffusion model (SD1.x, SD2.x, SDXL) a new concept the Custom Diffusion "
-                    "way (Kumari et al. 2023): only the cross-attention keys/values and a new token's "
-                    "embedding train, with prior preservation on class images. The result is a small delta "
-                    "that cd-merge composes with others.",
+        description=DESCRIPTION,
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     what = parser.add_argument_group("what to learn")
     what.add_argument("--base", required=True, help="base model: diffusers folder or hub repo id")
@@ -55,9 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="training caption with {token} and {class_word} (default 'photo of a {token} "
                            "{class_word}')")
     what.add_argument("--concepts", type=Path, metavar="FILE",
-                      help="JSON list of concepts to train jointly, instead of --instance-dir/--class-word "
-                           "(fields: instance_dir, class_word, token, init_token, instance_prompt, reg_dir, "
-                           "class_prompt)")
+                      help="JSON list of concepts to train jointly, instead of --instance-dir and "
+                           "--class-word (fields: instance_dir, class_word, token, init_token, "
+                           "instance_prompt, reg_dir, class_prompt; diffusers' instance_data_dir and "
+                           "class_data_dir are read too)")
 
     prior = parser.add_argument_group("prior preservation (class images)")
     prior.add_argument("--reg-dir", type=Path, metavar="DIR",
@@ -83,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                "concepts)")
     recipe.add_argument("--batch-size", type=int, default=8, metavar="N",
                         help="instance images per step, each paired with a class image (default 8)")
-    recipe.add_argument("--lr", type=float, default=1e-5, help="learning rate before scaling (default 1e-5)")
+    recipe.add_argument("--lr", type=float, default=1e-5, metavar="LR",
+                        help="learning rate before scaling (default 1e-5)")
     recipe.add_argument("--scale-lr", action=argparse.BooleanOptionalAction, default=True,
                         help="multiply --lr by batch size x processes (default on: 8e-5 at batch 8)")
     recipe.add_argument("--resolution", type=int, metavar="PX",
@@ -102,13 +116,16 @@ def build_parser() -> argparse.ArgumentParser:
     runtime.add_argument("--gradient-checkpointing", action="store_true",
                          help="recompute UNet activations in the backward pass: less memory, slower")
     runtime.add_argument("--device", default=None, metavar="DEVICE",
-                         help="cpu, or cuda (default: accelerate's choice; several GPUs: accelerate launch)")
+                         help="cpu, cuda or cuda:N; a device this machine lacks is an error (default: "
+                              "accelerate's choice; several GPUs: accelerate launch, without --device)")
     runtime.add_argument("--checkpoint-every", type=int, default=50, metavar="N",
                          help="save a resumable checkpoint every N steps (default 50)")
     runtime.add_argument("--keep-checkpoints", type=int, default=1, metavar="N",
                          help="how many checkpoints to keep (default 1, the latest)")
     runtime.add_argument("--resume", type=Path, metavar="CHECKPOINT",
-                         help="continue from a checkpoint folder, a run's output folder, or 'latest' (of -o)")
+                         help="continue from a checkpoint folder, a run's output folder, or 'latest' (of -o); "
+                              "give the options the run started with (only --steps may change, e.g. "
+                              "raised to train longer), else it is refused")
     runtime.add_argument("--validation-prompt", action="append", default=[], metavar="PROMPT",
                          help="sample this prompt now and then into OUT/validation/ (repeatable)")
     runtime.add_argument("--validation-every", type=int, metavar="N",

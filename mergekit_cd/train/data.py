@@ -10,9 +10,9 @@ blank (mid-grey) canvas, and the prompt gets "a far away " or "very small " in f
 is smaller than 0.6 x size; otherwise it is enlarged to 1.2-1.4 x size and a random crop is
 kept ("zoomed in " or "close up "). The loss counts only latent pixels inside the pasted box,
 less a border of one latent pixel (an image left at full size counts whole; the public scripts
-drop that border from it too, although the image covers it). At small resolutions that border can leave nothing (the
-public scripts then divide by zero and the loss is NaN); here the box falls back to the
-latent pixels the image covers, so the mask is never empty.
+drop that border from it too, although the image covers it). At small resolutions that
+border can leave nothing (the public scripts then divide by zero and the loss is NaN); here
+the box falls back to the latent pixels the image covers, so the mask is never empty.
 """
 
 from __future__ import annotations
@@ -53,13 +53,23 @@ def list_images(folder: Path, what: str) -> list[Path]:
 
 
 def load_image(path: Path):
-    """The image at ``path`` as RGB; an unreadable file is one MergeError naming it."""
+    """The image at ``path`` as RGB, transparency composited on white; an unreadable file (or
+    one larger than PIL's decompression-bomb limit) is one MergeError naming it."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
             image.load()
+            if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info) \
+                    or (image.mode in ("RGB", "L") and "transparency" in image.info):
+                rgba = image.convert("RGBA")
+                return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)),
+                                             rgba).convert("RGB")
             return image.convert("RGB")
+    except Image.DecompressionBombError as error:
+        raise MergeError(f"Cannot read image {path}: {str(error).strip().rstrip('.')} (PIL's "
+                         f"Image.MAX_IMAGE_PIXELS). Shrink it or remove it; training resizes images to "
+                         f"the model's 512-1024 px anyway.") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
         reason = (error.strerror if isinstance(error, OSError) and error.strerror
                   else str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)

@@ -6,24 +6,27 @@ every cross-attention layer, and computes the class images' latent distributions
 features of the prompts without trainable tokens once (``cache=False`` is the plain way:
 both again every step, kept for benchmarks). Each step then draws its instance images,
 augmentation, class images, noise and timesteps as functions of (seed, process, step), so a
-run resumed from a checkpoint takes exactly the steps an uninterrupted run takes.
+run resumed from a checkpoint takes exactly the steps an uninterrupted run takes (nothing in a
+step draws from torch's global generators: the models' dropout rates are 0; a test checks).
 
 Devices, several processes and mixed precision go through ``accelerate``: run
-``accelerate launch -m mergekit_cd.train ...`` for several GPUs. Gradients of the small
+``accelerate launch -m mergekit_cd.train ...`` for several GPUs. Gradients of the
 trainable set are averaged across processes with one all-reduce per step.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -31,10 +34,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..base import open_base
+from ..cli._common import device as parse_device
 from ..errors import MergeError
 from ..features import default_cache_dir
 from . import attention, checkpoint, data, embeddings, output, priors
-from .config import TrainingConfig, check_config
+from .config import TrainingConfig, check_config, compare_fields, resume_fields
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 #: Called after every step with (step number, loss); returning True stops the run as Ctrl-C does.
 StepCallback = Callable[[int, float], Any]
@@ -95,26 +102,46 @@ def run(config: TrainingConfig, *, on_step: StepCallback | None = None,
         raise
 
 
-def make_accelerator(config: TrainingConfig):
-    """An ``accelerate.Accelerator`` for the run (state of an earlier run in this process reset)."""
+def make_accelerator(config: TrainingConfig) -> Accelerator:
+    """An ``accelerate.Accelerator`` for the run (state of an earlier run in this process reset).
+
+    ``config.device``: None or "auto" leaves the choice to accelerate (its config, ``accelerate
+    launch``); otherwise the device as the other commands read ``--device``: cpu, cuda (the
+    current GPU) or cuda:N (that GPU), and a device this machine lacks is an error, not a
+    fallback. A numbered GPU is for one process: under ``accelerate launch`` every process
+    takes its own.
+    """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, PartialState
 
-    cpu = config.device == "cpu"
-    if config.device and config.device.startswith("cuda") and not torch.cuda.is_available():
-        tqdm.write("note: no CUDA device available, training on CPU")
-        cpu = True
-    if config.device not in (None, "auto", "cpu") and not config.device.startswith("cuda"):
-        raise MergeError(f"--device {config.device}: choose auto, cpu or cuda (several GPUs: accelerate launch).")
+    chosen = None if config.device in (None, "auto") else parse_device(config.device, types=("cpu", "cuda"))
     if PartialState._shared_state and PartialState().num_processes == 1:
         AcceleratorState._reset_state(reset_partial_state=True)  # a previous run in this process
     elif AcceleratorState._shared_state:
         AcceleratorState._reset_state()
+    pinned = chosen is not None and chosen.type == "cuda" and chosen.index is not None
+    saved = os.environ.get("ACCELERATE_TORCH_DEVICE")
+    if pinned:  # accelerate's own way to name the device of a single process
+        os.environ["ACCELERATE_TORCH_DEVICE"] = str(chosen)
     try:
-        accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=cpu)
+        accelerator = Accelerator(mixed_precision=config.mixed_precision,
+                                  cpu=chosen is not None and chosen.type == "cpu")
     except (ValueError, RuntimeError) as error:
         raise MergeError(f"Cannot set up training with --mixed-precision {config.mixed_precision}: "
                          f"{str(error).strip().splitlines()[0]}") from None
+    finally:
+        if pinned:
+            if saved is None:
+                os.environ.pop("ACCELERATE_TORCH_DEVICE", None)
+            else:
+                os.environ["ACCELERATE_TORCH_DEVICE"] = saved
+    if pinned and accelerator.num_processes > 1:
+        raise MergeError(f"--device {config.device} names one GPU, but accelerate runs "
+                         f"{accelerator.num_processes} processes, each on its own GPU; leave --device out "
+                         f"(or give cuda) under accelerate launch.")
+    if chosen is not None and accelerator.device.type != chosen.type:
+        raise MergeError(f"--device {config.device}: accelerate's configuration chose {accelerator.device} "
+                         f"instead; check `accelerate config` or leave --device out.")
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise MergeError("--mixed-precision fp16 needs a GPU; on the CPU use bf16 or no.")
     return accelerator
@@ -133,7 +160,8 @@ def interrupt_requests() -> Any:
         if flag["set"]:
             raise KeyboardInterrupt
         flag["set"] = True
-        tqdm.write("stopping after this step to save a checkpoint (Ctrl-C again to stop at once)")
+        tqdm.write("stopping after this step to save a checkpoint (Ctrl-C again to stop at once)",
+                   file=sys.stderr)
 
     previous = signal.signal(signal.SIGINT, handler)
     try:
@@ -188,6 +216,14 @@ class Session:
                                            self.resolution)
         self.layers = attention.cross_attention_layers(pipe.unet)
         self._freeze_and_cast()
+        self.processes = self.accelerator.num_processes
+        self.learning_rate = config.learning_rate * (config.batch_size * self.processes if config.scale_lr else 1)
+        self.fields = resume_fields(config, resolution=self.resolution, mixed_precision=self.mixed_precision,
+                                    processes=self.processes)
+        checkpoint_state = None
+        if config.resume is not None:  # refuse a checkpoint of another run before any work
+            self.phase = "reading the checkpoint"
+            checkpoint_state = self._read_checkpoint()
         if self.main:
             output.prepare(config)
         self.accelerator.wait_for_everyone()
@@ -199,16 +235,13 @@ class Session:
         from diffusers import DDPMScheduler
 
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        processes = self.accelerator.num_processes
-        self.learning_rate = config.learning_rate * (config.batch_size * processes if config.scale_lr else 1)
         optimizer = torch.optim.AdamW([p for _, p in self.trainables], lr=self.learning_rate,
                                       betas=config.adam_betas, weight_decay=config.weight_decay,
                                       eps=config.adam_epsilon)
         self.losses: list[float] = []
         self.resumed_from = None
-        if config.resume is not None:
-            self.phase = "resuming"
-            self._resume(optimizer)
+        if checkpoint_state is not None:
+            self._resume(checkpoint_state, optimizer)
         self.optimizer = self.accelerator.prepare(optimizer)
         self.phase = "caching class latents and text features"
         self._cache()
@@ -282,39 +315,48 @@ class Session:
                                              resolution=self.resolution, steps=config.class_sampling_steps,
                                              guidance_scale=config.class_guidance_scale,
                                              autocast=self.accelerator.autocast, progress=config.progress)
-            self.accelerator.wait_for_everyone()
-            sets.append(priors.ClassImages([folder / f"{i:05d}.png" for i in range(config.num_class_images)],
-                                           [prompt] * config.num_class_images, generated=True))
+            self.accelerator.wait_for_everyone()  # the others read what the main process generated
+            sets.append(priors.generated_class_images(folder, prompt, config.num_class_images))
         return sets
 
-    def _resume(self, optimizer: torch.optim.Optimizer) -> None:
+    def _read_checkpoint(self) -> dict:
+        """The state of ``--resume``'s checkpoint, refused unless it is this run's: same base,
+        same trainable weights and tokens, and the same recipe (only the step count may differ)."""
         config = self.config
         folder = checkpoint.resolve(config.resume, config.output)
-        state, rng = checkpoint.read(folder, self.rank)
+        state = checkpoint.read(folder)
         if state.get("base_fingerprint") != self.fingerprint:
             raise MergeError(f"Checkpoint {folder} was trained on another base model than {config.base}.")
+        differences = compare_fields(self.fields, state.get("fields", {}))
+        if differences:
+            raise MergeError(f"Checkpoint {folder} belongs to a run with other options, so resuming would not "
+                             f"continue it: {'; '.join(differences)}. Resume with the options the run was "
+                             f"started with (only --steps may change, e.g. raised to train longer), or start "
+                             f"a new run (another -o, or --force).")
         saved = state.get("trainables", {})
-        names = [name for name, _ in self.trainables]
-        if sorted(saved) != sorted(names):
-            raise MergeError(f"Checkpoint {folder} trained other weights or tokens (e.g. different --train or "
-                             f"--token); resume with the options it was started with.")
-        if state.get("tokens") != self.tokens:
-            raise MergeError(f"Checkpoint {folder} trained tokens {state.get('tokens')}, not {self.tokens}.")
+        if sorted(saved) != sorted(name for name, _ in self.trainables):
+            raise MergeError(f"Checkpoint {folder} trained other weights than this run would (e.g. another "
+                             f"--train or base); resume with the options it was started with.")
+        for name, parameter in self.trainables:
+            if saved[name].shape != parameter.shape:
+                raise MergeError(f"Checkpoint {folder}: {name} has shape {tuple(saved[name].shape)}, the "
+                                 f"model's is {tuple(parameter.shape)}.")
+        if int(state["step"]) > config.total_steps:
+            raise MergeError(f"Checkpoint {folder} is at step {state['step']}, past --steps {config.total_steps}.")
+        state["folder"] = folder
+        return state
+
+    def _resume(self, state: dict, optimizer: torch.optim.Optimizer) -> None:
+        """Continue from a checkpoint read (and checked) by :meth:`_read_checkpoint`."""
+        saved = state["trainables"]
         with torch.no_grad():
             for name, parameter in self.trainables:
-                if saved[name].shape != parameter.shape:
-                    raise MergeError(f"Checkpoint {folder}: {name} has shape {tuple(saved[name].shape)}, the "
-                                     f"model's is {tuple(parameter.shape)}.")
                 parameter.copy_(saved[name])
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer.load_state_dict(state["optimizer"])  # its lr is this run's: --lr, --batch-size were checked
         self.scaler_state = state.get("scaler")
         self.step = int(state["step"])
         self.losses = [float(x) for x in state.get("losses", [])]
-        if self.step > self.config.total_steps:
-            raise MergeError(f"Checkpoint {folder} is at step {self.step}, past --steps {config.total_steps}.")
-        if rng is not None:
-            checkpoint.set_rng_state(rng)
-        self.resumed_from = folder
+        self.resumed_from = state["folder"]
 
     # ------------------------------------------------------------------ caches
     def _class_pixels(self) -> Tensor:
@@ -473,8 +515,8 @@ class Session:
             while self.step < total:
                 loss = self.loss(self.step)
                 if not torch.isfinite(loss):
-                    raise MergeError(f"The loss became {loss.item()} at step {self.step + 1}; lower --lr, or use "
-                                     f"bf16 instead of fp16 (--mixed-precision).")
+                    raise MergeError(f"The loss became {loss.item()} at step {self.step + 1}; lower --lr, or "
+                                     f"use bf16 instead of fp16 (--mixed-precision).")
                 accelerator.backward(loss)
                 self._average_gradients()
                 if config.max_grad_norm:
@@ -501,6 +543,7 @@ class Session:
         peak = (torch.cuda.max_memory_allocated(self.device)
                 if torch.cuda.is_available() and self.device.type == "cuda" else None)
         attention.restore(self.pipe.unet, self.original_processors)
+        self.pipe.unet.eval()  # as diffusers loads it: the returned pipeline samples, it does not train
         delta = output.build_delta(self)
         native = diffusers_folder = None
         if self.main:
@@ -529,13 +572,11 @@ class Session:
             if partial.exists():
                 shutil.rmtree(partial)
             partial.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        checkpoint.write_rng(partial, self.rank)
-        accelerator.wait_for_everyone()
         final = checkpoint.folder_for(root, self.step)
         if self.main:
             checkpoint.write_state(partial, {
                 "step": self.step, "tokens": self.tokens, "base_fingerprint": self.fingerprint,
+                "fields": self.fields,
                 "trainables": {name: p.detach().to("cpu", copy=True) for name, p in self.trainables},
                 "optimizer": self.optimizer.state_dict(),
                 "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,

@@ -35,7 +35,6 @@ class ClassImages:
 
     paths: list[Path]
     captions: list[str]
-    generated: bool
 
 
 def read_reg_dir(folder: Path, class_prompt: str, limit: int) -> ClassImages:
@@ -57,7 +56,7 @@ def read_reg_dir(folder: Path, class_prompt: str, limit: int) -> ClassImages:
         paths, captions = paths[:limit], captions[:limit]
     if not paths:
         raise MergeError(f"Class image folder {folder} holds no images.")
-    return ClassImages(paths, [caption or class_prompt for caption in captions], generated=False)
+    return ClassImages(paths, [caption or class_prompt for caption in captions])
 
 
 def _has_images(folder: Path) -> bool:
@@ -99,11 +98,12 @@ def cache_folder(root: Path, fingerprint: str, prompt: str, resolution: int, ste
 
 
 def generate_class_images(pipe, prompt: str, count: int, folder: Path, *, resolution: int, steps: int,
-                          guidance_scale: float, autocast, progress: bool = False) -> ClassImages:
-    """``count`` images of ``prompt`` in ``folder`` (image i sampled with seed i); missing ones only."""
+                          guidance_scale: float, autocast, progress: bool = False) -> None:
+    """Fill ``folder`` with ``count`` images of ``prompt`` (image i sampled with seed i); only the
+    missing ones are sampled. Read them with :func:`generated_class_images`."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "prompt.txt").write_text(prompt + "\n", encoding="utf-8")
-    paths = [folder / f"{index:05d}.png" for index in range(count)]
+    paths = _generated_paths(folder, count)
     missing = [index for index, path in enumerate(paths) if not path.is_file()]
     for index in tqdm(missing, desc=f"class images ({prompt})", unit="image", disable=not (progress and missing)):
         generator = torch.Generator(device="cpu").manual_seed(index)
@@ -112,4 +112,18 @@ def generate_class_images(pipe, prompt: str, count: int, folder: Path, *, resolu
                          width=resolution, generator=generator, output_type="pil").images[0]
         with atomic_path(paths[index], force=True) as temporary:
             image.save(temporary, format="PNG")
-    return ClassImages(paths, [prompt] * count, generated=True)
+
+
+def generated_class_images(folder: Path, prompt: str, count: int) -> ClassImages:
+    """The first ``count`` generated class images in ``folder``, all captioned ``prompt``."""
+    paths = _generated_paths(folder, count)
+    missing = [path for path in paths if not path.is_file()]
+    if missing:  # e.g. several machines without a shared cache folder
+        raise MergeError(f"Class image {missing[0]} is missing ({len(missing)} of {count}); the main process "
+                         f"generates them into --class-cache-dir, which every process must be able to read.")
+    return ClassImages(paths, [prompt] * count)
+
+
+def _generated_paths(folder: Path, count: int) -> list[Path]:
+    """The files of generated class images 0 .. count - 1 (image i is sampled with seed i)."""
+    return [Path(folder) / f"{index:05d}.png" for index in range(count)]
