@@ -137,8 +137,8 @@ def child(args: argparse.Namespace) -> None:
     if peak is None:  # CPU: the process's peak resident size (Linux reports KiB)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"variant": args.variant, "steps_per_second": rate, "peak_bytes": peak,
-                      "final_loss": result.losses[-1], "device": str(result.delta.metadata["recipe"].get(
-                          "mixed_precision"))}))
+                      "final_loss": result.losses[-1],
+                      "mixed_precision": result.delta.metadata["recipe"]["mixed_precision"]}))
 
 
 def main() -> None:
@@ -152,7 +152,9 @@ def main() -> None:
     parser.add_argument("--num-class-images", type=int, default=200)
     parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
     parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads per run (default 1: steadier timings on a shared machine; "
+                             "0: torch's choice)")
     parser.add_argument("--work-dir", type=Path, help="keep models and images here (default: a temporary folder)")
     parser.add_argument("--child", dest="variant", choices=("cached", "plain"), help=argparse.SUPPRESS)
     parser.add_argument("--base", help=argparse.SUPPRESS)
@@ -174,7 +176,7 @@ def main() -> None:
         reg = draw_images(work / f"class-{size}-{args.num_class_images}", args.num_class_images, size, seed=2)
         print(f"model {args.model} ({time.perf_counter() - started:.0f} s to build), device {args.device}, "
               f"batch {args.batch_size} (+{args.batch_size} class images), {size} px, "
-              f"{args.num_class_images} class images, mixed precision {args.mixed_precision}, "
+              f"{args.num_class_images} class images, {args.threads or 'default'} CPU thread(s), "
               f"{args.steps} timed steps after {args.warmup}", flush=True)
         rows = {}
         for variant in ("cached", "plain"):
@@ -193,10 +195,10 @@ def main() -> None:
                 sys.exit(f"{variant} run failed:\n{done.stderr[-3000:]}")
             rows[variant] = json.loads(done.stdout.strip().splitlines()[-1])
         cached, plain = rows["cached"], rows["plain"]
-        print(f"{'run':28s} {'steps/s':>9s} {'peak memory':>12s} {'final loss':>11s}")
+        print(f"{'run':28s} {'steps/s':>9s} {'peak memory':>12s} {'final loss':>11s} {'precision':>9s}")
         for name, row in (("cd-train (cached priors)", cached), ("plain (encode every step)", plain)):
             print(f"{name:28s} {row['steps_per_second']:9.3f} {row['peak_bytes'] / 2**30:9.2f} GiB "
-                  f"{row['final_loss']:11.5f}")
+                  f"{row['final_loss']:11.5f} {row['mixed_precision']:>9s}")
         print(f"speed ratio cd-train / plain: {cached['steps_per_second'] / plain['steps_per_second']:.2f}x; "
               f"peak memory ratio: {cached['peak_bytes'] / plain['peak_bytes']:.2f}")
 
