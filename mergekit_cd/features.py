@@ -46,6 +46,9 @@ OBJECT_TEMPLATES = ("{token} {class_word}", "photo of a {token} {class_word}")
 STYLE_TEMPLATES = ("{token} {class_word}", "painting in the style of {token} {class_word}")
 
 _CACHE_FORMAT_VERSION = "1"
+#: A cached Gram matrix whose largest asymmetry exceeds this fraction of its largest entry is damaged
+#: (accumulating ``C^T C`` in float64, on any device, stays many orders of magnitude closer).
+SYMMETRY_RTOL = 1e-10
 
 
 def kept_rows(caption: str, num_tokens: int) -> slice:
@@ -148,22 +151,36 @@ class TextFeatures:
                 group = by_length[length]
                 for start in range(0, len(group), batch_size):
                     indices = group[start:start + batch_size]
-                    states = self._encode([ids[index] for index in indices])
+                    states = self._encode([ids[index] for index in indices], captions[indices[0]])
                     yield indices, [states[row, kept_rows(captions[index], length)]
                                     for row, index in enumerate(indices)]
                     bar.update(len(indices))
 
-    def _encode(self, batch: list[list[list[int]]]) -> Tensor:
-        """Cross-attention context (batch, tokens, d) of equal-length token id sequences."""
+    def _encode(self, batch: list[list[list[int]]], example: str) -> Tensor:
+        """Cross-attention context (batch, tokens, d) of equal-length token id sequences.
+
+        Non-finite features (a float16 encoder that overflows, damaged weights) are refused here,
+        naming the encoder and dtype, so that no NaN reaches a Gram matrix, its cache or a solve.
+        """
         hidden_state = self.base.architecture.hidden_state  # None: last, after the final norm
         states = []
         with torch.no_grad():
             for index, encoder in enumerate(self.encoders):
                 input_ids = torch.tensor([caption_ids[index] for caption_ids in batch], device=self.device)
                 output = encoder(input_ids, output_hidden_states=hidden_state is not None)
-                states.append(output.last_hidden_state if hidden_state is None
-                              else output.hidden_states[hidden_state])
+                state = output.last_hidden_state if hidden_state is None else output.hidden_states[hidden_state]
+                if not torch.isfinite(state).all():
+                    raise self._non_finite_error(self.base.architecture.text_encoders[index], example)
+                states.append(state)
         return torch.cat(states, dim=-1)
+
+    def _non_finite_error(self, component: str, example: str) -> MergeError:
+        """The error for NaN or infinite features from ``component``, with what to try next."""
+        dtype = str(self.dtype).removeprefix("torch.")
+        remedy = ("run it in float32 (--dtype float32)" if self.dtype in (torch.float16, torch.bfloat16)
+                  else "its weights may be damaged")
+        return MergeError(f"The text encoder {component} of {self.base.name} gave NaN or infinite features "
+                          f"in {dtype} (e.g. for {example!r}); {remedy}.")
 
 
 def _check_token(token: str, embeddings: Sequence[Tensor], dims: tuple[int, ...],
@@ -249,7 +266,7 @@ def cached_gram(base: BaseModel, captions: Sequence[str], *, device: str | torch
         dtype = encoder.dtype
     key = gram_cache_key(base, captions, dtype)
     path = Path(cache_dir or default_cache_dir()).expanduser() / f"gram-{key}.safetensors"
-    cached = _read_gram(path)
+    cached = _read_gram(path, sum(base.token_dims()))
     if cached is not None:
         return (*cached, True)
     encoder = encoder or TextFeatures(base, device=device, dtype=dtype)
@@ -261,15 +278,28 @@ def cached_gram(base: BaseModel, captions: Sequence[str], *, device: str | torch
     return gram, count, False
 
 
-def _read_gram(path: Path) -> tuple[Tensor, int] | None:
-    """The cached (G, n), or None when there is no usable file."""
+def _read_gram(path: Path, width: int) -> tuple[Tensor, int] | None:
+    """The cached (G, n), or None when the file is missing or is not a valid Gram matrix.
+
+    Valid: float64, ``width`` x ``width``, finite, symmetric with a non-negative diagonal, and a
+    positive row count in the metadata. Anything else (a truncated file, one NaN written into
+    it) is a miss and gets recomputed: a damaged cache must never reach the solver.
+    """
     if not path.is_file():
         return None
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
-            return handle.get_tensor("gram"), int(handle.metadata()["rows"])
+            gram = handle.get_tensor("gram").clone()  # a copy: a view would keep the file mapped
+            rows = int(handle.metadata()["rows"])
     except Exception:  # noqa: BLE001 - a damaged cache file is recomputed, whatever the damage
         return None
+    if gram.dtype != torch.float64 or gram.shape != (width, width) or rows < 1:
+        return None
+    if not torch.isfinite(gram).all() or (gram.diagonal() < 0).any():
+        return None
+    if (gram - gram.T).abs().max() > SYMMETRY_RTOL * gram.abs().max():
+        return None
+    return gram, rows
 
 
 def _write_gram(path: Path, gram: Tensor, metadata: dict[str, str]) -> None:

@@ -189,6 +189,58 @@ def test_damaged_cache_file_is_recomputed(sd1_base, tmp_path):
     torch.testing.assert_close(again, gram)
 
 
+def _nan_at_corner(gram: torch.Tensor) -> torch.Tensor:
+    gram[0, 1] = float("nan")
+    return gram
+
+
+def _asymmetric(gram: torch.Tensor) -> torch.Tensor:
+    gram[0, 1] += 1.0
+    return gram
+
+
+@pytest.mark.parametrize("damage", [
+    pytest.param(lambda gram, metadata: (_nan_at_corner(gram), metadata), id="one-nan"),
+    pytest.param(lambda gram, metadata: (gram.fill_(float("inf")), metadata), id="infinite"),
+    pytest.param(lambda gram, metadata: (_asymmetric(gram), metadata), id="asymmetric"),
+    pytest.param(lambda gram, metadata: (gram[:-1, :-1].contiguous(), metadata), id="wrong-shape"),
+    pytest.param(lambda gram, metadata: (gram.float(), metadata), id="float32"),
+    pytest.param(lambda gram, metadata: (-gram, metadata), id="negative-diagonal"),
+    pytest.param(lambda gram, metadata: (gram, {**metadata, "rows": "many"}), id="rows-not-a-number"),
+    pytest.param(lambda gram, metadata: (gram, {**metadata, "rows": "0"}), id="no-rows"),
+    pytest.param(lambda gram, metadata: (gram, {k: v for k, v in metadata.items() if k != "rows"}), id="no-rows-key"),
+])
+def test_a_cached_gram_that_is_not_a_valid_gram_matrix_is_recomputed(sd1_base, tmp_path, damage):
+    """One NaN written into a cache file used to reach the solver (ValueError: G contains NaN)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    gram, count, _ = cached_gram(sd1_base, CAPTIONS[:3], cache_dir=tmp_path)
+    [file] = tmp_path.glob("gram-*.safetensors")
+    with safe_open(str(file), framework="pt") as handle:
+        stored, metadata = handle.get_tensor("gram").clone(), handle.metadata()
+    damaged, metadata = damage(stored, metadata)
+    save_file({"gram": damaged}, str(file), metadata=metadata)
+    again, again_count, from_cache = cached_gram(sd1_base, CAPTIONS[:3], cache_dir=tmp_path)
+    assert not from_cache and again_count == count
+    torch.testing.assert_close(again, gram)
+    assert cached_gram(sd1_base, CAPTIONS[:3], cache_dir=tmp_path)[2]  # rewritten, valid again
+
+
+@pytest.mark.parametrize("dtype, remedy", [(torch.float32, "weights may be damaged"),
+                                           (torch.bfloat16, r"float32 \(--dtype float32\)")], ids=["float32", "bfloat16"])
+def test_non_finite_features_name_the_text_encoder_and_dtype(sd1_base, dtype, remedy):
+    encoder = TextFeatures(sd1_base, dtype=dtype)
+    with torch.no_grad():
+        encoder.encoders[0].get_input_embeddings().weight[:] = float("inf")
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(MergeError, match=rf"text encoder text_encoder of .* NaN or infinite features in "
+                                         rf"{name} \(e\.g\. for '.*'\); .*{remedy}"):
+        encoder.gram(CAPTIONS[:3])
+    with pytest.raises(MergeError, match="NaN or infinite features"):
+        encoder.features(CAPTIONS[:1])
+
+
 def test_default_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("MERGEKIT_CD_CACHE", str(tmp_path / "own"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
