@@ -113,10 +113,23 @@ def summarize_plan(plan: MergePlan, *, device: str | torch.device = "cpu",
     stacked = torch.cat(features)
     singular_values = torch.linalg.svdvals(stacked)
     top = float(singular_values[0]) if singular_values.numel() else 0.0
-    rank = int((singular_values > default_rtol(text_dtype) * top).sum()) if top > 0 else 0
+    rank = int((singular_values > dependence_rtol(text_dtype) * top).sum()) if top > 0 else 0
     rows = tuple((plan.sources[owner], plan.formats[owner], concept, C.shape[0])
                  for concept, owner, C in zip(plan.concepts, plan.owners, features))
     return PlanSummary(rows, stacked.shape[0], rank, plan.estimated_memory_bytes(stacked.shape[0], text_dtype))
+
+
+def dependence_rtol(text_dtype: torch.dtype) -> float:
+    """Tolerance below which constraint rows count as dependent: float32's sqrt(eps), or finer.
+
+    The targets ``V_i = W_i C_i^T`` are computed from the very feature rows ``C_i`` that the
+    constraints use, so a float16 / bfloat16 text encoder's rounding makes no row inconsistent;
+    it only moves the rows a little. Basing the tolerance on that rounding (0.031 float16, 0.088
+    bfloat16) dropped rows that conflict with nothing (rank 17/18, residuals 1e-2 on the tiny
+    model). float32's tolerance still meets near-duplicate rows with conflicting targets in
+    least squares, exactly as a float32 merge does; the solve itself is always float64.
+    """
+    return default_rtol(torch.promote_types(text_dtype, torch.float32))
 
 
 def plan_merge(deltas: Sequence[PathLike | ConceptDelta], reg_captions: Sequence[str] | None = None, *,
@@ -338,8 +351,7 @@ def execute(plan: MergePlan, *, method: str = "constrained", weights: Sequence[f
     operator, total_ridge = None, ridge
     if method in ("constrained", "soft"):
         total_ridge = ridge + relative_ridge * float(torch.diagonal(text.gram).mean())
-        # features are float64 here but only as exact as the text encoder that made them
-        rtol = default_rtol(text_dtype)
+        rtol = dependence_rtol(text_dtype)
         G = text.gram.to(solve_device)
         if method == "constrained":
             operator = factor_hard(G, torch.cat(text.targets).to(solve_device), ridge=total_ridge,

@@ -154,6 +154,17 @@ def test_dry_run_summary_counts_rows_and_rank(base, two):
     assert duplicate.estimated_memory_bytes > 0
 
 
+def test_a_bfloat16_merge_keeps_every_constraint(base, two):
+    """bfloat16 text features used to set the dependence tolerance to sqrt(eps) = 0.088, which
+    dropped consistent rows (rank 17/18, residuals 1e-2): the targets come from the same rows."""
+    three = [*two, random_concept_delta(base, "<new3>", "dog", seed=3)]
+    _, report = merge(three, captions(), base=base, text_dtype=torch.bfloat16, return_report=True)
+    assert report.solve_info.rank == report.solve_info.n_constraints == 18
+    assert max(concept.residual for concept in report.concepts) < 1e-6
+    summary = summarize_plan(plan_merge(three, captions(), base=base), text_dtype=torch.bfloat16)
+    assert summary.rank == summary.num_constraint_rows == 18
+
+
 # ----------------------------------------------------------------------------- memory
 
 
