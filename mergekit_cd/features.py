@@ -75,9 +75,10 @@ class TextFeatures:
         self.base = base
         self.device = torch.device(device)
         self.dtype = dtype
+        self.tokens = dict(tokens or {})
         self.tokenizers = base.load_tokenizers()
         self.encoders = base.load_text_encoders(self.device, dtype)
-        self._install_tokens(dict(tokens or {}))
+        self._install_tokens(self.tokens)
 
     def _install_tokens(self, tokens: dict[str, Sequence[Tensor]]) -> None:
         """Check every token first, then add them all: a refused token leaves nothing half-done."""
@@ -230,12 +231,33 @@ def default_cache_dir() -> Path:
     return Path(root).expanduser() / "mergekit_cd"
 
 
-def gram_cache_key(base: BaseModel, captions: Sequence[str], dtype: torch.dtype) -> str:
+def tokens_in(texts: Sequence[str], tokens: Mapping[str, Sequence[Tensor]] | None) -> dict[str, str]:
+    """By name, the sha256 of the embeddings of each modifier token that may occur in ``texts``.
+
+    Tokenizers match an added token anywhere in a text (``"tasks"`` holds ``"sks"``), CLIP's
+    after lower-casing; a case-insensitive substring test finds every token they can match, so
+    a cache key that includes these changes whenever the tokens can change the features.
+    """
+    text = "\n".join(texts).lower()
+    found = {}
+    for name in sorted(tokens or {}):
+        if name and name.lower() in text:
+            digest = hashlib.sha256()
+            for embedding in tokens[name]:
+                digest.update(embedding.detach().float().cpu().contiguous().numpy().tobytes())
+            found[name] = digest.hexdigest()
+    return found
+
+
+def gram_cache_key(base: BaseModel, captions: Sequence[str], dtype: torch.dtype,
+                   tokens: Mapping[str, Sequence[Tensor]] | None = None) -> str:
     """sha256 hex of what decides a regularisation Gram matrix.
 
     The base fingerprint (its K/V weights), the text-encoder and tokenizer files, the
-    architecture, the exact captions, the row rule and the text encoder dtype. Device and batch size only change rounding, so they are not
-    part of it.
+    architecture, the exact captions, the row rule, the text encoder dtype, and the modifier
+    tokens (names and embeddings) that occur in the captions, since those are encoded with
+    them (:func:`tokens_in`; captions without any keep the key they always had). Device and
+    batch size only change rounding, so they are not part of it.
     """
     content = {
         "format_version": _CACHE_FORMAT_VERSION,
@@ -246,6 +268,9 @@ def gram_cache_key(base: BaseModel, captions: Sequence[str], dtype: torch.dtype)
         "feature_rule": FEATURE_RULE,
         "text_dtype": str(dtype),
     }
+    found = tokens_in(captions, tokens)
+    if found:
+        content["tokens"] = found
     return hashlib.sha256(json.dumps(content, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
@@ -257,14 +282,14 @@ def cached_gram(base: BaseModel, captions: Sequence[str], *, device: str | torch
 
     The file is ``gram-<key>.safetensors`` under ``cache_dir`` (default :func:`default_cache_dir`),
     keyed by :func:`gram_cache_key`. A hit loads neither tokenizer nor text encoder; a miss
-    uses ``encoder`` when given (its dtype wins over ``dtype``) instead of loading its own. An
-    unreadable cache file counts as a miss; an unwritable cache only warns.
+    uses ``encoder`` when given (its dtype and tokens win over ``dtype``) instead of loading its
+    own. An unreadable cache file counts as a miss; an unwritable cache only warns.
     """
     if not captions:
         raise MergeError("No regularisation captions to compute a Gram matrix from.")
     if encoder is not None:
         dtype = encoder.dtype
-    key = gram_cache_key(base, captions, dtype)
+    key = gram_cache_key(base, captions, dtype, encoder.tokens if encoder is not None else None)
     path = Path(cache_dir or default_cache_dir()).expanduser() / f"gram-{key}.safetensors"
     cached = _read_gram(path, sum(base.token_dims()))
     if cached is not None:

@@ -180,6 +180,18 @@ def test_cache_key_depends_on_captions_dtype_and_base(sd1_base, sdxl_base):
     assert key != gram_cache_key(sdxl_base, CAPTIONS, torch.float32)
 
 
+def test_cache_key_holds_the_tokens_that_occur_in_the_captions(sd1_base):
+    generator = torch.Generator().manual_seed(2)
+    one, other = (torch.randn(64, generator=generator),), (torch.randn(64, generator=generator),)
+    captions = ["a ktn on the sofa", "a dog in the garden"]
+    plain = gram_cache_key(sd1_base, captions, torch.float32)
+    assert gram_cache_key(sd1_base, captions, torch.float32, {"<new1>": one}) == plain  # not in a caption
+    with_one = gram_cache_key(sd1_base, captions, torch.float32, {"ktn": one, "<new1>": other})
+    assert with_one not in (plain, gram_cache_key(sd1_base, captions, torch.float32, {"ktn": other}))
+    assert gram_cache_key(sd1_base, captions, torch.float32, {"KTN": one}) != plain  # CLIP lower-cases
+    assert gram_cache_key(sd1_base, captions, torch.float32, {"ktn": one}) == with_one
+
+
 def test_damaged_cache_file_is_recomputed(sd1_base, tmp_path):
     gram, count, _ = cached_gram(sd1_base, CAPTIONS[:3], cache_dir=tmp_path)
     [file] = tmp_path.glob("gram-*.safetensors")

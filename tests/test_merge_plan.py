@@ -165,6 +165,18 @@ def test_a_bfloat16_merge_keeps_every_constraint(base, two):
     assert summary.rank == summary.num_constraint_rows == 18
 
 
+def test_a_caption_holding_a_token_is_not_reused_for_another_embedding(base, two, tmp_path):
+    """Such a caption is encoded with the token's embedding: the Gram cache must key on it."""
+    reg = [*captions()[:20], "a <new1> cat on a sofa"]
+    held_out = ["a house by the sea"]
+    _, first = merge(two, reg, base=base, cache_dir=tmp_path, held_out=held_out, return_report=True)
+    other = [random_concept_delta(base, "<new1>", "cat", seed=7), two[1]]  # <new1> with another embedding
+    _, second = merge(other, reg, base=base, cache_dir=tmp_path, held_out=held_out, return_report=True)
+    assert not first.gram_from_cache and not second.gram_from_cache
+    _, again = merge(other, reg, base=base, cache_dir=tmp_path, held_out=held_out, return_report=True)
+    assert again.gram_from_cache
+
+
 # ----------------------------------------------------------------------------- memory
 
 
