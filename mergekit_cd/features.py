@@ -8,7 +8,8 @@ tokens); captions of equal token length are encoded together, so batching never 
 Which rows of a caption's features count (:func:`kept_rows`) follows the authors' diffusers
 merge script exactly; :data:`FEATURE_RULE` names that rule so caches and merge metadata can
 record it. :func:`cached_gram` stores the regularisation Gram matrix ``C_reg^T C_reg`` on disk,
-keyed by the base fingerprint, the captions, the rule and the text encoder dtype.
+keyed by the base fingerprint, the captions, the rule, the text encoder dtype and the tokens
+that occur in the captions; :func:`cached_features` does the same for a merge's target prompts.
 """
 
 from __future__ import annotations
@@ -184,6 +185,28 @@ class TextFeatures:
                           f"in {dtype} (e.g. for {example!r}); {remedy}.")
 
 
+class LazyTextFeatures:
+    """A :class:`TextFeatures` built on first use, then shared by every cache miss.
+
+    :func:`cached_gram` and :func:`cached_features` take one, so a merge whose text features
+    are all cached loads no tokenizer or text encoder, and one with misses loads them once.
+    """
+
+    def __init__(self, base: BaseModel, tokens: Mapping[str, Sequence[Tensor]] | None = None, *,
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        self.base = base
+        self.tokens = dict(tokens or {})
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self._built: TextFeatures | None = None
+
+    def get(self) -> TextFeatures:
+        """The encoder, loaded (and the tokens installed) on the first call."""
+        if self._built is None:
+            self._built = TextFeatures(self.base, self.tokens, device=self.device, dtype=self.dtype)
+        return self._built
+
+
 def _check_token(token: str, embeddings: Sequence[Tensor], dims: tuple[int, ...],
                  tokenizers: list[Any]) -> None:
     """A modifier token must be one new word with one embedding of the right size per encoder."""
@@ -274,33 +297,76 @@ def gram_cache_key(base: BaseModel, captions: Sequence[str], dtype: torch.dtype,
     return hashlib.sha256(json.dumps(content, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
+def features_cache_key(base: BaseModel, texts: Sequence[str], dtype: torch.dtype,
+                       tokens: Mapping[str, Sequence[Tensor]] | None = None) -> str:
+    """sha256 hex of what decides the feature rows of ``texts`` (e.g. a merge's target prompts).
+
+    The text-encoder and tokenizer files, the architecture, the exact texts, the row rule, the
+    text encoder dtype, and the modifier tokens (names and embeddings) occurring in the texts.
+    """
+    content = {
+        "format_version": _CACHE_FORMAT_VERSION,
+        "kind": "features",
+        "text_fingerprint": base.text_fingerprint,
+        "architecture": base.architecture.name,
+        "texts": list(texts),
+        "feature_rule": FEATURE_RULE,
+        "text_dtype": str(dtype),
+        "tokens": tokens_in(texts, tokens),
+    }
+    return hashlib.sha256(json.dumps(content, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
 def cached_gram(base: BaseModel, captions: Sequence[str], *, device: str | torch.device = "cpu",
-                dtype: torch.dtype = torch.float32, batch_size: int = 64,
-                cache_dir: str | os.PathLike[str] | None = None, progress: bool = False,
-                encoder: TextFeatures | None = None) -> tuple[Tensor, int, bool]:
+                dtype: torch.dtype = torch.float32, tokens: Mapping[str, Sequence[Tensor]] | None = None,
+                batch_size: int = 64, cache_dir: str | os.PathLike[str] | None = None,
+                progress: bool = False, encoder: LazyTextFeatures | None = None) -> tuple[Tensor, int, bool]:
     """``(G, n, from_cache)``: :meth:`TextFeatures.gram` of ``captions``, stored on disk.
 
     The file is ``gram-<key>.safetensors`` under ``cache_dir`` (default :func:`default_cache_dir`),
     keyed by :func:`gram_cache_key`. A hit loads neither tokenizer nor text encoder; a miss
-    uses ``encoder`` when given (its dtype and tokens win over ``dtype``) instead of loading its
-    own. An unreadable cache file counts as a miss; an unwritable cache only warns.
+    uses ``encoder`` when given (its device, dtype and tokens win over the arguments). A cache
+    file that is not a valid Gram matrix counts as a miss; an unwritable cache only warns.
     """
     if not captions:
         raise MergeError("No regularisation captions to compute a Gram matrix from.")
-    if encoder is not None:
-        dtype = encoder.dtype
-    key = gram_cache_key(base, captions, dtype, encoder.tokens if encoder is not None else None)
+    encoder = encoder or LazyTextFeatures(base, tokens, device=device, dtype=dtype)
+    key = gram_cache_key(base, captions, encoder.dtype, encoder.tokens)
     path = Path(cache_dir or default_cache_dir()).expanduser() / f"gram-{key}.safetensors"
     cached = _read_gram(path, sum(base.token_dims()))
     if cached is not None:
         return (*cached, True)
-    encoder = encoder or TextFeatures(base, device=device, dtype=dtype)
-    gram, count = encoder.gram(captions, batch_size=batch_size, progress=progress)
+    gram, count = encoder.get().gram(captions, batch_size=batch_size, progress=progress)
     metadata = {"format_version": _CACHE_FORMAT_VERSION, "rows": str(count), "feature_rule": FEATURE_RULE,
-                "base": base.name, "base_fingerprint": base.fingerprint, "text_dtype": str(dtype),
+                "base": base.name, "base_fingerprint": base.fingerprint, "text_dtype": str(encoder.dtype),
                 "num_captions": str(len(captions))}
-    _write_gram(path, gram, metadata)
+    _write_cache(path, {"gram": gram}, metadata, "the Gram matrix")
     return gram, count, False
+
+
+def cached_features(base: BaseModel, texts: Sequence[str], *, device: str | torch.device = "cpu",
+                    dtype: torch.dtype = torch.float32, tokens: Mapping[str, Sequence[Tensor]] | None = None,
+                    batch_size: int = 64, cache_dir: str | os.PathLike[str] | None = None,
+                    encoder: LazyTextFeatures | None = None) -> tuple[list[Tensor], bool]:
+    """``(rows, from_cache)``: :meth:`TextFeatures.features` of ``texts``, stored on disk.
+
+    For the few target prompts of a merge, so that a repeated merge needs no text encoder at
+    all. The file is ``features-<key>.safetensors`` (:func:`features_cache_key`); hits, misses,
+    ``encoder`` and damaged or unwritable caches behave as in :func:`cached_gram`.
+    """
+    if not texts:
+        raise MergeError("No prompts to compute features of.")
+    encoder = encoder or LazyTextFeatures(base, tokens, device=device, dtype=dtype)
+    key = features_cache_key(base, texts, encoder.dtype, encoder.tokens)
+    path = Path(cache_dir or default_cache_dir()).expanduser() / f"features-{key}.safetensors"
+    cached = _read_features(path, len(texts), sum(base.token_dims()))
+    if cached is not None:
+        return cached, True
+    rows = encoder.get().features(texts, batch_size=batch_size)
+    metadata = {"format_version": _CACHE_FORMAT_VERSION, "feature_rule": FEATURE_RULE, "base": base.name,
+                "text_dtype": str(encoder.dtype), "num_texts": str(len(texts))}
+    _write_cache(path, {str(index): row for index, row in enumerate(rows)}, metadata, "the target features")
+    return rows, False
 
 
 def _read_gram(path: Path, width: int) -> tuple[Tensor, int] | None:
@@ -327,16 +393,38 @@ def _read_gram(path: Path, width: int) -> tuple[Tensor, int] | None:
     return gram, rows
 
 
-def _write_gram(path: Path, gram: Tensor, metadata: dict[str, str]) -> None:
+def _read_features(path: Path, count: int, width: int) -> list[Tensor] | None:
+    """The cached feature rows of ``count`` texts, or None when the file is missing or damaged.
+
+    Valid: tensors ``"0"`` .. ``str(count - 1)``, each float32, ``(rows, width)`` and finite; as
+    with the Gram matrix, anything else is recomputed.
+    """
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            if set(handle.keys()) != {str(index) for index in range(count)}:
+                return None
+            rows = [handle.get_tensor(str(index)).clone() for index in range(count)]  # copies, as above
+    except Exception:  # noqa: BLE001 - a damaged cache file is recomputed, whatever the damage
+        return None
+    for row in rows:
+        if row.dtype != torch.float32 or row.dim() != 2 or row.shape[1] != width or not torch.isfinite(row).all():
+            return None
+    return rows
+
+
+def _write_cache(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str], what: str) -> None:
     """Write atomically (temporary file, then rename), so readers never see half a file."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"gram": gram.contiguous()}, str(temporary), metadata=metadata)
+        save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(temporary),
+                  metadata=metadata)
         os.replace(temporary, path)
     except OSError as error:
         temporary.unlink(missing_ok=True)
-        warnings.warn(f"Could not cache the Gram matrix in {path.parent}: {error}", stacklevel=3)
+        warnings.warn(f"Could not cache {what} in {path.parent}: {error}", stacklevel=3)
 
 
 def read_captions(path: str | os.PathLike[str]) -> list[str]:

@@ -22,7 +22,16 @@ from . import formats
 from .base import BaseModel
 from .delta import Concept, ConceptDelta, LayerDelta, LazyLayers, LowRank, TokenRename, dense, merge_tokens
 from .errors import MergeError
-from .features import FEATURE_RULE, TextFeatures, cached_gram, default_reg_captions, heldout_captions, target_prompts
+from .features import (
+    FEATURE_RULE,
+    LazyTextFeatures,
+    TextFeatures,
+    cached_features,
+    cached_gram,
+    default_reg_captions,
+    heldout_captions,
+    target_prompts,
+)
 from .loading import PathLike, as_base, load, resolve_delta
 from .solvers import SolveInfo, factor_hard, factor_soft
 from .solvers._common import default_rtol
@@ -291,11 +300,16 @@ def _encode_text(plan: MergePlan, method: str, *, device: torch.device, text_dty
                  report: bool, progress: bool) -> _TextPhase:
     """Target features, the caption Gram matrix and (for the report) the held-out one.
 
-    One text encoder serves all three; it is dropped on return, before the K/V work starts.
+    All three are cached on disk; the text encoder is loaded only on a miss, once for all three,
+    and dropped on return, before the K/V work starts. A repeated merge loads no encoder at all.
     """
-    encoder = TextFeatures(plan.base, plan.tokens, device=device, dtype=text_dtype)
-    targets = [torch.cat(encoder.features(list(c.prompts), batch_size=batch_size)).double()
-               for c in plan.concepts]
+    encoder = LazyTextFeatures(plan.base, plan.tokens, device=device, dtype=text_dtype)
+    prompts = [prompt for concept in plan.concepts for prompt in concept.prompts]
+    rows = cached_features(plan.base, prompts, batch_size=batch_size, cache_dir=cache_dir, encoder=encoder)[0]
+    targets, start = [], 0
+    for concept in plan.concepts:
+        targets.append(torch.cat(rows[start:start + len(concept.prompts)]).double())
+        start += len(concept.prompts)
     gram, num_rows, from_cache = None, 0, False
     if method in ("constrained", "soft"):
         gram, num_rows, from_cache = cached_gram(plan.base, list(plan.reg_captions), batch_size=batch_size,

@@ -15,9 +15,11 @@ from mergekit_cd.features import (
     FEATURE_RULE,
     OBJECT_TEMPLATES,
     TextFeatures,
+    cached_features,
     cached_gram,
     default_cache_dir,
     default_reg_captions,
+    features_cache_key,
     gram_cache_key,
     heldout_captions,
     kept_rows,
@@ -251,6 +253,33 @@ def test_non_finite_features_name_the_text_encoder_and_dtype(sd1_base, dtype, re
         encoder.gram(CAPTIONS[:3])
     with pytest.raises(MergeError, match="NaN or infinite features"):
         encoder.features(CAPTIONS[:1])
+
+
+def test_cached_features_need_no_text_encoder_on_a_hit_and_key_on_the_tokens(sd1_base, tmp_path, monkeypatch):
+    generator = torch.Generator().manual_seed(4)
+    tokens = {"<new1>": (torch.randn(64, generator=generator),)}
+    prompts = ["<new1> cat", "photo of a <new1> cat", "a dog"]
+    rows, from_cache = cached_features(sd1_base, prompts, tokens=tokens, cache_dir=tmp_path)
+    assert not from_cache
+    expected = TextFeatures(sd1_base, tokens).features(prompts)
+    for ours, theirs in zip(rows, expected, strict=True):
+        torch.testing.assert_close(ours, theirs)
+    key = features_cache_key(sd1_base, prompts, torch.float32, tokens)
+    assert key != features_cache_key(sd1_base, prompts, torch.float32, {"<new1>": (-tokens["<new1>"][0],)})
+    assert key != features_cache_key(sd1_base, prompts, torch.bfloat16, tokens)
+    assert key != features_cache_key(sd1_base, prompts[:2], torch.float32, tokens)
+    [file] = tmp_path.glob("features-*.safetensors")
+    pristine = file.read_bytes()
+    file.write_bytes(pristine[:-8])  # truncated: recomputed
+    assert not cached_features(sd1_base, prompts, tokens=tokens, cache_dir=tmp_path)[1]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a cache hit must not load the tokenizer or text encoder")
+
+    monkeypatch.setattr(BaseModel, "load_text_encoders", refuse)
+    monkeypatch.setattr(BaseModel, "load_tokenizers", refuse)
+    again, from_cache = cached_features(sd1_base, list(prompts), tokens=tokens, cache_dir=tmp_path)
+    assert from_cache and all(torch.equal(a, b) for a, b in zip(again, rows, strict=True))
 
 
 def test_default_cache_dir_follows_the_environment(monkeypatch, tmp_path):
