@@ -113,18 +113,19 @@ class TextFeatures:
         return ids
 
     def features(self, captions: Sequence[str], *, batch_size: int = 64,
-                 progress: bool = False) -> list[Tensor]:
+                 progress: bool = False, label: str = "text features") -> list[Tensor]:
         """Per caption, its kept feature rows (rows, d), float32 on the CPU, in input order."""
         by_index: dict[int, Tensor] = {}
-        for indices, rows in self._kept_batches(captions, batch_size, progress):
+        for indices, rows in self._kept_batches(captions, batch_size, progress, label):
             by_index.update((index, caption_rows.float().cpu()) for index, caption_rows in zip(indices, rows))
         return [by_index[index] for index in range(len(captions))]
 
     def gram(self, captions: Sequence[str], *, batch_size: int = 64,
-             progress: bool = False) -> tuple[Tensor, int]:
+             progress: bool = False, label: str = "text features") -> tuple[Tensor, int]:
         """``(G, n)``: G = C^T C of the stacked kept rows C (float64, CPU), n = number of rows.
 
-        Accumulated batch by batch, so the features of all captions are never held at once.
+        Accumulated batch by batch, so the features of all captions are never held at once;
+        ``label`` names the progress bar.
         """
         if not captions:
             raise MergeError("No captions to compute a Gram matrix from.")
@@ -133,14 +134,14 @@ class TextFeatures:
         width = sum(self.base.token_dims())
         gram = torch.zeros(width, width, dtype=torch.float64, device=device)
         count = 0
-        for _, rows in self._kept_batches(captions, batch_size, progress):
+        for _, rows in self._kept_batches(captions, batch_size, progress, label):
             stacked = torch.cat(rows).to(device, torch.float64)
             gram += stacked.T @ stacked
             count += stacked.shape[0]
         return gram.cpu(), count
 
     def _kept_batches(self, captions: Sequence[str], batch_size: int,
-                      progress: bool) -> Iterator[tuple[list[int], list[Tensor]]]:
+                      progress: bool, label: str) -> Iterator[tuple[list[int], list[Tensor]]]:
         """(caption indices, their kept rows) per batch of captions of equal token length."""
         if batch_size < 1:
             raise MergeError(f"batch_size must be at least 1, got {batch_size}.")
@@ -148,7 +149,7 @@ class TextFeatures:
         by_length: dict[int, list[int]] = {}
         for index, caption_ids in enumerate(ids):
             by_length.setdefault(len(caption_ids[0]), []).append(index)
-        with tqdm(total=len(captions), disable=not progress, desc="text features", unit="caption") as bar:
+        with tqdm(total=len(captions), disable=not progress, desc=label, unit="caption") as bar:
             for length in sorted(by_length):
                 group = by_length[length]
                 for start in range(0, len(group), batch_size):
@@ -320,7 +321,8 @@ def features_cache_key(base: BaseModel, texts: Sequence[str], dtype: torch.dtype
 def cached_gram(base: BaseModel, captions: Sequence[str], *, device: str | torch.device = "cpu",
                 dtype: torch.dtype = torch.float32, tokens: Mapping[str, Sequence[Tensor]] | None = None,
                 batch_size: int = 64, cache_dir: str | os.PathLike[str] | None = None,
-                progress: bool = False, encoder: LazyTextFeatures | None = None) -> tuple[Tensor, int, bool]:
+                progress: bool = False, label: str = "text features",
+                encoder: LazyTextFeatures | None = None) -> tuple[Tensor, int, bool]:
     """``(G, n, from_cache)``: :meth:`TextFeatures.gram` of ``captions``, stored on disk.
 
     The file is ``gram-<key>.safetensors`` under ``cache_dir`` (default :func:`default_cache_dir`),
@@ -336,7 +338,7 @@ def cached_gram(base: BaseModel, captions: Sequence[str], *, device: str | torch
     cached = _read_gram(path, sum(base.token_dims()))
     if cached is not None:
         return (*cached, True)
-    gram, count = encoder.get().gram(captions, batch_size=batch_size, progress=progress)
+    gram, count = encoder.get().gram(captions, batch_size=batch_size, progress=progress, label=label)
     metadata = {"format_version": _CACHE_FORMAT_VERSION, "rows": str(count), "feature_rule": FEATURE_RULE,
                 "base": base.name, "base_fingerprint": base.fingerprint, "text_dtype": str(encoder.dtype),
                 "num_captions": str(len(captions))}

@@ -318,7 +318,7 @@ def _encode_text(plan: MergePlan, method: str, *, device: torch.device, text_dty
     if report:
         captions = list(held_out) if held_out is not None else heldout_captions()
         held_gram = cached_gram(plan.base, captions, batch_size=batch_size, cache_dir=cache_dir,
-                                encoder=encoder)[0]
+                                progress=progress, label="held-out features", encoder=encoder)[0]
     return _TextPhase(targets, gram, num_rows, from_cache, held_gram)
 
 

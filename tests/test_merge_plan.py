@@ -177,6 +177,15 @@ def test_a_caption_holding_a_token_is_not_reused_for_another_embedding(base, two
     assert again.gram_from_cache
 
 
+@pytest.mark.parametrize("progress", [True, False])
+def test_the_held_out_captions_get_a_labelled_progress_bar_unless_quiet(base, two, tmp_path, capsys, progress):
+    held_out = ["a house by the sea", "two dogs in the snow"]
+    merge(two, captions()[:10], base=base, cache_dir=tmp_path, held_out=held_out, progress=progress,
+          return_report=True)
+    shown = capsys.readouterr().err
+    assert ("held-out features" in shown) == progress and ("text features" in shown) == progress
+
+
 # ----------------------------------------------------------------------------- memory
 
 
