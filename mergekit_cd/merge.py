@@ -147,10 +147,11 @@ def plan_merge(deltas: Sequence[PathLike | ConceptDelta], reg_captions: Sequence
                style_templates: Sequence[str] | None = None, check_base: bool = True) -> MergePlan:
     """Load and validate the inputs, name their tokens, attach class words and target prompts.
 
-    A concept's target prompts are the ones its file records (our native files and cd-train
-    outputs do), unless a class word, a style flag or templates are given for it; then they
-    are built from ``target_templates`` (object concepts) or ``style_templates`` (style
-    concepts, see ``styles``).
+    A concept is a style when its file records it as one or ``styles`` flags its input (the
+    flag adds, it never clears a recorded style). Its target prompts are the ones its file
+    records (our native files and cd-train outputs do), unless a class word is given for it,
+    the flag makes it a style, or templates of its kind are given: ``target_templates`` for
+    object concepts, ``style_templates`` for style concepts; then they are built from those.
     """
     if not deltas:
         raise MergeError("Nothing to merge: give at least one delta.")
@@ -179,15 +180,15 @@ def plan_merge(deltas: Sequence[PathLike | ConceptDelta], reg_captions: Sequence
         words = _class_words_for(delta, own_tokens, given_word, sources[index])
         for token, word in zip(own_tokens, words):
             known = delta.concept_for(token)
-            style = styles[index] if styles is not None else bool(known and known.style)
+            recorded_style = bool(known and known.style)
+            style = recorded_style or bool(styles and styles[index])
+            templates = style_templates if style else target_templates
             new_token = renamed.get(token, token)
             recorded = known.renamed(token, new_token).prompts if known and known.prompts else ()
-            explicit = given_word or target_templates or style_templates or (styles is not None and styles[index])
-            if recorded and not explicit:
+            if recorded and not (given_word or templates or style != recorded_style):
                 prompts = recorded
             else:
-                prompts = tuple(target_prompts(new_token, word, style=style,
-                                               templates=style_templates if style else target_templates))
+                prompts = tuple(target_prompts(new_token, word, style=style, templates=templates))
             concepts.append(Concept(new_token, word, tuple(prompts), style))
             owners.append(index)
     captions = tuple(reg_captions) if reg_captions is not None else tuple(default_reg_captions())

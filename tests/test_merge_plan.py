@@ -133,6 +133,23 @@ def test_style_flag_and_templates_work_together(base, two):
     assert plan.concepts[0].prompts == ("<new1> cat", "photo of a <new1> cat")
 
 
+def test_templates_apply_only_to_their_kind_and_style_flags_only_add(base):
+    """--style-template used to discard an object's recorded prompts, --target-template a style's,
+    and --style 2 reset input 1's recorded style to an object."""
+    thing = random_concept_delta(base, "<new1>", "cat", seed=3)
+    thing.concepts = (Concept("<new1>", "cat", ("<new1> cat on a sofa",)),)
+    style = random_concept_delta(base, "<new2>", "painting", seed=4)
+    style.concepts = (Concept("<new2>", "painting", ("<new2> painting of a harbour",), style=True),)
+    plan = plan_merge([thing, style], captions(), base=base, style_templates=["{token} art of {class_word}"])
+    assert [c.prompts for c in plan.concepts] == [("<new1> cat on a sofa",), ("<new2> art of painting",)]
+    plan = plan_merge([thing, style], captions(), base=base, target_templates=["a {token} {class_word} toy"])
+    assert [c.prompts for c in plan.concepts] == [("a <new1> cat toy",), ("<new2> painting of a harbour",)]
+    plan = plan_merge([style, thing], captions(), base=base, styles=[False, True])
+    assert [c.style for c in plan.concepts] == [True, True]
+    assert plan.concepts[0].prompts == ("<new2> painting of a harbour",)
+    assert plan.concepts[1].prompts == ("<new1> cat", "painting in the style of <new1> cat")
+
+
 def test_an_input_without_tokens_is_warned_about(base, two):
     tokenless = random_concept_delta(base, "<new9>", "cat", seed=5)
     tokenless.tokens = {}
