@@ -342,7 +342,7 @@ def cached_gram(base: BaseModel, captions: Sequence[str], *, device: str | torch
     metadata = {"format_version": _CACHE_FORMAT_VERSION, "rows": str(count), "feature_rule": FEATURE_RULE,
                 "base": base.name, "base_fingerprint": base.fingerprint, "text_dtype": str(encoder.dtype),
                 "num_captions": str(len(captions))}
-    _write_cache(path, {"gram": gram}, metadata, "the Gram matrix")
+    _write_cache(path, {"gram": gram}, metadata, f"the Gram matrix of the {label}")
     return gram, count, False
 
 

@@ -54,6 +54,32 @@ def merge_args(tiny_pipeline_path, tiny_delta_files, architecture: str = "sd1") 
             "--num-reg-captions", "30", "-q"]
 
 
+# ---------------------------------------------------------------- warnings
+def test_every_command_prints_warnings_as_one_line_with_its_name(capsys):
+    import argparse
+    import warnings
+
+    def main(args):
+        warnings.warn("something is odd\n  about this input")
+        warnings.warn("and something else", RuntimeWarning)
+
+    assert _common.run(main, argparse.ArgumentParser(prog="cd-anything"), []) == 0
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == ["cd-anything: warning: something is odd about this input",
+                                         "cd-anything: warning: and something else"]
+
+
+def test_cd_merge_warns_about_an_unwritable_cache_in_one_line(tiny_pipeline_path, tiny_delta_files, tmp_path,
+                                                              capsys):
+    output = tmp_path / "merged.safetensors"
+    assert cd_merge.main([*merge_args(tiny_pipeline_path, tiny_delta_files), "-o", str(output),
+                          "--cache-dir", "/proc/nope"]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert lines and all(re.match(r"cd-merge: warning: Could not cache .* in /proc/nope: ", line) for line in lines), \
+        lines
+    assert output.is_file()
+
+
 # ---------------------------------------------------------------- cd-merge options
 @pytest.mark.parametrize(("arguments", "message"), [
     (["--method", "soft", "--mu", "-1"], r"^--mu -1: must be a finite number >= 0\.$"),
