@@ -13,6 +13,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -152,15 +153,19 @@ def plan_merge(deltas: Sequence[PathLike | ConceptDelta], reg_captions: Sequence
     records (our native files and cd-train outputs do), unless a class word is given for it,
     the flag makes it a style, or templates of its kind are given: ``target_templates`` for
     object concepts, ``style_templates`` for style concepts; then they are built from those.
+    The same input given twice (the same file or folder by any path, or the same delta object)
+    is refused.
     """
     if not deltas:
         raise MergeError("Nothing to merge: give at least one delta.")
     base = as_base(base)
-    loaded = [load(d, base=base, check_base=check_base) for d in deltas]
     sources = tuple(d if isinstance(d, str) else str(d) if not isinstance(d, ConceptDelta)
                     else d.metadata.get("source", f"input {i + 1}") for i, d in enumerate(deltas))
-    read_as = tuple("object" if isinstance(d, ConceptDelta) else formats.detect_format(resolve_delta(d)).NAME
-                    for d in deltas)
+    paths = [None if isinstance(d, ConceptDelta) else resolve_delta(d) for d in deltas]
+    _refuse_repeated_files(paths, sources)
+    loaded = [load(d, base=base, check_base=check_base) for d in deltas]
+    _refuse_repeated_objects(deltas, loaded, sources)
+    read_as = tuple("object" if path is None else formats.detect_format(path).NAME for path in paths)
     if class_words is not None and len(class_words) not in (0, len(loaded)):
         raise MergeError(f"Got {len(class_words)} class words for {len(loaded)} inputs; give one --class "
                          f"per input, in order (comma-separated for an input with several tokens).")
@@ -196,6 +201,61 @@ def plan_merge(deltas: Sequence[PathLike | ConceptDelta], reg_captions: Sequence
         raise MergeError("The regularisation caption set is empty.")
     return MergePlan(base, tuple(loaded), sources, read_as, tuple(concepts), tuple(owners), tokens,
                      renames, captions)
+
+
+def _refuse_repeated_files(paths: Sequence[Path | None], sources: Sequence[str]) -> None:
+    """The same file or folder given twice, by any path (a link, a hub cache entry), is refused.
+
+    It would be the same concept twice under two token names with one embedding.
+    """
+    seen: dict[tuple[int, int], int] = {}
+    for index, path in enumerate(paths):
+        if path is None:
+            continue
+        try:
+            status = path.stat()
+        except OSError:  # the loader says what is wrong with it
+            continue
+        identity = (status.st_dev, status.st_ino)
+        if identity in seen:
+            what = "folder" if path.is_dir() else "file"
+            raise MergeError(_repeated_message(index, seen[identity], sources, f"the same {what}"))
+        seen[identity] = index
+
+
+def _refuse_repeated_objects(deltas: Sequence[PathLike | ConceptDelta], loaded: Sequence[ConceptDelta],
+                             sources: Sequence[str]) -> None:
+    """A delta object given twice (or an equal one: same tokens, embeddings and weights) is refused.
+
+    The weights are compared only when every token embedding already matches, which two
+    different concepts practically never do, so the check costs nothing for distinct inputs.
+    """
+    objects = [index for index, delta in enumerate(deltas) if isinstance(delta, ConceptDelta)]
+    for position, index in enumerate(objects):
+        for earlier in objects[:position]:
+            if _same_delta(loaded[earlier], loaded[index]):
+                raise MergeError(_repeated_message(index, earlier, sources, "the same delta"))
+
+
+def _same_delta(a: ConceptDelta, b: ConceptDelta) -> bool:
+    """True when ``a`` is ``b``, or both have the same tokens with equal embeddings and equal layers."""
+    if a is b:
+        return True
+    if not a.tokens or a.tokens.keys() != b.tokens.keys() or a.layers.keys() != b.layers.keys():
+        return False
+    if not all(len(a.tokens[name]) == len(b.tokens[name])
+               and all(torch.equal(x, y) for x, y in zip(a.tokens[name], b.tokens[name])) for name in a.tokens):
+        return False
+    return all(torch.equal(_layer_rows(a, name), _layer_rows(b, name)) for name in a.layers)
+
+
+def _repeated_message(index: int, earlier: int, sources: Sequence[str], what: str) -> str:
+    """``Input 3 (b.safetensors) is the same file as input 1 (a.safetensors): ...``."""
+    def name(i: int) -> str:
+        return f"input {i + 1}" if sources[i] == f"input {i + 1}" else f"input {i + 1} ({sources[i]})"
+
+    return (f"I{name(index)[1:]} is {what} as {name(earlier)}: a concept can be merged only once; "
+            f"leave out the repeat.")
 
 
 def _delta_bytes(delta: ConceptDelta) -> int:

@@ -5,6 +5,7 @@ steps that would do the work are replaced by ones that fail the test if they run
 
 from __future__ import annotations
 
+import importlib
 import re
 
 import pytest
@@ -52,6 +53,22 @@ def merge_args(tiny_pipeline_path, tiny_delta_files, architecture: str = "sd1") 
     files = tiny_delta_files(architecture)
     return [str(files["native"]), str(files["diffusers"]), "--base", str(tiny_pipeline_path(architecture)),
             "--num-reg-captions", "30", "-q"]
+
+
+def test_the_same_input_twice_is_one_error_before_any_input_is_read(tiny_pipeline_path, tiny_delta_files,
+                                                                    tmp_path, capsys, monkeypatch):
+    native = str(tiny_delta_files("sd1")["native"])
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an input was read before the repeat was refused")
+
+    monkeypatch.setattr(importlib.import_module("mergekit_cd.merge"), "load", refuse)
+    assert cd_merge.main([native, native, "--base", str(tiny_pipeline_path("sd1")),
+                          "-o", str(tmp_path / "merged.safetensors"), "-q"]) == 1
+    message = one_error_line(capsys, "cd-merge")
+    assert re.match(r"^Input 2 \(.*delta\.safetensors\) is the same file as input 1 \(.*delta\.safetensors\): "
+                    r"a concept can be merged only once; leave out the repeat\.$", message), message
+    assert not (tmp_path / "merged.safetensors").exists()
 
 
 # ---------------------------------------------------------------- warnings

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from mergekit_cd.base import open_base
 from mergekit_cd.delta import Concept
 from mergekit_cd.errors import MergeError
-from mergekit_cd.loading import save
+from mergekit_cd.loading import load, save
 from mergekit_cd.merge import check_options, merge, plan_merge, summarize_plan
 from mergekit_cd.solvers import factor_hard, factor_soft, solve_hard, solve_soft
 from mergekit_cd.testing import random_concept_delta
@@ -164,11 +164,36 @@ def test_dry_run_summary_counts_rows_and_rank(base, two):
     summary = summarize_plan(plan)  # the twin's "<new1>" is renamed: its own embedding, its own rows
     assert summary.num_constraint_rows == sum(rows for *_, rows in summary.concepts)
     assert 0 < summary.rank <= summary.num_constraint_rows
-    same = plan_merge([two[0], two[0]], captions(), base=base)
+    tokenless = [random_concept_delta(base, "<new9>", "cat", seed=seed) for seed in (5, 6)]
+    for delta in tokenless:
+        delta.tokens, delta.concepts = {}, (Concept("", "cat"),)
+    with pytest.warns(UserWarning, match="no modifier token"):
+        same = plan_merge(tokenless, captions(), base=base)
     duplicate = summarize_plan(same)
-    # the same concept twice: the same embedding, so its rows repeat
+    # two concepts without a token and with one class word: the same prompts, so their rows repeat
     assert duplicate.rank == duplicate.num_constraint_rows // 2
     assert duplicate.estimated_memory_bytes > 0
+
+
+def test_the_same_input_twice_is_refused(base, two, tmp_path):
+    """It used to become two tokens with one embedding (<new2>, <new3>): the same concept twice."""
+    path = save(two[0], tmp_path / "cat.safetensors")
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(path)
+    folder = save(two[0], tmp_path / "cat", format="diffusers", base=base)
+    same_file = r"^Input 3 \(.*link\.safetensors\) is the same file as input 1 \(.*cat\.safetensors\): .*once"
+    with pytest.raises(MergeError, match=same_file):
+        plan_merge([path, two[1], link], captions(), base=base)
+    with pytest.raises(MergeError, match=r"^Input 2 \(.*cat/?\) is the same folder as input 1 \(.*cat\)"):
+        plan_merge([str(folder), f"{folder}/", two[1]], captions(), base=base)
+    with pytest.raises(MergeError, match=r"^Input 3 is the same delta as input 1: a concept can be merged only once"):
+        plan_merge([two[0], two[1], two[0]], captions(), base=base)
+    reread = load(path, base=base)  # another object, its layers read from the file: equal all the same
+    with pytest.raises(MergeError, match=r"^Input 2 \(.*cat\.safetensors\) is the same delta as input 1"):
+        plan_merge([two[0], reread], captions(), base=base)
+    other = random_concept_delta(base, "<new1>", "cat", seed=9)
+    other.tokens = dict(two[0].tokens)  # an untrained token: the same embedding, but other weights
+    assert len(plan_merge([two[0], other], captions(), base=base).concepts) == 2
 
 
 def test_a_bfloat16_merge_keeps_every_constraint(base, two):
@@ -263,8 +288,6 @@ def test_merge_on_cuda_matches_the_cpu(base, two):
 def test_a_loaded_native_file_is_not_kept_mapped(base, two, tmp_path):
     """A streamed input holds no view into its file: one would keep the whole file mapped, and
     every page the validation read resident (10 SDXL inputs showed as 16 GB of RSS)."""
-    from mergekit_cd.loading import load
-
     path = save(two[0], tmp_path / "cat.safetensors")
     delta = load(path, base=base)
     with open("/proc/self/maps") as maps:
