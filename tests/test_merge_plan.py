@@ -278,10 +278,21 @@ def test_peak_memory_stays_near_the_inputs(tiny_pipeline_path, tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_merge_on_cuda_matches_the_cpu(base, two):
-    on_cpu = merge(two, captions(), base=base)
-    on_gpu = merge(two, captions(), base=base, device="cuda")
-    assert on_gpu.allclose(on_cpu, rtol=1e-4, atol=1e-6)
+def test_merge_on_cuda_matches_the_cpu(base, two, tmp_path):
+    """The float32 text encoder differs by ~1e-6 between devices and the solve amplifies that
+    (worst layer 2.8e-5 on an H200), so compare layers by relative Frobenius norm and check that
+    both results keep every constraint; each device gets its own cache, so each encodes."""
+    on_cpu, cpu_report = merge(two, captions(), base=base, cache_dir=tmp_path / "cpu", return_report=True)
+    on_gpu, gpu_report = merge(two, captions(), base=base, device="cuda", cache_dir=tmp_path / "cuda",
+                               return_report=True)
+    assert not cpu_report.gram_from_cache and not gpu_report.gram_from_cache
+    for name in base.layer_names():
+        for which in ("key", "value"):
+            cpu, gpu = getattr(on_cpu.layers[name], which), getattr(on_gpu.layers[name], which)
+            assert gpu.device.type == "cpu" and gpu.shape == cpu.shape
+            assert float(torch.linalg.norm(gpu - cpu) / torch.linalg.norm(cpu)) < 1e-3, (name, which)
+    for report in (cpu_report, gpu_report):
+        assert max(concept.residual for concept in report.concepts) < 1e-5
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
