@@ -154,12 +154,12 @@ class TextFeatures:
                 group = by_length[length]
                 for start in range(0, len(group), batch_size):
                     indices = group[start:start + batch_size]
-                    states = self._encode([ids[index] for index in indices], captions[indices[0]])
+                    states = self._encode([ids[index] for index in indices], [captions[index] for index in indices])
                     yield indices, [states[row, kept_rows(captions[index], length)]
                                     for row, index in enumerate(indices)]
                     bar.update(len(indices))
 
-    def _encode(self, batch: list[list[list[int]]], example: str) -> Tensor:
+    def _encode(self, batch: list[list[list[int]]], texts: list[str]) -> Tensor:
         """Cross-attention context (batch, tokens, d) of equal-length token id sequences.
 
         Non-finite features (a float16 encoder that overflows, damaged weights) are refused here,
@@ -172,18 +172,20 @@ class TextFeatures:
                 input_ids = torch.tensor([caption_ids[index] for caption_ids in batch], device=self.device)
                 output = encoder(input_ids, output_hidden_states=hidden_state is not None)
                 state = output.last_hidden_state if hidden_state is None else output.hidden_states[hidden_state]
-                if not torch.isfinite(state).all():
-                    raise self._non_finite_error(self.base.architecture.text_encoders[index], example)
+                finite = torch.isfinite(state).flatten(1).all(dim=1)
+                if not finite.all():
+                    text = texts[int((~finite).nonzero()[0])]
+                    raise self._non_finite_error(self.base.architecture.text_encoders[index], text)
                 states.append(state)
         return torch.cat(states, dim=-1)
 
-    def _non_finite_error(self, component: str, example: str) -> MergeError:
+    def _non_finite_error(self, component: str, text: str) -> MergeError:
         """The error for NaN or infinite features from ``component``, with what to try next."""
         dtype = str(self.dtype).removeprefix("torch.")
         remedy = ("run it in float32 (--dtype float32)" if self.dtype in (torch.float16, torch.bfloat16)
                   else "its weights may be damaged")
         return MergeError(f"The text encoder {component} of {self.base.name} gave NaN or infinite features "
-                          f"in {dtype} (e.g. for {example!r}); {remedy}.")
+                          f"in {dtype} (for {text!r}); {remedy}.")
 
 
 class LazyTextFeatures:
