@@ -366,7 +366,8 @@ def cached_features(base: BaseModel, texts: Sequence[str], *, device: str | torc
     cached = _read_features(path, len(texts), sum(base.token_dims()))
     if cached is not None:
         return cached, True
-    rows = encoder.get().features(texts, batch_size=batch_size)
+    # own storage each: rows of one batch are views of one tensor, which safetensors may refuse
+    rows = [row.clone() for row in encoder.get().features(texts, batch_size=batch_size)]
     metadata = {"format_version": _CACHE_FORMAT_VERSION, "feature_rule": FEATURE_RULE, "base": base.name,
                 "text_dtype": str(encoder.dtype), "num_texts": str(len(texts))}
     _write_cache(path, {str(index): row for index, row in enumerate(rows)}, metadata, "the target features")
