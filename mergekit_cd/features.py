@@ -8,7 +8,8 @@ tokens); captions of equal token length are encoded together, so batching never 
 Which rows of a caption's features count (:func:`kept_rows`) follows the authors' diffusers
 merge script exactly; :data:`FEATURE_RULE` names that rule so caches and merge metadata can
 record it. :func:`cached_gram` stores the regularisation Gram matrix ``C_reg^T C_reg`` on disk,
-keyed by the base fingerprint, the captions, the rule and the text encoder dtype.
+keyed by the base fingerprint, the captions, the rule, the text encoder dtype and the tokens
+that occur in the captions; :func:`cached_features` does the same for a merge's target prompts.
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ OBJECT_TEMPLATES = ("{token} {class_word}", "photo of a {token} {class_word}")
 STYLE_TEMPLATES = ("{token} {class_word}", "painting in the style of {token} {class_word}")
 
 _CACHE_FORMAT_VERSION = "1"
+#: A cached Gram matrix whose largest asymmetry exceeds this fraction of its largest entry is damaged
+#: (accumulating ``C^T C`` in float64, on any device, stays many orders of magnitude closer).
+SYMMETRY_RTOL = 1e-10
 
 
 def kept_rows(caption: str, num_tokens: int) -> slice:
@@ -72,9 +76,10 @@ class TextFeatures:
         self.base = base
         self.device = torch.device(device)
         self.dtype = dtype
+        self.tokens = dict(tokens or {})
         self.tokenizers = base.load_tokenizers()
         self.encoders = base.load_text_encoders(self.device, dtype)
-        self._install_tokens(dict(tokens or {}))
+        self._install_tokens(self.tokens)
 
     def _install_tokens(self, tokens: dict[str, Sequence[Tensor]]) -> None:
         """Check every token first, then add them all: a refused token leaves nothing half-done."""
@@ -108,18 +113,19 @@ class TextFeatures:
         return ids
 
     def features(self, captions: Sequence[str], *, batch_size: int = 64,
-                 progress: bool = False) -> list[Tensor]:
+                 progress: bool = False, label: str = "text features") -> list[Tensor]:
         """Per caption, its kept feature rows (rows, d), float32 on the CPU, in input order."""
         by_index: dict[int, Tensor] = {}
-        for indices, rows in self._kept_batches(captions, batch_size, progress):
+        for indices, rows in self._kept_batches(captions, batch_size, progress, label):
             by_index.update((index, caption_rows.float().cpu()) for index, caption_rows in zip(indices, rows))
         return [by_index[index] for index in range(len(captions))]
 
     def gram(self, captions: Sequence[str], *, batch_size: int = 64,
-             progress: bool = False) -> tuple[Tensor, int]:
+             progress: bool = False, label: str = "text features") -> tuple[Tensor, int]:
         """``(G, n)``: G = C^T C of the stacked kept rows C (float64, CPU), n = number of rows.
 
-        Accumulated batch by batch, so the features of all captions are never held at once.
+        Accumulated batch by batch, so the features of all captions are never held at once;
+        ``label`` names the progress bar.
         """
         if not captions:
             raise MergeError("No captions to compute a Gram matrix from.")
@@ -128,14 +134,14 @@ class TextFeatures:
         width = sum(self.base.token_dims())
         gram = torch.zeros(width, width, dtype=torch.float64, device=device)
         count = 0
-        for _, rows in self._kept_batches(captions, batch_size, progress):
+        for _, rows in self._kept_batches(captions, batch_size, progress, label):
             stacked = torch.cat(rows).to(device, torch.float64)
             gram += stacked.T @ stacked
             count += stacked.shape[0]
         return gram.cpu(), count
 
     def _kept_batches(self, captions: Sequence[str], batch_size: int,
-                      progress: bool) -> Iterator[tuple[list[int], list[Tensor]]]:
+                      progress: bool, label: str) -> Iterator[tuple[list[int], list[Tensor]]]:
         """(caption indices, their kept rows) per batch of captions of equal token length."""
         if batch_size < 1:
             raise MergeError(f"batch_size must be at least 1, got {batch_size}.")
@@ -143,27 +149,65 @@ class TextFeatures:
         by_length: dict[int, list[int]] = {}
         for index, caption_ids in enumerate(ids):
             by_length.setdefault(len(caption_ids[0]), []).append(index)
-        with tqdm(total=len(captions), disable=not progress, desc="text features", unit="caption") as bar:
+        with tqdm(total=len(captions), disable=not progress, desc=label, unit="caption") as bar:
             for length in sorted(by_length):
                 group = by_length[length]
                 for start in range(0, len(group), batch_size):
                     indices = group[start:start + batch_size]
-                    states = self._encode([ids[index] for index in indices])
+                    states = self._encode([ids[index] for index in indices], [captions[index] for index in indices])
                     yield indices, [states[row, kept_rows(captions[index], length)]
                                     for row, index in enumerate(indices)]
                     bar.update(len(indices))
 
-    def _encode(self, batch: list[list[list[int]]]) -> Tensor:
-        """Cross-attention context (batch, tokens, d) of equal-length token id sequences."""
+    def _encode(self, batch: list[list[list[int]]], texts: list[str]) -> Tensor:
+        """Cross-attention context (batch, tokens, d) of equal-length token id sequences.
+
+        Non-finite features (a float16 encoder that overflows, damaged weights) are refused here,
+        naming the encoder and dtype, so that no NaN reaches a Gram matrix, its cache or a solve.
+        """
         hidden_state = self.base.architecture.hidden_state  # None: last, after the final norm
         states = []
         with torch.no_grad():
             for index, encoder in enumerate(self.encoders):
                 input_ids = torch.tensor([caption_ids[index] for caption_ids in batch], device=self.device)
                 output = encoder(input_ids, output_hidden_states=hidden_state is not None)
-                states.append(output.last_hidden_state if hidden_state is None
-                              else output.hidden_states[hidden_state])
+                state = output.last_hidden_state if hidden_state is None else output.hidden_states[hidden_state]
+                finite = torch.isfinite(state).flatten(1).all(dim=1)
+                if not finite.all():
+                    text = texts[int((~finite).nonzero()[0])]
+                    raise self._non_finite_error(self.base.architecture.text_encoders[index], text)
+                states.append(state)
         return torch.cat(states, dim=-1)
+
+    def _non_finite_error(self, component: str, text: str) -> MergeError:
+        """The error for NaN or infinite features from ``component``, with what to try next."""
+        dtype = str(self.dtype).removeprefix("torch.")
+        remedy = ("run it in float32 (--dtype float32)" if self.dtype in (torch.float16, torch.bfloat16)
+                  else "its weights may be damaged")
+        return MergeError(f"The text encoder {component} of {self.base.name} gave NaN or infinite features "
+                          f"in {dtype} (for {text!r}); {remedy}.")
+
+
+class LazyTextFeatures:
+    """A :class:`TextFeatures` built on first use, then shared by every cache miss.
+
+    :func:`cached_gram` and :func:`cached_features` take one, so a merge whose text features
+    are all cached loads no tokenizer or text encoder, and one with misses loads them once.
+    """
+
+    def __init__(self, base: BaseModel, tokens: Mapping[str, Sequence[Tensor]] | None = None, *,
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        self.base = base
+        self.tokens = dict(tokens or {})
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self._built: TextFeatures | None = None
+
+    def get(self) -> TextFeatures:
+        """The encoder, loaded (and the tokens installed) on the first call."""
+        if self._built is None:
+            self._built = TextFeatures(self.base, self.tokens, device=self.device, dtype=self.dtype)
+        return self._built
 
 
 def _check_token(token: str, embeddings: Sequence[Tensor], dims: tuple[int, ...],
@@ -213,12 +257,33 @@ def default_cache_dir() -> Path:
     return Path(root).expanduser() / "mergekit_cd"
 
 
-def gram_cache_key(base: BaseModel, captions: Sequence[str], dtype: torch.dtype) -> str:
+def tokens_in(texts: Sequence[str], tokens: Mapping[str, Sequence[Tensor]] | None) -> dict[str, str]:
+    """By name, the sha256 of the embeddings of each modifier token that may occur in ``texts``.
+
+    Tokenizers match an added token anywhere in a text (``"tasks"`` holds ``"sks"``), CLIP's
+    after lower-casing; a case-insensitive substring test finds every token they can match, so
+    a cache key that includes these changes whenever the tokens can change the features.
+    """
+    text = "\n".join(texts).lower()
+    found = {}
+    for name in sorted(tokens or {}):
+        if name and name.lower() in text:
+            digest = hashlib.sha256()
+            for embedding in tokens[name]:
+                digest.update(embedding.detach().float().cpu().contiguous().numpy().tobytes())
+            found[name] = digest.hexdigest()
+    return found
+
+
+def gram_cache_key(base: BaseModel, captions: Sequence[str], dtype: torch.dtype,
+                   tokens: Mapping[str, Sequence[Tensor]] | None = None) -> str:
     """sha256 hex of what decides a regularisation Gram matrix.
 
     The base fingerprint (its K/V weights), the text-encoder and tokenizer files, the
-    architecture, the exact captions, the row rule and the text encoder dtype. Device and batch size only change rounding, so they are not
-    part of it.
+    architecture, the exact captions, the row rule, the text encoder dtype, and the modifier
+    tokens (names and embeddings) that occur in the captions, since those are encoded with
+    them (:func:`tokens_in`; captions without any keep the key they always had). Device and
+    batch size only change rounding, so they are not part of it.
     """
     content = {
         "format_version": _CACHE_FORMAT_VERSION,
@@ -229,59 +294,142 @@ def gram_cache_key(base: BaseModel, captions: Sequence[str], dtype: torch.dtype)
         "feature_rule": FEATURE_RULE,
         "text_dtype": str(dtype),
     }
+    found = tokens_in(captions, tokens)
+    if found:
+        content["tokens"] = found
+    return hashlib.sha256(json.dumps(content, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def features_cache_key(base: BaseModel, texts: Sequence[str], dtype: torch.dtype,
+                       tokens: Mapping[str, Sequence[Tensor]] | None = None) -> str:
+    """sha256 hex of what decides the feature rows of ``texts`` (e.g. a merge's target prompts).
+
+    The text-encoder and tokenizer files, the architecture, the exact texts, the row rule, the
+    text encoder dtype, and the modifier tokens (names and embeddings) occurring in the texts.
+    """
+    content = {
+        "format_version": _CACHE_FORMAT_VERSION,
+        "kind": "features",
+        "text_fingerprint": base.text_fingerprint,
+        "architecture": base.architecture.name,
+        "texts": list(texts),
+        "feature_rule": FEATURE_RULE,
+        "text_dtype": str(dtype),
+        "tokens": tokens_in(texts, tokens),
+    }
     return hashlib.sha256(json.dumps(content, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
 def cached_gram(base: BaseModel, captions: Sequence[str], *, device: str | torch.device = "cpu",
-                dtype: torch.dtype = torch.float32, batch_size: int = 64,
-                cache_dir: str | os.PathLike[str] | None = None, progress: bool = False,
-                encoder: TextFeatures | None = None) -> tuple[Tensor, int, bool]:
+                dtype: torch.dtype = torch.float32, tokens: Mapping[str, Sequence[Tensor]] | None = None,
+                batch_size: int = 64, cache_dir: str | os.PathLike[str] | None = None,
+                progress: bool = False, label: str = "text features",
+                encoder: LazyTextFeatures | None = None) -> tuple[Tensor, int, bool]:
     """``(G, n, from_cache)``: :meth:`TextFeatures.gram` of ``captions``, stored on disk.
 
     The file is ``gram-<key>.safetensors`` under ``cache_dir`` (default :func:`default_cache_dir`),
     keyed by :func:`gram_cache_key`. A hit loads neither tokenizer nor text encoder; a miss
-    uses ``encoder`` when given (its dtype wins over ``dtype``) instead of loading its own. An
-    unreadable cache file counts as a miss; an unwritable cache only warns.
+    uses ``encoder`` when given (its device, dtype and tokens win over the arguments). A cache
+    file that is not a valid Gram matrix counts as a miss; an unwritable cache only warns.
     """
     if not captions:
         raise MergeError("No regularisation captions to compute a Gram matrix from.")
-    if encoder is not None:
-        dtype = encoder.dtype
-    key = gram_cache_key(base, captions, dtype)
+    encoder = encoder or LazyTextFeatures(base, tokens, device=device, dtype=dtype)
+    key = gram_cache_key(base, captions, encoder.dtype, encoder.tokens)
     path = Path(cache_dir or default_cache_dir()).expanduser() / f"gram-{key}.safetensors"
-    cached = _read_gram(path)
+    cached = _read_gram(path, sum(base.token_dims()))
     if cached is not None:
         return (*cached, True)
-    encoder = encoder or TextFeatures(base, device=device, dtype=dtype)
-    gram, count = encoder.gram(captions, batch_size=batch_size, progress=progress)
+    gram, count = encoder.get().gram(captions, batch_size=batch_size, progress=progress, label=label)
     metadata = {"format_version": _CACHE_FORMAT_VERSION, "rows": str(count), "feature_rule": FEATURE_RULE,
-                "base": base.name, "base_fingerprint": base.fingerprint, "text_dtype": str(dtype),
+                "base": base.name, "base_fingerprint": base.fingerprint, "text_dtype": str(encoder.dtype),
                 "num_captions": str(len(captions))}
-    _write_gram(path, gram, metadata)
+    _write_cache(path, {"gram": gram}, metadata, f"the Gram matrix of the {label}")
     return gram, count, False
 
 
-def _read_gram(path: Path) -> tuple[Tensor, int] | None:
-    """The cached (G, n), or None when there is no usable file."""
+def cached_features(base: BaseModel, texts: Sequence[str], *, device: str | torch.device = "cpu",
+                    dtype: torch.dtype = torch.float32, tokens: Mapping[str, Sequence[Tensor]] | None = None,
+                    batch_size: int = 64, cache_dir: str | os.PathLike[str] | None = None,
+                    encoder: LazyTextFeatures | None = None) -> tuple[list[Tensor], bool]:
+    """``(rows, from_cache)``: :meth:`TextFeatures.features` of ``texts``, stored on disk.
+
+    For the few target prompts of a merge, so that a repeated merge needs no text encoder at
+    all. The file is ``features-<key>.safetensors`` (:func:`features_cache_key`); hits, misses,
+    ``encoder`` and damaged or unwritable caches behave as in :func:`cached_gram`.
+    """
+    if not texts:
+        raise MergeError("No prompts to compute features of.")
+    encoder = encoder or LazyTextFeatures(base, tokens, device=device, dtype=dtype)
+    key = features_cache_key(base, texts, encoder.dtype, encoder.tokens)
+    path = Path(cache_dir or default_cache_dir()).expanduser() / f"features-{key}.safetensors"
+    cached = _read_features(path, len(texts), sum(base.token_dims()))
+    if cached is not None:
+        return cached, True
+    # own storage each: rows of one batch are views of one tensor, which safetensors may refuse
+    rows = [row.clone() for row in encoder.get().features(texts, batch_size=batch_size)]
+    metadata = {"format_version": _CACHE_FORMAT_VERSION, "feature_rule": FEATURE_RULE, "base": base.name,
+                "text_dtype": str(encoder.dtype), "num_texts": str(len(texts))}
+    _write_cache(path, {str(index): row for index, row in enumerate(rows)}, metadata, "the target features")
+    return rows, False
+
+
+def _read_gram(path: Path, width: int) -> tuple[Tensor, int] | None:
+    """The cached (G, n), or None when the file is missing or is not a valid Gram matrix.
+
+    Valid: float64, ``width`` x ``width``, finite, symmetric with a non-negative diagonal, and a
+    positive row count in the metadata. Anything else (a truncated file, one NaN written into
+    it) is a miss and gets recomputed: a damaged cache must never reach the solver.
+    """
     if not path.is_file():
         return None
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
-            return handle.get_tensor("gram"), int(handle.metadata()["rows"])
+            gram = handle.get_tensor("gram").clone()  # a copy: a view would keep the file mapped
+            rows = int(handle.metadata()["rows"])
     except Exception:  # noqa: BLE001 - a damaged cache file is recomputed, whatever the damage
         return None
+    if gram.dtype != torch.float64 or gram.shape != (width, width) or rows < 1:
+        return None
+    if not torch.isfinite(gram).all() or (gram.diagonal() < 0).any():
+        return None
+    if (gram - gram.T).abs().max() > SYMMETRY_RTOL * gram.abs().max():
+        return None
+    return gram, rows
 
 
-def _write_gram(path: Path, gram: Tensor, metadata: dict[str, str]) -> None:
+def _read_features(path: Path, count: int, width: int) -> list[Tensor] | None:
+    """The cached feature rows of ``count`` texts, or None when the file is missing or damaged.
+
+    Valid: tensors ``"0"`` .. ``str(count - 1)``, each float32, ``(rows, width)`` and finite; as
+    with the Gram matrix, anything else is recomputed.
+    """
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            if set(handle.keys()) != {str(index) for index in range(count)}:
+                return None
+            rows = [handle.get_tensor(str(index)).clone() for index in range(count)]  # copies, as above
+    except Exception:  # noqa: BLE001 - a damaged cache file is recomputed, whatever the damage
+        return None
+    for row in rows:
+        if row.dtype != torch.float32 or row.dim() != 2 or row.shape[1] != width or not torch.isfinite(row).all():
+            return None
+    return rows
+
+
+def _write_cache(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str], what: str) -> None:
     """Write atomically (temporary file, then rename), so readers never see half a file."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"gram": gram.contiguous()}, str(temporary), metadata=metadata)
+        save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(temporary),
+                  metadata=metadata)
         os.replace(temporary, path)
     except OSError as error:
         temporary.unlink(missing_ok=True)
-        warnings.warn(f"Could not cache the Gram matrix in {path.parent}: {error}", stacklevel=3)
+        warnings.warn(f"Could not cache {what} in {path.parent}: {error}", stacklevel=3)
 
 
 def read_captions(path: str | os.PathLike[str]) -> list[str]:

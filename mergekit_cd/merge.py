@@ -13,6 +13,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -22,7 +23,16 @@ from . import formats
 from .base import BaseModel
 from .delta import Concept, ConceptDelta, LayerDelta, LazyLayers, LowRank, TokenRename, dense, merge_tokens
 from .errors import MergeError
-from .features import FEATURE_RULE, TextFeatures, cached_gram, default_reg_captions, heldout_captions, target_prompts
+from .features import (
+    FEATURE_RULE,
+    LazyTextFeatures,
+    TextFeatures,
+    cached_features,
+    cached_gram,
+    default_reg_captions,
+    heldout_captions,
+    target_prompts,
+)
 from .loading import PathLike, as_base, load, resolve_delta
 from .solvers import SolveInfo, factor_hard, factor_soft
 from .solvers._common import default_rtol
@@ -113,10 +123,23 @@ def summarize_plan(plan: MergePlan, *, device: str | torch.device = "cpu",
     stacked = torch.cat(features)
     singular_values = torch.linalg.svdvals(stacked)
     top = float(singular_values[0]) if singular_values.numel() else 0.0
-    rank = int((singular_values > default_rtol(text_dtype) * top).sum()) if top > 0 else 0
+    rank = int((singular_values > dependence_rtol(text_dtype) * top).sum()) if top > 0 else 0
     rows = tuple((plan.sources[owner], plan.formats[owner], concept, C.shape[0])
                  for concept, owner, C in zip(plan.concepts, plan.owners, features))
     return PlanSummary(rows, stacked.shape[0], rank, plan.estimated_memory_bytes(stacked.shape[0], text_dtype))
+
+
+def dependence_rtol(text_dtype: torch.dtype) -> float:
+    """Tolerance below which constraint rows count as dependent: float32's sqrt(eps), or finer.
+
+    The targets ``V_i = W_i C_i^T`` are computed from the very feature rows ``C_i`` that the
+    constraints use, so a float16 / bfloat16 text encoder's rounding makes no row inconsistent;
+    it only moves the rows a little. Basing the tolerance on that rounding (0.031 float16, 0.088
+    bfloat16) dropped rows that conflict with nothing (rank 17/18, residuals 1e-2 on the tiny
+    model). float32's tolerance still meets near-duplicate rows with conflicting targets in
+    least squares, exactly as a float32 merge does; the solve itself is always float64.
+    """
+    return default_rtol(torch.promote_types(text_dtype, torch.float32))
 
 
 def plan_merge(deltas: Sequence[PathLike | ConceptDelta], reg_captions: Sequence[str] | None = None, *,
@@ -125,19 +148,24 @@ def plan_merge(deltas: Sequence[PathLike | ConceptDelta], reg_captions: Sequence
                style_templates: Sequence[str] | None = None, check_base: bool = True) -> MergePlan:
     """Load and validate the inputs, name their tokens, attach class words and target prompts.
 
-    A concept's target prompts are the ones its file records (our native files and cd-train
-    outputs do), unless a class word, a style flag or templates are given for it; then they
-    are built from ``target_templates`` (object concepts) or ``style_templates`` (style
-    concepts, see ``styles``).
+    A concept is a style when its file records it as one or ``styles`` flags its input (the
+    flag adds, it never clears a recorded style). Its target prompts are the ones its file
+    records (our native files and cd-train outputs do), unless a class word is given for it,
+    the flag makes it a style, or templates of its kind are given: ``target_templates`` for
+    object concepts, ``style_templates`` for style concepts; then they are built from those.
+    The same input given twice (the same file or folder by any path, or the same delta object)
+    is refused.
     """
     if not deltas:
         raise MergeError("Nothing to merge: give at least one delta.")
     base = as_base(base)
-    loaded = [load(d, base=base, check_base=check_base) for d in deltas]
     sources = tuple(d if isinstance(d, str) else str(d) if not isinstance(d, ConceptDelta)
                     else d.metadata.get("source", f"input {i + 1}") for i, d in enumerate(deltas))
-    read_as = tuple("object" if isinstance(d, ConceptDelta) else formats.detect_format(resolve_delta(d)).NAME
-                    for d in deltas)
+    paths = [None if isinstance(d, ConceptDelta) else resolve_delta(d) for d in deltas]
+    _refuse_repeated_files(paths, sources)
+    loaded = [load(d, base=base, check_base=check_base) for d in deltas]
+    _refuse_repeated_objects(deltas, loaded, sources)
+    read_as = tuple("object" if path is None else formats.detect_format(path).NAME for path in paths)
     if class_words is not None and len(class_words) not in (0, len(loaded)):
         raise MergeError(f"Got {len(class_words)} class words for {len(loaded)} inputs; give one --class "
                          f"per input, in order (comma-separated for an input with several tokens).")
@@ -157,15 +185,15 @@ def plan_merge(deltas: Sequence[PathLike | ConceptDelta], reg_captions: Sequence
         words = _class_words_for(delta, own_tokens, given_word, sources[index])
         for token, word in zip(own_tokens, words):
             known = delta.concept_for(token)
-            style = styles[index] if styles is not None else bool(known and known.style)
+            recorded_style = bool(known and known.style)
+            style = recorded_style or bool(styles and styles[index])
+            templates = style_templates if style else target_templates
             new_token = renamed.get(token, token)
             recorded = known.renamed(token, new_token).prompts if known and known.prompts else ()
-            explicit = given_word or target_templates or style_templates or (styles is not None and styles[index])
-            if recorded and not explicit:
+            if recorded and not (given_word or templates or style != recorded_style):
                 prompts = recorded
             else:
-                prompts = tuple(target_prompts(new_token, word, style=style,
-                                               templates=style_templates if style else target_templates))
+                prompts = tuple(target_prompts(new_token, word, style=style, templates=templates))
             concepts.append(Concept(new_token, word, tuple(prompts), style))
             owners.append(index)
     captions = tuple(reg_captions) if reg_captions is not None else tuple(default_reg_captions())
@@ -173,6 +201,61 @@ def plan_merge(deltas: Sequence[PathLike | ConceptDelta], reg_captions: Sequence
         raise MergeError("The regularisation caption set is empty.")
     return MergePlan(base, tuple(loaded), sources, read_as, tuple(concepts), tuple(owners), tokens,
                      renames, captions)
+
+
+def _refuse_repeated_files(paths: Sequence[Path | None], sources: Sequence[str]) -> None:
+    """The same file or folder given twice, by any path (a link, a hub cache entry), is refused.
+
+    It would be the same concept twice under two token names with one embedding.
+    """
+    seen: dict[tuple[int, int], int] = {}
+    for index, path in enumerate(paths):
+        if path is None:
+            continue
+        try:
+            status = path.stat()
+        except OSError:  # the loader says what is wrong with it
+            continue
+        identity = (status.st_dev, status.st_ino)
+        if identity in seen:
+            what = "folder" if path.is_dir() else "file"
+            raise MergeError(_repeated_message(index, seen[identity], sources, f"the same {what}"))
+        seen[identity] = index
+
+
+def _refuse_repeated_objects(deltas: Sequence[PathLike | ConceptDelta], loaded: Sequence[ConceptDelta],
+                             sources: Sequence[str]) -> None:
+    """A delta object given twice (or an equal one: same tokens, embeddings and weights) is refused.
+
+    The weights are compared only when every token embedding already matches, which two
+    different concepts practically never do, so the check costs nothing for distinct inputs.
+    """
+    objects = [index for index, delta in enumerate(deltas) if isinstance(delta, ConceptDelta)]
+    for position, index in enumerate(objects):
+        for earlier in objects[:position]:
+            if _same_delta(loaded[earlier], loaded[index]):
+                raise MergeError(_repeated_message(index, earlier, sources, "the same delta"))
+
+
+def _same_delta(a: ConceptDelta, b: ConceptDelta) -> bool:
+    """True when ``a`` is ``b``, or both have the same tokens with equal embeddings and equal layers."""
+    if a is b:
+        return True
+    if not a.tokens or a.tokens.keys() != b.tokens.keys() or a.layers.keys() != b.layers.keys():
+        return False
+    if not all(len(a.tokens[name]) == len(b.tokens[name])
+               and all(torch.equal(x, y) for x, y in zip(a.tokens[name], b.tokens[name])) for name in a.tokens):
+        return False
+    return all(torch.equal(_layer_rows(a, name), _layer_rows(b, name)) for name in a.layers)
+
+
+def _repeated_message(index: int, earlier: int, sources: Sequence[str], what: str) -> str:
+    """``Input 3 (b.safetensors) is the same file as input 1 (a.safetensors): ...``."""
+    def name(i: int) -> str:
+        return f"input {i + 1}" if sources[i] == f"input {i + 1}" else f"input {i + 1} ({sources[i]})"
+
+    return (f"I{name(index)[1:]} is {what} as {name(earlier)}: a concept can be merged only once; "
+            f"leave out the repeat.")
 
 
 def _delta_bytes(delta: ConceptDelta) -> int:
@@ -278,11 +361,16 @@ def _encode_text(plan: MergePlan, method: str, *, device: torch.device, text_dty
                  report: bool, progress: bool) -> _TextPhase:
     """Target features, the caption Gram matrix and (for the report) the held-out one.
 
-    One text encoder serves all three; it is dropped on return, before the K/V work starts.
+    All three are cached on disk; the text encoder is loaded only on a miss, once for all three,
+    and dropped on return, before the K/V work starts. A repeated merge loads no encoder at all.
     """
-    encoder = TextFeatures(plan.base, plan.tokens, device=device, dtype=text_dtype)
-    targets = [torch.cat(encoder.features(list(c.prompts), batch_size=batch_size)).double()
-               for c in plan.concepts]
+    encoder = LazyTextFeatures(plan.base, plan.tokens, device=device, dtype=text_dtype)
+    prompts = [prompt for concept in plan.concepts for prompt in concept.prompts]
+    rows = cached_features(plan.base, prompts, batch_size=batch_size, cache_dir=cache_dir, encoder=encoder)[0]
+    targets, start = [], 0
+    for concept in plan.concepts:
+        targets.append(torch.cat(rows[start:start + len(concept.prompts)]).double())
+        start += len(concept.prompts)
     gram, num_rows, from_cache = None, 0, False
     if method in ("constrained", "soft"):
         gram, num_rows, from_cache = cached_gram(plan.base, list(plan.reg_captions), batch_size=batch_size,
@@ -291,7 +379,7 @@ def _encode_text(plan: MergePlan, method: str, *, device: torch.device, text_dty
     if report:
         captions = list(held_out) if held_out is not None else heldout_captions()
         held_gram = cached_gram(plan.base, captions, batch_size=batch_size, cache_dir=cache_dir,
-                                encoder=encoder)[0]
+                                progress=progress, label="held-out features", encoder=encoder)[0]
     return _TextPhase(targets, gram, num_rows, from_cache, held_gram)
 
 
@@ -338,8 +426,7 @@ def execute(plan: MergePlan, *, method: str = "constrained", weights: Sequence[f
     operator, total_ridge = None, ridge
     if method in ("constrained", "soft"):
         total_ridge = ridge + relative_ridge * float(torch.diagonal(text.gram).mean())
-        # features are float64 here but only as exact as the text encoder that made them
-        rtol = default_rtol(text_dtype)
+        rtol = dependence_rtol(text_dtype)
         G = text.gram.to(solve_device)
         if method == "constrained":
             operator = factor_hard(G, torch.cat(text.targets).to(solve_device), ridge=total_ridge,

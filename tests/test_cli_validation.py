@@ -5,6 +5,7 @@ steps that would do the work are replaced by ones that fail the test if they run
 
 from __future__ import annotations
 
+import importlib
 import re
 
 import pytest
@@ -52,6 +53,48 @@ def merge_args(tiny_pipeline_path, tiny_delta_files, architecture: str = "sd1") 
     files = tiny_delta_files(architecture)
     return [str(files["native"]), str(files["diffusers"]), "--base", str(tiny_pipeline_path(architecture)),
             "--num-reg-captions", "30", "-q"]
+
+
+def test_the_same_input_twice_is_one_error_before_any_input_is_read(tiny_pipeline_path, tiny_delta_files,
+                                                                    tmp_path, capsys, monkeypatch):
+    native = str(tiny_delta_files("sd1")["native"])
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an input was read before the repeat was refused")
+
+    monkeypatch.setattr(importlib.import_module("mergekit_cd.merge"), "load", refuse)
+    assert cd_merge.main([native, native, "--base", str(tiny_pipeline_path("sd1")),
+                          "-o", str(tmp_path / "merged.safetensors"), "-q"]) == 1
+    message = one_error_line(capsys, "cd-merge")
+    assert re.match(r"^Input 2 \(.*delta\.safetensors\) is the same file as input 1 \(.*delta\.safetensors\): "
+                    r"a concept can be merged only once; leave out the repeat\.$", message), message
+    assert not (tmp_path / "merged.safetensors").exists()
+
+
+# ---------------------------------------------------------------- warnings
+def test_every_command_prints_warnings_as_one_line_with_its_name(capsys):
+    import argparse
+    import warnings
+
+    def main(args):
+        warnings.warn("something is odd\n  about this input")
+        warnings.warn("and something else", RuntimeWarning)
+
+    assert _common.run(main, argparse.ArgumentParser(prog="cd-anything"), []) == 0
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == ["cd-anything: warning: something is odd about this input",
+                                         "cd-anything: warning: and something else"]
+
+
+def test_cd_merge_warns_about_an_unwritable_cache_in_one_line(tiny_pipeline_path, tiny_delta_files, tmp_path,
+                                                              capsys):
+    output = tmp_path / "merged.safetensors"
+    assert cd_merge.main([*merge_args(tiny_pipeline_path, tiny_delta_files), "-o", str(output),
+                          "--cache-dir", "/proc/nope"]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert lines and all(re.match(r"cd-merge: warning: Could not cache .* in /proc/nope: ", line) for line in lines), \
+        lines
+    assert output.is_file()
 
 
 # ---------------------------------------------------------------- cd-merge options

@@ -15,9 +15,11 @@ from mergekit_cd.features import (
     FEATURE_RULE,
     OBJECT_TEMPLATES,
     TextFeatures,
+    cached_features,
     cached_gram,
     default_cache_dir,
     default_reg_captions,
+    features_cache_key,
     gram_cache_key,
     heldout_captions,
     kept_rows,
@@ -180,6 +182,18 @@ def test_cache_key_depends_on_captions_dtype_and_base(sd1_base, sdxl_base):
     assert key != gram_cache_key(sdxl_base, CAPTIONS, torch.float32)
 
 
+def test_cache_key_holds_the_tokens_that_occur_in_the_captions(sd1_base):
+    generator = torch.Generator().manual_seed(2)
+    one, other = (torch.randn(64, generator=generator),), (torch.randn(64, generator=generator),)
+    captions = ["a ktn on the sofa", "a dog in the garden"]
+    plain = gram_cache_key(sd1_base, captions, torch.float32)
+    assert gram_cache_key(sd1_base, captions, torch.float32, {"<new1>": one}) == plain  # not in a caption
+    with_one = gram_cache_key(sd1_base, captions, torch.float32, {"ktn": one, "<new1>": other})
+    assert with_one not in (plain, gram_cache_key(sd1_base, captions, torch.float32, {"ktn": other}))
+    assert gram_cache_key(sd1_base, captions, torch.float32, {"KTN": one}) != plain  # CLIP lower-cases
+    assert gram_cache_key(sd1_base, captions, torch.float32, {"ktn": one}) == with_one
+
+
 def test_damaged_cache_file_is_recomputed(sd1_base, tmp_path):
     gram, count, _ = cached_gram(sd1_base, CAPTIONS[:3], cache_dir=tmp_path)
     [file] = tmp_path.glob("gram-*.safetensors")
@@ -187,6 +201,85 @@ def test_damaged_cache_file_is_recomputed(sd1_base, tmp_path):
     again, again_count, from_cache = cached_gram(sd1_base, CAPTIONS[:3], cache_dir=tmp_path)
     assert not from_cache and again_count == count
     torch.testing.assert_close(again, gram)
+
+
+def _nan_at_corner(gram: torch.Tensor) -> torch.Tensor:
+    gram[0, 1] = float("nan")
+    return gram
+
+
+def _asymmetric(gram: torch.Tensor) -> torch.Tensor:
+    gram[0, 1] += 1.0
+    return gram
+
+
+@pytest.mark.parametrize("damage", [
+    pytest.param(lambda gram, metadata: (_nan_at_corner(gram), metadata), id="one-nan"),
+    pytest.param(lambda gram, metadata: (gram.fill_(float("inf")), metadata), id="infinite"),
+    pytest.param(lambda gram, metadata: (_asymmetric(gram), metadata), id="asymmetric"),
+    pytest.param(lambda gram, metadata: (gram[:-1, :-1].contiguous(), metadata), id="wrong-shape"),
+    pytest.param(lambda gram, metadata: (gram.float(), metadata), id="float32"),
+    pytest.param(lambda gram, metadata: (-gram, metadata), id="negative-diagonal"),
+    pytest.param(lambda gram, metadata: (gram, {**metadata, "rows": "many"}), id="rows-not-a-number"),
+    pytest.param(lambda gram, metadata: (gram, {**metadata, "rows": "0"}), id="no-rows"),
+    pytest.param(lambda gram, metadata: (gram, {k: v for k, v in metadata.items() if k != "rows"}), id="no-rows-key"),
+])
+def test_a_cached_gram_that_is_not_a_valid_gram_matrix_is_recomputed(sd1_base, tmp_path, damage):
+    """One NaN written into a cache file used to reach the solver (ValueError: G contains NaN)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    gram, count, _ = cached_gram(sd1_base, CAPTIONS[:3], cache_dir=tmp_path)
+    [file] = tmp_path.glob("gram-*.safetensors")
+    with safe_open(str(file), framework="pt") as handle:
+        stored, metadata = handle.get_tensor("gram").clone(), handle.metadata()
+    damaged, metadata = damage(stored, metadata)
+    save_file({"gram": damaged}, str(file), metadata=metadata)
+    again, again_count, from_cache = cached_gram(sd1_base, CAPTIONS[:3], cache_dir=tmp_path)
+    assert not from_cache and again_count == count
+    torch.testing.assert_close(again, gram)
+    assert cached_gram(sd1_base, CAPTIONS[:3], cache_dir=tmp_path)[2]  # rewritten, valid again
+
+
+@pytest.mark.parametrize("dtype, remedy", [(torch.float32, "weights may be damaged"),
+                                           (torch.bfloat16, r"float32 \(--dtype float32\)")], ids=["float32", "bfloat16"])
+def test_non_finite_features_name_the_text_encoder_and_dtype(sd1_base, dtype, remedy):
+    encoder = TextFeatures(sd1_base, dtype=dtype)
+    with torch.no_grad():
+        encoder.encoders[0].get_input_embeddings().weight[:] = float("inf")
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(MergeError, match=rf"text encoder text_encoder of .* NaN or infinite features in "
+                                         rf"{name} \(for '.*'\); .*{remedy}"):
+        encoder.gram(CAPTIONS[:3])
+    with pytest.raises(MergeError, match="NaN or infinite features"):
+        encoder.features(CAPTIONS[:1])
+
+
+def test_cached_features_need_no_text_encoder_on_a_hit_and_key_on_the_tokens(sd1_base, tmp_path, monkeypatch):
+    generator = torch.Generator().manual_seed(4)
+    tokens = {"<new1>": (torch.randn(64, generator=generator),)}
+    prompts = ["<new1> cat", "photo of a <new1> cat", "a dog"]
+    rows, from_cache = cached_features(sd1_base, prompts, tokens=tokens, cache_dir=tmp_path)
+    assert not from_cache
+    expected = TextFeatures(sd1_base, tokens).features(prompts)
+    for ours, theirs in zip(rows, expected, strict=True):
+        torch.testing.assert_close(ours, theirs)
+    key = features_cache_key(sd1_base, prompts, torch.float32, tokens)
+    assert key != features_cache_key(sd1_base, prompts, torch.float32, {"<new1>": (-tokens["<new1>"][0],)})
+    assert key != features_cache_key(sd1_base, prompts, torch.bfloat16, tokens)
+    assert key != features_cache_key(sd1_base, prompts[:2], torch.float32, tokens)
+    [file] = tmp_path.glob("features-*.safetensors")
+    pristine = file.read_bytes()
+    file.write_bytes(pristine[:-8])  # truncated: recomputed
+    assert not cached_features(sd1_base, prompts, tokens=tokens, cache_dir=tmp_path)[1]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a cache hit must not load the tokenizer or text encoder")
+
+    monkeypatch.setattr(BaseModel, "load_text_encoders", refuse)
+    monkeypatch.setattr(BaseModel, "load_tokenizers", refuse)
+    again, from_cache = cached_features(sd1_base, list(prompts), tokens=tokens, cache_dir=tmp_path)
+    assert from_cache and all(torch.equal(a, b) for a, b in zip(again, rows, strict=True))
 
 
 def test_default_cache_dir_follows_the_environment(monkeypatch, tmp_path):

@@ -187,15 +187,20 @@ def test_result_does_not_depend_on_input_order(bases, concept_deltas):
 def test_second_merge_reuses_the_cached_gram_matrix_without_the_text_encoder(bases, concept_deltas, monkeypatch):
     base, deltas = bases["sd1"], concept_deltas["sd1"]
     captions = [f"a photo of a house number {i}" for i in range(40)]
-    _, first = merge(deltas[:2], captions, base=base, return_report=True)
-    from mergekit_cd import features
+    first, first_report = merge(deltas[:2], captions, base=base, return_report=True)
+    from mergekit_cd.base import BaseModel
 
     def refuse(*args, **kwargs):
-        raise AssertionError("the regularisation captions were encoded again")
+        raise AssertionError("the second merge loaded a tokenizer or text encoder")
 
-    monkeypatch.setattr(features.TextFeatures, "gram", refuse)
-    _, second = merge(deltas[:2], captions, base=base, return_report=True)
-    assert not first.gram_from_cache and second.gram_from_cache
+    monkeypatch.setattr(BaseModel, "load_text_encoders", refuse)
+    monkeypatch.setattr(BaseModel, "load_tokenizers", refuse)
+    second, second_report = merge(deltas[:2], captions, base=base, return_report=True)
+    assert not first_report.gram_from_cache and second_report.gram_from_cache
+    for name in base.layer_names():
+        for which in ("key", "value"):
+            assert torch.equal(getattr(first.layers[name], which), getattr(second.layers[name], which))
+    assert second_report.concepts == first_report.concepts and second_report.drift == first_report.drift
 
 
 def test_methods_trade_fidelity_for_preservation(bases, concept_deltas):

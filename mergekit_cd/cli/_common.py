@@ -28,12 +28,14 @@ def run(main: Callable[[argparse.Namespace], int | None], parser: argparse.Argum
 
     While ``main`` runs, transformers / diffusers / huggingface_hub log only errors and show no
     progress bars of their own, :data:`REPORTED_WARNINGS` are not printed (the commands print
-    those facts in their reports), nor are the libraries' deprecation notices; everything is
-    restored afterwards.
+    those facts in their reports), nor are the libraries' deprecation notices, and every other
+    warning is one line ``<prog>: warning: <message>`` (no source file and line, which mean
+    nothing to a command's user); everything is restored afterwards.
     """
     args = parser.parse_args(argv)
     try:
         with quiet_libraries(), warnings.catch_warnings():
+            warnings.showwarning = _warning_printer(parser.prog)
             for category in REPORTED_WARNINGS:
                 warnings.simplefilter("ignore", category)
             for category in (FutureWarning, DeprecationWarning):  # not actionable for a command's user
@@ -48,6 +50,15 @@ def run(main: Callable[[argparse.Namespace], int | None], parser: argparse.Argum
     except BrokenPipeError:  # e.g. `cd-inspect x | head`: the reader left, which is fine
         _silence_stdout()
         return 141
+
+
+def _warning_printer(prog: str) -> Callable[..., None]:
+    """A ``warnings.showwarning`` that prints ``prog: warning: message`` as one line on stderr."""
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+             file: object = None, line: str | None = None) -> None:
+        print(f"{prog}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+    return show
 
 
 def _silence_stdout() -> None:

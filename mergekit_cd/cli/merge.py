@@ -46,14 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
                              "file does not record it")
     parser.add_argument("--style", action="append", default=[], metavar="INPUT",
                         help="treat this input (its position, 1-based, or its name as given) as a style "
-                             "concept: style target prompts instead of object prompts")
+                             "concept: style target prompts instead of object prompts (a style its file "
+                             "records stays one without this flag)")
     parser.add_argument("--target-template", action="append", metavar="TEMPLATE",
-                        help="target prompt template of object concepts, with {token} and {class_word}; "
-                             "repeatable. Default: the prompts an input's file records, else "
+                        help="target prompt template of object concepts (style concepts keep theirs), with "
+                             "{token} and {class_word}; repeatable. Default: the prompts an input's file records, else "
                              "'{token} {class_word}' and 'photo of a {token} {class_word}'")
     parser.add_argument("--style-template", action="append", metavar="TEMPLATE",
-                        help="the same for --style concepts. Default: '{token} {class_word}' and "
-                             "'painting in the style of {token} {class_word}'")
+                        help="the same for style concepts (--style, or recorded as styles); object "
+                             "concepts keep theirs. Default: the prompts an input's file records, else "
+                             "'{token} {class_word}' and 'painting in the style of {token} {class_word}'")
     parser.add_argument("--method", choices=METHODS, default="constrained",
                         help="constrained (default, the paper's), soft (weighted), or the naive sum / average")
     parser.add_argument("--weights", type=float, nargs="+",
