@@ -1,4 +1,4 @@
-"""Safe file input and output: atomic writes, content hashes, and the one pickle loader.
+"""Safe file input and output: atomic writes, file identities, and the one pickle loader.
 
 Every output is written under a temporary sibling name and renamed into place only when the
 writer finished, so an interrupted or failed write never leaves a half-written delta where a
@@ -9,7 +9,6 @@ are only ever opened by :func:`load_pickle`, which accepts plain tensors and con
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import pickle
 import re
@@ -130,21 +129,6 @@ def save_pickle(obj: Any, path: str | os.PathLike[str]) -> None:
         torch.save(obj, path)
     except RuntimeError as error:
         raise OSError(errno.EIO, _reason(error)) from error
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks; an unreadable file is a MergeError.
-
-    (Merge recipes identify their inputs by content instead, whatever file format held them.)
-    """
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as file:
-            for chunk in iter(lambda: file.read(1 << 20), b""):
-                digest.update(chunk)
-    except OSError as error:
-        raise MergeError(f"Cannot read {path}: {error.strerror or error}.") from error
-    return digest.hexdigest()
 
 
 def load_pickle(path: str | os.PathLike[str], *, mmap: bool = False) -> Any:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import hashlib
 import json
 import pickle
 from pathlib import Path
@@ -20,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from mergekit_cd import Concept, ConceptDelta, LayerDelta, LowRank, MergeError
 from mergekit_cd import formats
-from mergekit_cd.fileio import atomic_path, load_pickle, sha256_file
+from mergekit_cd.fileio import atomic_path, load_pickle
 from mergekit_cd.formats import authors_bin, compvis, diffusers_layout, native
 from mergekit_cd.metadata import identity_from_metadata, to_metadata
 from mergekit_cd.weights import FineTunedWeights
@@ -383,11 +382,6 @@ def test_unwritable_destinations_are_named(tmp_path, destination, message):
     (tmp_path / "file.txt").write_text("")
     with pytest.raises(MergeError, match=message):
         formats.write(make_delta("sd1"), tmp_path / destination, "native")
-
-
-def test_sha256_file_hashes_the_bytes(tmp_path):
-    (tmp_path / "f").write_bytes(b"mergekit")
-    assert sha256_file(tmp_path / "f") == hashlib.sha256(b"mergekit").hexdigest()
 
 
 # ---------------------------------------------------------------------------- writers refuse
