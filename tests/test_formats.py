@@ -448,7 +448,7 @@ def _truncated(tmp_path: Path, format_name: str) -> Path:
      r"x\.ckpt: not a plain-tensor torch file \(Unsupported operand .*\); truncated or corrupt"),
     (lambda tmp: _saved(tmp / "x.bin", [1, 2]),
      r"x\.bin: not a Custom Diffusion file mergekit-cd reads; found a torch pickle holding a list of 2 "
-     r"items\. Formats: native, diffusers, authors-bin, compvis"),
+     r"items\. Formats: native, diffusers, authors-bin, compvis\.$"),  # no hint at a --format no command has
     (lambda tmp: _write_safetensors(tmp / "x.safetensors", {"foo": torch.ones(2)}),
      r"found a safetensors file with keys \['foo'\] \(1 keys\)"),
     (lambda tmp: (tmp / "empty").mkdir() or tmp / "empty",
