@@ -186,6 +186,17 @@ def file_identity(path: str | os.PathLike[str]) -> tuple[int, int, int]:
     return stat.st_dev * 2**64 + stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
+def check_unchanged(path: str | os.PathLike[str], identity: tuple[int, int, int] | None) -> None:
+    """Refuse to read on from a file that was moved, replaced or rewritten since it was validated
+    (``identity``: its :func:`file_identity` then)."""
+    try:
+        unchanged = file_identity(path) == identity
+    except OSError:
+        unchanged = False
+    if not unchanged:
+        raise MergeError(f"{path} was moved, replaced or changed after it was read; load it again.")
+
+
 def _check_not_empty(path: str | os.PathLike[str]) -> None:
     try:
         empty = os.path.getsize(path) == 0

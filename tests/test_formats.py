@@ -9,7 +9,9 @@ from __future__ import annotations
 import errno
 import functools
 import json
+import os
 import pickle
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,8 @@ from safetensors.torch import load_file, save_file
 
 from mergekit_cd import Concept, ConceptDelta, LayerDelta, LowRank, MergeError
 from mergekit_cd import formats
+from mergekit_cd.base import open_base
+from mergekit_cd.delta import LazyLayers
 from mergekit_cd.fileio import atomic_path, load_pickle
 from mergekit_cd.formats import authors_bin, compvis, diffusers_layout, native
 from mergekit_cd.metadata import identity_from_metadata, to_metadata
@@ -239,6 +243,7 @@ def test_diffusers_bin_weights_with_empty_processor_entries_read(tmp_path):
     weights = formats.read(folder)
     assert list(weights.layers) == [LAYER] and list(weights.tokens) == ["<new1>"]
     assert weights.ignored == (f"{LAYER}.processor.to_out_custom_diffusion.0.weight",)
+    assert isinstance(weights.layers, LazyLayers)  # a zip pickle: read a layer at a time
 
 
 # ---------------------------------------------------------------------------- metadata
@@ -665,3 +670,101 @@ def test_native_layers_stream_from_the_file_and_notice_a_replaced_file(tiny_delt
     with pytest.raises(MergeError, match="changed after it was read"):
         delta.layers[name]
     assert copy.allclose(files["object"], rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------- non-native layers stream
+STREAMED = [("authors-bin", "weights"), ("authors-bin", "low_rank"), ("compvis", "weights"),
+            ("compvis", "low_rank"), ("diffusers", "weights")]
+
+
+@pytest.mark.parametrize("format_name, kind", STREAMED)
+def test_non_native_layers_stream_from_their_file_and_notice_a_replaced_file(tmp_path, format_name, kind):
+    """Validated on read holding one tensor at a time, then read again per layer when used."""
+    original = make_object(kind, "sd1")
+    path = tmp_path / FILE_NAMES[format_name]
+    formats.write(original, path, format_name)
+    back = formats.read(path)
+    assert isinstance(back.layers, LazyLayers)
+    assert back.layers.shapes()[LAYER][0] == layer_shapes("sd1")[LAYER]
+    assert_same_content(original, back)
+    replacement = make_weights("sd1", seed=1) if kind == "weights" else make_delta("sd1", seed=1, rank=3)
+    formats.write(replacement, path, format_name, force=True)
+    os.utime(path, ns=(1, 1))  # a different modification time even on coarse clocks
+    with pytest.raises(MergeError, match="changed after it was read; load it again"):
+        back.layers[LAYER]
+
+
+def test_an_old_non_zip_pickle_is_read_whole_and_checked_alike(tmp_path):
+    """torch cannot memory-map pickles from before its zip format: those are kept in memory."""
+    original = make_weights("sd1")
+    formats.write(original, tmp_path / "delta.bin", "authors-bin")
+    contents = torch.load(tmp_path / "delta.bin", weights_only=True)
+    torch.save(contents, tmp_path / "old.bin", _use_new_zipfile_serialization=False)
+    back = formats.read(tmp_path / "old.bin")
+    assert isinstance(back.layers, dict)
+    assert_same_content(original, back)
+    contents["unet"][f"{LAYER}.to_v.weight"][0, 0] = float("inf")
+    torch.save(contents, tmp_path / "bad.bin", _use_new_zipfile_serialization=False)
+    with pytest.raises(MergeError, match=rf"bad\.bin: {LAYER}\.to_v\.weight holds NaN or infinite values"):
+        formats.read(tmp_path / "bad.bin")
+
+
+@pytest.mark.parametrize("format_name, kind", [("diffusers", "weights"), ("compvis", "low_rank")])
+def test_a_non_finite_value_is_named_by_file_and_key(tmp_path, format_name, kind):
+    path = tmp_path / FILE_NAMES[format_name]
+    formats.write(make_object(kind, "sd1"), path, format_name)
+    if format_name == "diffusers":
+        weights_file = path / "pytorch_custom_diffusion_weights.safetensors"
+        with safe_open(str(weights_file), "pt") as handle:
+            header = handle.metadata()
+        tensors = load_file(weights_file)
+        key = f"{LAYER}.processor.to_k_custom_diffusion.weight"
+        tensors[key][1, 2] = float("nan")
+        save_file(tensors, weights_file, metadata=header)
+        expected = rf"{weights_file.name}: {key} holds NaN"
+    else:
+        contents = torch.load(path, weights_only=True)
+        key = f"model.diffusion_model.{compvis.to_compvis_name(LAYER)}.to_v.weight"
+        contents["state_dict"][key]["v"][0, 0] = float("-inf")
+        torch.save(contents, path)
+        expected = rf"{path.name}: {key}\['v'\] holds NaN or infinite values"
+    with pytest.raises(MergeError, match=expected):
+        formats.read(path)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_a_read_pickle_keeps_no_view_into_its_file(tmp_path):
+    """The authors save a token as a row of the whole embedding table (a view: torch.save stores
+    all of the table); what is read keeps neither the table nor a mapping of the file."""
+    table = torch.randn(4000, 32)
+    path = _saved(tmp_path / "delta.bin", {"unet": {K: torch.ones(32, 32), V: torch.zeros(32, 32)},
+                                           "modifier_token": {"<new1>": table[7]}})
+    weights = formats.read(path)
+    embedding = weights.tokens["<new1>"][0]
+    assert torch.equal(embedding, table[7]) and embedding.untyped_storage().nbytes() == 32 * 4
+    key, _ = weights.layers[LAYER]
+    assert torch.equal(key, torch.ones(32, 32))
+    with open("/proc/self/maps") as maps:
+        assert str(path) not in maps.read()
+
+
+def test_full_weights_become_differences_per_layer_only_against_a_base_model(tiny_pipeline_path, tmp_path):
+    """Against a BaseModel (its files do not change) each difference is made when its layer is
+    read; against any other source of base weights (a live pipeline that apply() is about to
+    change) all of them are made at once."""
+    base = open_base(tiny_pipeline_path("sd1"))
+    names = base.layer_names()
+    weights = FineTunedWeights({name: tuple(w + 1 for w in base.kv(name)) for name in names})
+    formats.write(weights, tmp_path / "delta.bin", "authors-bin")
+    stored = formats.read(tmp_path / "delta.bin")
+    assert stored.shapes() == base.kv_shapes()
+    streamed = stored.to_delta(base.kv)
+    assert isinstance(streamed.layers, LazyLayers)
+    assert all(torch.allclose(streamed.layers[name].value, torch.ones(shape)) for name, (_, shape)
+               in base.kv_shapes().items())
+    live = {name: base.kv(name) for name in names}
+    made_now = stored.to_delta(lambda name: live[name])
+    for key, value in live.values():
+        key += 5
+    assert isinstance(made_now.layers, dict)
+    assert torch.allclose(made_now.layers[names[0]].key, torch.ones(base.kv_shapes()[names[0]][0]))

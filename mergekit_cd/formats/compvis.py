@@ -10,15 +10,15 @@ import torch
 from torch import Tensor
 
 from ..errors import MergeError
-from ..fileio import atomic_path, load_pickle, save_pickle
+from ..fileio import atomic_path, save_pickle
 from ._common import (
     IGNORED_SUFFIXES,
     Delta,
     LayerCollector,
+    PickleFile,
     assemble,
-    check_factors,
+    check_entry,
     check_finite,
-    check_matrix,
     describe,
     describe_container,
     owned,
@@ -84,9 +84,12 @@ def read(path: str | os.PathLike[str]) -> Delta:
     Layers carry LDM names (``model.diffusion_model.input_blocks.1.1...attn2``), returned under
     their diffusers names. ``embed`` holds only rows (the last n of the token table), so the
     tokens are named ``<new1>`` .. ``<newn>`` in row order, as the authors' scripts name them.
+    The file is validated holding one tensor at a time; its layers are read again when used
+    (:class:`~._common.PickleFile`; an old non-zip pickle is kept in memory).
     """
     source = str(path)
-    contents = load_pickle(path)
+    file = PickleFile(path)
+    contents = file.contents
     if not isinstance(contents, dict) or not isinstance(contents.get("state_dict"), dict):
         raise MergeError(f"{source}: expected the authors' CompVis layout {{'state_dict': {{...}}}}, "
                          f"found {describe_container(contents)}.")
@@ -101,24 +104,24 @@ def read(path: str | os.PathLike[str]) -> Delta:
         if key == EMBED:
             tokens = _read_embed(value, source)
         elif layer is not None:
-            entry = check_factors(value, key, source) if isinstance(value, dict) \
-                else check_matrix(value, key, source)
-            collector.add(layer, split[1], key, entry)
+            collector.add(layer, split[1], key, check_entry(value, key, source))
         elif key.startswith(PREFIX) and key.endswith(IGNORED_SUFFIXES):
             ignored.append(key)
         else:
             raise unexpected_key(key, source, _EXPECTED)
-    return assemble(collector.layers(), tokens, ignored, source)
+    return assemble(collector, file.reader(("state_dict",), collector.keys()), lazy=file.mapped,
+                    tokens=tokens, ignored=ignored, source=source, identity={})
 
 
 def _read_embed(value: Any, source: str) -> dict[str, tuple[Tensor, ...]]:
-    """``embed`` [n, d] (or one row [d]) -> tokens ``<new1>`` .. ``<newn>``."""
+    """``embed`` [n, d] (or one row [d]) -> tokens ``<new1>`` .. ``<newn>``, each row a copy (a
+    view would keep the whole file mapped)."""
     if isinstance(value, Tensor) and value.dim() == 1:
         value = value[None]
     if not isinstance(value, Tensor) or value.dim() != 2 or not value.is_floating_point():
         raise MergeError(f"{source}: {EMBED} should be float token rows [n, d], found {describe(value)}.")
     check_finite(value, EMBED, source)
-    return {f"<new{index + 1}>": (row,) for index, row in enumerate(value)}
+    return {f"<new{index + 1}>": (row.clone(),) for index, row in enumerate(value)}
 
 
 def write(obj: Delta, path: str | os.PathLike[str], *, force: bool = False) -> None:
