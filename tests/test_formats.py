@@ -22,6 +22,8 @@ from safetensors.torch import load_file, save_file
 from mergekit_cd import Concept, ConceptDelta, LayerDelta, LowRank, MergeError
 from mergekit_cd import formats
 from mergekit_cd.base import open_base
+from mergekit_cd.cli import convert as cd_convert
+from mergekit_cd.cli import inspect as cd_inspect
 from mergekit_cd.delta import LazyLayers
 from mergekit_cd.fileio import atomic_path, load_pickle
 from mergekit_cd.formats import authors_bin, compvis, diffusers_layout, native
@@ -146,8 +148,7 @@ def test_write_detect_read_gives_the_same_object(tmp_path, format_name, architec
     assert formats.detect_format(path).NAME == format_name
     back = formats.read(path)
     assert_same_content(original, back)
-    if format_name in ("native", "diffusers"):  # formats with a header keep the metadata
-        assert_same_identity(original, back)
+    assert_same_identity(original, back)  # every format keeps the metadata (pickles: one JSON entry)
 
 
 def test_sdxl_token_files_use_the_clip_l_clip_g_layout(tmp_path):
@@ -209,13 +210,19 @@ def test_low_rank_differences_stay_low_rank_through_every_difference_format(tmp_
     assert all(isinstance(layer.key, LowRank) for layer in current.layers.values())
 
 
-def test_compvis_tokens_are_positional(tmp_path):
-    """CompVis stores only rows: tokens come back as <new1>, <new2> in the order written."""
+def test_compvis_tokens_are_positional_unless_our_metadata_names_them(tmp_path):
+    """CompVis stores only rows: the authors' files give <new1>, <new2> in row order; ours
+    record the names in their metadata."""
     original = make_weights("sd1", names=("<dog>", "<cat>"))
     formats.write(original, tmp_path / "delta.ckpt", "compvis")
-    back = formats.read(tmp_path / "delta.ckpt")
+    assert list(formats.read(tmp_path / "delta.ckpt").tokens) == ["<dog>", "<cat>"]
+    contents = torch.load(tmp_path / "delta.ckpt", weights_only=True)
+    del contents["mergekit_cd"]
+    torch.save(contents, tmp_path / "authors.ckpt")
+    back = formats.read(tmp_path / "authors.ckpt")
     assert list(back.tokens) == ["<new1>", "<new2>"]
     assert torch.equal(back.tokens["<new1>"][0], original.tokens["<dog>"][0])
+    assert (back.base, back.base_fingerprint, back.concepts) == (None, None, ())
 
 
 def test_authors_bin_keeps_every_token_and_lists_ignored_weights(tmp_path):
@@ -703,6 +710,7 @@ def test_an_old_non_zip_pickle_is_read_whole_and_checked_alike(tmp_path):
     back = formats.read(tmp_path / "old.bin")
     assert isinstance(back.layers, dict)
     assert_same_content(original, back)
+    assert_same_identity(original, back)
     contents["unet"][f"{LAYER}.to_v.weight"][0, 0] = float("inf")
     torch.save(contents, tmp_path / "bad.bin", _use_new_zipfile_serialization=False)
     with pytest.raises(MergeError, match=rf"bad\.bin: {LAYER}\.to_v\.weight holds NaN or infinite values"):
@@ -768,3 +776,71 @@ def test_full_weights_become_differences_per_layer_only_against_a_base_model(tin
         key += 5
     assert isinstance(made_now.layers, dict)
     assert torch.allclose(made_now.layers[names[0]].key, torch.ones(base.kv_shapes()[names[0]][0]))
+
+
+# ---------------------------------------------------------------------------- our metadata in .bin / .ckpt
+@pytest.mark.parametrize("format_name, kind", [("authors-bin", "weights"), ("authors-bin", "low_rank"),
+                                               ("compvis", "weights"), ("compvis", "low_rank")])
+def test_pickles_hold_our_metadata_as_one_json_string_beside_the_authors_keys(tmp_path, format_name, kind):
+    original = make_object(kind, "sd1")
+    path = tmp_path / FILE_NAMES[format_name]
+    formats.write(original, path, format_name)
+    contents = torch.load(path, weights_only=True)
+    authors_keys = {"authors-bin": {"unet", "modifier_token"}, "compvis": {"state_dict"}}[format_name]
+    assert set(contents) == authors_keys | {"mergekit_cd"} and isinstance(contents["mergekit_cd"], str)
+    document = json.loads(contents["mergekit_cd"])
+    assert (document["base"], document["base_fingerprint"], document["architecture"]) == \
+           ("tiny-sd1", FINGERPRINT, "sd1")
+    assert document["concepts"][0] == {"token": "<new1>", "class_word": "cat",
+                                       "prompts": ["photo of a <new1> cat"], "style": False}
+    back = formats.read(path)
+    assert_same_identity(original, back)
+    assert back.concepts[1].style and back.concepts[1].prompts == ("painting in the style of <new2>",)
+
+
+@pytest.mark.parametrize("entry, message", [
+    (3, r"'mergekit_cd' should hold mergekit-cd's metadata as a JSON string, found a int"),
+    ("{not json", r"the mergekit-cd metadata in 'mergekit_cd' is not valid JSON"),
+    (json.dumps({"format_version": "2"}), r"metadata format_version '2' is not one this mergekit-cd reads"),
+    (json.dumps({"format_version": "1", "architecture": 3}), r"metadata field 'architecture' must be a string"),
+], ids=["not-a-string", "not-json", "newer-version", "bad-field"])
+def test_bad_metadata_in_a_pickle_is_named(tmp_path, entry, message):
+    path = _saved(tmp_path / "delta.bin", {**_authors({K: torch.ones(32, 32), V: torch.ones(32, 32)}),
+                                           "mergekit_cd": entry})
+    with pytest.raises(MergeError, match=rf"delta\.bin: {message}"):
+        formats.read(path)
+
+
+def test_compvis_token_names_must_fit_the_rows(tmp_path):
+    path = tmp_path / "delta.ckpt"
+    formats.write(make_weights("sd1"), path, "compvis")
+    contents = torch.load(path, weights_only=True)
+    contents["mergekit_cd"] = json.dumps({**json.loads(contents["mergekit_cd"]), "tokens": ["<a>"]})
+    torch.save(contents, path)
+    with pytest.raises(MergeError, match=r"delta\.ckpt: the metadata names tokens \['<a>'\] for the 2 rows "
+                                         r"of embed; expected one distinct name per row"):
+        formats.read(path)
+
+
+@pytest.mark.parametrize("format_name", ["authors-bin", "compvis"])
+def test_pickle_metadata_that_is_not_json_is_refused_before_writing(tmp_path, format_name):
+    weights = make_weights("sd1")
+    weights.metadata["recipe"] = {"weights": torch.ones(2)}
+    with pytest.raises(MergeError, match="metadata cannot be stored as JSON"):
+        formats.write(weights, tmp_path / FILE_NAMES[format_name], format_name)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cd_inspect_shows_the_base_a_converted_bin_records(tiny_pipeline_path, tiny_delta_files, tmp_path,
+                                                           capsys):
+    files = tiny_delta_files("sd1")
+    output = tmp_path / "cat.bin"
+    assert cd_convert.main([str(files["native"]), "-o", str(output), "--base",
+                            str(tiny_pipeline_path("sd1"))]) == 0
+    assert cd_inspect.main([str(output)]) == 0
+    out = capsys.readouterr().out
+    delta = files["object"]
+    for text in ("format:       authors-bin (full fine-tuned weights)", "architecture: sd1, text features: 64",
+                 f"base:         {delta.base} (fingerprint {delta.base_fingerprint[:16]})",
+                 "concepts:     <new1> = cat"):
+        assert text in out, text

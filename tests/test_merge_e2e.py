@@ -152,8 +152,7 @@ def test_cli_merge_keeps_every_concept_and_drifts_less_than_the_sum(architecture
     assert merged.base_fingerprint == base.fingerprint and merged.architecture == architecture
     assert [c.class_word for c in merged.concepts] == [w for _, w in CONCEPTS]
     assert merged.metadata["recipe"]["method"] == "constrained"
-    if fmt == "compvis":  # tokens are positional there: every file says <new1>, so two are renamed
-        assert "renamed to <new2>" in printed.out and "renamed to <new3>" in printed.out
+    assert "renamed" not in printed.out  # every format records its token names (CompVis: in our metadata)
     check_merge(output, base, architecture, deltas, merged.tokens)
 
 
@@ -303,9 +302,15 @@ def bad_inputs(tmp_path: Path, base, other_base, sdxl_base, deltas) -> dict[str,
     save(random_concept_delta(sdxl_base, "<x>", "cat"), wrong_arch)
     cases["wrong architecture"] = ([str(wrong_arch)], r"sdxl delta but .* is an sd1 model")
 
+    other_delta = random_concept_delta(other_base, "<y>", "cat")
     wrong_base = tmp_path / "other-base.safetensors"
-    save(random_concept_delta(other_base, "<y>", "cat"), wrong_base)
+    save(other_delta, wrong_base)
     cases["wrong base"] = ([str(wrong_base)], r"made for another base model .*--no-base-check")
+
+    wrong_base_bin = tmp_path / "other-base.bin"  # full weights of another base record it now too
+    save(other_delta, wrong_base_bin, base=other_base)
+    cases["wrong base .bin"] = ([str(wrong_base_bin)], rf"{wrong_base_bin} was made for another base model "
+                                                       rf"\({other_base.name}, .*--no-base-check")
 
     nan = tmp_path / "nan.safetensors"
     tensors = load_file(good)
@@ -324,8 +329,11 @@ def bad_inputs(tmp_path: Path, base, other_base, sdxl_base, deltas) -> dict[str,
     save(partial, missing)
     cases["missing layers"] = ([str(missing)], r"missing 1 of 11 cross-attention layers")
 
-    no_class = tmp_path / "no-class.bin"
+    no_class = tmp_path / "no-class.bin"  # as the authors' scripts write it: no metadata
     save(deltas[1], no_class, format="authors-bin", base=base)
+    contents = torch.load(no_class, weights_only=True)
+    del contents["mergekit_cd"]
+    torch.save(contents, no_class)
     cases["missing class word"] = ([str(good), str(no_class)], r"No class word .*--class WORD for every input")
     return cases
 
@@ -346,6 +354,21 @@ def test_bad_inputs_each_get_one_clear_message(bases, concept_deltas, tiny_pipel
         assert re.search(pattern, lines[0]), (name, lines[0])
         assert not output.exists(), name
     assert not (tmp_path / "code-ran").exists()
+
+
+def test_a_bin_from_another_base_merges_only_with_no_base_check(bases, concept_deltas, tiny_pipeline_path,
+                                                                 tmp_path, capsys):
+    base, other_base = bases["sd1"], open_base(tiny_pipeline_path("sd1", seed=1))
+    good, other = tmp_path / "good.safetensors", tmp_path / "other-base.bin"
+    save(concept_deltas["sd1"][0], good)
+    save(random_concept_delta(other_base, "<y>", "cat"), other, base=other_base)
+    output = tmp_path / "merged.safetensors"
+    arguments = [str(good), str(other), "-o", str(output), "--base", str(base.path), "--num-reg-captions", "50",
+                 "-q"]
+    assert cd_merge(arguments) == 1
+    assert "other-base.bin was made for another base model" in capsys.readouterr().err
+    assert cd_merge([*arguments, "--no-base-check"]) == 0, capsys.readouterr().err
+    assert formats.read(output).base_fingerprint == base.fingerprint
 
 
 def test_more_constraint_rows_than_the_feature_rank_are_reported(bases, concept_deltas, tmp_path, capsys):

@@ -1,10 +1,11 @@
 """Checks and helpers the format modules share: structure validation with messages that name
-the file and the key, reading layers back one at a time, cheap sniffing for ``detect``, and
-tensors ready to be saved.
+the file and the key, reading layers back one at a time, our metadata in pickles, cheap sniffing
+for ``detect``, and tensors ready to be saved.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import zipfile
@@ -20,11 +21,15 @@ from torch import Tensor
 from ..delta import ConceptDelta, Difference, LayerDelta, LazyLayers, LowRank
 from ..errors import MergeError
 from ..fileio import check_unchanged, file_identity, load_pickle, open_safetensors
+from ..metadata import HEADER_KEY, identity_from_metadata, to_metadata
 from ..weights import FineTunedWeights
 
 Delta = ConceptDelta | FineTunedWeights
 #: A layer's (to_k, to_v) as a file stores them: full matrices, or factors of differences.
 Pair = tuple[Difference, Difference]
+#: The top-level entry of our ``.bin`` / ``.ckpt`` pickles holding the metadata document as one
+#: JSON string (the authors' scripts read only their own keys, so they ignore it).
+METADATA_KEY = HEADER_KEY
 # Per layer, the weights of the attention projections a K/V merge does not use; kept as names.
 IGNORED_SUFFIXES = (".to_q.weight", ".to_out.0.weight", ".to_out.0.bias")
 
@@ -266,6 +271,33 @@ def _entry(value: Any, *, copy: bool = False) -> Difference:
     if isinstance(value, dict):
         return LowRank(_entry(value["u"], copy=copy), _entry(value["v"], copy=copy))
     return value.clone() if copy else value
+
+
+# ---------------------------------------------------------------- our metadata in pickles
+def metadata_entry(obj: Delta, **extra: Any) -> str:
+    """``obj``'s metadata document (and ``extra`` fields) as the JSON string stored under
+    :data:`METADATA_KEY`; checked before anything is written."""
+    try:
+        return json.dumps({**to_metadata(obj), **extra}, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise MergeError(f"The delta's metadata cannot be stored as JSON: {error}.") from None
+
+
+def read_metadata(contents: dict[Any, Any], source: str) -> dict[str, Any]:
+    """Identity keyword arguments from a pickle's :data:`METADATA_KEY` entry; ``{}`` for a file
+    without one (the authors' own files)."""
+    if METADATA_KEY not in contents:
+        return {}
+    value = contents[METADATA_KEY]
+    if not isinstance(value, str):
+        raise MergeError(f"{source}: {METADATA_KEY!r} should hold mergekit-cd's metadata as a JSON string, "
+                         f"found {describe(value)}.")
+    try:
+        document = json.loads(value)
+    except json.JSONDecodeError as error:
+        raise MergeError(f"{source}: the mergekit-cd metadata in {METADATA_KEY!r} is not valid JSON "
+                         f"({error}).") from None
+    return identity_from_metadata(document, source=source)
 
 
 # ---------------------------------------------------------------- writing

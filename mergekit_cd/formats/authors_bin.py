@@ -11,6 +11,7 @@ from ..errors import MergeError
 from ..fileio import atomic_path, save_pickle
 from ._common import (
     IGNORED_SUFFIXES,
+    METADATA_KEY,
     Delta,
     LayerCollector,
     PickleFile,
@@ -18,8 +19,10 @@ from ._common import (
     check_entry,
     check_vector,
     describe_container,
+    metadata_entry,
     owned,
     peek_pickle,
+    read_metadata,
     split_layer_key,
     stored_entries,
     unexpected_key,
@@ -42,8 +45,9 @@ def read(path: str | os.PathLike[str]) -> Delta:
 
     Every modifier token is kept (the authors' own merge keeps one per file). Other top-level
     entries (e.g. a fine-tuned ``text_encoder``) and q/out projections are listed as ignored.
-    The file is validated holding one tensor at a time; its layers are read again when used
-    (:class:`~._common.PickleFile`; an old non-zip pickle is kept in memory).
+    Our own files also hold their metadata (base, fingerprint, concepts) under
+    ``METADATA_KEY``. The file is validated holding one tensor at a time; its layers are read
+    again when used (:class:`~._common.PickleFile`; an old non-zip pickle is kept in memory).
     """
     source = str(path)
     file = PickleFile(path)
@@ -51,7 +55,8 @@ def read(path: str | os.PathLike[str]) -> Delta:
     if not isinstance(contents, dict) or not isinstance(contents.get("unet"), dict):
         raise MergeError(f"{source}: expected the authors' delta layout {_CONTAINER}, found "
                          f"{describe_container(contents)}.")
-    ignored = [str(key) for key in contents if key not in ("unet", "modifier_token")]
+    identity = read_metadata(contents, source)
+    ignored = [str(key) for key in contents if key not in ("unet", "modifier_token", METADATA_KEY)]
     collector = LayerCollector(source)
     for key, value in contents["unet"].items():
         key = str(key)
@@ -64,7 +69,7 @@ def read(path: str | os.PathLike[str]) -> Delta:
             raise unexpected_key(key, source, "'<layer>.to_k.weight' and '<layer>.to_v.weight' in 'unet'")
     tokens = _read_tokens(contents.get("modifier_token", {}), source)
     return assemble(collector, file.reader(("unet",), collector.keys()), lazy=file.mapped, tokens=tokens,
-                    ignored=ignored, source=source, identity={})
+                    ignored=ignored, source=source, identity=identity)
 
 
 def _read_tokens(entries: Any, source: str) -> dict[str, tuple[Tensor, ...]]:
@@ -90,7 +95,12 @@ def _read_tokens(entries: Any, source: str) -> dict[str, tuple[Tensor, ...]]:
 
 
 def write(obj: Delta, path: str | os.PathLike[str], *, force: bool = False) -> None:
-    """Full weights from FineTunedWeights; the compressed variant from a LowRank ConceptDelta."""
+    """Full weights from FineTunedWeights; the compressed variant from a LowRank ConceptDelta.
+
+    Our metadata goes under ``METADATA_KEY``, a top-level entry the authors' scripts ignore
+    (they read ``unet``, ``modifier_token`` and ``text_encoder`` only).
+    """
+    metadata = metadata_entry(obj)
     entries = stored_entries(obj, path, NAME)
     unet = {f"{layer}.{projection}.weight": entry
             for layer, projections in entries.items() for projection, entry in projections.items()}
@@ -98,4 +108,4 @@ def write(obj: Delta, path: str | os.PathLike[str], *, force: bool = False) -> N
                       else [owned(embedding) for embedding in embeddings]
                       for token, embeddings in obj.tokens.items()}
     with atomic_path(path, force=force) as temporary:
-        save_pickle({"unet": unet, "modifier_token": modifier_token}, temporary)
+        save_pickle({"unet": unet, "modifier_token": modifier_token, METADATA_KEY: metadata}, temporary)
