@@ -22,7 +22,7 @@ import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Union
+from typing import Any, Generic, TypeVar, Union
 
 import torch
 from torch import Tensor
@@ -75,8 +75,12 @@ class LayerDelta:
 Shapes = tuple[torch.Size, torch.Size]
 
 
-class LazyLayers(Mapping[str, LayerDelta]):
-    """Layer differences read from their file when accessed, one layer at a time.
+Layer = TypeVar("Layer")
+
+
+class LazyLayers(Mapping[str, Layer], Generic[Layer]):
+    """Layers read from their file when accessed, one layer at a time: differences
+    (:class:`LayerDelta`), or the (to_k, to_v) pairs of full fine-tuned weights.
 
     What lets a merge stream its inputs layer by layer instead of holding every file in memory
     (ten SDXL concepts are 13.6 GB). Shapes are known from the file header without reading.
@@ -84,11 +88,11 @@ class LazyLayers(Mapping[str, LayerDelta]):
     ``delta.dense()`` makes an in-memory copy.
     """
 
-    def __init__(self, shapes: dict[str, Shapes], loader: Callable[[str], LayerDelta]) -> None:
+    def __init__(self, shapes: dict[str, Shapes], loader: Callable[[str], Layer]) -> None:
         self._shapes = dict(shapes)
         self._loader = loader
 
-    def __getitem__(self, name: str) -> LayerDelta:
+    def __getitem__(self, name: str) -> Layer:
         if name not in self._shapes:
             raise KeyError(name)
         return self._loader(name)

@@ -1,4 +1,4 @@
-"""Safe file input and output: atomic writes, content hashes, and the one pickle loader.
+"""Safe file input and output: atomic writes, file identities, and the one pickle loader.
 
 Every output is written under a temporary sibling name and renamed into place only when the
 writer finished, so an interrupted or failed write never leaves a half-written delta where a
@@ -9,7 +9,6 @@ are only ever opened by :func:`load_pickle`, which accepts plain tensors and con
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import pickle
 import re
@@ -132,21 +131,6 @@ def save_pickle(obj: Any, path: str | os.PathLike[str]) -> None:
         raise OSError(errno.EIO, _reason(error)) from error
 
 
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks; an unreadable file is a MergeError.
-
-    (Merge recipes identify their inputs by content instead, whatever file format held them.)
-    """
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as file:
-            for chunk in iter(lambda: file.read(1 << 20), b""):
-                digest.update(chunk)
-    except OSError as error:
-        raise MergeError(f"Cannot read {path}: {error.strerror or error}.") from error
-    return digest.hexdigest()
-
-
 def load_pickle(path: str | os.PathLike[str], *, mmap: bool = False) -> Any:
     """Load a torch pickle holding only tensors and plain containers; never runs its code.
 
@@ -200,6 +184,17 @@ def file_identity(path: str | os.PathLike[str]) -> tuple[int, int, int]:
     """(device and inode, size, modification time): changes when the file is replaced or rewritten."""
     stat = os.stat(path)
     return stat.st_dev * 2**64 + stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def check_unchanged(path: str | os.PathLike[str], identity: tuple[int, int, int] | None) -> None:
+    """Refuse to read on from a file that was moved, replaced or rewritten since it was validated
+    (``identity``: its :func:`file_identity` then)."""
+    try:
+        unchanged = file_identity(path) == identity
+    except OSError:
+        unchanged = False
+    if not unchanged:
+        raise MergeError(f"{path} was moved, replaced or changed after it was read; load it again.")
 
 
 def _check_not_empty(path: str | os.PathLike[str]) -> None:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import errno
 import functools
-import hashlib
 import json
+import os
 import pickle
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,11 @@ from safetensors.torch import load_file, save_file
 
 from mergekit_cd import Concept, ConceptDelta, LayerDelta, LowRank, MergeError
 from mergekit_cd import formats
-from mergekit_cd.fileio import atomic_path, load_pickle, sha256_file
+from mergekit_cd.base import open_base
+from mergekit_cd.cli import convert as cd_convert
+from mergekit_cd.cli import inspect as cd_inspect
+from mergekit_cd.delta import LazyLayers
+from mergekit_cd.fileio import atomic_path, load_pickle
 from mergekit_cd.formats import authors_bin, compvis, diffusers_layout, native
 from mergekit_cd.metadata import identity_from_metadata, to_metadata
 from mergekit_cd.weights import FineTunedWeights
@@ -143,8 +148,7 @@ def test_write_detect_read_gives_the_same_object(tmp_path, format_name, architec
     assert formats.detect_format(path).NAME == format_name
     back = formats.read(path)
     assert_same_content(original, back)
-    if format_name in ("native", "diffusers"):  # formats with a header keep the metadata
-        assert_same_identity(original, back)
+    assert_same_identity(original, back)  # every format keeps the metadata (pickles: one JSON entry)
 
 
 def test_sdxl_token_files_use_the_clip_l_clip_g_layout(tmp_path):
@@ -206,13 +210,19 @@ def test_low_rank_differences_stay_low_rank_through_every_difference_format(tmp_
     assert all(isinstance(layer.key, LowRank) for layer in current.layers.values())
 
 
-def test_compvis_tokens_are_positional(tmp_path):
-    """CompVis stores only rows: tokens come back as <new1>, <new2> in the order written."""
+def test_compvis_tokens_are_positional_unless_our_metadata_names_them(tmp_path):
+    """CompVis stores only rows: the authors' files give <new1>, <new2> in row order; ours
+    record the names in their metadata."""
     original = make_weights("sd1", names=("<dog>", "<cat>"))
     formats.write(original, tmp_path / "delta.ckpt", "compvis")
-    back = formats.read(tmp_path / "delta.ckpt")
+    assert list(formats.read(tmp_path / "delta.ckpt").tokens) == ["<dog>", "<cat>"]
+    contents = torch.load(tmp_path / "delta.ckpt", weights_only=True)
+    del contents["mergekit_cd"]
+    torch.save(contents, tmp_path / "authors.ckpt")
+    back = formats.read(tmp_path / "authors.ckpt")
     assert list(back.tokens) == ["<new1>", "<new2>"]
     assert torch.equal(back.tokens["<new1>"][0], original.tokens["<dog>"][0])
+    assert (back.base, back.base_fingerprint, back.concepts) == (None, None, ())
 
 
 def test_authors_bin_keeps_every_token_and_lists_ignored_weights(tmp_path):
@@ -240,6 +250,7 @@ def test_diffusers_bin_weights_with_empty_processor_entries_read(tmp_path):
     weights = formats.read(folder)
     assert list(weights.layers) == [LAYER] and list(weights.tokens) == ["<new1>"]
     assert weights.ignored == (f"{LAYER}.processor.to_out_custom_diffusion.0.weight",)
+    assert isinstance(weights.layers, LazyLayers)  # a zip pickle: read a layer at a time
 
 
 # ---------------------------------------------------------------------------- metadata
@@ -385,11 +396,6 @@ def test_unwritable_destinations_are_named(tmp_path, destination, message):
         formats.write(make_delta("sd1"), tmp_path / destination, "native")
 
 
-def test_sha256_file_hashes_the_bytes(tmp_path):
-    (tmp_path / "f").write_bytes(b"mergekit")
-    assert sha256_file(tmp_path / "f") == hashlib.sha256(b"mergekit").hexdigest()
-
-
 # ---------------------------------------------------------------------------- writers refuse
 @pytest.mark.parametrize("format_name, obj, message", [
     ("diffusers", lambda: make_delta("sd1"), "the format holds full fine-tuned weights but this is a "
@@ -454,7 +460,7 @@ def _truncated(tmp_path: Path, format_name: str) -> Path:
      r"x\.ckpt: not a plain-tensor torch file \(Unsupported operand .*\); truncated or corrupt"),
     (lambda tmp: _saved(tmp / "x.bin", [1, 2]),
      r"x\.bin: not a Custom Diffusion file mergekit-cd reads; found a torch pickle holding a list of 2 "
-     r"items\. Formats: native, diffusers, authors-bin, compvis"),
+     r"items\. Formats: native, diffusers, authors-bin, compvis\.$"),  # no hint at a --format no command has
     (lambda tmp: _write_safetensors(tmp / "x.safetensors", {"foo": torch.ones(2)}),
      r"found a safetensors file with keys \['foo'\] \(1 keys\)"),
     (lambda tmp: (tmp / "empty").mkdir() or tmp / "empty",
@@ -671,3 +677,170 @@ def test_native_layers_stream_from_the_file_and_notice_a_replaced_file(tiny_delt
     with pytest.raises(MergeError, match="changed after it was read"):
         delta.layers[name]
     assert copy.allclose(files["object"], rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------- non-native layers stream
+STREAMED = [("authors-bin", "weights"), ("authors-bin", "low_rank"), ("compvis", "weights"),
+            ("compvis", "low_rank"), ("diffusers", "weights")]
+
+
+@pytest.mark.parametrize("format_name, kind", STREAMED)
+def test_non_native_layers_stream_from_their_file_and_notice_a_replaced_file(tmp_path, format_name, kind):
+    """Validated on read holding one tensor at a time, then read again per layer when used."""
+    original = make_object(kind, "sd1")
+    path = tmp_path / FILE_NAMES[format_name]
+    formats.write(original, path, format_name)
+    back = formats.read(path)
+    assert isinstance(back.layers, LazyLayers)
+    assert back.layers.shapes()[LAYER][0] == layer_shapes("sd1")[LAYER]
+    assert_same_content(original, back)
+    replacement = make_weights("sd1", seed=1) if kind == "weights" else make_delta("sd1", seed=1, rank=3)
+    formats.write(replacement, path, format_name, force=True)
+    os.utime(path, ns=(1, 1))  # a different modification time even on coarse clocks
+    with pytest.raises(MergeError, match="changed after it was read; load it again"):
+        back.layers[LAYER]
+
+
+def test_an_old_non_zip_pickle_is_read_whole_and_checked_alike(tmp_path):
+    """torch cannot memory-map pickles from before its zip format: those are kept in memory."""
+    original = make_weights("sd1")
+    formats.write(original, tmp_path / "delta.bin", "authors-bin")
+    contents = torch.load(tmp_path / "delta.bin", weights_only=True)
+    torch.save(contents, tmp_path / "old.bin", _use_new_zipfile_serialization=False)
+    back = formats.read(tmp_path / "old.bin")
+    assert isinstance(back.layers, dict)
+    assert_same_content(original, back)
+    assert_same_identity(original, back)
+    contents["unet"][f"{LAYER}.to_v.weight"][0, 0] = float("inf")
+    torch.save(contents, tmp_path / "bad.bin", _use_new_zipfile_serialization=False)
+    with pytest.raises(MergeError, match=rf"bad\.bin: {LAYER}\.to_v\.weight holds NaN or infinite values"):
+        formats.read(tmp_path / "bad.bin")
+
+
+@pytest.mark.parametrize("format_name, kind", [("diffusers", "weights"), ("compvis", "low_rank")])
+def test_a_non_finite_value_is_named_by_file_and_key(tmp_path, format_name, kind):
+    path = tmp_path / FILE_NAMES[format_name]
+    formats.write(make_object(kind, "sd1"), path, format_name)
+    if format_name == "diffusers":
+        weights_file = path / "pytorch_custom_diffusion_weights.safetensors"
+        with safe_open(str(weights_file), "pt") as handle:
+            header = handle.metadata()
+        tensors = load_file(weights_file)
+        key = f"{LAYER}.processor.to_k_custom_diffusion.weight"
+        tensors[key][1, 2] = float("nan")
+        save_file(tensors, weights_file, metadata=header)
+        expected = rf"{weights_file.name}: {key} holds NaN"
+    else:
+        contents = torch.load(path, weights_only=True)
+        key = f"model.diffusion_model.{compvis.to_compvis_name(LAYER)}.to_v.weight"
+        contents["state_dict"][key]["v"][0, 0] = float("-inf")
+        torch.save(contents, path)
+        expected = rf"{path.name}: {key}\['v'\] holds NaN or infinite values"
+    with pytest.raises(MergeError, match=expected):
+        formats.read(path)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_a_read_pickle_keeps_no_view_into_its_file(tmp_path):
+    """The authors save a token as a row of the whole embedding table (a view: torch.save stores
+    all of the table); what is read keeps neither the table nor a mapping of the file."""
+    table = torch.randn(4000, 32)
+    path = _saved(tmp_path / "delta.bin", {"unet": {K: torch.ones(32, 32), V: torch.zeros(32, 32)},
+                                           "modifier_token": {"<new1>": table[7]}})
+    weights = formats.read(path)
+    embedding = weights.tokens["<new1>"][0]
+    assert torch.equal(embedding, table[7]) and embedding.untyped_storage().nbytes() == 32 * 4
+    key, _ = weights.layers[LAYER]
+    assert torch.equal(key, torch.ones(32, 32))
+    with open("/proc/self/maps") as maps:
+        assert str(path) not in maps.read()
+
+
+def test_full_weights_become_differences_per_layer_only_against_a_base_model(tiny_pipeline_path, tmp_path):
+    """Against a BaseModel (its files do not change) each difference is made when its layer is
+    read; against any other source of base weights (a live pipeline that apply() is about to
+    change) all of them are made at once."""
+    base = open_base(tiny_pipeline_path("sd1"))
+    names = base.layer_names()
+    weights = FineTunedWeights({name: tuple(w + 1 for w in base.kv(name)) for name in names})
+    formats.write(weights, tmp_path / "delta.bin", "authors-bin")
+    stored = formats.read(tmp_path / "delta.bin")
+    assert stored.shapes() == base.kv_shapes()
+    streamed = stored.to_delta(base.kv)
+    assert isinstance(streamed.layers, LazyLayers)
+    assert all(torch.allclose(streamed.layers[name].value, torch.ones(shape)) for name, (_, shape)
+               in base.kv_shapes().items())
+    live = {name: base.kv(name) for name in names}
+    made_now = stored.to_delta(lambda name: live[name])
+    for key, value in live.values():
+        key += 5
+    assert isinstance(made_now.layers, dict)
+    assert torch.allclose(made_now.layers[names[0]].key, torch.ones(base.kv_shapes()[names[0]][0]))
+
+
+# ---------------------------------------------------------------------------- our metadata in .bin / .ckpt
+@pytest.mark.parametrize("format_name, kind", [("authors-bin", "weights"), ("authors-bin", "low_rank"),
+                                               ("compvis", "weights"), ("compvis", "low_rank")])
+def test_pickles_hold_our_metadata_as_one_json_string_beside_the_authors_keys(tmp_path, format_name, kind):
+    original = make_object(kind, "sd1")
+    path = tmp_path / FILE_NAMES[format_name]
+    formats.write(original, path, format_name)
+    contents = torch.load(path, weights_only=True)
+    authors_keys = {"authors-bin": {"unet", "modifier_token"}, "compvis": {"state_dict"}}[format_name]
+    assert set(contents) == authors_keys | {"mergekit_cd"} and isinstance(contents["mergekit_cd"], str)
+    document = json.loads(contents["mergekit_cd"])
+    assert (document["base"], document["base_fingerprint"], document["architecture"]) == \
+           ("tiny-sd1", FINGERPRINT, "sd1")
+    assert document["concepts"][0] == {"token": "<new1>", "class_word": "cat",
+                                       "prompts": ["photo of a <new1> cat"], "style": False}
+    back = formats.read(path)
+    assert_same_identity(original, back)
+    assert back.concepts[1].style and back.concepts[1].prompts == ("painting in the style of <new2>",)
+
+
+@pytest.mark.parametrize("entry, message", [
+    (3, r"'mergekit_cd' should hold mergekit-cd's metadata as a JSON string, found a int"),
+    ("{not json", r"the mergekit-cd metadata in 'mergekit_cd' is not valid JSON"),
+    (json.dumps({"format_version": "2"}), r"metadata format_version '2' is not one this mergekit-cd reads"),
+    (json.dumps({"format_version": "1", "architecture": 3}), r"metadata field 'architecture' must be a string"),
+], ids=["not-a-string", "not-json", "newer-version", "bad-field"])
+def test_bad_metadata_in_a_pickle_is_named(tmp_path, entry, message):
+    path = _saved(tmp_path / "delta.bin", {**_authors({K: torch.ones(32, 32), V: torch.ones(32, 32)}),
+                                           "mergekit_cd": entry})
+    with pytest.raises(MergeError, match=rf"delta\.bin: {message}"):
+        formats.read(path)
+
+
+def test_compvis_token_names_must_fit_the_rows(tmp_path):
+    path = tmp_path / "delta.ckpt"
+    formats.write(make_weights("sd1"), path, "compvis")
+    contents = torch.load(path, weights_only=True)
+    contents["mergekit_cd"] = json.dumps({**json.loads(contents["mergekit_cd"]), "tokens": ["<a>"]})
+    torch.save(contents, path)
+    with pytest.raises(MergeError, match=r"delta\.ckpt: the metadata names tokens \['<a>'\] for the 2 rows "
+                                         r"of embed; expected one distinct name per row"):
+        formats.read(path)
+
+
+@pytest.mark.parametrize("format_name", ["authors-bin", "compvis"])
+def test_pickle_metadata_that_is_not_json_is_refused_before_writing(tmp_path, format_name):
+    weights = make_weights("sd1")
+    weights.metadata["recipe"] = {"weights": torch.ones(2)}
+    with pytest.raises(MergeError, match="metadata cannot be stored as JSON"):
+        formats.write(weights, tmp_path / FILE_NAMES[format_name], format_name)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cd_inspect_shows_the_base_a_converted_bin_records(tiny_pipeline_path, tiny_delta_files, tmp_path,
+                                                           capsys):
+    files = tiny_delta_files("sd1")
+    output = tmp_path / "cat.bin"
+    assert cd_convert.main([str(files["native"]), "-o", str(output), "--base",
+                            str(tiny_pipeline_path("sd1"))]) == 0
+    assert cd_inspect.main([str(output)]) == 0
+    out = capsys.readouterr().out
+    delta = files["object"]
+    for text in ("format:       authors-bin (full fine-tuned weights)", "architecture: sd1, text features: 64",
+                 f"base:         {delta.base} (fingerprint {delta.base_fingerprint[:16]})",
+                 "concepts:     <new1> = cat"):
+        assert text in out, text

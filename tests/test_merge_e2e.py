@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from mergekit_cd import formats
 from mergekit_cd.base import open_base
 from mergekit_cd.cli.merge import main as cd_merge
-from mergekit_cd.delta import ConceptDelta, dense
+from mergekit_cd.delta import ConceptDelta, LowRank, compress, dense
 from mergekit_cd.loading import save
 from mergekit_cd.merge import merge
 from mergekit_cd.testing import random_concept_delta
@@ -31,8 +31,12 @@ NUM_REG = 300  # keeps each run to a few seconds; the full set is exercised by t
 HELD_OUT = ["a red bicycle leaning on a brick wall", "two boats on a calm lake at dawn",
             "a bowl of oranges on a kitchen table", "an old man reading a newspaper in a park",
             "a watercolor of a lighthouse in a storm", "a golden retriever running on the beach"]
-FORMAT_FILES = {"native": "{i}.safetensors", "diffusers": "{i}", "authors-bin": "{i}/delta.bin",
-                "compvis": "{i}/delta_epoch=000001.ckpt"}
+#: input kind -> (format, file name, compressed): every format, and the authors' compressed variants
+INPUT_KINDS = {"native": ("native", "{i}.safetensors", False), "diffusers": ("diffusers", "{i}", False),
+               "authors-bin": ("authors-bin", "{i}/delta.bin", False),
+               "authors-bin-compressed": ("authors-bin", "{i}/compressed_delta.bin", True),
+               "compvis": ("compvis", "{i}/delta_epoch=000001.ckpt", False),
+               "compvis-compressed": ("compvis", "{i}/compressed_delta_epoch=000001.ckpt", True)}
 
 
 @pytest.fixture(scope="module")
@@ -122,44 +126,98 @@ def check_merge(output: Path, base, architecture: str, deltas: list[ConceptDelta
 # ----------------------------------------------------------------------------- the CLI, every format
 
 
-def write_inputs(tmp_path: Path, fmt: str, deltas: list[ConceptDelta], base) -> list[str]:
-    paths = []
+def write_inputs(tmp_path: Path, kind: str, deltas: list[ConceptDelta], base) -> tuple[list[str], list[ConceptDelta]]:
+    """The input files of one kind, and the deltas they hold (compressed ones: the factors stored)."""
+    fmt, name, compressed = INPUT_KINDS[kind]
+    paths, stored = [], []
     for i, delta in enumerate(deltas):
-        path = tmp_path / FORMAT_FILES[fmt].format(i=f"concept{i}")
+        path = tmp_path / name.format(i=f"concept{i}")
         path.parent.mkdir(parents=True, exist_ok=True)
+        if compressed:  # the authors' compressed files hold factors only, of a lossy rank here
+            delta, _ = compress(delta, rtol=0.05, dense_fallback=False)
         save(delta, path, format=fmt, base=base)
         paths.append(str(path))
-    return paths
+        stored.append(delta)
+    return paths, stored
 
 
-CASES = [(arch, fmt) for arch in ("sd1", "sd2", "sdxl") for fmt in FORMAT_FILES
-         if not (arch == "sdxl" and fmt == "compvis")]
+CASES = [(arch, kind) for arch in ("sd1", "sd2", "sdxl") for kind in INPUT_KINDS
+         if not (arch == "sdxl" and kind.startswith("compvis"))]
 
 
-@pytest.mark.parametrize("architecture, fmt", CASES)
-def test_cli_merge_keeps_every_concept_and_drifts_less_than_the_sum(architecture, fmt, bases, concept_deltas,
+@pytest.mark.parametrize("architecture, kind", CASES)
+def test_cli_merge_keeps_every_concept_and_drifts_less_than_the_sum(architecture, kind, bases, concept_deltas,
                                                                     tmp_path, capsys):
-    base, deltas = bases[architecture], concept_deltas[architecture]
-    inputs = write_inputs(tmp_path, fmt, deltas, base)
+    base = bases[architecture]
+    inputs, deltas = write_inputs(tmp_path, kind, concept_deltas[architecture], base)
+    if INPUT_KINDS[kind][2]:
+        assert all(isinstance(formats.read(path).layers[base.layer_names()[0]].key, LowRank) for path in inputs)
     output = tmp_path / "merged.safetensors"
-    classes = [] if fmt in ("native", "diffusers") else [arg for _, w in CONCEPTS for arg in ("--class", w)]
+    # every format records class words and token names (the pickles in one metadata entry)
     code = cd_merge([*inputs, "-o", str(output), "--base", str(base.path), "--num-reg-captions", str(NUM_REG),
-                     "-q", *classes])
+                     "-q"])
     printed = capsys.readouterr()
     assert code == 0, printed.err
     assert "held-out drift" in printed.out and f"wrote {output}" in printed.out
+    assert "renamed" not in printed.out
     merged = formats.read(output)
     assert merged.base_fingerprint == base.fingerprint and merged.architecture == architecture
     assert [c.class_word for c in merged.concepts] == [w for _, w in CONCEPTS]
+    assert list(merged.tokens) == [t for t, _ in CONCEPTS]
     assert merged.metadata["recipe"]["method"] == "constrained"
-    if fmt == "compvis":  # tokens are positional there: every file says <new1>, so two are renamed
-        assert "renamed to <new2>" in printed.out and "renamed to <new3>" in printed.out
     check_merge(output, base, architecture, deltas, merged.tokens)
+
+
+def diffusers_training_output(folder: Path, base, delta: ConceptDelta, *, weights_format: str) -> Path:
+    """The output folder of diffusers' ``train_custom_diffusion.py`` for ``delta``, built as that
+    script writes it (REFERENCE section 3), with no mergekit-cd metadata: full fine-tuned K/V
+    weights under the attention processors' names, and one ``<new1>`` file holding the token's
+    row of the whole embedding table (a view, as the script saves it; the ``.bin`` then stores
+    the whole table). The ``.bin`` weights also hold ``{}`` for every processor without weights
+    (self-attention); safetensors cannot store those."""
+    folder.mkdir()
+    state: dict = {}
+    for layer in base.layer_names():
+        key, value = base.kv(layer)
+        state[f"{layer}.processor.to_k_custom_diffusion.weight"] = key + dense(delta.layers[layer].key)
+        state[f"{layer}.processor.to_v_custom_diffusion.weight"] = value + dense(delta.layers[layer].value)
+    (embedding,) = next(iter(delta.tokens.values()))
+    table = torch.randn(500, embedding.shape[0])
+    table[321] = embedding
+    learned = {"<new1>": table[321]}
+    if weights_format == "safetensors":
+        save_file(state, folder / "pytorch_custom_diffusion_weights.safetensors", metadata={"format": "pt"})
+        save_file(learned, folder / "<new1>.safetensors", metadata={"format": "pt"})
+    else:
+        state.update({f"{layer.replace('attn2', 'attn1')}.processor": {} for layer in base.layer_names()})
+        torch.save(state, folder / "pytorch_custom_diffusion_weights.bin")
+        torch.save(learned, folder / "<new1>.bin")
+    return folder
+
+
+def test_cli_merges_diffusers_training_outputs_given_class_words(bases, concept_deltas, tmp_path, capsys):
+    """Three runs of diffusers' training script (each names its token <new1>), two saved as
+    safetensors and one as .bin: they hold no class word, so --class gives them."""
+    base, deltas = bases["sd1"], concept_deltas["sd1"]
+    inputs = [str(diffusers_training_output(tmp_path / f"run{i}", base, delta, weights_format=kind))
+              for i, (delta, kind) in enumerate(zip(deltas, ("safetensors", "bin", "safetensors")))]
+    output = tmp_path / "merged.safetensors"
+    arguments = [*inputs, "-o", str(output), "--base", str(base.path), "--num-reg-captions", str(NUM_REG), "-q"]
+    assert cd_merge(arguments) == 1
+    assert "No class word for <new1> of" in capsys.readouterr().err and not output.exists()
+    code = cd_merge([*arguments, *(arg for _, word in CONCEPTS for arg in ("--class", word))])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert "renamed to <new2>" in printed.out and "renamed to <new3>" in printed.out
+    merged = formats.read(output)
+    assert merged.base_fingerprint == base.fingerprint
+    assert [c.class_word for c in merged.concepts] == [w for _, w in CONCEPTS]
+    check_merge(output, base, "sd1", deltas, merged.tokens)
 
 
 def test_cli_writes_the_diffusers_layout_with_full_weights_and_token_files(bases, concept_deltas, tmp_path, capsys):
     base, deltas = bases["sd1"], concept_deltas["sd1"]
-    inputs = write_inputs(tmp_path, "native", deltas, base)
+    inputs, _ = write_inputs(tmp_path, "native", deltas, base)
     output = tmp_path / "merged"
     assert cd_merge([*inputs, "-o", str(output), "--base", str(base.path), "--num-reg-captions", str(NUM_REG),
                      "-q"]) == 0
@@ -231,7 +289,7 @@ def test_ridge_bounds_the_weight_change(bases, concept_deltas):
 
 def test_dry_run_prints_the_plan_and_writes_nothing(bases, concept_deltas, tmp_path, capsys):
     base, deltas = bases["sdxl"], concept_deltas["sdxl"]
-    inputs = write_inputs(tmp_path, "native", deltas, base)
+    inputs, _ = write_inputs(tmp_path, "native", deltas, base)
     output = tmp_path / "merged.safetensors"
     assert cd_merge([*inputs, "-o", str(output), "--base", str(base.path), "--dry-run"]) == 0
     out = capsys.readouterr().out
@@ -243,7 +301,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(bases, concept_deltas, tmp_p
 
 def test_dry_run_shows_style_and_object_templates_together(bases, concept_deltas, tmp_path, capsys):
     base, deltas = bases["sd1"], concept_deltas["sd1"]
-    inputs = write_inputs(tmp_path, "native", deltas, base)
+    inputs, _ = write_inputs(tmp_path, "native", deltas, base)
     assert cd_merge([*inputs, "-o", str(tmp_path / "m.safetensors"), "--base", str(base.path), "--dry-run",
                      "--style", "2", "--target-template", "a {token} {class_word} toy",
                      "--style-template", "{token} art of {class_word}"]) == 0
@@ -308,9 +366,15 @@ def bad_inputs(tmp_path: Path, base, other_base, sdxl_base, deltas) -> dict[str,
     save(random_concept_delta(sdxl_base, "<x>", "cat"), wrong_arch)
     cases["wrong architecture"] = ([str(wrong_arch)], r"sdxl delta but .* is an sd1 model")
 
+    other_delta = random_concept_delta(other_base, "<y>", "cat")
     wrong_base = tmp_path / "other-base.safetensors"
-    save(random_concept_delta(other_base, "<y>", "cat"), wrong_base)
+    save(other_delta, wrong_base)
     cases["wrong base"] = ([str(wrong_base)], r"made for another base model .*--no-base-check")
+
+    wrong_base_bin = tmp_path / "other-base.bin"  # full weights of another base record it now too
+    save(other_delta, wrong_base_bin, base=other_base)
+    cases["wrong base .bin"] = ([str(wrong_base_bin)], rf"{wrong_base_bin} was made for another base model "
+                                                       rf"\({other_base.name}, .*--no-base-check")
 
     nan = tmp_path / "nan.safetensors"
     tensors = load_file(good)
@@ -329,8 +393,11 @@ def bad_inputs(tmp_path: Path, base, other_base, sdxl_base, deltas) -> dict[str,
     save(partial, missing)
     cases["missing layers"] = ([str(missing)], r"missing 1 of 11 cross-attention layers")
 
-    no_class = tmp_path / "no-class.bin"
+    no_class = tmp_path / "no-class.bin"  # as the authors' scripts write it: no metadata
     save(deltas[1], no_class, format="authors-bin", base=base)
+    contents = torch.load(no_class, weights_only=True)
+    del contents["mergekit_cd"]
+    torch.save(contents, no_class)
     cases["missing class word"] = ([str(good), str(no_class)], r"No class word .*--class WORD for every input")
     return cases
 
@@ -351,6 +418,21 @@ def test_bad_inputs_each_get_one_clear_message(bases, concept_deltas, tiny_pipel
         assert re.search(pattern, lines[0]), (name, lines[0])
         assert not output.exists(), name
     assert not (tmp_path / "code-ran").exists()
+
+
+def test_a_bin_from_another_base_merges_only_with_no_base_check(bases, concept_deltas, tiny_pipeline_path,
+                                                                 tmp_path, capsys):
+    base, other_base = bases["sd1"], open_base(tiny_pipeline_path("sd1", seed=1))
+    good, other = tmp_path / "good.safetensors", tmp_path / "other-base.bin"
+    save(concept_deltas["sd1"][0], good)
+    save(random_concept_delta(other_base, "<y>", "cat"), other, base=other_base)
+    output = tmp_path / "merged.safetensors"
+    arguments = [str(good), str(other), "-o", str(output), "--base", str(base.path), "--num-reg-captions", "50",
+                 "-q"]
+    assert cd_merge(arguments) == 1
+    assert "other-base.bin was made for another base model" in capsys.readouterr().err
+    assert cd_merge([*arguments, "--no-base-check"]) == 0, capsys.readouterr().err
+    assert formats.read(output).base_fingerprint == base.fingerprint
 
 
 def test_more_constraint_rows_than_the_feature_rank_are_reported(bases, concept_deltas, tmp_path, capsys):

@@ -104,7 +104,7 @@ def detect_format(path: str | os.PathLike[str]) -> ModuleType:
         if module.detect(path):
             return module
     raise MergeError(f"{path}: not a Custom Diffusion file mergekit-cd reads; found {_found(Path(path))}. "
-                     f"Formats: {', '.join(format_names())} (--format picks one).")
+                     f"Formats: {', '.join(format_names())}.")
 
 
 def _found(path: Path) -> str:

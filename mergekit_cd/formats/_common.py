@@ -1,11 +1,15 @@
 """Checks and helpers the format modules share: structure validation with messages that name
-the file and the key, cheap sniffing for ``detect``, and tensors ready to be saved.
+the file and the key, reading layers back one at a time, our metadata in pickles, cheap sniffing
+for ``detect``, and tensors ready to be saved.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import zipfile
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,12 +18,18 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from ..delta import ConceptDelta, Difference, LayerDelta, LowRank
+from ..delta import ConceptDelta, Difference, LayerDelta, LazyLayers, LowRank
 from ..errors import MergeError
-from ..fileio import load_pickle
+from ..fileio import check_unchanged, file_identity, load_pickle, open_safetensors
+from ..metadata import HEADER_KEY, identity_from_metadata, to_metadata
 from ..weights import FineTunedWeights
 
 Delta = ConceptDelta | FineTunedWeights
+#: A layer's (to_k, to_v) as a file stores them: full matrices, or factors of differences.
+Pair = tuple[Difference, Difference]
+#: The top-level entry of our ``.bin`` / ``.ckpt`` pickles holding the metadata document as one
+#: JSON string (the authors' scripts read only their own keys, so they ignore it).
+METADATA_KEY = HEADER_KEY
 # Per layer, the weights of the attention projections a K/V merge does not use; kept as names.
 IGNORED_SUFFIXES = (".to_q.weight", ".to_out.0.weight", ".to_out.0.bias")
 
@@ -86,23 +96,39 @@ def check_factors(factors: Any, key: str, source: str) -> LowRank:
 
 
 # ---------------------------------------------------------------- building the result
+def check_entry(value: Any, key: str, source: str) -> Difference:
+    """A stored to_k/to_v entry: a full matrix, or compressed factors ``{"u", "v"}``."""
+    return check_factors(value, key, source) if isinstance(value, dict) else check_matrix(value, key, source)
+
+
+def stand_in(entry: Difference) -> Difference:
+    """``entry`` without data (shape and dtype on the meta device): what the validation pass
+    keeps, so it holds no view into a memory-mapped file."""
+    if isinstance(entry, LowRank):
+        return LowRank(stand_in(entry.up), stand_in(entry.down))
+    return torch.empty(entry.shape, dtype=entry.dtype, device="meta")
+
+
 @dataclass
 class LayerCollector:
-    """Gathers a file's to_k/to_v entries per layer, then checks they form whole layers."""
+    """Gathers a file's to_k/to_v entries per layer, then checks they form whole layers.
+
+    Only the entries' shapes and dtypes are kept (:func:`stand_in`), with the key each came from.
+    """
 
     source: str
-    found: dict[str, dict[str, tuple[str, Tensor | LowRank]]] = field(default_factory=dict)
+    found: dict[str, dict[str, tuple[str, Difference]]] = field(default_factory=dict)
 
-    def add(self, layer: str, projection: str, key: str, value: Tensor | LowRank) -> None:
+    def add(self, layer: str, projection: str, key: str, value: Difference) -> None:
         """Record ``value`` (already checked) as ``projection`` ("to_k"/"to_v") of ``layer``."""
         entries = self.found.setdefault(layer, {})
         if projection in entries:
             raise MergeError(f"{self.source}: {key} and {entries[projection][0]} both hold "
                              f"{projection} of layer {layer}.")
-        entries[projection] = (key, value)
+        entries[projection] = (key, stand_in(value))
 
-    def layers(self, *, allow_empty: bool = False) -> dict[str, tuple[Difference, Difference]]:
-        """layer -> (to_k, to_v); every layer complete, shapes consistent across layers."""
+    def layers(self, *, allow_empty: bool = False) -> dict[str, Pair]:
+        """layer -> (to_k, to_v) stand-ins; every layer complete, shapes consistent across layers."""
         if not self.found and not allow_empty:
             raise MergeError(f"{self.source}: holds no cross-attention to_k/to_v weights.")
         first_key, context = None, None
@@ -122,6 +148,11 @@ class LayerCollector:
                                  f"{first_key} reads {context}.")
             result[layer] = (key, value)
         return result
+
+    def keys(self) -> dict[str, tuple[str, str]]:
+        """layer -> (to_k key, to_v key) in the file, once :meth:`layers` found the layers whole."""
+        self.layers()
+        return {layer: (entries["to_k"][0], entries["to_v"][0]) for layer, entries in self.found.items()}
 
 
 def check_token_shapes(tokens: dict[str, tuple[Tensor, ...]], source: str) -> None:
@@ -146,22 +177,127 @@ def split_layer_key(key: str, suffixes: dict[str, str]) -> tuple[str, str] | Non
     return None
 
 
-def assemble(layers: dict[str, tuple[Difference, Difference]], tokens: dict[str, tuple[Tensor, ...]],
-             ignored: list[str], source: str) -> Delta:
+def assemble(collector: LayerCollector, read_layer: Callable[[str], Pair], *, lazy: bool,
+             tokens: dict[str, tuple[Tensor, ...]], ignored: list[str], source: str,
+             identity: dict[str, Any]) -> Delta:
     """FineTunedWeights when the file holds full matrices, ConceptDelta when it holds factors.
 
+    ``collector`` holds what the validation pass found; the layers are read through
+    ``read_layer`` when used (``lazy``: :class:`LazyLayers`), or now and kept (a file that
+    cannot be read a layer at a time). ``identity``: keyword arguments from the file's metadata.
     A ConceptDelta has no ``ignored`` field, so the names of ignored weights go to its
-    ``metadata["ignored"]``.
+    ``metadata["ignored"]`` (the file's own list, not one its metadata recorded).
     """
+    checked = collector.layers()
     check_token_shapes(tokens, source)
-    compressed = {isinstance(x, LowRank) for pair in layers.values() for x in pair}
+    compressed = {isinstance(x, LowRank) for pair in checked.values() for x in pair}
     if compressed == {True, False}:
         raise MergeError(f"{source}: mixes full weight matrices and compressed differences; a file "
                          f"holds one or the other.")
+    shapes = {layer: (key.shape, value.shape) for layer, (key, value) in checked.items()}
+    identity = dict(identity)
+    metadata = {key: value for key, value in identity.pop("metadata", {}).items() if key != "ignored"}
     if compressed == {True}:
-        return ConceptDelta({name: LayerDelta(*pair) for name, pair in layers.items()}, tokens,
-                            metadata={"ignored": ignored} if ignored else {})
-    return FineTunedWeights(layers, tokens, ignored=tuple(ignored))
+        layers: Mapping[str, Any] = LazyLayers(shapes, lambda layer: LayerDelta(*read_layer(layer))) if lazy \
+            else {layer: LayerDelta(*read_layer(layer)) for layer in shapes}
+        return ConceptDelta(layers, tokens, metadata={**metadata, **({"ignored": ignored} if ignored else {})},
+                            **identity)
+    layers = LazyLayers(shapes, read_layer) if lazy else {layer: read_layer(layer) for layer in shapes}
+    return FineTunedWeights(layers, tokens, ignored=tuple(ignored), metadata=metadata, **identity)
+
+
+# ---------------------------------------------------------------- reading a layer at a time
+class PickleFile:
+    """A torch pickle opened for validation, and a reader of one layer at a time.
+
+    Zip-format files (what ``torch.save`` has written since torch 1.6) are memory-mapped, so
+    the validation pass holds one tensor at a time, and each layer is read again when used.
+    Older non-zip pickles cannot be mapped; they are read whole and their layers kept in memory.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = path
+        try:
+            self.identity: tuple[int, int, int] | None = file_identity(path)
+        except OSError:
+            self.identity = None  # load_pickle says what is wrong with the path
+        self.mapped = zipfile.is_zipfile(path)
+        self.contents: Any = load_pickle(path, mmap=self.mapped)
+
+    def reader(self, container: tuple[str, ...], keys: dict[str, tuple[str, str]]) -> Callable[[str], Pair]:
+        """layer -> (to_k, to_v) entries found under ``keys`` in ``contents[container...]``."""
+        if self.mapped:
+            return PickleLayers(self.path, container, keys, self.identity)
+        held = _inside(self.contents, container)
+        return lambda layer: tuple(_entry(held[key]) for key in keys[layer])
+
+
+class PickleLayers:
+    """Reads one layer's entries back from a validated zip pickle (mapped), if it is unchanged."""
+
+    def __init__(self, path: str | os.PathLike[str], container: tuple[str, ...],
+                 keys: dict[str, tuple[str, str]], identity: tuple[int, int, int] | None) -> None:
+        self.path, self.container, self.keys, self.identity = path, container, keys, identity
+
+    def __call__(self, layer: str) -> Pair:
+        check_unchanged(self.path, self.identity)
+        held = _inside(load_pickle(self.path, mmap=True), self.container)
+        # copies: a view would keep the whole file mapped
+        return tuple(_entry(held[key], copy=True) for key in self.keys[layer])
+
+
+class SafetensorsLayers:
+    """Reads one layer's (to_k, to_v) back from a validated safetensors file, if it is unchanged."""
+
+    def __init__(self, path: str | os.PathLike[str], keys: dict[str, tuple[str, str]],
+                 identity: tuple[int, int, int]) -> None:
+        self.path, self.keys, self.identity = path, keys, identity
+
+    def __call__(self, layer: str) -> Pair:
+        check_unchanged(self.path, self.identity)
+        with open_safetensors(self.path) as handle:
+            # copies: safetensors hands out views into the mapped file
+            return tuple(handle.get_tensor(key).clone() for key in self.keys[layer])
+
+
+def _inside(contents: Any, container: tuple[str, ...]) -> Any:
+    for part in container:
+        contents = contents[part]
+    return contents
+
+
+def _entry(value: Any, *, copy: bool = False) -> Difference:
+    """A stored entry as a tensor or LowRank (checked before); ``copy``: owning its memory."""
+    if isinstance(value, dict):
+        return LowRank(_entry(value["u"], copy=copy), _entry(value["v"], copy=copy))
+    return value.clone() if copy else value
+
+
+# ---------------------------------------------------------------- our metadata in pickles
+def metadata_entry(obj: Delta, **extra: Any) -> str:
+    """``obj``'s metadata document (and ``extra`` fields) as the JSON string stored under
+    :data:`METADATA_KEY`; checked before anything is written."""
+    try:
+        return json.dumps({**to_metadata(obj), **extra}, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise MergeError(f"The delta's metadata cannot be stored as JSON: {error}.") from None
+
+
+def read_metadata(contents: dict[Any, Any], source: str) -> dict[str, Any]:
+    """Identity keyword arguments from a pickle's :data:`METADATA_KEY` entry; ``{}`` for a file
+    without one (the authors' own files)."""
+    if METADATA_KEY not in contents:
+        return {}
+    value = contents[METADATA_KEY]
+    if not isinstance(value, str):
+        raise MergeError(f"{source}: {METADATA_KEY!r} should hold mergekit-cd's metadata as a JSON string, "
+                         f"found {describe(value)}.")
+    try:
+        document = json.loads(value)
+    except json.JSONDecodeError as error:
+        raise MergeError(f"{source}: the mergekit-cd metadata in {METADATA_KEY!r} is not valid JSON "
+                         f"({error}).") from None
+    return identity_from_metadata(document, source=source)
 
 
 # ---------------------------------------------------------------- writing

@@ -8,18 +8,21 @@ from typing import Any
 from torch import Tensor
 
 from ..errors import MergeError
-from ..fileio import atomic_path, load_pickle, save_pickle
+from ..fileio import atomic_path, save_pickle
 from ._common import (
     IGNORED_SUFFIXES,
+    METADATA_KEY,
     Delta,
     LayerCollector,
+    PickleFile,
     assemble,
-    check_factors,
-    check_matrix,
+    check_entry,
     check_vector,
     describe_container,
+    metadata_entry,
     owned,
     peek_pickle,
+    read_metadata,
     split_layer_key,
     stored_entries,
     unexpected_key,
@@ -42,31 +45,39 @@ def read(path: str | os.PathLike[str]) -> Delta:
 
     Every modifier token is kept (the authors' own merge keeps one per file). Other top-level
     entries (e.g. a fine-tuned ``text_encoder``) and q/out projections are listed as ignored.
+    Our own files also hold their metadata (base, fingerprint, concepts) under
+    ``METADATA_KEY``. The file is validated holding one tensor at a time; its layers are read
+    again when used (:class:`~._common.PickleFile`; an old non-zip pickle is kept in memory).
     """
     source = str(path)
-    contents = load_pickle(path)
+    file = PickleFile(path)
+    contents = file.contents
     if not isinstance(contents, dict) or not isinstance(contents.get("unet"), dict):
         raise MergeError(f"{source}: expected the authors' delta layout {_CONTAINER}, found "
                          f"{describe_container(contents)}.")
-    ignored = [str(key) for key in contents if key not in ("unet", "modifier_token")]
+    identity = read_metadata(contents, source)
+    ignored = [str(key) for key in contents if key not in ("unet", "modifier_token", METADATA_KEY)]
     collector = LayerCollector(source)
     for key, value in contents["unet"].items():
         key = str(key)
         split = split_layer_key(key, _PROJECTIONS)
         if split is not None:
-            entry = check_factors(value, key, source) if isinstance(value, dict) \
-                else check_matrix(value, key, source)
-            collector.add(*split, key, entry)
+            collector.add(*split, key, check_entry(value, key, source))
         elif key.endswith(IGNORED_SUFFIXES):
             ignored.append(key)
         else:
             raise unexpected_key(key, source, "'<layer>.to_k.weight' and '<layer>.to_v.weight' in 'unet'")
     tokens = _read_tokens(contents.get("modifier_token", {}), source)
-    return assemble(collector.layers(), tokens, ignored, source)
+    return assemble(collector, file.reader(("unet",), collector.keys()), lazy=file.mapped, tokens=tokens,
+                    ignored=ignored, source=source, identity=identity)
 
 
 def _read_tokens(entries: Any, source: str) -> dict[str, tuple[Tensor, ...]]:
-    """token -> embeddings; an SDXL token holds a pair [text_encoder row, text_encoder_2 row]."""
+    """token -> embeddings (copies); an SDXL token holds a pair [text_encoder row, text_encoder_2 row].
+
+    Copies, because the authors save a row of the whole embedding table: a view would keep
+    the table's storage (and the mapped file).
+    """
     if not isinstance(entries, dict):
         raise MergeError(f"{source}: modifier_token should be a dict token -> embedding, found "
                          f"{describe_container(entries)}.")
@@ -76,15 +87,20 @@ def _read_tokens(entries: Any, source: str) -> dict[str, tuple[Tensor, ...]]:
         if isinstance(value, (list, tuple)):
             if not value:
                 raise MergeError(f"{source}: {key} holds no embedding.")
-            tokens[str(name)] = tuple(check_vector(part, f"{key}[{index}]", source)
+            tokens[str(name)] = tuple(check_vector(part, f"{key}[{index}]", source).clone()
                                       for index, part in enumerate(value))
         else:
-            tokens[str(name)] = (check_vector(value, key, source),)
+            tokens[str(name)] = (check_vector(value, key, source).clone(),)
     return tokens
 
 
 def write(obj: Delta, path: str | os.PathLike[str], *, force: bool = False) -> None:
-    """Full weights from FineTunedWeights; the compressed variant from a LowRank ConceptDelta."""
+    """Full weights from FineTunedWeights; the compressed variant from a LowRank ConceptDelta.
+
+    Our metadata goes under ``METADATA_KEY``, a top-level entry the authors' scripts ignore
+    (they read ``unet``, ``modifier_token`` and ``text_encoder`` only).
+    """
+    metadata = metadata_entry(obj)
     entries = stored_entries(obj, path, NAME)
     unet = {f"{layer}.{projection}.weight": entry
             for layer, projections in entries.items() for projection, entry in projections.items()}
@@ -92,4 +108,4 @@ def write(obj: Delta, path: str | os.PathLike[str], *, force: bool = False) -> N
                       else [owned(embedding) for embedding in embeddings]
                       for token, embeddings in obj.tokens.items()}
     with atomic_path(path, force=force) as temporary:
-        save_pickle({"unet": unet, "modifier_token": modifier_token}, temporary)
+        save_pickle({"unet": unet, "modifier_token": modifier_token, METADATA_KEY: metadata}, temporary)

@@ -10,19 +10,22 @@ import torch
 from torch import Tensor
 
 from ..errors import MergeError
-from ..fileio import atomic_path, load_pickle, save_pickle
+from ..fileio import atomic_path, save_pickle
 from ._common import (
     IGNORED_SUFFIXES,
+    METADATA_KEY,
     Delta,
     LayerCollector,
+    PickleFile,
     assemble,
-    check_factors,
+    check_entry,
     check_finite,
-    check_matrix,
     describe,
     describe_container,
+    metadata_entry,
     owned,
     peek_pickle,
+    read_metadata,
     split_layer_key,
     stored_entries,
     unexpected_key,
@@ -33,6 +36,8 @@ WRITES_FULL_WEIGHTS = True  # FineTunedWeights; a LowRank ConceptDelta gives the
 ARCHITECTURES = ("sd1", "sd2")  # the authors' CompVis code never had SDXL
 PREFIX = "model.diffusion_model."
 EMBED = "embed"
+#: The field of our metadata naming the tokens of ``embed``'s rows, which the checkpoint cannot hold.
+TOKENS_FIELD = "tokens"
 _PROJECTIONS = {".to_k.weight": "to_k", ".to_v.weight": "to_v"}
 _EXPECTED = "'model.diffusion_model.<block>...attn2.to_k.weight' / '.to_v.weight' and 'embed'"
 _COMPVIS_BLOCK = re.compile(r"^(input_blocks\.(\d+)|middle_block|output_blocks\.(\d+))\.1\.(.+)$")
@@ -83,14 +88,20 @@ def read(path: str | os.PathLike[str]) -> Delta:
 
     Layers carry LDM names (``model.diffusion_model.input_blocks.1.1...attn2``), returned under
     their diffusers names. ``embed`` holds only rows (the last n of the token table), so the
-    tokens are named ``<new1>`` .. ``<newn>`` in row order, as the authors' scripts name them.
+    tokens are named ``<new1>`` .. ``<newn>`` in row order, as the authors' scripts name them,
+    unless our metadata (under ``METADATA_KEY``, with base, fingerprint and concepts) names
+    them. The file is validated holding one tensor at a time; its layers are read again when
+    used (:class:`~._common.PickleFile`; an old non-zip pickle is kept in memory).
     """
     source = str(path)
-    contents = load_pickle(path)
+    file = PickleFile(path)
+    contents = file.contents
     if not isinstance(contents, dict) or not isinstance(contents.get("state_dict"), dict):
         raise MergeError(f"{source}: expected the authors' CompVis layout {{'state_dict': {{...}}}}, "
                          f"found {describe_container(contents)}.")
-    ignored = [str(key) for key in contents if key != "state_dict"]
+    identity = read_metadata(contents, source)
+    names = identity.get("metadata", {}).pop(TOKENS_FIELD, None)
+    ignored = [str(key) for key in contents if key not in ("state_dict", METADATA_KEY)]
     collector = LayerCollector(source)
     tokens: dict[str, tuple[Tensor, ...]] = {}
     for key, value in contents["state_dict"].items():
@@ -99,36 +110,46 @@ def read(path: str | os.PathLike[str]) -> Delta:
         layer = to_diffusers_name(split[0].removeprefix(PREFIX)) \
             if split is not None and key.startswith(PREFIX) else None
         if key == EMBED:
-            tokens = _read_embed(value, source)
+            tokens = _read_embed(value, names, source)
         elif layer is not None:
-            entry = check_factors(value, key, source) if isinstance(value, dict) \
-                else check_matrix(value, key, source)
-            collector.add(layer, split[1], key, entry)
+            collector.add(layer, split[1], key, check_entry(value, key, source))
         elif key.startswith(PREFIX) and key.endswith(IGNORED_SUFFIXES):
             ignored.append(key)
         else:
             raise unexpected_key(key, source, _EXPECTED)
-    return assemble(collector.layers(), tokens, ignored, source)
+    return assemble(collector, file.reader(("state_dict",), collector.keys()), lazy=file.mapped,
+                    tokens=tokens, ignored=ignored, source=source, identity=identity)
 
 
-def _read_embed(value: Any, source: str) -> dict[str, tuple[Tensor, ...]]:
-    """``embed`` [n, d] (or one row [d]) -> tokens ``<new1>`` .. ``<newn>``."""
+def _read_embed(value: Any, names: Any, source: str) -> dict[str, tuple[Tensor, ...]]:
+    """``embed`` [n, d] (or one row [d]) -> tokens ``<new1>`` .. ``<newn>``, or the ``names``
+    our metadata gives them; each row a copy (a view would keep the whole file mapped)."""
     if isinstance(value, Tensor) and value.dim() == 1:
         value = value[None]
     if not isinstance(value, Tensor) or value.dim() != 2 or not value.is_floating_point():
         raise MergeError(f"{source}: {EMBED} should be float token rows [n, d], found {describe(value)}.")
     check_finite(value, EMBED, source)
-    return {f"<new{index + 1}>": (row,) for index, row in enumerate(value)}
+    if names is None:
+        names = [f"<new{index + 1}>" for index in range(len(value))]
+    valid = (isinstance(names, list) and len(names) == len(value) and len(set(names)) == len(names)
+             and all(isinstance(name, str) and name for name in names))
+    if not valid:
+        raise MergeError(f"{source}: the metadata names tokens {names!r} for the {len(value)} rows of "
+                         f"{EMBED}; expected one distinct name per row.")
+    return {name: (row.clone(),) for name, row in zip(names, value)}
 
 
 def write(obj: Delta, path: str | os.PathLike[str], *, force: bool = False) -> None:
     """Full weights from FineTunedWeights; the compressed variant from a LowRank ConceptDelta.
 
-    Token embeddings become the rows of ``embed`` in order; their names are not stored.
+    Token embeddings become the rows of ``embed`` in order; their names go to our metadata
+    (under ``METADATA_KEY``, a top-level entry the authors' scripts ignore: they read
+    ``state_dict`` only).
     """
     if obj.architecture == "sdxl" or any(len(embeddings) != 1 for embeddings in obj.tokens.values()):
         raise MergeError(f"Cannot write {path} as {NAME}: CompVis checkpoints exist only for SD1/SD2 "
                          f"and this is an SDXL delta; use the diffusers, authors-bin or native format.")
+    metadata = metadata_entry(obj, **{TOKENS_FIELD: list(obj.tokens)})
     state: dict[str, Any] = {}
     for layer, projections in stored_entries(obj, path, NAME).items():
         name = to_compvis_name(layer)
@@ -139,4 +160,4 @@ def write(obj: Delta, path: str | os.PathLike[str], *, force: bool = False) -> N
     if obj.tokens:
         state[EMBED] = owned(torch.stack([embeddings[0] for embeddings in obj.tokens.values()]))
     with atomic_path(path, force=force) as temporary:
-        save_pickle({"state_dict": state}, temporary)
+        save_pickle({"state_dict": state, METADATA_KEY: metadata}, temporary)

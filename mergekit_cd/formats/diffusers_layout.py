@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -10,12 +11,16 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from ..errors import MergeError
-from ..fileio import atomic_path, load_pickle, load_safetensors
+from ..fileio import atomic_path, file_identity, load_pickle, load_safetensors, open_safetensors
 from ..metadata import from_header, to_header
 from ..weights import FineTunedWeights
 from ._common import (
     Delta,
     LayerCollector,
+    Pair,
+    PickleFile,
+    SafetensorsLayers,
+    assemble,
     check_matrix,
     check_token_shapes,
     check_vector,
@@ -58,27 +63,50 @@ def _pickle_keys(path: Path) -> list[str]:
 
 
 def read(path: str | os.PathLike[str]) -> FineTunedWeights:
-    """Full weights and every token file beside them; metadata from the weights file's header."""
+    """Full weights and every token file beside them; metadata from the weights file's header.
+
+    The weights are validated holding one tensor at a time, and read again per layer when used
+    (a safetensors file, or a zip pickle memory-mapped; an old non-zip pickle is kept in memory).
+    """
     weights_file = _weights_file(Path(path))
     source = str(weights_file)
-    state, header = _load(weights_file)
     collector = LayerCollector(source)
-    ignored = []
-    for key, value in state.items():
-        key = str(key)
-        split = split_layer_key(key, _PROJECTIONS)
-        if split is not None:
-            collector.add(*split, key, check_matrix(value, key, source))
-        elif key.endswith(_IGNORED):
-            ignored.append(key)
-        elif not (key.endswith(".processor") and isinstance(value, dict) and not value):
-            # the .bin variant stores an empty dict for each processor without weights (attn1)
-            raise unexpected_key(key, source, "'<layer>.processor.to_k_custom_diffusion.weight' and "
-                                              "'<layer>.processor.to_v_custom_diffusion.weight'")
+    ignored: list[str] = []
+    if weights_file.suffix == ".safetensors":
+        with open_safetensors(weights_file) as handle:
+            identity = file_identity(weights_file)
+            header = handle.metadata() or {}
+            for key in handle.keys():
+                _collect(key, lambda key=key: handle.get_tensor(key), collector, ignored)
+        reader: Callable[[str], Pair] = SafetensorsLayers(weights_file, collector.keys(), identity)
+        lazy = True
+    else:
+        file = PickleFile(weights_file)
+        if not isinstance(file.contents, dict):
+            raise MergeError(f"{source}: expected a dict of tensors, found a {type(file.contents).__name__}.")
+        header = {}
+        for key, value in file.contents.items():
+            if str(key).endswith(".processor") and isinstance(value, dict) and not value:
+                continue  # the .bin variant stores an empty dict for each processor without weights (attn1)
+            _collect(str(key), lambda value=value: value, collector, ignored)
+        reader, lazy = file.reader((), collector.keys()), file.mapped
     tokens = _read_tokens(weights_file)
     check_token_shapes(tokens, str(weights_file.parent))
-    return FineTunedWeights(collector.layers(), tokens, ignored=tuple(ignored),
-                            **from_header(header, source=source))
+    return assemble(collector, reader, lazy=lazy, tokens=tokens, ignored=ignored, source=source,
+                    identity=from_header(header, source=source))
+
+
+def _collect(key: str, value: Callable[[], Any], collector: LayerCollector, ignored: list[str]) -> None:
+    """Record a weights-file entry: a K/V weight (checked; read only if it is one), or an
+    ignored q/out one."""
+    split = split_layer_key(key, _PROJECTIONS)
+    if split is not None:
+        collector.add(*split, key, check_matrix(value(), key, collector.source))
+    elif key.endswith(_IGNORED):
+        ignored.append(key)
+    else:
+        raise unexpected_key(key, collector.source, "'<layer>.processor.to_k_custom_diffusion.weight' and "
+                                                    "'<layer>.processor.to_v_custom_diffusion.weight'")
 
 
 def _weights_file(path: Path) -> Path:
@@ -90,14 +118,15 @@ def _weights_file(path: Path) -> Path:
     raise MergeError(f"{path}: no {' or '.join(WEIGHTS_NAMES)} in this folder.")
 
 
-def _load(file: Path) -> tuple[dict[Any, Any], dict[str, str]]:
-    """A flat dict from a safetensors or pickle file, and its header metadata (pickles have none)."""
+def _load(file: Path) -> dict[Any, Any]:
+    """A token file's flat dict, from safetensors or a pickle (mapped: a diffusers ``.bin``
+    token file stores the whole embedding table its row is a view of)."""
     if file.suffix == ".safetensors":
-        return load_safetensors(file)
-    state = load_pickle(file)
+        return load_safetensors(file)[0]
+    state = load_pickle(file, mmap=True)
     if not isinstance(state, dict):
         raise MergeError(f"{file}: expected a dict of tensors, found a {type(state).__name__}.")
-    return state, {}
+    return state
 
 
 def _read_tokens(weights_file: Path) -> dict[str, tuple[Tensor, ...]]:
@@ -116,14 +145,18 @@ def _read_tokens(weights_file: Path) -> dict[str, tuple[Tensor, ...]]:
 
 
 def _read_token_file(file: Path) -> tuple[str, tuple[Tensor, ...]]:
-    """``{"<token>": vector}`` (textual inversion) or ``{"clip_l", "clip_g"}`` named by the file."""
-    state, _ = _load(file)
+    """``{"<token>": vector}`` (textual inversion) or ``{"clip_l", "clip_g"}`` named by the file.
+
+    Copies: diffusers' training script saves a row of the whole embedding table, so a view
+    would keep the table's storage.
+    """
+    state = _load(file)
     source = str(file)
     if set(state) == set(SDXL_TOKEN_KEYS):
-        return file.stem, tuple(check_vector(state[key], key, source) for key in SDXL_TOKEN_KEYS)
+        return file.stem, tuple(check_vector(state[key], key, source).clone() for key in SDXL_TOKEN_KEYS)
     if len(state) == 1:
         name, value = next(iter(state.items()))
-        return str(name), (check_vector(value, str(name), source),)
+        return str(name), (check_vector(value, str(name), source).clone(),)
     raise MergeError(f"{source}: expected a token embedding file beside the Custom Diffusion weights "
                      f"({{'<token>': vector}}, or {{'clip_l', 'clip_g'}} for SDXL), found keys "
                      f"{natural_order(map(str, state))[:6]}.")

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..delta import ConceptDelta, Difference, LayerDelta, LazyLayers, LowRank
 from ..errors import MergeError
-from ..fileio import atomic_path, file_identity, open_safetensors
+from ..fileio import atomic_path, check_unchanged, file_identity, open_safetensors
 from ..metadata import HEADER_FORMAT, from_header, to_header
 from ._common import (
     Delta,
@@ -103,12 +103,7 @@ class _LayerReader:
         self.path, self.locations, self.identity = path, locations, identity
 
     def __call__(self, layer: str) -> LayerDelta:
-        try:
-            unchanged = file_identity(self.path) == self.identity
-        except OSError:
-            unchanged = False
-        if not unchanged:
-            raise MergeError(f"{self.path} was moved, replaced or changed after it was read; load it again.")
+        check_unchanged(self.path, self.identity)
         parts: list[Difference] = []
         with open_safetensors(self.path) as handle:
             for projection in ("to_k", "to_v"):
