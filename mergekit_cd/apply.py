@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from . import formats
 from .architectures import Architecture, detect_architecture
 from .base import kv_fingerprint
-from .delta import ConceptDelta, dense
+from .delta import ConceptDelta, dense, layer_shapes
 from .errors import MergeError
 from .loading import PathLike, resolve_delta
 from .weights import FineTunedWeights
@@ -105,9 +105,8 @@ def apply(pipe, delta: ConceptDelta | FineTunedWeights | PathLike, *, scale: flo
     if not isinstance(delta, (ConceptDelta, FineTunedWeights)):
         source = str(delta)
         content = formats.read(resolve_delta(delta))
-    shapes = ({name: tuple(layer.key.shape) for name, layer in content.layers.items()}
-              if isinstance(content, ConceptDelta)
-              else {name: tuple(key.shape) for name, (key, _) in content.layers.items()})
+    shapes = {name: tuple(key) for name, (key, _) in
+              (layer_shapes(content.layers) if isinstance(content, ConceptDelta) else content.shapes()).items()}
     _check_fits_pipeline(pipe, architecture, layers, shapes, content, source, check_base)
     if isinstance(content, FineTunedWeights):
         content = content.to_delta(lambda name: tuple(w.float().cpu() for w in _pipeline_kv(pipe, name)))

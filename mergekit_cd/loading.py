@@ -49,7 +49,7 @@ def load(reference: PathLike | ConceptDelta, *, base: BaseModel | PathLike | Non
                 raise MergeError(f"{source} holds full fine-tuned weights; give the base model they "
                                  f"were trained from (--base) to turn them into differences.")
             base = as_base(base)
-            check_fits(content.layers.keys(), {k: v[0].shape for k, v in content.layers.items()},
+            check_fits(content.layers.keys(), {k: v[0] for k, v in content.shapes().items()},
                        content.tokens, base, source)
             content = _with_base_identity(content, base, source, check_base)
             delta = content.to_delta(base.kv)

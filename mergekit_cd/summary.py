@@ -112,7 +112,7 @@ def summarize(reference: str | os.PathLike[str], *,
     if base is not None:
         base = as_base(base)
         if isinstance(content, FineTunedWeights):
-            check_fits(content.layers.keys(), {k: v[0].shape for k, v in content.layers.items()},
+            check_fits(content.layers.keys(), {k: v[0] for k, v in content.shapes().items()},
                        content.tokens, base, source)
             content = content.to_delta(base.kv)
         check_delta(content, base, source, check_base=False)
