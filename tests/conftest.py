@@ -68,3 +68,20 @@ def tiny_delta_files(tiny_pipeline_path, tmp_path_factory: pytest.TempPathFactor
         return cache[architecture]
 
     return get
+
+
+@pytest.fixture
+def authors_own(tmp_path: Path) -> Callable[[Path], Path]:
+    """Factory: a copy of our ``delta.bin`` as the authors' script writes it, without our
+    ``"mergekit_cd"`` metadata (no architecture, base or class words recorded)."""
+    import torch
+
+    def strip(path: Path) -> Path:
+        content = torch.load(path, weights_only=True)
+        del content["mergekit_cd"]
+        copy = tmp_path / "authors-own" / "delta.bin"
+        copy.parent.mkdir(exist_ok=True)
+        torch.save(content, copy)
+        return copy
+
+    return strip

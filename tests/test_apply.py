@@ -205,17 +205,20 @@ def test_delta_for_another_base_is_refused_unless_check_base_is_false(pipes, tin
 @pytest.mark.parametrize(("pipeline", "delta_of", "source", "message"), [
     ("sd1", "sdxl", "object", r"the delta is an sdxl delta but this pipeline is sd1 .*wrong architecture"),
     ("sdxl", "sd1", "native", r"delta\.safetensors is an sd1 delta but this pipeline is sdxl"),
-    # the authors' files record no architecture: their shapes give it away
-    ("sd1", "sdxl", "authors-bin", r"delta\.bin was made for a model whose text features have 160 "
+    ("sd1", "sdxl", "authors-bin", r"delta\.bin is an sdxl delta but this pipeline is sd1"),
+    # the authors' own files record no architecture: their shapes give it away
+    ("sd1", "sdxl", "authors-own", r"delta\.bin was made for a model whose text features have 160 "
                                    r"dimensions, but this sd1 pipeline's have 64: wrong architecture"),
-    ("sdxl", "sd1", "authors-bin", r"delta\.bin was made for a model whose text features have 64 "
+    ("sdxl", "sd1", "authors-own", r"delta\.bin was made for a model whose text features have 64 "
                                    r"dimensions, but this sdxl pipeline's have 160"),
 ])
-def test_delta_for_another_architecture_is_refused(pipes, tiny_delta_files, pipeline, delta_of,
+def test_delta_for_another_architecture_is_refused(pipes, tiny_delta_files, authors_own, pipeline, delta_of,
                                                    source, message):
     pipe, base_state, _ = pipes[pipeline]
+    files = tiny_delta_files(delta_of)
+    path = authors_own(files["authors-bin"]) if source == "authors-own" else files[source]
     with pytest.raises(MergeError, match=message):
-        apply(pipe, tiny_delta_files(delta_of)[source], check_base=False)
+        apply(pipe, path, check_base=False)
     assert installed(pipe) is None
     assert_same_state(pipe, base_state)
 

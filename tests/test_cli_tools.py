@@ -163,28 +163,33 @@ def test_only_cd_merge_has_a_text_encoder_dtype(capsys):
                            "layers:       17 cross-attention layers (weight norms: K, V)",
                            "  mid_block.attentions.0.transformer_blocks.1.attn2 "]),
     ("sd1", "authors-bin", ["format:       authors-bin (full fine-tuned weights)",
+                            "architecture: sd1, text features: 64", "concepts:     <new1> = cat",
+                            "tokens:       <new1> [64]", "(weight norms: K, V)"]),
+    ("sd1", "authors-own", ["format:       authors-bin (full fine-tuned weights)",
                             "architecture: unknown, text features: 64", "base:         not recorded",
                             "tokens:       <new1> [64]", "(weight norms: K, V)"]),
 ])
-def test_cd_inspect_describes_each_format(tiny_pipeline_path, tiny_delta_files, capsys, architecture,
+def test_cd_inspect_describes_each_format(tiny_pipeline_path, tiny_delta_files, capsys, authors_own, architecture,
                                           source, expected):
     files = tiny_delta_files(architecture)
-    assert cd_inspect.main([str(files[source])]) == 0
+    path = authors_own(files["authors-bin"]) if source == "authors-own" else files[source]
+    assert cd_inspect.main([str(path)]) == 0
     out = capsys.readouterr().out
     for text in expected:
         assert text in out, text
     delta = files["object"]
-    if delta.base_fingerprint and source != "authors-bin":
+    if delta.base_fingerprint and source != "authors-own":
         assert f"base:         {delta.base} (fingerprint {delta.base_fingerprint[:16]})" in out
     first = next(iter(delta.layers))
     line = next(line for line in out.splitlines() if line.strip().startswith(first + " "))
     assert re.search(r"\[\d+, \d+\]\s+[\d.e+-]+\s+[\d.e+-]+\s+full$", line), line
 
 
-def test_cd_inspect_with_base_shows_differences(tiny_pipeline_path, tiny_delta_files, capsys):
+def test_cd_inspect_with_base_shows_differences(tiny_pipeline_path, tiny_delta_files, capsys, authors_own):
     files = tiny_delta_files("sd1")
     base = tiny_pipeline_path("sd1")
-    assert cd_inspect.main([str(files["authors-bin"]), "--base", str(base), "--all-layers"]) == 0
+    assert cd_inspect.main([str(authors_own(files["authors-bin"])), "--base", str(base),
+                            "--all-layers"]) == 0
     out = capsys.readouterr().out
     assert "(difference norms: K, V)" in out
     assert "architecture: sd1 (from the base)" in out
