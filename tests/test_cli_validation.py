@@ -268,13 +268,30 @@ def test_force_replaces_an_earlier_output_folder(tiny_pipeline_path, tiny_delta_
     assert sorted(path.name for path in tmp_path.iterdir()) == ["merged"]
 
 
-def test_a_file_output_never_replaces_a_non_empty_folder(tmp_path):
+@pytest.mark.parametrize("force", [False, True])
+def test_a_file_output_never_replaces_a_non_empty_folder(tmp_path, force):
+    """Said the same with or without --force: advising --force would not help."""
     (tmp_path / "grid.png").mkdir()
     (tmp_path / "grid.png" / "a.png").write_bytes(b"keep")
-    with pytest.raises(MergeError, match=r"grid\.png is a folder \(holding e\.g\. a\.png\); refusing"):
-        check_destination(tmp_path / "grid.png", force=True)
+    with pytest.raises(MergeError, match=r"grid\.png is a folder \(holding e\.g\. a\.png\); refusing to replace "
+                                         r"it with a file, even with --force\. Choose another output name\.$"):
+        check_destination(tmp_path / "grid.png", force=force)
     (tmp_path / "empty").mkdir()
     check_destination(tmp_path / "empty", force=True)  # nothing to lose
+    with pytest.raises(MergeError, match=r"empty exists; pass --force to overwrite\.$"):
+        check_destination(tmp_path / "empty", force=False)
+
+
+def test_an_unreadable_folder_is_refused_in_one_line(tmp_path, monkeypatch):
+    (tmp_path / "out").mkdir()
+
+    def unreadable(self):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(type(tmp_path), "iterdir", unreadable)
+    with pytest.raises(MergeError, match=r"out is a folder that cannot be read \(Permission denied\); refusing to "
+                                         r"replace it, even with --force\."):
+        check_destination(tmp_path / "out", force=False)
 
 
 def test_cd_convert_tells_the_format_from_the_output_name(tiny_delta_files, tiny_pipeline_path, tmp_path,

@@ -411,7 +411,13 @@ def test_cd_eval_checks_its_outputs_before_the_work(sd1, tiny_delta_files, tmp_p
     assert error_of(capsys, [*common, "--json", str(concept), "--force"]) == (
         f"--json {concept} is the --concepts input {concept}; writing there would overwrite it. Choose another "
         f"output name.")
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["cat.safetensors"]
+    folder = tmp_path / "results"  # a folder is never replaced: advising --force would not help
+    (folder / "old").mkdir(parents=True)
+    for force in ([], ["--force"]):
+        assert error_of(capsys, [*common, "--json", str(folder), *force]) == (
+            f"{folder} is a folder (holding e.g. old); refusing to replace it with a file, even with --force. "
+            f"Choose another output name.")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["cat.safetensors", "results"]
 
 
 def test_json_and_plot_are_written_all_or_nothing(one_concept, tmp_path, monkeypatch):
