@@ -7,7 +7,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -437,6 +439,38 @@ def test_json_and_plot_are_written_all_or_nothing(one_concept, tmp_path, monkeyp
     assert list(tmp_path.iterdir()) == []
     assert write_outputs(one_concept, **outputs) == list(outputs.values())
     assert json.loads(outputs["json_path"].read_text())["rows"][0]["label"] == "merged 1"
+
+
+@pytest.mark.parametrize("existing", [False, True])
+@pytest.mark.parametrize("failing", ["json_path", "plot_path"])
+def test_a_failing_rename_puts_every_output_back(one_concept, tmp_path, monkeypatch, existing, failing):
+    """Whichever rename fails, the output renamed before it is taken out again (or the file --force
+    was replacing put back), and no temporary or set-aside file is left."""
+    outputs = dict(json_path=tmp_path / "eval.json", plot_path=tmp_path / "eval.png")
+    if existing:
+        outputs["json_path"].write_text("old json")
+        outputs["plot_path"].write_bytes(b"old plot")
+
+    def failing_onto_one_output(rename):
+        def rename_unless_onto_the_failing_one(source, destination, *args, **kwargs):
+            if Path(destination) == outputs[failing] and ".partial" in Path(source).name:
+                raise OSError(5, "Input/output error")
+            return rename(source, destination, *args, **kwargs)
+        return rename_unless_onto_the_failing_one
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "rename", failing_onto_one_output(os.rename))
+        patch.setattr(os, "replace", failing_onto_one_output(os.replace))
+        with pytest.raises(MergeError, match=f"^Cannot write .*{outputs[failing].name}: Input/output error.$"):
+            write_outputs(one_concept, force=existing, **outputs)
+    if existing:
+        assert outputs["json_path"].read_text() == "old json" and outputs["plot_path"].read_bytes() == b"old plot"
+        assert sorted(path.name for path in tmp_path.iterdir()) == ["eval.json", "eval.png"]
+    else:
+        assert list(tmp_path.iterdir()) == []
+    assert write_outputs(one_concept, force=existing, **outputs) == list(outputs.values())
+    assert json.loads(outputs["json_path"].read_text())["rows"][0]["label"] == "merged 1"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["eval.json", "eval.png"]
 
 
 def test_cd_eval_runs_a_bfloat16_pipeline(sd1, tiny_delta_files, capsys):
