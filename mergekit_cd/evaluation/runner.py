@@ -105,6 +105,8 @@ def evaluate(concepts: Sequence[PathLike | ConceptDelta], *, base: BaseModel | P
     """
     _check_options(samples=samples, held_out_samples=held_out_samples, batch_size=batch_size,
                    sample_images=sample_images, sample_steps=sample_steps, num_images=num_images, steps=steps)
+    _check_sampling(seed, guidance_scale, images=max(sample_images if instance_dirs is None else 1,
+                                                     num_images if clip is not None or dino is not None else 1))
     merged_list = [] if merged is None else [merged] if isinstance(merged, (str, os.PathLike, ConceptDelta)) \
         else list(merged)
     methods = _methods(merged_list, compare)
@@ -218,6 +220,18 @@ def _check_options(**counts: int) -> None:
     for name, value in counts.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise MergeError(f"{name.replace('_', ' ')} must be a whole number >= 1, got {value!r}.")
+
+
+def _check_sampling(seed: int, guidance_scale: float, *, images: int) -> None:
+    """A seed torch takes for every sampled image (image j: seed + j; torch's seeds end at
+    2**64 - 1) and a finite guidance scale >= 0 (diffusers reads nan as no guidance), else one
+    MergeError naming the option."""
+    last = 2**64 - images
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= last:
+        raise MergeError(f"seed must be a whole number from 0 to {last} (image j is sampled with seed + j, up to "
+                         f"j = {images - 1}, and torch's seeds end at 2**64 - 1), got {seed!r}.")
+    if not (math.isfinite(guidance_scale) and guidance_scale >= 0):
+        raise MergeError(f"guidance scale must be a finite number >= 0, got {guidance_scale!r}.")
 
 
 def _methods(merged: list, compare: str | Sequence[str] | None) -> list[Method]:
