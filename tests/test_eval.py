@@ -245,6 +245,69 @@ def test_sdxl_with_instance_images_and_clip_and_dino(tiny_pipeline_path, vision,
     assert header[-3:] == ["text (CLIP)", "image (CLIP)", "image (DINO)"]
 
 
+@pytest.fixture
+def bars(monkeypatch):
+    """Every progress bar the runner makes, each with whether it shows and the list of its updates."""
+    from mergekit_cd.evaluation import runner
+
+    made = []
+
+    class Recorded(runner.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.shown = not self.disable  # closing sets disable
+            self.updates = []
+            made.append(self)
+
+        def update(self, n=1):
+            self.updates.append(n)
+            return super().update(n)
+
+    monkeypatch.setattr(runner, "tqdm", Recorded)
+    return made
+
+
+def test_every_long_phase_has_a_labelled_progress_bar(sd1, vision, monkeypatch, bars, capsys):
+    """The merges (merge() draws its own bars too), the reference images and the CLIP samples (a
+    step per denoising step), the reference predictions and the rows each have their own bar."""
+    from mergekit_cd.evaluation import runner
+
+    progress = []
+
+    def recorded_merge(*args, **kwargs):
+        progress.append(kwargs["progress"])
+        return merge(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "merge", recorded_merge)
+    capsys.readouterr()
+    evaluate([sd1.cat], base=sd1.path, merged=[sd1.cat], compare="sum", clip=vision.clip, num_images=1, steps=2,
+             reg_captions=CAPTIONS, cache_dir=sd1.cache, progress=True, **FAST)
+    assert {bar.desc: (bar.total, bar.updates) for bar in bars if bar.shown} == {
+        "merges": (1, [1]),  # the sum
+        "reference images": (2, [1, 1]),  # 2 prompts x 1 image x 1 step
+        "reference predictions": (3, [1, 1, 1]),  # the plain base, the base with the token, the concept's own
+        "rows": (2, [1, 1]),
+        "sampling for CLIP / DINO": (8, [1] * 8),  # 2 rows x 2 prompts x 1 image x 2 steps
+    }
+    assert progress == [True] and "merging layers" in capsys.readouterr().err
+
+
+def test_the_merges_run_before_the_pipeline_loads(sd1, monkeypatch):
+    """A merge that fails (e.g. on non-finite text features) fails before any UNet work."""
+    from mergekit_cd.evaluation import runner
+
+    def failing_merge(*args, **kwargs):
+        raise MergeError("Non-finite text features for 'photo of a <new1> cat'.")
+
+    def no_unet_work(*args, **kwargs):
+        raise AssertionError("the pipeline was loaded before the merges ran")
+
+    monkeypatch.setattr(runner, "merge", failing_merge)
+    monkeypatch.setattr(runner, "load_pipeline", no_unet_work)
+    with pytest.raises(MergeError, match="^Non-finite text features"):
+        evaluate([sd1.cat], base=sd1.path, compare="constrained", reg_captions=CAPTIONS, cache_dir=sd1.cache, **FAST)
+
+
 # ---------------------------------------------------------------- compare lists
 def test_compare_lists_name_merges_and_sweeps():
     labels = [m.label for m in parse_compare("sum, soft=10,ridge=1e-3,relative-ridge=0.01,soft,base,sum")]

@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "(default $MERGEKIT_CD_CACHE or ~/.cache/mergekit_cd)")
     parser.add_argument("--no-base-check", action="store_true",
                         help="accept deltas whose recorded base fingerprint differs (experts only)")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     add_device_argument(parser, what="the pipeline", types=DEVICE_TYPES)
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
                         help="precision of the pipeline's weights (default float32). float16 or bfloat16 halve "
