@@ -267,6 +267,62 @@ def bars(monkeypatch):
     return made
 
 
+def test_clip_scores_the_sampled_images_against_the_prompt_without_its_token(sd1, vision, tmp_path, monkeypatch,
+                                                                             bars):
+    """What the runner feeds CLIP: each row's sampled images (fixed ones here) and their prompts with
+    the token stripped ("photo of a cat"). The scores match a hand computation with the tiny CLIP:
+    text alignment = mean 2.5 max(cos, 0) of each image with its prompt, image alignment = mean
+    cosine over all (generated, instance image) pairs. No progress bar shows without progress."""
+    from transformers import AutoTokenizer, CLIPModel
+
+    from mergekit_cd.evaluation import runner
+    from mergekit_cd.evaluation.clip_metrics import ClipEmbedder
+
+    rng = np.random.default_rng(7)
+    fixed = {prompt: [Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)) for _ in range(2)]
+             for prompt in ("<new1> cat", "photo of a <new1> cat")}
+
+    def fixed_samples(pipe, prompts, *, num_images, **options):
+        return [image for prompt in prompts for image in fixed[prompt][:num_images]]
+
+    texts = []
+    embed_texts = ClipEmbedder.embed_texts
+
+    def recorded_embed_texts(self, batch):
+        texts.append(list(batch))
+        return embed_texts(self, batch)
+
+    monkeypatch.setattr(runner, "sample_images", fixed_samples)
+    monkeypatch.setattr(ClipEmbedder, "embed_texts", recorded_embed_texts)
+    instance = instance_folder(tmp_path / "cat")
+    report = evaluate([sd1.cat], base=sd1.path, merged=[sd1.cat], compare="sum", instance_dirs=[instance],
+                      clip=vision.clip, num_images=2, steps=1, reg_captions=CAPTIONS, cache_dir=sd1.cache, **FAST)
+    assert report.concepts[0].prompts == ("<new1> cat", "photo of a <new1> cat")
+    stripped = ["cat", "cat", "photo of a cat", "photo of a cat"]
+    assert texts == [["a photo of a cat"], stripped, stripped]  # first: the test input as CLIP loads
+
+    def embedding(output):  # transformers 4 returns the tensor, 5 an output holding it
+        return (output if isinstance(output, torch.Tensor) else output.pooler_output).double().numpy()
+
+    def unit(rows):
+        return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+    model = CLIPModel.from_pretrained(vision.clip).eval()
+    tokenizer, processor = AutoTokenizer.from_pretrained(vision.clip), CLIPImageProcessor.from_pretrained(vision.clip)
+    generated = [*fixed["<new1> cat"], *fixed["photo of a <new1> cat"]]
+    references = [Image.open(path).convert("RGB") for path in sorted(instance.iterdir())]
+    with torch.no_grad():
+        text = unit(embedding(model.get_text_features(**tokenizer(stripped, padding=True, return_tensors="pt"))))
+        image = unit(embedding(model.get_image_features(**processor(images=generated, return_tensors="pt"))))
+        reference = unit(embedding(model.get_image_features(**processor(images=references, return_tensors="pt"))))
+    cosines = (text * image).sum(axis=1)
+    assert (cosines > 0).any() and (cosines < 0).any()  # both sides of CLIPScore's max(cos, 0)
+    for row in report.rows:
+        assert row.concepts[0].text_alignment == pytest.approx(float(np.mean(2.5 * np.maximum(cosines, 0))), rel=1e-5)
+        assert row.concepts[0].image_alignment == pytest.approx(float(np.mean(image @ reference.T)), rel=1e-5)
+    assert bars and not any(bar.shown for bar in bars)
+
+
 def test_every_long_phase_has_a_labelled_progress_bar(sd1, vision, monkeypatch, bars, capsys):
     """The merges (merge() draws its own bars too), the reference images and the CLIP samples (a
     step per denoising step), the reference predictions and the rows each have their own bar."""
