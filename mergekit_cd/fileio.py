@@ -75,10 +75,12 @@ def check_destination(target: Path, *, force: bool,
         raise MergeError(f"Cannot write {target}: {parent} is not a folder.")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise MergeError(f"Cannot write {target}: folder {parent} is not writable.")
-    if os.path.lexists(target) and not force:
-        raise MergeError(f"{target} exists; pass --force to overwrite.")
-    if target.is_dir() and not target.is_symlink():
-        names = sorted(entry.name for entry in target.iterdir())
+    if target.is_dir() and not target.is_symlink():  # before the --force advice: it would not help
+        try:
+            names = sorted(entry.name for entry in target.iterdir())
+        except OSError as error:
+            raise MergeError(f"{target} is a folder that cannot be read ({error.strerror or error}); refusing "
+                             f"to replace it, even with --force. Choose another output name.") from None
         if names and foreign_entries is None:
             raise MergeError(f"{target} is a folder (holding e.g. {names[0]}); refusing to replace it with a "
                              f"file, even with --force. Choose another output name.")
@@ -87,6 +89,8 @@ def check_destination(target: Path, *, force: bool,
             raise MergeError(f"{target} holds other things than a Custom Diffusion output (e.g. "
                              f"{foreign[0]}); refusing to replace it, even with --force. Choose "
                              f"another output name.")
+    if os.path.lexists(target) and not force:
+        raise MergeError(f"{target} exists; pass --force to overwrite.")
 
 
 def _sibling(target: Path, purpose: str) -> Path:

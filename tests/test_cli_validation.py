@@ -6,14 +6,16 @@ steps that would do the work are replaced by ones that fail the test if they run
 from __future__ import annotations
 
 import importlib
+import math
 import re
 
 import pytest
 import torch
 
-from mergekit_cd import MergeError, formats
+from mergekit_cd import MergeError, evaluate, formats
 from mergekit_cd.cli import _common
 from mergekit_cd.cli import convert as cd_convert
+from mergekit_cd.cli import eval as cd_eval
 from mergekit_cd.cli import merge as cd_merge
 from mergekit_cd.cli import sample as cd_sample
 from mergekit_cd.fileio import check_destination
@@ -174,6 +176,52 @@ def test_cuda_without_a_gpu_is_an_error_not_a_silent_cpu_run(tiny_pipeline_path,
     assert list(tmp_path.iterdir()) == []
 
 
+SEED_RANGE = "a seed is a whole number from 0 to 2**64 - 1 (18446744073709551615)"
+
+
+@pytest.mark.parametrize("command", [cd_sample, cd_eval])
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("--seed", str(2**70), f"{2**70} is out of range: {SEED_RANGE}"),
+    ("--seed", "-1", f"-1 is out of range: {SEED_RANGE}"),
+    ("--seed", "1.5", "'1.5' is not a whole number"),
+    ("--guidance-scale", "nan", "'nan' is not a finite number >= 0"),
+    ("--guidance-scale", "-inf", "'-inf' is not a finite number >= 0"),
+    ("--guidance-scale", "-0.5", "'-0.5' is not a finite number >= 0"),
+    ("--guidance-scale", "six", "'six' is not a finite number >= 0"),
+])
+def test_seeds_and_guidance_scales_are_checked_as_the_command_line_is_read(command, option, value, message,
+                                                                           capsys):
+    """A seed torch cannot take (a traceback deep in torch before) and a guidance scale that is
+    not a finite number >= 0 (nan: diffusers silently sampled without guidance) are argparse errors."""
+    required = ["a cat"] if command is cd_sample else ["--concepts", "cat.safetensors"]
+    with pytest.raises(SystemExit) as exit_info:
+        command.main(["--base", "base", *required, f"{option}={value}"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == f"{command.build_parser().prog}: error: argument {option}: {message}"
+    parsed = command.build_parser().parse_args(["--base", "base", *required, "--seed", str(2**64 - 1),
+                                                "--guidance-scale", "0"])
+    assert (parsed.seed, parsed.guidance_scale) == (2**64 - 1, 0.0)
+
+
+def test_the_seeds_of_every_image_must_fit_torch(capsys, monkeypatch):
+    """Image j uses seed + j: the last seeds are refused in one line, before any pipeline loads."""
+    def no_work(*args, **kwargs):
+        raise AssertionError("the work started before the seed was checked")
+
+    monkeypatch.setattr(cd_sample, "sample_grid", no_work)
+    assert cd_sample.main(["--base", "base", "a cat", "--seed", str(2**64 - 1), "-n", "3"]) == 1
+    assert one_error_line(capsys, "cd-sample") == (
+        "--seed 18446744073709551615: image j of every prompt uses seed + j, and seeds end at 2**64 - 1, so with "
+        "-n 3 the seed can be at most 18446744073709551613.")
+    assert cd_eval.main(["--base", "base", "--concepts", "cat.safetensors", "--seed", str(2**64 - 1)]) == 1
+    assert one_error_line(capsys, "cd-eval") == (  # two sampled images per prompt by default
+        "seed must be a whole number from 0 to 18446744073709551614 (image j is sampled with seed + j, up to j = 1, "
+        "and torch's seeds end at 2**64 - 1), got 18446744073709551615.")
+    with pytest.raises(MergeError, match=r"^guidance scale must be a finite number >= 0, got nan\.$"):
+        evaluate(["cat.safetensors"], base="base", guidance_scale=math.nan)
+
+
 def test_devices_name_what_this_machine_has(monkeypatch):
     """With two GPUs (simulated): cuda and cuda:1 are accepted, cuda:2 names the ones there are."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -268,13 +316,30 @@ def test_force_replaces_an_earlier_output_folder(tiny_pipeline_path, tiny_delta_
     assert sorted(path.name for path in tmp_path.iterdir()) == ["merged"]
 
 
-def test_a_file_output_never_replaces_a_non_empty_folder(tmp_path):
+@pytest.mark.parametrize("force", [False, True])
+def test_a_file_output_never_replaces_a_non_empty_folder(tmp_path, force):
+    """Said the same with or without --force: advising --force would not help."""
     (tmp_path / "grid.png").mkdir()
     (tmp_path / "grid.png" / "a.png").write_bytes(b"keep")
-    with pytest.raises(MergeError, match=r"grid\.png is a folder \(holding e\.g\. a\.png\); refusing"):
-        check_destination(tmp_path / "grid.png", force=True)
+    with pytest.raises(MergeError, match=r"grid\.png is a folder \(holding e\.g\. a\.png\); refusing to replace "
+                                         r"it with a file, even with --force\. Choose another output name\.$"):
+        check_destination(tmp_path / "grid.png", force=force)
     (tmp_path / "empty").mkdir()
     check_destination(tmp_path / "empty", force=True)  # nothing to lose
+    with pytest.raises(MergeError, match=r"empty exists; pass --force to overwrite\.$"):
+        check_destination(tmp_path / "empty", force=False)
+
+
+def test_an_unreadable_folder_is_refused_in_one_line(tmp_path, monkeypatch):
+    (tmp_path / "out").mkdir()
+
+    def unreadable(self):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(type(tmp_path), "iterdir", unreadable)
+    with pytest.raises(MergeError, match=r"out is a folder that cannot be read \(Permission denied\); refusing to "
+                                         r"replace it, even with --force\."):
+        check_destination(tmp_path / "out", force=False)
 
 
 def test_cd_convert_tells_the_format_from_the_output_name(tiny_delta_files, tiny_pipeline_path, tmp_path,

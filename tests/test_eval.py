@@ -7,7 +7,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -243,6 +245,125 @@ def test_sdxl_with_instance_images_and_clip_and_dino(tiny_pipeline_path, vision,
     assert header[-3:] == ["text (CLIP)", "image (CLIP)", "image (DINO)"]
 
 
+@pytest.fixture
+def bars(monkeypatch):
+    """Every progress bar the runner makes, each with whether it shows and the list of its updates."""
+    from mergekit_cd.evaluation import runner
+
+    made = []
+
+    class Recorded(runner.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.shown = not self.disable  # closing sets disable
+            self.updates = []
+            made.append(self)
+
+        def update(self, n=1):
+            self.updates.append(n)
+            return super().update(n)
+
+    monkeypatch.setattr(runner, "tqdm", Recorded)
+    return made
+
+
+def test_clip_scores_the_sampled_images_against_the_prompt_without_its_token(sd1, vision, tmp_path, monkeypatch,
+                                                                             bars):
+    """What the runner feeds CLIP: each row's sampled images (fixed ones here) and their prompts with
+    the token stripped ("photo of a cat"). The scores match a hand computation with the tiny CLIP:
+    text alignment = mean 2.5 max(cos, 0) of each image with its prompt, image alignment = mean
+    cosine over all (generated, instance image) pairs. No progress bar shows without progress."""
+    from transformers import AutoTokenizer, CLIPModel
+
+    from mergekit_cd.evaluation import runner
+    from mergekit_cd.evaluation.clip_metrics import ClipEmbedder
+
+    rng = np.random.default_rng(7)
+    fixed = {prompt: [Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)) for _ in range(2)]
+             for prompt in ("<new1> cat", "photo of a <new1> cat")}
+
+    def fixed_samples(pipe, prompts, *, num_images, **options):
+        return [image for prompt in prompts for image in fixed[prompt][:num_images]]
+
+    texts = []
+    embed_texts = ClipEmbedder.embed_texts
+
+    def recorded_embed_texts(self, batch):
+        texts.append(list(batch))
+        return embed_texts(self, batch)
+
+    monkeypatch.setattr(runner, "sample_images", fixed_samples)
+    monkeypatch.setattr(ClipEmbedder, "embed_texts", recorded_embed_texts)
+    instance = instance_folder(tmp_path / "cat")
+    report = evaluate([sd1.cat], base=sd1.path, merged=[sd1.cat], compare="sum", instance_dirs=[instance],
+                      clip=vision.clip, num_images=2, steps=1, reg_captions=CAPTIONS, cache_dir=sd1.cache, **FAST)
+    assert report.concepts[0].prompts == ("<new1> cat", "photo of a <new1> cat")
+    stripped = ["cat", "cat", "photo of a cat", "photo of a cat"]
+    assert texts == [["a photo of a cat"], stripped, stripped]  # first: the test input as CLIP loads
+
+    def embedding(output):  # transformers 4 returns the tensor, 5 an output holding it
+        return (output if isinstance(output, torch.Tensor) else output.pooler_output).double().numpy()
+
+    def unit(rows):
+        return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+    model = CLIPModel.from_pretrained(vision.clip).eval()
+    tokenizer, processor = AutoTokenizer.from_pretrained(vision.clip), CLIPImageProcessor.from_pretrained(vision.clip)
+    generated = [*fixed["<new1> cat"], *fixed["photo of a <new1> cat"]]
+    references = [Image.open(path).convert("RGB") for path in sorted(instance.iterdir())]
+    with torch.no_grad():
+        text = unit(embedding(model.get_text_features(**tokenizer(stripped, padding=True, return_tensors="pt"))))
+        image = unit(embedding(model.get_image_features(**processor(images=generated, return_tensors="pt"))))
+        reference = unit(embedding(model.get_image_features(**processor(images=references, return_tensors="pt"))))
+    cosines = (text * image).sum(axis=1)
+    assert (cosines > 0).any() and (cosines < 0).any()  # both sides of CLIPScore's max(cos, 0)
+    for row in report.rows:
+        assert row.concepts[0].text_alignment == pytest.approx(float(np.mean(2.5 * np.maximum(cosines, 0))), rel=1e-5)
+        assert row.concepts[0].image_alignment == pytest.approx(float(np.mean(image @ reference.T)), rel=1e-5)
+    assert bars and not any(bar.shown for bar in bars)
+
+
+def test_every_long_phase_has_a_labelled_progress_bar(sd1, vision, monkeypatch, bars, capsys):
+    """The merges (merge() draws its own bars too), the reference images and the CLIP samples (a
+    step per denoising step), the reference predictions and the rows each have their own bar."""
+    from mergekit_cd.evaluation import runner
+
+    progress = []
+
+    def recorded_merge(*args, **kwargs):
+        progress.append(kwargs["progress"])
+        return merge(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "merge", recorded_merge)
+    capsys.readouterr()
+    evaluate([sd1.cat], base=sd1.path, merged=[sd1.cat], compare="sum", clip=vision.clip, num_images=1, steps=2,
+             reg_captions=CAPTIONS, cache_dir=sd1.cache, progress=True, **FAST)
+    assert {bar.desc: (bar.total, bar.updates) for bar in bars if bar.shown} == {
+        "merges": (1, [1]),  # the sum
+        "reference images": (2, [1, 1]),  # 2 prompts x 1 image x 1 step
+        "reference predictions": (3, [1, 1, 1]),  # the plain base, the base with the token, the concept's own
+        "rows": (2, [1, 1]),
+        "sampling for CLIP / DINO": (8, [1] * 8),  # 2 rows x 2 prompts x 1 image x 2 steps
+    }
+    assert progress == [True] and "merging layers" in capsys.readouterr().err
+
+
+def test_the_merges_run_before_the_pipeline_loads(sd1, monkeypatch):
+    """A merge that fails (e.g. on non-finite text features) fails before any UNet work."""
+    from mergekit_cd.evaluation import runner
+
+    def failing_merge(*args, **kwargs):
+        raise MergeError("Non-finite text features for 'photo of a <new1> cat'.")
+
+    def no_unet_work(*args, **kwargs):
+        raise AssertionError("the pipeline was loaded before the merges ran")
+
+    monkeypatch.setattr(runner, "merge", failing_merge)
+    monkeypatch.setattr(runner, "load_pipeline", no_unet_work)
+    with pytest.raises(MergeError, match="^Non-finite text features"):
+        evaluate([sd1.cat], base=sd1.path, compare="constrained", reg_captions=CAPTIONS, cache_dir=sd1.cache, **FAST)
+
+
 # ---------------------------------------------------------------- compare lists
 def test_compare_lists_name_merges_and_sweeps():
     labels = [m.label for m in parse_compare("sum, soft=10,ridge=1e-3,relative-ridge=0.01,soft,base,sum")]
@@ -411,7 +532,13 @@ def test_cd_eval_checks_its_outputs_before_the_work(sd1, tiny_delta_files, tmp_p
     assert error_of(capsys, [*common, "--json", str(concept), "--force"]) == (
         f"--json {concept} is the --concepts input {concept}; writing there would overwrite it. Choose another "
         f"output name.")
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["cat.safetensors"]
+    folder = tmp_path / "results"  # a folder is never replaced: advising --force would not help
+    (folder / "old").mkdir(parents=True)
+    for force in ([], ["--force"]):
+        assert error_of(capsys, [*common, "--json", str(folder), *force]) == (
+            f"{folder} is a folder (holding e.g. old); refusing to replace it with a file, even with --force. "
+            f"Choose another output name.")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["cat.safetensors", "results"]
 
 
 def test_json_and_plot_are_written_all_or_nothing(one_concept, tmp_path, monkeypatch):
@@ -431,6 +558,38 @@ def test_json_and_plot_are_written_all_or_nothing(one_concept, tmp_path, monkeyp
     assert list(tmp_path.iterdir()) == []
     assert write_outputs(one_concept, **outputs) == list(outputs.values())
     assert json.loads(outputs["json_path"].read_text())["rows"][0]["label"] == "merged 1"
+
+
+@pytest.mark.parametrize("existing", [False, True])
+@pytest.mark.parametrize("failing", ["json_path", "plot_path"])
+def test_a_failing_rename_puts_every_output_back(one_concept, tmp_path, monkeypatch, existing, failing):
+    """Whichever rename fails, the output renamed before it is taken out again (or the file --force
+    was replacing put back), and no temporary or set-aside file is left."""
+    outputs = dict(json_path=tmp_path / "eval.json", plot_path=tmp_path / "eval.png")
+    if existing:
+        outputs["json_path"].write_text("old json")
+        outputs["plot_path"].write_bytes(b"old plot")
+
+    def failing_onto_one_output(rename):
+        def rename_unless_onto_the_failing_one(source, destination, *args, **kwargs):
+            if Path(destination) == outputs[failing] and ".partial" in Path(source).name:
+                raise OSError(5, "Input/output error")
+            return rename(source, destination, *args, **kwargs)
+        return rename_unless_onto_the_failing_one
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "rename", failing_onto_one_output(os.rename))
+        patch.setattr(os, "replace", failing_onto_one_output(os.replace))
+        with pytest.raises(MergeError, match=f"^Cannot write .*{outputs[failing].name}: Input/output error.$"):
+            write_outputs(one_concept, force=existing, **outputs)
+    if existing:
+        assert outputs["json_path"].read_text() == "old json" and outputs["plot_path"].read_bytes() == b"old plot"
+        assert sorted(path.name for path in tmp_path.iterdir()) == ["eval.json", "eval.png"]
+    else:
+        assert list(tmp_path.iterdir()) == []
+    assert write_outputs(one_concept, force=existing, **outputs) == list(outputs.values())
+    assert json.loads(outputs["json_path"].read_text())["rows"][0]["label"] == "merged 1"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["eval.json", "eval.png"]
 
 
 def test_cd_eval_runs_a_bfloat16_pipeline(sd1, tiny_delta_files, capsys):

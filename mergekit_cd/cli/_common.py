@@ -1,8 +1,10 @@
-"""What every command shares: the error boundary, quiet libraries, devices and dtypes, tables."""
+"""What every command shares: the error boundary, quiet libraries, devices and dtypes, argument
+types, tables."""
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import warnings
@@ -15,6 +17,8 @@ from ..errors import MergeError, TokenRenameWarning
 from ..solvers import IllConditionedWarning
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+#: The largest seed torch's random generators take (they hold an unsigned 64-bit integer).
+MAX_SEED = 2**64 - 1
 
 #: Our own warnings that the commands report themselves (renamed tokens, the solver's notes).
 REPORTED_WARNINGS = (TokenRenameWarning, IllConditionedWarning)
@@ -97,6 +101,31 @@ def quiet_libraries() -> Iterator[None]:
             diffusers_logging.enable_progress_bar()
         if not hub_disabled:
             hub_utils.enable_progress_bars()
+
+
+def seed_type(text: str) -> int:
+    """argparse type of a seed: a whole number from 0 to :data:`MAX_SEED`, the seeds torch takes
+    (a larger one would fail inside torch, with a traceback)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{value} is out of range: a seed is a whole number from 0 to "
+                                         f"2**64 - 1 ({MAX_SEED})")
+    return value
+
+
+def non_negative_float_type(text: str) -> float:
+    """argparse type of a finite number >= 0, e.g. a guidance scale (diffusers silently reads nan
+    as no guidance at all)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number >= 0")
+    return value
 
 
 def device(name: str, *, types: Sequence[str] = ("cpu", "cuda")) -> torch.device:

@@ -12,7 +12,8 @@ from ..evaluation import evaluate, summary_table
 from ..evaluation.methods import COMPARE_FORMS
 from ..evaluation.report import check_outputs, write_outputs
 from ..features import default_reg_captions, read_captions
-from ._common import DTYPES, add_device_argument, device, run, style_flags, table
+from ._common import (DTYPES, add_device_argument, device, non_negative_float_type, run, seed_type, style_flags,
+                      table)
 
 #: The UNet runs anywhere diffusers does; merges on mps solve on the CPU.
 DEVICE_TYPES = ("cpu", "cuda", "mps")
@@ -71,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--held-out-samples", type=int, default=32, metavar="N",
                         help="held-out captions probed for preservation (default 32)")
     parser.add_argument("--batch-size", type=int, default=8, help="UNet batch size (default 8)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
+    parser.add_argument("--seed", type=seed_type, default=0,
+                        help="seed of every random draw, 0 to 2**64-1; sampled image j uses seed+j (default 0)")
     parser.add_argument("--sample-images", type=int, default=2, metavar="N",
                         help="without instance images: images sampled per target prompt (default 2)")
     parser.add_argument("--sample-steps", type=int, default=20, metavar="N",
@@ -85,8 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-images", type=int, default=4, metavar="N",
                         help="with --clip/--dino: images generated per target prompt and model (default 4)")
     parser.add_argument("--steps", type=int, default=50, help="with --clip/--dino: denoising steps (default 50)")
-    parser.add_argument("--guidance-scale", type=float, default=6.0,
-                        help="classifier-free guidance of every sample (default 6, the paper's)")
+    parser.add_argument("--guidance-scale", type=non_negative_float_type, default=6.0,
+                        help="classifier-free guidance of every sample, a finite number >= 0 (default 6, the "
+                             "paper's)")
     parser.add_argument("--json", type=Path, metavar="FILE",
                         help="also write every number as JSON (with --plot: another file; both are written, "
                              "or neither)")
@@ -98,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "(default $MERGEKIT_CD_CACHE or ~/.cache/mergekit_cd)")
     parser.add_argument("--no-base-check", action="store_true",
                         help="accept deltas whose recorded base fingerprint differs (experts only)")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     add_device_argument(parser, what="the pipeline", types=DEVICE_TYPES)
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
                         help="precision of the pipeline's weights (default float32). float16 or bfloat16 halve "

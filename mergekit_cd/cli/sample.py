@@ -6,8 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..errors import MergeError
 from ..sampling import sample_grid
-from ._common import add_device_argument, device, run
+from ._common import MAX_SEED, add_device_argument, device, non_negative_float_type, run, seed_type
 
 #: Sampling runs anywhere diffusers does; cd-merge's float64 solve rules out mps there.
 DEVICE_TYPES = ("cpu", "cuda", "mps")
@@ -30,10 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-o", "--output", type=Path, default=Path("grid.png"),
                         help="grid image, one row per prompt (default grid.png; .png, .jpg, .webp)")
     parser.add_argument("-n", "--num-images", type=int, default=4, help="images per prompt (default 4)")
-    parser.add_argument("--seed", type=int, default=0, help="image j of every prompt uses seed+j (default 0)")
+    parser.add_argument("--seed", type=seed_type, default=0,
+                        help="image j of every prompt uses seed+j, 0 to 2**64-1 (default 0)")
     parser.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
-    parser.add_argument("--guidance-scale", type=float, default=6.0,
-                        help="classifier-free guidance (default 6, the paper's)")
+    parser.add_argument("--guidance-scale", type=non_negative_float_type, default=6.0,
+                        help="classifier-free guidance, a finite number >= 0 (default 6, the paper's)")
     parser.add_argument("--height", type=int, help="image height (default: the model's)")
     parser.add_argument("--width", type=int, help="image width (default: the model's)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing output")
@@ -46,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main_with_args(args: argparse.Namespace) -> int:
     chosen = device(args.device, types=DEVICE_TYPES)
+    if args.seed + args.num_images - 1 > MAX_SEED:
+        raise MergeError(f"--seed {args.seed}: image j of every prompt uses seed + j, and seeds end at 2**64 - 1, "
+                         f"so with -n {args.num_images} the seed can be at most {MAX_SEED - args.num_images + 1}.")
     path = sample_grid(args.base, args.delta, args.prompts, args.output, num_images=args.num_images,
                        seed=args.seed, steps=args.steps, guidance_scale=args.guidance_scale,
                        device=chosen, height=args.height, width=args.width, force=args.force,

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from ..errors import MergeError
 
@@ -99,13 +100,53 @@ def decode_latents(pipe, latents: Tensor) -> list[Any]:
 
 
 def sample_latents(pipe, prompts: Sequence[str], *, num_images: int, seed: int, steps: int,
-                   guidance_scale: float) -> Tensor:
-    """Final latents of ``num_images`` samples per prompt (image j of each prompt: seed + j)."""
-    latents = []
+                   guidance_scale: float, bar: tqdm) -> Tensor:
+    """Final latents of ``num_images`` samples per prompt (image j of each prompt: seed + j);
+    ``bar`` (a tqdm) advances by one per denoising step."""
+    outputs = _generate(pipe, prompts, num_images=num_images, seed=seed, steps=steps,
+                        guidance_scale=guidance_scale, output_type="latent", bar=bar)
+    return torch.cat([latents.float().cpu() for latents in outputs])
+
+
+def sample_images(pipe, prompts: Sequence[str], *, num_images: int, seed: int, steps: int,
+                  guidance_scale: float, bar: tqdm) -> list[Any]:
+    """PIL images of ``num_images`` samples per prompt, the ones :func:`mergekit_cd.sampling.sample`
+    makes (image j of each prompt: seed + j); ``bar`` (a tqdm) advances by one per denoising step."""
+    outputs = _generate(pipe, prompts, num_images=num_images, seed=seed, steps=steps,
+                        guidance_scale=guidance_scale, output_type="pil", bar=bar)
+    return [image for images in outputs for image in images]
+
+
+def _generate(pipe, prompts: Sequence[str], *, num_images: int, seed: int, steps: int, guidance_scale: float,
+              output_type: str, bar: tqdm) -> list[Any]:
+    """The pipeline's ``images`` output of each sample, one sample per prompt and seed."""
+    outputs = []
     for prompt in prompts:
         for j in range(num_images):
             generator = torch.Generator(device="cpu").manual_seed(seed + j)
-            result = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance_scale,
-                          generator=generator, output_type="latent")
-            latents.append(result.images.float().cpu())
-    return torch.cat(latents)
+            progress = _StepProgress(bar, steps)
+            result = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator,
+                          output_type=output_type, callback_on_step_end=progress)
+            progress.move(steps)
+            outputs.append(result.images)
+    return outputs
+
+
+class _StepProgress:
+    """A pipeline's ``callback_on_step_end`` that advances a tqdm by ``steps`` over one sample,
+    in step with the denoising loop (which runs more iterations than steps for some schedulers)."""
+
+    def __init__(self, bar: tqdm, steps: int) -> None:
+        self.bar = bar
+        self.steps = steps
+        self.shown = 0
+
+    def __call__(self, pipe, index: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
+        self.move(self.steps * (index + 1) // max(int(pipe.num_timesteps), 1))
+        return callback_kwargs
+
+    def move(self, done: int) -> None:
+        """Advance the bar to ``done`` of this sample's steps (never backwards)."""
+        if done > self.shown:
+            self.bar.update(done - self.shown)
+            self.shown = done

@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
-from contextlib import ExitStack
+import secrets
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import MergeError
-from ..fileio import atomic_path, check_destination
+from ..fileio import check_destination
 
 #: Version of the JSON layout written by :func:`write_json`.
 JSON_FORMAT_VERSION = 1
@@ -157,21 +157,65 @@ def check_outputs(json_path: str | os.PathLike[str] | None = None, plot_path: st
 
 def write_outputs(report: EvalReport, *, json_path: str | os.PathLike[str] | None = None,
                   plot_path: str | os.PathLike[str] | None = None, force: bool = False) -> list[Path]:
-    """Write the JSON and / or the plot, all or nothing: each goes to a temporary name first and
-    is renamed into place only when every one is written, so a failure leaves no partial output."""
+    """Write the JSON and / or the plot, all or nothing: each goes to a temporary name first, and
+    only when every one is written are they all renamed into place, in one step that puts back
+    what it replaced if a rename fails; so a failure leaves no partial output."""
     check_outputs(json_path, plot_path, force=force)
-    written = []
-    with ExitStack() as stack:  # the temporary files are renamed (or removed) as the stack unwinds
-        if json_path is not None:
-            temporary = stack.enter_context(atomic_path(json_path, force=force))
-            temporary.write_text(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-            written.append(Path(json_path))
-        if plot_path is not None:
-            image = _plot(report)
-            temporary = stack.enter_context(atomic_path(plot_path, force=force))
-            image.save(temporary, format=_image_format(Path(plot_path)))
-            written.append(Path(plot_path))
-    return written
+    writers: list[tuple[Path, Callable[[Path], object]]] = []
+    if json_path is not None:
+        text = json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n"
+        writers.append((Path(json_path), lambda path: path.write_text(text, encoding="utf-8")))
+    if plot_path is not None:
+        image, image_format = _plot(report), _image_format(Path(plot_path))
+        writers.append((Path(plot_path), lambda path: image.save(path, format=image_format)))
+    moves: list[tuple[Path, Path]] = []  # (temporary, target)
+    try:
+        for target, write in writers:
+            moves.append((_hidden_sibling(target, "partial"), target))
+            try:
+                write(moves[-1][0])
+            except OSError as error:
+                raise MergeError(f"Cannot write {target}: {error.strerror or error}.") from error
+        _rename_all(moves)
+    finally:
+        for temporary, _ in moves:  # none is left after the renames
+            _remove(temporary)
+    return [target for target, _ in writers]
+
+
+def _rename_all(moves: list[tuple[Path, Path]]) -> None:
+    """Rename each temporary file onto its target; when one rename fails, every target gets back
+    what it held before (nothing, or the output ``force`` replaces) and the failure is a MergeError."""
+    done: list[tuple[Path, Path | None]] = []  # (target, what it held, set aside)
+    for temporary, target in moves:
+        try:
+            old = _hidden_sibling(target, "old") if os.path.lexists(target) else None
+            if old is not None:
+                os.rename(target, old)
+            done.append((target, old))
+            os.rename(temporary, target)
+        except OSError as error:
+            for placed, previous in reversed(done):
+                _remove(placed)
+                if previous is not None:
+                    os.rename(previous, placed)
+            raise MergeError(f"Cannot write {target}: {error.strerror or error}.") from error
+    for _, old in done:
+        if old is not None:
+            _remove(old)
+
+
+def _hidden_sibling(target: Path, purpose: str) -> Path:
+    """An unused hidden name next to ``target`` (the same folder, so renames stay atomic)."""
+    return target.with_name(f".{target.name}.{secrets.token_hex(4)}.{purpose}")
+
+
+def _remove(path: Path) -> None:
+    """Remove a file or a link, or the empty folder ``force`` may replace; nothing if absent."""
+    if path.is_dir() and not path.is_symlink():
+        path.rmdir()
+    elif os.path.lexists(path):
+        path.unlink()
 
 
 def write_json(report: EvalReport, path: str | os.PathLike[str], *, force: bool = False) -> Path:

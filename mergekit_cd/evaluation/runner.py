@@ -3,8 +3,10 @@
 The base pipeline is loaded once; each compared model is installed with :func:`apply` in turn
 and taken out again with :func:`remove`, so every model runs the same UNet on the same probes.
 Everything that can be refused is checked before the pipeline loads: the options, the deltas
-against the base, the instance images, and the CLIP / DINO folders (loaded and tried on a test
-image then, so a wrong or corrupt folder costs seconds, not the whole evaluation).
+against the base, the instance images, the CLIP / DINO folders (loaded and tried on a test
+image then, so a wrong or corrupt folder costs seconds, not the whole evaluation), and the
+compared merges, which run then too (one that fails, e.g. on non-finite text features, fails
+before any UNet work). Each long phase after that has its own labelled progress bar.
 """
 
 from __future__ import annotations
@@ -28,10 +30,10 @@ from ..errors import MergeError, TokenRenameWarning
 from ..features import TextFeatures, heldout_captions
 from ..loading import PathLike, as_base, load
 from ..merge import MergePlan, merge, plan_merge
-from ..sampling import load_pipeline, sample
+from ..sampling import load_pipeline
 from .clip_metrics import ClipEmbedder, DinoEmbedder, clip_score, mean_pairwise_cosine, strip_tokens
 from .fidelity import NoisePredictor, Probes, draw_probes, fidelity, relative_change, rename_tokens, training_scheduler
-from .images import decode_latents, encode_images, read_images, sample_latents
+from .images import decode_latents, encode_images, read_images, sample_images, sample_latents
 from .methods import BASE_KINDS, Method, parse_compare
 from .report import ConceptInfo, ConceptScores, EvalReport, MethodResult
 
@@ -102,9 +104,15 @@ def evaluate(concepts: Sequence[PathLike | ConceptDelta], *, base: BaseModel | P
     ``check_base`` is False) once, in full precision, as they load; installing them in the
     pipeline, which comes from the same folder, does not check again, so float16 and bfloat16
     pipelines, whose rounded weights have other fingerprints, work too.
+
+    ``progress``: a labelled tqdm bar for each long phase: the merges (and their own bars), the
+    reference images sampled without instance images and the CLIP / DINO samples (both by
+    denoising step), the reference predictions and the rows.
     """
     _check_options(samples=samples, held_out_samples=held_out_samples, batch_size=batch_size,
                    sample_images=sample_images, sample_steps=sample_steps, num_images=num_images, steps=steps)
+    _check_sampling(seed, guidance_scale, images=max(sample_images if instance_dirs is None else 1,
+                                                     num_images if clip is not None or dino is not None else 1))
     merged_list = [] if merged is None else [merged] if isinstance(merged, (str, os.PathLike, ConceptDelta)) \
         else list(merged)
     methods = _methods(merged_list, compare)
@@ -124,12 +132,24 @@ def evaluate(concepts: Sequence[PathLike | ConceptDelta], *, base: BaseModel | P
     if not captions:
         raise MergeError("The held-out caption set is empty.")
 
+    # the merges run before the pipeline loads: one that fails (non-finite text features, ...) costs no UNet work
+    models = _models(methods, plan, given, base_model, class_words=class_words, styles=styles,
+                     target_templates=target_templates, reg_captions=reg_captions, device=device,
+                     cache_dir=cache_dir, check_base=check_base, progress=progress)
+    residuals = _residuals(plan, base_model,
+                           [None if m.kind in BASE_KINDS else model for m, model in zip(methods, models)],
+                           device=device, batch_size=batch_size)
+
     pipe = load_pipeline(base_model.path, device=device, dtype=dtype)  # the folder open_base read
     notes: list[str] = []
-    evaluated = _concepts(plan, pipe, instance_images, instance_dirs, sample_images=sample_images,
-                          sample_steps=sample_steps, seed=seed, guidance_scale=guidance_scale,
-                          batch_size=batch_size, need_references=clip_model is not None or dino_model is not None,
-                          notes=notes)
+    image_metrics = clip_model is not None or dino_model is not None
+    reference_steps = 0 if instance_images is not None else \
+        sum(len(c.prompts) for c in plan.concepts) * sample_images * sample_steps
+    with tqdm(total=reference_steps, desc="reference images", unit="step",
+              disable=not progress or not reference_steps) as bar:
+        evaluated = _concepts(plan, pipe, instance_images, instance_dirs, sample_images=sample_images,
+                              sample_steps=sample_steps, seed=seed, guidance_scale=guidance_scale,
+                              batch_size=batch_size, need_references=image_metrics, notes=notes, bar=bar)
     predictor = NoisePredictor(pipe, batch_size=batch_size)
     scheduler = training_scheduler(pipe)
     generator = torch.Generator().manual_seed(seed)
@@ -144,37 +164,36 @@ def evaluate(concepts: Sequence[PathLike | ConceptDelta], *, base: BaseModel | P
         notes.append(f"{len(shared)} of the {len(set(captions))} held-out captions are regularisation captions too, "
                      f"which the merges were fitted to keep: preservation looks better than it is.")
 
-    reference_steps = 1 + len({c.owner for c in evaluated})
-    with tqdm(total=reference_steps + len(methods), desc="evaluating", unit="model", disable=not progress) as bar:
+    owners = sorted({c.owner for c in evaluated})
+    with tqdm(total=1 + 2 * len(owners), desc="reference predictions", unit="model", disable=not progress) as bar:
         base_held = predictor.predict(held)
         for concept in evaluated:
             concept.plain_base_output = predictor.predict(concept.probes)
         bar.update()
-        for owner in sorted({c.owner for c in evaluated}):
+        for owner in owners:
             for scale, attribute in ((0.0, "base_output"), (1.0, "own_output")):
                 # scale 0: the base UNet with the concept's own tokens, so only the UNet part counts
                 with _installed(pipe, plan.deltas[owner], scale=scale):
                     for concept in (c for c in evaluated if c.owner == owner):
                         setattr(concept, attribute, predictor.predict(concept.probes))
-            bar.update()
-        for concept in evaluated:
-            if torch.equal(concept.own_output, concept.base_output):
-                notes.append(f"{concept.token or concept.class_word}: its own delta predicts exactly what the base "
-                             f"does on its probes, so its fidelity is undefined (n/a).")
+                bar.update()
+    for concept in evaluated:
+        if torch.equal(concept.own_output, concept.base_output):
+            notes.append(f"{concept.token or concept.class_word}: its own delta predicts exactly what the base "
+                         f"does on its probes, so its fidelity is undefined (n/a).")
 
-        models = [_model(method, plan, given, base_model, class_words=class_words, styles=styles,
-                         target_templates=target_templates, reg_captions=reg_captions, device=device,
-                         cache_dir=cache_dir, check_base=check_base) for method in methods]
-        residuals = _residuals(plan, base_model, evaluated,
-                               [None if m.kind in BASE_KINDS else model for m, model in zip(methods, models)],
-                               device=device, batch_size=batch_size)
-        references = _reference_embeddings(evaluated, clip_model, dino_model)
+    references = _reference_embeddings(evaluated, clip_model, dino_model)
+    image_steps = len(methods) * sum(len(c.prompts) for c in evaluated) * num_images * steps if image_metrics else 0
+    with tqdm(total=len(methods), desc="rows", unit="row", disable=not progress) as bar, \
+            tqdm(total=image_steps, desc="sampling for CLIP / DINO", unit="step",
+                 disable=not progress or not image_steps) as sampling_bar:
         rows = []
         for method, model, row_residuals in zip(methods, models, residuals):
+            bar.set_postfix_str(method.label)
             rows.append(_evaluate_row(method, model, pipe, predictor, evaluated, held, base_held, row_residuals,
                                       clip_model=clip_model, dino_model=dino_model, references=references,
                                       num_images=num_images, steps=steps, guidance_scale=guidance_scale,
-                                      seed=seed, notes=notes))
+                                      seed=seed, notes=notes, bar=sampling_bar))
             bar.update()
 
     settings = {"seed": seed, "samples": samples, "held_out_samples": held_out_samples, "batch_size": batch_size,
@@ -220,6 +239,18 @@ def _check_options(**counts: int) -> None:
             raise MergeError(f"{name.replace('_', ' ')} must be a whole number >= 1, got {value!r}.")
 
 
+def _check_sampling(seed: int, guidance_scale: float, *, images: int) -> None:
+    """A seed torch takes for every sampled image (image j: seed + j; torch's seeds end at
+    2**64 - 1) and a finite guidance scale >= 0 (diffusers reads nan as no guidance), else one
+    MergeError naming the option."""
+    last = 2**64 - images
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= last:
+        raise MergeError(f"seed must be a whole number from 0 to {last} (image j is sampled with seed + j, up to "
+                         f"j = {images - 1}, and torch's seeds end at 2**64 - 1), got {seed!r}.")
+    if not (math.isfinite(guidance_scale) and guidance_scale >= 0):
+        raise MergeError(f"guidance scale must be a finite number >= 0, got {guidance_scale!r}.")
+
+
 def _methods(merged: list, compare: str | Sequence[str] | None) -> list[Method]:
     """Given deltas first (labelled by name, ``source`` = their index), then the compared merges,
     a sum row always."""
@@ -249,8 +280,9 @@ def _label(reference, index: int, count: int) -> str:
 
 def _concepts(plan: MergePlan, pipe, instance_images: list | None, instance_dirs, *, sample_images: int,
               sample_steps: int, seed: int, guidance_scale: float, batch_size: int, need_references: bool,
-              notes: list[str]) -> list[_Concept]:
-    """Each concept with its own token name, prompts and clean latents (instance or sampled)."""
+              notes: list[str], bar: tqdm) -> list[_Concept]:
+    """Each concept with its own token name, prompts and clean latents (instance, or sampled with
+    ``bar`` advancing by one per denoising step)."""
     evaluated = []
     for index, (concept, owner) in enumerate(zip(plan.concepts, plan.owners)):
         back = {r.new: r.old for r in plan.token_renames if r.operand == owner}
@@ -266,7 +298,7 @@ def _concepts(plan: MergePlan, pipe, instance_images: list | None, instance_dirs
         else:
             with _installed(pipe, delta):
                 clean = sample_latents(pipe, prompts, num_images=sample_images, seed=seed, steps=sample_steps,
-                                       guidance_scale=guidance_scale)
+                                       guidance_scale=guidance_scale, bar=bar)
                 references = decode_latents(pipe, clean) if need_references else None
             images, steps = _count(len(clean), "image"), _count(sample_steps, "step")
             latents_from = f"sampled: {images} from its own delta ({steps})"
@@ -290,9 +322,33 @@ def _held_out_probes(pipe, captions: list[str], count: int, *, scheduler, genera
     return Probes(scheduler.add_noise(clean, noise, timesteps), timesteps, chosen)
 
 
+def _models(methods: list[Method], plan: MergePlan, given: list[ConceptDelta], base: BaseModel, *, class_words,
+            styles, target_templates, reg_captions, device: torch.device, cache_dir, check_base: bool,
+            progress: bool) -> list[ConceptDelta | None]:
+    """Each row's delta (see :func:`_model`); the merges run under one bar, each with its own bars."""
+    merges = sum(_runs_a_merge(method) for method in methods)
+    models = []
+    with tqdm(total=merges, desc="merges", unit="merge", disable=not progress or not merges) as bar:
+        for method in methods:
+            merging = _runs_a_merge(method)
+            if merging:
+                bar.set_postfix_str(method.label)
+            models.append(_model(method, plan, given, base, class_words=class_words, styles=styles,
+                                 target_templates=target_templates, reg_captions=reg_captions, device=device,
+                                 cache_dir=cache_dir, check_base=check_base, progress=progress))
+            if merging:
+                bar.update()
+    return models
+
+
+def _runs_a_merge(method: Method) -> bool:
+    """Whether the row's delta comes from :func:`mergekit_cd.merge` (not given, not the base)."""
+    return method.kind not in (*BASE_KINDS, "delta")
+
+
 def _model(method: Method, plan: MergePlan, given: list[ConceptDelta], base: BaseModel, *, class_words, styles,
-           target_templates, reg_captions, device: torch.device, cache_dir,
-           check_base: bool) -> ConceptDelta | None:
+           target_templates, reg_captions, device: torch.device, cache_dir, check_base: bool,
+           progress: bool) -> ConceptDelta | None:
     """The delta a row evaluates: a given delta, the merge it names, for the base row the
     concepts' tokens (with some layers, installed with scale 0), for the plain base None."""
     if method.kind == "plain-base":
@@ -311,11 +367,11 @@ def _model(method: Method, plan: MergePlan, given: list[ConceptDelta], base: Bas
         warnings.simplefilter("ignore", TokenRenameWarning)
         return merge(list(plan.deltas), reg_captions, base=base, method=method.kind, class_words=class_words,
                      styles=styles, target_templates=target_templates, device=device, cache_dir=cache_dir,
-                     check_base=check_base, **options)
+                     check_base=check_base, progress=progress, **options)
 
 
-def _residuals(plan: MergePlan, base: BaseModel, evaluated: list[_Concept], models: list[ConceptDelta | None],
-               *, device: torch.device, batch_size: int) -> list[list[float]]:
+def _residuals(plan: MergePlan, base: BaseModel, models: list[ConceptDelta | None], *, device: torch.device,
+               batch_size: int) -> list[list[float]]:
     """Per row and concept, ``||(M - D_i) C_i^T|| / ||(W0 + D_i) C_i^T||`` over all layers.
 
     C_i: the features of concept i's target prompts, as the merge computes them (every
@@ -323,17 +379,17 @@ def _residuals(plan: MergePlan, base: BaseModel, evaluated: list[_Concept], mode
     """
     text_device = torch.device("cpu") if device.type == "mps" else device
     encoder = TextFeatures(base, plan.tokens, device=text_device)
-    features = [torch.cat(encoder.features(list(plan.concepts[c.index].prompts), batch_size=batch_size)).double()
-                for c in evaluated]
+    features = [torch.cat(encoder.features(list(concept.prompts), batch_size=batch_size)).double()
+                for concept in plan.concepts]
     del encoder
-    errors = [[0.0] * len(evaluated) for _ in models]
-    targets = [0.0] * len(evaluated)
+    errors = [[0.0] * len(features) for _ in models]
+    targets = [0.0] * len(features)
     for name in base.layer_names():
         W0 = torch.cat(base.kv(name)).double()
-        inputs = {owner: _layer_rows(plan.deltas[owner], name) for owner in {c.owner for c in evaluated}}
+        inputs = {owner: _layer_rows(plan.deltas[owner], name) for owner in set(plan.owners)}
         rows = [_layer_rows(model, name) if model is not None else torch.zeros_like(W0) for model in models]
-        for k, (concept, C) in enumerate(zip(evaluated, features)):
-            own = inputs[concept.owner]
+        for k, (owner, C) in enumerate(zip(plan.owners, features)):
+            own = inputs[owner]
             targets[k] += float(((W0 + own) @ C.T).square().sum())
             for row, model_rows in enumerate(rows):
                 errors[row][k] += float(((model_rows - own) @ C.T).square().sum())
@@ -398,8 +454,9 @@ def _evaluate_row(method: Method, model: ConceptDelta | None, pipe, predictor: N
                   evaluated: list[_Concept], held: Probes, base_held: Tensor, residuals: list[float], *,
                   clip_model: ClipEmbedder | None, dino_model: DinoEmbedder | None,
                   references: list[dict[str, Tensor]], num_images: int, steps: int, guidance_scale: float,
-                  seed: int, notes: list[str]) -> MethodResult:
-    """Install the row's model, predict on every probe set (and sample for CLIP / DINO), remove it."""
+                  seed: int, notes: list[str], bar: tqdm) -> MethodResult:
+    """Install the row's model, predict on every probe set (and sample for CLIP / DINO, ``bar``
+    advancing by one per denoising step), remove it."""
     with _installed(pipe, model, scale=0.0 if method.kind == "base" else 1.0):
         scores = []
         for concept, residual, reference in zip(evaluated, residuals, references):
@@ -410,7 +467,8 @@ def _evaluate_row(method: Method, model: ConceptDelta | None, pipe, predictor: N
             metrics = {}
             if clip_model is not None or dino_model is not None:
                 metrics = _image_metrics(pipe, prompts, {concept.token, token}, reference, clip_model, dino_model,
-                                         num_images=num_images, steps=steps, guidance_scale=guidance_scale, seed=seed)
+                                         num_images=num_images, steps=steps, guidance_scale=guidance_scale, seed=seed,
+                                         bar=bar)
             scores.append(ConceptScores(
                 concept.token, fidelity=fidelity(output, concept.own_output, concept.base_output),
                 fidelity_plain_base=fidelity(output, concept.own_output, concept.plain_base_output),
@@ -424,9 +482,10 @@ def _evaluate_row(method: Method, model: ConceptDelta | None, pipe, predictor: N
 
 def _image_metrics(pipe, prompts: list[str], tokens: set[str], reference: dict[str, Tensor],
                    clip_model: ClipEmbedder | None, dino_model: DinoEmbedder | None, *, num_images: int,
-                   steps: int, guidance_scale: float, seed: int) -> dict[str, float]:
+                   steps: int, guidance_scale: float, seed: int, bar: tqdm) -> dict[str, float]:
     """Sample ``num_images`` per prompt and score them as the paper did."""
-    images = sample(pipe, prompts, num_images=num_images, seed=seed, steps=steps, guidance_scale=guidance_scale)
+    images = sample_images(pipe, prompts, num_images=num_images, seed=seed, steps=steps,
+                           guidance_scale=guidance_scale, bar=bar)
     metrics = {}
     if clip_model is not None:
         texts = [strip_tokens(prompt, tokens) for prompt in prompts for _ in range(num_images)]
