@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import runpy
 import shutil
@@ -411,6 +412,86 @@ def test_caching_gives_the_same_steps_as_the_plain_way(tiny_pipeline_path, image
 
 
 # ----------------------------------------------------------------------------- bad inputs
+
+
+def no_base_model(monkeypatch) -> None:
+    """Make opening the base model an error: what is refused before it is refused before any work."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the base model was opened")
+
+    monkeypatch.setattr(train_loop, "open_base", refuse)
+
+
+def test_a_token_that_cannot_be_a_file_name_is_refused_before_any_work(
+        tiny_pipeline_path, images, fast, tmp_path, capsys, monkeypatch):
+    """The token names a file in OUT/diffusers/; one that cannot was found only after training,
+    leaving OUT with delta.safetensors alone, which a re-run took for a finished run."""
+    no_base_model(monkeypatch)
+    out = tmp_path / "slash"
+    message = cli_error(capsys, ["--base", str(tiny_pipeline_path("sd1")), "--instance-dir", str(images["cat"]),
+                                 "--class-word", "cat", "-o", str(out), "--token", "<a/b>", *cli_options(fast)])
+    assert "token '<a/b>' cannot be a file name" in message
+    assert not out.exists()
+
+
+def test_force_keeps_a_diffusers_folder_holding_other_things_and_says_so_before_any_work(
+        tiny_pipeline_path, images, fast, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    (out / "diffusers").mkdir(parents=True)
+    (out / "delta.safetensors").write_bytes(b"an earlier run")
+    (out / "diffusers" / "pytorch_custom_diffusion_weights.safetensors").write_bytes(b"its weights")
+    (out / "diffusers" / "notes.txt").write_text("mine")
+    before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    no_base_model(monkeypatch)
+    message = cli_error(capsys, ["--base", str(tiny_pipeline_path("sd1")), "--instance-dir", str(images["pot"]),
+                                 "--class-word", "pot", "-o", str(out), "--force", *cli_options(fast)])
+    assert re.fullmatch(r"\S+diffusers holds other things than a Custom Diffusion output \(e\.g\. notes\.txt\); "
+                        r"refusing to replace it, even with --force\..*", message), message
+    assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
+
+
+def test_a_failed_write_leaves_the_earlier_run_as_it_was_and_the_native_file_comes_last(
+        tiny_pipeline_path, images, fast, tmp_path, monkeypatch):
+    """delta.safetensors marks a finished run. A --force run over an earlier one that fails while
+    writing (here: the diffusers layout, then the native file) leaves the earlier run's files as
+    they were, never a new native file beside the old layout; a write that succeeds puts the
+    native file in place last."""
+    from mergekit_cd.train import output
+
+    out = tmp_path / "out"
+    (out / "diffusers").mkdir(parents=True)
+    (out / "delta.safetensors").write_bytes(b"an earlier run")
+    (out / "diffusers" / "pytorch_custom_diffusion_weights.safetensors").write_bytes(b"its weights")
+    earlier = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    config = TrainingConfig(base=str(tiny_pipeline_path("sd1")), concepts=(ConceptSpec(images["cat"], "cat"),),
+                            output=out, force=True, **{**fast, "steps": 1})
+    session = train_loop.Session(check_config(config), None)
+    session.setup()  # no step is needed: the write of the untrained delta is what is tested
+    delta = output.build_delta(session)
+    real_save, real_replace = output.save, os.replace
+    for failing in ("diffusers", "native"):
+        def save(delta, path, *, format, failing=failing, **options):
+            if format == failing:
+                raise MergeError("the disk is full")
+            return real_save(delta, path, format=format, **options)
+
+        monkeypatch.setattr(output, "save", save)
+        with pytest.raises(MergeError, match="the disk is full"):
+            output.write(session, delta)
+        assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == earlier, failing
+    monkeypatch.setattr(output, "save", real_save)
+    placed = []
+
+    def replace(source, target):  # os.replace: staged files of the formats' writers, and the native file
+        if Path(target) == out / "delta.safetensors":
+            placed.append(sorted(p.name for p in (out / "diffusers").iterdir()))
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", replace)
+    native, folder = output.write(session, delta)
+    assert placed == [["<new1>.safetensors", "pytorch_custom_diffusion_weights.safetensors"]]  # layout first
+    assert sorted(p.name for p in out.iterdir()) == ["delta.safetensors", "diffusers"]
+    assert load(native).allclose(load(folder, base=config.base), rtol=0, atol=1e-6)
 
 
 def test_instance_folder_errors(tiny_pipeline_path, fast, tmp_path):
