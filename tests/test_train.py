@@ -573,12 +573,17 @@ CAT = ["--instance-dir", "{cat}", "--class-word", "cat"]
     (lambda tmp, mp: concepts_file(tmp, [{"instance_dir": 3, "class_word": "cat"}]),
      r"\S+concepts\.json: concept 1: instance_dir must be a folder path, got 3\."),
     (lambda tmp, mp: concepts_file(tmp, [{"class_word": "cat"}]), r"\S+concepts\.json: concept 1 lacks 'instance_dir'"),
+    (lambda tmp, mp: concepts_file(tmp, [{"instance_dir": "cat", "class_word": "cat"}]) + ["--token", "<cat>",
+                                                                                             "--reg-dir", "reg"],
+     r"--token, --reg-dir: with --concepts every concept's settings go in its entry of the concepts JSON "
+     r"\(fields token, reg_dir\), not on the command line"),
     (lambda tmp, mp: CAT + ["--device", NO_GPU], rf"--device {NO_GPU}: (no CUDA device is available|there is "
                                                   rf"no such GPU).*; this machine has cpu"),
     (lambda tmp, mp: CAT + ["--device", "meta"], r"--device meta: this command runs on cpu or cuda\[:N\], not meta"),
 ], ids=["missing folder", "decompression bomb", "lr nan", "lr inf", "lr negative", "prior weight negative",
         "prior weight nan", "concepts not a list", "concept not an object", "concept unknown field",
-        "concept wrong type", "concept folder wrong type", "concept missing field", "cuda missing", "device meta"])
+        "concept wrong type", "concept folder wrong type", "concept missing field", "concepts and --token",
+        "cuda missing", "device meta"])
 def test_command_line_errors_are_one_line(tiny_pipeline_path, images, fast, tmp_path, capsys, monkeypatch,
                                           make_arguments, message):
     arguments = [a.format(cat=images["cat"]) for a in make_arguments(tmp_path, monkeypatch)]
@@ -586,6 +591,16 @@ def test_command_line_errors_are_one_line(tiny_pipeline_path, images, fast, tmp_
                               *cli_options(fast), *arguments])  # the case's --device wins over fast's
     assert re.fullmatch(message + ".*", text), text
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("option", ["token", "init_token", "instance_prompt", "reg_dir", "class_prompt",
+                                    "instance_dir", "class_word"])
+def test_one_concept_arguments_are_refused_with_a_concepts_list(images, tmp_path, option):
+    """They were silently ignored: --concepts --token <cat> trained <new1>."""
+    with pytest.raises(MergeError, match=rf"^--{option.replace('_', '-')}: with --concepts every concept's "
+                                         rf"settings go in its entry of the concepts JSON \(fields {option}\)"):
+        train("unused-base", output=tmp_path / "out", concepts=[{"instance_dir": images["cat"], "class_word": "cat"}],
+              **{option: "x"})
 
 
 def test_transparent_images_are_composited_on_white(tmp_path):
