@@ -510,6 +510,28 @@ def test_instance_folder_errors(tiny_pipeline_path, fast, tmp_path):
     assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
+def broken_reg_dir(tmp_path: Path) -> dict:
+    (tmp_path / "reg").mkdir()
+    (tmp_path / "reg" / "a.png").write_bytes(b"not an image")
+    return {"reg_dir": tmp_path / "reg"}
+
+
+@pytest.mark.parametrize("make_options, message", [
+    (lambda tmp: {"reg_dir": tmp}, r"Class image folder \S+ holds no images"),
+    (broken_reg_dir, r"Cannot read image \S+a\.png: .*Remove it or replace it"),
+    (lambda tmp: {"num_class_images": 0}, r"Concept <new1> has no --reg-dir and --num-class-images is 0"),
+], ids=["empty", "not an image", "none to generate"])
+def test_class_image_errors_come_before_the_model_loads_and_leave_no_output(
+        tiny_pipeline_path, images, fast, tmp_path, monkeypatch, make_options, message):
+    """They came after the model loaded and after OUT was created, leaving an empty OUT."""
+    no_base_model(monkeypatch)
+    (tmp_path / "in").mkdir()
+    options = {**fast, **make_options(tmp_path / "in")}
+    with pytest.raises(MergeError, match=message):
+        train(tiny_pipeline_path("sd1"), images["cat"], "cat", tmp_path / "out", **options)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("options, message", [
     ({"token": "cat"}, r"Token cat is already in the base model's vocabulary; .* choose another --token"),
     ({"init_token": "zqxj"}, r"initializer token 'zqxj' is not a single token .* \(it splits into \d+ pieces"),

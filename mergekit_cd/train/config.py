@@ -237,6 +237,10 @@ def check_config(config: TrainingConfig) -> TrainingConfig:
         raise MergeError(f"adam_betas must be two numbers in [0, 1), got {config.adam_betas!r}.")
     if config.num_class_images < 0:
         raise MergeError(f"--num-class-images must not be negative, got {config.num_class_images}.")
+    generated = [c.token for c in config.concepts if c.reg_dir is None]
+    if config.prior and config.num_class_images == 0 and generated:
+        raise MergeError(f"Concept {generated[0]} has no --reg-dir and --num-class-images is 0; give "
+                         f"class images, a positive count to generate, or --no-prior.")
     if config.resolution is not None and (not isinstance(config.resolution, int) or config.resolution < 1):
         raise MergeError(f"--resolution must be a positive number of pixels, got {config.resolution!r}.")
     if config.mixed_precision is not None and config.mixed_precision not in MIXED_PRECISIONS:

@@ -194,6 +194,9 @@ class Session:
         self.device = self.accelerator.device
         output.check(config)
         self.images = data.read_instance_images([c.instance_dir for c in config.concepts])
+        self.real_class_images = {  # {concept index: its --reg-dir images}, every one readable
+            index: priors.read_reg_dir(concept.reg_dir, concept.filled_class_prompt(), config.num_class_images)
+            for index, concept in enumerate(config.concepts) if config.prior and concept.reg_dir is not None}
         self.phase = "opening the base model"
         self.base = open_base(config.base)
         self.fingerprint = self.base.fingerprint
@@ -300,14 +303,11 @@ class Session:
         config = self.config
         root = Path(config.class_cache_dir) if config.class_cache_dir else default_cache_dir()
         sets = []
-        for concept in config.concepts:
-            prompt = concept.filled_class_prompt()
-            if concept.reg_dir is not None:
-                sets.append(priors.read_reg_dir(concept.reg_dir, prompt, config.num_class_images))
+        for index, concept in enumerate(config.concepts):
+            if index in self.real_class_images:
+                sets.append(self.real_class_images[index])
                 continue
-            if config.num_class_images < 1:
-                raise MergeError(f"Concept {concept.token} has no --reg-dir and --num-class-images is 0; give "
-                                 f"class images, a positive count to generate, or --no-prior.")
+            prompt = concept.filled_class_prompt()
             folder = priors.cache_folder(root, self.fingerprint, prompt, self.resolution,
                                          config.class_sampling_steps, config.class_guidance_scale)
             if self.main:
