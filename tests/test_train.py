@@ -397,6 +397,14 @@ def test_bf16_mixed_precision_keeps_trainable_weights_in_float32(tiny_pipeline_p
     assert unet.conv_in.weight.dtype == torch.bfloat16
 
 
+def test_caching_class_latents_shows_a_progress_bar(tiny_pipeline_path, images, fast, tmp_path, capsys):
+    config = TrainingConfig(base=str(tiny_pipeline_path("sd1")), concepts=(ConceptSpec(images["cat"], "cat"),),
+                            output=tmp_path / "out", **{**fast, "progress": True})
+    capsys.readouterr()
+    train_loop.Session(check_config(config), None).setup()
+    assert re.search(r"class latents: 100%.*\| 1/1 ", capsys.readouterr().err)  # 2 images, batch 2
+
+
 def test_caching_gives_the_same_steps_as_the_plain_way(tiny_pipeline_path, images, fast, tmp_path):
     """Class latents and class-prompt features computed once give the losses that encoding
     them every step gives (the benchmark's baseline). On SD2 with v-prediction, as SD2-768 is."""

@@ -373,8 +373,10 @@ class Session:
         if not self.config.cache:
             return
         means, stds = [], []
+        starts = range(0, len(self.class_pixel_cache), self.config.batch_size)
         with torch.no_grad():
-            for start in range(0, len(self.class_pixel_cache), self.config.batch_size):
+            for start in tqdm(starts, desc="class latents", unit="batch", dynamic_ncols=True,
+                              disable=not (self.config.progress and self.main)):
                 chunk = self.class_pixel_cache[start:start + self.config.batch_size]
                 mean, std = self._latent_distribution(data.to_unit_range(chunk))
                 means.append(mean)
