@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -69,7 +69,6 @@ class TrainingResult:
     peak_memory_bytes: int | None
     resumed_from: Path | None = None
     pipeline: Any = None
-    class_image_folders: list[Path] = field(default_factory=list)
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -556,8 +555,7 @@ class Session:
             delta=delta, output=Path(config.output), native=native, diffusers=diffusers_folder,
             losses=list(self.losses), steps=self.step, steps_this_session=done, seconds=seconds,
             steps_per_second=done / seconds if seconds > 0 else float("nan"), peak_memory_bytes=peak,
-            resumed_from=self.resumed_from, pipeline=self.pipe if return_pipeline else None,
-            class_image_folders=sorted({p.parent for s in (self.class_images or []) for p in s.paths}))
+            resumed_from=self.resumed_from, pipeline=self.pipe if return_pipeline else None)
 
     def _any_process(self, flag: bool) -> bool:
         if self.accelerator.num_processes == 1:
