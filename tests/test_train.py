@@ -607,13 +607,18 @@ CAT = ["--instance-dir", "{cat}", "--class-word", "cat"]
                                                                                              "--reg-dir", "reg"],
      r"--token, --reg-dir: with --concepts every concept's settings go in its entry of the concepts JSON "
      r"\(fields token, reg_dir\), not on the command line"),
+    (lambda tmp, mp: CAT + ["--seed", str(2**70)], rf"--seed must be a whole number from 0 to 2\*\*64 - 1 "
+                                                    rf"\(18446744073709551615\), got {2**70}\."),
+    (lambda tmp, mp: CAT + ["--seed=-1"], r"--seed must be a whole number from 0 to 2\*\*64 - 1"),
+    (lambda tmp, mp: CAT + ["--seed", str(2**64 - 1), "--validation-prompt", "a <new1> cat"],
+     r"--seed 18446744073709551615 is too large for 2 validation images: image j is sampled with seed \+ j"),
     (lambda tmp, mp: CAT + ["--device", NO_GPU], rf"--device {NO_GPU}: (no CUDA device is available|there is "
                                                   rf"no such GPU).*; this machine has cpu"),
     (lambda tmp, mp: CAT + ["--device", "meta"], r"--device meta: this command runs on cpu or cuda\[:N\], not meta"),
 ], ids=["missing folder", "decompression bomb", "lr nan", "lr inf", "lr negative", "prior weight negative",
         "prior weight nan", "concepts not a list", "concept not an object", "concept unknown field",
         "concept wrong type", "concept folder wrong type", "concept missing field", "concepts and --token",
-        "cuda missing", "device meta"])
+        "seed too large", "seed negative", "seed too large to validate", "cuda missing", "device meta"])
 def test_command_line_errors_are_one_line(tiny_pipeline_path, images, fast, tmp_path, capsys, monkeypatch,
                                           make_arguments, message):
     arguments = [a.format(cat=images["cat"]) for a in make_arguments(tmp_path, monkeypatch)]
