@@ -212,9 +212,11 @@ def test_only_the_token_part_of_the_delta_is_confined_to_prompts_with_the_token(
     (relative L2) here, against the token at its initial embedding.
     (b) The K/V change moves every prompt, not only those with the token: here (16 steps at lr
     4e-3, high so that the test fits quickly) by 41% and 39% for the two token-free prompts and
-    41% and 40% for the token prompts; at the paper's lr 8e-5 on SD1.5 the review measured 2.8%
-    and 3.0%. So the claim holds for the token, not for a raw delta as a whole; bounding the
-    change on ordinary captions is what cd-merge's constrained solve does (see the merge tests).
+    41% and 40% for the token prompts. These sizes are of this tiny random-weight model and run
+    only; the test asserts that the token moves its prompts by over 1% and that the whole delta
+    moves token-free prompts at least half as much as token prompts. So the claim holds for
+    the token, not for a raw delta as a whole; bounding the change on ordinary captions is what
+    cd-merge's constrained solve does (see the merge tests).
     """
     from diffusers import DDPMScheduler
 
