@@ -104,8 +104,9 @@ def write(session: Session, delta: ConceptDelta) -> tuple[Path, Path]:
     """``OUT/diffusers/`` (plus q/out weights when they trained) and ``OUT/delta.safetensors``.
 
     Both are written under hidden names in OUT first, then renamed into place, the native file
-    last (it marks a finished run): a failed write leaves an earlier run's files as they were,
-    and a folder holding the native file holds the same run's diffusers layout.
+    last (it marks a finished run): a write that fails (a full disk, say) leaves an earlier
+    run's files as they were, and a folder holding the native file holds the same run's
+    diffusers layout.
     """
     out = Path(session.config.output)
     staged_folder, staged_native = out / f".{DIFFUSERS_NAME}.writing", out / f".{NATIVE_NAME}.writing"
