@@ -59,16 +59,16 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--class-word", metavar="WORD", help="the concept's class, e.g. cat, dog, pot, painting")
     what.add_argument("-o", "--output", type=Path, required=True, metavar="OUT",
                       help="output folder: delta.safetensors, diffusers/, checkpoints/, validation/")
-    what.add_argument("--token", default="<new1>", help="the new modifier token (default <new1>); must be new "
-                                                        "to the vocabulary")
+    what.add_argument("--token", help="the new modifier token (default <new1>); must be new to the vocabulary")
     what.add_argument("--init-token", metavar="WORD",
                       help="existing single token the new one starts from (default ktn, the authors' choice)")
     what.add_argument("--instance-prompt", metavar="TEMPLATE",
                       help="training caption with {token} and {class_word} (default 'photo of a {token} "
                            "{class_word}')")
     what.add_argument("--concepts", type=Path, metavar="FILE",
-                      help="JSON list of concepts to train jointly, instead of --instance-dir and "
-                           "--class-word (fields: instance_dir, class_word, token, init_token, "
+                      help="JSON list of concepts to train jointly, instead of the one-concept options "
+                           "--instance-dir, --class-word, --token, --init-token, --instance-prompt, --reg-dir "
+                           "and --class-prompt (fields: instance_dir, class_word, token, init_token, "
                            "instance_prompt, reg_dir, class_prompt; diffusers' instance_data_dir and "
                            "class_data_dir are read too)")
 

@@ -26,7 +26,7 @@ PathLike = str | os.PathLike[str]
 
 
 def train(base: PathLike, instance_dir: PathLike | None = None, class_word: str | None = None,
-          output: PathLike | None = None, *, token: str = "<new1>", init_token: str | None = None,
+          output: PathLike | None = None, *, token: str | None = None, init_token: str | None = None,
           instance_prompt: str | None = None, reg_dir: PathLike | None = None, class_prompt: str | None = None,
           concepts: PathLike | Sequence[ConceptSpec | dict] | None = None,
           on_step: StepCallback | None = None, return_pipeline: bool = False,
@@ -38,7 +38,8 @@ def train(base: PathLike, instance_dir: PathLike | None = None, class_word: str 
     ``"photo of a {token} {class_word}"``), ``reg_dir`` (real class images; default: generate
     ``num_class_images`` from ``class_prompt``, ``"photo of a {class_word}"``). Several:
     ``concepts``, a JSON file or a list of :class:`ConceptSpec` or dicts with those fields
-    (checked as a concepts file is, see :func:`.config.parse_concepts`).
+    (checked as a concepts file is, see :func:`.config.parse_concepts`); the one-concept
+    arguments are then refused, each concept's settings go in its entry.
 
     Options (keyword, defaults = the paper's recipe): ``steps`` (250; 500 for several
     concepts), ``batch_size`` (8), ``learning_rate`` (1e-5), ``scale_lr`` (True: times batch
@@ -78,20 +79,24 @@ def train(base: PathLike, instance_dir: PathLike | None = None, class_word: str 
     return run(config, on_step=on_step, return_pipeline=return_pipeline)
 
 
-def _concepts(instance_dir: PathLike | None, class_word: str | None, token: str, init_token: str | None,
+def _concepts(instance_dir: PathLike | None, class_word: str | None, token: str | None, init_token: str | None,
               instance_prompt: str | None, reg_dir: PathLike | None, class_prompt: str | None,
               concepts: PathLike | Sequence[ConceptSpec | dict] | None) -> list[ConceptSpec]:
     """The run's concepts, from the one-concept arguments or ``concepts``, all checked by
     :func:`.config.parse_concepts`."""
+    single = {"instance_dir": instance_dir, "class_word": class_word, "token": token, "init_token": init_token,
+              "instance_prompt": instance_prompt, "reg_dir": reg_dir, "class_prompt": class_prompt}
     if concepts is not None:
-        if instance_dir is not None or class_word is not None:
-            raise MergeError("Give either one concept (--instance-dir, --class-word) or --concepts, not both.")
+        given = [name for name, value in single.items() if value is not None]
+        if given:
+            options = ", ".join(f"--{name.replace('_', '-')}" for name in given)
+            raise MergeError(f"{options}: with --concepts every concept's settings go in its entry of the "
+                             f"concepts JSON (fields {', '.join(given)}), not on the command line; give "
+                             f"either one concept's options or --concepts.")
         if isinstance(concepts, (str, os.PathLike)):
             return read_concepts_file(concepts)
         return parse_concepts(concepts, where="The concepts list")
     if instance_dir is None or not class_word:
         raise MergeError("Give the concept's images and class: --instance-dir DIR --class-word WORD "
                          "(or --concepts FILE for several).")
-    return parse_concepts([{"instance_dir": instance_dir, "class_word": class_word, "token": token,
-                            "init_token": init_token, "instance_prompt": instance_prompt, "reg_dir": reg_dir,
-                            "class_prompt": class_prompt}], where="The concept")
+    return parse_concepts([single], where="The concept")

@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -69,7 +69,6 @@ class TrainingResult:
     peak_memory_bytes: int | None
     resumed_from: Path | None = None
     pipeline: Any = None
-    class_image_folders: list[Path] = field(default_factory=list)
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -194,6 +193,9 @@ class Session:
         self.device = self.accelerator.device
         output.check(config)
         self.images = data.read_instance_images([c.instance_dir for c in config.concepts])
+        self.real_class_images = {  # {concept index: its --reg-dir images}, every one readable
+            index: priors.read_reg_dir(concept.reg_dir, concept.filled_class_prompt(), config.num_class_images)
+            for index, concept in enumerate(config.concepts) if config.prior and concept.reg_dir is not None}
         self.phase = "opening the base model"
         self.base = open_base(config.base)
         self.fingerprint = self.base.fingerprint
@@ -300,14 +302,11 @@ class Session:
         config = self.config
         root = Path(config.class_cache_dir) if config.class_cache_dir else default_cache_dir()
         sets = []
-        for concept in config.concepts:
-            prompt = concept.filled_class_prompt()
-            if concept.reg_dir is not None:
-                sets.append(priors.read_reg_dir(concept.reg_dir, prompt, config.num_class_images))
+        for index, concept in enumerate(config.concepts):
+            if index in self.real_class_images:
+                sets.append(self.real_class_images[index])
                 continue
-            if config.num_class_images < 1:
-                raise MergeError(f"Concept {concept.token} has no --reg-dir and --num-class-images is 0; give "
-                                 f"class images, a positive count to generate, or --no-prior.")
+            prompt = concept.filled_class_prompt()
             folder = priors.cache_folder(root, self.fingerprint, prompt, self.resolution,
                                          config.class_sampling_steps, config.class_guidance_scale)
             if self.main:
@@ -373,8 +372,10 @@ class Session:
         if not self.config.cache:
             return
         means, stds = [], []
+        starts = range(0, len(self.class_pixel_cache), self.config.batch_size)
         with torch.no_grad():
-            for start in range(0, len(self.class_pixel_cache), self.config.batch_size):
+            for start in tqdm(starts, desc="class latents", unit="batch", dynamic_ncols=True,
+                              disable=not (self.config.progress and self.main)):
                 chunk = self.class_pixel_cache[start:start + self.config.batch_size]
                 mean, std = self._latent_distribution(data.to_unit_range(chunk))
                 means.append(mean)
@@ -554,8 +555,7 @@ class Session:
             delta=delta, output=Path(config.output), native=native, diffusers=diffusers_folder,
             losses=list(self.losses), steps=self.step, steps_this_session=done, seconds=seconds,
             steps_per_second=done / seconds if seconds > 0 else float("nan"), peak_memory_bytes=peak,
-            resumed_from=self.resumed_from, pipeline=self.pipe if return_pipeline else None,
-            class_image_folders=sorted({p.parent for s in (self.class_images or []) for p in s.paths}))
+            resumed_from=self.resumed_from, pipeline=self.pipe if return_pipeline else None)
 
     def _any_process(self, flag: bool) -> bool:
         if self.accelerator.num_processes == 1:

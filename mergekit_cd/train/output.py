@@ -6,6 +6,7 @@
   embeddings, and metadata: base name and fingerprint, architecture, each concept's token,
   class word and target prompts, and the training recipe). ``cd-merge OUT --base BASE``
   reads it (a folder holding one delta file stands for that file).
+  It is renamed into place last, so a folder holding it holds a finished run.
 - ``diffusers/``: the diffusers training-script layout (full weights
   ``pytorch_custom_diffusion_weights.safetensors`` plus ``<token>.safetensors`` per token), the
   same metadata in its headers. With ``--train q,k,v,out`` it also holds the trained q and out
@@ -15,6 +16,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,7 +26,8 @@ from safetensors.torch import save_file
 from ..delta import Concept, ConceptDelta, LayerDelta
 from ..errors import MergeError
 from ..features import target_prompts
-from ..fileio import atomic_path, load_safetensors
+from ..fileio import _move_into_place, _remove, atomic_path, check_destination, load_safetensors
+from ..formats import diffusers_layout
 from ..loading import save
 from .config import TrainingConfig
 
@@ -37,8 +40,10 @@ TRAINER = "cd-train"
 
 
 def check(config: TrainingConfig) -> None:
-    """Fail before any work when the output folder cannot be used."""
+    """Fail before any work when the output folder cannot be used or its files could not be written."""
     out = Path(config.output)
+    for concept in config.concepts:  # each token names a file in OUT/diffusers/
+        diffusers_layout._token_file_name(concept.token, out / DIFFUSERS_NAME)
     if out.suffix == ".safetensors":
         raise MergeError(f"-o {out}: cd-train writes a folder (with {NATIVE_NAME}, {DIFFUSERS_NAME}/ and "
                          f"checkpoints/); give a folder name, e.g. -o {out.with_suffix('')}.")
@@ -52,6 +57,11 @@ def check(config: TrainingConfig) -> None:
                              f"--force to train again into it.")
         raise MergeError(f"{out} exists and is not empty (an interrupted run?); pass --resume {out} to "
                          f"continue from its latest checkpoint, or --force to start over.")
+    if (out / NATIVE_NAME).is_dir() and not (out / NATIVE_NAME).is_symlink():
+        raise MergeError(f"{out / NATIVE_NAME} is a folder; cd-train writes its delta file there. Move it away "
+                         f"or choose another output folder.")
+    if (out / DIFFUSERS_NAME).is_dir():  # an earlier run's is replaced, a folder holding other things is not
+        check_destination(out / DIFFUSERS_NAME, force=True, foreign_entries=diffusers_layout.foreign_entries)
 
 
 def prepare(config: TrainingConfig) -> None:
@@ -91,23 +101,38 @@ def build_delta(session: Session) -> ConceptDelta:
 
 
 def write(session: Session, delta: ConceptDelta) -> tuple[Path, Path]:
-    """``OUT/delta.safetensors`` and ``OUT/diffusers/`` (plus q/out weights when they trained)."""
+    """``OUT/diffusers/`` (plus q/out weights when they trained) and ``OUT/delta.safetensors``.
+
+    Both are written under hidden names in OUT first, then renamed into place, the native file
+    last (it marks a finished run): a write that fails (a full disk, say) leaves an earlier
+    run's files as they were, and a folder holding the native file holds the same run's
+    diffusers layout.
+    """
     out = Path(session.config.output)
-    replace = True  # everything in OUT is this run's (checked before training)
-    native = save(delta, out / NATIVE_NAME, format="native", force=replace)
-    folder = save(delta, out / DIFFUSERS_NAME, format="diffusers", base=session.base, force=replace)
+    staged_folder, staged_native = out / f".{DIFFUSERS_NAME}.writing", out / f".{NATIVE_NAME}.writing"
     extra = {name: parameter for name, parameter in session.trainables
              if ".to_q." in name or ".to_out.0." in name}
-    if extra:
-        _add_projections(folder, extra)
-    return native, folder
+    try:
+        for staged in (staged_folder, staged_native):  # left by a run killed while writing
+            _remove(staged)
+        save(delta, staged_folder, format="diffusers", base=session.base)
+        if extra:
+            _add_projections(staged_folder, extra)
+        save(delta, staged_native, format="native")
+        (out / NATIVE_NAME).unlink(missing_ok=True)  # an earlier run's marker goes first
+        _move_into_place(staged_folder, out / DIFFUSERS_NAME)
+        os.replace(staged_native, out / NATIVE_NAME)
+    except OSError as error:
+        raise MergeError(f"Cannot write {out}: {error.strerror or error}.") from None
+    finally:
+        for staged in (staged_folder, staged_native):
+            _remove(staged)
+    return out / NATIVE_NAME, out / DIFFUSERS_NAME
 
 
 def _add_projections(folder: Path, extra: dict) -> None:
     """Add trained q/out weights to the diffusers weights file, under diffusers' key names."""
-    from ..formats.diffusers_layout import WEIGHTS_NAMES
-
-    file = folder / WEIGHTS_NAMES[0]
+    file = folder / diffusers_layout.WEIGHTS_NAMES[0]
     tensors, header = load_safetensors(file)
     for name, parameter in extra.items():
         layer, rest = name.split(".to_", 1)  # "<layer>.attn2" + "q.weight" / "out.0.weight"

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..errors import MergeError
 from ..fileio import atomic_path
-from .data import IMAGE_SUFFIXES, list_images
+from .data import IMAGE_SUFFIXES, list_images, load_image
 
 #: Part of the cache key; change it when the way class images are sampled changes.
 GENERATOR_VERSION = "1"
@@ -38,7 +38,8 @@ class ClassImages:
 
 
 def read_reg_dir(folder: Path, class_prompt: str, limit: int) -> ClassImages:
-    """Up to ``limit`` real class images from ``folder`` with their captions (see module doc)."""
+    """Up to ``limit`` real class images from ``folder`` with their captions (see module doc),
+    each checked readable: a bad folder is found before any model is loaded."""
     folder = Path(folder).expanduser()
     listing, captions_file = folder / "images.txt", folder / "caption.txt"
     if listing.is_file() and captions_file.is_file():
@@ -56,6 +57,8 @@ def read_reg_dir(folder: Path, class_prompt: str, limit: int) -> ClassImages:
         paths, captions = paths[:limit], captions[:limit]
     if not paths:
         raise MergeError(f"Class image folder {folder} holds no images.")
+    for path in paths:
+        load_image(path)
     return ClassImages(paths, [caption or class_prompt for caption in captions])
 
 
