@@ -17,6 +17,19 @@ from .errors import MergeError
 from .fileio import atomic_path, check_destination
 
 
+#: torch's generators take seeds from 0 to 2**64 - 1.
+MAX_SEED = 2**64 - 1
+
+
+def check_seed(seed: int, images: int = 1, *, option: str = "--seed") -> None:
+    """One MergeError unless ``seed + j`` is a seed torch takes for every image j < ``images``
+    (image j of a prompt is sampled with seed + j; a larger seed fails inside torch)."""
+    last = MAX_SEED - max(images, 1) + 1
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= last:
+        raise MergeError(f"{option} must be a whole number from 0 to {last} (image j is sampled with seed + j, "
+                         f"and torch's seeds end at 2**64 - 1), got {seed!r}.")
+
+
 def load_pipeline(reference: str | os.PathLike[str], *, device: torch.device | str = "cpu",
                   dtype: torch.dtype = torch.float32):
     """A diffusers pipeline from a local folder or a hub repo id (through the hub cache).

@@ -212,12 +212,12 @@ def test_the_seeds_of_every_image_must_fit_torch(capsys, monkeypatch):
     monkeypatch.setattr(cd_sample, "sample_grid", no_work)
     assert cd_sample.main(["--base", "base", "a cat", "--seed", str(2**64 - 1), "-n", "3"]) == 1
     assert one_error_line(capsys, "cd-sample") == (
-        "--seed 18446744073709551615: image j of every prompt uses seed + j, and seeds end at 2**64 - 1, so with "
-        "-n 3 the seed can be at most 18446744073709551613.")
+        "--seed must be a whole number from 0 to 18446744073709551613 (image j is sampled with seed + j, and "
+        "torch's seeds end at 2**64 - 1), got 18446744073709551615.")
     assert cd_eval.main(["--base", "base", "--concepts", "cat.safetensors", "--seed", str(2**64 - 1)]) == 1
     assert one_error_line(capsys, "cd-eval") == (  # two sampled images per prompt by default
-        "seed must be a whole number from 0 to 18446744073709551614 (image j is sampled with seed + j, up to j = 1, "
-        "and torch's seeds end at 2**64 - 1), got 18446744073709551615.")
+        "seed must be a whole number from 0 to 18446744073709551614 (image j is sampled with seed + j, and "
+        "torch's seeds end at 2**64 - 1), got 18446744073709551615.")
     with pytest.raises(MergeError, match=r"^guidance scale must be a finite number >= 0, got nan\.$"):
         evaluate(["cat.safetensors"], base="base", guidance_scale=math.nan)
 

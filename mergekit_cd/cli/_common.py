@@ -14,12 +14,11 @@ from contextlib import contextmanager
 import torch
 
 from ..errors import MergeError, TokenRenameWarning
+from ..sampling import MAX_SEED
 from ..solvers import IllConditionedWarning
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 #: The largest seed torch's random generators take (they hold an unsigned 64-bit integer).
-MAX_SEED = 2**64 - 1
-
 #: Our own warnings that the commands report themselves (renamed tokens, the solver's notes).
 REPORTED_WARNINGS = (TokenRenameWarning, IllConditionedWarning)
 #: Libraries whose deprecation notices are for developers, not for the user of a command.

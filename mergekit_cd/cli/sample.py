@@ -6,9 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..errors import MergeError
-from ..sampling import sample_grid
-from ._common import MAX_SEED, add_device_argument, device, non_negative_float_type, run, seed_type
+from ..sampling import check_seed, sample_grid
+from ._common import add_device_argument, device, non_negative_float_type, run, seed_type
 
 #: Sampling runs anywhere diffusers does; cd-merge's float64 solve rules out mps there.
 DEVICE_TYPES = ("cpu", "cuda", "mps")
@@ -48,9 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main_with_args(args: argparse.Namespace) -> int:
     chosen = device(args.device, types=DEVICE_TYPES)
-    if args.seed + args.num_images - 1 > MAX_SEED:
-        raise MergeError(f"--seed {args.seed}: image j of every prompt uses seed + j, and seeds end at 2**64 - 1, "
-                         f"so with -n {args.num_images} the seed can be at most {MAX_SEED - args.num_images + 1}.")
+    check_seed(args.seed, args.num_images)
     path = sample_grid(args.base, args.delta, args.prompts, args.output, num_images=args.num_images,
                        seed=args.seed, steps=args.steps, guidance_scale=args.guidance_scale,
                        device=chosen, height=args.height, width=args.width, force=args.force,

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..train import TrainingInterrupted, train
-from ._common import run
+from ._common import run, seed_type
 
 DESCRIPTION = """\
 Teach a Stable Diffusion model (SD1.x, SD2.x, SDXL) a new concept the Custom
@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--no-aug", dest="augment", action="store_false",
                         help="no resize augmentation (and no loss mask)")
     recipe.add_argument("--hflip", action="store_true", help="also flip instance images at random")
-    recipe.add_argument("--seed", type=int, default=0, help="seed of data order, augmentation and noise (default 0)")
+    recipe.add_argument("--seed", type=seed_type, default=0, help="seed of data order, augmentation and noise (default 0)")
 
     runtime = parser.add_argument_group("hardware and run control")
     runtime.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"),

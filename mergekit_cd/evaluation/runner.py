@@ -30,7 +30,7 @@ from ..errors import MergeError, TokenRenameWarning
 from ..features import TextFeatures, heldout_captions
 from ..loading import PathLike, as_base, load
 from ..merge import MergePlan, merge, plan_merge
-from ..sampling import load_pipeline
+from ..sampling import check_seed, load_pipeline
 from .clip_metrics import ClipEmbedder, DinoEmbedder, clip_score, mean_pairwise_cosine, strip_tokens
 from .fidelity import NoisePredictor, Probes, draw_probes, fidelity, relative_change, rename_tokens, training_scheduler
 from .images import decode_latents, encode_images, read_images, sample_images, sample_latents
@@ -240,13 +240,9 @@ def _check_options(**counts: int) -> None:
 
 
 def _check_sampling(seed: int, guidance_scale: float, *, images: int) -> None:
-    """A seed torch takes for every sampled image (image j: seed + j; torch's seeds end at
-    2**64 - 1) and a finite guidance scale >= 0 (diffusers reads nan as no guidance), else one
-    MergeError naming the option."""
-    last = 2**64 - images
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= last:
-        raise MergeError(f"seed must be a whole number from 0 to {last} (image j is sampled with seed + j, up to "
-                         f"j = {images - 1}, and torch's seeds end at 2**64 - 1), got {seed!r}.")
+    """A seed torch takes for every sampled image and a finite guidance scale >= 0 (diffusers
+    reads nan as no guidance), else one MergeError naming the option."""
+    check_seed(seed, images, option="seed")
     if not (math.isfinite(guidance_scale) and guidance_scale >= 0):
         raise MergeError(f"guidance scale must be a finite number >= 0, got {guidance_scale!r}.")
 

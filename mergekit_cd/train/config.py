@@ -18,14 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MergeError
+from ..sampling import check_seed
 
 #: Rare tokens the new token rows start from, one per concept in order (the authors' choice).
 DEFAULT_INIT_TOKENS = ("ktn", "pll", "ucd")
 #: Projections of each cross-attention layer that may train; k and v always do.
 PROJECTIONS = ("q", "k", "v", "out")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
-#: The largest seed torch's random generators take (an unsigned 64-bit integer).
-MAX_SEED = 2**64 - 1
 INSTANCE_TEMPLATE = "photo of a {token} {class_word}"
 CLASS_TEMPLATE = "photo of a {class_word}"
 
@@ -237,12 +236,7 @@ def check_config(config: TrainingConfig) -> TrainingConfig:
             raise MergeError(f"{option} must be a finite number, {least}; got {value!r}.")
     if len(config.adam_betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in config.adam_betas):
         raise MergeError(f"adam_betas must be two numbers in [0, 1), got {config.adam_betas!r}.")
-    if not isinstance(config.seed, int) or isinstance(config.seed, bool) or not 0 <= config.seed <= MAX_SEED:
-        raise MergeError(f"--seed must be a whole number from 0 to 2**64 - 1 ({MAX_SEED}), got {config.seed!r}.")
-    last_validation_seed = config.seed + config.num_validation_images - 1  # validation image j uses seed + j
-    if config.validation_prompts and last_validation_seed > MAX_SEED:
-        raise MergeError(f"--seed {config.seed} is too large for {config.num_validation_images} validation images: "
-                         f"image j is sampled with seed + j, at most 2**64 - 1 ({MAX_SEED}); use a smaller --seed.")
+    check_seed(config.seed, config.num_validation_images if config.validation_prompts else 1)
     if config.num_class_images < 0:
         raise MergeError(f"--num-class-images must not be negative, got {config.num_class_images}.")
     generated = [c.token for c in config.concepts if c.reg_dir is None]
