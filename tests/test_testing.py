@@ -279,3 +279,27 @@ def test_full_size_sdxl_config_matches_the_published_model():
     kv = [p for name, p in unet.named_parameters() if name.endswith(("attn2.to_k.weight", "attn2.to_v.weight"))]
     assert len(kv) == 140 and {p.shape[1] for p in kv} == {2048}
     assert sum(p.numel() for p in kv) * 4 == 1_363_148_800
+
+
+def test_random_concept_deltas_are_seeded_scaled_and_lie_along_their_prompts(tiny_pipeline_path):
+    """The benchmark's stand-in concepts: reproducible, each layer's change ``strength`` times the
+    base weight's norm, and every change a combination of the concept's own prompt features."""
+    from mergekit_cd.base import open_base
+    from mergekit_cd.delta import dense
+    from mergekit_cd.features import TextFeatures, target_prompts
+    from mergekit_cd.testing import random_concept_deltas
+
+    base = open_base(tiny_pipeline_path("sd1"))
+    specs = [("<new1>", "cat"), ("<new2>", "pot")]
+    first, second = random_concept_deltas(base, specs, seed=3, strength=0.1)
+    again = random_concept_deltas(base, specs, seed=3, strength=0.1)
+    assert first.allclose(again[0], rtol=0, atol=0) and second.allclose(again[1], rtol=0, atol=0)
+    assert not first.allclose(random_concept_deltas(base, specs, seed=4, strength=0.1)[0])
+    training = [*target_prompts("<new1>", "cat"), "a <new1> cat on a table", "a close up of a <new1> cat"]
+    features = torch.cat(TextFeatures(base, first.tokens).features(training)).double()
+    for name, (key, value) in base.kv_shapes().items():
+        weight_key, _ = base.kv(name)
+        change = dense(first.layers[name].key).double()
+        assert float(change.norm()) == pytest.approx(0.1 * float(weight_key.norm()), rel=1e-5)
+        coefficients = torch.linalg.lstsq(features.T, change.T).solution
+        assert float((coefficients.T @ features - change).norm()) < 1e-5 * float(change.norm())
