@@ -14,6 +14,7 @@ that occur in the captions; :func:`cached_features` does the same for a merge's 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -428,7 +429,8 @@ def _write_cache(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str
                   metadata=metadata)
         os.replace(temporary, path)
     except OSError as error:
-        temporary.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # the folder itself may be what failed
+            temporary.unlink(missing_ok=True)
         warnings.warn(f"Could not cache {what} in {path.parent}: {error}", stacklevel=3)
 
 

@@ -164,7 +164,7 @@ def plan_merge(deltas: Sequence[PathLike | ConceptDelta], reg_captions: Sequence
     paths = [None if isinstance(d, ConceptDelta) else resolve_delta(d) for d in deltas]
     _refuse_repeated_files(paths, sources)
     loaded = [load(d, base=base, check_base=check_base) for d in deltas]
-    _refuse_repeated_objects(deltas, loaded, sources)
+    _refuse_repeated_content(loaded, sources)
     read_as = tuple("object" if path is None else formats.detect_format(path).NAME for path in paths)
     if class_words is not None and len(class_words) not in (0, len(loaded)):
         raise MergeError(f"Got {len(class_words)} class words for {len(loaded)} inputs; give one --class "
@@ -223,18 +223,17 @@ def _refuse_repeated_files(paths: Sequence[Path | None], sources: Sequence[str])
         seen[identity] = index
 
 
-def _refuse_repeated_objects(deltas: Sequence[PathLike | ConceptDelta], loaded: Sequence[ConceptDelta],
-                             sources: Sequence[str]) -> None:
-    """A delta object given twice (or an equal one: same tokens, embeddings and weights) is refused.
+def _refuse_repeated_content(loaded: Sequence[ConceptDelta], sources: Sequence[str]) -> None:
+    """Two inputs with the same content (same tokens, embeddings and weights) are refused, however
+    they were given: the same object, a copied file, a diffusers folder and its own weights file.
 
     The weights are compared only when every token embedding already matches, which two
     different concepts practically never do, so the check costs nothing for distinct inputs.
     """
-    objects = [index for index, delta in enumerate(deltas) if isinstance(delta, ConceptDelta)]
-    for position, index in enumerate(objects):
-        for earlier in objects[:position]:
+    for index in range(len(loaded)):
+        for earlier in range(index):
             if _same_delta(loaded[earlier], loaded[index]):
-                raise MergeError(_repeated_message(index, earlier, sources, "the same delta"))
+                raise MergeError(_repeated_message(index, earlier, sources, "the same concept"))
 
 
 def _same_delta(a: ConceptDelta, b: ConceptDelta) -> bool:

@@ -70,6 +70,8 @@ def identity_from_metadata(document: dict[str, Any], *, source: str = "metadata"
     if architecture is not None and architecture not in ARCHITECTURES:
         raise MergeError(f"{source}: metadata names architecture {architecture!r}; this version "
                          f"knows {', '.join(ARCHITECTURES)}.")
+    if not isinstance(document.get("concepts") or [], list):
+        raise MergeError(f"{source}: metadata field 'concepts' must be a list.")
     return {
         "base": document.get("base"),
         "base_fingerprint": document.get("base_fingerprint"),

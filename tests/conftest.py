@@ -46,7 +46,8 @@ def tiny_delta_files(tiny_pipeline_path, tmp_path_factory: pytest.TempPathFactor
     on the tiny base of that architecture (seed 0), as an object and saved in each format.
 
     Keys: ``"object"`` (the ConceptDelta), ``"native"`` (``delta.safetensors``), ``"diffusers"``
-    (a folder), ``"authors-bin"`` (``delta.bin``, full weights). Made once per session; treat
+    (a folder), ``"authors-bin"`` (``delta.bin``, full weights); ``"other-native"`` is a second
+    concept (``<new2>``, ``dog``), to merge with the first. Made once per session; treat
     the files as read-only.
     """
     from mergekit_cd.base import open_base
@@ -64,6 +65,8 @@ def tiny_delta_files(tiny_pipeline_path, tmp_path_factory: pytest.TempPathFactor
             for name, file_name in (("native", "delta.safetensors"), ("diffusers", "delta"),
                                     ("authors-bin", "delta.bin")):
                 files[name] = save(delta, folder / file_name, format=name, base=base)
+            other = random_concept_delta(base, "<new2>", "dog", seed=2)
+            files["other-native"] = save(other, folder / "other.safetensors", base=base)
             cache[architecture] = files
         return cache[architecture]
 

@@ -53,7 +53,7 @@ def one_error_line(capsys, command: str) -> str:
 
 def merge_args(tiny_pipeline_path, tiny_delta_files, architecture: str = "sd1") -> list[str]:
     files = tiny_delta_files(architecture)
-    return [str(files["native"]), str(files["diffusers"]), "--base", str(tiny_pipeline_path(architecture)),
+    return [str(files["native"]), str(files["other-native"]), "--base", str(tiny_pipeline_path(architecture)),
             "--num-reg-captions", "30", "-q"]
 
 
@@ -90,13 +90,16 @@ def test_every_command_prints_warnings_as_one_line_with_its_name(capsys):
 
 def test_cd_merge_warns_about_an_unwritable_cache_in_one_line(tiny_pipeline_path, tiny_delta_files, tmp_path,
                                                               capsys):
-    output = tmp_path / "merged.safetensors"
-    assert cd_merge.main([*merge_args(tiny_pipeline_path, tiny_delta_files), "-o", str(output),
-                          "--cache-dir", "/proc/nope"]) == 0
-    lines = capsys.readouterr().err.splitlines()
-    assert lines and all(re.match(r"cd-merge: warning: Could not cache .* in /proc/nope: ", line) for line in lines), \
-        lines
-    assert output.is_file()
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    for cache in ("/proc/nope", str(a_file)):  # the second crashed while cleaning up its temporary file
+        output = tmp_path / "merged.safetensors"
+        assert cd_merge.main([*merge_args(tiny_pipeline_path, tiny_delta_files), "-o", str(output), "--force",
+                              "--cache-dir", cache]) == 0
+        lines = capsys.readouterr().err.splitlines()
+        assert lines and all(re.match(rf"cd-merge: warning: Could not cache .* in {re.escape(cache)}: ", line)
+                             for line in lines), lines
+        assert output.is_file()
 
 
 # ---------------------------------------------------------------- cd-merge options

@@ -803,7 +803,8 @@ def test_pickles_hold_our_metadata_as_one_json_string_beside_the_authors_keys(tm
     ("{not json", r"the mergekit-cd metadata in 'mergekit_cd' is not valid JSON"),
     (json.dumps({"format_version": "2"}), r"metadata format_version '2' is not one this mergekit-cd reads"),
     (json.dumps({"format_version": "1", "architecture": 3}), r"metadata field 'architecture' must be a string"),
-], ids=["not-a-string", "not-json", "newer-version", "bad-field"])
+    (json.dumps({"format_version": "1", "concepts": 5}), r"metadata field 'concepts' must be a list"),
+], ids=["not-a-string", "not-json", "newer-version", "bad-field", "concepts-not-a-list"])
 def test_bad_metadata_in_a_pickle_is_named(tmp_path, entry, message):
     path = _saved(tmp_path / "delta.bin", {**_authors({K: torch.ones(32, 32), V: torch.ones(32, 32)}),
                                            "mergekit_cd": entry})

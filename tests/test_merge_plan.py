@@ -186,11 +186,19 @@ def test_the_same_input_twice_is_refused(base, two, tmp_path):
         plan_merge([path, two[1], link], captions(), base=base)
     with pytest.raises(MergeError, match=r"^Input 2 \(.*cat/?\) is the same folder as input 1 \(.*cat\)"):
         plan_merge([str(folder), f"{folder}/", two[1]], captions(), base=base)
-    with pytest.raises(MergeError, match=r"^Input 3 is the same delta as input 1: a concept can be merged only once"):
+    with pytest.raises(MergeError, match=r"^Input 3 is the same concept as input 1: a concept can be merged only once"):
         plan_merge([two[0], two[1], two[0]], captions(), base=base)
     reread = load(path, base=base)  # another object, its layers read from the file: equal all the same
-    with pytest.raises(MergeError, match=r"^Input 2 \(.*cat\.safetensors\) is the same delta as input 1"):
+    with pytest.raises(MergeError, match=r"^Input 2 \(.*cat\.safetensors\) is the same concept as input 1"):
         plan_merge([two[0], reread], captions(), base=base)
+    # other paths to the same content: a diffusers folder and its own weights file, a copy
+    weights = next(folder.glob("pytorch_custom_diffusion_weights.*"))
+    with pytest.raises(MergeError, match=r"^Input 2 \(.*pytorch_custom_diffusion_weights.*\) is the same concept"):
+        plan_merge([str(folder), str(weights), two[1]], captions(), base=base)
+    copy = tmp_path / "copy.safetensors"
+    copy.write_bytes(path.read_bytes())
+    with pytest.raises(MergeError, match=r"^Input 2 \(.*copy\.safetensors\) is the same concept as input 1"):
+        plan_merge([path, copy], captions(), base=base)
     other = random_concept_delta(base, "<new1>", "cat", seed=9)
     other.tokens = dict(two[0].tokens)  # an untrained token: the same embedding, but other weights
     assert len(plan_merge([two[0], other], captions(), base=base).concepts) == 2
