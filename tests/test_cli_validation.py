@@ -150,7 +150,7 @@ def test_a_wrong_weight_count_is_refused_before_any_text_is_encoded(tiny_pipelin
     output = tmp_path / "merged.safetensors"
     args = [*merge_args(tiny_pipeline_path, tiny_delta_files), "-o", str(output), "--method", "soft"]
     assert cd_merge.main([*args, "--weights", "1", "2", "3"]) == 1
-    assert one_error_line(capsys, "cd-merge") == ("--weights: got 3 weight(s) for 2 concepts (<new1>, <new1>); "
+    assert one_error_line(capsys, "cd-merge") == ("--weights: got 3 weight(s) for 2 concepts (<new1>, <new2>); "
                                                   "give one per concept, in input order.")
     assert not output.exists()
 

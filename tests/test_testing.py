@@ -297,9 +297,10 @@ def test_random_concept_deltas_are_seeded_scaled_and_lie_along_their_prompts(tin
     assert not first.allclose(random_concept_deltas(base, specs, seed=4, strength=0.1)[0])
     training = [*target_prompts("<new1>", "cat"), "a <new1> cat on a table", "a close up of a <new1> cat"]
     features = torch.cat(TextFeatures(base, first.tokens).features(training)).double()
-    for name, (key, value) in base.kv_shapes().items():
-        weight_key, _ = base.kv(name)
-        change = dense(first.layers[name].key).double()
-        assert float(change.norm()) == pytest.approx(0.1 * float(weight_key.norm()), rel=1e-5)
-        coefficients = torch.linalg.lstsq(features.T, change.T).solution
-        assert float((coefficients.T @ features - change).norm()) < 1e-5 * float(change.norm())
+    assert features.shape[0] < features.shape[1]  # fewer rows than dimensions: the span test can fail
+    span, _ = torch.linalg.qr(features.T)  # an orthonormal basis holding the features' span
+    for name in base.kv_shapes():
+        for weight, part in zip(base.kv(name), (first.layers[name].key, first.layers[name].value)):
+            change = dense(part).double()
+            assert float(change.norm()) == pytest.approx(0.1 * float(weight.norm()), rel=1e-5)
+            assert float((change - change @ span @ span.T).norm()) < 1e-5 * float(change.norm())
