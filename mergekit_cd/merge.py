@@ -99,7 +99,8 @@ class MergePlan:
         inputs = sum(_delta_bytes(delta) for delta in self.deltas)
         text = self.base.text_encoder_parameters() * torch.finfo(text_dtype).bits // 8
         layer_rows = max((k[0] + v[0] for k, v in self.base.kv_shapes().values()), default=0)
-        working = 8 * layer_rows * (d * (len(self.deltas) + 4) + num_constraint_rows)
+        # base, sum, one input's and merged rows, read one input at a time; D C^T per constraint
+        working = 8 * layer_rows * (d * 5 + 2 * num_constraint_rows)
         solver = 8 * (4 * d * d + 3 * num_constraint_rows * d)
         return inputs + max(text, 4 * self.num_weight_rows * d + working + solver)
 
@@ -391,14 +392,14 @@ class _ReportSums:
         self.target = [0.0] * num_concepts
         self.drift = self.sum_drift = self.base = 0.0
 
-    def add(self, features: list[Tensor], owners: tuple[int, ...], W0: Tensor, inputs: list[Tensor],
-            merged: Tensor, naive_sum: Tensor, held_gram: Tensor) -> None:
-        """One layer: base rows, each input's difference rows, merged and summed differences."""
-        for i, (C, owner) in enumerate(zip(features, owners)):
-            own = inputs[owner]
-            self.residual[i] += _squared((merged - own) @ C.T)
-            self.sum_residual[i] += _squared((naive_sum - own) @ C.T)
-            self.target[i] += _squared((W0 + own) @ C.T)
+    def add(self, features: list[Tensor], W0: Tensor, own: list[Tensor], merged: Tensor, naive_sum: Tensor,
+            held_gram: Tensor) -> None:
+        """One layer: base rows, each concept's own difference on its features (``own[i]`` =
+        D_owner C_i^T), the merged and the summed differences."""
+        for i, C in enumerate(features):
+            self.residual[i] += _squared(merged @ C.T - own[i])
+            self.sum_residual[i] += _squared(naive_sum @ C.T - own[i])
+            self.target[i] += _squared(W0 @ C.T + own[i])
         self.drift += _quadratic(merged, held_gram)
         self.sum_drift += _quadratic(naive_sum, held_gram)
         self.base += _quadratic(W0, held_gram)
@@ -441,17 +442,24 @@ def execute(plan: MergePlan, *, method: str = "constrained", weights: Sequence[f
     layers: dict[str, LayerDelta] = {}
     for name in tqdm(plan.base.layer_names(), desc="merging layers", unit="layer", disable=not progress):
         W0 = torch.cat(plan.base.kv(name)).to(solve_device, torch.float64)
-        inputs = [_layer_rows(delta, name).to(solve_device, torch.float64) for delta in plan.deltas]
-        naive_sum = torch.stack(inputs).sum(0)
+        # one input's rows at a time: keep only their sum and each concept's D_owner C_i^T
+        naive_sum, own = torch.zeros_like(W0), [torch.empty(0)] * len(features)
+        for index, delta in enumerate(plan.deltas):
+            rows = _layer_rows(delta, name).to(solve_device, torch.float64)
+            naive_sum += rows
+            for i, owner in enumerate(plan.owners):
+                if owner == index:
+                    own[i] = rows @ features[i].T
+            del rows
         if operator is not None:
-            targets = torch.cat([(W0 + inputs[owner]) @ C.T for owner, C in zip(plan.owners, features)], dim=1)
+            targets = torch.cat([W0 @ C.T + own[i] for i, C in enumerate(features)], dim=1)
             merged = operator.apply(W0, targets) - W0
         elif method == "sum":
             merged = naive_sum
         else:
             merged = naive_sum / len(plan.deltas)
         if return_report:
-            sums.add(features, plan.owners, W0, inputs, merged, naive_sum, held_gram)
+            sums.add(features, W0, own, merged, naive_sum, held_gram)
         keys = plan.base.kv_shapes()[name][0][0]
         merged = merged.float().cpu()
         layers[name] = LayerDelta(merged[:keys].contiguous(), merged[keys:].contiguous())
