@@ -88,3 +88,24 @@ def authors_own(tmp_path: Path) -> Callable[[Path], Path]:
         return copy
 
     return strip
+
+
+@pytest.fixture(scope="session")
+def tall_base_path(tiny_pipeline_path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny SD1 base with 3000-row K/V layers (17 MB of K/V, the rest next to nothing), so that
+    memory tests can tell holding K/V-sized data from not. Treat it as read-only."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path_factory.mktemp("tall") / "base"
+    shutil.copytree(tiny_pipeline_path("sd1"), folder)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    generator = torch.Generator().manual_seed(0)
+    for key in tensors:
+        if ".attn2.to_k." in key or ".attn2.to_v." in key:
+            tensors[key] = torch.randn(3000, tensors[key].shape[1], generator=generator) * 0.05
+    save_file(tensors, weights)
+    return folder

@@ -6,14 +6,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
 
 import pytest
-import torch
-from safetensors.torch import load_file, save_file
 
 from mergekit_cd.base import open_base
 from mergekit_cd.loading import save
@@ -56,22 +53,14 @@ MEMORY_SCRIPT = textwrap.dedent("""
 
 
 @pytest.fixture(scope="module")
-def growth(tiny_pipeline_path, tmp_path_factory) -> dict:
+def growth(tall_base_path, tmp_path_factory) -> dict:
     """format -> (peak memory growth of reading and merging 3 inputs, the plan's estimate), on a
     base with tall K/V layers (3000 rows: 17 MB of K/V, the rest next to nothing); and "kv" ->
     the bytes of the base's K/V weights."""
     if not sys.platform.startswith("linux"):
         pytest.skip("measures the peak through /proc")
-    folder = tmp_path_factory.mktemp("tall")
-    base_path = folder / "base"
-    shutil.copytree(tiny_pipeline_path("sd1"), base_path)
-    weights = base_path / "unet" / "diffusion_pytorch_model.safetensors"
-    tensors = load_file(weights)
-    g = torch.Generator().manual_seed(0)
-    for key in tensors:
-        if ".attn2.to_k." in key or ".attn2.to_v." in key:
-            tensors[key] = torch.randn(3000, tensors[key].shape[1], generator=g) * 0.05
-    save_file(tensors, weights)
+    folder = tmp_path_factory.mktemp("streaming")
+    base_path = tall_base_path
     base = open_base(base_path)
     deltas = random_concept_deltas(base, [("<new1>", "cat"), ("<new2>", "dog"), ("<new3>", "pot")], seed=1)
     inputs = {fmt: [str(save(delta, folder / fmt / name.format(i=i), format=fmt, base=base))
