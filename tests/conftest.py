@@ -7,7 +7,7 @@ same examples; ``thorough``: 2000 random examples per property (``HYPOTHESIS_PRO
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -109,3 +109,15 @@ def tall_base_path(tiny_pipeline_path, tmp_path_factory: pytest.TempPathFactory)
             tensors[key] = torch.randn(3000, tensors[key].shape[1], generator=generator) * 0.05
     save_file(tensors, weights)
     return folder
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """torch on one thread for a module: the tiny UNet runs several times faster on one thread
+    than on two contended ones."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)

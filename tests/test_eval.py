@@ -36,16 +36,8 @@ FAST = dict(samples=6, held_out_samples=6, sample_images=1, sample_steps=1, batc
 CAPTIONS = default_reg_captions()[:200]
 HELD_OUT = [*CAPTIONS[:2], "a tortoise on a beach", "a red van in the snow"]
 
-pytestmark = pytest.mark.filterwarnings("ignore::mergekit_cd.errors.TokenRenameWarning")  # two <new1> cats
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny UNet runs several times faster on one thread than on two contended ones."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = [pytest.mark.filterwarnings("ignore::mergekit_cd.errors.TokenRenameWarning"),  # two <new1> cats
+              pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")

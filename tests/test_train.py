@@ -40,15 +40,8 @@ from mergekit_cd.train.attention import DetachStartTokenAttnProcessor
 from mergekit_cd.train.config import ConceptSpec, TrainingConfig, check_config
 from mergekit_cd.train.embeddings import NewTokenEmbedding
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning"),
+              pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(autouse=True)
