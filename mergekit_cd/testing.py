@@ -53,7 +53,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -228,10 +228,10 @@ def _bpe(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     return pieces
 
 
-def _vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+def _vocab_and_merges(words: Sequence[str] = _WORDS) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """CLIP-ordered vocab (bytes, bytes + </w>, merge results, bos, eos) and merges.
 
-    Each word of ``_WORDS`` ends up a single token: merges are appended (lowest
+    Each of ``words`` ends up a single token: merges are appended (lowest
     priority) until BPE with the merges so far turns the word into one piece; appending
     never changes how earlier words tokenize.
     """
@@ -243,7 +243,7 @@ def _vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
         vocab[c + "</w>"] = len(vocab)
     merges: list[tuple[str, str]] = []
     ranks: dict[tuple[str, str], int] = {}
-    for word in _WORDS:
+    for word in words:
         while len(pieces := _bpe(list(word[:-1]) + [word[-1] + "</w>"], ranks)) > 1:
             pair = (pieces[0], pieces[1])
             ranks[pair] = len(merges)
@@ -254,9 +254,9 @@ def _vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return vocab, merges
 
 
-def _write_vocab_files(directory: str | os.PathLike[str]) -> None:
+def _write_vocab_files(directory: str | os.PathLike[str], words: Sequence[str] = _WORDS) -> None:
     """Write vocab.json and merges.txt (CLIP's file format) into ``directory``."""
-    vocab, merges = _vocab_and_merges()
+    vocab, merges = _vocab_and_merges(words)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
@@ -264,16 +264,17 @@ def _write_vocab_files(directory: str | os.PathLike[str]) -> None:
     (directory / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def tiny_tokenizer(pad_token: str = EOS_TOKEN) -> Any:
+def tiny_tokenizer(pad_token: str = EOS_TOKEN, *, words: Sequence[str] = _WORDS) -> Any:
     """A byte-level ``CLIPTokenizer`` (model_max_length 77) that tokenizes any text.
 
     ``pad_token``: ``"<|endoftext|>"`` (SD1, SDXL ``tokenizer``) or ``"!"`` (SD2, SDXL
-    ``tokenizer_2``). Its length is the ``vocab_size`` of every tiny text encoder.
+    ``tokenizer_2``). Its length is the ``vocab_size`` of every tiny text encoder. ``words``
+    become single tokens (the toy world passes its own vocabulary).
     """
     from transformers import CLIPTokenizer
 
     with tempfile.TemporaryDirectory(prefix="mergekit_cd_tok_") as tmp:
-        _write_vocab_files(tmp)
+        _write_vocab_files(tmp, words)
         tokenizer = CLIPTokenizer.from_pretrained(
             tmp,
             model_max_length=77,

@@ -1,0 +1,346 @@
+"""Train the toy world's base model: ``python -m mergekit_cd.toyworld.train_base -o FOLDER``.
+
+Stages, as Stable Diffusion was built, each seeded and printed with its loss:
+
+1. a CLIP-style pair (``CLIPModel``: a text tower and a small ViT) trained contrastively on world
+   images and their captions; its text tower becomes the pipeline's frozen ``text_encoder`` and
+   the whole pair is this world's CLIP for ``cd-eval --clip``;
+2. an ``AutoencoderKL`` (32 px <-> 16 x 16 x 4 latents) trained to reconstruct world images;
+3. a ``UNet2DConditionModel`` trained on the frozen latents and text features (epsilon
+   prediction, min-SNR weighting, 10% caption dropout for classifier-free guidance, EMA).
+
+The result is a diffusers ``StableDiffusionPipeline`` folder (``FOLDER/base``) and a CLIP folder
+(``FOLDER/clip``). The defaults are the shipped model's recipe; the shipped model card records
+the exact command, steps and time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .scenes import IMAGE_SIZE, render_scene, sample_scene, scene_captions, vocabulary_words
+
+#: Words that are single tokens besides the world's own: cd-train's initializer tokens and the
+#: words of its augmentation prefixes and prompt templates.
+EXTRA_WORDS: tuple[str, ...] = ("ktn", "pll", "ucd", "sks", "far", "away", "very", "zoomed", "in", "close", "up",
+                                "the", "style", "painting", "with")
+#: Scene stream seeds: training scenes, and held-out scenes for every measurement.
+TRAIN_SEED, HELDOUT_SEED = 0, 1
+TEXT_WIDTH = 128
+TEXT_CONFIG = dict(hidden_size=TEXT_WIDTH, intermediate_size=4 * TEXT_WIDTH, num_attention_heads=4,
+                   num_hidden_layers=4, hidden_act="quick_gelu")
+VISION_CONFIG = dict(image_size=IMAGE_SIZE, patch_size=4, num_channels=3, hidden_size=96, intermediate_size=384,
+                     num_attention_heads=4, num_hidden_layers=2, hidden_act="quick_gelu")
+VAE_CONFIG = dict(sample_size=IMAGE_SIZE, in_channels=3, out_channels=3, latent_channels=4,
+                  block_out_channels=(32, 64), layers_per_block=1,
+                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                  norm_num_groups=32)
+UNET_CONFIG = dict(sample_size=IMAGE_SIZE // 2, in_channels=4, out_channels=4, block_out_channels=(48, 96),
+                   layers_per_block=1, down_block_types=("CrossAttnDownBlock2D",) * 2,
+                   up_block_types=("CrossAttnUpBlock2D",) * 2, cross_attention_dim=TEXT_WIDTH,
+                   attention_head_dim=4, norm_num_groups=16)
+SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                        clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+CAPTION_DROPOUT = 0.1
+
+
+def world_words() -> list[str]:
+    """The tokenizer's single-token words: the world's vocabulary plus :data:`EXTRA_WORDS`."""
+    return sorted(set(vocabulary_words()) | set(EXTRA_WORDS))
+
+
+def build_tokenizer(pad_token: str | None = None) -> Any:
+    """The world's CLIPTokenizer: byte-level BPE in which every world word is one token."""
+    from ..testing import EOS_TOKEN, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer(pad_token or EOS_TOKEN, words=world_words())
+    tokenizer.name_or_path = "mergekit_cd/toyworld"
+    return tokenizer
+
+
+def save_tokenizer(tokenizer: Any, folder: Path) -> None:
+    """Save the tokenizer with CLIP's classic vocab.json / merges.txt beside tokenizer.json."""
+    from ..testing import _write_vocab_files
+
+    tokenizer.save_pretrained(folder)
+    _write_vocab_files(folder, world_words())
+
+
+class WorldData:
+    """``count`` rendered training scenes (uint8, in memory) with three captions each."""
+
+    def __init__(self, count: int, *, seed: int = TRAIN_SEED, log: Any = print) -> None:
+        start = time.perf_counter()
+        scenes = [sample_scene(seed, index) for index in range(count)]
+        self.images = np.stack([np.asarray(render_scene(scene, seed=index)) for index, scene in enumerate(scenes)])
+        self.captions = [scene_captions(scene, seed, index) for index, scene in enumerate(scenes)]
+        log(f"rendered {count} scenes in {time.perf_counter() - start:.0f} s")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def pixels(self, indices: np.ndarray) -> torch.Tensor:
+        """Images ``indices`` as float (n, 3, H, W) in [-1, 1]."""
+        return torch.from_numpy(self.images[indices]).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+    def caption_batch(self, indices: np.ndarray, rng: np.random.Generator) -> list[str]:
+        """One of each scene's captions, chosen by ``rng``."""
+        return [self.captions[i][int(rng.integers(len(self.captions[i])))] for i in indices]
+
+
+def _batches(count: int, batch_size: int, steps: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
+    """``steps`` batches of indices, epoch by epoch in a seeded order."""
+    order: np.ndarray = np.empty(0, dtype=np.int64)
+    for _ in range(steps):
+        if len(order) < batch_size:
+            order = np.concatenate([order, rng.permutation(count)])
+        yield order[:batch_size]
+        order = order[batch_size:]
+
+
+def _schedule(optimizer: torch.optim.Optimizer, steps: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then cosine decay to 10%."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _log_every(step: int, steps: int) -> bool:
+    return step == 0 or (step + 1) % max(1, steps // 20) == 0 or step + 1 == steps
+
+
+def train_clip(data: WorldData, tokenizer: Any, *, steps: int, batch_size: int, device: torch.device,
+               seed: int, log: Any = print) -> Any:
+    """Contrastive pretraining of the CLIP-style pair (symmetric InfoNCE, learned temperature)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    text_config = dict(TEXT_CONFIG, vocab_size=len(tokenizer), max_position_embeddings=tokenizer.model_max_length,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    config = CLIPConfig(text_config=text_config, vision_config=VISION_CONFIG, projection_dim=TEXT_WIDTH)
+    model = CLIPModel(config).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.1)
+    scheduler = _schedule(optimizer, steps, warmup=max(1, steps // 20))
+    rng = np.random.default_rng([seed, 1])
+    start = time.perf_counter()
+    for step, indices in enumerate(_batches(len(data), batch_size, steps, rng)):
+        tokens = tokenizer(data.caption_batch(indices, rng), padding=True, return_tensors="pt").to(device)
+        output = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
+                       pixel_values=_clip_pixels(data.pixels(indices)).to(device), return_loss=True)
+        optimizer.zero_grad(set_to_none=True)
+        output.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        if _log_every(step, steps):
+            with torch.no_grad():
+                accuracy = float((output.logits_per_image.argmax(1) == torch.arange(len(indices), device=device))
+                                 .float().mean())
+            log(f"clip  step {step + 1}/{steps}  loss {output.loss.item():.3f}  batch image->text "
+                f"accuracy {accuracy:.2f}  {time.perf_counter() - start:.0f} s")
+    return model.eval()
+
+
+#: CLIP's image normalisation (what CLIPImageProcessor applies), so the saved processor fits.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _clip_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] images normalised as CLIPImageProcessor does."""
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return ((pixels + 1) / 2 - mean) / std
+
+
+def save_clip(model: Any, tokenizer: Any, folder: Path) -> None:
+    """The CLIP folder ``cd-eval --clip`` reads: model, tokenizer and a 32-px image processor."""
+    from transformers import CLIPImageProcessor
+
+    model.save_pretrained(folder, safe_serialization=True)
+    save_tokenizer(tokenizer, folder)
+    CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+                       image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD)).save_pretrained(folder)
+
+
+def train_vae(data: WorldData, *, steps: int, batch_size: int, device: torch.device, seed: int,
+              log: Any = print) -> Any:
+    """Reconstruction (MSE + L1) with a small KL term, as an SD-style autoencoder without the GAN."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**VAE_CONFIG).to(device).train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    scheduler = _schedule(optimizer, steps, warmup=max(1, steps // 20))
+    rng = np.random.default_rng([seed, 2])
+    start = time.perf_counter()
+    for step, indices in enumerate(_batches(len(data), batch_size, steps, rng)):
+        pixels = data.pixels(indices).to(device)
+        posterior = vae.encode(pixels).latent_dist
+        reconstruction = vae.decode(posterior.sample()).sample
+        mse = F.mse_loss(reconstruction, pixels)
+        loss = mse + 0.5 * F.l1_loss(reconstruction, pixels) + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        if _log_every(step, steps):
+            psnr = 10 * math.log10(4.0 / max(mse.item(), 1e-12))
+            log(f"vae   step {step + 1}/{steps}  loss {loss.item():.4f}  PSNR {psnr:.1f} dB  "
+                f"{time.perf_counter() - start:.0f} s")
+    return vae.eval()
+
+
+@torch.no_grad()
+def encode_latents(vae: Any, data: WorldData, *, device: torch.device, batch_size: int = 256) -> torch.Tensor:
+    """Every training image's posterior mean (unscaled), float32 on the CPU."""
+    rows = []
+    for start in range(0, len(data), batch_size):
+        indices = np.arange(start, min(start + batch_size, len(data)))
+        rows.append(vae.encode(data.pixels(indices).to(device)).latent_dist.mean.float().cpu())
+    return torch.cat(rows)
+
+
+def train_unet(data: WorldData, latents: torch.Tensor, text_encoder: Any, tokenizer: Any, *, steps: int,
+               batch_size: int, device: torch.device, seed: int, lr: float = 3e-4, log: Any = print) -> Any:
+    """Epsilon prediction on scaled latents with the frozen text encoder's last hidden state of
+    prompts padded to 77 tokens (what the pipeline feeds), min-SNR-5 weights, EMA 0.999."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers.training_utils import EMAModel, compute_snr
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**UNET_CONFIG).to(device).train()
+    ema = EMAModel(unet.parameters(), decay=0.999, use_ema_warmup=True, inv_gamma=1.0, power=0.75)
+    noise_scheduler = DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items()
+                                       if k not in ("set_alpha_to_one", "steps_offset")})
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-2)
+    scheduler = _schedule(optimizer, steps, warmup=max(1, steps // 50))
+    text_encoder = text_encoder.to(device).eval().requires_grad_(False)
+    rng = np.random.default_rng([seed, 3])
+    generator = torch.Generator().manual_seed(seed)
+    start, running = time.perf_counter(), None
+    for step, indices in enumerate(_batches(len(data), batch_size, steps, rng)):
+        captions = ["" if rng.random() < CAPTION_DROPOUT else caption
+                    for caption in data.caption_batch(indices, rng)]
+        with torch.no_grad():
+            ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                            truncation=True, return_tensors="pt").input_ids.to(device)
+            context = text_encoder(ids).last_hidden_state
+        clean = latents[indices].to(device)
+        noise = torch.randn(clean.shape, generator=generator).to(device)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(indices),),
+                                  generator=generator).to(device)
+        noisy = noise_scheduler.add_noise(clean, noise, timesteps)
+        prediction = unet(noisy, timesteps, context).sample
+        snr = compute_snr(noise_scheduler, timesteps)
+        weights = torch.clamp(snr, max=5.0) / snr
+        loss = (weights * F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        ema.step(unet.parameters())
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if _log_every(step, steps):
+            elapsed = time.perf_counter() - start
+            log(f"unet  step {step + 1}/{steps}  loss {running:.4f}  {elapsed:.0f} s "
+                f"(about {elapsed / (step + 1) * (steps - step - 1) / 60:.0f} min left)")
+    ema.copy_to(unet.parameters())
+    return unet.eval()
+
+
+def save_pipeline(folder: Path, *, unet: Any, vae: Any, text_encoder: Any, tokenizer: Any) -> None:
+    """A plain diffusers StableDiffusionPipeline folder (safetensors, no safety checker)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=vae.to("cpu"), text_encoder=text_encoder.to("cpu"), tokenizer=tokenizer,
+                                   unet=unet.to("cpu"), scheduler=DDIMScheduler(**SCHEDULER_CONFIG),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    save_tokenizer(tokenizer, folder / "tokenizer")
+
+
+def text_encoder_from_clip(clip_folder: Path) -> Any:
+    """The saved CLIP pair's text tower as a standalone ``CLIPTextModel`` (same weights)."""
+    from transformers import CLIPTextModel
+
+    return CLIPTextModel.from_pretrained(clip_folder).eval()
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m mergekit_cd.toyworld.train_base", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-o", "--output", type=Path, required=True, help="folder for base/ and clip/")
+    parser.add_argument("--scenes", type=int, default=30000, help="training scenes (default: %(default)s)")
+    parser.add_argument("--clip-steps", type=int, default=600)
+    parser.add_argument("--vae-steps", type=int, default=700)
+    parser.add_argument("--unet-steps", type=int, default=3000)
+    parser.add_argument("--clip-batch-size", type=int, default=256)
+    parser.add_argument("--vae-batch-size", type=int, default=32)
+    parser.add_argument("--unet-batch-size", type=int, default=32)
+    parser.add_argument("--unet-lr", type=float, default=4e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("train_base: error: --device cuda but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    log = lambda message: print(message, flush=True)  # noqa: E731 - one line per progress report
+    started = time.perf_counter()
+    args.output.mkdir(parents=True, exist_ok=True)
+    data = WorldData(args.scenes, log=log)
+    tokenizer = build_tokenizer()
+    stage = time.perf_counter()
+    clip = train_clip(data, tokenizer, steps=args.clip_steps, batch_size=args.clip_batch_size, device=device,
+                      seed=args.seed, log=log).to("cpu")
+    save_clip(clip, tokenizer, args.output / "clip")
+    times = {"clip_s": time.perf_counter() - stage}
+    stage = time.perf_counter()
+    vae = train_vae(data, steps=args.vae_steps, batch_size=args.vae_batch_size, device=device, seed=args.seed,
+                    log=log)
+    latents = encode_latents(vae, data, device=device)
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    times["vae_s"] = time.perf_counter() - stage
+    log(f"latent scaling factor {vae.config.scaling_factor:.4f}")
+    stage = time.perf_counter()
+    text_encoder = text_encoder_from_clip(args.output / "clip")
+    unet = train_unet(data, latents * vae.config.scaling_factor, text_encoder, tokenizer, steps=args.unet_steps,
+                      batch_size=args.unet_batch_size, device=device, seed=args.seed, lr=args.unet_lr, log=log)
+    times["unet_s"] = time.perf_counter() - stage
+    save_pipeline(args.output / "base", unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
+    record = {"command": "python -m mergekit_cd.toyworld.train_base " + " ".join(sys.argv[1:] if argv is None
+                                                                                   else argv),
+              "scenes": args.scenes, "steps": {"clip": args.clip_steps, "vae": args.vae_steps,
+                                               "unet": args.unet_steps},
+              "batch_sizes": {"clip": args.clip_batch_size, "vae": args.vae_batch_size,
+                              "unet": args.unet_batch_size},
+              "seed": args.seed, "device": str(device), "torch_threads": torch.get_num_threads(),
+              "seconds": {**{k: round(v) for k, v in times.items()}, "total": round(time.perf_counter() - started)}}
+    (args.output / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    log(f"done in {record['seconds']['total'] / 60:.1f} min: {args.output}/base, {args.output}/clip")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
