@@ -1,19 +1,18 @@
-"""``make demo``: the whole story on a built-in example, offline, in a few minutes on a CPU.
+"""``make demo``: the whole story on the built-in toy world, offline, in a few minutes on a CPU.
 
-1. Builds a small SD1-like base model (random weights, :mod:`mergekit_cd.testing`).
-2. Draws instance images of two distinct objects (a yellow disc toy on blue, a red pot with a
-   handle on white) and trains each as a concept with ``cd-train``.
-3. Merges them with ``cd-merge`` (the paper's constrained merge, next to the naive sum).
-4. Samples ``"<new1> toy ... <new2> pot"`` prompts with ``cd-sample`` into an image grid.
-5. Measures both merges and the soft merge with ``cd-eval`` (table, JSON and plot).
-
-The base is tiny and random, so its images are noise: what the demo shows is the plumbing and
-the numbers (constraints kept, drift on held-out captions), not pretty pictures.
+1. Opens the shipped base ``builtin:toyworld``: a small Stable Diffusion pipeline trained on a
+   world of coloured, patterned shapes (see its model card).
+2. Trains two personal concepts with ``cd-train``: a star with an orange and a teal half
+   (``<new1> star``) and a purple ring with three yellow dots (``<new2> ring``), from the
+   shipped instance images.
+3. Merges them with ``cd-merge``: the constrained merge, the naive sum and the average.
+4. Samples a labelled grid (each concept alone, the merges, the base) of two-concept prompts.
+5. Judges every model with the world's detector: is each concept there, are both, is the rest
+   of the prompt followed, and do ordinary prompts still work (the benchmark's rows for this pair).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import sys
@@ -22,17 +21,18 @@ from pathlib import Path
 
 import torch
 
-from .delta import ConceptDelta, dense
-from .loading import load
+from .toyworld import concept_images_path, reg_captions_path
+from .toyworld.benchmark import BASE, grid_prompts, token_of
+from .toyworld.concepts import concept
 
 OUTPUT = Path("demo-output")
-#: Training is short (the paper uses 250 steps at batch 8 on 512 px): the tiny model learns fast.
-TRAIN_OPTIONS = ["--steps", "60", "--batch-size", "2", "--num-class-images", "4",
-                 "--class-sampling-steps", "5", "--checkpoint-every", "1000", "-q", "--force"]
-#: (class word, token, init token): distinct init tokens keep the two tokens' features apart
-#: (both starting from the same word makes their constraint rows nearly equal, which the exact
-#: merge can only meet by moving the weights far).
-CONCEPTS = (("toy", "<new1>", "ktn"), ("pot", "<new2>", "pll"))
+PAIR = ("twotone-star", "dotted-ring")
+#: The paper's recipe scaled to the world's tiny UNet: fewer images per step, a larger rate.
+TRAIN_OPTIONS = ["--steps", "150", "--batch-size", "4", "--lr", "1e-4", "--num-class-images", "32",
+                 "--class-sampling-steps", "20", "--checkpoint-every", "1000", "-q", "--force"]
+#: Images per prompt when the demo scores each model (the benchmark uses more).
+IMAGES_PER_PROMPT = 2
+SAMPLING_STEPS = 20
 
 
 def run_command(main, arguments: list[str]) -> None:
@@ -43,102 +43,82 @@ def run_command(main, arguments: list[str]) -> None:
         sys.exit(code)
 
 
-def draw_instance_images(folder: Path, kind: str, count: int = 6) -> Path:
-    """Procedural photos of one object: position and size vary, the object does not."""
-    from PIL import Image, ImageDraw
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for index in range(count):
-        size = 64
-        background = (30, 60, 190) if kind == "toy" else (245, 245, 240)
-        image = Image.new("RGB", (size, size), background)
-        draw = ImageDraw.Draw(image)
-        left, top, extent = 8 + 3 * index, 10 + 2 * (index % 3), 30 + 2 * (index % 4)
-        if kind == "toy":  # a yellow disc with a dark eye
-            draw.ellipse((left, top, left + extent, top + extent), fill=(250, 210, 20))
-            draw.ellipse((left + extent // 3, top + extent // 3, left + extent // 2, top + extent // 2), fill=(20, 20, 20))
-        else:  # a red pot with a handle
-            draw.rectangle((left, top + 6, left + extent, top + extent), fill=(190, 30, 20))
-            draw.arc((left + extent - 6, top + 10, left + extent + 8, top + extent - 6), 270, 90,
-                     fill=(120, 20, 10), width=3)
-        image.save(folder / f"{kind}-{index}.png")
-    return folder
-
-
-def delta_cosine(first: ConceptDelta, second: ConceptDelta) -> float:
-    """Cosine between two deltas' K/V differences over all layers: how much they changed alike."""
-    dot = first_norm = second_norm = 0.0
-    for name in first.layers:
-        mine, theirs = first.layers[name], second.layers[name]
-        for a, b in ((mine.key, theirs.key), (mine.value, theirs.value)):
-            a, b = dense(a).double(), dense(b).double()
-            dot, first_norm, second_norm = dot + float((a * b).sum()), first_norm + float(a.square().sum()), \
-                second_norm + float(b.square().sum())
-    return dot / (first_norm * second_norm) ** 0.5
-
-
-def summarize(report: Path, first: str, second: str, *, base: Path) -> None:
-    """The numbers that tell the story, from cd-eval's JSON, and why the average does well here."""
-    rows = {row["label"]: row for row in json.loads(report.read_text())["rows"]}
-    print("\nSummary (cd-eval on the tiny model; fidelity: 1 = the concept's own model, preservation:"
-          " held-out change, lower is better):")
-    for label, name in (("merged", "constrained merge"), ("sum", "naive sum"), ("average", "average")):
-        row = rows[label]
-        print(f"  {name:<18} max residual {row['max_residual']:.1e}   mean fidelity {row['mean_fidelity']:.2f}"
-              f"   preservation {row['preservation']:.4f}")
-    cosine = delta_cosine(load(first, base=str(base)), load(second, base=str(base)))
-    ratio = rows["average"]["preservation"] / rows["merged"]["preservation"]
-    print(f"  The two concepts' K/V changes have cosine {cosine:.2f}: on this random base both mostly learned\n"
-          f"  the same change (a drawn object on a plain background). The sum applies it twice; the average\n"
-          f"  keeps it once, so its fidelity is high, but it meets no constraint exactly and moves the base\n"
-          f"  {ratio:.1f}x as much as the constrained merge does on held-out captions.")
-
-
 def main() -> None:
-    from .cli.eval import main as cd_eval
+    from .apply import apply, remove
     from .cli.merge import main as cd_merge
-    from .cli.sample import main as cd_sample
     from .cli.train import main as cd_train
-    from .testing import save_tiny_pipeline
+    from .loading import load
+    from .sampling import load_pipeline
+    from .toyworld.benchmark import pooled
+    from .toyworld.detector import Detector
+    from .toyworld.grid import labelled_grid
+    from .toyworld.quality import sample_batch, score_model
+    from .cli._common import table
 
-    # the tiny model's matrices are small: one thread avoids the overhead of two
+    # the world's matrices are small: one thread avoids the overhead of two
     torch.set_num_threads(1)
     os.environ.setdefault("MERGEKIT_CD_CACHE", str(OUTPUT / "cache"))
     start = time.perf_counter()
     OUTPUT.mkdir(exist_ok=True)
-    base = OUTPUT / "tiny-sd1"
-    if not base.exists():
-        save_tiny_pipeline("sd1", base)
-    print(f"Base model: {base} (a tiny SD1-like model with random weights, built offline).")
+    items = [concept(name) for name in PAIR]
+    tokens = [token_of(item) for item in items]
+    print(f"Base model: {BASE}, a Stable Diffusion pipeline trained on the toy world (32 px shapes; "
+          f"model card: mergekit_cd/toyworld/assets/MODEL_CARD.md).")
 
-    deltas, image_dirs = [], []
-    for word, token, init_token in CONCEPTS:
-        images = draw_instance_images(OUTPUT / "instance-images" / word, word)
-        image_dirs.append(str(images))
-        run_command(cd_train, ["cd-train", "--base", str(base), "--instance-dir", str(images),
-                               "--class-word", word, "--token", token, "--init-token", init_token, "-o", str(OUTPUT / word), *TRAIN_OPTIONS])
-        deltas.append(str(OUTPUT / word / "delta.safetensors"))
+    deltas = []
+    for item, token in zip(items, tokens):
+        print(f"\nConcept {token} {item.class_word}: {item.description}.")
+        run_command(cd_train, ["cd-train", "--base", BASE, "--instance-dir", str(concept_images_path(item.name)),
+                               "--class-word", item.class_word, "--token", token, "--init-token", item.init_token,
+                               "-o", str(OUTPUT / item.name), *TRAIN_OPTIONS])
+        deltas.append(str(OUTPUT / item.name / "delta.safetensors"))
 
-    merged = str(OUTPUT / "merged.safetensors")
-    run_command(cd_merge, ["cd-merge", *deltas, "-o", merged, "--base", str(base), "--force", "-q"])
-    naive = str(OUTPUT / "naive-sum.safetensors")
-    run_command(cd_merge, ["cd-merge", *deltas, "-o", naive, "--base", str(base), "--method", "sum", "--force", "-q"])
+    merges = {}
+    for method in ("constrained", "sum", "average"):
+        path = str(OUTPUT / f"{method}.safetensors")
+        run_command(cd_merge, ["cd-merge", *deltas, "-o", path, "--base", BASE, "--method", method,
+                               "--reg-captions", str(reg_captions_path()), "--force", "-q"])
+        merges[method] = path
 
-    grid = str(OUTPUT / "grid.png")
-    run_command(cd_sample, ["cd-sample", "--base", str(base), "--delta", merged,
-                            "<new1> toy sitting beside a <new2> pot", "photo of a <new1> toy",
-                            "photo of a <new2> pot", "-n", "3", "--steps", "10", "-o", grid, "--force", "-q"])
+    print("\nSampling and judging every model (the detector says what each image shows) ...", flush=True)
+    detector = Detector.load()
+    pipe = load_pipeline(BASE)
+    models = [("base (no token)", "base", None, dict(tokens=["", ""])),
+              (f"{tokens[0]} alone", "single", deltas[0], dict(with_concepts=(0,), with_pair=False)),
+              (f"{tokens[1]} alone", "single", deltas[1], dict(with_concepts=(1,), with_pair=False)),
+              *((f"{method} merge", method, path, {}) for method, path in merges.items())]
+    grid_rows, scores = [], {}
+    for label, row, path, extra in models:
+        if path is not None:
+            apply(pipe, load(path, base=BASE))
+        model_tokens = extra.pop("tokens", tokens)
+        score, _ = score_model(pipe, detector, model_tokens, items, images_per_prompt=IMAGES_PER_PROMPT,
+                               steps=SAMPLING_STEPS, **extra)
+        scores[row] = scores[row].merged_with(score) if row in scores else score
+        shown = grid_prompts(model_tokens, items)
+        grid_rows.append((label, sample_batch(pipe, [" ".join(p.split()) for p, _ in shown],
+                                              [seed for _, seed in shown], steps=SAMPLING_STEPS,
+                                              guidance_scale=6.0)))
+        if path is not None:
+            remove(pipe)
+    grid = OUTPUT / "grid.png"
+    labelled_grid(grid_rows, columns=[" ".join(p.split()) for p, _ in grid_prompts(tokens, items)]).save(grid)
 
-    run_command(cd_eval, ["cd-eval", "--base", str(base), "--concepts", *deltas, "--merged", merged,
-                          "--instance-dirs", *image_dirs, "--compare", "sum,average,relative-ridge=1e-3,soft", "--json",
-                          str(OUTPUT / "eval.json"), "--plot", str(OUTPUT / "eval.png"), "--force", "-q"])
-
-    summarize(OUTPUT / "eval.json", *deltas, base=base)
+    from .toyworld.benchmark import PairResult
+    rows = pooled([PairResult(PAIR, scores)])
+    header = ["model", "presence", "both present", "background", "ordinary prompts", "preservation"]
+    cells = [[label, *(f"{row[key].value:.2f}" if key in row else "n/a"
+                       for key in ("presence", "both", "background", "ordinary", "preservation"))]
+             for label, row in rows.items()]
+    print("\n" + table(cells, header))
+    print(f"\n  presence: share of a concept's own prompts whose image shows it; both present: share of\n"
+          f"  two-concept prompts showing both; ordinary prompts: share of token-free prompts drawn as\n"
+          f"  named; preservation: that relative to the base. {IMAGES_PER_PROMPT} images per prompt here, so\n"
+          f"  the rates are rough: `python benchmarks/bench_quality.py` measures five pairs with intervals.")
     print(f"\nDone in {time.perf_counter() - start:.0f} s. In {OUTPUT}/:\n"
-          f"  toy/, pot/ ................. the trained concepts (delta.safetensors, diffusers/ layout)\n"
-          f"  merged.safetensors ......... the constrained merge; naive-sum.safetensors the plain sum\n"
-          f"  grid.png ................... samples of the merged model (noise: the base is random)\n"
-          f"  eval.json, eval.png ........ what each merge keeps (fidelity) and changes (preservation)")
+          f"  {PAIR[0]}/, {PAIR[1]}/ ... the trained concepts (delta.safetensors, diffusers/ layout)\n"
+          f"  constrained.safetensors, sum.safetensors, average.safetensors ... the merges\n"
+          f"  grid.png ................... every model's images of the same prompts and seeds, labelled")
 
 
 if __name__ == "__main__":

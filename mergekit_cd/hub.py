@@ -31,6 +31,7 @@ from huggingface_hub.utils import (
     RevisionNotFoundError,
 )
 
+from .builtin import builtin_folder
 from .errors import MergeError
 
 #: Seconds to wait for the hub endpoint before treating the machine as offline.
@@ -114,6 +115,9 @@ def resolve(reference: str, *, allow_patterns: Sequence[str] | None = None,
     may still lack files the hub could not be asked for: callers check what they need and
     report it with :func:`missing_files_error`.
     """
+    shipped = builtin_folder(reference)
+    if shipped is not None:
+        return shipped
     local = Path(reference).expanduser()
     if local.exists():
         return local

@@ -13,6 +13,7 @@ import torch
 from . import hub
 from .apply import apply
 from .delta import ConceptDelta
+from .builtin import builtin_folder
 from .errors import MergeError
 from .fileio import atomic_path, check_destination
 
@@ -39,7 +40,7 @@ def load_pipeline(reference: str | os.PathLike[str], *, device: torch.device | s
     """
     from diffusers import DiffusionPipeline
 
-    local = Path(reference).expanduser()
+    local = builtin_folder(str(reference)) or Path(reference).expanduser()
     options = {} if dtype == torch.float32 else {_dtype_keyword(): dtype}  # float32 is the default
     if local.is_dir():
         check_components(local)

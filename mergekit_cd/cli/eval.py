@@ -90,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--guidance-scale", type=non_negative_float_type, default=6.0,
                         help="classifier-free guidance of every sample, a finite number >= 0 (default 6, the "
                              "paper's)")
+    parser.add_argument("--world", nargs="+", metavar="CONCEPT",
+                        help="with --base builtin:toyworld: the toy-world concept of each --concepts input (e.g. "
+                             "twotone-star dotted-ring); adds the world detector's rates per row: presence of "
+                             "each concept on its prompts, both present, ordinary prompts followed, and that "
+                             "relative to the base (uses --num-images, --steps, --guidance-scale)")
     parser.add_argument("--json", type=Path, metavar="FILE",
                         help="also write every number as JSON (with --plot: another file; both are written, "
                              "or neither)")
@@ -126,7 +131,8 @@ def main_with_args(args: argparse.Namespace) -> int:
                       seed=args.seed, sample_images=args.sample_images, sample_steps=args.sample_steps,
                       clip=args.clip, dino=args.dino, num_images=args.num_images, steps=args.steps,
                       guidance_scale=args.guidance_scale, device=chosen, dtype=DTYPES[args.dtype],
-                      cache_dir=args.cache_dir, check_base=not args.no_base_check, progress=not args.quiet)
+                      cache_dir=args.cache_dir, check_base=not args.no_base_check, world=args.world,
+                      progress=not args.quiet)
     header, rows = summary_table(report)
     print(table(rows, header))
     for note in report.notes:

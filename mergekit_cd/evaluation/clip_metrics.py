@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..builtin import builtin_folder
 from ..errors import MergeError
 from .fidelity import rename_tokens
 
@@ -48,8 +49,9 @@ def mean_pairwise_cosine(generated: Tensor, reference: Tensor) -> float:
 
 
 def check_model_folder(folder: str | os.PathLike[str], option: str, what: str) -> Path:
-    """A local folder holding a transformers model (config.json and weights), else MergeError."""
-    path = Path(folder).expanduser()
+    """A local folder (or a built-in model) holding a transformers model (config.json and
+    weights), else MergeError."""
+    path = builtin_folder(str(folder)) or Path(folder).expanduser()
     if not path.is_dir():
         raise MergeError(f"{option} {folder}: no such folder; give a local folder with a {what} model "
                          f"(config.json and model.safetensors), nothing is downloaded.")

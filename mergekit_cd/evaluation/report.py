@@ -51,6 +51,7 @@ class MethodResult:
     options: dict[str, Any]
     concepts: tuple[ConceptScores, ...]
     preservation: float  # ||eps_M - eps_B|| / ||eps_B|| on held-out captions
+    world: dict[str, dict[str, float]] | None = None  # the toy world's detector rates (cd-eval --world)
 
     @property
     def mean_fidelity(self) -> float:
@@ -110,6 +111,11 @@ class EvalReport:
         return _finite(content)
 
 
+#: cd-eval --world columns: (rate key, heading).
+WORLD_COLUMNS = (("presence", "presence (world)"), ("both", "both present (world)"),
+                 ("ordinary", "ordinary prompts (world)"), ("preservation", "preservation (world)"))
+
+
 def summary_table(report: EvalReport) -> tuple[list[str], list[list[str]]]:
     """(header, rows) of the summary: per concept its fidelity, then their mean, the (mean)
     fidelity against the plain base, preservation, worst constraint residual, and the CLIP /
@@ -130,6 +136,8 @@ def summary_table(report: EvalReport) -> tuple[list[str], list[list[str]]]:
     if report.has_dino:
         metrics.append(("dino_alignment", "image (DINO)"))
     header += [name for _, name in metrics]
+    world = [(key, name) for key, name in WORLD_COLUMNS if any(r.world and key in r.world for r in report.rows)]
+    header += [name for _, name in world]
     rows = []
     for row in report.rows:
         cells = [row.label, *(_number(c.fidelity, ".3f") for c in row.concepts)]
@@ -138,6 +146,8 @@ def summary_table(report: EvalReport) -> tuple[list[str], list[list[str]]]:
         cells += [_number(row.mean_fidelity_plain_base, ".3f"), _number(row.preservation, ".3f"),
                   _number(row.max_residual, ".1e")]
         cells += [_number(row.mean(metric), ".3f") for metric, _ in metrics]
+        cells += [_number(row.world[key]["value"], ".2f") if row.world and key in row.world else "n/a"
+                  for key, _ in world]
         rows.append(cells)
     return header, rows
 

@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -72,7 +73,8 @@ def evaluate(concepts: Sequence[PathLike | ConceptDelta], *, base: BaseModel | P
              clip: PathLike | None = None, dino: PathLike | None = None, num_images: int = 4,
              steps: int = 50, guidance_scale: float = 6.0, device: str | torch.device = "cpu",
              dtype: torch.dtype = torch.float32, cache_dir: PathLike | None = None,
-             check_base: bool = True, progress: bool = False) -> EvalReport:
+             check_base: bool = True, world: Sequence[str] | None = None,
+             progress: bool = False) -> EvalReport:
     """Measure how much of each concept a merge keeps and how much of the base it changes.
 
     concepts: the single-concept deltas D_1..D_N (files, folders, hub ids or objects), with
@@ -100,6 +102,11 @@ def evaluate(concepts: Sequence[PathLike | ConceptDelta], *, base: BaseModel | P
     image alignment, against the instance images or else the images sampled from each
     concept's own delta. All randomness comes from ``seed``: every model sees the same inputs.
 
+    ``world``: on the toy world's base, the world concept of each concept input (one or two
+    names of :data:`mergekit_cd.toyworld.concepts.CONCEPTS`): each row then also samples the
+    benchmark's prompts (``num_images`` each, ``steps``, ``guidance_scale``) and gets the
+    detector's rates (:class:`mergekit_cd.toyworld.quality.WorldJudge`) with 95% intervals.
+
     ``dtype`` is the pipeline's precision. The deltas are checked against the base (unless
     ``check_base`` is False) once, in full precision, as they load; installing them in the
     pipeline, which comes from the same folder, does not check again, so float16 and bfloat16
@@ -126,6 +133,8 @@ def evaluate(concepts: Sequence[PathLike | ConceptDelta], *, base: BaseModel | P
                          f"({names}); give one folder per concept, in order.")
     instance_images = [read_images(folder) for folder in instance_dirs] if instance_dirs is not None else None
     given = [load(m, base=base_model, check_base=check_base) for m in merged_list]
+    judge = _world_judge(world, len(plan.concepts), num_images=num_images, steps=steps,
+                         guidance_scale=guidance_scale, seed=seed)
     clip_model = ClipEmbedder(clip, device=device) if clip is not None else None
     dino_model = DinoEmbedder(dino, device=device) if dino is not None else None
     captions = list(held_out) if held_out is not None else heldout_captions()
@@ -182,6 +191,8 @@ def evaluate(concepts: Sequence[PathLike | ConceptDelta], *, base: BaseModel | P
             notes.append(f"{concept.token or concept.class_word}: its own delta predicts exactly what the base "
                          f"does on its probes, so its fidelity is undefined (n/a).")
 
+    if judge is not None:
+        judge.measure_base(pipe)
     references = _reference_embeddings(evaluated, clip_model, dino_model)
     image_steps = len(methods) * sum(len(c.prompts) for c in evaluated) * num_images * steps if image_metrics else 0
     with tqdm(total=len(methods), desc="rows", unit="row", disable=not progress) as bar, \
@@ -193,7 +204,7 @@ def evaluate(concepts: Sequence[PathLike | ConceptDelta], *, base: BaseModel | P
             rows.append(_evaluate_row(method, model, pipe, predictor, evaluated, held, base_held, row_residuals,
                                       clip_model=clip_model, dino_model=dino_model, references=references,
                                       num_images=num_images, steps=steps, guidance_scale=guidance_scale,
-                                      seed=seed, notes=notes, bar=sampling_bar))
+                                      seed=seed, notes=notes, bar=sampling_bar, judge=judge))
             bar.update()
 
     settings = {"seed": seed, "samples": samples, "held_out_samples": held_out_samples, "batch_size": batch_size,
@@ -450,13 +461,14 @@ def _evaluate_row(method: Method, model: ConceptDelta | None, pipe, predictor: N
                   evaluated: list[_Concept], held: Probes, base_held: Tensor, residuals: list[float], *,
                   clip_model: ClipEmbedder | None, dino_model: DinoEmbedder | None,
                   references: list[dict[str, Tensor]], num_images: int, steps: int, guidance_scale: float,
-                  seed: int, notes: list[str], bar: tqdm) -> MethodResult:
+                  seed: int, notes: list[str], bar: tqdm, judge: Any = None) -> MethodResult:
     """Install the row's model, predict on every probe set (and sample for CLIP / DINO, ``bar``
-    advancing by one per denoising step), remove it."""
+    advancing by one per denoising step; for the world judge), remove it."""
     with _installed(pipe, model, scale=0.0 if method.kind == "base" else 1.0):
-        scores = []
+        scores, tokens = [], []
         for concept, residual, reference in zip(evaluated, residuals, references):
             token = concept.token if model is None else _token_for(concept, model, method.label, notes)
+            tokens.append(token)
             prompts = _renamed(concept.prompts, concept.token, token)
             output = predictor.predict(concept.probes.with_prompts(_renamed(concept.probes.prompts, concept.token,
                                                                             token)))
@@ -470,10 +482,23 @@ def _evaluate_row(method: Method, model: ConceptDelta | None, pipe, predictor: N
                 fidelity_plain_base=fidelity(output, concept.own_output, concept.plain_base_output),
                 residual=residual, **metrics))
         preservation = relative_change(predictor.predict(held), base_held)
+        world = judge.score(pipe, tokens) if judge is not None else None
     options = dict(method.options)
     if method.kind == "delta":
         options["source"] = str(model.metadata.get("source", method.label))
-    return MethodResult(method.label, method.kind, options, tuple(scores), preservation)
+    return MethodResult(method.label, method.kind, options, tuple(scores), preservation, world)
+
+
+def _world_judge(names: Sequence[str] | None, count: int, **options: Any) -> Any:
+    """The toy world's judge for ``names`` (one per concept input), or None without them."""
+    if names is None:
+        return None
+    if len(names) != count:
+        raise MergeError(f"--world names {len(names)} toy-world concept(s) for {count} concept input(s); "
+                         f"give one name per input, in order.")
+    from ..toyworld.quality import WorldJudge
+
+    return WorldJudge(names, **options)
 
 
 def _image_metrics(pipe, prompts: list[str], tokens: set[str], reference: dict[str, Tensor],

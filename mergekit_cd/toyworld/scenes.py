@@ -322,3 +322,9 @@ def vocabulary_words() -> list[str]:
 def render_array(scenes: Sequence[Scene], seeds: Sequence[int]) -> np.ndarray:
     """Scenes rendered into one uint8 array (n, IMAGE_SIZE, IMAGE_SIZE, 3)."""
     return np.stack([np.asarray(render_scene(scene, seed=seed)) for scene, seed in zip(scenes, seeds)])
+
+
+def world_captions(count: int, seed: int) -> list[str]:
+    """``count`` captions of fresh scenes of stream ``seed``, one per scene (regularisation and
+    held-out caption sets for merging on the world's base)."""
+    return [scene_captions(sample_scene(seed, index), seed, index, 1)[0] for index in range(count)]

@@ -1,0 +1,170 @@
+"""How well the base model follows world prompts, judged by the detector: the ceiling of every
+personalisation and merge measured on it.
+
+``python -m mergekit_cd.toyworld.prompt_following [--images N]`` prints per-attribute accuracy on
+single-object prompts (class, colour, pattern), two-object prompts and backgrounds;
+``--write-card`` also writes the shipped model card from it and ``training.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from .scenes import BACKGROUNDS, CLASSES, COLOURS, PATTERNS, article
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A prompt and what it names: objects (class, colour, pattern or None) and a background."""
+
+    prompt: str
+    objects: tuple[tuple[str, str, str | None], ...]
+    background: str | None
+    kind: str  # "single", "pattern", "two", "background"
+
+
+def probes(count: int, *, seed: int = 0) -> list[Probe]:
+    """``count`` seeded prompts of each kind: one coloured object; one object with a pattern; two
+    coloured objects side by side; one coloured object in a named background."""
+    rng = np.random.default_rng([seed, 11])
+    result = []
+    colours, backgrounds = list(COLOURS), list(BACKGROUNDS)
+    for _ in range(count):
+        cls, colour = str(rng.choice(CLASSES)), str(rng.choice(colours))
+        result.append(Probe(article(f"{colour} {cls}"), ((cls, colour, None),), None, "single"))
+    for _ in range(count):
+        cls, colour, pattern = str(rng.choice(CLASSES)), str(rng.choice(colours)), str(rng.choice(PATTERNS[1:]))
+        result.append(Probe(article(f"{colour} {pattern} {cls}"), ((cls, colour, pattern),), None, "pattern"))
+    for _ in range(count):
+        first, second = rng.choice(len(CLASSES), size=2, replace=False)
+        a, b = str(rng.choice(colours)), str(rng.choice(colours))
+        objects = ((CLASSES[first], a, None), (CLASSES[second], b, None))
+        result.append(Probe(f"{article(f'{a} {CLASSES[first]}')} next to {article(f'{b} {CLASSES[second]}')}",
+                            objects, None, "two"))
+    for _ in range(count):
+        cls, colour, background = str(rng.choice(CLASSES)), str(rng.choice(colours)), str(rng.choice(backgrounds))
+        result.append(Probe(f"{article(f'{colour} {cls}')} {BACKGROUNDS[background]}", ((cls, colour, None),),
+                            background, "background"))
+    return result
+
+
+def measure(pipe: Any, detector: Any, prompt_probes: Sequence[Probe], *, steps: int = 20,
+            guidance_scale: float = 6.0, seed: int = 0) -> dict[str, float]:
+    """Accuracies over ``prompt_probes`` (one image each, seed ``seed + i``):
+
+    - ``class`` / ``colour`` (single-object prompts): the named class is present / present in
+      the named colour; ``pattern``: present with the named pattern (pattern prompts);
+    - ``two_classes`` / ``two_colours``: both named classes present / both in their colours;
+    - ``background``: the named background (background prompts).
+    """
+    from .quality import sample_batch
+
+    images = sample_batch(pipe, [p.prompt for p in prompt_probes], [seed + i for i in range(len(prompt_probes))],
+                          steps=steps, guidance_scale=guidance_scale)
+    found = detector.detect(images)
+    tallies: dict[str, list[bool]] = {}
+    for probe, detection in zip(prompt_probes, found):
+        def note(name: str, ok: bool) -> None:
+            tallies.setdefault(name, []).append(bool(ok))
+        if probe.kind == "single":
+            cls, colour, _ = probe.objects[0]
+            note("class", detection.has(cls))
+            note("colour", detection.has(cls, colour=colour))
+        elif probe.kind == "pattern":
+            cls, colour, pattern = probe.objects[0]
+            note("pattern", detection.has(cls, pattern=pattern))
+        elif probe.kind == "two":
+            note("two_classes", all(detection.has(cls) for cls, _, _ in probe.objects))
+            note("two_colours", all(detection.has(cls, colour=colour) for cls, colour, _ in probe.objects))
+        else:
+            note("background", detection.background == probe.background)
+    return {name: float(np.mean(values)) for name, values in tallies.items()} | {
+        f"n_{kind}": sum(p.kind == kind for p in prompt_probes) for kind in ("single", "pattern", "two", "background")}
+
+
+def write_card(accuracy: dict[str, float], detector_accuracy: dict[str, float], training: dict[str, Any],
+               path: Any, *, steps: int, count: int) -> None:
+    """The shipped model card: what the base was trained on, how long, and what it follows."""
+    from .train_base import SCHEDULER_CONFIG, TEXT_CONFIG, UNET_CONFIG, VAE_CONFIG, VISION_CONFIG
+
+    minutes = {key: value / 60 for key, value in training["seconds"].items()}
+    lines = [
+        "# builtin:toyworld: a Stable Diffusion pipeline of the toy world",
+        "",
+        "A diffusers `StableDiffusionPipeline` (32 x 32 px images, 16 x 16 x 4 latents) trained from scratch",
+        "on the seeded scenes of `mergekit_cd.toyworld.scenes`: one to three shapes (8 classes, 8 colours,",
+        "4 patterns, two sizes, anywhere) on 7 backgrounds, with captions from varied templates.",
+        "Load it with `StableDiffusionPipeline.from_pretrained(mergekit_cd.toyworld.base_path())`, or name it",
+        "`--base builtin:toyworld` in every cd-* command. Its CLIP-style pair is `builtin:toyworld-clip`.",
+        "",
+        "## Training",
+        "",
+        f"Command: `{training['command']}` (seed {training['seed']}, {training['device']},",
+        f"{training['torch_threads']} threads), on {training['scenes']} scenes x 3 captions, in",
+        f"{minutes['total']:.0f} min in all on a 2-core CPU that other work shared at times:",
+        "",
+        f"1. CLIP-style pair, contrastive (symmetric InfoNCE), {training['steps']['clip']} steps at batch "
+        f"{training['batch_sizes']['clip']} ({minutes['clip_s']:.0f} min): text tower {TEXT_CONFIG}; "
+        f"image tower {VISION_CONFIG}. The text tower is the pipeline's frozen `text_encoder`.",
+        f"2. AutoencoderKL, reconstruction + 1e-6 KL, {training['steps']['vae']} steps at batch "
+        f"{training['batch_sizes']['vae']} ({minutes['vae_s']:.0f} min): {VAE_CONFIG}.",
+        f"3. UNet2DConditionModel, epsilon prediction, min-SNR-5 weighting, 10% caption dropout (classifier-free",
+        f"   guidance), EMA 0.999, {training['steps']['unet']} steps at batch {training['batch_sizes']['unet']} "
+        f"({minutes['unet_s']:.0f} min): {UNET_CONFIG}. Scheduler: DDIM over {SCHEDULER_CONFIG}.",
+        "",
+        "## Prompt following (measured by the world's detector)",
+        "",
+        f"`python -m mergekit_cd.toyworld.prompt_following --images {count}`: {count} seeded prompts of each kind,",
+        f"one image each, {steps} DDIM steps, guidance 6:",
+        "",
+        "| prompt kind | attribute | accuracy |",
+        "|---|---|---|",
+        f"| one object (\"a red star\") | class | {accuracy['class']:.2f} |",
+        f"| one object | colour (class and colour right) | {accuracy['colour']:.2f} |",
+        f"| one object with a pattern (\"a blue striped ring\") | pattern (class and pattern right) | "
+        f"{accuracy['pattern']:.2f} |",
+        f"| two objects (\"a red star next to a blue ring\") | both classes | {accuracy['two_classes']:.2f} |",
+        f"| two objects | both classes in their colours | {accuracy['two_colours']:.2f} |",
+        f"| one object in a scene (\"a red star on the beach\") | background | {accuracy['background']:.2f} |",
+        "",
+        "The detector itself, on held-out generator scenes: " + ", ".join(
+            f"{name} {value:.3f}" for name, value in detector_accuracy.items()) + ".",
+    ]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mergekit_cd.toyworld.prompt_following", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=100, help="prompts of each kind (default %(default)s)")
+    parser.add_argument("--steps", type=int, default=20, help="DDIM steps (default %(default)s)")
+    parser.add_argument("--base", default="builtin:toyworld")
+    parser.add_argument("--write-card", action="store_true",
+                        help="write MODEL_CARD.md beside the shipped base (needs its training.json)")
+    args = parser.parse_args(argv)
+    from ..sampling import load_pipeline
+    from . import ASSETS
+    from .detector import Detector, heldout_accuracy
+
+    started = time.perf_counter()
+    accuracy = measure(load_pipeline(args.base), Detector.load(), probes(args.images), steps=args.steps)
+    for name, value in accuracy.items():
+        print(f"{name:<12} {value:.3f}" if not name.startswith("n_") else f"{name:<12} {value}")
+    print(f"measured in {time.perf_counter() - started:.0f} s")
+    if args.write_card:
+        training = json.loads((ASSETS / "training.json").read_text())
+        write_card(accuracy, heldout_accuracy(), training, ASSETS / "MODEL_CARD.md", steps=args.steps,
+                   count=args.images)
+        print(f"wrote {ASSETS / 'MODEL_CARD.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""The toy world's generator, tokenizer, shipped files and built-in names (no model training)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from mergekit_cd import toyworld
+from mergekit_cd.builtin import builtin_folder
+from mergekit_cd.errors import MergeError
+from mergekit_cd.toyworld.concepts import CONCEPTS, INSTANCE_COUNT, instance_images
+from mergekit_cd.toyworld.scenes import (BACKGROUNDS, CLASSES, COLOURS, IMAGE_SIZE, PATTERNS, render_scene,
+                                        sample_scene, scene_captions, world_captions)
+from mergekit_cd.toyworld.train_base import build_tokenizer, world_words
+
+
+def test_scenes_are_deterministic_and_labelled():
+    """The same (seed, index) gives the same labels and pixels; objects have distinct classes
+    and do not overlap; every label names a known class, colour, pattern and background."""
+    for index in range(200):
+        scene = sample_scene(0, index)
+        assert scene == sample_scene(0, index)
+        assert 1 <= len(scene.objects) <= 3
+        assert scene.background in BACKGROUNDS
+        classes = [obj.cls for obj in scene.objects]
+        assert len(set(classes)) == len(classes)
+        for obj in scene.objects:
+            assert obj.cls in CLASSES and obj.colour in COLOURS and obj.pattern in PATTERNS
+        for a in scene.objects:
+            for b in scene.objects:
+                if a is not b:
+                    assert np.hypot(a.x - b.x, a.y - b.y) * IMAGE_SIZE > a.radius + b.radius
+    image = np.asarray(render_scene(sample_scene(0, 3), seed=3))
+    assert image.shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
+    assert np.array_equal(image, np.asarray(render_scene(sample_scene(0, 3), seed=3)))
+    assert sample_scene(0, 3) != sample_scene(1, 3)
+
+
+def test_captions_name_what_the_scene_holds():
+    """Every caption names every object's class, and any colour or background it names is the
+    scene's; the paper's prompt shapes occur."""
+    captions = []
+    for index in range(300):
+        scene = sample_scene(0, index)
+        for caption in scene_captions(scene, 0, index):
+            captions.append(caption)
+            words = caption.replace(",", " ").split()
+            for obj in scene.objects:
+                assert obj.cls in words
+            named_colours = {w for w in words if w in COLOURS}
+            assert named_colours <= {obj.colour for obj in scene.objects}
+            for name, phrase in BACKGROUNDS.items():
+                if phrase in caption:
+                    assert scene.background == name
+    text = "\n".join(captions)
+    for shape in ("photo of a ", " on the beach", " next to a", " at night"):
+        assert shape in text
+
+
+def test_tokenizer_has_one_token_per_world_word():
+    """A genuine BPE vocabulary: every world word and cd-train's initializer tokens are single
+    tokens, and any other text still tokenizes (byte fallback)."""
+    tokenizer = build_tokenizer()
+    for word in [*world_words(), "ktn", "pll", "ucd", "sks"]:
+        assert len(tokenizer(word, add_special_tokens=False).input_ids) == 1, word
+    assert len(tokenizer("zebra", add_special_tokens=False).input_ids) > 1
+    assert tokenizer.model_max_length == 77
+
+
+def test_concept_instance_sets_vary_and_are_shipped():
+    """Six concepts of known classes, each with 5 to 10 instance images that differ, shipped as PNGs
+    equal to what the code draws."""
+    assert len(CONCEPTS) >= 6
+    for item in CONCEPTS:
+        assert item.class_word in CLASSES
+        images = [np.asarray(image) for image in instance_images(item)]
+        assert 5 <= len(images) <= 10
+        assert len({image.tobytes() for image in images}) == len(images)
+        shipped = sorted(toyworld.concept_images_path(item.name).glob("*.png"))
+        assert len(shipped) == INSTANCE_COUNT
+        from PIL import Image
+
+        assert np.array_equal(np.asarray(Image.open(shipped[0]).convert("RGB")), images[0])
+
+
+def test_shipped_captions_are_world_captions():
+    """The shipped regularisation and held-out caption files are the generator's, disjoint streams."""
+    reg = toyworld.reg_captions_path().read_text().splitlines()
+    held = toyworld.heldout_captions_path().read_text().splitlines()
+    assert reg == world_captions(1000, 4)
+    assert held == world_captions(300, 5)
+
+
+def test_builtin_names_resolve_to_the_shipped_folders():
+    assert builtin_folder("builtin:toyworld") == toyworld.base_path()
+    assert builtin_folder("builtin:toyworld-clip") == toyworld.clip_path()
+    assert builtin_folder("./some/folder") is None
+    with pytest.raises(MergeError, match="no such built-in model.*builtin:toyworld"):
+        builtin_folder("builtin:nothing")
+
+
+def test_shipped_base_is_small_and_carries_its_card():
+    """The shipped files fit the 30 MB budget, and the model card records the training run."""
+    total = sum(path.stat().st_size for path in toyworld.ASSETS.rglob("*") if path.is_file())
+    assert total < 30 * 2 ** 20
+    record = json.loads((toyworld.ASSETS / "training.json").read_text())
+    assert record["steps"]["unet"] > 0 and record["seconds"]["total"] > 0
+    card = (toyworld.ASSETS / "MODEL_CARD.md").read_text()
+    assert "prompt" in card.lower()
+
+
+def test_base_trainer_runs_end_to_end(tmp_path):
+    """The training script (a few steps of each stage) writes a pipeline diffusers loads and the
+    CLIP folder cd-eval reads: the recipe cannot rot unnoticed."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from mergekit_cd.evaluation.clip_metrics import ClipEmbedder
+    from mergekit_cd.toyworld.train_base import main
+
+    assert main(["-o", str(tmp_path), "--scenes", "64", "--clip-steps", "2", "--vae-steps", "2",
+                 "--unet-steps", "2", "--clip-batch-size", "16", "--vae-batch-size", "8",
+                 "--unet-batch-size", "8"]) == 0
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "base")
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a red star", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (IMAGE_SIZE, IMAGE_SIZE)
+    clip = ClipEmbedder(tmp_path / "clip")
+    assert clip.embed_texts(["a red star"]).shape[0] == 1
+    assert json.loads((tmp_path / "training.json").read_text())["steps"]["unet"] == 2
