@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mergekit-cd-installed
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench bench-quality clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,9 @@ demo: setup
 
 bench: setup
 	$(PY) benchmarks/bench_solvers.py
+
+bench-quality: setup
+	$(PY) benchmarks/bench_quality.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

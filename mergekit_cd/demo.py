@@ -44,16 +44,14 @@ def run_command(main, arguments: list[str]) -> None:
 
 
 def main() -> None:
-    from .apply import apply, remove
+    from .cli._common import table
     from .cli.merge import main as cd_merge
     from .cli.train import main as cd_train
     from .loading import load
     from .sampling import load_pipeline
-    from .toyworld.benchmark import pooled
+    from .toyworld.benchmark import PairResult, pooled, score_models
     from .toyworld.detector import Detector
     from .toyworld.grid import labelled_grid
-    from .toyworld.quality import sample_batch, score_model
-    from .cli._common import table
 
     # the world's matrices are small: one thread avoids the overhead of two
     torch.set_num_threads(1)
@@ -81,30 +79,14 @@ def main() -> None:
         merges[method] = path
 
     print("\nSampling and judging every model (the detector says what each image shows) ...", flush=True)
-    detector = Detector.load()
-    pipe = load_pipeline(BASE)
-    models = [("base (no token)", "base", None, dict(tokens=["", ""])),
-              (f"{tokens[0]} alone", "single", deltas[0], dict(with_concepts=(0,), with_pair=False)),
-              (f"{tokens[1]} alone", "single", deltas[1], dict(with_concepts=(1,), with_pair=False)),
-              *((f"{method} merge", method, path, {}) for method, path in merges.items())]
-    grid_rows, scores = [], {}
-    for label, row, path, extra in models:
-        if path is not None:
-            apply(pipe, load(path, base=BASE))
-        model_tokens = extra.pop("tokens", tokens)
-        score, _ = score_model(pipe, detector, model_tokens, items, images_per_prompt=IMAGES_PER_PROMPT,
-                               steps=SAMPLING_STEPS, **extra)
-        scores[row] = scores[row].merged_with(score) if row in scores else score
-        shown = grid_prompts(model_tokens, items)
-        grid_rows.append((label, sample_batch(pipe, [" ".join(p.split()) for p, _ in shown],
-                                              [seed for _, seed in shown], steps=SAMPLING_STEPS,
-                                              guidance_scale=6.0)))
-        if path is not None:
-            remove(pipe)
+    models = [("base", "base (no token)", None, dict(tokens=["", ""])),
+              ("single", f"{tokens[0]} alone", load(deltas[0], base=BASE), dict(with_concepts=(0,), with_pair=False)),
+              ("single", f"{tokens[1]} alone", load(deltas[1], base=BASE), dict(with_concepts=(1,), with_pair=False)),
+              *((method, f"{method} merge", load(path, base=BASE), {}) for method, path in merges.items())]
+    scores, grid_rows = score_models(load_pipeline(BASE), Detector.load(), models, tokens, items,
+                                     images_per_prompt=IMAGES_PER_PROMPT, steps=SAMPLING_STEPS)
     grid = OUTPUT / "grid.png"
-    labelled_grid(grid_rows, columns=[" ".join(p.split()) for p, _ in grid_prompts(tokens, items)]).save(grid)
-
-    from .toyworld.benchmark import PairResult
+    labelled_grid(grid_rows, columns=[prompt for prompt, _ in grid_prompts(tokens, items)]).save(grid)
     rows = pooled([PairResult(PAIR, scores)])
     header = ["model", "presence", "both present", "background", "ordinary prompts", "preservation"]
     cells = [[label, *(f"{row[key].value:.2f}" if key in row else "n/a"

@@ -137,19 +137,49 @@ def instance_references(item: Concept) -> list[Any]:
 def grid_prompts(tokens: Sequence[str], items: Sequence[Concept]) -> list[tuple[str, int]]:
     """(prompt, seed) of the grid's columns: the pair (two seeds, on the beach), then each concept."""
     pair = f"a {tokens[0]} {items[0].class_word} next to a {tokens[1]} {items[1].class_word}"
-    return [(pair, 0), (pair, 1), (f"{pair} on the beach", 0), (f"photo of a {tokens[0]} {items[0].class_word}", 0),
-            (f"photo of a {tokens[1]} {items[1].class_word}", 0)]
+    shown = [(pair, 0), (pair, 1), (f"{pair} on the beach", 0), (f"photo of a {tokens[0]} {items[0].class_word}", 0),
+             (f"photo of a {tokens[1]} {items[1].class_word}", 0)]
+    return [(" ".join(prompt.split()), seed) for prompt, seed in shown]
+
+
+#: One model to score: (table row, grid label, its delta or None, score_model options).
+Model = tuple[str, str, Any, dict[str, Any]]
+
+
+def score_models(pipe: Any, detector: Any, models: Sequence[Model], tokens: Sequence[str], items: Sequence[Concept],
+                 *, steps: int, guidance_scale: float = 6.0,
+                 **score_options: Any) -> tuple[dict[str, ModelScores], list[tuple[str, list[Any]]]]:
+    """Install each model's delta in ``pipe``, score it (:func:`.quality.score_model`, rows of one
+    label pooled) and sample its grid row (:func:`grid_prompts`); ``tokens`` in a model's options
+    replace the pair's (the base is asked without them)."""
+    from ..apply import apply, remove
+    from .quality import sample_batch
+
+    scores: dict[str, ModelScores] = {}
+    grid_rows = []
+    for label, grid_label, delta, extra in models:
+        if delta is not None:
+            apply(pipe, delta)
+        extra = dict(extra)
+        model_tokens = extra.pop("tokens", tokens)
+        score, _ = score_model(pipe, detector, model_tokens, items, steps=steps, guidance_scale=guidance_scale,
+                               **score_options, **extra)
+        scores[label] = scores[label].merged_with(score) if label in scores else score
+        shown = grid_prompts(model_tokens, items)
+        grid_rows.append((grid_label, sample_batch(pipe, [p for p, _ in shown], [seed for _, seed in shown],
+                                                   steps=steps, guidance_scale=guidance_scale)))
+        if delta is not None:
+            remove(pipe)
+    return scores, grid_rows
 
 
 def run(options: BenchmarkOptions, *, log: Callable[[str], None] = print) -> list[PairResult]:
     """Train, merge, sample and score every pair of ``options`` (models reused from ``work``)."""
-    from ..apply import apply, remove
     from ..evaluation.clip_metrics import ClipEmbedder
     from ..loading import load
     from ..sampling import load_pipeline
     from .detector import Detector
     from .grid import labelled_grid
-    from .quality import sample_batch
 
     detector = Detector.load()
     clip = ClipEmbedder(CLIP)
@@ -164,33 +194,19 @@ def run(options: BenchmarkOptions, *, log: Callable[[str], None] = print) -> lis
         log(f"{' + '.join(names)}: trained in {time.perf_counter() - started:.0f} s")
         merges = merge_pair(singles, options)
         references = [instance_references(item) for item in items]
-        # (row label, grid label, delta, score_model options); the base sees the prompts without tokens
-        models: list[tuple[str, str, Any, dict[str, Any]]] = [
+        models: list[Model] = [
             ("base", "base (no token)", None, dict(tokens=["", ""])),
             ("single", f"single {names[0]}", load(singles[0], base=BASE), dict(with_concepts=(0,), with_pair=False)),
             ("single", f"single {names[1]}", load(singles[1], base=BASE), dict(with_concepts=(1,), with_pair=False)),
             ("joint", "joint training", load(joint, base=BASE), {}),
             *((label, label, delta, {}) for label, delta in merges.items()),
         ]
-        scores: dict[str, ModelScores] = {}
-        grid_rows = []
         started = time.perf_counter()
-        for label, grid_label, delta, extra in models:
-            if delta is not None:
-                apply(pipe, delta)
-            model_tokens = extra.pop("tokens", tokens)
-            score, _ = score_model(pipe, detector, model_tokens, items, clip=clip, references=references,
-                                   images_per_prompt=options.images_per_prompt, seed=options.seed,
-                                   steps=options.sampling_steps, guidance_scale=options.guidance_scale, **extra)
-            scores[label] = scores[label].merged_with(score) if label in scores else score
-            shown = grid_prompts(model_tokens, items)
-            grid_rows.append((grid_label, sample_batch(pipe, [" ".join(p.split()) for p, _ in shown],
-                                                       [seed for _, seed in shown], steps=options.sampling_steps,
-                                                       guidance_scale=options.guidance_scale)))
-            if delta is not None:
-                remove(pipe)
+        scores, grid_rows = score_models(pipe, detector, models, tokens, items, clip=clip, references=references,
+                                         images_per_prompt=options.images_per_prompt, seed=options.seed,
+                                         steps=options.sampling_steps, guidance_scale=options.guidance_scale)
         log(f"{' + '.join(names)}: sampled and scored {len(models)} models in {time.perf_counter() - started:.0f} s")
-        columns = [" ".join(p.split()) for p, _ in grid_prompts(tokens, items)]
+        columns = [prompt for prompt, _ in grid_prompts(tokens, items)]
         result = PairResult(tuple(names), scores, grid=labelled_grid(grid_rows, columns=columns))
         if options.fidelity:
             result.fidelity = fidelity_rows(singles, joint, items, options)

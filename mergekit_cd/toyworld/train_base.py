@@ -217,14 +217,16 @@ def encode_latents(vae: Any, data: WorldData, *, device: torch.device, batch_siz
 
 
 def train_unet(data: WorldData, latents: torch.Tensor, text_encoder: Any, tokenizer: Any, *, steps: int,
-               batch_size: int, device: torch.device, seed: int, lr: float = 3e-4, log: Any = print) -> Any:
+               batch_size: int, device: torch.device, seed: int, lr: float = 3e-4, unet: Any = None,
+               log: Any = print) -> Any:
     """Epsilon prediction on scaled latents with the frozen text encoder's last hidden state of
-    prompts padded to 77 tokens (what the pipeline feeds), min-SNR-5 weights, EMA 0.999."""
+    prompts padded to 77 tokens (what the pipeline feeds), min-SNR-5 weights, EMA 0.999.
+    ``unet``: continue training this one (a later stage of the recipe) instead of a new one."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from diffusers.training_utils import EMAModel, compute_snr
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**UNET_CONFIG).to(device).train()
+    unet = (unet or UNet2DConditionModel(**UNET_CONFIG)).to(device).train()
     ema = EMAModel(unet.parameters(), decay=0.999, use_ema_warmup=True, inv_gamma=1.0, power=0.75)
     noise_scheduler = DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items()
                                        if k not in ("set_alpha_to_one", "steps_offset")})
@@ -297,20 +299,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--unet-lr", type=float, default=4e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
+    parser.add_argument("--continue-from", type=Path, metavar="FOLDER",
+                        help="an earlier run's output: keep its CLIP pair and autoencoder and train its UNet "
+                             "--unet-steps further (with seed --seed + 1: a fresh data order and noise)")
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("train_base: error: --device cuda but torch sees no CUDA device", file=sys.stderr)
-        return 2
-    log = lambda message: print(message, flush=True)  # noqa: E731 - one line per progress report
-    started = time.perf_counter()
-    args.output.mkdir(parents=True, exist_ok=True)
-    data = WorldData(args.scenes, log=log)
-    tokenizer = build_tokenizer()
+def _train_all(args: argparse.Namespace, data: WorldData, tokenizer: Any, device: torch.device,
+               log: Any) -> tuple[Any, Any, Any, dict[str, float]]:
+    """Every stage from scratch: the CLIP pair (saved), the autoencoder, then the UNet."""
     stage = time.perf_counter()
     clip = train_clip(data, tokenizer, steps=args.clip_steps, batch_size=args.clip_batch_size, device=device,
                       seed=args.seed, log=log).to("cpu")
@@ -324,13 +321,55 @@ def main(argv: Sequence[str] | None = None) -> int:
     times["vae_s"] = time.perf_counter() - stage
     log(f"latent scaling factor {vae.config.scaling_factor:.4f}")
     stage = time.perf_counter()
-    text_encoder = text_encoder_from_clip(args.output / "clip")
-    unet = train_unet(data, latents * vae.config.scaling_factor, text_encoder, tokenizer, steps=args.unet_steps,
-                      batch_size=args.unet_batch_size, device=device, seed=args.seed, lr=args.unet_lr, log=log)
+    unet = train_unet(data, latents * vae.config.scaling_factor, text_encoder_from_clip(args.output / "clip"),
+                      tokenizer, steps=args.unet_steps, batch_size=args.unet_batch_size, device=device,
+                      seed=args.seed, lr=args.unet_lr, log=log)
     times["unet_s"] = time.perf_counter() - stage
+    return clip, vae, unet, times
+
+
+def _continue(args: argparse.Namespace, data: WorldData, log: Any) -> tuple[Any, Any, Any, dict[str, float]]:
+    """A later UNet stage on an earlier run's frozen CLIP pair and autoencoder."""
+    import shutil
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPModel
+
+    device = torch.device(args.device)
+    if args.continue_from.resolve() != args.output.resolve():
+        shutil.copytree(args.continue_from / "clip", args.output / "clip", dirs_exist_ok=True)
+    clip = CLIPModel.from_pretrained(args.output / "clip")
+    vae = AutoencoderKL.from_pretrained(args.continue_from / "base" / "vae").to(device).eval()
+    unet = UNet2DConditionModel.from_pretrained(args.continue_from / "base" / "unet")
+    stage = time.perf_counter()
+    latents = encode_latents(vae, data, device=device) * vae.config.scaling_factor
+    unet = train_unet(data, latents, text_encoder_from_clip(args.output / "clip"), build_tokenizer(),
+                      steps=args.unet_steps, batch_size=args.unet_batch_size, device=device, seed=args.seed + 1,
+                      lr=args.unet_lr, unet=unet, log=log)
+    return clip, vae, unet, {"clip_s": 0.0, "vae_s": 0.0, "unet_s": time.perf_counter() - stage}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("train_base: error: --device cuda but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    log = lambda message: print(message, flush=True)  # noqa: E731 - one line per progress report
+    started = time.perf_counter()
+    args.output.mkdir(parents=True, exist_ok=True)
+    data = WorldData(args.scenes, log=log)
+    if args.continue_from:
+        clip, vae, unet, times = _continue(args, data, log)
+        tokenizer = build_tokenizer()
+    else:
+        tokenizer = build_tokenizer()
+        clip, vae, unet, times = _train_all(args, data, tokenizer, device, log)
+    text_encoder = text_encoder_from_clip(args.output / "clip")
     save_pipeline(args.output / "base", unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
-    record = {"command": "python -m mergekit_cd.toyworld.train_base " + " ".join(sys.argv[1:] if argv is None
-                                                                                   else argv),
+    command = "python -m mergekit_cd.toyworld.train_base " + " ".join(sys.argv[1:] if argv is None else argv)
+    earlier = json.loads((args.continue_from / "training.json").read_text()) if args.continue_from else None
+    record = {"command": command, "continues": earlier,
               "scenes": args.scenes, "steps": {"clip": args.clip_steps, "vae": args.vae_steps,
                                                "unet": args.unet_steps},
               "batch_sizes": {"clip": args.clip_batch_size, "vae": args.vae_batch_size,
