@@ -1,7 +1,7 @@
 """Merge quality on the toy world: what each merge of two concepts shows, judged by the detector.
 
     python benchmarks/bench_quality.py            # the full run: 5 pairs
-    python benchmarks/bench_quality.py --quick    # 2 pairs, fewer images
+    python benchmarks/bench_quality.py --quick    # the first pair, fewer steps and images
 
 Trains every concept alone and each pair jointly on ``builtin:toyworld`` (reused from
 ``--work`` when already there), merges each pair with the constrained merge (plain and with
@@ -13,6 +13,7 @@ Writes ``quality.json``, ``quality.md``, a plot and one labelled image grid per 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import time
@@ -49,7 +50,7 @@ def plot(table: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="2 pairs, fewer training steps and images (< 5 min)")
+    parser.add_argument("--quick", action="store_true", help="the first pair only, fewer training steps and images (< 5 min)")
     parser.add_argument("--work", type=Path, default=Path("benchmarks/work/quality"),
                         help="trained concepts and caches, reused between runs (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default: WORK/results[-quick])")
@@ -62,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         options = options.quick()
     out = args.out or args.work / ("results-quick" if args.quick else "results")
     out.mkdir(parents=True, exist_ok=True)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()} "
-          f"({platform.processor() or 'unknown CPU'}); {len(options.pairs)} pairs, "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.platform()}, "
+          f"{os.cpu_count()} CPUs; {len(options.pairs)} pair(s), "
           f"{options.train_steps} training steps, {options.images_per_prompt} images per prompt", flush=True)
     started = time.perf_counter()
     results = benchmark.run(options, log=lambda message: print(message, flush=True))

@@ -64,8 +64,8 @@ class BenchmarkOptions:
     seed: int = 0
 
     def quick(self) -> "BenchmarkOptions":
-        """The ``--quick`` run: two pairs, fewer steps and images."""
-        return replace(self, pairs=self.pairs[:2], train_steps=150, images_per_prompt=2, num_class_images=32)
+        """The ``--quick`` run: the first pair, fewer training steps and images."""
+        return replace(self, pairs=self.pairs[:1], train_steps=150, images_per_prompt=2, num_class_images=32)
 
 
 @dataclass
@@ -93,7 +93,8 @@ def train_single(item: Concept, options: BenchmarkOptions) -> Path:
     output = options.work / "concepts" / f"{item.name}-{options.train_steps}"
     delta = output / "delta.safetensors"
     if not delta.exists():
-        train(BASE, output, instance_dir=concept_images_path(item.name), class_word=item.class_word,
+        output.parent.mkdir(parents=True, exist_ok=True)
+        train(BASE, output=output, instance_dir=concept_images_path(item.name), class_word=item.class_word,
               token=token_of(item), init_token=item.init_token, steps=options.train_steps, **train_options(options))
     return delta
 
@@ -105,9 +106,10 @@ def train_joint(items: Sequence[Concept], options: BenchmarkOptions) -> Path:
     output = options.work / "joint" / f"{'+'.join(i.name for i in items)}-{options.train_steps}"
     delta = output / "delta.safetensors"
     if not delta.exists():
+        output.parent.mkdir(parents=True, exist_ok=True)
         specs = [dict(instance_dir=str(concept_images_path(i.name)), class_word=i.class_word, token=token_of(i),
                       init_token=i.init_token) for i in items]
-        train(BASE, output, concepts=specs, steps=2 * options.train_steps, **train_options(options))
+        train(BASE, output=output, concepts=specs, steps=2 * options.train_steps, **train_options(options))
     return delta
 
 

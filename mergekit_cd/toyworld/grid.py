@@ -8,7 +8,7 @@ from typing import Any, Sequence
 from PIL import Image, ImageDraw, ImageFont
 
 _LABEL_WIDTH = 150
-_HEADER = 28
+_HEADER = 44
 _GAP = 2
 
 
@@ -47,4 +47,4 @@ def _wrap(text: str, width: int, char_width: int = 6) -> str:
             lines[-1] += " " + word
         else:
             lines.append(word)
-    return "\n".join(lines[:3])
+    return "\n".join(lines[:4])
