@@ -108,7 +108,8 @@ def test_constrained_merge_beats_the_sum_when_concepts_interfere(two_concepts, s
 
     _, report = merge([sd1.cat, sd1.other_cat], CAPTIONS, base=sd1.path, cache_dir=sd1.cache, return_report=True)
     for row_constrained, row_sum, reported in zip(constrained.concepts, summed.concepts, report.concepts):
-        assert row_constrained.residual == pytest.approx(reported.residual, abs=1e-6)
+        # the row measures the merge as installed, rounded to float32; the report, the float64 solve
+        assert row_constrained.residual == pytest.approx(reported.residual, abs=1e-5)
         assert row_sum.residual == pytest.approx(reported.sum_residual, rel=1e-6)
 
 

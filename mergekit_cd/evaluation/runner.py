@@ -133,7 +133,7 @@ def evaluate(concepts: Sequence[PathLike | ConceptDelta], *, base: BaseModel | P
                          f"({names}); give one folder per concept, in order.")
     instance_images = [read_images(folder) for folder in instance_dirs] if instance_dirs is not None else None
     given = [load(m, base=base_model, check_base=check_base) for m in merged_list]
-    judge = _world_judge(world, len(plan.concepts), num_images=num_images, steps=steps,
+    judge = _world_judge(world, len(plan.concepts), images_per_prompt=num_images, steps=steps,
                          guidance_scale=guidance_scale, seed=seed)
     clip_model = ClipEmbedder(clip, device=device) if clip is not None else None
     dino_model = DinoEmbedder(dino, device=device) if dino is not None else None

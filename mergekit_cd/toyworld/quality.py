@@ -88,7 +88,8 @@ def rate(successes: int, n: int) -> Estimate:
     z, p = 1.959963984540054, successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return Estimate(p, max(0.0, centre - half), min(1.0, centre + half), n)
+    # the interval holds p (exactly, also where rounding would put a bound a hair past it)
+    return Estimate(p, max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half)), n)
 
 
 def mean(values: Sequence[float]) -> Estimate:
