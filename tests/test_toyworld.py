@@ -130,3 +130,26 @@ def test_base_trainer_runs_end_to_end(tmp_path):
     clip = ClipEmbedder(tmp_path / "clip")
     assert clip.embed_texts(["a red star"]).shape[0] == 1
     assert json.loads((tmp_path / "training.json").read_text())["steps"]["unet"] == 2
+
+
+def test_base_trainer_continues_and_finetunes_only_the_decoder(tmp_path):
+    """--continue-from with --decoder-steps keeps the encoder (so the latents the UNet learned)
+    and the UNet with --unet-steps 0, and changes the decoder."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from mergekit_cd.toyworld.train_base import main
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    small = ["--scenes", "64", "--clip-batch-size", "16", "--vae-batch-size", "8", "--unet-batch-size", "8"]
+    assert main(["-o", str(first), "--clip-steps", "2", "--vae-steps", "2", "--unet-steps", "2", *small]) == 0
+    assert main(["-o", str(second), "--continue-from", str(first), "--unet-steps", "0", "--decoder-steps", "3",
+                 *small]) == 0
+    before, after = (AutoencoderKL.from_pretrained(folder / "base" / "vae") for folder in (first, second))
+    for name, tensor in before.encoder.state_dict().items():
+        assert torch.equal(tensor, after.encoder.state_dict()[name]), name
+    assert not torch.equal(before.decoder.conv_out.weight, after.decoder.conv_out.weight)
+    unets = [UNet2DConditionModel.from_pretrained(folder / "base" / "unet") for folder in (first, second)]
+    assert all(torch.equal(a, b) for a, b in zip(unets[0].state_dict().values(), unets[1].state_dict().values()))
+    record = json.loads((second / "training.json").read_text())
+    assert record["steps"]["decoder"] == 3 and record["continues"]["steps"]["unet"] == 2
