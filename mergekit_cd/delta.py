@@ -124,8 +124,16 @@ class Concept:
     style: bool = False
 
     def renamed(self, old: str, new: str) -> Concept:
-        return replace(self, token=new if self.token == old else self.token,
-                       prompts=tuple(p.replace(old, new) for p in self.prompts))
+        return self.with_names({old: new})
+
+    def with_names(self, renames: Mapping[str, str]) -> Concept:
+        """Every token name ``renames`` maps replaced at once, in the token and the prompts
+        (at once, so ``{"<cat>": "<new1>", "<new1>": "<new2>"}`` swaps nothing twice)."""
+        if not renames:
+            return self
+        pattern = re.compile("|".join(map(re.escape, sorted(renames, key=len, reverse=True))))
+        return replace(self, token=renames.get(self.token, self.token),
+                       prompts=tuple(pattern.sub(lambda match: renames[match.group(0)], p) for p in self.prompts))
 
 
 @dataclass(frozen=True)

@@ -6,4 +6,5 @@ class MergeError(Exception):
 
 
 class TokenRenameWarning(UserWarning):
-    """Two deltas used the same token name for different embeddings; one was renamed."""
+    """A token was renamed: two deltas used one name for different embeddings, or a CompVis
+    checkpoint's rows had to carry the positional names the authors' sampler gives them."""

@@ -50,8 +50,10 @@ class ConceptReport:
     token: str
     class_word: str
     prompts: tuple[str, ...]
-    residual: float  # ||W C_i^T - W_i C_i^T|| / ||W_i C_i^T||, 0 = kept exactly
+    residual: float  # ||W C_i^T - W_i C_i^T|| / ||W_i C_i^T|| of W = W0 + the float32 difference returned
     sum_residual: float  # the same for the naive sum of deltas
+    #: the same for W as full-weight formats write it: W0 + difference, rounded to float32
+    full_weights_residual: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -388,6 +390,7 @@ class _ReportSums:
 
     def __init__(self, num_concepts: int) -> None:
         self.residual = [0.0] * num_concepts
+        self.full_residual = [0.0] * num_concepts
         self.sum_residual = [0.0] * num_concepts
         self.target = [0.0] * num_concepts
         self.drift = self.sum_drift = self.base = 0.0
@@ -395,9 +398,12 @@ class _ReportSums:
     def add(self, features: list[Tensor], W0: Tensor, own: list[Tensor], merged: Tensor, naive_sum: Tensor,
             held_gram: Tensor) -> None:
         """One layer: base rows, each concept's own difference on its features (``own[i]`` =
-        D_owner C_i^T), the merged and the summed differences."""
+        D_owner C_i^T), the merged difference as returned (float32, held in float64) and the
+        summed one. Residuals are of what is written, not of the float64 solve."""
+        full = (W0.float() + merged.float()).double() - W0  # what FineTunedWeights.from_delta writes
         for i, C in enumerate(features):
             self.residual[i] += _squared(merged @ C.T - own[i])
+            self.full_residual[i] += _squared(full @ C.T - own[i])
             self.sum_residual[i] += _squared(naive_sum @ C.T - own[i])
             self.target[i] += _squared(W0 @ C.T + own[i])
         self.drift += _quadratic(merged, held_gram)
@@ -458,10 +464,11 @@ def execute(plan: MergePlan, *, method: str = "constrained", weights: Sequence[f
             merged = naive_sum
         else:
             merged = naive_sum / len(plan.deltas)
+        merged = merged.float()  # the result's dtype: the report measures this, not the float64 solve
         if return_report:
-            sums.add(features, W0, own, merged, naive_sum, held_gram)
+            sums.add(features, W0, own, merged.double(), naive_sum, held_gram)
         keys = plan.base.kv_shapes()[name][0][0]
-        merged = merged.float().cpu()
+        merged = merged.cpu()
         layers[name] = LayerDelta(merged[:keys].contiguous(), merged[keys:].contiguous())
 
     result = ConceptDelta(layers, plan.tokens, base=plan.base.name,
@@ -471,8 +478,9 @@ def execute(plan: MergePlan, *, method: str = "constrained", weights: Sequence[f
     if not return_report:
         return result
     info = operator.info() if operator is not None else None
-    concepts = tuple(ConceptReport(c.token, c.class_word or "", c.prompts, _ratio(r, t), _ratio(sr, t))
-                     for c, r, sr, t in zip(plan.concepts, sums.residual, sums.sum_residual, sums.target))
+    concepts = tuple(ConceptReport(c.token, c.class_word or "", c.prompts, _ratio(r, t), _ratio(sr, t), _ratio(fr, t))
+                     for c, r, sr, fr, t in zip(plan.concepts, sums.residual, sums.sum_residual, sums.full_residual,
+                                                sums.target))
     report = MergeReport(method, concepts, _ratio(sums.drift, sums.base), _ratio(sums.sum_drift, sums.base),
                          plan.token_renames, len(plan.reg_captions), text.num_rows, text.gram_from_cache,
                          info, info.notes if info is not None else ())
@@ -532,9 +540,9 @@ def _delta_hash(delta: ConceptDelta) -> str:
     for name in sorted(delta.layers):
         for part in (delta.layers[name].key, delta.layers[name].value):
             digest.update(name.encode())
-            digest.update(dense(part).float().contiguous().numpy().tobytes())
+            digest.update(dense(part).detach().float().contiguous().numpy().tobytes())
     for token in sorted(delta.tokens):
         digest.update(token.encode())
         for embedding in delta.tokens[token]:
-            digest.update(embedding.float().contiguous().numpy().tobytes())
+            digest.update(embedding.detach().float().contiguous().numpy().tobytes())
     return digest.hexdigest()

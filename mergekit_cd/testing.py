@@ -502,3 +502,56 @@ def save_full_size_base(kind: str, path: str | os.PathLike[str], *, seed: int = 
     model_index["scheduler"] = ["diffusers", "DDIMScheduler"]
     (path / "model_index.json").write_text(json.dumps(model_index, indent=2))
     return path
+
+
+# --------------------------------------------------------------------------- files as the peers write them
+def _peer_parameters(weights: Any) -> tuple[dict[str, torch.nn.Parameter], dict[str, Any]]:
+    """``weights``' layers as trainable parameters and its tokens as rows of whole embedding tables,
+    exactly what the peers' scripts hold when they save: ``text_encoder.get_input_embeddings().weight[id]``
+    is a view into the table that requires grad, and an SDXL token is a list of two such rows."""
+    unet = {f"{layer}.{projection}.weight": torch.nn.Parameter(matrix.detach().clone())
+            for layer, pair in weights.layers.items() for projection, matrix in zip(("to_k", "to_v"), pair)}
+    first = next(iter(weights.tokens.values()), ())
+    tables = [torch.nn.Parameter(torch.randn(64 + len(weights.tokens), embedding.numel())) for embedding in first]
+    with torch.no_grad():
+        for row, embeddings in enumerate(weights.tokens.values()):
+            for table, embedding in zip(tables, embeddings):
+                table[64 + row] = embedding
+    tokens = {}
+    for row, name in enumerate(weights.tokens):
+        rows = [table[64 + row] for table in tables]
+        tokens[name] = rows[0] if len(rows) == 1 else rows
+    return unet, tokens
+
+
+def save_like_authors_bin(weights: Any, path: str | os.PathLike[str]) -> Path:
+    """``weights`` (:class:`~mergekit_cd.weights.FineTunedWeights`) as the authors'
+    ``src/diffusers_training.py`` saves ``delta.bin``: ``torch.save`` of trainable parameters
+    (``requires_grad=True``) and of token rows that are grad-requiring views into the whole
+    embedding table; SDXL tokens as ``[text_encoder row, text_encoder_2 row]`` lists."""
+    unet, tokens = _peer_parameters(weights)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"unet": unet, "modifier_token": tokens}, path)
+    return path
+
+
+def save_like_diffusers_bin(weights: Any, folder: str | os.PathLike[str]) -> Path:
+    """``weights`` as diffusers' ``train_custom_diffusion.py --no_safe_serialization`` saves them:
+    ``pytorch_custom_diffusion_weights.bin`` with grad-requiring processor weights (and the empty
+    entries of processors without weights) and one ``<token>.bin`` per token holding a
+    grad-requiring view of a row of the whole embedding table."""
+    unet, tokens = _peer_parameters(weights)
+    if any(isinstance(row, list) for row in tokens.values()):
+        raise ValueError("diffusers' train_custom_diffusion.py trains SD1/SD2 only; it writes no SDXL token files")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state: dict[str, Any] = {}
+    for key, parameter in unet.items():
+        layer, projection, _ = key.rsplit(".", 2)
+        state[f"{layer}.processor.{projection}_custom_diffusion.weight"] = parameter
+        state[f"{layer.removesuffix('attn2')}attn1.processor"] = {}
+    torch.save(state, folder / "pytorch_custom_diffusion_weights.bin")
+    for name, row in tokens.items():
+        torch.save({name: row}, folder / f"{name}.bin")
+    return folder

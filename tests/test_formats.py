@@ -212,16 +212,17 @@ def test_low_rank_differences_stay_low_rank_through_every_difference_format(tmp_
 
 def test_compvis_tokens_are_positional_unless_our_metadata_names_them(tmp_path):
     """CompVis stores only rows: the authors' files give <new1>, <new2> in row order; ours
-    record the names in their metadata."""
+    record the names in their metadata (names outside that pattern are kept; rows go in name
+    order, tests/test_peer_files.py has the rest)."""
     original = make_weights("sd1", names=("<dog>", "<cat>"))
     formats.write(original, tmp_path / "delta.ckpt", "compvis")
-    assert list(formats.read(tmp_path / "delta.ckpt").tokens) == ["<dog>", "<cat>"]
+    assert list(formats.read(tmp_path / "delta.ckpt").tokens) == ["<cat>", "<dog>"]
     contents = torch.load(tmp_path / "delta.ckpt", weights_only=True)
     del contents["mergekit_cd"]
     torch.save(contents, tmp_path / "authors.ckpt")
     back = formats.read(tmp_path / "authors.ckpt")
     assert list(back.tokens) == ["<new1>", "<new2>"]
-    assert torch.equal(back.tokens["<new1>"][0], original.tokens["<dog>"][0])
+    assert torch.equal(back.tokens["<new1>"][0], original.tokens["<cat>"][0])
     assert (back.base, back.base_fingerprint, back.concepts) == (None, None, ())
 
 

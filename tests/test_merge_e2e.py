@@ -9,6 +9,7 @@ from __future__ import annotations
 import pickle
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from mergekit_cd.cli.merge import main as cd_merge
 from mergekit_cd.delta import ConceptDelta, LowRank, compress, dense
 from mergekit_cd.loading import save
 from mergekit_cd.merge import merge
-from mergekit_cd.testing import random_concept_delta
+from mergekit_cd.testing import random_concept_delta, save_like_diffusers_bin
 from mergekit_cd.weights import FineTunedWeights
 
 from hubcache import add_to_hub_cache, use_hub_cache
@@ -172,26 +173,19 @@ def diffusers_training_output(folder: Path, base, delta: ConceptDelta, *, weight
     """The output folder of diffusers' ``train_custom_diffusion.py`` for ``delta``, built as that
     script writes it (REFERENCE section 3), with no mergekit-cd metadata: full fine-tuned K/V
     weights under the attention processors' names, and one ``<new1>`` file holding the token's
-    row of the whole embedding table (a view, as the script saves it; the ``.bin`` then stores
-    the whole table). The ``.bin`` weights also hold ``{}`` for every processor without weights
-    (self-attention); safetensors cannot store those."""
-    folder.mkdir()
-    state: dict = {}
-    for layer in base.layer_names():
-        key, value = base.kv(layer)
-        state[f"{layer}.processor.to_k_custom_diffusion.weight"] = key + dense(delta.layers[layer].key)
-        state[f"{layer}.processor.to_v_custom_diffusion.weight"] = value + dense(delta.layers[layer].value)
+    row of the whole embedding table. The ``.bin`` variant is :func:`save_like_diffusers_bin`
+    (grad-requiring tensors, the whole table pickled, ``{}`` for processors without weights)."""
     (embedding,) = next(iter(delta.tokens.values()))
+    weights = FineTunedWeights.from_delta(replace(delta, tokens={"<new1>": (embedding,)}, concepts=()), base.kv)
+    if weights_format == "bin":
+        return save_like_diffusers_bin(weights, folder)
+    folder.mkdir()
+    state = {f"{layer}.processor.{projection}_custom_diffusion.weight": matrix
+             for layer, pair in weights.layers.items() for projection, matrix in zip(("to_k", "to_v"), pair)}
     table = torch.randn(500, embedding.shape[0])
     table[321] = embedding
-    learned = {"<new1>": table[321]}
-    if weights_format == "safetensors":
-        save_file(state, folder / "pytorch_custom_diffusion_weights.safetensors", metadata={"format": "pt"})
-        save_file(learned, folder / "<new1>.safetensors", metadata={"format": "pt"})
-    else:
-        state.update({f"{layer.replace('attn2', 'attn1')}.processor": {} for layer in base.layer_names()})
-        torch.save(state, folder / "pytorch_custom_diffusion_weights.bin")
-        torch.save(learned, folder / "<new1>.bin")
+    save_file(state, folder / "pytorch_custom_diffusion_weights.safetensors", metadata={"format": "pt"})
+    save_file({"<new1>": table[321]}, folder / "<new1>.safetensors", metadata={"format": "pt"})
     return folder
 
 

@@ -302,3 +302,36 @@ def test_a_loaded_native_file_is_not_kept_mapped(base, two, tmp_path):
     with open("/proc/self/maps") as maps:
         assert str(path) not in maps.read()
     assert delta.tokens
+
+
+@pytest.mark.parametrize("output_name", ["merged.safetensors", "merged.bin"])
+def test_reported_residual_is_of_the_file_as_written(base, two, tmp_path, output_name):
+    """The report measures the float32 result (differences, or full weights for the full-weight
+    formats), not the float64 solve: recomputed here from the file written, with the merge's own
+    feature rows, it agrees; the float64 solve's residual is orders of magnitude smaller."""
+    from mergekit_cd import formats
+    from mergekit_cd.delta import dense
+    from mergekit_cd.features import TextFeatures
+    from mergekit_cd.weights import FineTunedWeights
+
+    merged, report = merge(two, captions(), base=base, return_report=True)
+    output = save(merged, tmp_path / output_name, base=base)
+    written = formats.read(output)
+    prompts = [prompt for concept in report.concepts for prompt in concept.prompts]
+    rows = TextFeatures(base, merged.tokens).features(prompts)
+    start = 0
+    for concept, delta in zip(report.concepts, two):
+        C = torch.cat(rows[start:start + len(concept.prompts)]).double()
+        start += len(concept.prompts)
+        error = target = 0.0
+        for layer in base.layer_names():
+            for index, own in enumerate((delta.layers[layer].key, delta.layers[layer].value)):
+                W0 = base.kv(layer)[index].double()
+                W = written.layers[layer][index].double() if isinstance(written, FineTunedWeights) \
+                    else W0 + dense((written.layers[layer].key, written.layers[layer].value)[index]).double()
+                wanted = (W0 + dense(own).double()) @ C.T
+                error += float((W @ C.T - wanted).square().sum())
+                target += float(wanted.square().sum())
+        reported = concept.full_weights_residual if isinstance(written, FineTunedWeights) else concept.residual
+        assert (error / target) ** 0.5 == pytest.approx(reported, rel=1e-3)
+        assert report.solve_info.residual < 1e-3 * reported

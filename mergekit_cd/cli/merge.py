@@ -148,7 +148,7 @@ def main_with_args(args: argparse.Namespace) -> int:
                             text_dtype=DTYPES[args.dtype], batch_size=args.batch_size, cache_dir=args.cache_dir,
                             held_out=held_out, progress=not args.quiet, return_report=True)
     save(delta, output, format=output_format, base=plan.base, force=args.force)
-    print(_describe_report(report))
+    print(_describe_report(report, full_weights=formats.get_format(output_format).WRITES_FULL_WEIGHTS))
     print(f"wrote {output}")
     return 0
 
@@ -169,14 +169,17 @@ def _describe_plan(plan, args: argparse.Namespace) -> str:
         f"{summary.estimated_memory_bytes / 2**20:.0f} MiB (plus the Python runtime)"])
 
 
-def _describe_report(report) -> str:
-    """Per-concept residuals, held-out drift and solver diagnostics as a small table."""
-    rows = [(c.token, c.class_word, f"{c.residual:.2e}", f"{c.sum_residual:.2e}") for c in report.concepts]
-    lines = [table(rows, ("token", "class", "residual", "naive sum residual")),
+def _describe_report(report, *, full_weights: bool) -> str:
+    """Per-concept residuals of the file as written (float32 full weights when ``full_weights``,
+    else float32 differences), held-out drift and solver diagnostics (float64) as a small table."""
+    rows = [(c.token, c.class_word, f"{c.full_weights_residual if full_weights else c.residual:.2e}",
+             f"{c.sum_residual:.2e}") for c in report.concepts]
+    lines = [table(rows, ("token", "class", "residual as written", "naive sum residual")),
              f"held-out drift: {report.drift:.2e} (naive sum: {report.sum_drift:.2e})"]
     if report.solve_info is not None:
         info = report.solve_info
-        lines.append(f"solve: rank {info.rank}/{info.n_constraints}, cond(G) {info.g_condition:.1e}, "
+        lines.append(f"solve (float64): residual {info.residual:.1e}, rank {info.rank}/{info.n_constraints}, "
+                     f"cond(G) {info.g_condition:.1e}, "
                      f"cond(M) {info.m_condition:.1e}, ridge {info.ridge:.3g}, weights moved "
                      f"{100 * info.relative_change:.3g}% of their norm"
                      + (", Gram matrix from cache" if report.gram_from_cache else ""))

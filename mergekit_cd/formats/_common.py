@@ -72,14 +72,28 @@ def check_matrix(value: Any, key: str, source: str) -> Tensor:
 
 
 def check_vector(value: Any, key: str, source: str) -> Tensor:
-    """``value`` as a finite 1-D float embedding (a ``[1, d]`` row is accepted and flattened)."""
+    """``value`` as a finite 1-D float embedding (a ``[1, d]`` row is accepted and flattened),
+    returned as a :func:`plain_copy`: the peers' tools save a row of the whole embedding table
+    (a view would keep the table and the mapped file), often with ``requires_grad=True``."""
     if isinstance(value, Tensor) and value.dim() == 2 and value.shape[0] == 1:
         value = value[0]
     if not isinstance(value, Tensor) or value.dim() != 1 or not value.is_floating_point():
         raise MergeError(f"{source}: token embedding {key} should be a 1-D float vector, found "
                          f"{describe(value)}.")
     check_finite(value, key, source)
-    return value
+    return plain_copy(value)
+
+
+def plain(tensor: Tensor) -> Tensor:
+    """``tensor`` as data only: detached from autograd. The authors' ``delta.bin`` and diffusers'
+    ``--no_safe_serialization`` output pickle tensors with ``requires_grad=True``; every tensor
+    that leaves a reader passes here, so nothing downstream meets a grad-requiring tensor."""
+    return tensor.detach()
+
+
+def plain_copy(tensor: Tensor) -> Tensor:
+    """A detached copy owning only its own elements (not the storage it was a view into)."""
+    return tensor.detach().clone(memory_format=torch.contiguous_format)
 
 
 def check_factors(factors: Any, key: str, source: str) -> LowRank:
@@ -257,7 +271,7 @@ class SafetensorsLayers:
         check_unchanged(self.path, self.identity)
         with open_safetensors(self.path) as handle:
             # copies: safetensors hands out views into the mapped file
-            return tuple(handle.get_tensor(key).clone() for key in self.keys[layer])
+            return tuple(plain_copy(handle.get_tensor(key)) for key in self.keys[layer])
 
 
 def _inside(contents: Any, container: tuple[str, ...]) -> Any:
@@ -267,10 +281,11 @@ def _inside(contents: Any, container: tuple[str, ...]) -> Any:
 
 
 def _entry(value: Any, *, copy: bool = False) -> Difference:
-    """A stored entry as a tensor or LowRank (checked before); ``copy``: owning its memory."""
+    """A stored entry as a tensor or LowRank (checked before), :func:`plain`; ``copy``: owning
+    its memory."""
     if isinstance(value, dict):
         return LowRank(_entry(value["u"], copy=copy), _entry(value["v"], copy=copy))
-    return value.clone() if copy else value
+    return plain_copy(value) if copy else plain(value)
 
 
 # ---------------------------------------------------------------- our metadata in pickles

@@ -87,10 +87,10 @@ def _read_tokens(entries: Any, source: str) -> dict[str, tuple[Tensor, ...]]:
         if isinstance(value, (list, tuple)):
             if not value:
                 raise MergeError(f"{source}: {key} holds no embedding.")
-            tokens[str(name)] = tuple(check_vector(part, f"{key}[{index}]", source).clone()
+            tokens[str(name)] = tuple(check_vector(part, f"{key}[{index}]", source)
                                       for index, part in enumerate(value))
         else:
-            tokens[str(name)] = (check_vector(value, key, source).clone(),)
+            tokens[str(name)] = (check_vector(value, key, source),)
     return tokens
 
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..errors import MergeError
+from ..errors import MergeError, TokenRenameWarning
 from ..fileio import atomic_path, save_pickle
 from ._common import (
     IGNORED_SUFFIXES,
@@ -23,7 +25,9 @@ from ._common import (
     describe,
     describe_container,
     metadata_entry,
+    natural_order,
     owned,
+    plain_copy,
     peek_pickle,
     read_metadata,
     split_layer_key,
@@ -40,6 +44,8 @@ EMBED = "embed"
 TOKENS_FIELD = "tokens"
 _PROJECTIONS = {".to_k.weight": "to_k", ".to_v.weight": "to_v"}
 _EXPECTED = "'model.diffusion_model.<block>...attn2.to_k.weight' / '.to_v.weight' and 'embed'"
+#: The names the authors' CompVis sampler gives ``embed``'s rows, by position: ``<new1>``, ``<new2>``, ...
+_POSITIONAL = re.compile(r"<new(\d+)>")
 _COMPVIS_BLOCK = re.compile(r"^(input_blocks\.(\d+)|middle_block|output_blocks\.(\d+))\.1\.(.+)$")
 _DIFFUSERS_BLOCK = re.compile(r"^(down_blocks\.(\d+)\.attentions\.(\d+)|mid_block\.attentions\.0"
                               r"|up_blocks\.(\d+)\.attentions\.(\d+))\.(.+)$")
@@ -136,19 +142,20 @@ def _read_embed(value: Any, names: Any, source: str) -> dict[str, tuple[Tensor, 
     if not valid:
         raise MergeError(f"{source}: the metadata names tokens {names!r} for the {len(value)} rows of "
                          f"{EMBED}; expected one distinct name per row.")
-    return {name: (row.clone(),) for name, row in zip(names, value)}
+    return {name: (plain_copy(row),) for name, row in zip(names, value)}
 
 
 def write(obj: Delta, path: str | os.PathLike[str], *, force: bool = False) -> None:
     """Full weights from FineTunedWeights; the compressed variant from a LowRank ConceptDelta.
 
-    Token embeddings become the rows of ``embed`` in order; their names go to our metadata
-    (under ``METADATA_KEY``, a top-level entry the authors' scripts ignore: they read
+    Token embeddings become the rows of ``embed`` in :func:`row_order`; their names go to our
+    metadata (under ``METADATA_KEY``, a top-level entry the authors' scripts ignore: they read
     ``state_dict`` only).
     """
     if obj.architecture == "sdxl" or any(len(embeddings) != 1 for embeddings in obj.tokens.values()):
         raise MergeError(f"Cannot write {path} as {NAME}: CompVis checkpoints exist only for SD1/SD2 "
                          f"and this is an SDXL delta; use the diffusers, authors-bin or native format.")
+    obj = row_order(obj, path)
     metadata = metadata_entry(obj, **{TOKENS_FIELD: list(obj.tokens)})
     state: dict[str, Any] = {}
     for layer, projections in stored_entries(obj, path, NAME).items():
@@ -161,3 +168,24 @@ def write(obj: Delta, path: str | os.PathLike[str], *, force: bool = False) -> N
         state[EMBED] = owned(torch.stack([embeddings[0] for embeddings in obj.tokens.values()]))
     with atomic_path(path, force=force) as temporary:
         save_pickle({"state_dict": state, METADATA_KEY: metadata}, temporary)
+
+
+def row_order(obj: Delta, path: str | os.PathLike[str]) -> Delta:
+    """``obj`` with its tokens in natural name order, the order of ``embed``'s rows.
+
+    The authors' CompVis sampler names row i ``<new{i+1}>`` whatever our metadata says, so when
+    the names use that pattern but disagree with their rows (``<new1>, <new3>`` after a merge's
+    rename), every token takes its row's positional name (concepts and prompts follow, with a
+    :class:`TokenRenameWarning`): otherwise the sampler would silently swap two concepts. Other
+    names (``<cat>``) cannot be mistaken for a row's name and are kept in our metadata.
+    """
+    names = natural_order(obj.tokens)
+    positional = [f"<new{index + 1}>" for index in range(len(names))]
+    renames = {old: new for old, new in zip(names, positional) if old != new} \
+        if any(_POSITIONAL.fullmatch(name) for name in names) else {}
+    if renames:
+        warnings.warn(f"{path}: CompVis rows are named by position (<new1>, <new2>, ...), so the tokens were "
+                      f"renamed to match their rows: {', '.join(f'{a} -> {b}' for a, b in renames.items())}.",
+                      TokenRenameWarning, stacklevel=3)
+    tokens = {renames.get(name, name): obj.tokens[name] for name in names}
+    return replace(obj, tokens=tokens, concepts=tuple(concept.with_names(renames) for concept in obj.concepts))

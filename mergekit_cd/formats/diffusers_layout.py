@@ -153,10 +153,10 @@ def _read_token_file(file: Path) -> tuple[str, tuple[Tensor, ...]]:
     state = _load(file)
     source = str(file)
     if set(state) == set(SDXL_TOKEN_KEYS):
-        return file.stem, tuple(check_vector(state[key], key, source).clone() for key in SDXL_TOKEN_KEYS)
+        return file.stem, tuple(check_vector(state[key], key, source) for key in SDXL_TOKEN_KEYS)
     if len(state) == 1:
         name, value = next(iter(state.items()))
-        return str(name), (check_vector(value, str(name), source).clone(),)
+        return str(name), (check_vector(value, str(name), source),)
     raise MergeError(f"{source}: expected a token embedding file beside the Custom Diffusion weights "
                      f"({{'<token>': vector}}, or {{'clip_l', 'clip_g'}} for SDXL), found keys "
                      f"{natural_order(map(str, state))[:6]}.")

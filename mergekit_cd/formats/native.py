@@ -70,7 +70,7 @@ def read(path: str | os.PathLike[str]) -> ConceptDelta:
             if key.startswith(TOKEN_PREFIX):
                 name, index = _split_token_key(key, source)
                 # a copy: a view would keep the whole file mapped (and every page read below resident)
-                embeddings.setdefault(name, {})[index] = check_vector(handle.get_tensor(key), key, source).clone()
+                embeddings.setdefault(name, {})[index] = check_vector(handle.get_tensor(key), key, source)
                 continue
             parsed = _split(key)
             if parsed is None:
