@@ -16,7 +16,7 @@ import secrets
 import shutil
 import warnings
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -91,6 +91,23 @@ def check_destination(target: Path, *, force: bool,
                              f"another output name.")
     if os.path.lexists(target) and not force:
         raise MergeError(f"{target} exists; pass --force to overwrite.")
+
+
+def check_not_an_input(target: Path, inputs: Iterable[str | os.PathLike[str]]) -> None:
+    """Refuse an output that is one of ``inputs``, lies inside one, or holds one, with or without
+    ``--force``: writing it would destroy that input. Both the names as given and the paths they
+    resolve to (through symlinks) are compared; inputs that are not local paths (hub repo ids) are
+    skipped."""
+    outputs = {Path(os.path.abspath(target)), Path(target).resolve()}
+    for source in inputs:
+        if not os.path.lexists(source):
+            continue
+        for output in outputs:
+            for path in {Path(os.path.abspath(source)), Path(source).resolve()}:
+                if output == path or path in output.parents or output in path.parents:
+                    how = "is" if output == path else "lies inside" if path in output.parents else "holds"
+                    raise MergeError(f"Cannot write {target}: it {how} the input {source}, which writing it would "
+                                     f"destroy (even with --force). Choose another output name.")
 
 
 def _sibling(target: Path, purpose: str) -> Path:

@@ -470,3 +470,46 @@ def test_style_flags_name_inputs_by_position_or_name():
     assert style_flags(["a"], []) is None
     with pytest.raises(MergeError, match=r"--style 3: not an input position \(1-1\) or an input name"):
         style_flags(["a"], ["3"], what="an input")
+
+
+def _copy_inputs(tiny_delta_files, tmp_path) -> tuple:
+    """Private copies of a native file and a diffusers folder (the tests try to overwrite them)."""
+    import shutil
+
+    files = tiny_delta_files("sd1")
+    native = tmp_path / "inputs" / "cat.safetensors"
+    native.parent.mkdir()
+    shutil.copy(files["native"], native)
+    folder = tmp_path / "inputs" / "dog"
+    shutil.copytree(files["diffusers"], folder)
+    return native, folder
+
+
+def _snapshot(*paths) -> dict:
+    return {str(file): file.read_bytes() for path in paths
+            for file in ([path] if path.is_file() else sorted(path.rglob("*")))}
+
+
+@pytest.mark.parametrize("case", ["the file", "the folder", "inside the folder", "a link to the file",
+                                  "the folder holding an input"])
+@pytest.mark.parametrize("command", ["cd-merge", "cd-convert"])
+def test_an_output_is_never_an_input_even_with_force(case, command, tiny_pipeline_path, tiny_delta_files, tmp_path,
+                                                     capsys):
+    native, folder = _copy_inputs(tiny_delta_files, tmp_path)
+    output = {"the file": native, "the folder": folder, "inside the folder": folder / "merged.safetensors",
+              "a link to the file": tmp_path / "link.safetensors",
+              "the folder holding an input": tmp_path / "inputs"}[case]
+    if case == "a link to the file":
+        output.symlink_to(native)
+    before = _snapshot(native, folder)
+    base = ["--base", str(tiny_pipeline_path("sd1"))]
+    source = folder if case in ("the folder", "inside the folder") else native
+    if command == "cd-merge":
+        code = cd_merge.main([str(native), str(folder), "--class", "cat", "--class", "dog", "-o", str(output),
+                              "--force", "--num-reg-captions", "20", "-q", *base])
+    else:
+        code = cd_convert.main([str(source), "-o", str(output), "--force", *base])
+    message = one_error_line(capsys, command)
+    assert code == 1 and f"Cannot write {output}: it " in message and "destroy (even with --force)" in message
+    assert _snapshot(native, folder) == before
+    assert case != "a link to the file" or output.is_symlink()

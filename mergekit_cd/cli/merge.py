@@ -131,7 +131,8 @@ def main_with_args(args: argparse.Namespace) -> int:
     if args.dry_run:
         formats.check_can_hold(output_format, base.architecture.name, output)
     else:  # before minutes of work, not after
-        formats.check_output(output, output_format, architecture=base.architecture.name, force=args.force)
+        formats.check_output(output, output_format, architecture=base.architecture.name, force=args.force,
+                             inputs=args.inputs)
     plan = plan_merge(args.inputs, captions, base=base, class_words=args.class_words,
                       styles=style_flags(args.inputs, args.style, what="an input"),
                       target_templates=args.target_template, style_templates=args.style_template,

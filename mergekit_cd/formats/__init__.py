@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from collections.abc import Sequence
 from types import ModuleType
 
 from ..errors import MergeError
-from ..fileio import check_destination, load_pickle, load_safetensors
+from ..fileio import check_destination, check_not_an_input, load_pickle, load_safetensors
 from . import authors_bin, compvis, diffusers_layout, native
 from ._common import Delta, describe_container, natural_order, safetensors_header
 
@@ -89,11 +90,12 @@ def _one_of(names: list[str]) -> str:
 
 
 def check_output(path: str | os.PathLike[str], format_name: str, *, architecture: str | None = None,
-                 force: bool = False) -> None:
+                 force: bool = False, inputs: Sequence[str | os.PathLike[str]] = ()) -> None:
     """Everything about writing ``path`` that can be checked before the work: the format can
     hold the architecture, the folder is writable, an existing output is replaced only with
-    ``force``, and never a folder holding other things."""
+    ``force``, and never a folder holding other things, nor any of ``inputs``."""
     check_can_hold(format_name, architecture, path)
+    check_not_an_input(Path(path), inputs)
     module = get_format(format_name)
     check_destination(Path(path), force=force, foreign_entries=getattr(module, "foreign_entries", None))
 
