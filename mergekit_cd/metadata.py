@@ -34,6 +34,8 @@ FORMAT_VERSION = "1"
 HEADER_FORMAT = "mergekit-cd"
 HEADER_KEY = "mergekit_cd"
 IDENTITY_FIELDS = ("base", "base_fingerprint", "architecture", "concepts")
+#: How deep our documents may nest (ours are 4 levels deep); deeper ones are refused, not recursed into.
+MAX_DEPTH = 32
 _OWNED_FIELDS = ("format_version", "tool", *IDENTITY_FIELDS)
 
 
@@ -117,9 +119,41 @@ def from_header(header: dict[str, str], *, source: str) -> dict[str, Any]:
     if header.get("format") != HEADER_FORMAT or HEADER_KEY not in header:
         return {}
     _check_version(header.get("format_version"), source)
+    return identity_from_metadata(parse_document(header[HEADER_KEY], source=source, where="the header"),
+                                  source=source)
+
+
+def parse_document(text: str, *, source: str, where: str) -> Any:
+    """Our metadata JSON ``text`` (found in ``where`` of ``source``), refusing what a well-formed
+    document never holds: invalid JSON, a key given twice (JSON would silently keep the last),
+    and nesting deeper than :data:`MAX_DEPTH` (200,000 levels would exhaust the recursion of
+    every reader and writer after us)."""
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [key for key, _ in pairs]
+        repeated = next((key for key in keys if keys.count(key) > 1), None)
+        if repeated is not None:
+            raise MergeError(f"{source}: the mergekit-cd metadata in {where} gives the key {repeated!r} twice.")
+        return dict(pairs)
+
     try:
-        document = json.loads(header[HEADER_KEY])
+        document = json.loads(text, object_pairs_hook=unique)
     except json.JSONDecodeError as error:
-        raise MergeError(f"{source}: the mergekit-cd metadata in the header is not valid JSON "
-                         f"({error}).") from None
-    return identity_from_metadata(document, source=source)
+        raise MergeError(f"{source}: the mergekit-cd metadata in {where} is not valid JSON ({error}).") from None
+    except RecursionError:
+        document = None
+    if document is None or _depth(document) > MAX_DEPTH:
+        raise MergeError(f"{source}: the mergekit-cd metadata in {where} nests deeper than {MAX_DEPTH} levels; "
+                         f"no file mergekit-cd writes does.")
+    return document
+
+
+def _depth(document: Any) -> int:
+    """How deeply lists and objects nest in ``document`` (iteratively: no recursion to exhaust)."""
+    deepest, stack = 0, [(document, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            deepest = max(deepest, depth)
+            if depth <= MAX_DEPTH:
+                stack.extend((item, depth + 1) for item in (value.values() if isinstance(value, dict) else value))
+    return deepest

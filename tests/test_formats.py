@@ -274,6 +274,36 @@ def test_native_header_carries_the_metadata(tmp_path):
     assert json.loads(header["mergekit_cd"])["base_fingerprint"] == FINGERPRINT
 
 
+@pytest.mark.parametrize("document, message", [
+    ('{"format_version": "1", "base": "a", "base": "b"}', "gives the key 'base' twice"),
+    ('{"format_version": "1", "recipe": ' + "{\"a\": " * 200_000 + "1" + "}" * 200_000 + "}",
+     "nests deeper than 32 levels"),
+], ids=["duplicate-key", "nested-200000"])
+@pytest.mark.parametrize("command", ["cd-inspect", "cd-merge"])
+def test_hostile_native_metadata_is_one_error_line(tmp_path, document, message, command, tiny_pipeline_path,
+                                                   capsys):
+    """Issue 16, item 6: a RecursionError traceback before; the last duplicate silently won.
+    cd-merge runs as its own process, as a user runs it (stderr holds only what it prints)."""
+    import subprocess
+
+    path = tmp_path / "hostile.safetensors"
+    save_file({f"{LAYER}.to_k.diff": torch.ones(4, 3), f"{LAYER}.to_v.diff": torch.ones(4, 3)}, path,
+              metadata={"format": "mergekit-cd", "format_version": "1", "mergekit_cd": document})
+    if command == "cd-inspect":
+        code, err = cd_inspect.main([str(path)]), capsys.readouterr().err
+    else:
+        other = tmp_path / "other.safetensors"
+        other.write_bytes(path.read_bytes())
+        run = subprocess.run([sys.executable, "-m", "mergekit_cd.cli.merge", str(path), str(other), "-o",
+                              str(tmp_path / "out.safetensors"), "--base", str(tiny_pipeline_path("sd1")), "-q"],
+                             capture_output=True, text=True, timeout=300)
+        code, err = run.returncode, run.stderr
+    ours = [line for line in err.splitlines() if not line.startswith("[transformers]")]
+    assert code == 1 and len(ours) == 1, err
+    assert ours[0].startswith(f"{command}: error: {path}: the mergekit-cd metadata in the header {message}")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
 def test_files_without_metadata_read_with_unknown_identity(tmp_path):
     save_file({f"{LAYER}.to_k.diff": torch.ones(4, 3), f"{LAYER}.to_v.diff": torch.ones(4, 3)},
               tmp_path / "plain.safetensors")
@@ -805,7 +835,13 @@ def test_pickles_hold_our_metadata_as_one_json_string_beside_the_authors_keys(tm
     (json.dumps({"format_version": "2"}), r"metadata format_version '2' is not one this mergekit-cd reads"),
     (json.dumps({"format_version": "1", "architecture": 3}), r"metadata field 'architecture' must be a string"),
     (json.dumps({"format_version": "1", "concepts": 5}), r"metadata field 'concepts' must be a list"),
-], ids=["not-a-string", "not-json", "newer-version", "bad-field", "concepts-not-a-list"])
+    ('{"format_version": "1", "base": "a", "base": "b"}', r"the mergekit-cd metadata in 'mergekit_cd' gives the key 'base' twice"),
+    ('{"format_version": "1", "recipe": ' + "[" * 200_000 + "]" * 200_000 + "}",
+     r"the mergekit-cd metadata in 'mergekit_cd' nests deeper than 32 levels"),
+    ('{"format_version": "1", "recipe": ' + "[" * 40 + "]" * 40 + "}",
+     r"the mergekit-cd metadata in 'mergekit_cd' nests deeper than 32 levels"),
+], ids=["not-a-string", "not-json", "newer-version", "bad-field", "concepts-not-a-list", "duplicate-key",
+        "nested-200000", "nested-40"])
 def test_bad_metadata_in_a_pickle_is_named(tmp_path, entry, message):
     path = _saved(tmp_path / "delta.bin", {**_authors({K: torch.ones(32, 32), V: torch.ones(32, 32)}),
                                            "mergekit_cd": entry})

@@ -21,7 +21,7 @@ from torch import Tensor
 from ..delta import ConceptDelta, Difference, LayerDelta, LazyLayers, LowRank
 from ..errors import MergeError
 from ..fileio import check_unchanged, file_identity, load_pickle, open_safetensors
-from ..metadata import HEADER_KEY, identity_from_metadata, to_metadata
+from ..metadata import HEADER_KEY, identity_from_metadata, parse_document, to_metadata
 from ..weights import FineTunedWeights
 
 Delta = ConceptDelta | FineTunedWeights
@@ -307,12 +307,7 @@ def read_metadata(contents: dict[Any, Any], source: str) -> dict[str, Any]:
     if not isinstance(value, str):
         raise MergeError(f"{source}: {METADATA_KEY!r} should hold mergekit-cd's metadata as a JSON string, "
                          f"found {describe(value)}.")
-    try:
-        document = json.loads(value)
-    except json.JSONDecodeError as error:
-        raise MergeError(f"{source}: the mergekit-cd metadata in {METADATA_KEY!r} is not valid JSON "
-                         f"({error}).") from None
-    return identity_from_metadata(document, source=source)
+    return identity_from_metadata(parse_document(value, source=source, where=repr(METADATA_KEY)), source=source)
 
 
 # ---------------------------------------------------------------- writing
