@@ -288,9 +288,39 @@ def _check_layers(layers: Mapping[str, LayerDelta]) -> None:
                                  f"layers read {context}.")
 
 
+#: The longest token name accepted (CLIP's tokenizer reads 77 tokens; a name is one of them).
+MAX_TOKEN_NAME = 100
+
+
+def token_name_problem(name: Any) -> str | None:
+    """Why ``name`` cannot be a modifier token, or None: the one rule for every format read or
+    written. A token is one word of a prompt and, in the diffusers layout, a file name, so it is a
+    non-empty string of printable characters (no control characters or ANSI escapes, which would
+    reach the terminal), without whitespace or path separators, at most :data:`MAX_TOKEN_NAME` long."""
+    if not isinstance(name, str) or not name:
+        return "must be a non-empty string"
+    if len(name) > MAX_TOKEN_NAME:
+        return f"is {len(name)} characters long (at most {MAX_TOKEN_NAME})"
+    if not name.isprintable() or any(character.isspace() for character in name):
+        return "holds whitespace or control characters"
+    if "/" in name or "\\" in name or name in (".", ".."):
+        return "cannot name a file (it holds a path separator or is . or ..)"
+    return None
+
+
+def check_token_name(name: Any, source: str | None = None) -> None:
+    """:func:`token_name_problem` as a MergeError naming ``source`` (the file, when there is one);
+    the name is shown escaped, so no control character reaches the terminal."""
+    problem = token_name_problem(name)
+    if problem is not None:
+        shown = repr(name)[:120]
+        raise MergeError(f"{source}: token {shown} {problem}." if source else f"Token {shown} {problem}.")
+
+
 def _check_tokens(tokens: dict[str, tuple[Tensor, ...]]) -> None:
     dims = None
     for name, embeddings in tokens.items():
+        check_token_name(name)
         shape = tuple(tuple(e.shape) for e in embeddings)
         if any(len(s) != 1 for s in shape):
             raise MergeError(f"Token {name}: each embedding must be a vector, got shapes {shape}.")

@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .delta import check_token_name
 from .errors import MergeError
 
 if TYPE_CHECKING:
@@ -214,8 +215,7 @@ class LazyTextFeatures:
 def _check_token(token: str, embeddings: Sequence[Tensor], dims: tuple[int, ...],
                  tokenizers: list[Any]) -> None:
     """A modifier token must be one new word with one embedding of the right size per encoder."""
-    if not token or any(character.isspace() for character in token):
-        raise MergeError(f"Modifier token {token!r} must be a non-empty word without spaces.")
+    check_token_name(token)
     sizes = tuple(int(embedding.shape[-1]) for embedding in embeddings)
     if sizes != dims:
         raise MergeError(f"Token {token} has embedding sizes {sizes}, but the text encoder(s) need {dims}.")

@@ -322,7 +322,7 @@ def test_bad_tokens_are_refused(sdxl_base):
         TextFeatures(sdxl_base, {"<|endoftext|>": (torch.zeros(64), torch.zeros(96))})
     with pytest.raises(MergeError, match=r"embedding sizes \(64,\).*\(64, 96\)"):
         TextFeatures(sdxl_base, {"<new1>": (torch.zeros(64),)})
-    with pytest.raises(MergeError, match="without spaces"):
+    with pytest.raises(MergeError, match="holds whitespace"):
         TextFeatures(sdxl_base, {"<new 1>": (torch.zeros(32), torch.zeros(48))})
 
 

@@ -882,3 +882,43 @@ def test_cd_inspect_shows_the_base_a_converted_bin_records(tiny_pipeline_path, t
                  f"base:         {delta.base} (fingerprint {delta.base_fingerprint[:16]})",
                  "concepts:     <new1> = cat"):
         assert text in out, text
+
+
+HOSTILE_NAMES = ["<new\x1b[2J1>", "<a\nb>", "../../escape", "", "<" + "x" * 200 + ">"]
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES, ids=["ansi", "newline", "traversal", "empty", "long"])
+@pytest.mark.parametrize("layout", ["native", "authors-bin", "diffusers-bin"])
+def test_hostile_token_names_are_refused_when_read_and_shown_escaped(tmp_path, name, layout, capsys):
+    """Issue 16, item 7: one token-name rule for every reader; cd-inspect printed such names raw."""
+    if layout == "native":
+        path = _write_safetensors(tmp_path / "d.safetensors", {f"{LAYER}.to_k.diff": torch.ones(32, 32),
+                                                                f"{LAYER}.to_v.diff": torch.ones(32, 32),
+                                                                f"token.{name}.0": torch.ones(32)})
+    elif layout == "authors-bin":
+        path = _saved(tmp_path / "delta.bin", _authors({K: torch.ones(32, 32), V: torch.ones(32, 32)},
+                                                       {name: torch.ones(32)}))
+    else:
+        path = tmp_path / "out"
+        path.mkdir()
+        torch.save({f"{LAYER}.processor.to_k_custom_diffusion.weight": torch.ones(32, 32),
+                    f"{LAYER}.processor.to_v_custom_diffusion.weight": torch.ones(32, 32)},
+                   path / "pytorch_custom_diffusion_weights.bin")
+        torch.save({name: torch.ones(32)}, path / "new.bin")
+    with pytest.raises(MergeError, match="token .*(holds whitespace|cannot name a file|must be a non-empty|is 202)|key .token\.\.0"):
+        formats.read(path)
+    assert cd_inspect.main([str(path)]) == 1
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "\x1b" not in err and err.startswith("cd-inspect: error: ")
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES, ids=["ansi", "newline", "traversal", "empty", "long"])
+@pytest.mark.parametrize("format_name", ["native", "diffusers", "authors-bin", "compvis"])
+def test_hostile_token_names_are_never_written(tmp_path, name, format_name):
+    with pytest.raises(MergeError, match="Token "):
+        make_delta("sd1", names=(name,))
+    weights = make_weights("sd1", names=(name,))  # full weights are not checked on creation ...
+    target = tmp_path / FILE_NAMES[format_name]
+    with pytest.raises(MergeError, match=rf"Cannot write .*: token "):
+        formats.write(weights, target, format_name)  # ... but never written
+    assert list(tmp_path.iterdir()) == []

@@ -18,6 +18,7 @@ from pathlib import Path
 from collections.abc import Sequence
 from types import ModuleType
 
+from ..delta import check_token_name
 from ..errors import MergeError
 from ..fileio import check_destination, check_not_an_input, load_pickle, load_safetensors
 from . import authors_bin, compvis, diffusers_layout, native
@@ -131,5 +132,8 @@ def read(path: str | os.PathLike[str], format_name: str | None = None) -> Delta:
 
 
 def write(obj: Delta, path: str | os.PathLike[str], format_name: str, *, force: bool = False) -> None:
-    """Write ``obj`` to ``path`` in the named format (atomically; ``force`` replaces an output)."""
+    """Write ``obj`` to ``path`` in the named format (atomically; ``force`` replaces an output);
+    every token name must follow the one rule (:func:`~mergekit_cd.delta.check_token_name`)."""
+    for name in obj.tokens:
+        check_token_name(name, f"Cannot write {path}")
     get_format(format_name).write(obj, path, force=force)

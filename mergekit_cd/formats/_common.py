@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from ..delta import ConceptDelta, Difference, LayerDelta, LazyLayers, LowRank
+from ..delta import ConceptDelta, Difference, LayerDelta, LazyLayers, LowRank, check_token_name
 from ..errors import MergeError
 from ..fileio import check_unchanged, file_identity, load_pickle, open_safetensors
 from ..metadata import HEADER_KEY, identity_from_metadata, parse_document, to_metadata
@@ -170,7 +170,10 @@ class LayerCollector:
 
 
 def check_token_shapes(tokens: dict[str, tuple[Tensor, ...]], source: str) -> None:
-    """All tokens have the same number of embeddings with the same sizes."""
+    """Every token name follows the one rule (:func:`~mergekit_cd.delta.check_token_name`), and all
+    tokens have the same number of embeddings with the same sizes."""
+    for name in tokens:
+        check_token_name(name, source)
     shapes = {name: tuple(e.numel() for e in embeddings) for name, embeddings in tokens.items()}
     first = next(iter(shapes.items()), None)
     for name, shape in shapes.items():

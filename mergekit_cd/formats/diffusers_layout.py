@@ -10,6 +10,7 @@ from typing import Any
 from safetensors.torch import save_file
 from torch import Tensor
 
+from ..delta import check_token_name
 from ..errors import MergeError
 from ..fileio import atomic_path, file_identity, load_pickle, load_safetensors, open_safetensors
 from ..metadata import from_header, to_header
@@ -188,8 +189,9 @@ def foreign_entries(folder: Path) -> list[str]:
 
 
 def _token_file_name(token: str, target: Path) -> str:
+    check_token_name(token, f"Cannot write {target} as {NAME}")
     name = f"{token}.safetensors"
-    if not token or token in (".", "..") or "/" in token or "\0" in token or name in WEIGHTS_NAMES:
+    if name in WEIGHTS_NAMES:
         raise MergeError(f"Cannot write {target} as {NAME}: token {token!r} cannot be a file name.")
     return name
 

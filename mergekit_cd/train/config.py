@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ..delta import check_token_name
 from ..errors import MergeError
 from ..sampling import check_seed
 
@@ -205,8 +206,7 @@ def check_config(config: TrainingConfig) -> TrainingConfig:
     if duplicates:
         raise MergeError(f"Token {duplicates[0]} is used by two concepts; every concept needs its own token.")
     for concept in config.concepts:
-        if not concept.token or any(ch.isspace() for ch in concept.token):
-            raise MergeError(f"Modifier token {concept.token!r} must be a non-empty word without spaces.")
+        check_token_name(concept.token)
         if not concept.class_word or not concept.class_word.strip():
             raise MergeError(f"Concept {concept.token} needs a class word (e.g. --class-word cat).")
         if concept.token not in concept.filled_instance_prompt():
