@@ -34,11 +34,11 @@ from .features import (
     target_prompts,
 )
 from .loading import PathLike, as_base, load, resolve_delta
-from .solvers import SolveInfo, factor_hard, factor_soft
+from .merge_methods import get_method, weighted_method_names
+from .solvers import SolveInfo
 from .solvers._common import default_rtol
 from .version import __version__
 
-METHODS = ("constrained", "soft", "sum", "average")
 #: Soft-merge weight of each concept when none is given: its outputs are kept almost exactly.
 DEFAULT_SOFT_WEIGHT = 1e3
 
@@ -296,17 +296,16 @@ def _class_words_for(delta: ConceptDelta, tokens: list[str], given: str | None, 
 def check_options(method: str, *, weights: Sequence[float] | None = None, mu: float = 1.0,
                   ridge: float = 0.0, relative_ridge: float = 0.0, batch_size: int = 64) -> None:
     """Refuse bad merge options before any file is read or text encoded."""
-    if method not in METHODS:
-        raise MergeError(f"Unknown merge method {method!r}; choose one of {', '.join(METHODS)}.")
+    spec = get_method(method)
     for name, value in (("ridge", ridge), ("relative ridge", relative_ridge), ("mu", mu)):
         if not (math.isfinite(value) and value >= 0):
             raise MergeError(f"The {name} must be a finite number >= 0, got {value}.")
     if weights is not None:
-        if method != "soft":
-            raise MergeError(f"Concept weights only apply to the soft merge, not to {method!r}.")
+        if not spec.concept_weights:
+            raise MergeError(f"Concept weights only apply to the {weighted_method_names()} merge, not to {method!r}.")
         if not weights or not all(math.isfinite(w) and w > 0 for w in weights):
             raise MergeError(f"Soft-merge weights must be finite numbers > 0, got {list(weights)}.")
-    if method == "soft" and mu == 0 and ridge == 0 and relative_ridge == 0:
+    if spec.concept_weights and mu == 0 and ridge == 0 and relative_ridge == 0:
         raise MergeError("mu = 0 with no ridge leaves the soft merge without a unique solution; "
                          "give mu > 0, or a small ridge.")
     if batch_size < 1:
@@ -374,7 +373,7 @@ def _encode_text(plan: MergePlan, method: str, *, device: torch.device, text_dty
         targets.append(torch.cat(rows[start:start + len(concept.prompts)]).double())
         start += len(concept.prompts)
     gram, num_rows, from_cache = None, 0, False
-    if method in ("constrained", "soft"):
+    if get_method(method).solves:
         gram, num_rows, from_cache = cached_gram(plan.base, list(plan.reg_captions), batch_size=batch_size,
                                                  cache_dir=cache_dir, progress=progress, encoder=encoder)
     held_gram = None
@@ -429,18 +428,14 @@ def execute(plan: MergePlan, *, method: str = "constrained", weights: Sequence[f
     text = _encode_text(plan, method, device=device, text_dtype=text_dtype, batch_size=batch_size,
                         cache_dir=cache_dir, held_out=held_out, report=return_report, progress=progress)
     _release_memory(device)
+    spec = get_method(method)
+    if spec.concept_weights:
+        weights = list(weights) if weights is not None else [DEFAULT_SOFT_WEIGHT] * len(plan.concepts)
     operator, total_ridge = None, ridge
-    if method in ("constrained", "soft"):
+    if spec.solves:
         total_ridge = ridge + relative_ridge * float(torch.diagonal(text.gram).mean())
-        rtol = dependence_rtol(text_dtype)
-        G = text.gram.to(solve_device)
-        if method == "constrained":
-            operator = factor_hard(G, torch.cat(text.targets).to(solve_device), ridge=total_ridge,
-                                   rtol=rtol, diagnostics=return_report)
-        else:
-            weights = list(weights) if weights is not None else [DEFAULT_SOFT_WEIGHT] * len(plan.concepts)
-            operator = factor_soft(G, [C.to(solve_device) for C in text.targets], weights, mu,
-                                   ridge=total_ridge, rtol=rtol, diagnostics=return_report)
+        operator = spec.factor(text.gram.to(solve_device), [C.to(solve_device) for C in text.targets], weights, mu,
+                               ridge=total_ridge, rtol=dependence_rtol(text_dtype), diagnostics=return_report)
 
     features = [C.to(solve_device) for C in text.targets]
     held_gram = text.held_gram.to(solve_device) if text.held_gram is not None else None
@@ -460,10 +455,8 @@ def execute(plan: MergePlan, *, method: str = "constrained", weights: Sequence[f
         if operator is not None:
             targets = torch.cat([W0 @ C.T + own[i] for i, C in enumerate(features)], dim=1)
             merged = operator.apply(W0, targets) - W0
-        elif method == "sum":
-            merged = naive_sum
         else:
-            merged = naive_sum / len(plan.deltas)
+            merged = spec.combine(naive_sum, len(plan.deltas))
         merged = merged.float()  # the result's dtype: the report measures this, not the float64 solve
         if return_report:
             sums.add(features, W0, own, merged.double(), naive_sum, held_gram)
@@ -530,7 +523,7 @@ def _recipe(plan: MergePlan, method: str, weights, mu: float, ridge: float) -> d
         "reg_captions": {"count": len(plan.reg_captions), "sha256": hashlib.sha256(captions).hexdigest()},
         "feature_rule": FEATURE_RULE,
         "ridge": ridge,
-        **({"mu": mu, "weights": list(weights)} if method == "soft" else {}),
+        **({"mu": mu, "weights": list(weights)} if get_method(method).concept_weights else {}),
     }
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -128,15 +127,11 @@ def _check_counts(num_images: int, steps: int) -> None:
 
 
 def image_grid(images: Sequence, columns: int):
-    """Paste equally sized images into rows of ``columns``."""
-    from PIL import Image
+    """The images of :func:`sample` (each prompt's ``columns`` images in turn), one row per prompt:
+    diffusers' ``make_image_grid``."""
+    from diffusers.utils import make_image_grid
 
-    rows = math.ceil(len(images) / columns)
-    width, height = images[0].size
-    grid = Image.new("RGB", (columns * width, rows * height))
-    for index, image in enumerate(images):
-        grid.paste(image, ((index % columns) * width, (index // columns) * height))
-    return grid
+    return make_image_grid(list(images), rows=len(images) // columns, cols=columns)
 
 
 def _image_format(output: Path) -> str:

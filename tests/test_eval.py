@@ -603,3 +603,15 @@ def test_cd_eval_names_its_flag_for_a_delta_of_another_base(sd1, tmp_path, capsy
     message = error_of(capsys, ["--base", str(sd1.path), "--concepts", str(other), "-q"])
     assert message.startswith(f"{other} was made for another base model (") and "--no-base-check" in message
     assert "check_base" not in message
+
+
+def test_a_plot_without_matplotlib_is_one_clear_error_before_any_work(tmp_path, monkeypatch):
+    """matplotlib is the optional ``plot`` extra: its absence is named, with the fix."""
+    import sys
+
+    from mergekit_cd.evaluation.report import check_plot_path
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes ``import matplotlib`` fail
+    with pytest.raises(MergeError, match=r"--plot needs matplotlib, which is not installed: "
+                                         r"pip install 'mergekit-cd\[plot\]'"):
+        check_plot_path(tmp_path / "plot.png")

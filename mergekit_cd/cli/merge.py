@@ -12,7 +12,8 @@ from ..base import open_base
 from ..errors import MergeError
 from ..features import default_reg_captions, read_captions
 from ..loading import save
-from ..merge import METHODS, execute, plan_merge, summarize_plan
+from ..merge import execute, plan_merge, summarize_plan
+from ..merge_methods import METHODS, get_method
 from ._common import DTYPES, add_device_arguments, device, run, style_flags, table
 
 EXAMPLES = """\
@@ -88,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_arguments(args: argparse.Namespace) -> None:
     """Every option that is wrong on its own, before any file is read or text encoded."""
     soft_only = [option for option, value in (("--weights", args.weights), ("--mu", args.mu)) if value is not None]
-    if soft_only and args.method != "soft":
+    if soft_only and not get_method(args.method).concept_weights:
         verb = "applies" if len(soft_only) == 1 else "apply"
         raise MergeError(f"{' and '.join(soft_only)} only {verb} to --method soft, not to --method {args.method}; "
                          f"add --method soft or leave them out.")

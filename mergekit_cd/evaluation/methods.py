@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import MergeError
+from ..merge_methods import METHOD_TABLE
 
 #: Concept weights of the soft merge that ``soft`` sweeps (mu = 1): from loose to nearly exact.
 SOFT_SWEEP = (1.0, 10.0, 100.0, 1000.0)
@@ -69,13 +70,13 @@ def parse_compare(spec: str | Sequence[str] | None) -> list[Method]:
 def _parse_item(item: str) -> list[Method]:
     name, _, value = item.partition("=")
     name = name.strip().lower()
-    if name in ("sum", "average", "constrained", "base") and not value:
+    if (name in METHOD_TABLE or name == "base") and not value:
+        if name in METHOD_TABLE and METHOD_TABLE[name].concept_weights:
+            return [soft_method(weight) for weight in SOFT_SWEEP]
         return [Method(name, name)]
     if name == "plain-base" and not value:
         return [Method("plain base", name)]
-    if name == "soft" and not value:
-        return [soft_method(weight) for weight in SOFT_SWEEP]
-    if name == "soft":
+    if name in METHOD_TABLE and METHOD_TABLE[name].concept_weights:
         return [soft_method(_number(item, value, positive=True))]
     if name in ("ridge", "relative-ridge"):
         number = _number(item, value, positive=False)

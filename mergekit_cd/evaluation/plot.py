@@ -1,98 +1,79 @@
-"""A small labelled scatter plot drawn with PIL (no plotting library needed)."""
+"""The labelled scatter plot of ``cd-eval --plot``, drawn with matplotlib (the ``plot`` extra)."""
 
 from __future__ import annotations
 
-import math
+import io
 from collections.abc import Sequence
 from typing import Any
 
+from ..errors import MergeError
+
+#: Size of the plot in pixels (at 100 dpi).
 WIDTH, HEIGHT = 720, 480
-LEFT, RIGHT, TOP, BOTTOM = 80, 40, 40, 60  # margins around the plotting area
-#: Colour of each kind of row.
-COLOURS = {"constrained": (31, 119, 180), "soft": (44, 160, 44), "sum": (214, 39, 40),
-           "average": (255, 127, 14), "base": (90, 90, 90), "plain-base": (150, 150, 150),
-           "delta": (148, 103, 189)}
+#: Colour of each kind of row (matplotlib's tab10 colours).
+COLOURS = {"constrained": "tab:blue", "soft": "tab:green", "sum": "tab:red", "average": "tab:orange",
+           "base": "dimgray", "plain-base": "darkgray", "delta": "tab:purple"}
+
+
+def require_matplotlib() -> Any:
+    """``matplotlib.pyplot`` on the Agg backend, or one clear error saying how to get it."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise MergeError("--plot needs matplotlib, which is not installed: pip install 'mergekit-cd[plot]' "
+                         "(or pip install matplotlib).") from None
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def draw_scatter(points: Sequence[tuple[float, float, str, str]], curve: Sequence[tuple[float, float]], *,
                  title: str, x_label: str, y_label: str) -> Any:
-    """A PIL image: ``points`` as (x, y, label, kind) dots with labels, ``curve`` as a line."""
-    from PIL import Image, ImageDraw, ImageFont
+    """A PIL image: ``points`` as (x, y, label, kind) dots with labels (points on one spot share a dot
+    and a label), ``curve`` as a line through the soft merges."""
+    from PIL import Image
 
-    image = Image.new("RGB", (WIDTH, HEIGHT), "white")
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default()
-    xs = [p[0] for p in points] + [0.0]
-    ys = [p[1] for p in points] + [0.0, 1.0]
-    x_low, x_high = _range(min(xs), max(xs))
-    y_low, y_high = _range(min(ys), max(ys))
-    right, bottom = WIDTH - RIGHT, HEIGHT - BOTTOM
-
-    def at(x: float, y: float) -> tuple[float, float]:
-        return (LEFT + (x - x_low) / (x_high - x_low) * (right - LEFT),
-                bottom - (y - y_low) / (y_high - y_low) * (bottom - TOP))
-
-    for tick in _ticks(x_low, x_high):
-        px, _ = at(tick, y_low)
-        draw.line([(px, TOP), (px, bottom)], fill=(235, 235, 235))
-        draw.text((px, bottom + 6), f"{tick:g}", fill="black", font=font, anchor="mt")
-    for tick in _ticks(y_low, y_high):
-        _, py = at(x_low, tick)
-        draw.line([(LEFT, py), (right, py)], fill=(235, 235, 235))
-        draw.text((LEFT - 6, py), f"{tick:g}", fill="black", font=font, anchor="rm")
-    draw.rectangle([(LEFT, TOP), (right, bottom)], outline="black")
-    draw.text((WIDTH / 2, 14), title, fill="black", font=font, anchor="mt")
-    draw.text(((LEFT + right) / 2, HEIGHT - 18), x_label, fill="black", font=font, anchor="mm")
-    label = Image.new("RGB", (int(draw.textlength(y_label, font=font)) + 4, 14), "white")
-    ImageDraw.Draw(label).text((2, 1), y_label, fill="black", font=font)
-    rotated = label.rotate(90, expand=True)
-    image.paste(rotated, (12, int((TOP + bottom - rotated.height) / 2)))
-
-    if len(curve) > 1:
-        draw.line([at(x, y) for x, y in curve], fill=COLOURS["soft"], width=2)
-    taken: list[tuple[float, float, float, float]] = []  # label boxes drawn so far
-    for (px, py), names, kind in _group([(at(x, y), name, kind) for x, y, name, kind in points]):
-        colour = COLOURS.get(kind, (0, 0, 0))
-        draw.ellipse([(px - 4, py - 4), (px + 4, py + 4)], fill=colour)
-        text = " = ".join(names)
-        width = draw.textlength(text, font=font)
-        top = py - 7
-        while any(_overlap((px + 7, top, px + 7 + width, top + 12), box) for box in taken):
-            top += 12  # step down until the label is clear of the others
-        taken.append((px + 7, top, px + 7 + width, top + 12))
-        draw.text((px + 7, top), text, fill=colour, font=font)
-    return image
+    plt = require_matplotlib()
+    figure, axes = plt.subplots(figsize=(WIDTH / 100, HEIGHT / 100), dpi=100)
+    try:
+        if len(curve) > 1:
+            axes.plot(*zip(*curve), color=COLOURS["soft"], linewidth=1.5, zorder=1)
+        for (x, y), names, kind in _group(points):
+            colour = COLOURS.get(kind, "black")
+            axes.scatter([x], [y], color=colour, s=30, zorder=2)
+            axes.annotate(" = ".join(names), (x, y), xytext=(6, 4), textcoords="offset points", fontsize=8,
+                          color=colour)
+        axes.axvline(0.0, color="lightgray", linewidth=0.8, zorder=0)
+        axes.margins(x=0.15)  # room for the labels right of the rightmost dots
+        axes.set_ylim(bottom=min(0.0, *(y for _, y, _, _ in points)) - 0.05,
+                      top=max(1.0, *(y for _, y, _, _ in points)) + 0.05)
+        axes.grid(True, color="0.92")
+        axes.set_title(title, fontsize=10)
+        axes.set_xlabel(x_label)
+        axes.set_ylabel(y_label)
+        figure.tight_layout()
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=100)
+    finally:
+        plt.close(figure)
+    buffer.seek(0)
+    with Image.open(buffer) as image:
+        return image.convert("RGB")
 
 
-def _group(points: Sequence[tuple[tuple[float, float], str, str]]) -> list[tuple[tuple[float, float], list[str], str]]:
-    """Points that land on the same spot (within 2 pixels) become one dot with all their names."""
+def _group(points: Sequence[tuple[float, float, str, str]]) -> list[tuple[tuple[float, float], list[str], str]]:
+    """Points within 0.5% of the axis ranges of each other become one dot with all their names
+    (the plain sum and the plain average of one concept coincide, for example)."""
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    tolerance_x = 0.005 * max(max(xs, default=0) - min(xs, default=0), 1e-12)
+    tolerance_y = 0.005 * max(max(ys, default=0) - min(ys, default=0), 1e-12)
     groups: list[tuple[tuple[float, float], list[str], str]] = []
-    for position, name, kind in points:
+    for x, y, name, kind in points:
         for spot, names, _ in groups:
-            if abs(spot[0] - position[0]) <= 2 and abs(spot[1] - position[1]) <= 2:
+            if abs(spot[0] - x) <= tolerance_x and abs(spot[1] - y) <= tolerance_y:
                 names.append(name)
                 break
         else:
-            groups.append((position, [name], kind))
+            groups.append(((x, y), [name], kind))
     return groups
-
-
-def _overlap(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> bool:
-    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
-
-
-def _range(low: float, high: float) -> tuple[float, float]:
-    """Padded axis limits; a single value gets a unit-wide window."""
-    if high - low < 1e-12:
-        return low - 0.5, high + 0.5
-    pad = 0.08 * (high - low)
-    return low - pad, high + pad
-
-
-def _ticks(low: float, high: float, count: int = 5) -> list[float]:
-    """Round tick positions (1, 2 or 5 times a power of ten apart) inside [low, high]."""
-    raw = (high - low) / count
-    power = 10 ** math.floor(math.log10(raw))
-    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
-    first = math.ceil(low / step) * step
-    return [round(first + i * step, 12) for i in range(int((high - first) / step) + 1)]

@@ -239,9 +239,13 @@ def save_plot(report: EvalReport, path: str | os.PathLike[str], *, force: bool =
 
 
 def check_plot_path(path: str | os.PathLike[str], *, force: bool = False) -> Path:
-    """Refuse, before any work, a plot path that cannot or must not be written."""
+    """Refuse, before any work, a plot path that cannot or must not be written (or drawn: matplotlib
+    is an optional extra)."""
     from PIL import Image
 
+    from .plot import require_matplotlib
+
+    require_matplotlib()
     path = Path(path)
     image_format = Image.registered_extensions().get(path.suffix.lower())
     if image_format is None or image_format not in Image.SAVE:
@@ -252,7 +256,7 @@ def check_plot_path(path: str | os.PathLike[str], *, force: bool = False) -> Pat
 
 
 def _plot(report: EvalReport) -> Any:
-    """The PIL image of mean fidelity against preservation, one point per row; soft merges as a curve."""
+    """The image of mean fidelity against preservation, one point per row; soft merges as a curve."""
     from .plot import draw_scatter
 
     points = [(row.preservation, row.mean_fidelity, row.label, row.kind) for row in report.rows

@@ -1,0 +1,72 @@
+"""The table of merge methods: what each needs and how it makes a layer. Adding a method is one
+entry here; the merge, ``cd-merge --method`` and ``cd-eval --compare`` read this table."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .errors import MergeError
+from .solvers import factor_hard, factor_soft
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """One merge method.
+
+    ``factor`` (solved methods): ``(G, targets, weights, mu, ridge=, rtol=, diagnostics=)`` -> an
+    operator whose ``apply(W0, V)`` gives each layer's merged weights, from the caption Gram matrix
+    ``G`` and each concept's target feature rows; factored once, applied to every layer.
+    ``combine`` (naive methods): ``(sum of the inputs' differences, number of inputs)`` -> the
+    merged difference. ``concept_weights``: takes one weight per concept and ``mu``.
+    """
+
+    name: str
+    summary: str
+    factor: Callable[..., Any] | None = None
+    combine: Callable[[Tensor, int], Tensor] | None = None
+    concept_weights: bool = False
+
+    @property
+    def solves(self) -> bool:
+        """Whether it needs the regularisation captions' Gram matrix and a factorisation."""
+        return self.factor is not None
+
+
+def _factor_constrained(G: Tensor, targets: Sequence[Tensor], weights: Sequence[float] | None, mu: float, *,
+                        ridge: float, rtol: float, diagnostics: bool) -> Any:
+    return factor_hard(G, torch.cat(list(targets)), ridge=ridge, rtol=rtol, diagnostics=diagnostics)
+
+
+def _factor_soft(G: Tensor, targets: Sequence[Tensor], weights: Sequence[float] | None, mu: float, *,
+                 ridge: float, rtol: float, diagnostics: bool) -> Any:
+    return factor_soft(G, list(targets), list(weights or ()), mu, ridge=ridge, rtol=rtol, diagnostics=diagnostics)
+
+
+METHOD_TABLE: dict[str, MergeMethod] = {method.name: method for method in (
+    MergeMethod("constrained", "each concept's outputs on its target prompts kept exactly, the captions' changed "
+                               "least (the paper's merge)", factor=_factor_constrained),
+    MergeMethod("soft", "each concept's outputs kept in proportion to its weight, the captions' changed least",
+                factor=_factor_soft, concept_weights=True),
+    MergeMethod("sum", "the inputs' differences added (naive baseline)", combine=lambda total, count: total),
+    MergeMethod("average", "the inputs' differences averaged (naive baseline)",
+                combine=lambda total, count: total / count),
+)}
+#: Method names, in the table's order (the choices of ``--method``).
+METHODS: tuple[str, ...] = tuple(METHOD_TABLE)
+
+
+def get_method(name: str) -> MergeMethod:
+    """The method called ``name``, or one MergeError listing the choices."""
+    if name not in METHOD_TABLE:
+        raise MergeError(f"Unknown merge method {name!r}; choose one of {', '.join(METHODS)}.")
+    return METHOD_TABLE[name]
+
+
+def weighted_method_names() -> str:
+    """The methods that take concept weights, for messages (``"soft"``)."""
+    return " or ".join(name for name, method in METHOD_TABLE.items() if method.concept_weights)
