@@ -23,7 +23,7 @@ test: setup
 	$(PY) -m pytest
 
 demo: setup
-	$(PY) -m mergekit_cd.demo
+	$(PY) -m mergekit_cd.cli.demo
 
 bench: setup
 	$(PY) benchmarks/bench_solvers.py

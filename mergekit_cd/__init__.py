@@ -19,7 +19,8 @@ from .apply import apply, remove
 from .errors import MergeError
 from .evaluation import evaluate
 from .loading import convert, load, save
-from .merge import MergeReport, merge
+from .merge import MergeReport, merge, merge_to_file
+from .merge_options import MergeOptions
 from .solvers import SolveInfo, solve_hard, solve_soft
 from .train import train  # the function; reach its modules with `from mergekit_cd.train import loop`
 from .version import __version__
@@ -31,6 +32,8 @@ __all__ = [
     "evaluate",
     "load",
     "merge",
+    "merge_to_file",
+    "MergeOptions",
     "MergeReport",
     "remove",
     "save",

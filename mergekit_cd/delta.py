@@ -71,6 +71,10 @@ class LayerDelta:
     def map(self, fn) -> LayerDelta:
         return LayerDelta(fn(self.key), fn(self.value))
 
+    def rows(self) -> Tensor:
+        """The K then the V difference rows stacked, dense: the layout the merge solves for."""
+        return torch.cat([dense(self.key), dense(self.value)])
+
 
 Shapes = tuple[torch.Size, torch.Size]
 

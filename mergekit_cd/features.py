@@ -31,6 +31,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .delta import check_token_name
+from .devices import float64_device
 from .errors import MergeError
 
 if TYPE_CHECKING:
@@ -131,8 +132,7 @@ class TextFeatures:
         """
         if not captions:
             raise MergeError("No captions to compute a Gram matrix from.")
-        # MPS has no float64; everywhere else accumulate where the features are.
-        device = torch.device("cpu") if self.device.type == "mps" else self.device
+        device = float64_device(self.device)
         width = sum(self.base.token_dims())
         gram = torch.zeros(width, width, dtype=torch.float64, device=device)
         count = 0

@@ -40,7 +40,7 @@ def no_work(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the inputs were read before the command line was checked")
 
-    monkeypatch.setattr(cd_merge, "plan_merge", refuse)
+    monkeypatch.setattr(importlib.import_module("mergekit_cd.merge"), "plan_merge", refuse)
 
 
 def one_error_line(capsys, command: str) -> str:
@@ -64,7 +64,7 @@ def test_the_same_input_twice_is_one_error_before_any_input_is_read(tiny_pipelin
     def refuse(*args, **kwargs):
         raise AssertionError("an input was read before the repeat was refused")
 
-    monkeypatch.setattr(importlib.import_module("mergekit_cd.merge"), "load", refuse)
+    monkeypatch.setattr(importlib.import_module("mergekit_cd.merge_plan"), "load", refuse)
     assert cd_merge.main([native, native, "--base", str(tiny_pipeline_path("sd1")),
                           "-o", str(tmp_path / "merged.safetensors"), "-q"]) == 1
     message = one_error_line(capsys, "cd-merge")
@@ -146,7 +146,7 @@ def test_a_wrong_weight_count_is_refused_before_any_text_is_encoded(tiny_pipelin
     def refuse(*args, **kwargs):
         raise AssertionError("the merge ran before the weights were counted")
 
-    monkeypatch.setattr(cd_merge, "execute", refuse)
+    monkeypatch.setattr(importlib.import_module("mergekit_cd.merge"), "execute", refuse)
     output = tmp_path / "merged.safetensors"
     args = [*merge_args(tiny_pipeline_path, tiny_delta_files), "-o", str(output), "--method", "soft"]
     assert cd_merge.main([*args, "--weights", "1", "2", "3"]) == 1

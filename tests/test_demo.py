@@ -1,4 +1,4 @@
-"""`make demo` runs mergekit_cd.demo on the shipped toy world: it must keep working, offline, say
+"""`make demo` runs mergekit_cd.cli.demo on the shipped toy world: it must keep working, offline, say
 what it did, and its concepts must really be learned (the detector sees them)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mergekit_cd import demo
+from mergekit_cd.cli import demo
 
 #: The demo, shortened to keep the suite within its time: fewer training steps, class images and
 #: scoring images (the concepts must still be learned).

@@ -14,7 +14,7 @@ from mergekit_cd.base import open_base
 from mergekit_cd.delta import Concept
 from mergekit_cd.errors import MergeError
 from mergekit_cd.loading import load, save
-from mergekit_cd.merge import check_options, merge, plan_merge, summarize_plan
+from mergekit_cd.merge import MergeOptions, merge, merge_to_file, plan_merge, summarize_plan
 from mergekit_cd.solvers import factor_hard, factor_soft, solve_hard, solve_soft
 from mergekit_cd.testing import random_concept_delta
 
@@ -84,27 +84,59 @@ def test_operator_checks_the_rows_it_is_given():
 
 
 @pytest.mark.parametrize("options, message", [
-    (dict(method="soft", mu=-1.0), "mu must be a finite number >= 0"),
-    (dict(method="constrained", ridge=float("nan")), "ridge must be a finite number"),
-    (dict(method="constrained", relative_ridge=-1e-3), "relative ridge must be"),
-    (dict(method="constrained", weights=[1.0]), "only apply to the soft merge"),
-    (dict(method="soft", weights=[1.0, 0.0]), "finite numbers > 0"),
+    (dict(method="soft", mu=-1.0), r"^mu -1: must be a finite number >= 0\.$"),
+    (dict(method="constrained", ridge=float("nan")), r"^ridge nan: must be a finite number"),
+    (dict(method="constrained", relative_ridge=-1e-3), r"^relative_ridge -0.001: must be"),
+    (dict(method="constrained", weights=[1.0]), r"^weights only applies to method soft, not to method constrained"),
+    (dict(method="sum", weights=[1.0], mu=2.0), r"^weights and mu only apply to method soft"),
+    (dict(method="soft", weights=[1.0, 0.0]), r"^weights: every weight must be a finite number > 0, got 0\.$"),
+    (dict(method="soft", weights=[]), r"^weights: give one weight per concept"),
     (dict(method="soft", mu=0.0), "without a unique solution"),
-    (dict(method="constrained", batch_size=0), "batch size must be at least 1"),
+    (dict(method="constrained", batch_size=0), r"^batch_size 0: must be at least 1\.$"),
+    (dict(method="constrained", text_dtype="float8"), r"^text_dtype 'float8': choose one of float32, float16"),
+    (dict(method="constrained", device="meta"), r"^device meta: this command runs on cpu or cuda\[:N\] or mps"),
     (dict(method="best"), "Unknown merge method"),
 ])
 def test_bad_options_are_refused_before_any_work(options, message):
-    method = options.pop("method")
     with pytest.raises(MergeError, match=message):
-        check_options(method, **options)
-    # merge() checks them before it even opens the base
+        MergeOptions(**options)
+    # merge() and merge_to_file() check them before they even open the base
     with pytest.raises(MergeError, match=message):
-        merge(["/nonexistent/delta.safetensors"], base="/nonexistent/base", method=method, **options)
+        merge(["/nonexistent/delta.safetensors"], base="/nonexistent/base", **options)
+    with pytest.raises(MergeError, match=message):
+        merge_to_file(["/nonexistent/delta.safetensors"], "/nonexistent/out.safetensors", base="/nonexistent/base",
+                      **options)
+
+
+def test_options_are_given_one_way():
+    with pytest.raises(MergeError, match=r"^Give either options= or option keywords \(ridge\), not both\.$"):
+        merge(["/nonexistent/delta.safetensors"], base="/nonexistent/base", options=MergeOptions(), ridge=1.0)
 
 
 def test_soft_weights_must_match_the_concepts(base, two):
-    with pytest.raises(MergeError, match="3 soft-merge weights for 2 concepts"):
+    with pytest.raises(MergeError, match=r"^weights: got 3 weight\(s\) for 2 concepts \(<new1>, <new2>\)"):
         merge(two, captions(), base=base, method="soft", weights=[1.0, 2.0, 3.0])
+
+
+def test_a_recorded_merge_replays_from_its_recipe(base, two, tmp_path):
+    """The options that decide the weights are in the file; the same inputs and captions with
+    the recorded options give the same weights, bit for bit."""
+    output = tmp_path / "soft.safetensors"
+    report = merge_to_file(two, output, captions(), base=base, method="soft", weights=[30.0, 7.0],
+                           relative_ridge=1e-3, batch_size=3)
+    assert report.method == "soft" and output.exists()
+    recipe = load(output).metadata["recipe"]
+    options = MergeOptions.from_recipe(recipe)
+    assert options == MergeOptions(method="soft", weights=(30.0, 7.0), mu=1.0, relative_ridge=1e-3)
+    replayed = merge(two, captions(), base=base, options=options)
+    written = load(output)
+    for name in base.layer_names():
+        assert torch.equal(replayed.layers[name].rows(), written.layers[name].rows()), name
+    assert MergeOptions.from_recipe(recipe, device="cpu").device == torch.device("cpu")
+    with pytest.raises(MergeError, match="records no options"):
+        MergeOptions.from_recipe({"method": "constrained", "ridge": 0.0})
+    with pytest.raises(MergeError, match="does not know: tau"):
+        MergeOptions.from_recipe({"options": {"method": "constrained", "tau": 1}})
 
 
 def test_recorded_prompts_are_reused_and_renamed(base, tmp_path):

@@ -13,12 +13,12 @@ from contextlib import contextmanager
 
 import torch
 
+from ..devices import parse_device
 from ..errors import MergeError, TokenRenameWarning
+from ..merge_options import TEXT_DTYPES as DTYPES
 from ..sampling import MAX_SEED
 from ..solvers import IllConditionedWarning
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-#: The largest seed torch's random generators take (they hold an unsigned 64-bit integer).
 #: Our own warnings that the commands report themselves (renamed tokens, the solver's notes).
 REPORTED_WARNINGS = (TokenRenameWarning, IllConditionedWarning)
 #: Libraries whose deprecation notices are for developers, not for the user of a command.
@@ -128,41 +128,8 @@ def non_negative_float_type(text: str) -> float:
 
 
 def device(name: str, *, types: Sequence[str] = ("cpu", "cuda")) -> torch.device:
-    """The device ``--device name`` names, if this command runs there and this machine has it.
-
-    types: the device types the command supports (cd-merge: cpu and cuda, its solve is float64,
-    which MPS lacks; cd-sample adds mps). A name torch does not parse, a type the command does
-    not support (meta, xla, ...) and a device this machine lacks (cuda without a GPU, cuda:N
-    past the last GPU) are each one MergeError naming the devices that are available.
-    """
-    have = available_devices(types)
-    try:
-        chosen = torch.device(name)
-    except RuntimeError:
-        raise MergeError(f"--device {name}: not a device name; {have}.") from None
-    if chosen.type not in types:
-        supported = " or ".join("cuda[:N]" if kind == "cuda" else kind for kind in types)
-        raise MergeError(f"--device {name}: this command runs on {supported}, not {chosen.type}; {have}.")
-    if chosen.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            why = "torch found no GPU" if torch.version.cuda else f"torch {torch.__version__} was built without CUDA"
-            raise MergeError(f"--device {name}: no CUDA device is available ({why}); {have}.")
-        if chosen.index is not None and chosen.index >= count:
-            raise MergeError(f"--device {name}: there is no such GPU; {have}.")
-    if chosen.type == "mps" and not torch.backends.mps.is_available():
-        raise MergeError(f"--device {name}: MPS (Apple GPU) is not available here; {have}.")
-    return chosen
-
-
-def available_devices(types: Sequence[str] = ("cpu", "cuda")) -> str:
-    """``this machine has cpu, cuda:0``: the devices of ``types`` present here, for messages."""
-    names = ["cpu"]
-    if "cuda" in types and torch.cuda.is_available():
-        names += [f"cuda:{index}" for index in range(torch.cuda.device_count())]
-    if "mps" in types and torch.backends.mps.is_available():
-        names.append("mps")
-    return f"this machine has {', '.join(names)}"
+    """The device ``--device name`` names (see :func:`mergekit_cd.devices.parse_device`)."""
+    return parse_device(name, types=types)
 
 
 def add_device_argument(parser: argparse.ArgumentParser, *, what: str = "the pipeline",

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
 from .. import formats
-from ..base import open_base
 from ..errors import MergeError
 from ..features import default_reg_captions, read_captions
-from ..loading import save
-from ..merge import execute, plan_merge, summarize_plan
-from ..merge_methods import METHODS, get_method
-from ._common import DTYPES, add_device_arguments, device, run, style_flags, table
+from ..merge import MergePlan, MergeReport, prepare_merge_to_file, summarize_plan
+from ..merge_methods import METHODS
+from ..merge_options import MergeOptions, OptionError
+from ._common import add_device_arguments, device, run, style_flags, table
+
+#: Options whose flag is not their field's name (``--dtype`` sets the text-encoder precision).
+FLAGS = {"text_dtype": "dtype", "held_out": "held_out_captions"}
 
 EXAMPLES = """\
 examples:
@@ -86,79 +87,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_arguments(args: argparse.Namespace) -> None:
-    """Every option that is wrong on its own, before any file is read or text encoded."""
-    soft_only = [option for option, value in (("--weights", args.weights), ("--mu", args.mu)) if value is not None]
-    if soft_only and not get_method(args.method).concept_weights:
-        verb = "applies" if len(soft_only) == 1 else "apply"
-        raise MergeError(f"{' and '.join(soft_only)} only {verb} to --method soft, not to --method {args.method}; "
-                         f"add --method soft or leave them out.")
-    for option, value in (("--ridge", args.ridge), ("--relative-ridge", args.relative_ridge), ("--mu", args.mu)):
-        if value is not None and not (math.isfinite(value) and value >= 0):
-            raise MergeError(f"{option} {value:g}: must be a finite number >= 0.")
-    if args.mu == 0 and args.ridge == 0 and args.relative_ridge == 0:
-        raise MergeError("--mu 0 with no --ridge / --relative-ridge leaves the soft merge without a unique "
-                         "solution; give --mu > 0, or a small --relative-ridge such as 1e-3.")
-    if args.weights is not None:
-        bad = [weight for weight in args.weights if not (math.isfinite(weight) and weight > 0)]
-        if bad:
-            raise MergeError(f"--weights: every weight must be a finite number > 0, got {bad[0]:g}.")
-        if len(args.weights) < len(args.inputs):  # every input holds at least one concept
-            raise MergeError(f"--weights: got {len(args.weights)} weight(s) for {len(args.inputs)} inputs; "
-                             f"give one per concept, in input order.")
-    for option, value in (("--num-reg-captions", args.num_reg_captions), ("--batch-size", args.batch_size)):
-        if value is not None and value < 1:
-            raise MergeError(f"{option} {value}: must be at least 1.")
+def _options(args: argparse.Namespace) -> MergeOptions:
+    """The merge options the arguments give, refused in the command line's words when wrong."""
+    try:
+        options = MergeOptions(method=args.method, weights=args.weights, mu=args.mu, ridge=args.ridge,
+                               relative_ridge=args.relative_ridge, text_dtype=args.dtype,
+                               batch_size=args.batch_size, device=device(args.device), cache_dir=args.cache_dir,
+                               held_out=read_captions(args.held_out_captions) if args.held_out_captions else None)
+        options.check_inputs(len(args.inputs))
+    except OptionError as error:
+        raise _in_flags(error) from None
+    return options
 
 
-def _check_weight_count(weights: list[float] | None, plan) -> None:
-    """One soft-merge weight per concept: known once the inputs' tokens are."""
-    if weights is not None and len(weights) != len(plan.concepts):
-        tokens = ", ".join(concept.token or plan.sources[owner] for concept, owner in zip(plan.concepts, plan.owners))
-        raise MergeError(f"--weights: got {len(weights)} weight(s) for {len(plan.concepts)} concepts ({tokens}); "
-                         f"give one per concept, in input order.")
+def _in_flags(error: OptionError) -> MergeError:
+    """The option error worded with cd-merge's flags (``--relative-ridge``)."""
+    return MergeError(error.render(lambda name: "--" + FLAGS.get(name, name).replace("_", "-")))
 
 
 def main_with_args(args: argparse.Namespace) -> int:
-    _check_arguments(args)
-    chosen_device = device(args.device)
-    output = Path(args.output)
-    output_format = formats.output_format(output, args.format)
+    if args.num_reg_captions is not None and args.num_reg_captions < 1:
+        raise MergeError(f"--num-reg-captions {args.num_reg_captions}: must be at least 1.")
+    options = _options(args)
     captions = read_captions(args.reg_captions) if args.reg_captions else None
     if args.num_reg_captions is not None:
         captions = (captions or default_reg_captions())[: args.num_reg_captions]
-    held_out = read_captions(args.held_out_captions) if args.held_out_captions else None
-    base = open_base(args.base)
+    try:
+        job = prepare_merge_to_file(args.inputs, args.output, captions, base=args.base, format=args.format,
+                                    force=args.force, options=options, class_words=args.class_words,
+                                    styles=style_flags(args.inputs, args.style, what="an input"),
+                                    target_templates=args.target_template, style_templates=args.style_template,
+                                    check_base=not args.no_base_check, dry_run=args.dry_run)
+    except OptionError as error:
+        raise _in_flags(error) from None
+    for rename in job.plan.token_renames:
+        print(f"token {rename.old} of {job.plan.sources[rename.operand]} renamed to {rename.new}")
     if args.dry_run:
-        formats.check_can_hold(output_format, base.architecture.name, output)
-    else:  # before minutes of work, not after
-        formats.check_output(output, output_format, architecture=base.architecture.name, force=args.force,
-                             inputs=args.inputs)
-    plan = plan_merge(args.inputs, captions, base=base, class_words=args.class_words,
-                      styles=style_flags(args.inputs, args.style, what="an input"),
-                      target_templates=args.target_template, style_templates=args.style_template,
-                      check_base=not args.no_base_check)
-    _check_weight_count(args.weights, plan)
-    for rename in plan.token_renames:
-        print(f"token {rename.old} of {plan.sources[rename.operand]} renamed to {rename.new}")
-    if args.dry_run:
-        print(_describe_plan(plan, args))
+        print(_describe_plan(job.plan, options))
         return 0
-    delta, report = execute(plan, method=args.method, weights=args.weights,
-                            mu=1.0 if args.mu is None else args.mu, ridge=args.ridge,
-                            relative_ridge=args.relative_ridge, device=chosen_device,
-                            text_dtype=DTYPES[args.dtype], batch_size=args.batch_size, cache_dir=args.cache_dir,
-                            held_out=held_out, progress=not args.quiet, return_report=True)
-    save(delta, output, format=output_format, base=plan.base, force=args.force)
-    print(_describe_report(report, full_weights=formats.get_format(output_format).WRITES_FULL_WEIGHTS))
-    print(f"wrote {output}")
+    report = job.run(progress=not args.quiet)
+    print(_describe_report(report, full_weights=formats.get_format(job.format).WRITES_FULL_WEIGHTS))
+    print(f"wrote {job.output}")
     return 0
 
 
-def _describe_plan(plan, args: argparse.Namespace) -> str:
+def _describe_plan(plan: MergePlan, options: MergeOptions) -> str:
     """Inputs, formats, tokens, prompts, constraint rows, rank and memory: what a merge would do."""
-    summary = summarize_plan(plan, device=device(args.device), text_dtype=DTYPES[args.dtype],
-                             batch_size=args.batch_size)
+    summary = summarize_plan(plan, device=options.device, text_dtype=options.text_dtype,
+                             batch_size=options.batch_size)
     base = plan.base
     rows = [(source, read_as, concept.token or "(none)", concept.class_word, count, " | ".join(concept.prompts))
             for source, read_as, concept, count in summary.concepts]
@@ -166,12 +142,12 @@ def _describe_plan(plan, args: argparse.Namespace) -> str:
         f"base: {base.name} ({base.architecture.name}, {len(base.layer_names())} cross-attention layers, "
         f"{plan.num_weight_rows} K/V rows x {base.context_dim} features, fingerprint {base.fingerprint[:12]})",
         table(rows, ("input", "format", "token", "class", "rows", "target prompts")),
-        f"method {args.method}: {summary.num_constraint_rows} constraint rows of rank {summary.rank}, "
+        f"method {options.method}: {summary.num_constraint_rows} constraint rows of rank {summary.rank}, "
         f"{len(plan.reg_captions)} regularisation captions, estimated peak memory "
         f"{summary.estimated_memory_bytes / 2**20:.0f} MiB (plus the Python runtime)"])
 
 
-def _describe_report(report, *, full_weights: bool) -> str:
+def _describe_report(report: MergeReport, *, full_weights: bool) -> str:
     """Per-concept residuals of the file as written (float32 full weights when ``full_weights``,
     else float32 differences), held-out drift and solver diagnostics (float64) as a small table."""
     rows = [(c.token, c.class_word, f"{c.full_weights_residual if full_weights else c.residual:.2e}",

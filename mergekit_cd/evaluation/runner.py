@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 
 from ..apply import apply, remove
 from ..base import BaseModel
-from ..delta import ConceptDelta, dense
+from ..delta import ConceptDelta
+from ..devices import float64_device
 from ..errors import MergeError, TokenRenameWarning
 from ..features import TextFeatures, heldout_captions
 from ..loading import PathLike, as_base, load
@@ -384,7 +385,7 @@ def _residuals(plan: MergePlan, base: BaseModel, models: list[ConceptDelta | Non
     C_i: the features of concept i's target prompts, as the merge computes them (every
     concept's token installed); the merge report's residual, recomputed for any delta.
     """
-    text_device = torch.device("cpu") if device.type == "mps" else device
+    text_device = float64_device(device)
     encoder = TextFeatures(base, plan.tokens, device=text_device)
     features = [torch.cat(encoder.features(list(concept.prompts), batch_size=batch_size)).double()
                 for concept in plan.concepts]
@@ -393,20 +394,15 @@ def _residuals(plan: MergePlan, base: BaseModel, models: list[ConceptDelta | Non
     targets = [0.0] * len(features)
     for name in base.layer_names():
         W0 = torch.cat(base.kv(name)).double()
-        inputs = {owner: _layer_rows(plan.deltas[owner], name) for owner in set(plan.owners)}
-        rows = [_layer_rows(model, name) if model is not None else torch.zeros_like(W0) for model in models]
+        inputs = {owner: plan.deltas[owner].layers[name].rows().double() for owner in set(plan.owners)}
+        rows = [model.layers[name].rows().double() if model is not None else torch.zeros_like(W0)
+                for model in models]
         for k, (owner, C) in enumerate(zip(plan.owners, features)):
             own = inputs[owner]
             targets[k] += float(((W0 + own) @ C.T).square().sum())
             for row, model_rows in enumerate(rows):
                 errors[row][k] += float(((model_rows - own) @ C.T).square().sum())
     return [[math.sqrt(e / t) if t > 0 else math.sqrt(e) for e, t in zip(row, targets)] for row in errors]
-
-
-def _layer_rows(delta: ConceptDelta, name: str) -> Tensor:
-    """K then V difference rows of one layer, float64."""
-    layer = delta.layers[name]
-    return torch.cat([dense(layer.key), dense(layer.value)]).double()
 
 
 def _token_for(concept: _Concept, model: ConceptDelta, label: str, notes: list[str]) -> str:

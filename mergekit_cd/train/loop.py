@@ -34,7 +34,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..base import open_base
-from ..cli._common import device as parse_device
+from ..devices import parse_device
 from ..errors import MergeError
 from ..features import default_cache_dir
 from . import attention, checkpoint, data, embeddings, output, priors

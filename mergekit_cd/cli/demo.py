@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from .toyworld import concept_images_path, reg_captions_path
-from .toyworld.benchmark import BASE, grid_prompts, token_of
-from .toyworld.concepts import concept
+from ..toyworld import concept_images_path, reg_captions_path
+from ..toyworld.benchmark import BASE, grid_prompts, token_of
+from ..toyworld.concepts import concept
 
 OUTPUT = Path("demo-output")
 PAIR = ("twotone-star", "dotted-ring")
@@ -46,14 +46,14 @@ def run_command(main, arguments: list[str]) -> None:
 
 
 def main() -> None:
-    from .cli._common import table
-    from .cli.merge import main as cd_merge
-    from .cli.train import main as cd_train
-    from .loading import load
-    from .sampling import load_pipeline
-    from .toyworld.benchmark import PairResult, pooled, score_models
-    from .toyworld.detector import Detector
-    from .toyworld.grid import labelled_grid
+    from ._common import table
+    from .merge import main as cd_merge
+    from .train import main as cd_train
+    from ..loading import load
+    from ..sampling import load_pipeline
+    from ..toyworld.benchmark import PairResult, pooled, score_models
+    from ..toyworld.detector import Detector
+    from ..toyworld.grid import labelled_grid
 
     # the world's matrices are small: one thread avoids the overhead of two
     torch.set_num_threads(1)

@@ -1,0 +1,241 @@
+"""Planning a merge: the inputs loaded and checked, their tokens named, each concept's class word
+and target prompts decided; nothing encoded or solved yet (``cd-merge --dry-run`` stops here)."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from . import formats
+from .base import BaseModel
+from .delta import Concept, ConceptDelta, LazyLayers, LowRank, TokenRename, merge_tokens
+from .errors import MergeError
+from .features import TextFeatures, default_reg_captions, target_prompts
+from .loading import PathLike, as_base, load, resolve_delta
+from .solvers._common import default_rtol
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """Everything decided before any solve: inputs, concepts, prompts and sizes."""
+
+    base: BaseModel
+    deltas: tuple[ConceptDelta, ...]
+    sources: tuple[str, ...]
+    formats: tuple[str, ...]  # the format each input was read in ("object" for deltas given in memory)
+    concepts: tuple[Concept, ...]  # tokens already renamed to their merged names
+    owners: tuple[int, ...]  # index of the input each concept comes from
+    tokens: dict[str, tuple[Tensor, ...]]
+    token_renames: tuple[TokenRename, ...]
+    reg_captions: tuple[str, ...]
+
+    @property
+    def num_weight_rows(self) -> int:
+        return sum(k[0] + v[0] for k, v in self.base.kv_shapes().values())
+
+    def estimated_memory_bytes(self, num_constraint_rows: int, text_dtype: torch.dtype = torch.float32) -> int:
+        """Peak memory of :func:`execute` beyond the interpreter, on the CPU.
+
+        The inputs stay loaded throughout; on top come either the text encoder (released
+        first) or the result (float32) plus one layer's float64 working rows and the d x d
+        matrices of the factorisation.
+        """
+        d = self.base.context_dim
+        inputs = sum(_delta_bytes(delta) for delta in self.deltas)
+        text = self.base.text_encoder_parameters() * torch.finfo(text_dtype).bits // 8
+        layer_rows = max((k[0] + v[0] for k, v in self.base.kv_shapes().values()), default=0)
+        # base, sum, one input's and merged rows, read one input at a time; D C^T per constraint
+        working = 8 * layer_rows * (d * 5 + 2 * num_constraint_rows)
+        solver = 8 * (4 * d * d + 3 * num_constraint_rows * d)
+        return inputs + max(text, 4 * self.num_weight_rows * d + working + solver)
+
+
+@dataclass(frozen=True)
+class PlanSummary:
+    """What a merge would do, for ``--dry-run``: per concept its input, format and constraint rows."""
+
+    concepts: tuple[tuple[str, str, Concept, int], ...]  # (source, format, concept, rows)
+    num_constraint_rows: int
+    rank: int  # numerical rank of the stacked target-prompt features
+    estimated_memory_bytes: int
+
+
+def summarize_plan(plan: MergePlan, *, device: str | torch.device = "cpu",
+                   text_dtype: torch.dtype = torch.float32, batch_size: int = 64) -> PlanSummary:
+    """Encode the target prompts (not the captions) to count constraint rows and their rank."""
+    encoder = TextFeatures(plan.base, plan.tokens, device=device, dtype=text_dtype)
+    features = [torch.cat(encoder.features(list(c.prompts), batch_size=batch_size)).double()
+                for c in plan.concepts]
+    stacked = torch.cat(features)
+    singular_values = torch.linalg.svdvals(stacked)
+    top = float(singular_values[0]) if singular_values.numel() else 0.0
+    rank = int((singular_values > dependence_rtol(text_dtype) * top).sum()) if top > 0 else 0
+    rows = tuple((plan.sources[owner], plan.formats[owner], concept, C.shape[0])
+                 for concept, owner, C in zip(plan.concepts, plan.owners, features))
+    return PlanSummary(rows, stacked.shape[0], rank, plan.estimated_memory_bytes(stacked.shape[0], text_dtype))
+
+
+def dependence_rtol(text_dtype: torch.dtype) -> float:
+    """Tolerance below which constraint rows count as dependent: float32's sqrt(eps), or finer.
+
+    The targets ``V_i = W_i C_i^T`` are computed from the very feature rows ``C_i`` that the
+    constraints use, so a float16 / bfloat16 text encoder's rounding makes no row inconsistent;
+    it only moves the rows a little. Basing the tolerance on that rounding (0.031 float16, 0.088
+    bfloat16) dropped rows that conflict with nothing (rank 17/18, residuals 1e-2 on the tiny
+    model). float32's tolerance still meets near-duplicate rows with conflicting targets in
+    least squares, exactly as a float32 merge does; the solve itself is always float64.
+    """
+    return default_rtol(torch.promote_types(text_dtype, torch.float32))
+
+
+def plan_merge(deltas: Sequence[PathLike | ConceptDelta], reg_captions: Sequence[str] | None = None, *,
+               base: BaseModel | PathLike, class_words: Sequence[str | None] | None = None,
+               styles: Sequence[bool] | None = None, target_templates: Sequence[str] | None = None,
+               style_templates: Sequence[str] | None = None, check_base: bool = True) -> MergePlan:
+    """Load and validate the inputs, name their tokens, attach class words and target prompts.
+
+    A concept is a style when its file records it as one or ``styles`` flags its input (the
+    flag adds, it never clears a recorded style). Its target prompts are the ones its file
+    records (our native files and cd-train outputs do), unless a class word is given for it,
+    the flag makes it a style, or templates of its kind are given: ``target_templates`` for
+    object concepts, ``style_templates`` for style concepts; then they are built from those.
+    The same input given twice (the same file or folder by any path, or the same delta object)
+    is refused.
+    """
+    if not deltas:
+        raise MergeError("Nothing to merge: give at least one delta.")
+    base = as_base(base)
+    sources = tuple(d if isinstance(d, str) else str(d) if not isinstance(d, ConceptDelta)
+                    else d.metadata.get("source", f"input {i + 1}") for i, d in enumerate(deltas))
+    paths = [None if isinstance(d, ConceptDelta) else resolve_delta(d) for d in deltas]
+    _refuse_repeated_files(paths, sources)
+    loaded = [load(d, base=base, check_base=check_base) for d in deltas]
+    _refuse_repeated_content(loaded, sources)
+    read_as = tuple("object" if path is None else formats.detect_format(path).NAME for path in paths)
+    if class_words is not None and len(class_words) not in (0, len(loaded)):
+        raise MergeError(f"Got {len(class_words)} class words for {len(loaded)} inputs; give one --class "
+                         f"per input, in order (comma-separated for an input with several tokens).")
+    if styles is not None and len(styles) != len(loaded):
+        raise MergeError(f"Got {len(styles)} style flags for {len(loaded)} inputs.")
+    tokens, _, renames = merge_tokens(loaded)
+    concepts: list[Concept] = []
+    owners: list[int] = []
+    for index, delta in enumerate(loaded):
+        if not delta.tokens:
+            warnings.warn(f"{sources[index]} has no modifier token: its target prompts hold only the class "
+                          f"word, so the merge pins the base's outputs on ordinary prompts of that class.",
+                          stacklevel=2)
+        renamed = {r.old: r.new for r in renames if r.operand == index}
+        own_tokens = list(delta.tokens) or [""]
+        given_word = class_words[index] if class_words else None
+        words = _class_words_for(delta, own_tokens, given_word, sources[index])
+        for token, word in zip(own_tokens, words):
+            known = delta.concept_for(token)
+            recorded_style = bool(known and known.style)
+            style = recorded_style or bool(styles and styles[index])
+            templates = style_templates if style else target_templates
+            new_token = renamed.get(token, token)
+            recorded = known.renamed(token, new_token).prompts if known and known.prompts else ()
+            if recorded and not (given_word or templates or style != recorded_style):
+                prompts = recorded
+            else:
+                prompts = tuple(target_prompts(new_token, word, style=style, templates=templates))
+            concepts.append(Concept(new_token, word, tuple(prompts), style))
+            owners.append(index)
+    captions = tuple(reg_captions) if reg_captions is not None else tuple(default_reg_captions())
+    if not captions:
+        raise MergeError("The regularisation caption set is empty.")
+    return MergePlan(base, tuple(loaded), sources, read_as, tuple(concepts), tuple(owners), tokens,
+                     renames, captions)
+
+
+def _refuse_repeated_files(paths: Sequence[Path | None], sources: Sequence[str]) -> None:
+    """The same file or folder given twice, by any path (a link, a hub cache entry), is refused.
+
+    It would be the same concept twice under two token names with one embedding.
+    """
+    seen: dict[tuple[int, int], int] = {}
+    for index, path in enumerate(paths):
+        if path is None:
+            continue
+        try:
+            status = path.stat()
+        except OSError:  # the loader says what is wrong with it
+            continue
+        identity = (status.st_dev, status.st_ino)
+        if identity in seen:
+            what = "folder" if path.is_dir() else "file"
+            raise MergeError(_repeated_message(index, seen[identity], sources, f"the same {what}"))
+        seen[identity] = index
+
+
+def _refuse_repeated_content(loaded: Sequence[ConceptDelta], sources: Sequence[str]) -> None:
+    """Two inputs with the same content (same tokens, embeddings and weights) are refused, however
+    they were given: the same object, a copied file, a diffusers folder and its own weights file.
+
+    The weights are compared only when every token embedding already matches, which two
+    different concepts practically never do, so the check costs nothing for distinct inputs.
+    """
+    for index in range(len(loaded)):
+        for earlier in range(index):
+            if _same_delta(loaded[earlier], loaded[index]):
+                raise MergeError(_repeated_message(index, earlier, sources, "the same concept"))
+
+
+def _same_delta(a: ConceptDelta, b: ConceptDelta) -> bool:
+    """True when ``a`` is ``b``, or both have the same tokens with equal embeddings and equal layers."""
+    if a is b:
+        return True
+    if not a.tokens or a.tokens.keys() != b.tokens.keys() or a.layers.keys() != b.layers.keys():
+        return False
+    if not all(len(a.tokens[name]) == len(b.tokens[name])
+               and all(torch.equal(x, y) for x, y in zip(a.tokens[name], b.tokens[name])) for name in a.tokens):
+        return False
+    return all(torch.equal(a.layers[name].rows(), b.layers[name].rows()) for name in a.layers)
+
+
+def _repeated_message(index: int, earlier: int, sources: Sequence[str], what: str) -> str:
+    """``Input 3 (b.safetensors) is the same file as input 1 (a.safetensors): ...``."""
+    def name(i: int) -> str:
+        return f"input {i + 1}" if sources[i] == f"input {i + 1}" else f"input {i + 1} ({sources[i]})"
+
+    return (f"I{name(index)[1:]} is {what} as {name(earlier)}: a concept can be merged only once; "
+            f"leave out the repeat.")
+
+
+def _delta_bytes(delta: ConceptDelta) -> int:
+    """Memory held by a loaded delta's differences (none for layers read from their file on use)."""
+    if isinstance(delta.layers, LazyLayers):
+        return 0
+    total = 0
+    for layer in delta.layers.values():
+        for part in (layer.key, layer.value):
+            tensors = (part.up, part.down) if isinstance(part, LowRank) else (part,)
+            total += sum(t.numel() * t.element_size() for t in tensors)
+    return total
+
+
+def _class_words_for(delta: ConceptDelta, tokens: list[str], given: str | None, source: str) -> list[str]:
+    """Class word per token: from ``given`` (comma-separated), else from the delta's metadata."""
+    if given:
+        words = [w.strip() for w in given.split(",")]
+        if len(words) == 1:
+            words = words * len(tokens)
+        if len(words) != len(tokens):
+            raise MergeError(f"{source} has {len(tokens)} tokens ({', '.join(tokens)}) but "
+                             f"{len(words)} class words were given.")
+        return words
+    words = []
+    for token in tokens:
+        known = delta.concept_for(token)
+        if known is None or not known.class_word:
+            raise MergeError(f"No class word for {token or 'the concept'} of {source}: its file does not "
+                             f"record one. Pass --class WORD for every input, in order "
+                             f"(e.g. --class cat --class dog).")
+        words.append(known.class_word)
+    return words

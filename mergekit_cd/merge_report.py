@@ -1,0 +1,95 @@
+"""What a merge reports: per concept the residual of the weights as written, the drift on held-out
+captions, each beside the naive sum's; accumulated layer by layer, no output matrix kept."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from .delta import Concept, TokenRename
+from .solvers import SolveInfo
+
+
+@dataclass(frozen=True)
+class ConceptReport:
+    """How well the merged model keeps one concept: K/V outputs on its own target prompts."""
+
+    token: str
+    class_word: str
+    prompts: tuple[str, ...]
+    residual: float  # ||W C_i^T - W_i C_i^T|| / ||W_i C_i^T|| of W = W0 + the float32 difference returned
+    sum_residual: float  # the same for the naive sum of deltas
+    #: the same for W as full-weight formats write it: W0 + difference, rounded to float32
+    full_weights_residual: float = 0.0
+
+
+@dataclass(frozen=True)
+class MergeReport:
+    """What a merge did and how it went."""
+
+    method: str
+    concepts: tuple[ConceptReport, ...]
+    drift: float  # relative change of K/V outputs on held-out captions, merged vs base
+    sum_drift: float  # the same for the naive sum of deltas
+    token_renames: tuple[TokenRename, ...]
+    num_reg_captions: int
+    num_reg_rows: int
+    gram_from_cache: bool
+    solve_info: SolveInfo | None = None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+class ReportSums:
+    """Squared norms for the report, accumulated layer by layer (no output matrix is kept)."""
+
+    def __init__(self, num_concepts: int) -> None:
+        self.residual = [0.0] * num_concepts
+        self.full_residual = [0.0] * num_concepts
+        self.sum_residual = [0.0] * num_concepts
+        self.target = [0.0] * num_concepts
+        self.drift = self.sum_drift = self.base = 0.0
+
+    def add(self, features: list[Tensor], W0: Tensor, own: list[Tensor], merged: Tensor, naive_sum: Tensor,
+            held_gram: Tensor) -> None:
+        """One layer: base rows, each concept's own difference on its features (``own[i]`` =
+        D_owner C_i^T), the merged difference as returned (float32, held in float64) and the
+        summed one. Residuals are of what is written, not of the float64 solve."""
+        full = (W0.float() + merged.float()).double() - W0  # what FineTunedWeights.from_delta writes
+        for i, C in enumerate(features):
+            self.residual[i] += _squared(merged @ C.T - own[i])
+            self.full_residual[i] += _squared(full @ C.T - own[i])
+            self.sum_residual[i] += _squared(naive_sum @ C.T - own[i])
+            self.target[i] += _squared(W0 @ C.T + own[i])
+        self.drift += _quadratic(merged, held_gram)
+        self.sum_drift += _quadratic(naive_sum, held_gram)
+        self.base += _quadratic(W0, held_gram)
+
+    def report(self, method: str, concepts: Sequence[Concept], renames: Sequence[TokenRename], *,
+               num_captions: int, num_rows: int, gram_from_cache: bool, info: SolveInfo | None) -> MergeReport:
+        """The report of a merge whose every layer was added."""
+        rows = tuple(ConceptReport(c.token, c.class_word or "", c.prompts, _ratio(r, t), _ratio(sr, t), _ratio(fr, t))
+                     for c, r, sr, fr, t in zip(concepts, self.residual, self.sum_residual, self.full_residual,
+                                                self.target))
+        return MergeReport(method, rows, _ratio(self.drift, self.base), _ratio(self.sum_drift, self.base),
+                           tuple(renames), num_captions, num_rows, gram_from_cache, info,
+                           info.notes if info is not None else ())
+
+
+def _squared(x: Tensor) -> float:
+    return float(x.square().sum())
+
+
+def _quadratic(X: Tensor, gram: Tensor) -> float:
+    """``||X C^T||^2 = sum((X G) * X)`` for ``G = C^T C``, without the rows of C."""
+    return float(((X @ gram) * X).sum().clamp_min(0))
+
+
+def _ratio(squared_numerator: float, squared_denominator: float) -> float:
+    """sqrt(a / b): a relative norm from squared norms; the absolute one when b is zero."""
+    if squared_denominator > 0:
+        return math.sqrt(squared_numerator / squared_denominator)
+    return math.sqrt(squared_numerator)
+
