@@ -18,6 +18,7 @@ import warnings
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -152,20 +153,66 @@ def save_pickle(obj: Any, path: str | os.PathLike[str]) -> None:
         raise OSError(errno.EIO, _reason(error)) from error
 
 
+class _ParseScope:
+    """What :func:`parse_once` keeps: parsed pickles and open safetensors handles, by file identity."""
+
+    def __init__(self) -> None:
+        self.parsed: dict[tuple[Any, ...], Any] = {}
+
+    @staticmethod
+    def key(kind: str, path: str | os.PathLike[str], *extra: Any) -> tuple[Any, ...] | None:
+        try:
+            return (kind, file_identity(path), *extra)
+        except OSError:
+            return None  # the reader says what is wrong with the path
+
+
+_SCOPE: ContextVar[_ParseScope | None] = ContextVar("mergekit_cd_parse_scope", default=None)
+
+
+@contextmanager
+def parse_once() -> Iterator[None]:
+    """Within, each file is parsed once: detecting its format, validating it and planning with it
+    share one unpickling (or one safetensors handle), keyed by file identity so that a replaced
+    file is parsed anew; all is released on exit. Layers read later, while merging, are read
+    from the file again one at a time, which keeps a merge's memory at about one layer per input.
+    """
+    if _SCOPE.get() is not None:
+        yield
+        return
+    token = _SCOPE.set(_ParseScope())
+    try:
+        yield
+    finally:
+        _SCOPE.reset(token)
+
+
 def load_pickle(path: str | os.PathLike[str], *, mmap: bool = False) -> Any:
     """Load a torch pickle holding only tensors and plain containers; never runs its code.
 
     mmap: map tensor data instead of reading it (cheap for sniffing; zip-format files only,
-    older files are read whole).
+    older files are read whole). Within :func:`parse_once` a file is unpickled once.
     Any failure is one :class:`MergeError` naming the file: a file that needs other globals
     (it would run code) is refused, an unreadable one is reported truncated or corrupt.
     """
     _check_not_empty(path)
+    mapped = mmap and zipfile.is_zipfile(path)
+    scope = _SCOPE.get()
+    key = scope.key("pickle", path, mapped) if scope is not None else None
+    if key is not None and key in scope.parsed:
+        return scope.parsed[key]
+    contents = _unpickle(path, mapped)
+    if key is not None:
+        scope.parsed[key] = contents
+    return contents
+
+
+def _unpickle(path: str | os.PathLike[str], mapped: bool) -> Any:
+    """:func:`load_pickle`'s one call of ``torch.load``, with every failure one MergeError."""
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            return torch.load(path, map_location="cpu", weights_only=True,
-                              mmap=mmap and zipfile.is_zipfile(path))
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mapped)
     except pickle.UnpicklingError as error:
         disallowed = _DISALLOWED_GLOBAL.search(str(error))
         if disallowed:
@@ -190,11 +237,24 @@ def load_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], d
 
 @contextmanager
 def open_safetensors(path: str | os.PathLike[str]) -> Iterator[Any]:
-    """``safe_open`` on the CPU, with a broken or unreadable file turned into one MergeError."""
+    """``safe_open`` on the CPU, with a broken or unreadable file turned into one MergeError;
+    within :func:`parse_once`, one handle per file."""
     _check_not_empty(path)
+    scope = _SCOPE.get()
+    key = scope.key("safetensors", path) if scope is not None else None
     try:
-        with safe_open(str(path), framework="pt") as file:
-            yield file
+        if key is None:
+            with safe_open(str(path), framework="pt") as file:
+                yield file
+        else:  # kept open for the scope (closed when its last reference goes); a failure is kept too
+            if key not in scope.parsed:
+                try:
+                    scope.parsed[key] = safe_open(str(path), framework="pt")
+                except (SafetensorError, OSError) as error:
+                    scope.parsed[key] = error
+            if isinstance(scope.parsed[key], BaseException):
+                raise scope.parsed[key]
+            yield scope.parsed[key]
     except SafetensorError as error:
         raise MergeError(f"{path}: truncated or corrupt safetensors file ({error}).") from None
     except OSError as error:

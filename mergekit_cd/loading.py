@@ -8,12 +8,14 @@ fingerprint, layer coverage, shapes and token sizes.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import formats, hub
 from .base import BaseModel, open_base
 from .delta import CompressionReport, ConceptDelta, LowRank, compress, layer_shapes
 from .errors import MergeError
+from .fileio import parse_once
 from .weights import FineTunedWeights
 
 PathLike = str | os.PathLike[str]
@@ -30,20 +32,48 @@ def as_base(base: BaseModel | PathLike) -> BaseModel:
     return base if isinstance(base, BaseModel) else open_base(str(base))
 
 
+@dataclass(frozen=True)
+class LoadedDelta:
+    """What loading learned about one input: its name as given, the file or folder it resolved
+    to (None for a delta given in memory), the format it was read in, and the checked delta."""
+
+    source: str
+    path: Path | None
+    format: str
+    delta: ConceptDelta
+
+
+#: The format of a delta given in memory rather than as a file.
+IN_MEMORY = "object"
+
+
 def load(reference: PathLike | ConceptDelta, *, base: BaseModel | PathLike | None = None,
          check_base: bool = True) -> ConceptDelta:
     """Read a delta in any supported format (local path or hub repo id) and validate it.
 
     Files that hold full fine-tuned weights need ``base`` to become differences. With a base,
     the delta is checked against it; ``check_base=False`` accepts a delta whose recorded base
-    fingerprint differs (for experts who know the bases are equivalent).
+    fingerprint differs (for experts who know the bases are equivalent). A delta given in
+    memory is never changed: what the base adds (its fingerprint, name) goes to a copy.
     """
+    return load_source(reference, base=base, check_base=check_base).delta
+
+
+def load_source(reference: PathLike | ConceptDelta, *, base: BaseModel | PathLike | None = None,
+                check_base: bool = True, source: str | None = None) -> LoadedDelta:
+    """:func:`load`, keeping what it learned on the way: the resolved path and the format (the
+    file is resolved, detected and read once, with one parse). ``source`` names the input in
+    messages (default: the reference as given)."""
+    content: ConceptDelta | FineTunedWeights | None = None
     if isinstance(reference, ConceptDelta):
-        delta, source = reference, "delta"
+        path, read_as = None, IN_MEMORY
+        source = source or reference.metadata.get("source", "delta")
+        delta = replace(reference, metadata=dict(reference.metadata))
     else:
-        path = resolve_delta(reference)
-        source = str(reference)
-        content = formats.read(path)
+        source = source or str(reference)
+        with parse_once():
+            path = resolve_delta(reference)
+            read_as, content = formats.read_detected(path)
         if isinstance(content, FineTunedWeights):
             if base is None:
                 raise MergeError(f"{source} holds full fine-tuned weights; give the base model they "
@@ -58,12 +88,13 @@ def load(reference: PathLike | ConceptDelta, *, base: BaseModel | PathLike | Non
         delta.metadata.setdefault("source", source)
     if base is not None:
         base = as_base(base)
-        check_delta(delta, base, source, check_base=check_base)
+        # full weights were fitted to the base before they became differences
+        check_delta(delta, base, source, check_base=check_base, fit=not isinstance(content, FineTunedWeights))
         if delta.base_fingerprint is None:
             delta.base_fingerprint = base.fingerprint
             delta.base = delta.base or base.name
         delta.architecture = delta.architecture or base.architecture.name
-    return delta
+    return LoadedDelta(source, path, read_as, delta)
 
 
 def resolve_delta(reference: PathLike) -> Path:
@@ -134,13 +165,17 @@ def _wrong_base_message(source: str, made_for: str | None, fingerprint: str, bas
             f"base, or pass --no-base-check if you know they are equivalent.")
 
 
-def check_delta(delta: ConceptDelta, base: BaseModel, source: str, *, check_base: bool = True) -> None:
-    """Refuse a delta that does not fit ``base``: one MergeError naming the source and problem."""
+def check_delta(delta: ConceptDelta, base: BaseModel, source: str, *, check_base: bool = True,
+                fit: bool = True) -> None:
+    """Refuse a delta that does not fit ``base``: one MergeError naming the source and problem
+    (``fit=False``: only its architecture and recorded base, when its layers were fitted already)."""
     if delta.architecture and delta.architecture != base.architecture.name:
         raise MergeError(f"{source} is an {delta.architecture} delta but {base.name} is an "
                          f"{base.architecture.name} model ({base.architecture.description}).")
     if check_base and delta.base_fingerprint and delta.base_fingerprint != base.fingerprint:
         raise MergeError(_wrong_base_message(source, delta.base, delta.base_fingerprint, base))
+    if not fit:
+        return
     shapes = {name: key for name, (key, _) in layer_shapes(delta.layers).items()}
     check_fits(delta.layers.keys(), shapes, delta.tokens, base, source)
 

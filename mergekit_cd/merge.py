@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from . import formats
 from .base import BaseModel
-from .delta import ConceptDelta, LayerDelta, dense
+from .delta import ConceptDelta, LayerDelta
 from .errors import MergeError
 from .features import FEATURE_RULE, LazyTextFeatures, cached_features, cached_gram, heldout_captions
 from .loading import PathLike, as_base, save
@@ -177,12 +177,16 @@ def execute(plan: MergePlan, options: MergeOptions | None = None, *, progress: b
     held_gram = text.held_gram.to(solve_device) if text.held_gram is not None else None
     sums = ReportSums(len(plan.concepts))
     layers: dict[str, LayerDelta] = {}
+    layer_digests: list[dict[str, bytes]] = [{} for _ in plan.deltas]
     for name in tqdm(plan.base.layer_names(), desc="merging layers", unit="layer", disable=not progress):
         W0 = torch.cat(plan.base.kv(name)).to(solve_device, torch.float64)
         # one input's rows at a time: keep only their sum and each concept's D_owner C_i^T
         naive_sum, own = torch.zeros_like(W0), [torch.empty(0)] * len(features)
+        keys = plan.base.kv_shapes()[name][0][0]
         for index, delta in enumerate(plan.deltas):
-            rows = delta.layers[name].rows().to(solve_device, torch.float64)
+            rows = delta.layers[name].rows()
+            layer_digests[index][name] = _layer_digest(name, rows, keys)  # for the recipe: no second read
+            rows = rows.to(solve_device, torch.float64)
             naive_sum += rows
             for i, owner in enumerate(plan.owners):
                 if owner == index:
@@ -196,14 +200,13 @@ def execute(plan: MergePlan, options: MergeOptions | None = None, *, progress: b
         merged = merged.float()  # the result's dtype: the report measures this, not the float64 solve
         if return_report:
             sums.add(features, W0, own, merged.double(), naive_sum, held_gram)
-        keys = plan.base.kv_shapes()[name][0][0]
         merged = merged.cpu()
         layers[name] = LayerDelta(merged[:keys].contiguous(), merged[keys:].contiguous())
 
     result = ConceptDelta(layers, plan.tokens, base=plan.base.name,
                           base_fingerprint=plan.base.fingerprint, architecture=plan.base.architecture.name,
                           concepts=plan.concepts, token_renames=plan.token_renames)
-    result.metadata["recipe"] = _recipe(plan, options, total_ridge)
+    result.metadata["recipe"] = _recipe(plan, options, total_ridge, layer_digests)
     if not return_report:
         return result
     info = operator.info() if operator is not None else None
@@ -219,14 +222,14 @@ def _release_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _recipe(plan: MergePlan, options: MergeOptions, total_ridge: float) -> dict:
+def _recipe(plan: MergePlan, options: MergeOptions, total_ridge: float, layer_digests: list[dict[str, bytes]]) -> dict:
     """Provenance: enough to tell how the merged file was made, and from what."""
     captions = "\n".join(plan.reg_captions).encode()
     return {
         "tool": f"mergekit-cd {__version__}",
         "method": options.method,
-        "inputs": [{"source": s, "content_sha256": _delta_hash(d), "tokens": list(d.tokens)}
-                   for s, d in zip(plan.sources, plan.deltas)],
+        "inputs": [{"source": s, "content_sha256": _delta_hash(d, digests), "tokens": list(d.tokens)}
+                   for s, d, digests in zip(plan.sources, plan.deltas, layer_digests)],
         "concepts": [{"token": c.token, "class_word": c.class_word, "prompts": list(c.prompts)}
                      for c in plan.concepts],
         "token_renames": [{"input": r.operand, "old": r.old, "new": r.new} for r in plan.token_renames],
@@ -239,13 +242,21 @@ def _recipe(plan: MergePlan, options: MergeOptions, total_ridge: float) -> dict:
     }
 
 
-def _delta_hash(delta: ConceptDelta) -> str:
-    """sha256 of a delta's differences and tokens, independent of the file it came in."""
+def _layer_digest(name: str, rows: Tensor, keys: int) -> bytes:
+    """sha256 of one layer's K and V differences (float32), whatever way they were stored."""
     digest = hashlib.sha256()
-    for name in sorted(delta.layers):
-        for part in (delta.layers[name].key, delta.layers[name].value):
-            digest.update(name.encode())
-            digest.update(dense(part).detach().float().contiguous().numpy().tobytes())
+    for part in (rows[:keys], rows[keys:]):
+        digest.update(name.encode())
+        digest.update(part.detach().float().contiguous().numpy().tobytes())
+    return digest.digest()
+
+
+def _delta_hash(delta: ConceptDelta, layer_digests: dict[str, bytes]) -> str:
+    """sha256 of a delta's differences (from its layers' digests, in name order) and tokens,
+    independent of the file it came in and of the order its layers were read."""
+    digest = hashlib.sha256()
+    for name in sorted(layer_digests):
+        digest.update(layer_digests[name])
     for token in sorted(delta.tokens):
         digest.update(token.encode())
         for embedding in delta.tokens[token]:

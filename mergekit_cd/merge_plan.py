@@ -11,12 +11,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from . import formats
 from .base import BaseModel
 from .delta import Concept, ConceptDelta, LazyLayers, LowRank, TokenRename, merge_tokens
 from .errors import MergeError
 from .features import TextFeatures, default_reg_captions, target_prompts
-from .loading import PathLike, as_base, load, resolve_delta
+from .fileio import parse_once
+from .loading import PathLike, as_base, load_source, resolve_delta
 from .solvers._common import default_rtol
 
 
@@ -112,11 +112,14 @@ def plan_merge(deltas: Sequence[PathLike | ConceptDelta], reg_captions: Sequence
     base = as_base(base)
     sources = tuple(d if isinstance(d, str) else str(d) if not isinstance(d, ConceptDelta)
                     else d.metadata.get("source", f"input {i + 1}") for i, d in enumerate(deltas))
-    paths = [None if isinstance(d, ConceptDelta) else resolve_delta(d) for d in deltas]
-    _refuse_repeated_files(paths, sources)
-    loaded = [load(d, base=base, check_base=check_base) for d in deltas]
-    _refuse_repeated_content(loaded, sources)
-    read_as = tuple("object" if path is None else formats.detect_format(path).NAME for path in paths)
+    with parse_once():  # each input file is parsed once: resolving, detecting, reading, comparing
+        paths = [None if isinstance(d, ConceptDelta) else resolve_delta(d) for d in deltas]
+        _refuse_repeated_files(paths, sources)
+        inputs = [load_source(d if path is None else path, base=base, check_base=check_base, source=source)
+                  for d, path, source in zip(deltas, paths, sources)]
+        loaded = [entry.delta for entry in inputs]
+        _refuse_repeated_content(loaded, sources)
+    read_as = tuple(entry.format for entry in inputs)
     if class_words is not None and len(class_words) not in (0, len(loaded)):
         raise MergeError(f"Got {len(class_words)} class words for {len(loaded)} inputs; give one --class "
                          f"per input, in order (comma-separated for an input with several tokens).")
@@ -188,8 +191,9 @@ def _refuse_repeated_content(loaded: Sequence[ConceptDelta], sources: Sequence[s
 
 
 def _same_delta(a: ConceptDelta, b: ConceptDelta) -> bool:
-    """True when ``a`` is ``b``, or both have the same tokens with equal embeddings and equal layers."""
-    if a is b:
+    """True when ``a`` is ``b`` (or a copy sharing its layers, as loading one delta object twice
+    gives), or both have the same tokens with equal embeddings and equal layers."""
+    if a is b or (a.layers is b.layers and a.tokens.keys() == b.tokens.keys()):
         return True
     if not a.tokens or a.tokens.keys() != b.tokens.keys() or a.layers.keys() != b.layers.keys():
         return False

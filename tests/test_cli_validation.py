@@ -64,7 +64,7 @@ def test_the_same_input_twice_is_one_error_before_any_input_is_read(tiny_pipelin
     def refuse(*args, **kwargs):
         raise AssertionError("an input was read before the repeat was refused")
 
-    monkeypatch.setattr(importlib.import_module("mergekit_cd.merge_plan"), "load", refuse)
+    monkeypatch.setattr(importlib.import_module("mergekit_cd.merge_plan"), "load_source", refuse)
     assert cd_merge.main([native, native, "--base", str(tiny_pipeline_path("sd1")),
                           "-o", str(tmp_path / "merged.safetensors"), "-q"]) == 1
     message = one_error_line(capsys, "cd-merge")

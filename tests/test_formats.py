@@ -905,7 +905,7 @@ def test_hostile_token_names_are_refused_when_read_and_shown_escaped(tmp_path, n
                     f"{LAYER}.processor.to_v_custom_diffusion.weight": torch.ones(32, 32)},
                    path / "pytorch_custom_diffusion_weights.bin")
         torch.save({name: torch.ones(32)}, path / "new.bin")
-    with pytest.raises(MergeError, match="token .*(holds whitespace|cannot name a file|must be a non-empty|is 202)|key .token\.\.0"):
+    with pytest.raises(MergeError, match=r"token .*(holds whitespace|cannot name a file|must be a non-empty|is 202)|key .token\.\.0"):
         formats.read(path)
     assert cd_inspect.main([str(path)]) == 1
     err = capsys.readouterr().err

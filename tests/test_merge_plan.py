@@ -367,3 +367,39 @@ def test_reported_residual_is_of_the_file_as_written(base, two, tmp_path, output
         reported = concept.full_weights_residual if isinstance(written, FineTunedWeights) else concept.residual
         assert (error / target) ** 0.5 == pytest.approx(reported, rel=1e-3)
         assert report.solve_info.residual < 1e-3 * reported
+
+
+def test_each_input_is_parsed_once_to_plan_and_each_layer_read_once_to_merge(base, tmp_path, monkeypatch):
+    """Planning (resolve, detect, validate, compare, class words) unpickles an authors' .bin or a
+    CompVis .ckpt once, and opens a safetensors file once; the merge then reads each layer of each
+    input once (streaming), the recipe's content hash included. Before, a .bin was unpickled 5
+    times to plan and every layer twice more to merge."""
+    import safetensors
+
+    from mergekit_cd import fileio
+    from mergekit_cd.merge import prepare_merge_to_file
+
+    deltas = [random_concept_delta(base, f"<new{i + 1}>", word, seed=i) for i, word in enumerate(
+        ["cat", "dog", "pot", "car"])]
+    inputs = [save(deltas[0], tmp_path / "cat.bin", base=base), save(deltas[1], tmp_path / "dog.ckpt", base=base),
+              save(deltas[2], tmp_path / "pot.safetensors"), save(deltas[3], tmp_path / "car", base=base)]
+    files = [*inputs[:3], inputs[3] / "pytorch_custom_diffusion_weights.safetensors", inputs[3] / "<new4>.safetensors"]
+    opened: dict[str, int] = {}
+    real_load, real_open = torch.load, safetensors.safe_open
+
+    def counted(real):
+        def call(path, *args, **kwargs):
+            opened[str(path)] = opened.get(str(path), 0) + 1
+            return real(path, *args, **kwargs)
+        return call
+
+    monkeypatch.setattr(torch, "load", counted(real_load))
+    monkeypatch.setattr(fileio, "safe_open", counted(real_open))
+    job = prepare_merge_to_file([str(path) for path in inputs], tmp_path / "merged.safetensors", captions(), base=base)
+    assert job.plan.formats == ("authors-bin", "compvis", "native", "diffusers")
+    assert {name: opened.get(str(name), 0) for name in files} == {name: 1 for name in files}
+    opened.clear()
+    job.run()
+    layers = len(base.layer_names())
+    assert {name: opened.get(str(name), 0) for name in files} == {**{name: layers for name in files[:4]},
+                                                                  files[4]: 0}

@@ -20,7 +20,7 @@ from types import ModuleType
 
 from ..delta import check_token_name
 from ..errors import MergeError
-from ..fileio import check_destination, check_not_an_input, load_pickle, load_safetensors
+from ..fileio import check_destination, check_not_an_input, load_pickle, load_safetensors, parse_once
 from . import authors_bin, compvis, diffusers_layout, native
 from ._common import Delta, describe_container, natural_order, safetensors_header
 
@@ -127,8 +127,14 @@ def _found(path: Path) -> str:
 
 def read(path: str | os.PathLike[str], format_name: str | None = None) -> Delta:
     """Read ``path`` in the named format, or in the one :func:`detect_format` finds."""
-    module = get_format(format_name) if format_name else detect_format(path)
-    return module.read(path)
+    return read_detected(path, format_name)[1]
+
+
+def read_detected(path: str | os.PathLike[str], format_name: str | None = None) -> tuple[str, Delta]:
+    """``(format name, content)`` of ``path``: detection and reading share one parse of the file."""
+    with parse_once():
+        module = get_format(format_name) if format_name else detect_format(path)
+        return module.NAME, module.read(path)
 
 
 def write(obj: Delta, path: str | os.PathLike[str], format_name: str, *, force: bool = False) -> None:

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from ..delta import ConceptDelta, Difference, LayerDelta, LazyLayers, LowRank, check_token_name
@@ -369,13 +368,24 @@ def saveable(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
 # ---------------------------------------------------------------- sniffing, for detect()
 def safetensors_header(path: str | os.PathLike[str]) -> tuple[list[str], dict[str, str]] | None:
     """Keys and header metadata without reading tensors; None if not a readable safetensors file."""
-    if not Path(path).is_file():
+    if not Path(path).is_file() or not _starts_like_safetensors(path):
         return None
     try:
-        with safe_open(str(path), framework="pt") as file:
+        with open_safetensors(path) as file:
             return list(file.keys()), file.metadata() or {}
-    except (SafetensorError, OSError):
+    except MergeError:
         return None
+
+
+def _starts_like_safetensors(path: str | os.PathLike[str]) -> bool:
+    """A safetensors file starts with its header's length (8 bytes) and the header's ``{``; a torch
+    pickle (zip ``PK``, or protocol ``0x80``) never does, so it is never offered to ``safe_open``."""
+    try:
+        with open(path, "rb") as file:
+            start = file.read(9)
+    except OSError:
+        return True  # let the reader say what is wrong with it
+    return len(start) < 9 or start[8:9] == b"{"
 
 
 def peek_pickle(path: str | os.PathLike[str]) -> Any | None:
