@@ -14,7 +14,6 @@ that occur in the captions; :func:`cached_features` does the same for a merge's 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -33,6 +32,7 @@ from tqdm.auto import tqdm
 from .delta import check_token_name
 from .devices import float64_device
 from .errors import MergeError
+from .fileio import atomic_path
 
 if TYPE_CHECKING:
     from .base import BaseModel
@@ -421,16 +421,14 @@ def _read_features(path: Path, count: int, width: int) -> list[Tensor] | None:
 
 
 def _write_cache(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str], what: str) -> None:
-    """Write atomically (temporary file, then rename), so readers never see half a file."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """Write atomically, so readers never see half a file; a cache that cannot be written (no
+    space, no permission) only warns: the merge goes on without it."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(temporary),
-                  metadata=metadata)
-        os.replace(temporary, path)
-    except OSError as error:
-        with contextlib.suppress(OSError):  # the folder itself may be what failed
-            temporary.unlink(missing_ok=True)
+        with atomic_path(path, force=True) as temporary:
+            save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(temporary),
+                      metadata=metadata)
+    except (OSError, MergeError) as error:
         warnings.warn(f"Could not cache {what} in {path.parent}: {error}", stacklevel=3)
 
 

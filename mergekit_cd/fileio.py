@@ -16,7 +16,7 @@ import secrets
 import shutil
 import warnings
 import zipfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
@@ -34,30 +34,111 @@ _DISALLOWED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
 @contextmanager
 def atomic_path(path: str | os.PathLike[str], *, force: bool, folder: bool = False,
                 foreign_entries: Callable[[Path], list[str]] | None = None) -> Iterator[Path]:
-    """Yield a temporary sibling of ``path`` to write; rename it to ``path`` only on success.
+    """Yield a temporary sibling of ``path`` to write; rename it to ``path`` only on success
+    (:func:`atomic_outputs` of one output).
 
     folder: create the temporary path as an empty folder (for multi-file layouts); otherwise
     the caller creates the file. An existing ``path`` is refused unless ``force``; with
     ``force`` it is replaced only after the new output is complete, and an existing folder
-    only as :func:`check_destination` allows (``foreign_entries``). On any failure the
-    temporary output is removed and ``path`` is left as it was; a write failure (``OSError``,
-    or safetensors' own error) becomes a :class:`MergeError` naming ``path``.
+    only as :func:`check_destination` allows (``foreign_entries``).
     """
-    target = Path(path)
-    check_destination(target, force=force, foreign_entries=foreign_entries)
-    temporary = _sibling(target, "partial")
+    with atomic_outputs([Path(path)], force=force, folder=folder, foreign_entries=foreign_entries) as (temporary,):
+        yield temporary
+
+
+@contextmanager
+def atomic_outputs(targets: Sequence[Path], *, force: bool, folder: bool = False,
+                   foreign_entries: Callable[[Path], list[str]] | None = None,
+                   check: bool = True) -> Iterator[tuple[Path, ...]]:
+    """The one atomic writer: yield a temporary sibling per target to write, and only when every
+    one is written put them all in place, or none.
+
+    Placing sets every existing target aside (the last target first: it may mark the group as
+    complete, as ``delta.safetensors`` marks a finished training run), then renames the
+    temporaries in order, so the last target appears last; when a rename fails, every target gets
+    back what it held. ``check``: refuse what :func:`check_destination` refuses first (callers that
+    checked before their work pass False). On any failure no temporary is left; a write failure
+    (``OSError``, or safetensors' own error) becomes one :class:`MergeError` naming the target.
+    """
+    targets = [Path(target) for target in targets]
+    if not targets:
+        yield ()
+        return
+    if check:
+        for target in targets:
+            check_destination(target, force=force, foreign_entries=foreign_entries)
+    temporaries = tuple(_sibling(target, "partial") for target in targets)
+    current = targets[0]
     try:
         if folder:
-            temporary.mkdir()
-        yield temporary
-        _move_into_place(temporary, target)
+            for temporary in temporaries:
+                temporary.mkdir()
+        yield temporaries
+        current = _place_all(temporaries, targets, force=force)
     except (OSError, SafetensorError) as error:  # safetensors reports I/O failures as its own type
-        _remove(temporary)
         reason = error.strerror if isinstance(error, OSError) and error.strerror else error
-        raise MergeError(f"Cannot write {target}: {reason}.") from error
-    except BaseException:
-        _remove(temporary)
+        raise MergeError(f"Cannot write {getattr(error, 'target', current)}: {reason}.") from error
+    finally:
+        for temporary in temporaries:  # none is left after a complete placing
+            _remove(temporary)
+
+
+def _place_all(temporaries: Sequence[Path], targets: Sequence[Path], *, force: bool) -> Path:
+    """Rename each temporary onto its target, all or none (see :func:`atomic_outputs`); what the
+    targets held before is removed once all are placed. Without ``force`` a target is claimed
+    exclusively: one that appeared since it was checked is never replaced. Returns the last target."""
+    if force and len(targets) == 1 and not targets[0].is_dir() and not temporaries[0].is_dir():
+        os.replace(temporaries[0], targets[0])  # a file over a file: atomic, never absent
+        return targets[0]
+    aside: dict[Path, Path] = {}
+    placed: list[Path] = []
+    target = targets[-1]
+    try:
+        for target in reversed(targets if force else ()):
+            if os.path.lexists(target):
+                aside[target] = _sibling(target, "old")
+                os.rename(target, aside[target])
+        for temporary, target in zip(temporaries, targets):
+            (os.rename if force else _claim)(temporary, target)
+            placed.append(target)
+    except OSError as error:
+        for done in reversed(placed):
+            _remove(done)
+        for original, old in aside.items():
+            os.rename(old, original)
+        error.target = target  # type: ignore[attr-defined]  # which output failed, for the message
         raise
+    for old in aside.values():
+        _remove(old)
+    return target
+
+
+def _claim(temporary: Path, target: Path) -> None:
+    """Rename ``temporary`` to ``target`` unless something is there now (another writer's output
+    that appeared after the check): a file is hard-linked into place, which fails on an existing
+    name; a folder's rename fails onto a file or a folder holding anything."""
+    appeared = FileExistsError(errno.EEXIST, "it appeared while the output was written (another writer?); "
+                                             "pass --force to overwrite")
+    if temporary.is_dir():
+        try:
+            os.rename(temporary, target)
+        except OSError as error:
+            if error.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                raise appeared from None
+            raise
+        return
+    try:
+        os.link(temporary, target)
+    except FileExistsError:
+        raise appeared from None
+    except OSError as error:  # a file system without hard links
+        if error.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            raise
+        if os.path.lexists(target):
+            raise appeared from None
+        os.rename(temporary, target)
+        return
+    os.unlink(temporary)
 
 
 def check_destination(target: Path, *, force: bool,
@@ -116,25 +197,6 @@ def _sibling(target: Path, purpose: str) -> Path:
     return target.with_name(f".{target.name}.{secrets.token_hex(4)}.{purpose}")
 
 
-def _move_into_place(temporary: Path, target: Path) -> None:
-    """Rename ``temporary`` to ``target``; an existing folder is swapped out, then deleted."""
-    replacing_folder = target.is_dir() and not target.is_symlink()
-    if not replacing_folder and not temporary.is_dir():
-        os.replace(temporary, target)  # atomic for a file over a file
-        return
-    if not os.path.lexists(target):
-        os.rename(temporary, target)
-        return
-    old = _sibling(target, "old")
-    os.rename(target, old)
-    try:
-        os.rename(temporary, target)
-    except OSError:
-        os.rename(old, target)
-        raise
-    _remove(old)
-
-
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -145,12 +207,24 @@ def _remove(path: Path) -> None:
 def save_pickle(obj: Any, path: str | os.PathLike[str]) -> None:
     """``torch.save``, its write failures (full disk, I/O error) raised as OSError.
 
-    torch reports them as RuntimeError; saving plain tensors and containers fails no other way.
+    torch reports them as RuntimeError (``[enforce fail at inline_container.cc:672] ... file write
+    failed``, whatever the cause); saving plain tensors and containers fails no other way. A full
+    disk is told by the space left where the file was being written.
     """
     try:
         torch.save(obj, path)
     except RuntimeError as error:
+        if _nearly_full(Path(path).parent):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from error
         raise OSError(errno.EIO, _reason(error)) from error
+
+
+def _nearly_full(folder: Path) -> bool:
+    """Less than 1 MiB free in ``folder``'s file system: a failed write there ran out of space."""
+    try:
+        return shutil.disk_usage(folder).free < 2**20
+    except OSError:
+        return False
 
 
 class _ParseScope:

@@ -573,6 +573,7 @@ def test_a_failing_rename_puts_every_output_back(one_concept, tmp_path, monkeypa
     with monkeypatch.context() as patch:
         patch.setattr(os, "rename", failing_onto_one_output(os.rename))
         patch.setattr(os, "replace", failing_onto_one_output(os.replace))
+        patch.setattr(os, "link", failing_onto_one_output(os.link))  # a new output is claimed by a link
         with pytest.raises(MergeError, match=f"^Cannot write .*{outputs[failing].name}: Input/output error.$"):
             write_outputs(one_concept, force=existing, **outputs)
     if existing:

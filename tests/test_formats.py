@@ -409,12 +409,70 @@ def test_write_failures_of_either_library_become_one_clear_error(tmp_path, monke
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_full_disk_under_a_pickle_says_so(tmp_path, monkeypatch):
+    """torch.save says only ``[enforce fail at inline_container.cc:672] ... file write failed`` on a
+    full disk; the space left tells it apart from other I/O errors (issue 16, item 5)."""
+    import shutil
+    from collections import namedtuple
+
+    def torch_fails(obj, path):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing "
+                           "file data/0: file write failed")
+
+    monkeypatch.setattr(torch, "save", torch_fails)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**30, 2**30 - 4096, 4096))
+    with pytest.raises(MergeError, match=r"^Cannot write .*delta\.bin: No space left on device\.$"):
+        formats.write(make_weights("sd1"), tmp_path / "delta.bin", "authors-bin")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_bug_inside_an_atomic_write_propagates_unchanged_and_cleans_up(tmp_path):
     with pytest.raises(ZeroDivisionError):
         with atomic_path(tmp_path / "x", force=False, folder=True) as folder:
             (folder / "file").write_text("half")
             1 / 0
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("folder", [False, True])
+def test_without_force_an_output_that_appears_while_writing_is_never_replaced(tmp_path, folder):
+    """Between the existence check and the rename another writer may create the output: without
+    --force it is claimed exclusively (a hard link for a file), so theirs stays and ours is one
+    error, with no temporary left (issue 16, item 8)."""
+    target = tmp_path / ("out" if folder else "d.safetensors")
+    with pytest.raises(MergeError, match=r"^Cannot write .*: it appeared while the output was written \(another "
+                                         r"writer\?\); pass --force to overwrite\.$"):
+        with atomic_path(target, force=False, folder=folder) as temporary:
+            if folder:
+                (temporary / "ours").write_text("ours")
+                target.mkdir()
+                (target / "theirs").write_text("theirs")
+            else:
+                temporary.write_text("ours")
+                target.write_text("theirs")
+    assert (target / "theirs" if folder else target).read_text() == "theirs"
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]
+    if folder:
+        assert [p.name for p in target.iterdir()] == ["theirs"]
+    with atomic_path(target, force=True, folder=folder, foreign_entries=lambda path: []) as temporary:
+        (temporary / "ours" if folder else temporary).write_text("ours")
+    assert (target / "ours" if folder else target).read_text() == "ours"
+
+
+def test_a_full_cache_disk_only_warns(tiny_pipeline_path, tmp_path, monkeypatch):
+    """safetensors reports a full disk as SafetensorError: the Gram cache write warned only for
+    OSError, so a full cache folder crashed the merge with a traceback (issue 16, item 5)."""
+    from mergekit_cd import features
+
+    def full(tensors, filename, metadata=None):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(features, "save_file", full)
+    with pytest.warns(UserWarning, match=r"Could not cache the Gram matrix .*No space left on device"):
+        gram, count, from_cache = features.cached_gram(open_base(tiny_pipeline_path("sd1")), ["a photo of a cat"],
+                                                       cache_dir=tmp_path)
+    assert gram.shape[0] == gram.shape[1] and not from_cache and list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("destination, message", [

@@ -471,7 +471,7 @@ def test_a_failed_write_leaves_the_earlier_run_as_it_was_and_the_native_file_com
     session = train_loop.Session(check_config(config), None)
     session.setup()  # no step is needed: the write of the untrained delta is what is tested
     delta = output.build_delta(session)
-    real_save, real_replace = output.save, os.replace
+    real_save, real_rename = output.save, os.rename
     for failing in ("diffusers", "native"):
         def save(delta, path, *, format, failing=failing, **options):
             if format == failing:
@@ -485,12 +485,12 @@ def test_a_failed_write_leaves_the_earlier_run_as_it_was_and_the_native_file_com
     monkeypatch.setattr(output, "save", real_save)
     placed = []
 
-    def replace(source, target):  # os.replace: staged files of the formats' writers, and the native file
+    def rename(source, target):  # os.rename: every output put in place, the native file among them
         if Path(target) == out / "delta.safetensors":
             placed.append(sorted(p.name for p in (out / "diffusers").iterdir()))
-        real_replace(source, target)
+        real_rename(source, target)
 
-    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "rename", rename)
     native, folder = output.write(session, delta)
     assert placed == [["<new1>.safetensors", "pytorch_custom_diffusion_weights.safetensors"]]  # layout first
     assert sorted(p.name for p in out.iterdir()) == ["delta.safetensors", "diffusers"]

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import MergeError
-from ..fileio import check_destination
+from ..fileio import atomic_outputs, check_destination
 
 #: Version of the JSON layout written by :func:`write_json`.
 JSON_FORMAT_VERSION = 1
@@ -178,54 +177,13 @@ def write_outputs(report: EvalReport, *, json_path: str | os.PathLike[str] | Non
     if plot_path is not None:
         image, image_format = _plot(report), _image_format(Path(plot_path))
         writers.append((Path(plot_path), lambda path: image.save(path, format=image_format)))
-    moves: list[tuple[Path, Path]] = []  # (temporary, target)
-    try:
-        for target, write in writers:
-            moves.append((_hidden_sibling(target, "partial"), target))
+    with atomic_outputs([target for target, _ in writers], force=force, check=False) as temporaries:
+        for (target, write), temporary in zip(writers, temporaries):
             try:
-                write(moves[-1][0])
+                write(temporary)
             except OSError as error:
                 raise MergeError(f"Cannot write {target}: {error.strerror or error}.") from error
-        _rename_all(moves)
-    finally:
-        for temporary, _ in moves:  # none is left after the renames
-            _remove(temporary)
     return [target for target, _ in writers]
-
-
-def _rename_all(moves: list[tuple[Path, Path]]) -> None:
-    """Rename each temporary file onto its target; when one rename fails, every target gets back
-    what it held before (nothing, or the output ``force`` replaces) and the failure is a MergeError."""
-    done: list[tuple[Path, Path | None]] = []  # (target, what it held, set aside)
-    for temporary, target in moves:
-        try:
-            old = _hidden_sibling(target, "old") if os.path.lexists(target) else None
-            if old is not None:
-                os.rename(target, old)
-            done.append((target, old))
-            os.rename(temporary, target)
-        except OSError as error:
-            for placed, previous in reversed(done):
-                _remove(placed)
-                if previous is not None:
-                    os.rename(previous, placed)
-            raise MergeError(f"Cannot write {target}: {error.strerror or error}.") from error
-    for _, old in done:
-        if old is not None:
-            _remove(old)
-
-
-def _hidden_sibling(target: Path, purpose: str) -> Path:
-    """An unused hidden name next to ``target`` (the same folder, so renames stay atomic)."""
-    return target.with_name(f".{target.name}.{secrets.token_hex(4)}.{purpose}")
-
-
-def _remove(path: Path) -> None:
-    """Remove a file or a link, or the empty folder ``force`` may replace; nothing if absent."""
-    if path.is_dir() and not path.is_symlink():
-        path.rmdir()
-    elif os.path.lexists(path):
-        path.unlink()
 
 
 def write_json(report: EvalReport, path: str | os.PathLike[str], *, force: bool = False) -> Path:

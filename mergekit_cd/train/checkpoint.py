@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MergeError
-from ..fileio import load_pickle, save_pickle
+from ..fileio import atomic_path, load_pickle, save_pickle
 
 FORMAT = "mergekit-cd-train-checkpoint"
 VERSION = 2  # 2: recipe fields checked on resume; no generator states
@@ -59,22 +59,13 @@ def resolve(reference: Path, output: Path) -> Path:
                      f"or a checkpoints folder holding step-NNNNNN folders).")
 
 
-def write_state(folder: Path, state: dict[str, Any]) -> None:
-    """Write ``state`` (with the format tag and version) as the checkpoint's ``state.pt``."""
-    save_pickle({"format": FORMAT, "version": VERSION, **state}, folder / STATE_FILE)
-
-
-def partial_folder(root: Path, step: int) -> Path:
-    """Where the checkpoint of ``step`` is written before :func:`publish` renames it into place."""
-    return Path(root) / f".step-{step:06d}.partial"
-
-
-def publish(partial: Path, root: Path, step: int, keep: int) -> Path:
-    """Rename a completely written checkpoint into place; keep only the newest ``keep``."""
+def save(root: Path, step: int, state: dict[str, Any], keep: int) -> Path:
+    """Write the checkpoint of ``step`` (``state``, with the format tag and version) atomically,
+    replacing one of the same step; keep only the newest ``keep``."""
     final = folder_for(root, step)
-    if final.exists():
-        shutil.rmtree(final)
-    partial.rename(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(final, force=True, folder=True, foreign_entries=lambda folder: []) as partial:
+        save_pickle({"format": FORMAT, "version": VERSION, **state}, partial / STATE_FILE)
     for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

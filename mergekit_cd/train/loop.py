@@ -17,7 +17,6 @@ trainable set are averaged across processes with one all-reduce per step.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -567,21 +566,15 @@ class Session:
         """Write a checkpoint of the state after ``self.step`` steps (all processes take part)."""
         accelerator = self.accelerator
         root = Path(self.config.output) / "checkpoints"
-        partial = checkpoint.partial_folder(root, self.step)
-        if self.main:
-            if partial.exists():
-                shutil.rmtree(partial)
-            partial.mkdir(parents=True)
         final = checkpoint.folder_for(root, self.step)
         if self.main:
-            checkpoint.write_state(partial, {
+            checkpoint.save(root, self.step, {
                 "step": self.step, "tokens": self.tokens, "base_fingerprint": self.fingerprint,
                 "fields": self.fields,
                 "trainables": {name: p.detach().to("cpu", copy=True) for name, p in self.trainables},
                 "optimizer": self.optimizer.state_dict(),
                 "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-                "losses": list(self.losses), "config": self.config.to_json()})
-            checkpoint.publish(partial, root, self.step, self.config.keep_checkpoints)
+                "losses": list(self.losses), "config": self.config.to_json()}, self.config.keep_checkpoints)
         accelerator.wait_for_everyone()
         return final
 

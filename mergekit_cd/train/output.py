@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,7 +25,7 @@ from safetensors.torch import save_file
 from ..delta import Concept, ConceptDelta, LayerDelta
 from ..errors import MergeError
 from ..features import target_prompts
-from ..fileio import _move_into_place, _remove, atomic_path, check_destination, load_safetensors
+from ..fileio import atomic_outputs, atomic_path, check_destination, load_safetensors
 from ..formats import diffusers_layout
 from ..loading import save
 from .config import TrainingConfig
@@ -103,31 +102,22 @@ def build_delta(session: Session) -> ConceptDelta:
 def write(session: Session, delta: ConceptDelta) -> tuple[Path, Path]:
     """``OUT/diffusers/`` (plus q/out weights when they trained) and ``OUT/delta.safetensors``.
 
-    Both are written under hidden names in OUT first, then renamed into place, the native file
-    last (it marks a finished run): a write that fails (a full disk, say) leaves an earlier
-    run's files as they were, and a folder holding the native file holds the same run's
-    diffusers layout.
+    Both are written under hidden names in OUT first, then put in place together
+    (:func:`~mergekit_cd.fileio.atomic_outputs`), the native file last (it marks a finished run):
+    a write that fails (a full disk, say) leaves an earlier run's files as they were, and a
+    folder holding the native file holds the same run's diffusers layout. OUT was checked
+    before training.
     """
     out = Path(session.config.output)
-    staged_folder, staged_native = out / f".{DIFFUSERS_NAME}.writing", out / f".{NATIVE_NAME}.writing"
     extra = {name: parameter for name, parameter in session.trainables
              if ".to_q." in name or ".to_out.0." in name}
-    try:
-        for staged in (staged_folder, staged_native):  # left by a run killed while writing
-            _remove(staged)
+    folder, native = out / DIFFUSERS_NAME, out / NATIVE_NAME
+    with atomic_outputs([folder, native], force=True, check=False) as (staged_folder, staged_native):
         save(delta, staged_folder, format="diffusers", base=session.base)
         if extra:
             _add_projections(staged_folder, extra)
         save(delta, staged_native, format="native")
-        (out / NATIVE_NAME).unlink(missing_ok=True)  # an earlier run's marker goes first
-        _move_into_place(staged_folder, out / DIFFUSERS_NAME)
-        os.replace(staged_native, out / NATIVE_NAME)
-    except OSError as error:
-        raise MergeError(f"Cannot write {out}: {error.strerror or error}.") from None
-    finally:
-        for staged in (staged_folder, staged_native):
-            _remove(staged)
-    return out / NATIVE_NAME, out / DIFFUSERS_NAME
+    return native, folder
 
 
 def _add_projections(folder: Path, extra: dict) -> None:
