@@ -25,14 +25,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from .delta import check_token_name
 from .devices import float64_device
 from .errors import MergeError
-from .fileio import atomic_path
+from .fileio import atomic_path, save_safetensors
 
 if TYPE_CHECKING:
     from .base import BaseModel
@@ -426,8 +425,8 @@ def _write_cache(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path, force=True) as temporary:
-            save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(temporary),
-                      metadata=metadata)
+            save_safetensors({name: tensor.contiguous() for name, tensor in tensors.items()}, temporary,
+                             metadata=metadata)
     except (OSError, MergeError) as error:
         warnings.warn(f"Could not cache {what} in {path.parent}: {error}", stacklevel=3)
 

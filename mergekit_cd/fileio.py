@@ -9,11 +9,13 @@ are only ever opened by :func:`load_pickle`, which accepts plain tensors and con
 from __future__ import annotations
 
 import errno
+import json
 import os
 import pickle
 import re
 import secrets
 import shutil
+import stat
 import warnings
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -24,6 +26,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 
 from .errors import MergeError
@@ -204,6 +207,31 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def save_safetensors(tensors: dict[str, Tensor], path: str | os.PathLike[str],
+                     metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file``, made reproducible and ordinary: the header's metadata in
+    key order (safetensors writes it in hash order, so the same content gave different bytes)
+    and the file's mode by the umask, as every other file (safetensors creates it 0600)."""
+    save_file(tensors, str(path), metadata=metadata)
+    with open(path, "r+b") as file:
+        length = int.from_bytes(file.read(8), "little")
+        header = json.loads(file.read(length))
+        if "__metadata__" in header:
+            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        canonical = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(canonical) <= length:  # the same JSON, reordered: its length cannot grow
+            file.seek(8)
+            file.write(canonical.ljust(length, b" "))
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    """The process's file-creation mask (read by setting it, then setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def save_pickle(obj: Any, path: str | os.PathLike[str]) -> None:
     """``torch.save``, its write failures (full disk, I/O error) raised as OSError.
 
@@ -212,7 +240,8 @@ def save_pickle(obj: Any, path: str | os.PathLike[str]) -> None:
     disk is told by the space left where the file was being written.
     """
     try:
-        torch.save(obj, path)
+        with open(path, "wb") as file:  # a file object: the archive is named "archive", whatever the
+            torch.save(obj, file)  # (temporary) file name, and saving the same content gives the same bytes
     except RuntimeError as error:
         if _nearly_full(Path(path).parent):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from error
@@ -353,11 +382,18 @@ def check_unchanged(path: str | os.PathLike[str], identity: tuple[int, int, int]
 
 
 def _check_not_empty(path: str | os.PathLike[str]) -> None:
+    """A regular file with content: a FIFO or a device (``/dev/zero``) reports size 0, but reading
+    one blocks or never ends, so it is named for what it is."""
     try:
-        empty = os.path.getsize(path) == 0
+        status = os.stat(path)
     except OSError as error:
         raise MergeError(f"Cannot read {path}: {error.strerror or error}.") from error
-    if empty:
+    if not stat.S_ISREG(status.st_mode):
+        kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(status.st_mode) else "a device" if
+                stat.S_ISCHR(status.st_mode) or stat.S_ISBLK(status.st_mode) else "a socket" if
+                stat.S_ISSOCK(status.st_mode) else "not a file")
+        raise MergeError(f"{path}: not a regular file ({kind}); give a delta file or folder.")
+    if status.st_size == 0:
         raise MergeError(f"{path}: truncated or corrupt (the file is empty).")
 
 

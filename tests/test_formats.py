@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import pickle
+import stat
 import sys
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from mergekit_cd.base import open_base
 from mergekit_cd.cli import convert as cd_convert
 from mergekit_cd.cli import inspect as cd_inspect
 from mergekit_cd.delta import LazyLayers
+from mergekit_cd import fileio
 from mergekit_cd.fileio import atomic_path, load_pickle
 from mergekit_cd.formats import authors_bin, compvis, diffusers_layout, native
 from mergekit_cd.metadata import identity_from_metadata, to_metadata
@@ -376,7 +378,7 @@ def test_a_failed_file_write_leaves_neither_output_nor_leftovers(tmp_path, monke
     path = tmp_path / "d.safetensors"
     formats.write(make_delta("sd1"), path, "native")
     before = path.read_bytes()
-    monkeypatch.setattr(native, "save_file", _failing_save_file(0))
+    monkeypatch.setattr(fileio, "save_file", _failing_save_file(0))
     with pytest.raises(MergeError, match=r"Cannot write .*d\.safetensors: No space left on device"):
         formats.write(make_delta("sd1", seed=1), path, "native", force=True)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["d.safetensors"]
@@ -386,7 +388,7 @@ def test_a_failed_file_write_leaves_neither_output_nor_leftovers(tmp_path, monke
 
 
 def test_a_failed_folder_write_leaves_neither_output_nor_leftovers(tmp_path, monkeypatch):
-    monkeypatch.setattr(diffusers_layout, "save_file", _failing_save_file(2))  # fails on a token file
+    monkeypatch.setattr(fileio, "save_file", _failing_save_file(2))  # fails on a token file
     with pytest.raises(MergeError, match=r"Cannot write .*out: No space left on device"):
         formats.write(make_weights("sd1"), tmp_path / "out", "diffusers")
     assert list(tmp_path.iterdir()) == []
@@ -400,7 +402,7 @@ def test_write_failures_of_either_library_become_one_clear_error(tmp_path, monke
     def torch_fails(obj, path):
         raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0")
 
-    monkeypatch.setattr(native, "save_file", safetensors_fails)
+    monkeypatch.setattr(fileio, "save_file", safetensors_fails)
     monkeypatch.setattr(torch, "save", torch_fails)
     with pytest.raises(MergeError, match=r"Cannot write .*d\.safetensors: .*No space left on device"):
         formats.write(make_delta("sd1"), tmp_path / "d.safetensors", "native")
@@ -425,6 +427,44 @@ def test_a_full_disk_under_a_pickle_says_so(tmp_path, monkeypatch):
     with pytest.raises(MergeError, match=r"^Cannot write .*delta\.bin: No space left on device\.$"):
         formats.write(make_weights("sd1"), tmp_path / "delta.bin", "authors-bin")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["fifo.safetensors", "fifo.bin", "fifo"])
+def test_a_fifo_or_a_device_is_not_a_regular_file(tmp_path, name, capsys):
+    """Both report size 0: they were called "the file is empty" (issue 16, item 9)."""
+    from mergekit_cd.cli import inspect as cd_inspect
+
+    fifo = tmp_path / name
+    os.mkfifo(fifo)
+    with pytest.raises(MergeError, match=r"fifo.*: not a regular file \(a FIFO \(named pipe\)\)"):
+        formats.read(fifo)
+    if os.path.exists("/dev/zero"):
+        with pytest.raises(MergeError, match=r"^/dev/zero: not a regular file \(a device\)"):
+            formats.read("/dev/zero")
+    assert cd_inspect.main([str(fifo)]) == 1
+    assert "not a regular file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt, name", [("native", "d.safetensors"), ("authors-bin", "d.bin"),
+                                       ("compvis", "d.ckpt"), ("diffusers", "d")])
+def test_outputs_are_byte_reproducible_and_follow_the_umask(tmp_path, fmt, name):
+    """The same content gives the same bytes (safetensors wrote its metadata in hash order, torch
+    named the archive after the temporary file and drew a serialization id), and every file's
+    mode follows the umask (safetensors created 0600, torch 0644): issue 16, item 9."""
+    content = make_delta("sd1") if fmt == "native" else make_weights("sd1")
+    files = []
+    for run in ("a", "b"):
+        (tmp_path / run).mkdir()
+        formats.write(content, tmp_path / run / name, fmt)
+        path = tmp_path / run / name
+        files.append({p.relative_to(path).as_posix() if path.is_dir() else p.name: p
+                      for p in (sorted(path.iterdir()) if path.is_dir() else [path])})
+    assert files[0].keys() == files[1].keys()
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for key, first in files[0].items():
+        assert first.read_bytes() == files[1][key].read_bytes(), key
+        assert stat.S_IMODE(first.stat().st_mode) == 0o666 & ~mask, key
 
 
 def test_a_bug_inside_an_atomic_write_propagates_unchanged_and_cleans_up(tmp_path):
@@ -468,7 +508,7 @@ def test_a_full_cache_disk_only_warns(tiny_pipeline_path, tmp_path, monkeypatch)
     def full(tensors, filename, metadata=None):
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    monkeypatch.setattr(features, "save_file", full)
+    monkeypatch.setattr(fileio, "save_file", full)
     with pytest.warns(UserWarning, match=r"Could not cache the Gram matrix .*No space left on device"):
         gram, count, from_cache = features.cached_gram(open_base(tiny_pipeline_path("sd1")), ["a photo of a cat"],
                                                        cache_dir=tmp_path)

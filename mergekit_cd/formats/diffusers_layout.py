@@ -7,12 +7,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import save_file
 from torch import Tensor
 
 from ..delta import check_token_name
 from ..errors import MergeError
-from ..fileio import atomic_path, file_identity, load_pickle, load_safetensors, open_safetensors
+from ..fileio import atomic_path, file_identity, load_pickle, load_safetensors, open_safetensors, save_safetensors
 from ..metadata import from_header, to_header
 from ..weights import FineTunedWeights
 from ._common import (
@@ -174,9 +173,9 @@ def write(obj: Delta, path: str | os.PathLike[str], *, force: bool = False) -> N
     token_files = {_token_file_name(token, target): _token_state(token, embeddings, target)
                    for token, embeddings in weights.tokens.items()}
     with atomic_path(target, force=force, folder=True, foreign_entries=foreign_entries) as folder:
-        save_file(saveable(tensors), str(folder / WEIGHTS_NAMES[0]), metadata=header)
+        save_safetensors(saveable(tensors), folder / WEIGHTS_NAMES[0], metadata=header)
         for file_name, state in token_files.items():
-            save_file(saveable(state), str(folder / file_name), metadata=header)
+            save_safetensors(saveable(state), folder / file_name, metadata=header)
 
 
 def foreign_entries(folder: Path) -> list[str]:

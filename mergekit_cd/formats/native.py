@@ -5,12 +5,11 @@ from __future__ import annotations
 import os
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
 from ..delta import ConceptDelta, Difference, LayerDelta, LazyLayers, LowRank
 from ..errors import MergeError
-from ..fileio import atomic_path, check_unchanged, file_identity, open_safetensors
+from ..fileio import atomic_path, check_unchanged, file_identity, open_safetensors, save_safetensors
 from ..metadata import HEADER_FORMAT, from_header, to_header
 from ._common import (
     Delta,
@@ -157,4 +156,4 @@ def write(obj: Delta, path: str | os.PathLike[str], *, force: bool = False) -> N
             tensors[f"{TOKEN_PREFIX}{token}.{index}"] = embedding
     header = to_header(obj)
     with atomic_path(path, force=force) as temporary:
-        save_file(saveable(tensors), str(temporary), metadata=header)
+        save_safetensors(saveable(tensors), temporary, metadata=header)

@@ -225,7 +225,7 @@ def train(output: str | Path = WEIGHTS_PATH, *, seed: int = TRAIN_SEED, scenes: 
 
     Deterministic in its arguments on one CPU thread.
     """
-    from safetensors.torch import save_file
+    from ..fileio import save_safetensors
 
     arch = {**DEFAULT_ARCH, **(arch or {})}
     torch.manual_seed(seed)
@@ -267,7 +267,7 @@ def train(output: str | Path = WEIGHTS_PATH, *, seed: int = TRAIN_SEED, scenes: 
     output.parent.mkdir(parents=True, exist_ok=True)
     state = {name: value.detach().float().contiguous() for name, value in net.state_dict().items()
              if not name.endswith("num_batches_tracked")}
-    save_file(state, str(output), metadata={"format": "pt"})
+    save_safetensors(state, output, metadata={"format": "pt"})
     detector = Detector(net)
     accuracy = heldout_accuracy(heldout, HELDOUT_SEED, detector=detector)
     record = {

@@ -20,12 +20,11 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from safetensors.torch import save_file
 
 from ..delta import Concept, ConceptDelta, LayerDelta
 from ..errors import MergeError
 from ..features import target_prompts
-from ..fileio import atomic_outputs, atomic_path, check_destination, load_safetensors
+from ..fileio import atomic_outputs, atomic_path, check_destination, load_safetensors, save_safetensors
 from ..formats import diffusers_layout
 from ..loading import save
 from .config import TrainingConfig
@@ -130,4 +129,4 @@ def _add_projections(folder: Path, extra: dict) -> None:
         key = f"{layer}.processor.to_{projection}_custom_diffusion.{parameter_name}"
         tensors[key] = parameter.detach().to("cpu", copy=True).float().contiguous()
     with atomic_path(file, force=True) as temporary:
-        save_file(tensors, str(temporary), metadata=header)
+        save_safetensors(tensors, temporary, metadata=header)
