@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import pickle
 import re
@@ -30,8 +31,10 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from .errors import MergeError
+from .limits import MAX_PICKLE_PROGRAM, MAX_TENSOR_ELEMENTS, check_limit
 
-_DISALLOWED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+#: How torch's weights-only unpickler names a global it refuses (two wordings across versions).
+_DISALLOWED_GLOBAL = re.compile(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([^\s,]+)")
 
 
 @contextmanager
@@ -304,10 +307,36 @@ def load_pickle(path: str | os.PathLike[str], *, mmap: bool = False) -> Any:
     key = scope.key("pickle", path, mapped) if scope is not None else None
     if key is not None and key in scope.parsed:
         return scope.parsed[key]
+    if zipfile.is_zipfile(path):
+        _check_archive(path)
     contents = _unpickle(path, mapped)
     if key is not None:
         scope.parsed[key] = contents
     return contents
+
+
+def _check_archive(path: str | os.PathLike[str]) -> None:
+    """Refuse a torch zip by what its directory declares, before anything is inflated: torch
+    stores every entry uncompressed, so a compressed one (a zip bomb) is foreign, and entries
+    may not declare more bytes than the file holds, nor a pickle program past
+    :data:`~mergekit_cd.limits.MAX_PICKLE_PROGRAM`."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as error:
+        raise MergeError(f"{path}: truncated, or not a valid PyTorch (zip) file ({error}).") from None
+    size = os.path.getsize(path)
+    for entry in entries:
+        if entry.compress_type != zipfile.ZIP_STORED:
+            raise MergeError(f"{path}: its entry {entry.filename} is compressed ({entry.compress_size:,} bytes "
+                             f"inflating to {entry.file_size:,}); torch never compresses, so this is not a "
+                             f"file torch wrote; refused.")
+        if entry.file_size > size:
+            raise MergeError(f"{path}: its entry {entry.filename} declares {entry.file_size:,} bytes, more than "
+                             f"the file holds; truncated or corrupt.")
+        if entry.filename.endswith("data.pkl"):
+            check_limit(entry.file_size, MAX_PICKLE_PROGRAM,
+                        f"its pickle program {entry.filename} declares {{count}} bytes", path)
 
 
 def _unpickle(path: str | os.PathLike[str], mapped: bool) -> Any:
@@ -335,7 +364,15 @@ def _unpickle(path: str | os.PathLike[str], mapped: bool) -> Any:
 def load_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Tensors and header metadata of a safetensors file; a broken file is one MergeError."""
     with open_safetensors(path) as file:
-        return {key: file.get_tensor(key) for key in file.keys()}, file.metadata() or {}
+        return {key: read_tensor(file, key, path) for key in file.keys()}, file.metadata() or {}
+
+
+def read_tensor(handle: Any, key: str, source: str | os.PathLike[str]) -> Tensor:
+    """One tensor of an open safetensors file, its declared size checked (from the header) before
+    anything is read: at most :data:`~mergekit_cd.limits.MAX_TENSOR_ELEMENTS` values."""
+    shape = tuple(handle.get_slice(key).get_shape())
+    check_limit(math.prod(shape), MAX_TENSOR_ELEMENTS, f"{key} declares shape {shape}: {{count}} values", source)
+    return handle.get_tensor(key)
 
 
 @contextmanager

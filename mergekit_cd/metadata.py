@@ -28,6 +28,7 @@ from typing import Any
 from .architectures import ARCHITECTURES
 from .delta import Concept, ConceptDelta
 from .errors import MergeError
+from .limits import MAX_METADATA_BYTES, MAX_PROMPTS, check_limit
 from .weights import FineTunedWeights
 
 FORMAT_VERSION = "1"
@@ -101,6 +102,8 @@ def _concept(entry: Any, source: str) -> Concept:
     if not valid:
         raise MergeError(f"{source}: metadata concept {entry!r} is malformed; expected "
                          f'{{"token": str, "class_word": str|null, "prompts": [str], "style": bool}}.')
+    check_limit(len(entry.get("prompts", ())), MAX_PROMPTS,
+                f"the concept {entry['token']!r} records {{count}} target prompts", source)
     return Concept(entry["token"], entry.get("class_word"), tuple(entry.get("prompts", ())),
                    entry.get("style", False))
 
@@ -135,6 +138,7 @@ def parse_document(text: str, *, source: str, where: str) -> Any:
             raise MergeError(f"{source}: the mergekit-cd metadata in {where} gives the key {repeated!r} twice.")
         return dict(pairs)
 
+    check_limit(len(text), MAX_METADATA_BYTES, f"the mergekit-cd metadata in {where} is {{count}} bytes", source)
     try:
         document = json.loads(text, object_pairs_hook=unique)
     except json.JSONDecodeError as error:

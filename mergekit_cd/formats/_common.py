@@ -19,7 +19,8 @@ from torch import Tensor
 
 from ..delta import ConceptDelta, Difference, LayerDelta, LazyLayers, LowRank, check_token_name
 from ..errors import MergeError
-from ..fileio import check_unchanged, file_identity, load_pickle, open_safetensors
+from ..limits import MAX_TOKENS, check_limit
+from ..fileio import check_unchanged, file_identity, load_pickle, open_safetensors, read_tensor
 from ..metadata import HEADER_KEY, identity_from_metadata, parse_document, to_metadata
 from ..weights import FineTunedWeights
 
@@ -170,7 +171,9 @@ class LayerCollector:
 
 def check_token_shapes(tokens: dict[str, tuple[Tensor, ...]], source: str) -> None:
     """Every token name follows the one rule (:func:`~mergekit_cd.delta.check_token_name`), and all
-    tokens have the same number of embeddings with the same sizes."""
+    tokens have the same number of embeddings with the same sizes; at most
+    :data:`~mergekit_cd.limits.MAX_TOKENS` of them."""
+    check_limit(len(tokens), MAX_TOKENS, "it holds {count} tokens", source)
     for name in tokens:
         check_token_name(name, source)
     shapes = {name: tuple(e.numel() for e in embeddings) for name, embeddings in tokens.items()}
@@ -237,8 +240,8 @@ class PickleFile:
             self.identity: tuple[int, int, int] | None = file_identity(path)
         except OSError:
             self.identity = None  # load_pickle says what is wrong with the path
+        self.contents: Any = load_pickle(path, mmap=True)  # mapped if it is a zip, else read whole
         self.mapped = zipfile.is_zipfile(path)
-        self.contents: Any = load_pickle(path, mmap=self.mapped)
 
     def reader(self, container: tuple[str, ...], keys: dict[str, tuple[str, str]]) -> Callable[[str], Pair]:
         """layer -> (to_k, to_v) entries found under ``keys`` in ``contents[container...]``."""
@@ -273,7 +276,7 @@ class SafetensorsLayers:
         check_unchanged(self.path, self.identity)
         with open_safetensors(self.path) as handle:
             # copies: safetensors hands out views into the mapped file
-            return tuple(plain_copy(handle.get_tensor(key)) for key in self.keys[layer])
+            return tuple(plain_copy(read_tensor(handle, key, self.path)) for key in self.keys[layer])
 
 
 def _inside(contents: Any, container: tuple[str, ...]) -> Any:

@@ -11,7 +11,8 @@ from torch import Tensor
 
 from ..delta import check_token_name
 from ..errors import MergeError
-from ..fileio import atomic_path, file_identity, load_pickle, load_safetensors, open_safetensors, save_safetensors
+from ..fileio import (atomic_path, file_identity, load_pickle, load_safetensors, open_safetensors, read_tensor,
+                      save_safetensors)
 from ..metadata import from_header, to_header
 from ..weights import FineTunedWeights
 from ._common import (
@@ -77,7 +78,7 @@ def read(path: str | os.PathLike[str]) -> FineTunedWeights:
             identity = file_identity(weights_file)
             header = handle.metadata() or {}
             for key in handle.keys():
-                _collect(key, lambda key=key: handle.get_tensor(key), collector, ignored)
+                _collect(key, lambda key=key: read_tensor(handle, key, source), collector, ignored)
         reader: Callable[[str], Pair] = SafetensorsLayers(weights_file, collector.keys(), identity)
         lazy = True
     else:

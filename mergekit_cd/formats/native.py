@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ..delta import ConceptDelta, Difference, LayerDelta, LazyLayers, LowRank
 from ..errors import MergeError
-from ..fileio import atomic_path, check_unchanged, file_identity, open_safetensors, save_safetensors
+from ..fileio import atomic_path, check_unchanged, file_identity, open_safetensors, read_tensor, save_safetensors
 from ..metadata import HEADER_FORMAT, from_header, to_header
 from ._common import (
     Delta,
@@ -69,13 +69,13 @@ def read(path: str | os.PathLike[str]) -> ConceptDelta:
             if key.startswith(TOKEN_PREFIX):
                 name, index = _split_token_key(key, source)
                 # a copy: a view would keep the whole file mapped (and every page read below resident)
-                embeddings.setdefault(name, {})[index] = check_vector(handle.get_tensor(key), key, source)
+                embeddings.setdefault(name, {})[index] = check_vector(read_tensor(handle, key, source), key, source)
                 continue
             parsed = _split(key)
             if parsed is None:
                 raise unexpected_key(key, source, _EXPECTED)
             layer, projection, part = parsed
-            matrix = check_matrix(handle.get_tensor(key), key, source)
+            matrix = check_matrix(read_tensor(handle, key, source), key, source)
             stand_in = torch.empty(matrix.shape, dtype=matrix.dtype, device="meta")  # shape only
             if part == "diff":
                 collector.add(layer, projection, key, stand_in)
@@ -106,7 +106,7 @@ class _LayerReader:
         parts: list[Difference] = []
         with open_safetensors(self.path) as handle:
             for projection in ("to_k", "to_v"):
-                tensors = [handle.get_tensor(key) for key in self.locations[(layer, projection)]]
+                tensors = [read_tensor(handle, key, self.path) for key in self.locations[(layer, projection)]]
                 parts.append(tensors[0] if len(tensors) == 1 else LowRank(*tensors))
         return LayerDelta(*parts)
 

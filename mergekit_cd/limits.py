@@ -1,0 +1,36 @@
+"""Bounds on what one input file may ask for, in memory and in work, checked before it is given.
+
+A Custom Diffusion file holds a few tokens, a few target prompts per concept, a few KB of metadata
+and tensors of at most a few million values; a hostile or broken one can claim anything (a 4 KB
+sparse file declaring a 2 GB tensor, a 282 KB file recording 2,000 prompts that cost a merge 30 s
+per layer). Each bound is far above any real file; an expert who means it sets
+``MERGEKIT_CD_NO_LIMITS=1``.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .errors import MergeError
+
+#: Set to 1 to lift every bound below.
+OVERRIDE = "MERGEKIT_CD_NO_LIMITS"
+#: Values one tensor may declare: 16M (64 MB in float32), six times the largest K/V weight of any
+#: supported model (SDXL's 1280 x 2048).
+MAX_TENSOR_ELEMENTS = 2**24
+#: Bytes of a torch zip's pickle program (``data.pkl``); a delta's is a few hundred KB.
+MAX_PICKLE_PROGRAM = 64 * 2**20
+#: Bytes of one file's mergekit-cd metadata JSON; ours is a few KB.
+MAX_METADATA_BYTES = 2**20
+#: Modifier tokens in one file; a merge of many concepts holds one per concept.
+MAX_TOKENS = 256
+#: Target prompts one concept may record; cd-train records 2 by default.
+MAX_PROMPTS = 100
+
+
+def check_limit(count: int, limit: int, what: str, source: object) -> None:
+    """Refuse a ``count`` past ``limit`` in ``source``; ``what`` says what is counted, with
+    ``{count}`` where the number goes. The message names the override."""
+    if count > limit and os.environ.get(OVERRIDE) != "1":
+        raise MergeError(f"{source}: {what.replace('{count}', f'{count:,}')}, more than the {limit:,} any real file "
+                         f"needs; refused (set {OVERRIDE}=1 if you mean it).")

@@ -1,0 +1,105 @@
+"""A small corpus of hostile and unlucky input files, each a few KB on disk, built in seconds.
+
+Every reader is run against every file (``test_hostile_corpus.py``): each must give one clear
+MergeError naming the file, in bounded time and memory. What each file is:
+
+- ``giant-shape.safetensors``: a native file whose header claims a (32, 16777216) difference,
+  sparse on disk (4 KB) but 2 GB of apparent size, so the claim is consistent with the file size;
+- ``giant-token.safetensors``: the same for a token row;
+- ``deep-metadata.safetensors``: metadata JSON nested 200,000 levels;
+- ``huge-metadata.safetensors``: 2 MB of metadata JSON;
+- ``duplicate-keys.safetensors``: metadata JSON giving one key twice;
+- ``escape-token.safetensors``: a token named with an ANSI escape;
+- ``zip-bomb.bin``: a torch zip whose ``data.pkl`` is deflated from 400 MB of padding;
+- ``code.bin``: a pickle that would run ``os.system`` when loaded;
+- ``truncated.bin`` / ``truncated.safetensors``: files cut short; ``empty.safetensors``: empty;
+- ``fifo.bin``: a named pipe (reading it would block forever).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import struct
+import zipfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+#: A real layer name of the tiny SD1 base (the shapes are what is hostile, not the names).
+LAYER = "down_blocks.0.attentions.0.transformer_blocks.0.attn2"
+
+
+def _raw_safetensors(path: Path, header: dict, data_bytes: int) -> Path:
+    """A safetensors file from a hand-made header, its data a hole of ``data_bytes`` (sparse)."""
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with open(path, "wb") as file:
+        file.write(struct.pack("<Q", len(encoded)) + encoded)
+        file.truncate(8 + len(encoded) + data_bytes)
+    return path
+
+
+def _with_metadata(path: Path, metadata_json: str) -> Path:
+    """A valid native file (one small difference) whose ``mergekit_cd`` metadata entry is ``metadata_json``."""
+    tensors = {f"{LAYER}.to_k.diff": torch.zeros(32, 32), f"{LAYER}.to_v.diff": torch.zeros(32, 32)}
+    save_file(tensors, str(path),
+              metadata={"format": "mergekit-cd", "format_version": "1", "mergekit_cd": metadata_json})
+    return path
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo hostile",))
+
+
+def build_corpus(folder: Path) -> dict[str, Path]:
+    """name -> path of every hostile file, written into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    corpus: dict[str, Path] = {}
+    giant = 32 * 16777216 * 4
+    corpus["giant-shape"] = _raw_safetensors(folder / "giant-shape.safetensors", {
+        "__metadata__": {"format": "mergekit-cd"},
+        f"{LAYER}.to_k.diff": {"dtype": "F32", "shape": [32, 16777216], "data_offsets": [0, giant]},
+        f"{LAYER}.to_v.diff": {"dtype": "F32", "shape": [32, 32], "data_offsets": [giant, giant + 4096]}},
+        giant + 4096)
+    corpus["giant-token"] = _raw_safetensors(folder / "giant-token.safetensors", {
+        "__metadata__": {"format": "mergekit-cd"},
+        "token.<new1>.0": {"dtype": "F32", "shape": [16777216, 64], "data_offsets": [0, 16777216 * 64 * 4]}},
+        16777216 * 64 * 4)
+    corpus["deep-metadata"] = _with_metadata(folder / "deep-metadata.safetensors", "[" * 200_000 + "]" * 200_000)
+    corpus["huge-metadata"] = _with_metadata(folder / "huge-metadata.safetensors",
+                                             json.dumps({"format_version": "1", "notes": "x" * 2**21}))
+    corpus["duplicate-keys"] = _with_metadata(folder / "duplicate-keys.safetensors",
+                                              '{"base": "a", "base": "b"}')
+    escape = folder / "escape-token.safetensors"
+    save_file({"token.<\x1b[31mred>.0": torch.zeros(32)}, str(escape), metadata={"format": "mergekit-cd"})
+    corpus["escape-token"] = escape
+    bomb = folder / "zip-bomb.bin"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        with archive.open("archive/data.pkl", "w") as member:  # streamed: 400 MB never held
+            member.write(pickle.dumps({"unet": {}}, protocol=2))
+            for _ in range(400):
+                member.write(bytes(2**20))
+        archive.writestr("archive/version", "3\n")
+    corpus["zip-bomb"] = bomb
+    code = folder / "code.bin"
+    code.write_bytes(pickle.dumps({"unet": _RunsCode()}, protocol=2))
+    corpus["code"] = code
+    whole = folder / "whole.bin"
+    torch.save({"unet": {f"{LAYER}.to_k.weight": torch.zeros(32, 32)}}, whole)
+    corpus["truncated-bin"] = folder / "truncated.bin"
+    corpus["truncated-bin"].write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    whole.unlink()
+    corpus["truncated-safetensors"] = folder / "truncated.safetensors"
+    _with_metadata(corpus["truncated-safetensors"], "{}")
+    data = corpus["truncated-safetensors"].read_bytes()
+    corpus["truncated-safetensors"].write_bytes(data[: len(data) - 100])
+    corpus["empty"] = folder / "empty.safetensors"
+    corpus["empty"].write_bytes(b"")
+    if hasattr(os, "mkfifo"):
+        corpus["fifo"] = folder / "fifo.bin"
+        os.mkfifo(corpus["fifo"])
+    return corpus
