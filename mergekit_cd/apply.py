@@ -26,6 +26,7 @@ from .base import kv_fingerprint
 from .delta import ConceptDelta, dense, layer_shapes
 from .errors import MergeError
 from .loading import PathLike, resolve_delta
+from .tokens import check_new, install
 from .weights import FineTunedWeights
 
 _STATE = "_mergekit_cd_installed"
@@ -226,35 +227,19 @@ def _check_tokens(pipe, pairs: list[tuple[str, str]], delta: ConceptDelta, sourc
         if sizes != widths:
             raise MergeError(f"{source}: token {token} has embedding sizes {list(sizes)}, but this "
                              f"pipeline's text encoder(s) need {list(widths)} (wrong architecture).")
-        for tokenizer_name, _ in pairs:
-            if token in getattr(pipe, tokenizer_name).get_vocab():
-                raise MergeError(f"{source}: token {token} is already in the pipeline's {tokenizer_name} "
-                                 f"(added by load_textual_inversion or an earlier delta?); load the "
-                                 f"pipeline afresh.")
+    check_new(list(delta.tokens), [getattr(pipe, name) for name, _ in pairs], lambda token, index: (
+        f"{source}: token {token} is already in the pipeline's {pairs[index][0]} (added by "
+        f"load_textual_inversion or an earlier delta?); load the pipeline afresh."))
 
 
 def _install_tokens(pipe, pairs: list[tuple[str, str]], delta: ConceptDelta, state: _Installed) -> None:
-    """Add each token to every tokenizer and its embedding to a new table of the matching encoder.
-
-    The old table's Parameter is kept aside untouched, so :func:`remove` puts it back as it was
-    (no resizing: ``resize_token_embeddings`` would draw random rows from torch's global RNG).
-    """
-    tokens = list(delta.tokens)
+    """Add each token to every tokenizer and its embedding to a new table of the matching encoder
+    (:func:`~mergekit_cd.tokens.install`); the old table's Parameter and a copy of each tokenizer
+    are kept aside untouched, so :func:`remove` puts them back as they were."""
     for index, (tokenizer_name, encoder_name) in enumerate(pairs):
         tokenizer, encoder = getattr(pipe, tokenizer_name), getattr(pipe, encoder_name)
-        embedding = encoder.get_input_embeddings()
-        old = embedding.weight
         state.tokenizers[tokenizer_name] = copy.deepcopy(tokenizer)
-        state.tables[encoder_name] = _Table(old, embedding.num_embeddings,
+        table = encoder.get_input_embeddings()
+        state.tables[encoder_name] = _Table(table.weight, table.num_embeddings,
                                             getattr(encoder.config, "vocab_size", None))
-        tokenizer.add_tokens(tokens)
-        ids = [tokenizer.convert_tokens_to_ids(token) for token in tokens]
-        rows = max(old.shape[0], max(ids) + 1)
-        weight = torch.zeros((rows, old.shape[1]), dtype=old.dtype, device=old.device)
-        weight[: old.shape[0]] = old.detach()
-        for token, row in zip(tokens, ids):
-            weight[row] = delta.tokens[token][index].to(old.device, old.dtype)
-        embedding.weight = nn.Parameter(weight, requires_grad=old.requires_grad)
-        embedding.num_embeddings = rows
-        if getattr(encoder.config, "vocab_size", None) is not None:
-            encoder.config.vocab_size = rows
+        install(tokenizer, encoder, {token: embeddings[index] for token, embeddings in delta.tokens.items()})

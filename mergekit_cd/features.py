@@ -32,6 +32,7 @@ from .delta import check_token_name
 from .devices import float64_device
 from .errors import MergeError
 from .fileio import atomic_path, save_safetensors
+from .tokens import check_new, install
 
 if TYPE_CHECKING:
     from .base import BaseModel
@@ -87,18 +88,13 @@ class TextFeatures:
         """Check every token first, then add them all: a refused token leaves nothing half-done."""
         dims = self.base.token_dims()
         for token, embeddings in tokens.items():
-            _check_token(token, embeddings, dims, self.tokenizers)
-        if not tokens:
-            return
-        for index, (tokenizer, encoder) in enumerate(zip(self.tokenizers, self.encoders)):
-            tokenizer.add_tokens(list(tokens))
-            rows = encoder.get_input_embeddings().weight.shape[0]
-            encoder.resize_token_embeddings(max(rows, len(tokenizer)), mean_resizing=False)
-            table = encoder.get_input_embeddings().weight
-            with torch.no_grad():
-                for token, embeddings in tokens.items():
-                    row = tokenizer.convert_tokens_to_ids(token)
-                    table[row] = embeddings[index].to(table.device, table.dtype)
+            _check_token(token, embeddings, dims)
+        check_new(list(tokens), self.tokenizers, lambda token, _: (
+            f"Token {token} is already in the base model's vocabulary; a modifier token must be new "
+            f"(rename it, e.g. <new1>)."))
+        if tokens:
+            for index, (tokenizer, encoder) in enumerate(zip(self.tokenizers, self.encoders)):
+                install(tokenizer, encoder, {token: embeddings[index] for token, embeddings in tokens.items()})
 
     def token_ids(self, captions: Sequence[str]) -> list[list[list[int]]]:
         """Per caption, its token ids from each tokenizer (BOS .. EOS, truncated, no padding)."""
@@ -211,16 +207,12 @@ class LazyTextFeatures:
         return self._built
 
 
-def _check_token(token: str, embeddings: Sequence[Tensor], dims: tuple[int, ...],
-                 tokenizers: list[Any]) -> None:
-    """A modifier token must be one new word with one embedding of the right size per encoder."""
+def _check_token(token: str, embeddings: Sequence[Tensor], dims: tuple[int, ...]) -> None:
+    """A modifier token's name follows the one rule, with one embedding of the right size per encoder."""
     check_token_name(token)
     sizes = tuple(int(embedding.shape[-1]) for embedding in embeddings)
     if sizes != dims:
         raise MergeError(f"Token {token} has embedding sizes {sizes}, but the text encoder(s) need {dims}.")
-    if any(token in tokenizer.get_vocab() for tokenizer in tokenizers):
-        raise MergeError(f"Token {token} is already in the base model's vocabulary; a modifier token "
-                         f"must be new (rename it, e.g. <new1>).")
 
 
 def target_prompts(token: str, class_word: str, *, templates: Sequence[str] | None = None,

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import MergeError
+from ..tokens import check_new
 
 
 class NewTokenEmbedding(nn.Module):
@@ -70,14 +71,10 @@ def single_token_id(tokenizer, word: str, what: str) -> int:
 
 
 def check_new_tokens(tokenizers: Sequence, tokens: Sequence[str]) -> None:
-    """Each modifier token must be new to every tokenizer (as diffusers' loader requires), and
-    not a word the tokenizer already reads as one token: adding ``cat`` would take the class
-    word's place in every prompt."""
-    for token in tokens:
-        for tokenizer in tokenizers:
-            if token in tokenizer.get_vocab() or len(tokenizer(token, add_special_tokens=False)["input_ids"]) == 1:
-                raise MergeError(f"Token {token} is already in the base model's vocabulary; a modifier token "
-                                 f"must be a new word (e.g. <new1>); choose another --token.")
+    """Each modifier token must be new to every tokenizer (the one rule, :func:`~mergekit_cd.tokens.taken_by`)."""
+    check_new(tokens, tokenizers, lambda token, _: (
+        f"Token {token} is already in the base model's vocabulary; a modifier token must be a new word "
+        f"(e.g. <new1>); choose another --token."))
 
 
 def add_tokens(tokenizers: Sequence, encoders: Sequence, tokens: Sequence[str],
