@@ -13,6 +13,7 @@ import json
 import math
 import os
 import pickle
+import pickletools
 import re
 import secrets
 import shutil
@@ -31,7 +32,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from .errors import MergeError
-from .limits import MAX_PICKLE_PROGRAM, MAX_TENSOR_ELEMENTS, check_limit
+from .limits import MAX_PICKLE_OPERATIONS, MAX_PICKLE_PROGRAM, MAX_TENSOR_ELEMENTS, check_limit
 
 #: How torch's weights-only unpickler names a global it refuses (two wordings across versions).
 _DISALLOWED_GLOBAL = re.compile(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([^\s,]+)")
@@ -306,16 +307,75 @@ def load_pickle(path: str | os.PathLike[str], *, mmap: bool = False) -> Any:
     scope = _SCOPE.get()
     key = scope.key("pickle", path, mapped) if scope is not None else None
     if key is not None and key in scope.parsed:
+        if isinstance(scope.parsed[key], MergeError):
+            raise scope.parsed[key]  # refused once: not checked again by every format's detection
         return scope.parsed[key]
-    if zipfile.is_zipfile(path):
-        _check_archive(path)
-    contents = _unpickle(path, mapped)
+    try:
+        _check_program(path)
+        contents = _unpickle(path, mapped)
+    except MergeError as error:
+        if key is not None:
+            scope.parsed[key] = error
+        raise
     if key is not None:
         scope.parsed[key] = contents
     return contents
 
 
-def _check_archive(path: str | os.PathLike[str]) -> None:
+def _check_program(path: str | os.PathLike[str]) -> None:
+    """Bound the unpickling work before torch does it: a torch zip by its directory
+    (:func:`_check_archive`), then its pickle program, or an old non-zip file's pickles, by
+    their operations, counted without building anything (torch's weights-only unpickler spends
+    microseconds per operation: a 60 MB pickle of 30M ints took minutes)."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:  # readable: _check_archive opened it
+            program = next((entry for entry in _check_archive(path) if entry.filename.endswith("/data.pkl")
+                            or entry.filename == "data.pkl"), None)
+            if program is not None:
+                with archive.open(program) as file:
+                    _count_operations(file, 1, path)
+        return
+    with open(path, "rb") as file:  # an old torch file: magic number, protocol, system info, then the data
+        if file.read(1) != pickle.PROTO:
+            return  # not a pickle of protocol 2 or later: torch's loader refuses it at once
+        file.seek(0)
+        _count_operations(_BoundedReader(file, path), 4, path)
+
+
+class _BoundedReader:
+    """A file whose single reads are bounded: a pickle's argument (``BINBYTES8`` and the like)
+    may declare any length, and a sparse file can back gigabytes of it."""
+
+    def __init__(self, file: Any, path: str | os.PathLike[str]) -> None:
+        self.file, self.path = file, path
+
+    def read(self, size: int = -1) -> bytes:
+        if size < 0:
+            raise ValueError("an unbounded read")  # genops never asks for one
+        check_limit(size, MAX_PICKLE_PROGRAM, "an argument of its pickle declares {count} bytes", self.path)
+        return self.file.read(size)
+
+    def readline(self) -> bytes:
+        return self.file.readline(MAX_PICKLE_PROGRAM)
+
+
+def _count_operations(file: Any, pickles: int, path: str | os.PathLike[str]) -> None:
+    """Count the operations of the next ``pickles`` pickles in ``file``, refusing more than
+    :data:`~mergekit_cd.limits.MAX_PICKLE_OPERATIONS`; a malformed pickle is left for torch's
+    loader to name."""
+    count = 0
+    try:
+        for _ in range(pickles):
+            for _ in pickletools.genops(file):
+                count += 1
+                if count > MAX_PICKLE_OPERATIONS:
+                    check_limit(count, MAX_PICKLE_OPERATIONS, "its pickle runs at least {count} operations", path)
+                    return  # lifted by the override
+    except (ValueError, EOFError, UnicodeDecodeError, zipfile.BadZipFile, OSError):
+        return
+
+
+def _check_archive(path: str | os.PathLike[str]) -> list[zipfile.ZipInfo]:
     """Refuse a torch zip by what its directory declares, before anything is inflated: torch
     stores every entry uncompressed, so a compressed one (a zip bomb) is foreign, and entries
     may not declare more bytes than the file holds, nor a pickle program past
@@ -337,6 +397,7 @@ def _check_archive(path: str | os.PathLike[str]) -> None:
         if entry.filename.endswith("data.pkl"):
             check_limit(entry.file_size, MAX_PICKLE_PROGRAM,
                         f"its pickle program {entry.filename} declares {{count}} bytes", path)
+    return entries
 
 
 def _unpickle(path: str | os.PathLike[str], mapped: bool) -> Any:

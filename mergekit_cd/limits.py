@@ -20,6 +20,9 @@ OVERRIDE = "MERGEKIT_CD_NO_LIMITS"
 MAX_TENSOR_ELEMENTS = 2**24
 #: Bytes of a torch zip's pickle program (``data.pkl``); a delta's is a few hundred KB.
 MAX_PICKLE_PROGRAM = 64 * 2**20
+#: Operations of a pickle (its program, counted without running it); a delta's takes a few thousand,
+#: a whole Stable Diffusion checkpoint's about fifty thousand.
+MAX_PICKLE_OPERATIONS = 200_000
 #: Bytes of one file's mergekit-cd metadata JSON; ours is a few KB.
 MAX_METADATA_BYTES = 2**20
 #: Modifier tokens in one file; a merge of many concepts holds one per concept.

@@ -12,6 +12,8 @@ MergeError naming the file, in bounded time and memory. What each file is:
 - ``escape-token.safetensors``: a token named with an ANSI escape;
 - ``zip-bomb.bin``: a torch zip whose ``data.pkl`` is deflated from 400 MB of padding;
 - ``code.bin``: a pickle that would run ``os.system`` when loaded;
+- ``many-ints.bin`` / ``many-ints-legacy.bin``: a million ints in a torch zip and in torch's old
+  non-zip format (30 million took the weights-only unpickler minutes);
 - ``truncated.bin`` / ``truncated.safetensors``: files cut short; ``empty.safetensors``: empty;
 - ``fifo.bin``: a named pipe (reading it would block forever).
 """
@@ -88,6 +90,10 @@ def build_corpus(folder: Path) -> dict[str, Path]:
     code = folder / "code.bin"
     code.write_bytes(pickle.dumps({"unet": _RunsCode()}, protocol=2))
     corpus["code"] = code
+    corpus["many-ints"] = folder / "many-ints.bin"
+    torch.save({"unet": list(range(1_000_000))}, corpus["many-ints"])
+    corpus["many-ints-legacy"] = folder / "many-ints-legacy.bin"
+    torch.save({"unet": list(range(1_000_000))}, corpus["many-ints-legacy"], _use_new_zipfile_serialization=False)
     whole = folder / "whole.bin"
     torch.save({"unet": {f"{LAYER}.to_k.weight": torch.zeros(32, 32)}}, whole)
     corpus["truncated-bin"] = folder / "truncated.bin"
