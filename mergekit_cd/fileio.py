@@ -303,7 +303,8 @@ def load_pickle(path: str | os.PathLike[str], *, mmap: bool = False) -> Any:
     (it would run code) is refused, an unreadable one is reported truncated or corrupt.
     """
     _check_not_empty(path)
-    mapped = mmap and zipfile.is_zipfile(path)
+    is_zip = zipfile.is_zipfile(path)
+    mapped = mmap and is_zip
     scope = _SCOPE.get()
     key = scope.key("pickle", path, mapped) if scope is not None else None
     if key is not None and key in scope.parsed:
@@ -311,7 +312,7 @@ def load_pickle(path: str | os.PathLike[str], *, mmap: bool = False) -> Any:
             raise scope.parsed[key]  # refused once: not checked again by every format's detection
         return scope.parsed[key]
     try:
-        _check_program(path)
+        _check_program(path, is_zip)
         contents = _unpickle(path, mapped)
     except MergeError as error:
         if key is not None:
@@ -322,15 +323,18 @@ def load_pickle(path: str | os.PathLike[str], *, mmap: bool = False) -> Any:
     return contents
 
 
-def _check_program(path: str | os.PathLike[str]) -> None:
+def _check_program(path: str | os.PathLike[str], is_zip: bool) -> None:
     """Bound the unpickling work before torch does it: a torch zip by its directory
     (:func:`_check_archive`), then its pickle program, or an old non-zip file's pickles, by
     their operations, counted without building anything (torch's weights-only unpickler spends
     microseconds per operation: a 60 MB pickle of 30M ints took minutes)."""
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:  # readable: _check_archive opened it
-            program = next((entry for entry in _check_archive(path) if entry.filename.endswith("/data.pkl")
-                            or entry.filename == "data.pkl"), None)
+    if is_zip:
+        try:
+            archive = zipfile.ZipFile(path)
+        except (zipfile.BadZipFile, OSError, ValueError) as error:
+            raise MergeError(f"{path}: truncated, or not a valid PyTorch (zip) file ({error}).") from None
+        with archive:
+            program = _check_archive(archive, path)
             if program is not None:
                 with archive.open(program) as file:
                     _count_operations(file, 1, path)
@@ -375,18 +379,14 @@ def _count_operations(file: Any, pickles: int, path: str | os.PathLike[str]) -> 
         return
 
 
-def _check_archive(path: str | os.PathLike[str]) -> list[zipfile.ZipInfo]:
+def _check_archive(archive: zipfile.ZipFile, path: str | os.PathLike[str]) -> zipfile.ZipInfo | None:
     """Refuse a torch zip by what its directory declares, before anything is inflated: torch
     stores every entry uncompressed, so a compressed one (a zip bomb) is foreign, and entries
     may not declare more bytes than the file holds, nor a pickle program past
-    :data:`~mergekit_cd.limits.MAX_PICKLE_PROGRAM`."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            entries = archive.infolist()
-    except (zipfile.BadZipFile, OSError, ValueError) as error:
-        raise MergeError(f"{path}: truncated, or not a valid PyTorch (zip) file ({error}).") from None
+    :data:`~mergekit_cd.limits.MAX_PICKLE_PROGRAM`. Returns the pickle program's entry."""
     size = os.path.getsize(path)
-    for entry in entries:
+    program = None
+    for entry in archive.infolist():
         if entry.compress_type != zipfile.ZIP_STORED:
             raise MergeError(f"{path}: its entry {entry.filename} is compressed ({entry.compress_size:,} bytes "
                              f"inflating to {entry.file_size:,}); torch never compresses, so this is not a "
@@ -394,10 +394,11 @@ def _check_archive(path: str | os.PathLike[str]) -> list[zipfile.ZipInfo]:
         if entry.file_size > size:
             raise MergeError(f"{path}: its entry {entry.filename} declares {entry.file_size:,} bytes, more than "
                              f"the file holds; truncated or corrupt.")
-        if entry.filename.endswith("data.pkl"):
+        if entry.filename == "data.pkl" or entry.filename.endswith("/data.pkl"):
             check_limit(entry.file_size, MAX_PICKLE_PROGRAM,
                         f"its pickle program {entry.filename} declares {{count}} bytes", path)
-    return entries
+            program = program or entry
+    return program
 
 
 def _unpickle(path: str | os.PathLike[str], mapped: bool) -> Any:

@@ -100,8 +100,7 @@ def prepare_merge_to_file(deltas: Sequence[PathLike | ConceptDelta], output: Pat
     plan = plan_merge(deltas, reg_captions, base=base, class_words=class_words, styles=styles,
                       target_templates=target_templates, style_templates=style_templates, check_base=check_base)
     if options.spec.concept_weights:
-        options.concept_weights([concept.token or plan.sources[owner]
-                                 for concept, owner in zip(plan.concepts, plan.owners)])
+        options.concept_weights(plan.concept_labels)
     return FileMerge(plan, options, output, output_format, force)
 
 
@@ -162,7 +161,7 @@ def execute(plan: MergePlan, options: MergeOptions | None = None, *, progress: b
     """Run a planned merge (see :func:`merge`)."""
     options = options or MergeOptions()
     spec = options.spec
-    weights = options.concept_weights([c.token for c in plan.concepts]) if spec.concept_weights else None
+    weights = options.concept_weights(plan.concept_labels) if spec.concept_weights else None
     solve_device = options.solve_device
     text = _encode_text(plan, options, report=return_report, progress=progress)
     _release_memory(options.device)

@@ -35,6 +35,11 @@ class MergePlan:
     reg_captions: tuple[str, ...]
 
     @property
+    def concept_labels(self) -> list[str]:
+        """Each concept's name in messages: its token, or its input's for a tokenless concept."""
+        return [concept.token or self.sources[owner] for concept, owner in zip(self.concepts, self.owners)]
+
+    @property
     def num_weight_rows(self) -> int:
         return sum(k[0] + v[0] for k, v in self.base.kv_shapes().values())
 

@@ -132,8 +132,8 @@ def parse_document(text: str, *, source: str, where: str) -> Any:
     and nesting deeper than :data:`MAX_DEPTH` (200,000 levels would exhaust the recursion of
     every reader and writer after us)."""
     def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        keys = [key for key, _ in pairs]
-        repeated = next((key for key in keys if keys.count(key) > 1), None)
+        seen: set[str] = set()
+        repeated = next((key for key, _ in pairs if key in seen or seen.add(key)), None)
         if repeated is not None:
             raise MergeError(f"{source}: the mergekit-cd metadata in {where} gives the key {repeated!r} twice.")
         return dict(pairs)
