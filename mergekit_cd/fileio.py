@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import json
-import math
 import os
 import pickle
 import pickletools
@@ -32,7 +31,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from .errors import MergeError
-from .limits import MAX_PICKLE_OPERATIONS, MAX_PICKLE_PROGRAM, MAX_TENSOR_ELEMENTS, check_limit
+from .limits import MAX_PICKLE_OPERATIONS, MAX_PICKLE_PROGRAM, check_limit, check_tensor_size
 
 #: How torch's weights-only unpickler names a global it refuses (two wordings across versions).
 _DISALLOWED_GLOBAL = re.compile(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([^\s,]+)")
@@ -432,8 +431,7 @@ def load_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], d
 def read_tensor(handle: Any, key: str, source: str | os.PathLike[str]) -> Tensor:
     """One tensor of an open safetensors file, its declared size checked (from the header) before
     anything is read: at most :data:`~mergekit_cd.limits.MAX_TENSOR_ELEMENTS` values."""
-    shape = tuple(handle.get_slice(key).get_shape())
-    check_limit(math.prod(shape), MAX_TENSOR_ELEMENTS, f"{key} declares shape {shape}: {{count}} values", source)
+    check_tensor_size(tuple(handle.get_slice(key).get_shape()), key, source)
     return handle.get_tensor(key)
 
 

@@ -9,15 +9,17 @@ per layer). Each bound is far above any real file; an expert who means it sets
 
 from __future__ import annotations
 
+import math
 import os
 
 from .errors import MergeError
 
 #: Set to 1 to lift every bound below.
 OVERRIDE = "MERGEKIT_CD_NO_LIMITS"
-#: Values one tensor may declare: 16M (64 MB in float32), six times the largest K/V weight of any
-#: supported model (SDXL's 1280 x 2048).
-MAX_TENSOR_ELEMENTS = 2**24
+#: Values one tensor may declare: 4M (16 MB in float32), 1.6 times the largest K/V weight of any
+#: supported model (SDXL's 1280 x 2048). A token row that is a view into the whole embedding table
+#: counts its own values, not the table's.
+MAX_TENSOR_ELEMENTS = 2**22
 #: Bytes of a torch zip's pickle program (``data.pkl``); a delta's is a few hundred KB.
 MAX_PICKLE_PROGRAM = 64 * 2**20
 #: Operations of a pickle (its program, counted without running it); a delta's takes a few thousand,
@@ -29,11 +31,24 @@ MAX_METADATA_BYTES = 2**20
 MAX_TOKENS = 256
 #: Target prompts one concept may record; cd-train records 2 by default.
 MAX_PROMPTS = 100
+#: Target prompts of all the concepts of one merge together (each is encoded once).
+MAX_MERGE_PROMPTS = 1_000
+#: Constraint rows of one merge (token rows of every target prompt): the solve's factorisation
+#: and its dependence report grow with their square. 100 concepts of 2 prompts take about 1,200.
+MAX_CONSTRAINT_ROWS = 4_096
 
 
-def check_limit(count: int, limit: int, what: str, source: object) -> None:
+def check_limit(count: int, limit: int, what: str, source: object, *, needs: str = "any real file") -> None:
     """Refuse a ``count`` past ``limit`` in ``source``; ``what`` says what is counted, with
-    ``{count}`` where the number goes. The message names the override."""
+    ``{count}`` where the number goes, ``needs`` who would need that many. The message names the
+    override."""
     if count > limit and os.environ.get(OVERRIDE) != "1":
-        raise MergeError(f"{source}: {what.replace('{count}', f'{count:,}')}, more than the {limit:,} any real file "
+        raise MergeError(f"{source}: {what.replace('{count}', f'{count:,}')}, more than the {limit:,} {needs} "
                          f"needs; refused (set {OVERRIDE}=1 if you mean it).")
+
+
+def check_tensor_size(shape: tuple[int, ...], key: str, source: object) -> None:
+    """Refuse a tensor declaring more than :data:`MAX_TENSOR_ELEMENTS` values, before its data
+    is read (a safetensors header's shape, a mapped pickle's view)."""
+    check_limit(math.prod(shape), MAX_TENSOR_ELEMENTS, f"{key} declares shape {tuple(shape)}: {{count}} values",
+                source)

@@ -251,7 +251,7 @@ def convert(source: PathLike, output: PathLike, to: str | None = None, *,
                          "variant (nothing would shrink); compress to native, authors-bin or compvis instead.")
     base = as_base(base) if base is not None else None
     formats.check_output(output, to, architecture=base.architecture.name if base else None, force=force,
-                         inputs=[source])
+                         inputs=[source, *([base.path] if base else [])])
     delta = load(source, base=base, check_base=check_base)
     formats.check_can_hold(to, delta.architecture, output)
     report = None

@@ -25,6 +25,7 @@ from .base import BaseModel
 from .delta import ConceptDelta, LayerDelta
 from .errors import MergeError
 from .features import FEATURE_RULE, LazyTextFeatures, cached_features, cached_gram, heldout_captions
+from .limits import MAX_CONSTRAINT_ROWS, check_limit
 from .loading import PathLike, as_base, save
 from .merge_options import MergeOptions
 from .merge_plan import MergePlan, dependence_rtol, plan_merge, summarize_plan
@@ -96,7 +97,7 @@ def prepare_merge_to_file(deltas: Sequence[PathLike | ConceptDelta], output: Pat
         formats.check_can_hold(output_format, base.architecture.name, output)
     else:
         formats.check_output(output, output_format, architecture=base.architecture.name, force=force,
-                             inputs=[d for d in deltas if not isinstance(d, ConceptDelta)])
+                             inputs=[base.path, *(d for d in deltas if not isinstance(d, ConceptDelta))])
     plan = plan_merge(deltas, reg_captions, base=base, class_words=class_words, styles=styles,
                       target_templates=target_templates, style_templates=style_templates, check_base=check_base)
     if options.spec.concept_weights:
@@ -140,6 +141,8 @@ def _encode_text(plan: MergePlan, options: MergeOptions, *, report: bool, progre
     batch_size, cache_dir = options.batch_size, options.cache_dir
     prompts = [prompt for concept in plan.concepts for prompt in concept.prompts]
     rows = cached_features(plan.base, prompts, batch_size=batch_size, cache_dir=cache_dir, encoder=encoder)[0]
+    check_limit(sum(row.shape[0] for row in rows), MAX_CONSTRAINT_ROWS,
+                "its target prompts give {count} constraint rows", "The merge", needs="any real merge")
     targets, start = [], 0
     for concept in plan.concepts:
         targets.append(torch.cat(rows[start:start + len(concept.prompts)]).double())

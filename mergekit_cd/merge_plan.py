@@ -16,6 +16,7 @@ from .delta import Concept, ConceptDelta, LazyLayers, LowRank, TokenRename, merg
 from .errors import MergeError
 from .features import TextFeatures, default_reg_captions, target_prompts
 from .fileio import parse_once
+from .limits import MAX_MERGE_PROMPTS, MAX_PROMPTS, check_limit
 from .loading import PathLike, as_base, load_source, resolve_delta
 from .solvers._common import default_rtol
 
@@ -153,8 +154,12 @@ def plan_merge(deltas: Sequence[PathLike | ConceptDelta], reg_captions: Sequence
                 prompts = recorded
             else:
                 prompts = tuple(target_prompts(new_token, word, style=style, templates=templates))
+            check_limit(len(prompts), MAX_PROMPTS, f"the concept {new_token!r} would have {{count}} target prompts",
+                        "The merge")
             concepts.append(Concept(new_token, word, tuple(prompts), style))
             owners.append(index)
+    check_limit(sum(len(concept.prompts) for concept in concepts), MAX_MERGE_PROMPTS,
+                "its concepts have {count} target prompts", "The merge", needs="any real merge")
     captions = tuple(reg_captions) if reg_captions is not None else tuple(default_reg_captions())
     if not captions:
         raise MergeError("The regularisation caption set is empty.")

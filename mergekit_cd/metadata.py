@@ -38,6 +38,10 @@ IDENTITY_FIELDS = ("base", "base_fingerprint", "architecture", "concepts")
 #: How deep our documents may nest (ours are 4 levels deep); deeper ones are refused, not recursed into.
 MAX_DEPTH = 32
 _OWNED_FIELDS = ("format_version", "tool", *IDENTITY_FIELDS)
+#: How errors found in a document about to be written begin.
+_WRITING = "Cannot write the delta"
+#: What a document too deep to parse is read as (``null`` is a document of its own).
+_TOO_DEEP = object()
 
 
 def to_metadata(obj: ConceptDelta | FineTunedWeights) -> dict[str, Any]:
@@ -110,11 +114,18 @@ def _concept(entry: Any, source: str) -> Concept:
 
 def to_header(obj: ConceptDelta | FineTunedWeights) -> dict[str, str]:
     """The safetensors ``__metadata__`` (string -> string) carrying ``obj``'s metadata."""
+    return {"format": HEADER_FORMAT, "format_version": FORMAT_VERSION, HEADER_KEY: dump_document(obj)}
+
+
+def dump_document(obj: ConceptDelta | FineTunedWeights, **extra: Any) -> str:
+    """``obj``'s metadata document (with ``extra`` fields) as JSON, read back the way a reader
+    will before anything is written: every file we write is one we read (the same bounds)."""
     try:
-        document = json.dumps(to_metadata(obj), sort_keys=True, allow_nan=False)
+        text = json.dumps({**to_metadata(obj), **extra}, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as error:
         raise MergeError(f"The delta's metadata cannot be stored as JSON: {error}.") from None
-    return {"format": HEADER_FORMAT, "format_version": FORMAT_VERSION, HEADER_KEY: document}
+    identity_from_metadata(parse_document(text, source=_WRITING, where="its metadata"), source=_WRITING)
+    return text
 
 
 def from_header(header: dict[str, str], *, source: str) -> dict[str, Any]:
@@ -144,8 +155,8 @@ def parse_document(text: str, *, source: str, where: str) -> Any:
     except json.JSONDecodeError as error:
         raise MergeError(f"{source}: the mergekit-cd metadata in {where} is not valid JSON ({error}).") from None
     except RecursionError:
-        document = None
-    if document is None or _depth(document) > MAX_DEPTH:
+        document = _TOO_DEEP
+    if document is _TOO_DEEP or _depth(document) > MAX_DEPTH:
         raise MergeError(f"{source}: the mergekit-cd metadata in {where} nests deeper than {MAX_DEPTH} levels; "
                          f"no file mergekit-cd writes does.")
     return document

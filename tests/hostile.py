@@ -15,7 +15,11 @@ MergeError naming the file, in bounded time and memory. What each file is:
 - ``many-ints.bin`` / ``many-ints-legacy.bin``: a million ints in a torch zip and in torch's old
   non-zip format (30 million took the weights-only unpickler minutes);
 - ``truncated.bin`` / ``truncated.safetensors``: files cut short; ``empty.safetensors``: empty;
-- ``fifo.bin``: a named pipe (reading it would block forever).
+- ``fifo.bin``: a named pipe (reading it would block forever);
+- ``giant-pickle.bin``: the authors' layout whose to_k is a (32, 1048576) tensor, sparse on disk
+  (a torch zip, so the tensor is a view of the mapped file until something touches it);
+- ``many-tokens.bin``: 300 tokens, each a 4M-value view of one sparse storage (copying each row
+  out, as readers do, would cost 4.8 GB).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import struct
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
@@ -49,6 +54,40 @@ def _with_metadata(path: Path, metadata_json: str) -> Path:
     tensors = {f"{LAYER}.to_k.diff": torch.zeros(32, 32), f"{LAYER}.to_v.diff": torch.zeros(32, 32)}
     save_file(tensors, str(path),
               metadata={"format": "mergekit-cd", "format_version": "1", "mergekit_cd": metadata_json})
+    return path
+
+
+class _Sparse:
+    """A file object that seeks over runs of zeros instead of writing them: torch.save through it
+    leaves a sparse file (the tensor's claim is consistent with the file, yet costs no disk)."""
+
+    def __init__(self, file) -> None:
+        self.file = file
+
+    def write(self, data) -> int:
+        data = memoryview(data)
+        if len(data) >= 4096 and not np.frombuffer(data, dtype=np.uint8).any():
+            self.file.seek(len(data), os.SEEK_CUR)
+        else:
+            self.file.write(data)
+        return len(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _sparse_pickle(path: Path, folder: Path, values: int, build) -> Path:
+    """``torch.save(build(storage))`` written sparsely, ``storage`` a float32 tensor of ``values`` zeros
+    mapped from a sparse scratch file (so neither building nor saving holds it in memory)."""
+    scratch = folder / "scratch"
+    with open(scratch, "wb") as file:
+        file.truncate(values * 4)
+    storage = torch.from_file(str(scratch), shared=True, size=values)
+    with open(path, "wb") as file:
+        torch.save(build(storage), _Sparse(file))
+        file.truncate(file.tell())
+    del storage
+    scratch.unlink()
     return path
 
 
@@ -105,6 +144,11 @@ def build_corpus(folder: Path) -> dict[str, Path]:
     corpus["truncated-safetensors"].write_bytes(data[: len(data) - 100])
     corpus["empty"] = folder / "empty.safetensors"
     corpus["empty"].write_bytes(b"")
+    corpus["giant-pickle"] = _sparse_pickle(folder / "giant-pickle.bin", folder, 2**25, lambda storage: {
+        "unet": {f"{LAYER}.to_k.weight": storage.view(32, 2**20), f"{LAYER}.to_v.weight": torch.zeros(32, 32)}})
+    corpus["many-tokens"] = _sparse_pickle(folder / "many-tokens.bin", folder, 2**22, lambda storage: {
+        "unet": {f"{LAYER}.to_k.weight": torch.zeros(32, 32), f"{LAYER}.to_v.weight": torch.zeros(32, 32)},
+        "modifier_token": {f"<t{index}>": storage for index in range(300)}})
     if hasattr(os, "mkfifo"):
         corpus["fifo"] = folder / "fifo.bin"
         os.mkfifo(corpus["fifo"])

@@ -23,6 +23,8 @@ from mergekit_cd.cli import merge as cd_merge
 from mergekit_cd.cli import sample as cd_sample
 from mergekit_cd.delta import LowRank, dense
 
+from cli_output import one_error_line
+
 SIZE = 16  # the tiny pipelines' default image size
 
 
@@ -33,15 +35,6 @@ def tiny_models(tiny_pipeline_path, tiny_delta_files):
     for architecture in ("sd1", "sdxl"):
         tiny_pipeline_path(architecture)
         tiny_delta_files(architecture)
-
-
-def one_error_line(capsys, command: str) -> str:
-    """The single line a failed command printed on stderr (nothing on stdout); its message."""
-    captured = capsys.readouterr()
-    lines = captured.err.splitlines()
-    assert len(lines) == 1, captured.err
-    assert lines[0].startswith(f"{command}: error: "), lines[0]
-    return lines[0][len(f"{command}: error: "):]
 
 
 def pixels(path: Path) -> np.ndarray:

@@ -20,6 +20,8 @@ from mergekit_cd.cli import merge as cd_merge
 from mergekit_cd.cli import sample as cd_sample
 from mergekit_cd.fileio import check_destination
 
+from cli_output import one_error_line
+
 
 @pytest.fixture(scope="module", autouse=True)
 def tiny_models(tiny_pipeline_path, tiny_delta_files):
@@ -41,14 +43,6 @@ def no_work(monkeypatch):
         raise AssertionError("the inputs were read before the command line was checked")
 
     monkeypatch.setattr(importlib.import_module("mergekit_cd.merge"), "plan_merge", refuse)
-
-
-def one_error_line(capsys, command: str) -> str:
-    captured = capsys.readouterr()
-    lines = captured.err.splitlines()
-    assert len(lines) == 1 and captured.out == "", captured
-    assert lines[0].startswith(f"{command}: error: "), lines[0]
-    return lines[0][len(f"{command}: error: "):]
 
 
 def merge_args(tiny_pipeline_path, tiny_delta_files, architecture: str = "sd1") -> list[str]:

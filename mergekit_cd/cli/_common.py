@@ -1,5 +1,5 @@
-"""What every command shares: the error boundary, quiet libraries, devices and dtypes, argument
-types, tables."""
+"""What every command shares: the error boundary, terminal-safe output, quiet libraries, devices
+and dtypes, argument types, tables."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import os
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
+from typing import Any
 
 import torch
 
@@ -37,7 +38,7 @@ def run(main: Callable[[argparse.Namespace], int | None], parser: argparse.Argum
     """
     args = parser.parse_args(argv)
     try:
-        with quiet_libraries(), warnings.catch_warnings():
+        with quiet_libraries(), warnings.catch_warnings(), redirect_stdout(_TerminalSafe(sys.stdout)):
             warnings.showwarning = _warning_printer(parser.prog)
             for category in REPORTED_WARNINGS:
                 warnings.simplefilter("ignore", category)
@@ -45,7 +46,7 @@ def run(main: Callable[[argparse.Namespace], int | None], parser: argparse.Argum
                 warnings.filterwarnings("ignore", category=category, module=THIRD_PARTY_MODULES)
             return main(args) or 0
     except MergeError as error:
-        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        print(f"{parser.prog}: error: {terminal_safe(str(error))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted", file=sys.stderr)
@@ -59,9 +60,30 @@ def _warning_printer(prog: str) -> Callable[..., None]:
     """A ``warnings.showwarning`` that prints ``prog: warning: message`` as one line on stderr."""
     def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
              file: object = None, line: str | None = None) -> None:
-        print(f"{prog}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+        print(f"{prog}: warning: {terminal_safe(' '.join(str(message).split()))}", file=sys.stderr)
 
     return show
+
+
+def terminal_safe(text: str) -> str:
+    """``text`` with every character a terminal would act on (control characters, ANSI escapes,
+    invisible formatting) shown escaped, as Python writes it; newlines and tabs are kept. What a
+    command prints comes partly from files (names, prompts, keys), which may be hostile."""
+    return "".join(character if character.isprintable() or character in "\n\t" else repr(character)[1:-1]
+                   for character in text)
+
+
+class _TerminalSafe:
+    """A text stream writing through :func:`terminal_safe` into ``stream``: every command's stdout."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        return self._stream.write(terminal_safe(text))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 def _silence_stdout() -> None:

@@ -18,11 +18,10 @@ from pathlib import Path
 from collections.abc import Sequence
 from types import ModuleType
 
-from ..delta import check_token_name
 from ..errors import MergeError
 from ..fileio import check_destination, check_not_an_input, load_pickle, load_safetensors, parse_once
 from . import authors_bin, compvis, diffusers_layout, native
-from ._common import Delta, describe_container, natural_order, safetensors_header
+from ._common import Delta, check_token_shapes, describe_container, natural_order, safetensors_header
 
 FORMATS: list[ModuleType] = [
     native,
@@ -139,7 +138,7 @@ def read_detected(path: str | os.PathLike[str], format_name: str | None = None) 
 
 def write(obj: Delta, path: str | os.PathLike[str], format_name: str, *, force: bool = False) -> None:
     """Write ``obj`` to ``path`` in the named format (atomically; ``force`` replaces an output);
-    every token name must follow the one rule (:func:`~mergekit_cd.delta.check_token_name`)."""
-    for name in obj.tokens:
-        check_token_name(name, f"Cannot write {path}")
+    its tokens must pass the readers' checks (:func:`~._common.check_token_shapes`: the one name
+    rule, the count bound): a file we write is one we read."""
+    check_token_shapes(obj.tokens, f"Cannot write {path}")
     get_format(format_name).write(obj, path, force=force)

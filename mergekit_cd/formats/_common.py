@@ -5,7 +5,6 @@ for ``detect``, and tensors ready to be saved.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import zipfile
@@ -19,9 +18,9 @@ from torch import Tensor
 
 from ..delta import ConceptDelta, Difference, LayerDelta, LazyLayers, LowRank, check_token_name
 from ..errors import MergeError
-from ..limits import MAX_TOKENS, check_limit
+from ..limits import MAX_TOKENS, check_limit, check_tensor_size
 from ..fileio import check_unchanged, file_identity, load_pickle, open_safetensors, read_tensor
-from ..metadata import HEADER_KEY, identity_from_metadata, parse_document, to_metadata
+from ..metadata import HEADER_KEY, dump_document, identity_from_metadata, parse_document
 from ..weights import FineTunedWeights
 
 Delta = ConceptDelta | FineTunedWeights
@@ -59,6 +58,9 @@ def natural_order(names: Any) -> list[str]:
 
 # ---------------------------------------------------------------- checking what was found
 def check_finite(tensor: Tensor, key: str, source: str) -> None:
+    """No NaN or infinity in ``tensor``, its size bounded first: a pickled tensor is a view of a
+    mapped file, so this is the first time its data is touched."""
+    check_tensor_size(tuple(tensor.shape), key, source)
     if not bool(torch.isfinite(tensor).all()):
         raise MergeError(f"{source}: {key} holds NaN or infinite values.")
 
@@ -173,7 +175,7 @@ def check_token_shapes(tokens: dict[str, tuple[Tensor, ...]], source: str) -> No
     """Every token name follows the one rule (:func:`~mergekit_cd.delta.check_token_name`), and all
     tokens have the same number of embeddings with the same sizes; at most
     :data:`~mergekit_cd.limits.MAX_TOKENS` of them."""
-    check_limit(len(tokens), MAX_TOKENS, "it holds {count} tokens", source)
+    check_token_count(len(tokens), source)
     for name in tokens:
         check_token_name(name, source)
     shapes = {name: tuple(e.numel() for e in embeddings) for name, embeddings in tokens.items()}
@@ -182,6 +184,12 @@ def check_token_shapes(tokens: dict[str, tuple[Tensor, ...]], source: str) -> No
         if shape != first[1]:
             raise MergeError(f"{source}: token {name} has embedding sizes {shape} but {first[0]} "
                              f"has {first[1]}.")
+
+
+def check_token_count(count: int, source: str) -> None:
+    """At most :data:`~mergekit_cd.limits.MAX_TOKENS` tokens; readers check before reading any
+    (each row is copied out of the file)."""
+    check_limit(count, MAX_TOKENS, "it holds {count} tokens", source)
 
 
 def unexpected_key(key: str, source: str, expected: str) -> MergeError:
@@ -297,10 +305,7 @@ def _entry(value: Any, *, copy: bool = False) -> Difference:
 def metadata_entry(obj: Delta, **extra: Any) -> str:
     """``obj``'s metadata document (and ``extra`` fields) as the JSON string stored under
     :data:`METADATA_KEY`; checked before anything is written."""
-    try:
-        return json.dumps({**to_metadata(obj), **extra}, sort_keys=True, allow_nan=False)
-    except (TypeError, ValueError) as error:
-        raise MergeError(f"The delta's metadata cannot be stored as JSON: {error}.") from None
+    return dump_document(obj, **extra)
 
 
 def read_metadata(contents: dict[Any, Any], source: str) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from ._common import (
     PickleFile,
     assemble,
     check_entry,
+    check_token_count,
     check_vector,
     describe_container,
     metadata_entry,
@@ -81,6 +82,7 @@ def _read_tokens(entries: Any, source: str) -> dict[str, tuple[Tensor, ...]]:
     if not isinstance(entries, dict):
         raise MergeError(f"{source}: modifier_token should be a dict token -> embedding, found "
                          f"{describe_container(entries)}.")
+    check_token_count(len(entries), source)
     tokens = {}
     for name, value in entries.items():
         key = f"modifier_token[{str(name)!r}]"

@@ -22,13 +22,14 @@ from ._common import (
     assemble,
     check_entry,
     check_finite,
+    check_token_count,
     describe,
     describe_container,
     metadata_entry,
     natural_order,
     owned,
-    plain_copy,
     peek_pickle,
+    plain_copy,
     read_metadata,
     split_layer_key,
     stored_entries,
@@ -134,6 +135,7 @@ def _read_embed(value: Any, names: Any, source: str) -> dict[str, tuple[Tensor, 
         value = value[None]
     if not isinstance(value, Tensor) or value.dim() != 2 or not value.is_floating_point():
         raise MergeError(f"{source}: {EMBED} should be float token rows [n, d], found {describe(value)}.")
+    check_token_count(len(value), source)
     check_finite(value, EMBED, source)
     if names is None:
         names = [f"<new{index + 1}>" for index in range(len(value))]

@@ -23,6 +23,7 @@ from ._common import (
     SafetensorsLayers,
     assemble,
     check_matrix,
+    check_token_count,
     check_token_shapes,
     check_vector,
     full_weights,
@@ -134,9 +135,11 @@ def _read_tokens(weights_file: Path) -> dict[str, tuple[Tensor, ...]]:
     """Every token file in the weights file's folder, in natural name order."""
     tokens: dict[str, tuple[Tensor, ...]] = {}
     origins: dict[str, Path] = {}
-    for file in sorted(weights_file.parent.iterdir()):
-        if file.name in WEIGHTS_NAMES or file.suffix not in TOKEN_SUFFIXES or not file.is_file():
-            continue
+    # every entry with a token file's suffix is one (a FIFO or a dangling link is an error, not skipped)
+    files = [file for file in sorted(weights_file.parent.iterdir())
+             if file.name not in WEIGHTS_NAMES and file.suffix in TOKEN_SUFFIXES]
+    check_token_count(len(files), str(weights_file.parent))
+    for file in files:
         name, embeddings = _read_token_file(file)
         if name in tokens:
             raise MergeError(f"{weights_file.parent}: token {name} is in both {origins[name].name} "

@@ -15,6 +15,7 @@ from ._common import (
     Delta,
     LayerCollector,
     check_matrix,
+    check_token_count,
     check_token_shapes,
     check_vector,
     natural_order,
@@ -65,6 +66,8 @@ def read(path: str | os.PathLike[str]) -> ConceptDelta:
     locations: dict[tuple[str, str], tuple[str, ...]] = {}
     with open_safetensors(path) as handle:
         identity = from_header(handle.metadata() or {}, source=source)
+        check_token_count(len({_split_token_key(key, source)[0] for key in handle.keys()
+                               if key.startswith(TOKEN_PREFIX)}), source)
         for key in handle.keys():
             if key.startswith(TOKEN_PREFIX):
                 name, index = _split_token_key(key, source)

@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING
 from ..delta import Concept, ConceptDelta, LayerDelta
 from ..errors import MergeError
 from ..features import target_prompts
-from ..fileio import atomic_outputs, atomic_path, check_destination, load_safetensors, save_safetensors
+from ..fileio import (atomic_outputs, atomic_path, check_destination, check_not_an_input, load_safetensors,
+                      save_safetensors)
 from ..formats import diffusers_layout
 from ..loading import save
 from .config import TrainingConfig
@@ -40,6 +41,8 @@ TRAINER = "cd-train"
 def check(config: TrainingConfig) -> None:
     """Fail before any work when the output folder cannot be used or its files could not be written."""
     out = Path(config.output)
+    check_not_an_input(out, [config.base, *(folder for concept in config.concepts
+                                            for folder in (concept.instance_dir, concept.reg_dir) if folder)])
     for concept in config.concepts:  # each token names a file in OUT/diffusers/
         diffusers_layout._token_file_name(concept.token, out / DIFFUSERS_NAME)
     if out.suffix == ".safetensors":

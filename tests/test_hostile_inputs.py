@@ -1,0 +1,159 @@
+"""Hostile and unlucky inputs beyond single files (issue 16): what a merge may ask for as a whole,
+outputs that would land inside the base, text from files reaching the terminal, odd entries in a
+diffusers folder. Each case is one error line naming the problem, before any work."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+
+from mergekit_cd import MergeError, formats, merge
+from mergekit_cd.base import open_base
+from mergekit_cd.cli import convert as cd_convert
+from mergekit_cd.cli import inspect as cd_inspect
+from mergekit_cd.cli import merge as cd_merge
+from mergekit_cd.cli import train as cd_train
+from mergekit_cd.delta import Concept, ConceptDelta
+from mergekit_cd.limits import MAX_MERGE_PROMPTS, MAX_PROMPTS, OVERRIDE
+from mergekit_cd.metadata import identity_from_metadata, parse_document
+from mergekit_cd.testing import random_concept_delta
+
+from cli_output import one_error_line
+
+#: The module (the package's ``merge`` attribute is the function).
+MERGE_MODULE = importlib.import_module("mergekit_cd.merge")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tiny_models(tiny_pipeline_path, tiny_delta_files):
+    """Built before any test captures output (saving them prints transformers' progress bars)."""
+    for architecture in ("sd1", "sdxl"):
+        tiny_pipeline_path(architecture)
+    tiny_delta_files("sd1")
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("MERGEKIT_CD_CACHE", str(tmp_path_factory.getbasetemp() / "gram-cache"))
+    monkeypatch.delenv(OVERRIDE, raising=False)
+
+
+def _crowded_file(base_path, folder) -> str:
+    """256 tokens of 100 target prompts each: every per-file bound met, 25,600 prompts together
+    (before the merge-wide bounds, cd-merge died in a 182 GB SVD)."""
+    base = open_base(base_path)
+    one = random_concept_delta(base, "<t0>", "cat", seed=3)
+    names = [f"<t{index}>" for index in range(256)]
+    concepts = tuple(Concept(name, "cat", tuple(f"photo {i} of a {name} cat" for i in range(MAX_PROMPTS)))
+                     for name in names)
+    crowded = ConceptDelta(dict(one.layers), {name: one.tokens["<t0>"] for name in names}, base=one.base,
+                           base_fingerprint=one.base_fingerprint, architecture=one.architecture, concepts=concepts)
+    path = folder / "crowded.safetensors"
+    formats.write(crowded, path, "native")
+    return str(path)
+
+
+def test_a_merge_asking_for_too_many_prompts_is_one_error_before_any_encoding(tiny_pipeline_path, tmp_path,
+                                                                             capsys, monkeypatch):
+    base = tiny_pipeline_path("sd1")
+    path = _crowded_file(base, tmp_path)
+    capsys.readouterr()  # the text encoder's loading messages
+    monkeypatch.setattr(MERGE_MODULE, "cached_features", lambda *a, **k: pytest.fail("encoded target prompts"))
+    code = cd_merge.main([path, "--base", str(base), "-o", str(tmp_path / "out.safetensors"), "-q"])
+    assert code == 1
+    assert one_error_line(capsys, "cd-merge") == (
+        f"The merge: its concepts have 25,600 target prompts, more than the {MAX_MERGE_PROMPTS:,} any real merge "
+        f"needs; refused (set {OVERRIDE}=1 if you mean it).")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_a_concept_given_too_many_templates_is_refused_as_its_file_would_be(tiny_pipeline_path, tiny_delta_files):
+    templates = [f"photo {i} of a {{token}} {{class_word}}" for i in range(MAX_PROMPTS + 1)]
+    with pytest.raises(MergeError, match=rf"^The merge: the concept '<new1>' would have {MAX_PROMPTS + 1} target "
+                                         rf"prompts, more than the {MAX_PROMPTS}"):
+        merge([tiny_delta_files("sd1")["native"]], ["a photo"], base=tiny_pipeline_path("sd1"),
+              target_templates=templates)
+
+
+def test_the_constraint_rows_of_a_merge_are_bounded(tiny_pipeline_path, tiny_delta_files, monkeypatch):
+    """The solve's factorisation and dependence report grow with the square of the rows; the bound
+    is checked as soon as the target prompts are encoded, before anything is solved."""
+    files = tiny_delta_files("sd1")
+    monkeypatch.setattr(MERGE_MODULE, "MAX_CONSTRAINT_ROWS", 5)
+    monkeypatch.setattr(MERGE_MODULE, "cached_gram", lambda *a, **k: pytest.fail("encoded captions"))
+    with pytest.raises(MergeError, match=r"^The merge: its target prompts give \d\d+ constraint rows, more than "
+                                         r"the 5 any real merge needs"):
+        merge([files["native"], files["other-native"]], ["a photo"], base=tiny_pipeline_path("sd1"))
+
+
+@pytest.mark.parametrize("command", ["cd-merge", "cd-convert", "cd-train"])
+def test_an_output_inside_the_base_is_refused_even_with_force(command, tiny_pipeline_path, tiny_delta_files,
+                                                              tmp_path, capsys):
+    """``-o BASE/unet --force`` replaced the base's UNet with the merged delta's folder."""
+    base = tmp_path / "base"
+    shutil.copytree(tiny_pipeline_path("sd1"), base)
+    before = {str(file): file.read_bytes() for file in sorted(base.rglob("*")) if file.is_file()}
+    output = base / "unet"
+    native = str(tiny_delta_files("sd1")["native"])
+    if command == "cd-merge":
+        code = cd_merge.main([native, "--base", str(base), "-o", str(output), "--force", "-q"])
+    elif command == "cd-convert":
+        code = cd_convert.main([native, "--base", str(base), "-o", str(output), "--force"])
+    else:
+        images = tmp_path / "cat"
+        images.mkdir()
+        code = cd_train.main(["--base", str(base), "--instance-dir", str(images), "--class-word", "cat",
+                              "-o", str(output), "--force"])
+    message = one_error_line(capsys, command)
+    assert code == 1 and f"it lies inside the input {base}" in message and "(even with --force)" in message
+    assert {str(file): file.read_bytes() for file in sorted(base.rglob("*")) if file.is_file()} == before
+
+
+def test_text_from_a_file_reaches_the_terminal_escaped(tiny_pipeline_path, tmp_path, capsys):
+    """cd-inspect printed the base name, class words, prompts and keys a file records as they were:
+    an ANSI escape there could rewrite the user's terminal."""
+    base = open_base(tiny_pipeline_path("sd1"))
+    delta = random_concept_delta(base, "<new1>", "cat", seed=4)
+    evil = "\x1b]0;pwned\x07\x1b[2J"
+    hostile = ConceptDelta(dict(delta.layers), dict(delta.tokens), base=f"base{evil}",
+                           base_fingerprint=delta.base_fingerprint, architecture=delta.architecture,
+                           concepts=(Concept("<new1>", f"cat{evil}", (f"photo of a <new1> cat{evil}",)),),
+                           metadata={"notes": evil})
+    path = tmp_path / "evil.safetensors"
+    formats.write(hostile, path, "native")
+    assert cd_inspect.main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out
+    assert r"base\x1b]0;pwned\x07\x1b[2J" in out and r"<new1> = cat\x1b]0;pwned" in out
+    # every command's stdout: cd-merge's report names each concept's class word
+    assert cd_merge.main([str(path), "--base", str(tiny_pipeline_path("sd1")), "-o", str(tmp_path / "o.safetensors"),
+                          "--num-reg-captions", "20", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and r"cat\x1b]0;pwned" in out
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs are POSIX")
+def test_a_fifo_among_a_diffusers_folders_token_files_is_an_error_not_skipped(tiny_delta_files, tmp_path):
+    folder = tmp_path / "delta"
+    shutil.copytree(tiny_delta_files("sd1")["diffusers"], folder)
+    os.mkfifo(folder / "<new2>.bin")
+    with pytest.raises(MergeError, match=r"<new2>\.bin: not a regular file \(a FIFO \(named pipe\)\)"):
+        formats.read(folder)
+    (folder / "<new2>.bin").unlink()
+    (folder / "<new2>.bin").symlink_to(tmp_path / "gone.bin")
+    with pytest.raises(MergeError, match=r"Cannot read .*<new2>\.bin: No such file or directory"):
+        formats.read(folder)
+
+
+def test_a_null_metadata_document_is_not_called_nested():
+    with pytest.raises(MergeError, match=r"^x: mergekit-cd metadata must be a JSON object, got NoneType\.$"):
+        identity_from_metadata(parse_document("null", source="x", where="the header"), source="x")
+
+
+if sys.platform == "win32":  # pragma: no cover - FIFOs, symlinks
+    pytestmark = pytest.mark.skip("POSIX file semantics")
