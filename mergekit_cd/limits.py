@@ -20,6 +20,9 @@ OVERRIDE = "MERGEKIT_CD_NO_LIMITS"
 #: supported model (SDXL's 1280 x 2048). A token row that is a view into the whole embedding table
 #: counts its own values, not the table's.
 MAX_TENSOR_ELEMENTS = 2**22
+#: Values of one token embedding: twice the widest text encoder's (SDXL's OpenCLIP bigG, 1280); with
+#: :data:`MAX_TOKENS`, what a file's tokens may hold in memory (each row is copied out) is 5 MB.
+MAX_EMBEDDING_VALUES = 2560
 #: Bytes of a torch zip's pickle program (``data.pkl``); a delta's is a few hundred KB.
 MAX_PICKLE_PROGRAM = 64 * 2**20
 #: Operations of a pickle (its program, counted without running it); a delta's takes a few thousand,
@@ -52,3 +55,9 @@ def check_tensor_size(shape: tuple[int, ...], key: str, source: object) -> None:
     is read (a safetensors header's shape, a mapped pickle's view)."""
     check_limit(math.prod(shape), MAX_TENSOR_ELEMENTS, f"{key} declares shape {tuple(shape)}: {{count}} values",
                 source)
+
+
+def check_embedding_size(count: int, key: str, source: object) -> None:
+    """Refuse a token embedding of more than :data:`MAX_EMBEDDING_VALUES` values (checked from a
+    header where there is one, before the row is read)."""
+    check_limit(count, MAX_EMBEDDING_VALUES, f"token embedding {key} has {{count}} values", source)

@@ -6,6 +6,7 @@ MergeError naming the file, in bounded time and memory. What each file is:
 - ``giant-shape.safetensors``: a native file whose header claims a (32, 16777216) difference,
   sparse on disk (4 KB) but 2 GB of apparent size, so the claim is consistent with the file size;
 - ``giant-token.safetensors``: the same for a token row;
+- ``wide-tokens.safetensors``: 256 tokens of 4M values each (4 GB if every row were read);
 - ``deep-metadata.safetensors``: metadata JSON nested 200,000 levels;
 - ``huge-metadata.safetensors``: 2 MB of metadata JSON;
 - ``duplicate-keys.safetensors``: metadata JSON giving one key twice;
@@ -110,6 +111,11 @@ def build_corpus(folder: Path) -> dict[str, Path]:
         "__metadata__": {"format": "mergekit-cd"},
         "token.<new1>.0": {"dtype": "F32", "shape": [16777216, 64], "data_offsets": [0, 16777216 * 64 * 4]}},
         16777216 * 64 * 4)
+    wide = 2**22 * 4  # each token row 4M values: within the tensor bound, 1,600 times an embedding's width
+    corpus["wide-tokens"] = _raw_safetensors(folder / "wide-tokens.safetensors", {
+        "__metadata__": {"format": "mergekit-cd"},
+        **{f"token.<t{index}>.0": {"dtype": "F32", "shape": [2**22], "data_offsets": [index * wide, (index + 1) * wide]}
+           for index in range(256)}}, 256 * wide)
     corpus["deep-metadata"] = _with_metadata(folder / "deep-metadata.safetensors", "[" * 200_000 + "]" * 200_000)
     corpus["huge-metadata"] = _with_metadata(folder / "huge-metadata.safetensors",
                                              json.dumps({"format_version": "1", "notes": "x" * 2**21}))

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..delta import ConceptDelta, Difference, LayerDelta, LazyLayers, LowRank, check_token_name
 from ..errors import MergeError
-from ..limits import MAX_TOKENS, check_limit, check_tensor_size
+from ..limits import MAX_TOKENS, check_embedding_size, check_limit, check_tensor_size
 from ..fileio import check_unchanged, file_identity, load_pickle, open_safetensors, read_tensor
 from ..metadata import HEADER_KEY, dump_document, identity_from_metadata, parse_document
 from ..weights import FineTunedWeights
@@ -82,6 +82,7 @@ def check_vector(value: Any, key: str, source: str) -> Tensor:
     if not isinstance(value, Tensor) or value.dim() != 1 or not value.is_floating_point():
         raise MergeError(f"{source}: token embedding {key} should be a 1-D float vector, found "
                          f"{describe(value)}.")
+    check_embedding_size(value.numel(), key, source)
     check_finite(value, key, source)
     return plain_copy(value)
 

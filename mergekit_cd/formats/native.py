@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -10,6 +11,7 @@ from torch import Tensor
 from ..delta import ConceptDelta, Difference, LayerDelta, LazyLayers, LowRank
 from ..errors import MergeError
 from ..fileio import atomic_path, check_unchanged, file_identity, open_safetensors, read_tensor, save_safetensors
+from ..limits import check_embedding_size
 from ..metadata import HEADER_FORMAT, from_header, to_header
 from ._common import (
     Delta,
@@ -71,6 +73,7 @@ def read(path: str | os.PathLike[str]) -> ConceptDelta:
         for key in handle.keys():
             if key.startswith(TOKEN_PREFIX):
                 name, index = _split_token_key(key, source)
+                check_embedding_size(math.prod(handle.get_slice(key).get_shape()), key, source)
                 # a copy: a view would keep the whole file mapped (and every page read below resident)
                 embeddings.setdefault(name, {})[index] = check_vector(read_tensor(handle, key, source), key, source)
                 continue
