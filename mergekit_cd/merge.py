@@ -24,7 +24,9 @@ from . import formats
 from .base import BaseModel
 from .delta import ConceptDelta, LayerDelta
 from .errors import MergeError
-from .features import FEATURE_RULE, LazyTextFeatures, cached_features, cached_gram, heldout_captions
+from .captions import heldout_captions
+from .feature_cache import cached_features, cached_gram
+from .features import FEATURE_RULE, LazyTextFeatures
 from .limits import MAX_CONSTRAINT_ROWS, check_limit
 from .loading import PathLike, as_base, save
 from .merge_options import MergeOptions

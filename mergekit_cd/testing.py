@@ -388,7 +388,8 @@ def random_concept_deltas(base: Any, concepts: list[tuple[str, str]], *, seed: i
     """:func:`random_concept_delta` for several (token, class word) pairs, seeds ``seed, seed + 1, ...``,
     with one text-encoder load for all of them (what makes 100 full-size concepts affordable)."""
     from .delta import Concept, ConceptDelta, LayerDelta
-    from .features import TextFeatures, target_prompts
+    from .features import TextFeatures
+    from .prompts import target_prompts
 
     generators = [torch.Generator().manual_seed(seed + i) for i in range(len(concepts))]
     embeddings = {token: tuple(0.02 * torch.randn(dim, generator=generator) for dim in base.token_dims())

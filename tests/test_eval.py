@@ -27,7 +27,7 @@ from mergekit_cd.evaluation import clip_score, mean_pairwise_cosine, parse_compa
 from mergekit_cd.evaluation.fidelity import draw_probes
 from mergekit_cd.evaluation.methods import SOFT_SWEEP
 from mergekit_cd.evaluation.report import write_outputs
-from mergekit_cd.features import default_reg_captions
+from mergekit_cd.captions import default_reg_captions
 from mergekit_cd.loading import save
 from mergekit_cd.testing import random_concept_delta, tiny_tokenizer
 

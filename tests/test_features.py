@@ -11,21 +11,16 @@ import torch
 from mergekit_cd import features as features_module
 from mergekit_cd.base import BaseModel, open_base
 from mergekit_cd.errors import MergeError
-from mergekit_cd.features import (
-    FEATURE_RULE,
-    OBJECT_TEMPLATES,
-    TextFeatures,
+from mergekit_cd.captions import default_reg_captions, heldout_captions, read_captions
+from mergekit_cd.feature_cache import (
     cached_features,
     cached_gram,
     default_cache_dir,
-    default_reg_captions,
     features_cache_key,
     gram_cache_key,
-    heldout_captions,
-    kept_rows,
-    read_captions,
-    target_prompts,
 )
+from mergekit_cd.features import FEATURE_RULE, TextFeatures, kept_rows
+from mergekit_cd.prompts import OBJECT_TEMPLATES, target_prompts
 from mergekit_cd.testing import build_tiny_pipeline
 
 CAPTIONS = [

@@ -503,14 +503,14 @@ def test_without_force_an_output_that_appears_while_writing_is_never_replaced(tm
 def test_a_full_cache_disk_only_warns(tiny_pipeline_path, tmp_path, monkeypatch):
     """safetensors reports a full disk as SafetensorError: the Gram cache write warned only for
     OSError, so a full cache folder crashed the merge with a traceback (issue 16, item 5)."""
-    from mergekit_cd import features
+    from mergekit_cd import feature_cache
 
     def full(tensors, filename, metadata=None):
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
     monkeypatch.setattr(fileio, "save_file", full)
     with pytest.warns(UserWarning, match=r"Could not cache the Gram matrix .*No space left on device"):
-        gram, count, from_cache = features.cached_gram(open_base(tiny_pipeline_path("sd1")), ["a photo of a cat"],
+        gram, count, from_cache = feature_cache.cached_gram(open_base(tiny_pipeline_path("sd1")), ["a photo of a cat"],
                                                        cache_dir=tmp_path)
     assert gram.shape[0] == gram.shape[1] and not from_cache and list(tmp_path.iterdir()) == []
 

@@ -37,7 +37,7 @@ def two(base):
 
 
 def captions():
-    from mergekit_cd.features import default_reg_captions
+    from mergekit_cd.captions import default_reg_captions
 
     return default_reg_captions()[:NUM_REG]
 
@@ -272,7 +272,8 @@ def test_the_held_out_captions_get_a_labelled_progress_bar_unless_quiet(base, tw
 MEMORY_SCRIPT = textwrap.dedent("""
     import resource, sys, warnings
     from mergekit_cd.base import open_base
-    from mergekit_cd.features import TextFeatures, default_reg_captions
+    from mergekit_cd.captions import default_reg_captions
+    from mergekit_cd.features import TextFeatures
     from mergekit_cd.merge import merge, plan_merge
 
     base = open_base(sys.argv[1])

@@ -24,7 +24,7 @@ FORMATS = {"native": "{i}.safetensors", "authors-bin": "{i}.bin", "compvis": "{i
 MEMORY_SCRIPT = textwrap.dedent("""
     import gc, json, sys, warnings
     from mergekit_cd.base import open_base
-    from mergekit_cd.features import default_reg_captions
+    from mergekit_cd.captions import default_reg_captions
     from mergekit_cd.merge import merge, plan_merge
 
     def peak():

@@ -286,7 +286,8 @@ def test_random_concept_deltas_are_seeded_scaled_and_lie_along_their_prompts(tin
     base weight's norm, and every change a combination of the concept's own prompt features."""
     from mergekit_cd.base import open_base
     from mergekit_cd.delta import dense
-    from mergekit_cd.features import TextFeatures, target_prompts
+    from mergekit_cd.features import TextFeatures
+    from mergekit_cd.prompts import target_prompts
     from mergekit_cd.testing import random_concept_deltas
 
     base = open_base(tiny_pipeline_path("sd1"))

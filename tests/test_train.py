@@ -30,7 +30,7 @@ from mergekit_cd import MergeError, load
 from mergekit_cd.base import open_base
 from mergekit_cd.cli import merge as cd_merge
 from mergekit_cd.cli import train as cd_train
-from mergekit_cd.features import target_prompts
+from mergekit_cd.prompts import target_prompts
 from mergekit_cd.sampling import load_pipeline
 from mergekit_cd.testing import random_concept_delta
 from mergekit_cd.train import TrainingInterrupted, train

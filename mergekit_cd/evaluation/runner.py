@@ -29,7 +29,8 @@ from ..base import BaseModel
 from ..delta import ConceptDelta
 from ..devices import float64_device
 from ..errors import MergeError, TokenRenameWarning
-from ..features import TextFeatures, heldout_captions
+from ..captions import heldout_captions
+from ..features import TextFeatures
 from ..loading import PathLike, as_base, load
 from ..merge import MergePlan, merge, plan_merge
 from ..sampling import check_seed, load_pipeline

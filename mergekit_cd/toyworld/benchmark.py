@@ -115,7 +115,7 @@ def train_joint(items: Sequence[Concept], options: BenchmarkOptions) -> Path:
 
 def captions(options: BenchmarkOptions) -> tuple[list[str], list[str]]:
     """The shipped world regularisation and held-out captions for merging and cd-eval."""
-    from ..features import read_captions
+    from ..captions import read_captions
 
     return (read_captions(reg_captions_path())[:options.num_reg_captions], read_captions(heldout_captions_path()))
 

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from ..base import open_base
 from ..devices import parse_device
 from ..errors import MergeError
-from ..features import default_cache_dir
+from ..feature_cache import default_cache_dir
 from . import attention, checkpoint, data, embeddings, output, priors
 from .config import TrainingConfig, check_config, compare_fields, resume_fields
 

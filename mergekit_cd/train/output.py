@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from ..delta import Concept, ConceptDelta, LayerDelta
 from ..errors import MergeError
-from ..features import target_prompts
+from ..prompts import target_prompts
 from ..fileio import (atomic_outputs, atomic_path, check_destination, check_not_an_input, load_safetensors,
                       save_safetensors)
 from ..formats import diffusers_layout

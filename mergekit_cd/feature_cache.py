@@ -1,0 +1,211 @@
+"""The disk cache of text features: a merge's regularisation Gram matrix and its target features,
+keyed by everything that decides them (base, texts, row rule, dtype, the tokens that occur), so a
+repeated merge loads no text encoder at all. Damaged files are misses; an unwritable cache warns."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+from .errors import MergeError
+from .features import FEATURE_RULE, LazyTextFeatures
+from .fileio import atomic_path, save_safetensors
+
+if TYPE_CHECKING:
+    from .base import BaseModel
+
+_CACHE_FORMAT_VERSION = "1"
+#: A cached Gram matrix whose largest asymmetry exceeds this fraction of its largest entry is damaged
+#: (accumulating ``C^T C`` in float64, on any device, stays many orders of magnitude closer).
+SYMMETRY_RTOL = 1e-10
+
+
+def default_cache_dir() -> Path:
+    """``$MERGEKIT_CD_CACHE``, else ``$XDG_CACHE_HOME/mergekit_cd``, else ``~/.cache/mergekit_cd``."""
+    if os.environ.get("MERGEKIT_CD_CACHE"):
+        return Path(os.environ["MERGEKIT_CD_CACHE"]).expanduser()
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root).expanduser() / "mergekit_cd"
+
+
+def tokens_in(texts: Sequence[str], tokens: Mapping[str, Sequence[Tensor]] | None) -> dict[str, str]:
+    """By name, the sha256 of the embeddings of each modifier token that may occur in ``texts``.
+
+    Tokenizers match an added token anywhere in a text (``"tasks"`` holds ``"sks"``), CLIP's
+    after lower-casing; a case-insensitive substring test finds every token they can match, so
+    a cache key that includes these changes whenever the tokens can change the features.
+    """
+    text = "\n".join(texts).lower()
+    found = {}
+    for name in sorted(tokens or {}):
+        if name and name.lower() in text:
+            digest = hashlib.sha256()
+            for embedding in tokens[name]:
+                digest.update(embedding.detach().float().cpu().contiguous().numpy().tobytes())
+            found[name] = digest.hexdigest()
+    return found
+
+
+def gram_cache_key(base: BaseModel, captions: Sequence[str], dtype: torch.dtype,
+                   tokens: Mapping[str, Sequence[Tensor]] | None = None) -> str:
+    """sha256 hex of what decides a regularisation Gram matrix.
+
+    The base fingerprint (its K/V weights), the text-encoder and tokenizer files, the
+    architecture, the exact captions, the row rule, the text encoder dtype, and the modifier
+    tokens (names and embeddings) that occur in the captions, since those are encoded with
+    them (:func:`tokens_in`; captions without any keep the key they always had). Device and
+    batch size only change rounding, so they are not part of it.
+    """
+    content = {
+        "format_version": _CACHE_FORMAT_VERSION,
+        "base_fingerprint": base.fingerprint,
+        "text_fingerprint": base.text_fingerprint,
+        "architecture": base.architecture.name,
+        "captions": list(captions),
+        "feature_rule": FEATURE_RULE,
+        "text_dtype": str(dtype),
+    }
+    found = tokens_in(captions, tokens)
+    if found:
+        content["tokens"] = found
+    return hashlib.sha256(json.dumps(content, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def features_cache_key(base: BaseModel, texts: Sequence[str], dtype: torch.dtype,
+                       tokens: Mapping[str, Sequence[Tensor]] | None = None) -> str:
+    """sha256 hex of what decides the feature rows of ``texts`` (e.g. a merge's target prompts).
+
+    The text-encoder and tokenizer files, the architecture, the exact texts, the row rule, the
+    text encoder dtype, and the modifier tokens (names and embeddings) occurring in the texts.
+    """
+    content = {
+        "format_version": _CACHE_FORMAT_VERSION,
+        "kind": "features",
+        "text_fingerprint": base.text_fingerprint,
+        "architecture": base.architecture.name,
+        "texts": list(texts),
+        "feature_rule": FEATURE_RULE,
+        "text_dtype": str(dtype),
+        "tokens": tokens_in(texts, tokens),
+    }
+    return hashlib.sha256(json.dumps(content, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def cached_gram(base: BaseModel, captions: Sequence[str], *, device: str | torch.device = "cpu",
+                dtype: torch.dtype = torch.float32, tokens: Mapping[str, Sequence[Tensor]] | None = None,
+                batch_size: int = 64, cache_dir: str | os.PathLike[str] | None = None,
+                progress: bool = False, label: str = "text features",
+                encoder: LazyTextFeatures | None = None) -> tuple[Tensor, int, bool]:
+    """``(G, n, from_cache)``: :meth:`TextFeatures.gram` of ``captions``, stored on disk.
+
+    The file is ``gram-<key>.safetensors`` under ``cache_dir`` (default :func:`default_cache_dir`),
+    keyed by :func:`gram_cache_key`. A hit loads neither tokenizer nor text encoder; a miss
+    uses ``encoder`` when given (its device, dtype and tokens win over the arguments). A cache
+    file that is not a valid Gram matrix counts as a miss; an unwritable cache only warns.
+    """
+    if not captions:
+        raise MergeError("No regularisation captions to compute a Gram matrix from.")
+    encoder = encoder or LazyTextFeatures(base, tokens, device=device, dtype=dtype)
+    key = gram_cache_key(base, captions, encoder.dtype, encoder.tokens)
+    path = Path(cache_dir or default_cache_dir()).expanduser() / f"gram-{key}.safetensors"
+    cached = _read_gram(path, sum(base.token_dims()))
+    if cached is not None:
+        return (*cached, True)
+    gram, count = encoder.get().gram(captions, batch_size=batch_size, progress=progress, label=label)
+    metadata = {"format_version": _CACHE_FORMAT_VERSION, "rows": str(count), "feature_rule": FEATURE_RULE,
+                "base": base.name, "base_fingerprint": base.fingerprint, "text_dtype": str(encoder.dtype),
+                "num_captions": str(len(captions))}
+    _write_cache(path, {"gram": gram}, metadata, f"the Gram matrix of the {label}")
+    return gram, count, False
+
+
+def cached_features(base: BaseModel, texts: Sequence[str], *, device: str | torch.device = "cpu",
+                    dtype: torch.dtype = torch.float32, tokens: Mapping[str, Sequence[Tensor]] | None = None,
+                    batch_size: int = 64, cache_dir: str | os.PathLike[str] | None = None,
+                    encoder: LazyTextFeatures | None = None) -> tuple[list[Tensor], bool]:
+    """``(rows, from_cache)``: :meth:`TextFeatures.features` of ``texts``, stored on disk.
+
+    For the few target prompts of a merge, so that a repeated merge needs no text encoder at
+    all. The file is ``features-<key>.safetensors`` (:func:`features_cache_key`); hits, misses,
+    ``encoder`` and damaged or unwritable caches behave as in :func:`cached_gram`.
+    """
+    if not texts:
+        raise MergeError("No prompts to compute features of.")
+    encoder = encoder or LazyTextFeatures(base, tokens, device=device, dtype=dtype)
+    key = features_cache_key(base, texts, encoder.dtype, encoder.tokens)
+    path = Path(cache_dir or default_cache_dir()).expanduser() / f"features-{key}.safetensors"
+    cached = _read_features(path, len(texts), sum(base.token_dims()))
+    if cached is not None:
+        return cached, True
+    # own storage each: rows of one batch are views of one tensor, which safetensors may refuse
+    rows = [row.clone() for row in encoder.get().features(texts, batch_size=batch_size)]
+    metadata = {"format_version": _CACHE_FORMAT_VERSION, "feature_rule": FEATURE_RULE, "base": base.name,
+                "text_dtype": str(encoder.dtype), "num_texts": str(len(texts))}
+    _write_cache(path, {str(index): row for index, row in enumerate(rows)}, metadata, "the target features")
+    return rows, False
+
+
+def _read_gram(path: Path, width: int) -> tuple[Tensor, int] | None:
+    """The cached (G, n), or None when the file is missing or is not a valid Gram matrix.
+
+    Valid: float64, ``width`` x ``width``, finite, symmetric with a non-negative diagonal, and a
+    positive row count in the metadata. Anything else (a truncated file, one NaN written into
+    it) is a miss and gets recomputed: a damaged cache must never reach the solver.
+    """
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            gram = handle.get_tensor("gram").clone()  # a copy: a view would keep the file mapped
+            rows = int(handle.metadata()["rows"])
+    except Exception:  # noqa: BLE001 - a damaged cache file is recomputed, whatever the damage
+        return None
+    if gram.dtype != torch.float64 or gram.shape != (width, width) or rows < 1:
+        return None
+    if not torch.isfinite(gram).all() or (gram.diagonal() < 0).any():
+        return None
+    if (gram - gram.T).abs().max() > SYMMETRY_RTOL * gram.abs().max():
+        return None
+    return gram, rows
+
+
+def _read_features(path: Path, count: int, width: int) -> list[Tensor] | None:
+    """The cached feature rows of ``count`` texts, or None when the file is missing or damaged.
+
+    Valid: tensors ``"0"`` .. ``str(count - 1)``, each float32, ``(rows, width)`` and finite; as
+    with the Gram matrix, anything else is recomputed.
+    """
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            if set(handle.keys()) != {str(index) for index in range(count)}:
+                return None
+            rows = [handle.get_tensor(str(index)).clone() for index in range(count)]  # copies, as above
+    except Exception:  # noqa: BLE001 - a damaged cache file is recomputed, whatever the damage
+        return None
+    for row in rows:
+        if row.dtype != torch.float32 or row.dim() != 2 or row.shape[1] != width or not torch.isfinite(row).all():
+            return None
+    return rows
+
+
+def _write_cache(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str], what: str) -> None:
+    """Write atomically, so readers never see half a file; a cache that cannot be written (no
+    space, no permission) only warns: the merge goes on without it."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path, force=True) as temporary:
+            save_safetensors({name: tensor.contiguous() for name, tensor in tensors.items()}, temporary,
+                             metadata=metadata)
+    except (OSError, MergeError) as error:
+        warnings.warn(f"Could not cache {what} in {path.parent}: {error}", stacklevel=3)
