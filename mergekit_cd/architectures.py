@@ -22,6 +22,11 @@ class Architecture:
     concatenated on the feature axis.
     hidden_state: ``None`` = ``last_hidden_state`` (after the final layer norm, SD1/SD2);
     ``-2`` = ``hidden_states[-2]``, the penultimate layer without final norm (SDXL).
+    released_context_dim: the text-feature width of the family's released models (tiny test
+    models differ), which names the family of a foreign file that records none.
+    time_conditioning: the UNet also takes the pooled text embedding and the size/crop time ids
+    (SDXL's ``text_time`` added conditioning).
+    vae_float32_under_fp16: the VAE overflows in float16 and must encode in float32 (SDXL's).
     """
 
     name: str
@@ -29,16 +34,25 @@ class Architecture:
     tokenizers: tuple[str, ...]
     hidden_state: int | None
     description: str
+    released_context_dim: int
+    time_conditioning: bool = False
+    vae_float32_under_fp16: bool = False
 
 
 ARCHITECTURES: dict[str, Architecture] = {
     "sd1": Architecture("sd1", ("text_encoder",), ("tokenizer",), None,
-                        "Stable Diffusion 1.x (CLIP ViT-L text encoder)"),
+                        "Stable Diffusion 1.x (CLIP ViT-L text encoder)", 768),
     "sd2": Architecture("sd2", ("text_encoder",), ("tokenizer",), None,
-                        "Stable Diffusion 2.x (OpenCLIP ViT-H text encoder)"),
+                        "Stable Diffusion 2.x (OpenCLIP ViT-H text encoder)", 1024),
     "sdxl": Architecture("sdxl", ("text_encoder", "text_encoder_2"), ("tokenizer", "tokenizer_2"), -2,
-                         "Stable Diffusion XL (CLIP ViT-L + OpenCLIP bigG)"),
+                         "Stable Diffusion XL (CLIP ViT-L + OpenCLIP bigG)", 2048,
+                         time_conditioning=True, vae_float32_under_fp16=True),
 }
+
+
+def architecture_of_width(context_dim: int | None) -> Architecture | None:
+    """The family whose released models read text features of ``context_dim``, if one does."""
+    return next((a for a in ARCHITECTURES.values() if a.released_context_dim == context_dim), None)
 
 
 def detect_architecture(model_index: dict[str, Any], unet_config: dict[str, Any],

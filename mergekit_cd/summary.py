@@ -8,13 +8,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import formats
+from .architectures import architecture_of_width
 from .base import BaseModel, layer_order
 from .delta import LowRank, dense
 from .loading import as_base, check_delta, check_fits, resolve_delta
 from .weights import FineTunedWeights
-
-#: Text-feature widths of the real model families, to name the architecture of foreign files.
-CONTEXT_DIMS = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 
 
 @dataclass(frozen=True)
@@ -132,8 +130,8 @@ def summarize(reference: str | os.PathLike[str], *,
     architecture, architecture_source = recorded[2], "recorded"
     if architecture is None and base is not None:
         architecture, architecture_source = base.architecture.name, "from the base"
-    elif architecture is None and context in CONTEXT_DIMS:
-        architecture, architecture_source = CONTEXT_DIMS[context], "guessed from the text-feature width"
+    elif architecture is None and architecture_of_width(context) is not None:
+        architecture, architecture_source = architecture_of_width(context).name, "guessed from the text-feature width"
     metadata = {k: v for k, v in content.metadata.items() if k != "ignored"}
     concepts = tuple(f"{c.token} = {'style' if c.style else (c.class_word or 'class not recorded')}"
                      for c in content.concepts)

@@ -154,7 +154,8 @@ def write(obj: Delta, path: str | os.PathLike[str], *, force: bool = False) -> N
     metadata (under ``METADATA_KEY``, a top-level entry the authors' scripts ignore: they read
     ``state_dict`` only).
     """
-    if obj.architecture == "sdxl" or any(len(embeddings) != 1 for embeddings in obj.tokens.values()):
+    if obj.architecture not in (None, *ARCHITECTURES) or any(len(embeddings) != 1
+                                                              for embeddings in obj.tokens.values()):
         raise MergeError(f"Cannot write {path} as {NAME}: CompVis checkpoints exist only for SD1/SD2 "
                          f"and this is an SDXL delta; use the diffusers, authors-bin or native format.")
     obj = row_order(obj, path)

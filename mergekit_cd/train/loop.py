@@ -268,7 +268,7 @@ class Session:
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.mixed_precision, torch.float32)
         for module in (pipe.unet, pipe.vae, *self.encoders):
             module.requires_grad_(False)
-        vae_dtype = torch.float32 if (self.mixed_precision == "fp16" and self.architecture.name == "sdxl") \
+        vae_dtype = torch.float32 if self.mixed_precision == "fp16" and self.architecture.vae_float32_under_fp16 \
             else weight_dtype
         projections = {"q": "to_q", "k": "to_k", "v": "to_v", "out": "to_out.0"}
         children = [f"{layer}.{projections[part]}" for layer in self.layers for part in config.train]
@@ -463,7 +463,7 @@ class Session:
                                   generator=generator).to(self.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         added = None
-        if self.architecture.name == "sdxl":
+        if self.architecture.time_conditioning:
             size = self.resolution
             time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32, device=self.device)
             added = {"text_embeds": torch.cat(pooled_list), "time_ids": time_ids.repeat(latents.shape[0], 1)}
