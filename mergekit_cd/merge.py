@@ -22,9 +22,9 @@ from tqdm.auto import tqdm
 
 from . import formats
 from .base import BaseModel
+from .captions import heldout_captions
 from .delta import ConceptDelta, LayerDelta
 from .errors import MergeError
-from .captions import heldout_captions
 from .feature_cache import cached_features, cached_gram
 from .features import FEATURE_RULE, LazyTextFeatures
 from .limits import MAX_CONSTRAINT_ROWS, check_limit

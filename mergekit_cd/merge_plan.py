@@ -12,14 +12,14 @@ import torch
 from torch import Tensor
 
 from .base import BaseModel
+from .captions import default_reg_captions
 from .delta import Concept, ConceptDelta, LazyLayers, LowRank, TokenRename, merge_tokens
 from .errors import MergeError
-from .captions import default_reg_captions
 from .features import TextFeatures
-from .prompts import target_prompts
 from .fileio import parse_once
 from .limits import MAX_MERGE_PROMPTS, MAX_PROMPTS, check_limit
 from .loading import PathLike, as_base, load_source, resolve_delta
+from .prompts import target_prompts
 from .solvers._common import default_rtol
 
 

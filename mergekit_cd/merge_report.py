@@ -42,14 +42,34 @@ class MergeReport:
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
+class ConstraintResiduals:
+    """Per candidate difference and concept, ``||(M - D_i) C_i^T||^2`` against the target
+    ``||(W0 + D_i) C_i^T||^2``, summed layer by layer: the one home of the residual the merge
+    report prints and cd-eval recomputes for any delta."""
+
+    def __init__(self, num_candidates: int, num_concepts: int) -> None:
+        self.errors = [[0.0] * num_concepts for _ in range(num_candidates)]
+        self.targets = [0.0] * num_concepts
+
+    def add(self, features: list[Tensor], W0: Tensor, own: list[Tensor], candidates: Sequence[Tensor]) -> None:
+        """One layer: base rows, each concept's own difference on its features (``own[i]`` =
+        D_owner C_i^T) and each candidate's difference of this layer (float64)."""
+        for i, C in enumerate(features):
+            self.targets[i] += _squared(W0 @ C.T + own[i])
+            for k, candidate in enumerate(candidates):
+                self.errors[k][i] += _squared(candidate @ C.T - own[i])
+
+    def relative(self) -> list[list[float]]:
+        """Per candidate, per concept: the relative residual over every layer added."""
+        return [[_ratio(error, target) for error, target in zip(row, self.targets)] for row in self.errors]
+
+
 class ReportSums:
     """Squared norms for the report, accumulated layer by layer (no output matrix is kept)."""
 
     def __init__(self, num_concepts: int) -> None:
-        self.residual = [0.0] * num_concepts
-        self.full_residual = [0.0] * num_concepts
-        self.sum_residual = [0.0] * num_concepts
-        self.target = [0.0] * num_concepts
+        # the merged difference as returned, the full weights as written, the naive sum
+        self.residuals = ConstraintResiduals(3, num_concepts)
         self.drift = self.sum_drift = self.base = 0.0
 
     def add(self, features: list[Tensor], W0: Tensor, own: list[Tensor], merged: Tensor, naive_sum: Tensor,
@@ -58,11 +78,7 @@ class ReportSums:
         D_owner C_i^T), the merged difference as returned (float32, held in float64) and the
         summed one. Residuals are of what is written, not of the float64 solve."""
         full = (W0.float() + merged.float()).double() - W0  # what FineTunedWeights.from_delta writes
-        for i, C in enumerate(features):
-            self.residual[i] += _squared(merged @ C.T - own[i])
-            self.full_residual[i] += _squared(full @ C.T - own[i])
-            self.sum_residual[i] += _squared(naive_sum @ C.T - own[i])
-            self.target[i] += _squared(W0 @ C.T + own[i])
+        self.residuals.add(features, W0, own, (merged, full, naive_sum))
         self.drift += _quadratic(merged, held_gram)
         self.sum_drift += _quadratic(naive_sum, held_gram)
         self.base += _quadratic(W0, held_gram)
@@ -70,9 +86,9 @@ class ReportSums:
     def report(self, method: str, concepts: Sequence[Concept], renames: Sequence[TokenRename], *,
                num_captions: int, num_rows: int, gram_from_cache: bool, info: SolveInfo | None) -> MergeReport:
         """The report of a merge whose every layer was added."""
-        rows = tuple(ConceptReport(c.token, c.class_word or "", c.prompts, _ratio(r, t), _ratio(sr, t), _ratio(fr, t))
-                     for c, r, sr, fr, t in zip(concepts, self.residual, self.sum_residual, self.full_residual,
-                                                self.target))
+        merged, full, summed = self.residuals.relative()
+        rows = tuple(ConceptReport(c.token, c.class_word or "", c.prompts, r, sr, fr)
+                     for c, r, sr, fr in zip(concepts, merged, summed, full))
         return MergeReport(method, rows, _ratio(self.drift, self.base), _ratio(self.sum_drift, self.base),
                            tuple(renames), num_captions, num_rows, gram_from_cache, info,
                            info.notes if info is not None else ())

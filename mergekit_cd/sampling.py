@@ -11,8 +11,8 @@ import torch
 
 from . import hub
 from .apply import apply
-from .delta import ConceptDelta
 from .builtin import builtin_folder
+from .delta import ConceptDelta
 from .errors import MergeError
 from .fileio import atomic_path, check_destination
 

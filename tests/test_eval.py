@@ -22,12 +22,12 @@ from transformers import CLIPImageProcessor
 
 from mergekit_cd import MergeError, evaluate, merge
 from mergekit_cd.base import open_base
+from mergekit_cd.captions import default_reg_captions
 from mergekit_cd.cli import eval as cd_eval
 from mergekit_cd.evaluation import clip_score, mean_pairwise_cosine, parse_compare, strip_tokens, summary_table
 from mergekit_cd.evaluation.fidelity import draw_probes
 from mergekit_cd.evaluation.methods import SOFT_SWEEP
 from mergekit_cd.evaluation.report import write_outputs
-from mergekit_cd.captions import default_reg_captions
 from mergekit_cd.loading import save
 from mergekit_cd.testing import random_concept_delta, tiny_tokenizer
 

@@ -10,8 +10,8 @@ import torch
 
 from mergekit_cd import features as features_module
 from mergekit_cd.base import BaseModel, open_base
-from mergekit_cd.errors import MergeError
 from mergekit_cd.captions import default_reg_captions, heldout_captions, read_captions
+from mergekit_cd.errors import MergeError
 from mergekit_cd.feature_cache import (
     cached_features,
     cached_gram,

@@ -7,11 +7,11 @@ import os
 import sys
 from pathlib import Path
 
+from ..captions import default_reg_captions, read_captions
 from ..errors import MergeError
 from ..evaluation import evaluate, summary_table
 from ..evaluation.methods import COMPARE_FORMS
 from ..evaluation.report import check_outputs, write_outputs
-from ..captions import default_reg_captions, read_captions
 from ._common import (DTYPES, add_device_argument, device, non_negative_float_type, run, seed_type, style_flags,
                       table)
 

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from .. import formats
-from ..errors import MergeError
 from ..captions import default_reg_captions, read_captions
+from ..errors import MergeError
 from ..merge import MergePlan, MergeReport, prepare_merge_to_file, summarize_plan
 from ..merge_methods import METHODS
 from ..merge_options import MergeOptions, OptionError

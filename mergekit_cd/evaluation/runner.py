@@ -26,13 +26,14 @@ from tqdm.auto import tqdm
 
 from ..apply import apply, remove
 from ..base import BaseModel
+from ..captions import heldout_captions
 from ..delta import ConceptDelta
 from ..devices import float64_device
 from ..errors import MergeError, TokenRenameWarning
-from ..captions import heldout_captions
 from ..features import TextFeatures
 from ..loading import PathLike, as_base, load
 from ..merge import MergePlan, merge, plan_merge
+from ..merge_report import ConstraintResiduals
 from ..sampling import check_seed, load_pipeline
 from .clip_metrics import ClipEmbedder, DinoEmbedder, clip_score, mean_pairwise_cosine, strip_tokens
 from .fidelity import NoisePredictor, Probes, draw_probes, fidelity, relative_change, rename_tokens, training_scheduler
@@ -391,19 +392,14 @@ def _residuals(plan: MergePlan, base: BaseModel, models: list[ConceptDelta | Non
     features = [torch.cat(encoder.features(list(concept.prompts), batch_size=batch_size)).double()
                 for concept in plan.concepts]
     del encoder
-    errors = [[0.0] * len(features) for _ in models]
-    targets = [0.0] * len(features)
+    residuals = ConstraintResiduals(len(models), len(features))
     for name in base.layer_names():
         W0 = torch.cat(base.kv(name)).double()
         inputs = {owner: plan.deltas[owner].layers[name].rows().double() for owner in set(plan.owners)}
         rows = [model.layers[name].rows().double() if model is not None else torch.zeros_like(W0)
                 for model in models]
-        for k, (owner, C) in enumerate(zip(plan.owners, features)):
-            own = inputs[owner]
-            targets[k] += float(((W0 + own) @ C.T).square().sum())
-            for row, model_rows in enumerate(rows):
-                errors[row][k] += float(((model_rows - own) @ C.T).square().sum())
-    return [[math.sqrt(e / t) if t > 0 else math.sqrt(e) for e, t in zip(row, targets)] for row in errors]
+        residuals.add(features, W0, [inputs[owner] @ C.T for owner, C in zip(plan.owners, features)], rows)
+    return residuals.relative()
 
 
 def _token_for(concept: _Concept, model: ConceptDelta, label: str, notes: list[str]) -> str:

@@ -18,8 +18,8 @@ from torch import Tensor
 
 from ..delta import ConceptDelta, Difference, LayerDelta, LazyLayers, LowRank, check_token_name
 from ..errors import MergeError
-from ..limits import MAX_TOKENS, check_embedding_size, check_limit, check_tensor_size
 from ..fileio import check_unchanged, file_identity, load_pickle, open_safetensors, read_tensor
+from ..limits import MAX_TOKENS, check_embedding_size, check_limit, check_tensor_size
 from ..metadata import HEADER_KEY, dump_document, identity_from_metadata, parse_document
 from ..weights import FineTunedWeights
 

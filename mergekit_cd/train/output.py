@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING
 
 from ..delta import Concept, ConceptDelta, LayerDelta
 from ..errors import MergeError
-from ..prompts import target_prompts
 from ..fileio import (atomic_outputs, atomic_path, check_destination, check_not_an_input, load_safetensors,
                       save_safetensors)
 from ..formats import diffusers_layout
 from ..loading import save
+from ..prompts import target_prompts
 from .config import TrainingConfig
 
 if TYPE_CHECKING:
