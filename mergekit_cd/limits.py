@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 
 from .errors import MergeError
 
@@ -50,14 +54,48 @@ def check_limit(count: int, limit: int, what: str, source: object, *, needs: str
                          f"needs; refused (set {OVERRIDE}=1 if you mean it).")
 
 
+@dataclass(frozen=True)
+class BaseBound:
+    """What any tensor of a delta for one base can hold: its largest K/V weight and widest token."""
+
+    name: str
+    tensor_values: int
+    embedding_values: int
+
+
+_BASE_BOUND: ContextVar[BaseBound | None] = ContextVar("mergekit_cd_base_bound", default=None)
+
+
+@contextmanager
+def within_base(bound: BaseBound) -> Iterator[None]:
+    """While reading a delta for a known base, tensors are bounded by that base's, not only by the
+    fixed bounds: a hostile file for a small base costs no more than the base's largest weight."""
+    token = _BASE_BOUND.set(bound)
+    try:
+        yield
+    finally:
+        _BASE_BOUND.reset(token)
+
+
 def check_tensor_size(shape: tuple[int, ...], key: str, source: object) -> None:
-    """Refuse a tensor declaring more than :data:`MAX_TENSOR_ELEMENTS` values, before its data
-    is read (a safetensors header's shape, a mapped pickle's view)."""
-    check_limit(math.prod(shape), MAX_TENSOR_ELEMENTS, f"{key} declares shape {tuple(shape)}: {{count}} values",
-                source)
+    """Refuse a tensor declaring more than :data:`MAX_TENSOR_ELEMENTS` values, or more than any
+    K/V weight of the base being read for (:func:`within_base`), before its data is read (a
+    safetensors header's shape, a mapped pickle's view)."""
+    count = math.prod(shape)
+    check_limit(count, MAX_TENSOR_ELEMENTS, f"{key} declares shape {tuple(shape)}: {{count}} values", source)
+    _check_base_bound(count, "tensor_values", f"{key} declares shape {tuple(shape)}: {count:,} values", source)
+
+
+def _check_base_bound(count: int, field: str, what: str, source: object) -> None:
+    bound = _BASE_BOUND.get()
+    if bound is not None and count > getattr(bound, field):
+        held = "cross-attention weight" if field == "tensor_values" else "token embedding"
+        raise MergeError(f"{source}: {what}, more than any {held} of {bound.name} holds "
+                         f"({getattr(bound, field):,}); not a delta for this base.")
 
 
 def check_embedding_size(count: int, key: str, source: object) -> None:
     """Refuse a token embedding of more than :data:`MAX_EMBEDDING_VALUES` values (checked from a
     header where there is one, before the row is read)."""
     check_limit(count, MAX_EMBEDDING_VALUES, f"token embedding {key} has {{count}} values", source)
+    _check_base_bound(count, "embedding_values", f"token embedding {key} has {count:,} values", source)

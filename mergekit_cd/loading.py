@@ -7,7 +7,9 @@ fingerprint, layer coverage, shapes and token sizes.
 
 from __future__ import annotations
 
+import math
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from .base import BaseModel, open_base
 from .delta import CompressionReport, ConceptDelta, LowRank, compress, layer_shapes
 from .errors import MergeError
 from .fileio import parse_once
+from .limits import BaseBound, within_base
 from .weights import FineTunedWeights
 
 PathLike = str | os.PathLike[str]
@@ -71,7 +74,7 @@ def load_source(reference: PathLike | ConceptDelta, *, base: BaseModel | PathLik
         delta = replace(reference, metadata=dict(reference.metadata))
     else:
         source = source or str(reference)
-        with parse_once():
+        with parse_once(), within_base(base_bound(as_base(base))) if base is not None else nullcontext():
             path = resolve_delta(reference)
             read_as, content = formats.read_detected(path)
         if isinstance(content, FineTunedWeights):
@@ -95,6 +98,12 @@ def load_source(reference: PathLike | ConceptDelta, *, base: BaseModel | PathLik
             delta.base = delta.base or base.name
         delta.architecture = delta.architecture or base.architecture.name
     return LoadedDelta(source, path, read_as, delta)
+
+
+def base_bound(base: BaseModel) -> BaseBound:
+    """The largest K/V weight and widest token embedding of ``base``: what a delta for it can hold."""
+    return BaseBound(base.name, max(math.prod(shape) for pair in base.kv_shapes().values() for shape in pair),
+                     max(base.token_dims()))
 
 
 def resolve_delta(reference: PathLike) -> Path:

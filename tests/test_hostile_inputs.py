@@ -157,3 +157,42 @@ def test_a_null_metadata_document_is_not_called_nested():
 
 if sys.platform == "win32":  # pragma: no cover - FIFOs, symlinks
     pytestmark = pytest.mark.skip("POSIX file semantics")
+
+
+GROWTH_SCRIPT = """
+import resource, sys
+from mergekit_cd import load
+from mergekit_cd.errors import MergeError
+normal, hostile, base = sys.argv[1:4]
+load(normal, base=base)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+try:
+    load(hostile, base=base)
+    print("accepted")
+except MergeError as error:
+    print(error)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
+"""
+
+
+def test_a_file_read_for_a_base_is_bounded_by_that_base_before_its_tensors_are_read(tiny_pipeline_path,
+                                                                                     tiny_delta_files, tmp_path):
+    """Within the fixed bounds (4M values a tensor) a sparse 4 KB file still claimed 16 MB per
+    tensor; read for a base, no tensor may declare more than the base's largest K/V weight."""
+    import subprocess
+
+    from hostile import LAYER, _raw_safetensors
+
+    values = 32 * 2**17  # 4M: exactly the fixed bound, far past the tiny base's 32 x 32
+    size = values * 4
+    path = _raw_safetensors(tmp_path / "big.safetensors", {
+        "__metadata__": {"format": "mergekit-cd"},
+        f"{LAYER}.to_k.diff": {"dtype": "F32", "shape": [32, 2**17], "data_offsets": [0, size]},
+        f"{LAYER}.to_v.diff": {"dtype": "F32", "shape": [32, 2**17], "data_offsets": [size, 2 * size]}}, 2 * size)
+    result = subprocess.run([sys.executable, "-c", GROWTH_SCRIPT, str(tiny_delta_files("sd1")["native"]), str(path),
+                             str(tiny_pipeline_path("sd1"))], capture_output=True, text=True, timeout=120)
+    message, growth = result.stdout.splitlines()[-2:]
+    assert message.startswith(f"{path}: {LAYER}.to_k.diff declares shape (32, 131072): 4,194,304 values, more "
+                              f"than any cross-attention weight of "), message
+    assert message.endswith("; not a delta for this base."), message
+    assert int(growth) < 4 * 2**20, f"{int(growth) / 2**20:.1f} MB"
