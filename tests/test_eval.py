@@ -616,3 +616,20 @@ def test_a_plot_without_matplotlib_is_one_clear_error_before_any_work(tmp_path, 
     with pytest.raises(MergeError, match=r"--plot needs matplotlib, which is not installed: "
                                          r"pip install 'mergekit-cd\[plot\]'"):
         check_plot_path(tmp_path / "plot.png")
+
+
+def test_eval_options_are_one_model_checked_before_any_work(tmp_path):
+    """evaluate's measuring options are one EvalOptions (cd-eval builds the same one): checked on
+    construction, given as options= or as keywords, never both; a misspelt keyword is a TypeError."""
+    from mergekit_cd.evaluation import EvalOptions
+
+    with pytest.raises(MergeError, match=r"^samples must be a whole number >= 1, got 0\.$"):
+        EvalOptions(samples=0)
+    with pytest.raises(MergeError, match=r"^guidance scale must be a finite number >= 0, got nan\.$"):
+        EvalOptions(guidance_scale=float("nan"))
+    missing = tmp_path / "missing"  # never opened: the options are refused first
+    with pytest.raises(MergeError, match=r"^Give either options= or option keywords \(samples\), not both\.$"):
+        evaluate([missing], base=missing, options=EvalOptions(), samples=3)
+    with pytest.raises(TypeError, match="sampels"):
+        evaluate([missing], base=missing, sampels=3)
+    assert EvalOptions(seed=3, device="cpu").settings()["seed"] == 3

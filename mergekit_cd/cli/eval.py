@@ -11,6 +11,7 @@ from ..captions import default_reg_captions, read_captions
 from ..errors import MergeError
 from ..evaluation import evaluate, summary_table
 from ..evaluation.methods import COMPARE_FORMS
+from ..evaluation.options import EvalOptions
 from ..evaluation.report import check_outputs, write_outputs
 from ._common import (DTYPES, add_device_argument, device, non_negative_float_type, run, seed_type, style_flags,
                       table)
@@ -115,7 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main_with_args(args: argparse.Namespace) -> int:
-    chosen = device(args.device, types=DEVICE_TYPES)
+    options = EvalOptions(samples=args.samples, held_out_samples=args.held_out_samples, batch_size=args.batch_size,
+                          seed=args.seed, sample_images=args.sample_images, sample_steps=args.sample_steps,
+                          num_images=args.num_images, steps=args.steps, guidance_scale=args.guidance_scale,
+                          device=device(args.device, types=DEVICE_TYPES), dtype=DTYPES[args.dtype],
+                          cache_dir=args.cache_dir)
     if args.num_reg_captions is not None and args.num_reg_captions < 1:
         raise MergeError(f"--num-reg-captions {args.num_reg_captions}: must be at least 1.")
     check_outputs(args.json, args.plot, force=args.force)
@@ -127,12 +132,8 @@ def main_with_args(args: argparse.Namespace) -> int:
                       class_words=args.class_words, styles=style_flags(args.concepts, args.style, what="a concept"),
                       instance_dirs=args.instance_dirs,
                       held_out=read_captions(args.held_out) if args.held_out else None, reg_captions=captions,
-                      samples=args.samples, held_out_samples=args.held_out_samples, batch_size=args.batch_size,
-                      seed=args.seed, sample_images=args.sample_images, sample_steps=args.sample_steps,
-                      clip=args.clip, dino=args.dino, num_images=args.num_images, steps=args.steps,
-                      guidance_scale=args.guidance_scale, device=chosen, dtype=DTYPES[args.dtype],
-                      cache_dir=args.cache_dir, check_base=not args.no_base_check, world=args.world,
-                      progress=not args.quiet)
+                      clip=args.clip, dino=args.dino, world=args.world, check_base=not args.no_base_check,
+                      progress=not args.quiet, options=options)
     header, rows = summary_table(report)
     print(table(rows, header))
     for note in report.notes:

@@ -11,7 +11,6 @@ before any UNet work). Each long phase after that has its own labelled progress 
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from collections.abc import Iterator, Sequence
@@ -34,11 +33,12 @@ from ..features import TextFeatures
 from ..loading import PathLike, as_base, load
 from ..merge import MergePlan, merge, plan_merge
 from ..merge_report import ConstraintResiduals
-from ..sampling import check_seed, load_pipeline
+from ..sampling import load_pipeline
 from .clip_metrics import ClipEmbedder, DinoEmbedder, clip_score, mean_pairwise_cosine, strip_tokens
 from .fidelity import NoisePredictor, Probes, draw_probes, fidelity, relative_change, rename_tokens, training_scheduler
 from .images import decode_latents, encode_images, read_images, sample_images, sample_latents
 from .methods import BASE_KINDS, Method, parse_compare
+from .options import EvalOptions
 from .report import ConceptInfo, ConceptScores, EvalReport, MethodResult
 
 #: Rows compared when the caller names none: the naive baselines and the paper's merge.
@@ -71,13 +71,9 @@ def evaluate(concepts: Sequence[PathLike | ConceptDelta], *, base: BaseModel | P
              compare: str | Sequence[str] | None = None, class_words: Sequence[str | None] | None = None,
              styles: Sequence[bool] | None = None, target_templates: Sequence[str] | None = None,
              instance_dirs: Sequence[PathLike] | None = None, held_out: Sequence[str] | None = None,
-             reg_captions: Sequence[str] | None = None, samples: int = 16, held_out_samples: int = 32,
-             batch_size: int = 8, seed: int = 0, sample_images: int = 2, sample_steps: int = 20,
-             clip: PathLike | None = None, dino: PathLike | None = None, num_images: int = 4,
-             steps: int = 50, guidance_scale: float = 6.0, device: str | torch.device = "cpu",
-             dtype: torch.dtype = torch.float32, cache_dir: PathLike | None = None,
-             check_base: bool = True, world: Sequence[str] | None = None,
-             progress: bool = False) -> EvalReport:
+             reg_captions: Sequence[str] | None = None, clip: PathLike | None = None, dino: PathLike | None = None,
+             world: Sequence[str] | None = None, check_base: bool = True, progress: bool = False,
+             options: EvalOptions | None = None, **option_fields: Any) -> EvalReport:
     """Measure how much of each concept a merge keeps and how much of the base it changes.
 
     concepts: the single-concept deltas D_1..D_N (files, folders, hub ids or objects), with
@@ -87,6 +83,9 @@ def evaluate(concepts: Sequence[PathLike | ConceptDelta], *, base: BaseModel | P
     as well, or the ``base`` / ``plain-base`` reference rows (see
     :mod:`mergekit_cd.evaluation.methods`; default ``sum`` next to ``merged``, else
     ``sum,average,constrained``; an empty list is a MergeError); a ``sum`` row is always included.
+
+    How it measures is :class:`~mergekit_cd.evaluation.options.EvalOptions` (``options=``, or
+    its fields as keywords: ``samples=64, seed=1``), checked before any work.
 
     Per row and concept, over ``samples`` probes (a clean latent of the concept, a uniform
     timestep, Gaussian noise and one of its prompts): the fidelity ``1 - ||eps_M - eps_i|| /
@@ -119,14 +118,12 @@ def evaluate(concepts: Sequence[PathLike | ConceptDelta], *, base: BaseModel | P
     reference images sampled without instance images and the CLIP / DINO samples (both by
     denoising step), the reference predictions and the rows.
     """
-    _check_options(samples=samples, held_out_samples=held_out_samples, batch_size=batch_size,
-                   sample_images=sample_images, sample_steps=sample_steps, num_images=num_images, steps=steps)
-    _check_sampling(seed, guidance_scale, images=max(sample_images if instance_dirs is None else 1,
-                                                     num_images if clip is not None or dino is not None else 1))
+    options = EvalOptions.from_fields(options, option_fields)
+    options.check_images(max(options.sample_images if instance_dirs is None else 1,
+                             options.num_images if clip is not None or dino is not None else 1))
     merged_list = [] if merged is None else [merged] if isinstance(merged, (str, os.PathLike, ConceptDelta)) \
         else list(merged)
     methods = _methods(merged_list, compare)
-    device = torch.device(device)
     base_model = as_base(base)
     plan = plan_merge(concepts, reg_captions, base=base_model, class_words=class_words, styles=styles,
                       target_templates=target_templates, check_base=check_base)
@@ -136,41 +133,42 @@ def evaluate(concepts: Sequence[PathLike | ConceptDelta], *, base: BaseModel | P
                          f"({names}); give one folder per concept, in order.")
     instance_images = [read_images(folder) for folder in instance_dirs] if instance_dirs is not None else None
     given = [load(m, base=base_model, check_base=check_base) for m in merged_list]
-    judge = _world_judge(world, len(plan.concepts), images_per_prompt=num_images, steps=steps,
-                         guidance_scale=guidance_scale, seed=seed)
-    clip_model = ClipEmbedder(clip, device=device) if clip is not None else None
-    dino_model = DinoEmbedder(dino, device=device) if dino is not None else None
+    judge = _world_judge(world, len(plan.concepts), images_per_prompt=options.num_images, steps=options.steps,
+                         guidance_scale=options.guidance_scale, seed=options.seed)
+    clip_model = ClipEmbedder(clip, device=options.device) if clip is not None else None
+    dino_model = DinoEmbedder(dino, device=options.device) if dino is not None else None
     captions = list(held_out) if held_out is not None else heldout_captions()
     if not captions:
         raise MergeError("The held-out caption set is empty.")
 
     # the merges run before the pipeline loads: one that fails (non-finite text features, ...) costs no UNet work
     models = _models(methods, plan, given, base_model, class_words=class_words, styles=styles,
-                     target_templates=target_templates, reg_captions=reg_captions, device=device,
-                     cache_dir=cache_dir, check_base=check_base, progress=progress)
+                     target_templates=target_templates, reg_captions=reg_captions, device=options.device,
+                     cache_dir=options.cache_dir, check_base=check_base, progress=progress)
     residuals = _residuals(plan, base_model,
                            [None if m.kind in BASE_KINDS else model for m, model in zip(methods, models)],
-                           device=device, batch_size=batch_size)
+                           device=options.device, batch_size=options.batch_size)
 
-    pipe = load_pipeline(base_model.path, device=device, dtype=dtype)  # the folder open_base read
+    pipe = load_pipeline(base_model.path, device=options.device, dtype=options.dtype)  # the folder open_base read
     notes: list[str] = []
     image_metrics = clip_model is not None or dino_model is not None
     reference_steps = 0 if instance_images is not None else \
-        sum(len(c.prompts) for c in plan.concepts) * sample_images * sample_steps
+        sum(len(c.prompts) for c in plan.concepts) * options.sample_images * options.sample_steps
     with tqdm(total=reference_steps, desc="reference images", unit="step",
               disable=not progress or not reference_steps) as bar:
-        evaluated = _concepts(plan, pipe, instance_images, instance_dirs, sample_images=sample_images,
-                              sample_steps=sample_steps, seed=seed, guidance_scale=guidance_scale,
-                              batch_size=batch_size, need_references=image_metrics, notes=notes, bar=bar)
-    predictor = NoisePredictor(pipe, batch_size=batch_size)
+        evaluated = _concepts(plan, pipe, instance_images, instance_dirs, sample_images=options.sample_images,
+                              sample_steps=options.sample_steps, seed=options.seed,
+                              guidance_scale=options.guidance_scale, batch_size=options.batch_size,
+                              need_references=image_metrics, notes=notes, bar=bar)
+    predictor = NoisePredictor(pipe, batch_size=options.batch_size)
     scheduler = training_scheduler(pipe)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(options.seed)
     for concept in evaluated:
-        concept.probes = draw_probes(concept.clean, concept.prompts, samples, scheduler=scheduler,
+        concept.probes = draw_probes(concept.clean, concept.prompts, options.samples, scheduler=scheduler,
                                      generator=generator)
-    held = _held_out_probes(pipe, captions, held_out_samples, scheduler=scheduler, generator=generator)
-    notes.append(f"preservation: {held_out_samples} held-out captions on standard-normal latents (a stand-in "
-                 f"for image latents) at uniform timesteps.")
+    held = _held_out_probes(pipe, captions, options.held_out_samples, scheduler=scheduler, generator=generator)
+    notes.append(f"preservation: {options.held_out_samples} held-out captions on standard-normal latents "
+                 f"(a stand-in for image latents) at uniform timesteps.")
     shared = set(captions) & set(plan.reg_captions)
     if shared:
         notes.append(f"{len(shared)} of the {len(set(captions))} held-out captions are regularisation captions too, "
@@ -197,7 +195,8 @@ def evaluate(concepts: Sequence[PathLike | ConceptDelta], *, base: BaseModel | P
     if judge is not None:
         judge.measure_base(pipe)
     references = _reference_embeddings(evaluated, clip_model, dino_model)
-    image_steps = len(methods) * sum(len(c.prompts) for c in evaluated) * num_images * steps if image_metrics else 0
+    image_steps = len(methods) * sum(len(c.prompts) for c in evaluated) * options.num_images * options.steps \
+        if image_metrics else 0
     with tqdm(total=len(methods), desc="rows", unit="row", disable=not progress) as bar, \
             tqdm(total=image_steps, desc="sampling for CLIP / DINO", unit="step",
                  disable=not progress or not image_steps) as sampling_bar:
@@ -206,17 +205,15 @@ def evaluate(concepts: Sequence[PathLike | ConceptDelta], *, base: BaseModel | P
             bar.set_postfix_str(method.label)
             rows.append(_evaluate_row(method, model, pipe, predictor, evaluated, held, base_held, row_residuals,
                                       clip_model=clip_model, dino_model=dino_model, references=references,
-                                      num_images=num_images, steps=steps, guidance_scale=guidance_scale,
-                                      seed=seed, notes=notes, bar=sampling_bar, judge=judge))
+                                      num_images=options.num_images, steps=options.steps,
+                                      guidance_scale=options.guidance_scale, seed=options.seed, notes=notes,
+                                      bar=sampling_bar, judge=judge))
             bar.update()
 
-    settings = {"seed": seed, "samples": samples, "held_out_samples": held_out_samples, "batch_size": batch_size,
-                "timesteps": f"uniform over [0, {scheduler.config.num_train_timesteps})",
-                "prediction_type": scheduler.config.prediction_type, "device": str(device), "dtype": str(dtype),
+    settings = {**options.settings(), "timesteps": f"uniform over [0, {scheduler.config.num_train_timesteps})",
+                "prediction_type": scheduler.config.prediction_type,
                 "held_out_captions": "given" if held_out is not None else "shipped held-out set",
-                "sample_images": sample_images, "sample_steps": sample_steps,
-                "clip": str(clip) if clip is not None else None, "dino": str(dino) if dino is not None else None,
-                "num_images": num_images, "steps": steps, "guidance_scale": guidance_scale}
+                "clip": str(clip) if clip is not None else None, "dino": str(dino) if dino is not None else None}
     infos = tuple(ConceptInfo(c.token, c.class_word, c.prompts, plan.sources[c.owner], c.latents_from)
                   for c in evaluated)
     return EvalReport(base_model.name, base_model.architecture.name, infos, tuple(rows), settings,
@@ -244,21 +241,6 @@ def _installed(pipe, delta: ConceptDelta | None, *, scale: float = 1.0) -> Itera
 def _count(number: int, noun: str) -> str:
     """``1 image``, ``2 images``."""
     return f"{number} {noun}{'' if number == 1 else 's'}"
-
-
-def _check_options(**counts: int) -> None:
-    """Each count is a whole number >= 1, else one MergeError naming it."""
-    for name, value in counts.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise MergeError(f"{name.replace('_', ' ')} must be a whole number >= 1, got {value!r}.")
-
-
-def _check_sampling(seed: int, guidance_scale: float, *, images: int) -> None:
-    """A seed torch takes for every sampled image and a finite guidance scale >= 0 (diffusers
-    reads nan as no guidance), else one MergeError naming the option."""
-    check_seed(seed, images, option="seed")
-    if not (math.isfinite(guidance_scale) and guidance_scale >= 0):
-        raise MergeError(f"guidance scale must be a finite number >= 0, got {guidance_scale!r}.")
 
 
 def _methods(merged: list, compare: str | Sequence[str] | None) -> list[Method]:
