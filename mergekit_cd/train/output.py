@@ -20,7 +20,6 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-
 from ..delta import Concept, ConceptDelta, LayerDelta
 from ..errors import MergeError
 from ..fileio import (atomic_outputs, atomic_path, check_destination, check_not_an_input, load_safetensors,
