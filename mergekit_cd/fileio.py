@@ -385,6 +385,12 @@ def _check_archive(archive: zipfile.ZipFile, path: str | os.PathLike[str]) -> zi
     :data:`~mergekit_cd.limits.MAX_PICKLE_PROGRAM`. Returns the pickle program's entry."""
     size = os.path.getsize(path)
     program = None
+    seen: set[str] = set()
+    repeated = next((entry.filename for entry in archive.infolist()
+                     if entry.filename in seen or seen.add(entry.filename)), None)
+    if repeated is not None:  # torch reads the last of two same-named entries: one would be checked, another run
+        raise MergeError(f"{path}: its entry {repeated} is in the archive twice; torch never writes that, so this "
+                         f"is not a file it saved.")
     for entry in archive.infolist():
         if entry.compress_type != zipfile.ZIP_STORED:
             raise MergeError(f"{path}: its entry {entry.filename} is compressed ({entry.compress_size:,} bytes "

@@ -12,6 +12,8 @@ MergeError naming the file, in bounded time and memory. What each file is:
 - ``duplicate-keys.safetensors``: metadata JSON giving one key twice;
 - ``escape-token.safetensors``: a token named with an ANSI escape;
 - ``zip-bomb.bin``: a torch zip whose ``data.pkl`` is deflated from 400 MB of padding;
+- ``program-twice.bin``: a torch zip holding two ``data.pkl`` entries, a small one first (the one a
+  check would read) and 300,000 ints last (the one torch runs);
 - ``code.bin``: a pickle that would run ``os.system`` when loaded;
 - ``many-ints.bin`` / ``many-ints-legacy.bin``: a million ints in a torch zip and in torch's old
   non-zip format (30 million took the weights-only unpickler minutes);
@@ -29,6 +31,7 @@ import json
 import os
 import pickle
 import struct
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -132,6 +135,14 @@ def build_corpus(folder: Path) -> dict[str, Path]:
                 member.write(bytes(2**20))
         archive.writestr("archive/version", "3\n")
     corpus["zip-bomb"] = bomb
+    twice = folder / "program-twice.bin"  # a small program first (the one checked), a big one last (the one run)
+    torch.save({"unet": {}}, twice)
+    with zipfile.ZipFile(twice, "a") as archive:
+        program = next(name for name in archive.namelist() if name.endswith("/data.pkl"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # zipfile warns of the duplicate name it is asked to write
+            archive.writestr(program, pickle.dumps({"unet": list(range(300_000))}, protocol=2))
+    corpus["program-twice"] = twice
     code = folder / "code.bin"
     code.write_bytes(pickle.dumps({"unet": _RunsCode()}, protocol=2))
     corpus["code"] = code

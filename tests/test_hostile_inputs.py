@@ -196,3 +196,15 @@ def test_a_file_read_for_a_base_is_bounded_by_that_base_before_its_tensors_are_r
                               f"than any cross-attention weight of "), message
     assert message.endswith("; not a delta for this base."), message
     assert int(growth) < 4 * 2**20, f"{int(growth) / 2**20:.1f} MB"
+
+
+def test_an_output_onto_a_caption_file_is_refused_even_with_force(tiny_delta_files, tiny_pipeline_path, tmp_path,
+                                                                   capsys):
+    """--reg-captions caps -o caps --force replaced the captions file with the merged folder."""
+    captions = tmp_path / "caps"
+    captions.write_text("a photo of a dog\na red car\n")
+    code = cd_merge.main([str(tiny_delta_files("sd1")["native"]), "--base", str(tiny_pipeline_path("sd1")),
+                          "--reg-captions", str(captions), "-o", str(captions), "--force", "-q"])
+    message = one_error_line(capsys, "cd-merge")
+    assert code == 1 and f"Cannot write {captions}: it is the input {captions}" in message
+    assert captions.read_text() == "a photo of a dog\na red car\n"

@@ -9,6 +9,7 @@ from pathlib import Path
 from .. import formats
 from ..captions import default_reg_captions, read_captions
 from ..errors import MergeError
+from ..fileio import check_not_an_input
 from ..merge import MergePlan, MergeReport, prepare_merge_to_file, summarize_plan
 from ..merge_methods import METHODS
 from ..merge_options import MergeOptions, OptionError
@@ -109,6 +110,9 @@ def main_with_args(args: argparse.Namespace) -> int:
     if args.num_reg_captions is not None and args.num_reg_captions < 1:
         raise MergeError(f"--num-reg-captions {args.num_reg_captions}: must be at least 1.")
     options = _options(args)
+    caption_files = [file for file in (args.reg_captions, args.held_out_captions) if file]
+    if not args.dry_run:  # a caption file is an input too: -o there would replace it
+        check_not_an_input(Path(args.output), caption_files)
     captions = read_captions(args.reg_captions) if args.reg_captions else None
     if args.num_reg_captions is not None:
         captions = (captions or default_reg_captions())[: args.num_reg_captions]
