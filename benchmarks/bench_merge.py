@@ -92,7 +92,7 @@ def job_baseline(base: str, output: str, captions: str, *inputs: str) -> None:
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from mergekit_cd.features import default_reg_captions
+    from mergekit_cd.captions import default_reg_captions
 
     sys.path.insert(0, str(Path(__file__).parent))
     from bench_solvers import baseline_layer

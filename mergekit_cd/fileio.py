@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import pickle
 import pickletools
@@ -31,7 +32,8 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from .errors import MergeError
-from .limits import MAX_PICKLE_OPERATIONS, MAX_PICKLE_PROGRAM, check_limit, check_tensor_size
+from .limits import (MAX_PICKLE_OPERATIONS, MAX_PICKLE_PROGRAM, check_limit, check_tensor_size, check_total_values,
+                     current_base_bound)
 
 #: How torch's weights-only unpickler names a global it refuses (two wordings across versions).
 _DISALLOWED_GLOBAL = re.compile(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([^\s,]+)")
@@ -309,7 +311,7 @@ def load_pickle(path: str | os.PathLike[str], *, mmap: bool = False) -> Any:
     if key is not None and key in scope.parsed:
         if isinstance(scope.parsed[key], MergeError):
             raise scope.parsed[key]  # refused once: not checked again by every format's detection
-        return scope.parsed[key]
+        return _within_base_bound(scope.parsed[key], path)
     try:
         _check_program(path, is_zip)
         contents = _unpickle(path, mapped)
@@ -319,7 +321,7 @@ def load_pickle(path: str | os.PathLike[str], *, mmap: bool = False) -> Any:
         raise
     if key is not None:
         scope.parsed[key] = contents
-    return contents
+    return _within_base_bound(contents, path)
 
 
 def _check_program(path: str | os.PathLike[str], is_zip: bool) -> None:
@@ -451,6 +453,7 @@ def open_safetensors(path: str | os.PathLike[str]) -> Iterator[Any]:
     try:
         if key is None:
             with safe_open(str(path), framework="pt") as file:
+                _check_declared_total(file, path)
                 yield file
         else:  # kept open for the scope (closed when its last reference goes); a failure is kept too
             if key not in scope.parsed:
@@ -460,11 +463,40 @@ def open_safetensors(path: str | os.PathLike[str]) -> Iterator[Any]:
                     scope.parsed[key] = error
             if isinstance(scope.parsed[key], BaseException):
                 raise scope.parsed[key]
+            _check_declared_total(scope.parsed[key], path)
             yield scope.parsed[key]
     except SafetensorError as error:
         raise MergeError(f"{path}: truncated or corrupt safetensors file ({error}).") from None
     except OSError as error:
         raise MergeError(f"Cannot read {path}: {error.strerror or error}.") from error
+
+
+def _check_declared_total(handle: Any, path: str | os.PathLike[str]) -> None:
+    """Read for a base, every value the header declares, against what a file for it can hold."""
+    if current_base_bound() is not None:
+        check_total_values(sum(math.prod(handle.get_slice(key).get_shape()) for key in handle.keys()), path)
+
+
+def _within_base_bound(contents: Any, path: str | os.PathLike[str]) -> Any:
+    """``contents``, once their tensors' values are within what a file for the base being read
+    for can hold (a mapped pickle: nothing is read to count them)."""
+    if current_base_bound() is not None:
+        check_total_values(_pickled_values(contents), path)
+    return contents
+
+
+def _pickled_values(contents: Any) -> int:
+    """Values of every tensor in a loaded pickle (views count their own; nothing is read)."""
+    total, stack = 0, [contents]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, Tensor):
+            total += value.numel()
+        elif isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, (list, tuple)):
+            stack.extend(value)
+    return total
 
 
 def file_identity(path: str | os.PathLike[str]) -> tuple[int, int, int]:

@@ -18,7 +18,7 @@ from .base import BaseModel, open_base
 from .delta import CompressionReport, ConceptDelta, LowRank, compress, layer_shapes
 from .errors import MergeError
 from .fileio import parse_once
-from .limits import BaseBound, within_base
+from .limits import MAX_TOKENS, BaseBound, BaseBoundError, within_base
 from .weights import FineTunedWeights
 
 PathLike = str | os.PathLike[str]
@@ -74,9 +74,13 @@ def load_source(reference: PathLike | ConceptDelta, *, base: BaseModel | PathLik
         delta = replace(reference, metadata=dict(reference.metadata))
     else:
         source = source or str(reference)
-        with parse_once(), within_base(base_bound(as_base(base))) if base is not None else nullcontext():
-            path = resolve_delta(reference)
-            read_as, content = formats.read_detected(path)
+        try:
+            with parse_once(), within_base(base_bound(as_base(base))) if base is not None else nullcontext():
+                path = resolve_delta(reference)
+                read_as, content = formats.read_detected(path)
+        except BaseBoundError:
+            _refuse_recorded_architecture(resolve_delta(reference), as_base(base), source)
+            raise
         if isinstance(content, FineTunedWeights):
             if base is None:
                 raise MergeError(f"{source} holds full fine-tuned weights; give the base model they "
@@ -100,10 +104,24 @@ def load_source(reference: PathLike | ConceptDelta, *, base: BaseModel | PathLik
     return LoadedDelta(source, path, read_as, delta)
 
 
+def _refuse_recorded_architecture(path: Path, base: BaseModel, source: str) -> None:
+    """A file too big for ``base`` that records another architecture is refused as what it is
+    (an SDXL delta given an SD1 base), from its metadata alone: no tensor is read."""
+    try:
+        recorded = formats.recorded_identity(path).get("architecture")
+    except MergeError:
+        return
+    if recorded and recorded != base.architecture.name:
+        raise MergeError(f"{source} is an {recorded} delta but {base.name} is an {base.architecture.name} model "
+                         f"({base.architecture.description}).")
+
+
 def base_bound(base: BaseModel) -> BaseBound:
-    """The largest K/V weight and widest token embedding of ``base``: what a delta for it can hold."""
-    return BaseBound(base.name, max(math.prod(shape) for pair in base.kv_shapes().values() for shape in pair),
-                     max(base.token_dims()))
+    """The largest K/V weight and widest token embedding of ``base``, and what one file for it can
+    hold in all: four times its K/V weights (the authors' crossattn files add q and out) and tokens."""
+    sizes = [math.prod(shape) for pair in base.kv_shapes().values() for shape in pair]
+    return BaseBound(base.name, max(sizes), max(base.token_dims()),
+                     4 * sum(sizes) + MAX_TOKENS * sum(base.token_dims()))
 
 
 def resolve_delta(reference: PathLike) -> Path:

@@ -192,8 +192,8 @@ def test_a_file_read_for_a_base_is_bounded_by_that_base_before_its_tensors_are_r
     result = subprocess.run([sys.executable, "-c", GROWTH_SCRIPT, str(tiny_delta_files("sd1")["native"]), str(path),
                              str(tiny_pipeline_path("sd1"))], capture_output=True, text=True, timeout=120)
     message, growth = result.stdout.splitlines()[-2:]
-    assert message.startswith(f"{path}: {LAYER}.to_k.diff declares shape (32, 131072): 4,194,304 values, more "
-                              f"than any cross-attention weight of "), message
+    assert message.startswith(f"{path}: its tensors declare 8,388,608 values in all, more than any delta file "
+                              f"(four times its K/V weights) of "), message
     assert message.endswith("; not a delta for this base."), message
     assert int(growth) < 4 * 2**20, f"{int(growth) / 2**20:.1f} MB"
 
@@ -208,3 +208,43 @@ def test_an_output_onto_a_caption_file_is_refused_even_with_force(tiny_delta_fil
     message = one_error_line(capsys, "cd-merge")
     assert code == 1 and f"Cannot write {captions}: it is the input {captions}" in message
     assert captions.read_text() == "a photo of a dog\na red car\n"
+
+
+@pytest.mark.parametrize("kind", ["native", "pickle"])
+def test_many_tensors_read_for_a_base_are_refused_by_their_total(kind, tiny_pipeline_path, tmp_path):
+    """80 tensors of 4M values each, within every per-tensor bound, in a sparse file of a few KB:
+    validating them cost 1.6 GB; read for a base, their total is refused first."""
+    from hostile import LAYER, _raw_safetensors, _sparse_pickle
+
+    from mergekit_cd import load
+
+    values = 32 * 2**17
+    if kind == "native":
+        size = values * 4
+        header = {"__metadata__": {"format": "mergekit-cd"}}
+        for index in range(40):
+            for part, offset in (("to_k", 2 * index), ("to_v", 2 * index + 1)):
+                header[f"{LAYER[:-1]}{index}.{part}.diff"] = {"dtype": "F32", "shape": [32, 2**17],
+                                                             "data_offsets": [offset * size, (offset + 1) * size]}
+        path = _raw_safetensors(tmp_path / "many.safetensors", header, 80 * size)
+    else:
+        path = _sparse_pickle(tmp_path / "many.bin", tmp_path, values, lambda storage: {"unet": {
+            f"{LAYER[:-1]}{index}.{part}.weight": storage.view(32, 2**17)
+            for index in range(40) for part in ("to_k", "to_v")}})
+    with pytest.raises(MergeError, match=r"its tensors declare 335,544,320 values in all, more than any delta file "
+                                         r"\(four times its K/V weights\) of .* holds"):
+        load(path, base=tiny_pipeline_path("sd1"))
+
+
+def test_one_tensor_past_the_bases_largest_weight_is_refused_before_it_is_read(tiny_pipeline_path, tmp_path):
+    from hostile import LAYER, _raw_safetensors
+
+    from mergekit_cd import load
+
+    path = _raw_safetensors(tmp_path / "wide.safetensors", {
+        "__metadata__": {"format": "mergekit-cd"},
+        f"{LAYER}.to_k.diff": {"dtype": "F32", "shape": [32, 2048], "data_offsets": [0, 32 * 2048 * 4]}},
+        32 * 2048 * 4)
+    with pytest.raises(MergeError, match=rf"{LAYER}\.to_k\.diff declares shape \(32, 2048\): 65,536 values, more "
+                                         r"than any cross-attention weight of .* holds \(\d[\d,]*\); not a delta"):
+        load(path, base=tiny_pipeline_path("sd1"))

@@ -14,14 +14,17 @@ one line here. Formats never do math: full-weight files read as
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from ..errors import MergeError
 from ..fileio import check_destination, check_not_an_input, load_pickle, load_safetensors, parse_once
+from ..metadata import from_header
 from . import authors_bin, compvis, diffusers_layout, native
-from ._common import Delta, check_token_shapes, describe_container, natural_order, safetensors_header
+from ._common import (Delta, check_token_shapes, describe_container, natural_order, read_metadata,
+                      safetensors_header)
 
 FORMATS: list[ModuleType] = [
     native,
@@ -122,6 +125,19 @@ def _found(path: Path) -> str:
     if path.suffix == ".safetensors":
         load_safetensors(path)  # raises: empty, truncated or corrupt
     return f"a torch pickle holding {describe_container(load_pickle(path, mmap=True))}"
+
+
+def recorded_identity(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What our metadata in a delta file or folder records (base, architecture, concepts), read
+    without any tensor: a safetensors header, or a mapped pickle's metadata entry; ``{}`` if none."""
+    path = Path(path)
+    if path.is_dir():
+        path = next((path / name for name in diffusers_layout.WEIGHTS_NAMES if (path / name).is_file()), path)
+    header = safetensors_header(path)
+    if header is not None:
+        return from_header(header[1], source=str(path))
+    contents = load_pickle(path, mmap=True)
+    return read_metadata(contents, str(path)) if isinstance(contents, dict) else {}
 
 
 def read(path: str | os.PathLike[str], format_name: str | None = None) -> Delta:
