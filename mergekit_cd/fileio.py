@@ -382,18 +382,17 @@ def _count_operations(file: Any, pickles: int, path: str | os.PathLike[str]) -> 
 
 def _check_archive(archive: zipfile.ZipFile, path: str | os.PathLike[str]) -> zipfile.ZipInfo | None:
     """Refuse a torch zip by what its directory declares, before anything is inflated: torch
-    stores every entry uncompressed, so a compressed one (a zip bomb) is foreign, and entries
-    may not declare more bytes than the file holds, nor a pickle program past
+    stores every entry uncompressed and once, so a compressed one (a zip bomb) or a repeated
+    one is foreign, and entries may not declare more bytes than the file holds, nor a pickle program past
     :data:`~mergekit_cd.limits.MAX_PICKLE_PROGRAM`. Returns the pickle program's entry."""
     size = os.path.getsize(path)
     program = None
     seen: set[str] = set()
-    repeated = next((entry.filename for entry in archive.infolist()
-                     if entry.filename in seen or seen.add(entry.filename)), None)
-    if repeated is not None:  # torch reads the last of two same-named entries: one would be checked, another run
-        raise MergeError(f"{path}: its entry {repeated} is in the archive twice; torch never writes that, so this "
-                         f"is not a file it saved.")
     for entry in archive.infolist():
+        if entry.filename in seen:  # torch reads the last of two same-named entries: one would be checked, another run
+            raise MergeError(f"{path}: its entry {entry.filename} is in the archive twice; torch never writes that, "
+                             f"so this is not a file it saved.")
+        seen.add(entry.filename)
         if entry.compress_type != zipfile.ZIP_STORED:
             raise MergeError(f"{path}: its entry {entry.filename} is compressed ({entry.compress_size:,} bytes "
                              f"inflating to {entry.file_size:,}); torch never compresses, so this is not a "
