@@ -21,8 +21,11 @@ MergeError naming the file, in bounded time and memory. What each file is:
 - ``fifo.bin``: a named pipe (reading it would block forever);
 - ``giant-pickle.bin``: the authors' layout whose to_k is a (32, 1048576) tensor, sparse on disk
   (a torch zip, so the tensor is a view of the mapped file until something touches it);
-- ``many-tokens.bin``: 300 tokens, each a 4M-value view of one sparse storage (copying each row
-  out, as readers do, would cost 4.8 GB).
+- ``many-tokens.bin``: 300 tokens, each a row view of one embedding table as the authors' script
+  saves them;
+- ``overlapping-views.bin``: 80 K/V weights, each a 4M-value view of one sparse 16 MB storage, one
+  value apart
+  (validating and copying them, as readers do, cost 700 MB).
 """
 
 from __future__ import annotations
@@ -163,9 +166,13 @@ def build_corpus(folder: Path) -> dict[str, Path]:
     corpus["empty"].write_bytes(b"")
     corpus["giant-pickle"] = _sparse_pickle(folder / "giant-pickle.bin", folder, 2**25, lambda storage: {
         "unet": {f"{LAYER}.to_k.weight": storage.view(32, 2**20), f"{LAYER}.to_v.weight": torch.zeros(32, 32)}})
-    corpus["many-tokens"] = _sparse_pickle(folder / "many-tokens.bin", folder, 2**22, lambda storage: {
-        "unet": {f"{LAYER}.to_k.weight": torch.zeros(32, 32), f"{LAYER}.to_v.weight": torch.zeros(32, 32)},
-        "modifier_token": {f"<t{index}>": storage for index in range(300)}})
+    table = torch.zeros(300, 32, requires_grad=True)
+    torch.save({"unet": {f"{LAYER}.to_k.weight": torch.zeros(32, 32), f"{LAYER}.to_v.weight": torch.zeros(32, 32)},
+                "modifier_token": {f"<t{index}>": table[index] for index in range(300)}}, folder / "many-tokens.bin")
+    corpus["many-tokens"] = folder / "many-tokens.bin"
+    corpus["overlapping-views"] = _sparse_pickle(folder / "overlapping-views.bin", folder, 2**22 + 80, lambda storage: {
+        "unet": {f"{LAYER[:-1]}{index}.{part}.weight": storage[offset:offset + 2**22].view(32, 2**17)
+                 for index in range(40) for part, offset in (("to_k", 2 * index), ("to_v", 2 * index + 1))}})
     if hasattr(os, "mkfifo"):
         corpus["fifo"] = folder / "fifo.bin"
         os.mkfifo(corpus["fifo"])

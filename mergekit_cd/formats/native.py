@@ -10,7 +10,8 @@ from torch import Tensor
 
 from ..delta import ConceptDelta, Difference, LayerDelta, LazyLayers, LowRank
 from ..errors import MergeError
-from ..fileio import atomic_path, check_unchanged, file_identity, open_safetensors, read_tensor, save_safetensors
+from ..fileio import (SafetensorsFile, atomic_path, check_unchanged, file_identity, open_safetensors, read_tensor,
+                      save_safetensors)
 from ..limits import check_embedding_size
 from ..metadata import HEADER_FORMAT, from_header, to_header
 from ._common import (
@@ -67,14 +68,13 @@ def read(path: str | os.PathLike[str]) -> ConceptDelta:
     embeddings: dict[str, dict[int, Tensor]] = {}
     locations: dict[tuple[str, str], tuple[str, ...]] = {}
     with open_safetensors(path) as handle:
-        identity = from_header(handle.metadata() or {}, source=source)
+        identity = from_header(handle.metadata(), source=source)
         check_token_count(len({_split_token_key(key, source)[0] for key in handle.keys()
                                if key.startswith(TOKEN_PREFIX)}), source)
         for key in handle.keys():
             if key.startswith(TOKEN_PREFIX):
                 name, index = _split_token_key(key, source)
-                check_embedding_size(math.prod(handle.get_slice(key).get_shape()), key, source)
-                # a copy: a view would keep the whole file mapped (and every page read below resident)
+                check_embedding_size(math.prod(handle.shape(key)), key, source)
                 embeddings.setdefault(name, {})[index] = check_vector(read_tensor(handle, key, source), key, source)
                 continue
             parsed = _split(key)
@@ -96,24 +96,24 @@ def read(path: str | os.PathLike[str]) -> ConceptDelta:
     tokens = {name: _ordered(embeddings[name], name, source) for name in natural_order(embeddings)}
     check_token_shapes(tokens, source)
     shapes = {name: (key.shape, value.shape) for name, (key, value) in collector.layers(allow_empty=True).items()}
-    reader = _LayerReader(path, locations, file_identity(path))
+    reader = _LayerReader(handle, locations, file_identity(path))
     return ConceptDelta(LazyLayers(shapes, reader), tokens, **identity)
 
 
 class _LayerReader:
-    """Reads one layer's differences back from a validated native file, if it is unchanged."""
+    """Reads one layer's differences back from a validated native file, if it is unchanged (its
+    header parsed once, when it was validated)."""
 
-    def __init__(self, path: str | os.PathLike[str], locations: dict[tuple[str, str], tuple[str, ...]],
+    def __init__(self, handle: SafetensorsFile, locations: dict[tuple[str, str], tuple[str, ...]],
                  identity: tuple[int, int, int]) -> None:
-        self.path, self.locations, self.identity = path, locations, identity
+        self.handle, self.locations, self.identity = handle, locations, identity
 
     def __call__(self, layer: str) -> LayerDelta:
-        check_unchanged(self.path, self.identity)
+        check_unchanged(self.handle.path, self.identity)
         parts: list[Difference] = []
-        with open_safetensors(self.path) as handle:
-            for projection in ("to_k", "to_v"):
-                tensors = [read_tensor(handle, key, self.path) for key in self.locations[(layer, projection)]]
-                parts.append(tensors[0] if len(tensors) == 1 else LowRank(*tensors))
+        for projection in ("to_k", "to_v"):
+            tensors = [self.handle.read(key) for key in self.locations[(layer, projection)]]
+            parts.append(tensors[0] if len(tensors) == 1 else LowRank(*tensors))
         return LayerDelta(*parts)
 
 
