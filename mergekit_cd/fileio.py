@@ -471,6 +471,7 @@ class SafetensorsFile:
             header = json.loads(file.read(length))
         self._start = 8 + length
         self._entries = {key: header[key] for key in keys}
+        self.total_values = sum(math.prod(entry["shape"]) for entry in self._entries.values())
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -533,7 +534,7 @@ def open_safetensors(path: str | os.PathLike[str]) -> Iterator[SafetensorsFile]:
 def _check_declared_total(handle: SafetensorsFile, path: str | os.PathLike[str]) -> None:
     """Read for a base, every value the header declares, against what a file for it can hold."""
     if current_base_bound() is not None:
-        check_total_values(sum(math.prod(handle.shape(key)) for key in handle.keys()), path)
+        check_total_values(handle.total_values, path)
 
 
 def _within_base_bound(contents: Any, path: str | os.PathLike[str]) -> Any:

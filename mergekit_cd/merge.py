@@ -131,6 +131,7 @@ class _TextPhase:
     num_rows: int
     gram_from_cache: bool
     held_gram: Tensor | None  # C_held^T C_held, for the drift report
+    notes: tuple[str, ...] = ()  # what was done to the targets, for the report
 
 
 def _encode_text(plan: MergePlan, options: MergeOptions, *, report: bool, progress: bool) -> _TextPhase:
@@ -145,9 +146,14 @@ def _encode_text(plan: MergePlan, options: MergeOptions, *, report: bool, progre
     rows = cached_features(plan.base, prompts, batch_size=batch_size, cache_dir=cache_dir, encoder=encoder)[0]
     check_limit(sum(row.shape[0] for row in rows), MAX_CONSTRAINT_ROWS,
                 "its target prompts give {count} constraint rows", "The merge", needs="any real merge")
-    targets, start = [], 0
+    targets, notes, start = [], [], 0
     for concept in plan.concepts:
-        targets.append(torch.cat(rows[start:start + len(concept.prompts)]).double())
+        C = torch.cat(rows[start:start + len(concept.prompts)]).double()
+        targets.append(spanning_rows(C))
+        if targets[-1].shape[0] < C.shape[0]:
+            notes.append(f"{concept.token}: its {C.shape[0]:,} target rows span at most {C.shape[1]:,} feature "
+                         f"directions; constrained on those (the same merge, each layer's work bounded by the "
+                         f"features' width)")
         start += len(concept.prompts)
     gram, num_rows, from_cache = None, 0, False
     if options.spec.solves:
@@ -158,7 +164,19 @@ def _encode_text(plan: MergePlan, options: MergeOptions, *, report: bool, progre
         captions = list(options.held_out) if options.held_out is not None else heldout_captions()
         held_gram = cached_gram(plan.base, captions, batch_size=batch_size, cache_dir=cache_dir,
                                 progress=progress, label="held-out features", encoder=encoder)[0]
-    return _TextPhase(targets, gram, num_rows, from_cache, held_gram)
+    return _TextPhase(targets, gram, num_rows, from_cache, held_gram, tuple(notes))
+
+
+def spanning_rows(C: Tensor) -> Tensor:
+    """Rows with the Gram matrix of ``C`` (``R^T R = C^T C``: the same row space, and the same
+    ``||X C^T||`` for every X), no more of them than C's width. A concept's exact constraints,
+    its soft objective and its residuals see C only through that Gram matrix and the solvers
+    are spectral, so the merge is unchanged, while a concept of 2,000 prompts no longer costs
+    every layer 30 s."""
+    if C.shape[0] <= C.shape[1]:
+        return C
+    _, sigma, right = torch.linalg.svd(C, full_matrices=False)
+    return sigma[:, None] * right
 
 
 def execute(plan: MergePlan, options: MergeOptions | None = None, *, progress: bool = False,
@@ -216,7 +234,7 @@ def execute(plan: MergePlan, options: MergeOptions | None = None, *, progress: b
     info = operator.info() if operator is not None else None
     return result, sums.report(options.method, plan.concepts, plan.token_renames,
                                num_captions=len(plan.reg_captions), num_rows=text.num_rows,
-                               gram_from_cache=text.gram_from_cache, info=info)
+                               gram_from_cache=text.gram_from_cache, info=info, notes=text.notes)
 
 
 def _release_memory(device: torch.device) -> None:

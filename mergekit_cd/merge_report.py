@@ -84,14 +84,15 @@ class ReportSums:
         self.base += _quadratic(W0, held_gram)
 
     def report(self, method: str, concepts: Sequence[Concept], renames: Sequence[TokenRename], *,
-               num_captions: int, num_rows: int, gram_from_cache: bool, info: SolveInfo | None) -> MergeReport:
+               num_captions: int, num_rows: int, gram_from_cache: bool, info: SolveInfo | None,
+               notes: Sequence[str] = ()) -> MergeReport:
         """The report of a merge whose every layer was added."""
         merged, full, summed = self.residuals.relative()
         rows = tuple(ConceptReport(c.token, c.class_word or "", c.prompts, r, sr, fr)
                      for c, r, sr, fr in zip(concepts, merged, summed, full))
         return MergeReport(method, rows, _ratio(self.drift, self.base), _ratio(self.sum_drift, self.base),
                            tuple(renames), num_captions, num_rows, gram_from_cache, info,
-                           info.notes if info is not None else ())
+                           (*notes, *(info.notes if info is not None else ())))
 
 
 def _squared(x: Tensor) -> float:

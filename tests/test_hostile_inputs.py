@@ -299,3 +299,23 @@ def test_a_native_file_header_is_parsed_once_for_every_layer_read(tiny_delta_fil
     layers = [delta.layers[name] for name in delta.layers] * 3
     assert len(layers) > 3 and parsed == []
 
+
+
+def test_token_files_that_differ_only_in_case_are_refused_before_writing(tiny_pipeline_path, tmp_path):
+    """<Cat> and <cat> are two tokens, but on macOS and Windows one file: one embedding silently
+    replaced the other in the diffusers layout."""
+    from mergekit_cd.loading import save
+    from mergekit_cd.testing import random_concept_deltas
+
+    base = open_base(tiny_pipeline_path("sd1"))
+    first, second = random_concept_deltas(base, [("<Cat>", "cat"), ("<cat>", "cat")], seed=2)
+    both = ConceptDelta(dict(first.layers), {**first.tokens, **second.tokens}, base=first.base,
+                        base_fingerprint=first.base_fingerprint, architecture=first.architecture)
+    output = tmp_path / "both"
+    with pytest.raises(MergeError, match=rf"^Cannot write {output} as diffusers: tokens '<Cat>' and '<cat>' differ "
+                                         r"only in case, and their files would be one on a case-insensitive file "
+                                         r"system; rename one, or write the native format \(one file\)\.$"):
+        save(both, output, format="diffusers", base=base)
+    assert not output.exists() and list(tmp_path.iterdir()) == []
+    formats.write(both, tmp_path / "both.safetensors", "native")  # one file: both kept
+    assert set(formats.read(tmp_path / "both.safetensors").tokens) == {"<Cat>", "<cat>"}

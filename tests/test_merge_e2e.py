@@ -474,3 +474,42 @@ def test_pickle_payload_class_is_picklable():
     payload = RunsCode()
     payload.marker = Path("/nonexistent-dir/marker")
     assert pickle.dumps(payload)
+
+
+@pytest.mark.parametrize("method", ["constrained", "soft"])
+def test_a_concept_of_more_target_rows_than_features_is_merged_on_rows_spanning_them(tiny_pipeline_path, method,
+                                                                                     monkeypatch):
+    """A concept recording 2,000 prompts cost every layer 30 s: its rows are replaced by at most the
+    features' width of rows with the same Gram matrix, which changes neither the merge nor its report."""
+    import importlib
+
+    from mergekit_cd.base import open_base
+    from mergekit_cd.delta import Concept, ConceptDelta
+    from mergekit_cd.testing import random_concept_deltas
+
+    merge_module = importlib.import_module("mergekit_cd.merge")
+    base = open_base(tiny_pipeline_path("sd1"))
+    first, second = random_concept_deltas(base, [("<new1>", "cat"), ("<new2>", "dog")], seed=3)
+    prompts = tuple(f"{place} photo of a <new1> cat" for place in
+                    ("a", "a close", "a blurry", "a bright", "a dark", "an old", "a large", "a small", "a clean",
+                     "a cropped", "a good", "a nice"))
+    first = ConceptDelta(dict(first.layers), dict(first.tokens), base=first.base,
+                         base_fingerprint=first.base_fingerprint, architecture=first.architecture,
+                         concepts=(Concept("<new1>", "cat", prompts),))
+    captions = ["a photo of a dog", "a red car", "a house by the sea", "a bowl of fruit"] * 3
+    reduced, report = merge_module.merge([first, second], captions, base=base, method=method, return_report=True)
+    monkeypatch.setattr(merge_module, "spanning_rows", lambda C: C)
+    full, full_report = merge_module.merge([first, second], captions, base=base, method=method, return_report=True)
+    width = base.context_dim
+    note = next(note for note in report.notes if note.startswith("<new1>: its "))
+    rows = int(note.split()[2].replace(",", ""))
+    assert note == (f"<new1>: its {rows} target rows span at most {width} feature directions; constrained on those "
+                    f"(the same merge, each layer's work bounded by the features' width)")
+    assert rows > width and full_report.solve_info.n_constraints - report.solve_info.n_constraints == rows - width
+    for name, layer in full.layers.items():
+        for ours, theirs in ((reduced.layers[name].key, layer.key), (reduced.layers[name].value, layer.value)):
+            assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-6 * float(theirs.abs().max())), name
+    for ours, theirs in zip(report.concepts, full_report.concepts):
+        assert ours.residual == pytest.approx(theirs.residual, rel=1e-3, abs=1e-6)
+        assert ours.sum_residual == pytest.approx(theirs.sum_residual, rel=1e-6)
+    assert report.drift == pytest.approx(full_report.drift, rel=1e-4)

@@ -176,6 +176,7 @@ def write(obj: Delta, path: str | os.PathLike[str], *, force: bool = False) -> N
                for projection, matrix in zip(("to_k", "to_v"), pair)}
     token_files = {_token_file_name(token, target): _token_state(token, embeddings, target)
                    for token, embeddings in weights.tokens.items()}
+    _check_distinct_when_case_folded(list(token_files), target)
     with atomic_path(target, force=force, folder=True, foreign_entries=foreign_entries) as folder:
         save_safetensors(saveable(tensors), folder / WEIGHTS_NAMES[0], metadata=header)
         for file_name, state in token_files.items():
@@ -194,9 +195,21 @@ def foreign_entries(folder: Path) -> list[str]:
 def _token_file_name(token: str, target: Path) -> str:
     check_token_name(token, f"Cannot write {target} as {NAME}")
     name = f"{token}.safetensors"
-    if name in WEIGHTS_NAMES:
+    if name.casefold() in {weights.casefold() for weights in WEIGHTS_NAMES}:
         raise MergeError(f"Cannot write {target} as {NAME}: token {token!r} cannot be a file name.")
     return name
+
+
+def _check_distinct_when_case_folded(file_names: list[str], target: Path) -> None:
+    """Token files whose names differ only in case would be one file on macOS and Windows (one
+    token's embedding silently replacing the other's)."""
+    seen: dict[str, str] = {}
+    for name in file_names:
+        other = seen.setdefault(name.casefold(), name)
+        if other != name:
+            raise MergeError(f"Cannot write {target} as {NAME}: tokens {Path(other).stem!r} and {Path(name).stem!r} "
+                             f"differ only in case, and their files would be one on a case-insensitive file "
+                             f"system; rename one, or write the native format (one file).")
 
 
 def _token_state(token: str, embeddings: tuple[Tensor, ...], target: Path) -> dict[str, Tensor]:

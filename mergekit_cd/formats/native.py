@@ -69,11 +69,11 @@ def read(path: str | os.PathLike[str]) -> ConceptDelta:
     locations: dict[tuple[str, str], tuple[str, ...]] = {}
     with open_safetensors(path) as handle:
         identity = from_header(handle.metadata(), source=source)
-        check_token_count(len({_split_token_key(key, source)[0] for key in handle.keys()
-                               if key.startswith(TOKEN_PREFIX)}), source)
+        token_keys = {key: _split_token_key(key, source) for key in handle.keys() if key.startswith(TOKEN_PREFIX)}
+        check_token_count(len({name for name, _ in token_keys.values()}), source)
         for key in handle.keys():
-            if key.startswith(TOKEN_PREFIX):
-                name, index = _split_token_key(key, source)
+            if key in token_keys:
+                name, index = token_keys[key]
                 check_embedding_size(math.prod(handle.shape(key)), key, source)
                 embeddings.setdefault(name, {})[index] = check_vector(read_tensor(handle, key, source), key, source)
                 continue
