@@ -125,15 +125,21 @@ def _place_all(temporaries: Sequence[Path], targets: Sequence[Path], *, force: b
 def _claim(temporary: Path, target: Path) -> None:
     """Rename ``temporary`` to ``target`` unless something is there now (another writer's output
     that appeared after the check): a file is hard-linked into place, which fails on an existing
-    name; a folder's rename fails onto a file or a folder holding anything."""
+    name; a folder's name is claimed with ``mkdir`` (which fails on any existing name, an empty
+    folder included, onto which a rename would succeed), then the folder renamed onto that claim."""
     appeared = FileExistsError(errno.EEXIST, "it appeared while the output was written (another writer?); "
                                              "pass --force to overwrite")
     if temporary.is_dir():
         try:
+            os.mkdir(target)
+        except FileExistsError:
+            raise appeared from None
+        try:
             os.rename(temporary, target)
         except OSError as error:
-            if error.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+            if error.errno in (errno.ENOTEMPTY, errno.EEXIST):  # another writer filled the claim
                 raise appeared from None
+            os.rmdir(target)
             raise
         return
     try:
@@ -463,12 +469,15 @@ class SafetensorsFile:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = path
+        self.identity = file_identity(path)  # what later reads check: the file validated here
         with safe_open(str(path), framework="pt") as handle:  # validates offsets and sizes; maps only
             self._metadata = handle.metadata() or {}
             keys = list(handle.keys())
         with open(path, "rb") as file:
             (length,) = struct.unpack("<Q", file.read(8))
             header = json.loads(file.read(length))
+        if file_identity(path) != self.identity or not isinstance(header, dict) or not set(keys) <= set(header):
+            raise MergeError(f"{path} changed while it was being read; read it again when it is complete.")
         self._start = 8 + length
         self._entries = {key: header[key] for key in keys}
         self.total_values = sum(math.prod(entry["shape"]) for entry in self._entries.values())

@@ -152,8 +152,9 @@ def _encode_text(plan: MergePlan, options: MergeOptions, *, report: bool, progre
         targets.append(spanning_rows(C))
         if targets[-1].shape[0] < C.shape[0]:
             notes.append(f"{concept.token}: its {C.shape[0]:,} target rows span at most {C.shape[1]:,} feature "
-                         f"directions; constrained on those (the same merge, each layer's work bounded by the "
-                         f"features' width)")
+                         f"directions; the solve constrains {targets[-1].shape[0]:,} rows with the same Gram matrix "
+                         f"instead (the same merge, each layer's work bounded by the width; the solve's rank "
+                         f"and dependence counts count those rows)")
         start += len(concept.prompts)
     gram, num_rows, from_cache = None, 0, False
     if options.spec.solves:

@@ -149,7 +149,8 @@ def parse_document(text: str, *, source: str, where: str) -> Any:
             raise MergeError(f"{source}: the mergekit-cd metadata in {where} gives the key {repeated!r} twice.")
         return dict(pairs)
 
-    check_limit(len(text), MAX_METADATA_BYTES, f"the mergekit-cd metadata in {where} is {{count}} bytes", source)
+    size = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+    check_limit(size, MAX_METADATA_BYTES, f"the mergekit-cd metadata in {where} is {{count}} bytes", source)
     try:
         document = json.loads(text, object_pairs_hook=unique)
     except json.JSONDecodeError as error:

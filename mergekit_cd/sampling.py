@@ -14,7 +14,7 @@ from .apply import apply
 from .builtin import builtin_folder
 from .delta import ConceptDelta
 from .errors import MergeError
-from .fileio import atomic_path, check_destination
+from .fileio import atomic_path, check_destination, check_not_an_input
 
 
 #: torch's generators take seeds from 0 to 2**64 - 1.
@@ -163,6 +163,7 @@ def sample_grid(base: str | os.PathLike[str], delta: ConceptDelta | str | os.Pat
     output = Path(output)
     image_format = _image_format(output)
     check_destination(output, force=force)
+    check_not_an_input(output, [base] if delta is None or isinstance(delta, ConceptDelta) else [base, delta])
     pipe = load_pipeline(base, device=device)
     if delta is not None:
         apply(pipe, delta, check_base=check_base)

@@ -523,8 +523,14 @@ def test_cd_eval_checks_its_outputs_before_the_work(sd1, tiny_delta_files, tmp_p
     assert error_of(capsys, [*common, "--json", str(tmp_path / "missing" / "eval.json")]) == (
         f"Cannot write {tmp_path / 'missing' / 'eval.json'}: folder {tmp_path / 'missing'} does not exist.")
     assert error_of(capsys, [*common, "--json", str(concept), "--force"]) == (
-        f"--json {concept} is the --concepts input {concept}; writing there would overwrite it. Choose another "
-        f"output name.")
+        f"Cannot write {concept}: it is the input {concept}, which writing it would destroy (even with --force). "
+        f"Choose another output name.")
+    inside_base = sd1.path / "model_index.json"  # the base is an input too: --json there replaced its index
+    before = inside_base.read_bytes()
+    assert error_of(capsys, [*common, "--json", str(inside_base), "--force"]) == (
+        f"Cannot write {inside_base}: it lies inside the input {sd1.path}, which writing it would destroy (even "
+        f"with --force). Choose another output name.")
+    assert inside_base.read_bytes() == before
     folder = tmp_path / "results"  # a folder is never replaced: advising --force would not help
     (folder / "old").mkdir(parents=True)
     for force in ([], ["--force"]):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import gc
 import json
 import os
 import pickle
@@ -475,11 +476,20 @@ def test_a_bug_inside_an_atomic_write_propagates_unchanged_and_cleans_up(tmp_pat
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("folder", [False, True])
+@pytest.mark.parametrize("folder", [False, True, "empty"])
 def test_without_force_an_output_that_appears_while_writing_is_never_replaced(tmp_path, folder):
     """Between the existence check and the rename another writer may create the output: without
-    --force it is claimed exclusively (a hard link for a file), so theirs stays and ours is one
-    error, with no temporary left (issue 16, item 8)."""
+    --force it is claimed exclusively (a hard link for a file, mkdir for a folder: a rename would
+    replace an empty folder), so theirs stays and ours is one error, with no temporary left
+    (issue 16, item 8)."""
+    if folder == "empty":
+        target = tmp_path / "out"
+        with pytest.raises(MergeError, match=r"it appeared while the output was written"):
+            with atomic_path(target, force=False, folder=True) as temporary:
+                (temporary / "ours").write_text("ours")
+                target.mkdir()
+        assert [p.name for p in tmp_path.iterdir()] == ["out"] and list(target.iterdir()) == []
+        return
     target = tmp_path / ("out" if folder else "d.safetensors")
     with pytest.raises(MergeError, match=r"^Cannot write .*: it appeared while the output was written \(another "
                                          r"writer\?\); pass --force to overwrite\.$"):
@@ -872,7 +882,9 @@ def test_a_non_finite_value_is_named_by_file_and_key(tmp_path, format_name, kind
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
 def test_a_read_pickle_keeps_no_view_into_its_file(tmp_path):
     """The authors save a token as a row of the whole embedding table (a view: torch.save stores
-    all of the table); what is read keeps neither the table nor a mapping of the file."""
+    all of the table); what is read keeps no view into the table, its layers are copies, and once
+    the delta is dropped no mapping of the file is left (while it is used, its layers are read
+    from one mapping)."""
     table = torch.randn(4000, 32)
     path = _saved(tmp_path / "delta.bin", {"unet": {K: torch.ones(32, 32), V: torch.zeros(32, 32)},
                                            "modifier_token": {"<new1>": table[7]}})
@@ -880,7 +892,9 @@ def test_a_read_pickle_keeps_no_view_into_its_file(tmp_path):
     embedding = weights.tokens["<new1>"][0]
     assert torch.equal(embedding, table[7]) and embedding.untyped_storage().nbytes() == 32 * 4
     key, _ = weights.layers[LAYER]
-    assert torch.equal(key, torch.ones(32, 32))
+    assert torch.equal(key, torch.ones(32, 32)) and key.untyped_storage().nbytes() == 32 * 32 * 4
+    del weights
+    gc.collect()
     with open("/proc/self/maps") as maps:
         assert str(path) not in maps.read()
 

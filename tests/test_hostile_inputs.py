@@ -10,6 +10,7 @@ import shutil
 import sys
 
 import pytest
+import torch
 
 from mergekit_cd import MergeError, formats, merge
 from mergekit_cd.base import open_base
@@ -319,3 +320,23 @@ def test_token_files_that_differ_only_in_case_are_refused_before_writing(tiny_pi
     assert not output.exists() and list(tmp_path.iterdir()) == []
     formats.write(both, tmp_path / "both.safetensors", "native")  # one file: both kept
     assert set(formats.read(tmp_path / "both.safetensors").tokens) == {"<Cat>", "<cat>"}
+
+
+def test_metadata_is_bounded_in_bytes_not_characters():
+    """600,000 euro signs are 1.8 MB of UTF-8: counted as characters, they passed the 1 MB bound."""
+    text = '{"notes": "' + "\u20ac" * 600_000 + '"}'
+    with pytest.raises(MergeError, match=r"^x: the mergekit-cd metadata in the header is 1,800,013 bytes, more than "
+                                         r"the 1,048,576 any real file needs"):
+        parse_document(text, source="x", where="the header")
+
+
+def test_a_layer_of_no_rows_is_refused(tmp_path):
+    from hostile import LAYER
+    from safetensors.torch import save_file
+
+    path = tmp_path / "empty-layer.safetensors"
+    save_file({f"{LAYER}.to_k.diff": torch.zeros(0, 32), f"{LAYER}.to_v.diff": torch.zeros(0, 32)}, str(path),
+              metadata={"format": "mergekit-cd"})
+    with pytest.raises(MergeError, match=rf"{LAYER}\.to_k\.diff should be a 2-D float weight matrix, found a "
+                                         r"float32 tensor of shape \(0, 32\)"):
+        formats.read(path)

@@ -503,8 +503,9 @@ def test_a_concept_of_more_target_rows_than_features_is_merged_on_rows_spanning_
     width = base.context_dim
     note = next(note for note in report.notes if note.startswith("<new1>: its "))
     rows = int(note.split()[2].replace(",", ""))
-    assert note == (f"<new1>: its {rows} target rows span at most {width} feature directions; constrained on those "
-                    f"(the same merge, each layer's work bounded by the features' width)")
+    assert note == (f"<new1>: its {rows} target rows span at most {width} feature directions; the solve constrains "
+                    f"{width} rows with the same Gram matrix instead (the same merge, each layer's work bounded by "
+                    f"the width; the solve's rank and dependence counts count those rows)")
     assert rows > width and full_report.solve_info.n_constraints - report.solve_info.n_constraints == rows - width
     for name, layer in full.layers.items():
         for ours, theirs in ((reduced.layers[name].key, layer.key), (reduced.layers[name].value, layer.value)):

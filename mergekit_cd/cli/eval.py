@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from ..evaluation import evaluate, summary_table
 from ..evaluation.methods import COMPARE_FORMS
 from ..evaluation.options import EvalOptions
 from ..evaluation.report import check_outputs, write_outputs
+from ..fileio import check_not_an_input
 from ._common import (DTYPES, add_device_argument, device, non_negative_float_type, run, seed_type, style_flags,
                       table)
 
@@ -144,17 +144,13 @@ def main_with_args(args: argparse.Namespace) -> int:
 
 
 def _check_not_an_input(args: argparse.Namespace) -> None:
-    """Refuse a --json / --plot file that is one of the inputs: --force would overwrite it."""
-    inputs = [("--concepts", name) for name in args.concepts] + [("--merged", name) for name in args.merged]
-    inputs += [(option, value) for option, value in (("--held-out", args.held_out),
-                                                      ("--reg-captions", args.reg_captions)) if value is not None]
-    for output_option, output in (("--json", args.json), ("--plot", args.plot)):
-        if output is None or not output.is_file():
-            continue
-        for option, value in inputs:
-            if Path(value).is_file() and os.path.samefile(output, value):
-                raise MergeError(f"{output_option} {output} is the {option} input {value}; writing there would "
-                                 f"overwrite it. Choose another output name.")
+    """Refuse a --json / --plot file that is one of the inputs, inside one (the base, an instance
+    folder, a CLIP folder) or holds one: --force would overwrite it."""
+    inputs = [*args.concepts, *args.merged, args.base, *(args.instance_dirs or ()),
+              *(value for value in (args.held_out, args.reg_captions, args.clip, args.dino) if value is not None)]
+    for output in (args.json, args.plot):
+        if output is not None:
+            check_not_an_input(output, inputs)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -67,7 +67,7 @@ def check_finite(tensor: Tensor, key: str, source: str) -> None:
 
 def check_matrix(value: Any, key: str, source: str) -> Tensor:
     """``value`` as a finite 2-D float tensor, or one MergeError naming the file and key."""
-    if not isinstance(value, Tensor) or value.dim() != 2 or not value.is_floating_point():
+    if not isinstance(value, Tensor) or value.dim() != 2 or not value.is_floating_point() or not value.numel():
         raise MergeError(f"{source}: {key} should be a 2-D float weight matrix, found {describe(value)}.")
     check_finite(value, key, source)
     return value
@@ -236,11 +236,13 @@ def assemble(collector: LayerCollector, read_layer: Callable[[str], Pair], *, la
 
 # ---------------------------------------------------------------- reading a layer at a time
 class PickleFile:
-    """A torch pickle opened for validation, and a reader of one layer at a time.
+    """A torch pickle opened once, for validation and for reading its layers.
 
     Zip-format files (what ``torch.save`` has written since torch 1.6) are memory-mapped, so
-    the validation pass holds one tensor at a time, and each layer is read again when used.
-    Older non-zip pickles cannot be mapped; they are read whole and their layers kept in memory.
+    the validation pass holds one tensor at a time, and each layer is copied out of the same
+    mapping when used: the file is parsed once, however many layers it holds (parsing it again
+    per layer made a 175 KB file of 250 layers take 40 s). Older non-zip pickles cannot be
+    mapped; they are read whole.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -253,25 +255,16 @@ class PickleFile:
         self.mapped = zipfile.is_zipfile(path)
 
     def reader(self, container: tuple[str, ...], keys: dict[str, tuple[str, str]]) -> Callable[[str], Pair]:
-        """layer -> (to_k, to_v) entries found under ``keys`` in ``contents[container...]``."""
-        if self.mapped:
-            return PickleLayers(self.path, container, keys, self.identity)
+        """layer -> (to_k, to_v) entries found under ``keys`` in ``contents[container...]``, copies
+        owning their memory where the file is mapped (checked unchanged before each read)."""
         held = _inside(self.contents, container)
-        return lambda layer: tuple(_entry(held[key]) for key in keys[layer])
+        if not self.mapped:
+            return lambda layer: tuple(_entry(held[key]) for key in keys[layer])
 
-
-class PickleLayers:
-    """Reads one layer's entries back from a validated zip pickle (mapped), if it is unchanged."""
-
-    def __init__(self, path: str | os.PathLike[str], container: tuple[str, ...],
-                 keys: dict[str, tuple[str, str]], identity: tuple[int, int, int] | None) -> None:
-        self.path, self.container, self.keys, self.identity = path, container, keys, identity
-
-    def __call__(self, layer: str) -> Pair:
-        check_unchanged(self.path, self.identity)
-        held = _inside(load_pickle(self.path, mmap=True), self.container)
-        # copies: a view would keep the whole file mapped
-        return tuple(_entry(held[key], copy=True) for key in self.keys[layer])
+        def read(layer: str) -> Pair:
+            check_unchanged(self.path, self.identity)
+            return tuple(_entry(held[key], copy=True) for key in keys[layer])
+        return read
 
 
 class SafetensorsLayers:

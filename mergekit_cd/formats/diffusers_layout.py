@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..delta import check_token_name
 from ..errors import MergeError
-from ..fileio import (atomic_path, file_identity, load_pickle, load_safetensors, open_safetensors, read_tensor,
+from ..fileio import (atomic_path, load_pickle, load_safetensors, open_safetensors, read_tensor,
                       save_safetensors)
 from ..metadata import from_header, to_header
 from ..weights import FineTunedWeights
@@ -76,7 +76,7 @@ def read(path: str | os.PathLike[str]) -> FineTunedWeights:
     ignored: list[str] = []
     if weights_file.suffix == ".safetensors":
         with open_safetensors(weights_file) as handle:
-            identity = file_identity(weights_file)
+            identity = handle.identity
             header = handle.metadata()
             for key in handle.keys():
                 _collect(key, lambda key=key: read_tensor(handle, key, source), collector, ignored)

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..delta import ConceptDelta, Difference, LayerDelta, LazyLayers, LowRank
 from ..errors import MergeError
-from ..fileio import (SafetensorsFile, atomic_path, check_unchanged, file_identity, open_safetensors, read_tensor,
+from ..fileio import (SafetensorsFile, atomic_path, check_unchanged, open_safetensors, read_tensor,
                       save_safetensors)
 from ..limits import check_embedding_size
 from ..metadata import HEADER_FORMAT, from_header, to_header
@@ -96,7 +96,7 @@ def read(path: str | os.PathLike[str]) -> ConceptDelta:
     tokens = {name: _ordered(embeddings[name], name, source) for name in natural_order(embeddings)}
     check_token_shapes(tokens, source)
     shapes = {name: (key.shape, value.shape) for name, (key, value) in collector.layers(allow_empty=True).items()}
-    reader = _LayerReader(handle, locations, file_identity(path))
+    reader = _LayerReader(handle, locations, handle.identity)
     return ConceptDelta(LazyLayers(shapes, reader), tokens, **identity)
 
 
