@@ -203,8 +203,9 @@ def check_not_an_input(target: Path, inputs: Iterable[str | os.PathLike[str]]) -
             for path in {Path(os.path.abspath(source)), Path(source).resolve()}:
                 if output == path or path in output.parents or output in path.parents:
                     how = "is" if output == path else "lies inside" if path in output.parents else "holds"
-                    raise MergeError(f"Cannot write {target}: it {how} the input {source}, which writing it would "
-                                     f"destroy (even with --force). Choose another output name.")
+                    harm = "would change" if how == "lies inside" else "would destroy"
+                    raise MergeError(f"Cannot write {target}: it {how} the input {source}, which writing it {harm} "
+                                     f"(even with --force). Choose another output name.")
 
 
 def _sibling(target: Path, purpose: str) -> Path:
@@ -288,9 +289,11 @@ _SCOPE: ContextVar[_ParseScope | None] = ContextVar("mergekit_cd_parse_scope", d
 @contextmanager
 def parse_once() -> Iterator[None]:
     """Within, each file is parsed once: detecting its format, validating it and planning with it
-    share one unpickling (or one safetensors handle), keyed by file identity so that a replaced
-    file is parsed anew; all is released on exit. Layers read later, while merging, are read
-    from the file again one at a time, which keeps a merge's memory at about one layer per input.
+    share one unpickling (or one parsed safetensors header), keyed by file identity so that a
+    replaced file is parsed anew; the scope's own references are released on exit. Layers read
+    later, while merging, come from what was parsed: a safetensors file's tensors are read one
+    at a time into memory of their own, a pickle's are copied out of its one mapping (whose pages
+    read stay resident, as clean file pages, while the delta is in use).
     """
     if _SCOPE.get() is not None:
         yield

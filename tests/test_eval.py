@@ -528,7 +528,7 @@ def test_cd_eval_checks_its_outputs_before_the_work(sd1, tiny_delta_files, tmp_p
     inside_base = sd1.path / "model_index.json"  # the base is an input too: --json there replaced its index
     before = inside_base.read_bytes()
     assert error_of(capsys, [*common, "--json", str(inside_base), "--force"]) == (
-        f"Cannot write {inside_base}: it lies inside the input {sd1.path}, which writing it would destroy (even "
+        f"Cannot write {inside_base}: it lies inside the input {sd1.path}, which writing it would change (even "
         f"with --force). Choose another output name.")
     assert inside_base.read_bytes() == before
     folder = tmp_path / "results"  # a folder is never replaced: advising --force would not help

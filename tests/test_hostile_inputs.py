@@ -340,3 +340,25 @@ def test_a_layer_of_no_rows_is_refused(tmp_path):
     with pytest.raises(MergeError, match=rf"{LAYER}\.to_k\.diff should be a 2-D float weight matrix, found a "
                                          r"float32 tensor of shape \(0, 32\)"):
         formats.read(path)
+
+
+@pytest.mark.parametrize("fmt", ["native", "authors-bin"])
+def test_a_compressed_all_zero_difference_of_rank_zero_reads_back(tiny_pipeline_path, tmp_path, fmt):
+    """A layer of no rows is refused, but a rank-0 factor pair is what compress() makes of an
+    all-zero difference, and must read back."""
+    import dataclasses
+
+    from mergekit_cd.delta import LayerDelta, LowRank, compress
+    from mergekit_cd.loading import load, save
+
+    base = open_base(tiny_pipeline_path("sd1"))
+    delta = random_concept_delta(base, "<new1>", "cat", seed=5)
+    first = next(iter(delta.layers))
+    layers = {name: (LayerDelta(torch.zeros_like(layer.key), layer.value) if name == first else layer)
+              for name, layer in delta.layers.items()}
+    small, _ = compress(dataclasses.replace(delta, layers=layers), 0.01, dense_fallback=False)
+    assert isinstance(small.layers[first].key, LowRank) and small.layers[first].key.rank == 0
+    path = save(small, tmp_path / ("zero.safetensors" if fmt == "native" else "zero.bin"), format=fmt, base=base)
+    read = load(path, base=base)
+    assert torch.equal(read.layers[first].key.dense() if isinstance(read.layers[first].key, LowRank)
+                       else read.layers[first].key, torch.zeros_like(delta.layers[first].key))

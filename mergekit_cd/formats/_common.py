@@ -65,9 +65,12 @@ def check_finite(tensor: Tensor, key: str, source: str) -> None:
         raise MergeError(f"{source}: {key} holds NaN or infinite values.")
 
 
-def check_matrix(value: Any, key: str, source: str) -> Tensor:
-    """``value`` as a finite 2-D float tensor, or one MergeError naming the file and key."""
-    if not isinstance(value, Tensor) or value.dim() != 2 or not value.is_floating_point() or not value.numel():
+def check_matrix(value: Any, key: str, source: str, *, factor: bool = False) -> Tensor:
+    """``value`` as a finite 2-D float tensor, or one MergeError naming the file and key. A weight
+    or difference has rows and columns; a low-rank ``factor`` may have rank 0 (``compress`` gives
+    an all-zero difference factors of shapes (out, 0) and (0, in))."""
+    empty = value.shape[0] == 0 or value.shape[1] == 0 if isinstance(value, Tensor) and value.dim() == 2 else False
+    if not isinstance(value, Tensor) or value.dim() != 2 or not value.is_floating_point() or (empty and not factor):
         raise MergeError(f"{source}: {key} should be a 2-D float weight matrix, found {describe(value)}.")
     check_finite(value, key, source)
     return value
@@ -104,8 +107,8 @@ def check_factors(factors: Any, key: str, source: str) -> LowRank:
     if not isinstance(factors, dict) or set(factors) != {"u", "v"}:
         found = f"keys {sorted(map(str, factors))}" if isinstance(factors, dict) else describe(factors)
         raise MergeError(f"{source}: {key} should be compressed factors {{'u', 'v'}}, found {found}.")
-    up = check_matrix(factors["u"], f"{key}['u']", source)
-    down = check_matrix(factors["v"], f"{key}['v']", source)
+    up = check_matrix(factors["u"], f"{key}['u']", source, factor=True)
+    down = check_matrix(factors["v"], f"{key}['v']", source, factor=True)
     if up.shape[1] != down.shape[0]:
         raise MergeError(f"{source}: {key} factors do not fit: u is {tuple(up.shape)}, v is "
                          f"{tuple(down.shape)}.")

@@ -81,7 +81,7 @@ def read(path: str | os.PathLike[str]) -> ConceptDelta:
             if parsed is None:
                 raise unexpected_key(key, source, _EXPECTED)
             layer, projection, part = parsed
-            matrix = check_matrix(read_tensor(handle, key, source), key, source)
+            matrix = check_matrix(read_tensor(handle, key, source), key, source, factor=part != "diff")
             stand_in = torch.empty(matrix.shape, dtype=matrix.dtype, device="meta")  # shape only
             if part == "diff":
                 collector.add(layer, projection, key, stand_in)
