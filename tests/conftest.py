@@ -20,6 +20,18 @@ settings.register_profile("thorough", max_examples=2000, deadline=None,
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _keep_the_default_allocator() -> Iterator[None]:
+    """cd-inspect and cd-convert fix glibc's mmap threshold for their process; called in-process,
+    they would slow every later training test by a third. Tests of that bound run the commands
+    in a subprocess (test_hostile_inputs)."""
+    from mergekit_cd.cli import _common
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_common, "release_large_blocks", lambda: None)
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_pipeline_path(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """Factory: ``tiny_pipeline_path("sd1", seed=0)`` -> a saved tiny diffusers folder.

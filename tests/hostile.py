@@ -56,6 +56,18 @@ def _raw_safetensors(path: Path, header: dict, data_bytes: int) -> Path:
     return path
 
 
+def _sparse_layers(path: Path, layers: int, values: int = 32 * 2**17) -> Path:
+    """A native file of ``layers`` layers whose to_k and to_v differences each hold ``values``
+    float32 zeros (shape (32, values / 32)), its data a hole (sparse)."""
+    size = values * 4
+    header: dict = {"__metadata__": {"format": "mergekit-cd"}}
+    for index in range(layers):
+        for part, offset in (("to_k", 2 * index), ("to_v", 2 * index + 1)):
+            header[f"{LAYER[:-1]}{index}.{part}.diff"] = {"dtype": "F32", "shape": [32, values // 32],
+                                                         "data_offsets": [offset * size, (offset + 1) * size]}
+    return _raw_safetensors(path, header, 2 * layers * size)
+
+
 def _with_metadata(path: Path, metadata_json: str) -> Path:
     """A valid native file (one small difference) whose ``mergekit_cd`` metadata entry is ``metadata_json``."""
     tensors = {f"{LAYER}.to_k.diff": torch.zeros(32, 32), f"{LAYER}.to_v.diff": torch.zeros(32, 32)}

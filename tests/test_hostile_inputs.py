@@ -214,19 +214,13 @@ def test_an_output_onto_a_caption_file_is_refused_even_with_force(tiny_delta_fil
 def test_many_tensors_read_for_a_base_are_refused_by_their_total(kind, tiny_pipeline_path, tmp_path):
     """80 tensors of 4M values each, within every per-tensor bound, in a sparse file of a few KB:
     validating them cost 1.6 GB; read for a base, their total is refused first."""
-    from hostile import LAYER, _raw_safetensors, _sparse_pickle
+    from hostile import LAYER, _sparse_layers, _sparse_pickle
 
     from mergekit_cd import load
 
     values = 32 * 2**17
     if kind == "native":
-        size = values * 4
-        header = {"__metadata__": {"format": "mergekit-cd"}}
-        for index in range(40):
-            for part, offset in (("to_k", 2 * index), ("to_v", 2 * index + 1)):
-                header[f"{LAYER[:-1]}{index}.{part}.diff"] = {"dtype": "F32", "shape": [32, 2**17],
-                                                             "data_offsets": [offset * size, (offset + 1) * size]}
-        path = _raw_safetensors(tmp_path / "many.safetensors", header, 80 * size)
+        path = _sparse_layers(tmp_path / "many.safetensors", 40)
     else:
         path = _sparse_pickle(tmp_path / "many.bin", tmp_path, 80 * values, lambda storage: {"unet": {
             f"{LAYER[:-1]}{index}.{part}.weight": storage[offset * values:(offset + 1) * values].view(32, 2**17)
@@ -270,16 +264,10 @@ def test_a_sparse_native_file_is_inspected_one_tensor_at_a_time_without_a_base(t
     read resident, 400 MB here, and glibc's heaps kept freed tensors: 80 of them held up to 800 MB)."""
     import subprocess
 
-    from hostile import LAYER, _raw_safetensors
+    from hostile import _sparse_layers
 
-    values = 32 * 2**17
-    size = values * 4
-    header = {"__metadata__": {"format": "mergekit-cd"}}
-    for index in range(10):
-        for part, offset in (("to_k", 2 * index), ("to_v", 2 * index + 1)):
-            header[f"{LAYER[:-1]}{index}.{part}.diff"] = {"dtype": "F32", "shape": [32, 2**17],
-                                                         "data_offsets": [offset * size, (offset + 1) * size]}
-    path = _raw_safetensors(tmp_path / "many.safetensors", header, 20 * size)
+    size = 32 * 2**17 * 4
+    path = _sparse_layers(tmp_path / "many.safetensors", 10)
     result = subprocess.run([sys.executable, "-c", INSPECT_GROWTH_SCRIPT, str(tiny_delta_files("sd1")["native"]),
                              str(path)], capture_output=True, text=True, timeout=120)
     layers, growth = result.stdout.splitlines()[-2:]

@@ -50,7 +50,7 @@ def main_with_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(main_with_args, build_parser(), argv)
+    return run(main_with_args, build_parser(), argv, file_tool=True)
 
 
 if __name__ == "__main__":
