@@ -495,7 +495,9 @@ class SafetensorsFile:
         return tuple(self._entries[key]["shape"])
 
     def read(self, key: str) -> Tensor:
-        """The tensor ``key``, read from the file (which must not have changed since it was opened)."""
+        """The tensor ``key``, read from the file, which must be the one validated: a file moved,
+        replaced or rewritten since is refused (:func:`check_unchanged`)."""
+        check_unchanged(self.path, self.identity)
         entry = self._entries[key]
         dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
         if dtype is None:

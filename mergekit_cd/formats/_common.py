@@ -69,8 +69,8 @@ def check_matrix(value: Any, key: str, source: str, *, factor: bool = False) -> 
     """``value`` as a finite 2-D float tensor, or one MergeError naming the file and key. A weight
     or difference has rows and columns; a low-rank ``factor`` may have rank 0 (``compress`` gives
     an all-zero difference factors of shapes (out, 0) and (0, in))."""
-    empty = value.shape[0] == 0 or value.shape[1] == 0 if isinstance(value, Tensor) and value.dim() == 2 else False
-    if not isinstance(value, Tensor) or value.dim() != 2 or not value.is_floating_point() or (empty and not factor):
+    if (not isinstance(value, Tensor) or value.dim() != 2 or not value.is_floating_point()
+            or not (value.numel() or factor)):
         raise MergeError(f"{source}: {key} should be a 2-D float weight matrix, found {describe(value)}.")
     check_finite(value, key, source)
     return value
@@ -271,15 +271,13 @@ class PickleFile:
 
 
 class SafetensorsLayers:
-    """Reads one layer's (to_k, to_v) back from a validated safetensors file, if it is unchanged
-    (its header parsed once, when it was validated)."""
+    """Reads one layer's (to_k, to_v) back from a validated safetensors file (its header parsed
+    once, when it was validated; the file checks it is unchanged)."""
 
-    def __init__(self, handle: SafetensorsFile, keys: dict[str, tuple[str, str]],
-                 identity: tuple[int, int, int]) -> None:
-        self.handle, self.keys, self.identity = handle, keys, identity
+    def __init__(self, handle: SafetensorsFile, keys: dict[str, tuple[str, str]]) -> None:
+        self.handle, self.keys = handle, keys
 
     def __call__(self, layer: str) -> Pair:
-        check_unchanged(self.handle.path, self.identity)
         return tuple(self.handle.read(key) for key in self.keys[layer])
 
 

@@ -76,11 +76,10 @@ def read(path: str | os.PathLike[str]) -> FineTunedWeights:
     ignored: list[str] = []
     if weights_file.suffix == ".safetensors":
         with open_safetensors(weights_file) as handle:
-            identity = handle.identity
             header = handle.metadata()
             for key in handle.keys():
                 _collect(key, lambda key=key: read_tensor(handle, key, source), collector, ignored)
-        reader: Callable[[str], Pair] = SafetensorsLayers(handle, collector.keys(), identity)
+        reader: Callable[[str], Pair] = SafetensorsLayers(handle, collector.keys())
         lazy = True
     else:
         file = PickleFile(weights_file)

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..delta import ConceptDelta, Difference, LayerDelta, LazyLayers, LowRank
 from ..errors import MergeError
-from ..fileio import (SafetensorsFile, atomic_path, check_unchanged, open_safetensors, read_tensor,
+from ..fileio import (SafetensorsFile, atomic_path, open_safetensors, read_tensor,
                       save_safetensors)
 from ..limits import check_embedding_size
 from ..metadata import HEADER_FORMAT, from_header, to_header
@@ -96,20 +96,18 @@ def read(path: str | os.PathLike[str]) -> ConceptDelta:
     tokens = {name: _ordered(embeddings[name], name, source) for name in natural_order(embeddings)}
     check_token_shapes(tokens, source)
     shapes = {name: (key.shape, value.shape) for name, (key, value) in collector.layers(allow_empty=True).items()}
-    reader = _LayerReader(handle, locations, handle.identity)
+    reader = _LayerReader(handle, locations)
     return ConceptDelta(LazyLayers(shapes, reader), tokens, **identity)
 
 
 class _LayerReader:
-    """Reads one layer's differences back from a validated native file, if it is unchanged (its
-    header parsed once, when it was validated)."""
+    """Reads one layer's differences back from a validated native file (its header parsed once,
+    when it was validated; the file checks it is unchanged)."""
 
-    def __init__(self, handle: SafetensorsFile, locations: dict[tuple[str, str], tuple[str, ...]],
-                 identity: tuple[int, int, int]) -> None:
-        self.handle, self.locations, self.identity = handle, locations, identity
+    def __init__(self, handle: SafetensorsFile, locations: dict[tuple[str, str], tuple[str, ...]]) -> None:
+        self.handle, self.locations = handle, locations
 
     def __call__(self, layer: str) -> LayerDelta:
-        check_unchanged(self.handle.path, self.identity)
         parts: list[Difference] = []
         for projection in ("to_k", "to_v"):
             tensors = [self.handle.read(key) for key in self.locations[(layer, projection)]]
