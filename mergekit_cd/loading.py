@@ -250,7 +250,7 @@ def save(delta: ConceptDelta, path: PathLike, *, format: str | None = None,
     formats.check_can_hold(name, delta.architecture, path)
     compressed = any(isinstance(part, LowRank) for layer in delta.layers.values()
                      for part in (layer.key, layer.value))
-    if module.WRITES_FULL_WEIGHTS and not (compressed and name != "diffusers"):
+    if module.WRITES_FULL_WEIGHTS and not (compressed and module.STORES_FACTORS):
         if base is None:
             raise MergeError(f"Writing the {name} format stores full weights: give the base model (--base).")
         base = as_base(base)
@@ -273,9 +273,11 @@ def convert(source: PathLike, output: PathLike, to: str | None = None, *,
     to = formats.output_format(output, to)
     if compress_rtol is not None and not 0 <= compress_rtol < 1:
         raise MergeError(f"--compress {compress_rtol:g}: the relative error bound must be in [0, 1).")
-    if compress_rtol is not None and to == "diffusers":
-        raise MergeError("--compress: the diffusers layout stores full weights, so it has no compressed "
-                         "variant (nothing would shrink); compress to native, authors-bin or compvis instead.")
+    if compress_rtol is not None and not formats.get_format(to).STORES_FACTORS:
+        others = [module.NAME for module in formats.FORMATS if module.STORES_FACTORS]
+        raise MergeError(f"--compress: the {to} layout stores full weights, so it has no compressed "
+                         f"variant (nothing would shrink); compress to {', '.join(others[:-1])} or {others[-1]} "
+                         "instead.")
     base = as_base(base) if base is not None else None
     formats.check_output(output, to, architecture=base.architecture.name if base else None, force=force,
                          inputs=[source, *([base.path] if base else [])])

@@ -125,11 +125,22 @@ def assert_same_identity(a, b) -> None:
 
 # ---------------------------------------------------------------------------- round trips
 def test_every_format_module_offers_the_same_interface():
+    from mergekit_cd.formats.protocol import Format
+
     assert formats.format_names() == ["native", "diffusers", "authors-bin", "compvis"]
     for module in formats.FORMATS:
+        assert isinstance(module, Format), module.__name__
         assert len(module.__doc__.strip().splitlines()) == 1
-        assert isinstance(module.WRITES_FULL_WEIGHTS, bool)
+        assert isinstance(module.WRITES_FULL_WEIGHTS, bool) and isinstance(module.STORES_FACTORS, bool)
+        assert module.ARCHITECTURES is None or set(module.ARCHITECTURES) <= {"sd1", "sd2", "sdxl"}
+        assert module.OUTPUT_SUFFIX is None or module.OUTPUT_SUFFIX == "" or module.OUTPUT_SUFFIX.startswith(".")
+        assert module.foreign_entries is None or callable(module.foreign_entries)
         assert all(callable(getattr(module, verb)) for verb in ("detect", "read", "write"))
+    assert formats.OUTPUT_SUFFIXES == {".safetensors": "native", ".bin": "authors-bin", ".ckpt": "compvis"}
+    assert formats.FOLDER_FORMAT == "diffusers"
+    assert formats.OUTPUT_FORMAT_HELP.startswith("output format; default: from the output name: .safetensors "
+                                                 "native, .bin authors-bin, .ckpt compvis, no extension (or an "
+                                                 "existing folder) the diffusers folder layout")
 
 
 ROUND_TRIPS = [

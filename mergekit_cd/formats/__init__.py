@@ -1,9 +1,5 @@
-"""File formats: one module per layout, each with ``NAME``, ``detect``, ``read`` and ``write``.
-
-A format module also says ``WRITES_FULL_WEIGHTS``: whether ``write`` wants full fine-tuned
-weights (FineTunedWeights) rather than differences (ConceptDelta) as its usual input. It may
-say ``ARCHITECTURES``, the model families it can hold (default: all), and a format that
-writes folders says which existing folders ``--force`` may replace (``foreign_entries``).
+"""File formats: one module per layout, each a :class:`~.protocol.Format` (``NAME``, ``detect``,
+``read``, ``write`` and what it holds and how it is named).
 
 ``FORMATS`` is tried in order by :func:`detect_format`; adding a format is one new module and
 one line here. Formats never do math: full-weight files read as
@@ -16,7 +12,6 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from ..errors import MergeError
@@ -25,8 +20,9 @@ from ..metadata import from_header
 from . import authors_bin, compvis, diffusers_layout, native
 from ._common import (Delta, check_token_shapes, describe_container, natural_order, read_metadata,
                       safetensors_header)
+from .protocol import Format
 
-FORMATS: list[ModuleType] = [
+FORMATS: list[Format] = [
     native,
     diffusers_layout,
     authors_bin,
@@ -39,7 +35,7 @@ def format_names() -> list[str]:
     return [module.NAME for module in FORMATS]
 
 
-def get_format(name: str) -> ModuleType:
+def get_format(name: str) -> Format:
     """The format module called ``name``."""
     for module in FORMATS:
         if module.NAME == name:
@@ -47,21 +43,20 @@ def get_format(name: str) -> ModuleType:
     raise MergeError(f"Unknown format {name!r}; expected one of {', '.join(format_names())}.")
 
 
-#: Output file extension -> the format it is written in; a name without one is a folder.
-OUTPUT_SUFFIXES = {".safetensors": native.NAME, ".bin": authors_bin.NAME, ".ckpt": compvis.NAME}
-FOLDER_FORMAT = diffusers_layout.NAME
+#: Output file extension -> the format it is written in by default; a name without one is a folder.
+OUTPUT_SUFFIXES = {module.OUTPUT_SUFFIX: module.NAME for module in FORMATS if module.OUTPUT_SUFFIX}
+FOLDER_FORMAT = next(module.NAME for module in FORMATS if module.OUTPUT_SUFFIX == "")
 #: The help of ``--format`` / ``--to``: how the default is told from the output name.
-OUTPUT_FORMAT_HELP = ("output format; default: from the output name: .safetensors native, .bin authors-bin, "
-                      ".ckpt compvis, no extension (or an existing folder) the diffusers folder layout; "
+OUTPUT_FORMAT_HELP = ("output format; default: from the output name: "
+                      + ", ".join(f"{suffix} {name}" for suffix, name in OUTPUT_SUFFIXES.items())
+                      + f", no extension (or an existing folder) the {FOLDER_FORMAT} folder layout; "
                       "any other extension needs this option")
 
 
 def output_format(path: str | os.PathLike[str], format_name: str | None = None) -> str:
-    """The format to write ``path`` in: ``format_name`` when given, else told by the name.
-
-    ``.safetensors`` -> native, ``.bin`` -> authors-bin, ``.ckpt`` -> compvis, a name without
-    extension (or an existing folder) -> the diffusers layout; any other extension is refused
-    rather than guessed.
+    """The format to write ``path`` in: ``format_name`` when given, else told by the name
+    (:data:`OUTPUT_SUFFIXES`; a name without extension, or an existing folder, is
+    :data:`FOLDER_FORMAT`); any other extension is refused rather than guessed.
     """
     if format_name is not None:
         return get_format(format_name).NAME
@@ -79,11 +74,11 @@ def output_format(path: str | os.PathLike[str], format_name: str | None = None) 
 
 def check_can_hold(format_name: str, architecture: str | None, path: str | os.PathLike[str]) -> None:
     """Refuse a format that cannot hold models of ``architecture`` (e.g. SDXL as compvis)."""
-    supported = getattr(get_format(format_name), "ARCHITECTURES", None)
+    supported = get_format(format_name).ARCHITECTURES
     if architecture is None or supported is None or architecture in supported:
         return
-    others = [name for name in format_names()
-              if architecture in (getattr(get_format(name), "ARCHITECTURES", None) or (architecture,))]
+    others = [module.NAME for module in FORMATS
+              if module.ARCHITECTURES is None or architecture in module.ARCHITECTURES]
     raise MergeError(f"Cannot write {path} as {format_name}: the format holds only {' and '.join(supported)} "
                      f"models, and this is an {architecture} delta; choose {_one_of(others)} instead.")
 
@@ -99,11 +94,10 @@ def check_output(path: str | os.PathLike[str], format_name: str, *, architecture
     ``force``, and never a folder holding other things, nor any of ``inputs``."""
     check_can_hold(format_name, architecture, path)
     check_not_an_input(Path(path), inputs)
-    module = get_format(format_name)
-    check_destination(Path(path), force=force, foreign_entries=getattr(module, "foreign_entries", None))
+    check_destination(Path(path), force=force, foreign_entries=get_format(format_name).foreign_entries)
 
 
-def detect_format(path: str | os.PathLike[str]) -> ModuleType:
+def detect_format(path: str | os.PathLike[str]) -> Format:
     """The first format that recognises ``path``; otherwise a MergeError saying what was found."""
     for module in FORMATS:
         if module.detect(path):

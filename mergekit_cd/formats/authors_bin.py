@@ -31,6 +31,10 @@ from ._common import (
 
 NAME = "authors-bin"
 WRITES_FULL_WEIGHTS = True  # FineTunedWeights; a LowRank ConceptDelta gives the compressed variant
+STORES_FACTORS = True
+ARCHITECTURES = None
+OUTPUT_SUFFIX = ".bin"
+foreign_entries = None
 _PROJECTIONS = {".to_k.weight": "to_k", ".to_v.weight": "to_v"}
 _CONTAINER = "{'unet': {'<layer>.to_k.weight': ..., ...}, 'modifier_token': {'<token>': ...}}"
 

@@ -38,7 +38,10 @@ from ._common import (
 
 NAME = "compvis"
 WRITES_FULL_WEIGHTS = True  # FineTunedWeights; a LowRank ConceptDelta gives the compressed variant
+STORES_FACTORS = True
 ARCHITECTURES = ("sd1", "sd2")  # the authors' CompVis code never had SDXL
+OUTPUT_SUFFIX = ".ckpt"
+foreign_entries = None
 PREFIX = "model.diffusion_model."
 EMBED = "embed"
 #: The field of our metadata naming the tokens of ``embed``'s rows, which the checkpoint cannot hold.

@@ -37,6 +37,9 @@ from ._common import (
 
 NAME = "diffusers"
 WRITES_FULL_WEIGHTS = True  # writes FineTunedWeights only
+STORES_FACTORS = False
+ARCHITECTURES = None
+OUTPUT_SUFFIX = ""  # a name without extension: a folder
 WEIGHTS_NAMES = ("pytorch_custom_diffusion_weights.safetensors", "pytorch_custom_diffusion_weights.bin")
 TOKEN_SUFFIXES = (".safetensors", ".bin")
 SDXL_TOKEN_KEYS = ("clip_l", "clip_g")  # the community SDXL embedding layout, one row per encoder

@@ -29,6 +29,10 @@ from ._common import (
 
 NAME = "native"
 WRITES_FULL_WEIGHTS = False  # writes ConceptDelta differences
+STORES_FACTORS = True
+ARCHITECTURES = None
+OUTPUT_SUFFIX = ".safetensors"
+foreign_entries = None
 TOKEN_PREFIX = "token."
 # key suffix -> (projection, part): a dense difference, or the two factors of a low-rank one.
 _PARTS = {f".{projection}.{part}": (projection, part)
