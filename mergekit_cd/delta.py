@@ -465,6 +465,8 @@ class CompressionReport:
     parameters_after: int
     # "<layer>.to_k" / "<layer>.to_v" stored whole: their factors would have taken more bytes
     kept_dense: tuple[str, ...] = ()
+    # matrices factored at their numerical rank (exact to float32 rounding), whatever ``rtol``
+    exact: tuple[str, ...] = ()
 
 
 def compress(delta: ConceptDelta, rtol: float = 0.01, *,
@@ -508,6 +510,53 @@ def compress(delta: ConceptDelta, rtol: float = 0.01, *,
                                worst, ranks, delta.num_parameters(), compressed.num_parameters(),
                                tuple(kept_dense))
     return compressed, report
+
+
+#: The error of factors that reproduce a float32 matrix to its own rounding: the numerical
+#: rank's truncation (the dropped singular values are rounding noise) plus the factors' rounding.
+EXACT_RTOL = 8 * torch.finfo(torch.float32).eps
+
+
+def factorize(delta: ConceptDelta, rtol: float = 0.01) -> tuple[ConceptDelta, CompressionReport]:
+    """Every K/V difference as low-rank factors, as a LoRA stores them.
+
+    A difference that is low rank (the factors at its numerical rank, exact to float32
+    rounding, take fewer numbers than the matrix: every constrained or soft merge, whose
+    difference ``(V - W0 C^T) Z`` has at most one rank per constraint row) is factored exactly
+    and listed in the report's ``exact``; any other (one trained concept, a sum) at the
+    smallest rank within ``rtol``, as :func:`compress` does. Factors already stored stay as
+    they are. The report measures what is stored.
+    """
+    if not (0 <= rtol < 1):
+        raise MergeError(f"--lora-rtol {rtol:g}: the relative error bound must be in [0, 1).")
+    layers: dict[str, LayerDelta] = {}
+    ranks: dict[str, tuple[int, int]] = {}
+    exact: list[str] = []
+    lost_sq = total_sq = worst = 0.0
+    for name, layer in delta.layers.items():
+        stored: list[LowRank] = []
+        for projection, part in (("to_k", layer.key), ("to_v", layer.value)):
+            if isinstance(part, LowRank):
+                stored.append(part)
+                norm = float(part.dense().double().norm())
+                total_sq += norm**2
+                exact.append(f"{name}.{projection}")
+                continue
+            factors, lost, norm = _truncate(part, EXACT_RTOL)
+            if factors.rank * sum(part.shape) < part.numel():
+                exact.append(f"{name}.{projection}")
+            else:
+                factors, lost, norm = _truncate(part, rtol)
+            stored.append(factors)
+            lost_sq += lost**2
+            total_sq += norm**2
+            worst = max(worst, lost / norm if norm > 0 else 0.0)
+        layers[name] = LayerDelta(*stored)
+        ranks[name] = (stored[0].rank, stored[1].rank)
+    factored = delta._with_layers(layers)
+    report = CompressionReport(rtol, math.sqrt(lost_sq / total_sq) if total_sq > 0 else 0.0, worst, ranks,
+                               delta.num_parameters(), factored.num_parameters(), exact=tuple(exact))
+    return factored, report
 
 
 def _nbytes(tensor: Tensor) -> int:

@@ -11,6 +11,9 @@ import pytest
 
 from mergekit_cd.cli import demo
 
+#: Long scenarios: ``pytest -m "not slow"`` leaves them out of a quick local run; ``make test`` runs them.
+pytestmark = pytest.mark.slow
+
 #: The demo, shortened to keep the suite within its time: fewer training steps, class images and
 #: scoring images (the concepts must still be learned).
 FAST = dict(IMAGES_PER_PROMPT=1, TRAIN_STEPS=80, NUM_CLASS_IMAGES=8)

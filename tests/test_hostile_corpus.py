@@ -14,6 +14,9 @@ import pytest
 
 from hostile import build_corpus
 
+#: Long scenarios: ``pytest -m "not slow"`` leaves them out of a quick local run; ``make test`` runs them.
+pytestmark = pytest.mark.slow
+
 # One interpreter reads a normal file first (imports and caches warm), then every hostile file
 # with every reader; ru_maxrss is the peak of the whole process, so the growth over the normal
 # read bounds what any hostile read cost.

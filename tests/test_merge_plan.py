@@ -290,6 +290,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_peak_memory_stays_near_the_inputs(tall_base_path, tmp_path):
     """A base with tall K/V layers: the merge must not build (rows x captions) matrices."""
     folder = tall_base_path

@@ -16,6 +16,9 @@ from mergekit_cd.base import open_base
 from mergekit_cd.loading import save
 from mergekit_cd.testing import random_concept_deltas
 
+#: Long scenarios: ``pytest -m "not slow"`` leaves them out of a quick local run; ``make test`` runs them.
+pytestmark = pytest.mark.slow
+
 FORMATS = {"native": "{i}.safetensors", "authors-bin": "{i}.bin", "compvis": "{i}.ckpt", "diffusers": "{i}"}
 
 # One interpreter measures every format in turn: the peak is reset before each (Linux's

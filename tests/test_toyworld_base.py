@@ -7,6 +7,9 @@ import pytest
 
 from mergekit_cd import toyworld
 
+#: Long scenarios: ``pytest -m "not slow"`` leaves them out of a quick local run; ``make test`` runs them.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def pipe():

@@ -130,6 +130,7 @@ def trained(tiny_pipeline_path, images, fast, tmp_path_factory):
             "before": before, "after": evaluation_loss(), "global_rng_untouched": global_rng_untouched}
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss_on_the_instance_images(trained):
     assert trained["after"] < 0.99 * trained["before"], (trained["before"], trained["after"])
     assert len(trained["result"].losses) == 16 and all(np.isfinite(trained["result"].losses))

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from ..errors import MergeError, TokenRenameWarning
 from ..fileio import atomic_path, save_pickle
+from .ldm_names import to_compvis_name, to_diffusers_name
 from ._common import (
     IGNORED_SUFFIXES,
     METADATA_KEY,
@@ -50,9 +51,6 @@ _PROJECTIONS = {".to_k.weight": "to_k", ".to_v.weight": "to_v"}
 _EXPECTED = "'model.diffusion_model.<block>...attn2.to_k.weight' / '.to_v.weight' and 'embed'"
 #: The names the authors' CompVis sampler gives ``embed``'s rows, by position: ``<new1>``, ``<new2>``, ...
 _POSITIONAL = re.compile(r"<new(\d+)>")
-_COMPVIS_BLOCK = re.compile(r"^(input_blocks\.(\d+)|middle_block|output_blocks\.(\d+))\.1\.(.+)$")
-_DIFFUSERS_BLOCK = re.compile(r"^(down_blocks\.(\d+)\.attentions\.(\d+)|mid_block\.attentions\.0"
-                              r"|up_blocks\.(\d+)\.attentions\.(\d+))\.(.+)$")
 
 
 def detect(path: str | os.PathLike[str]) -> bool:
@@ -61,36 +59,6 @@ def detect(path: str | os.PathLike[str]) -> bool:
     if not isinstance(contents, dict) or not isinstance(contents.get("state_dict"), dict):
         return False
     return any(str(key).startswith(PREFIX) or key == EMBED for key in contents["state_dict"])
-
-
-def to_diffusers_name(name: str) -> str | None:
-    """``input_blocks.i.1.rest`` -> ``down_blocks.{(i-1)//3}.attentions.{(i-1)%3}.rest`` and
-    likewise for the middle and output blocks; None for a name outside those blocks."""
-    match = _COMPVIS_BLOCK.match(name)
-    if match is None:
-        return None
-    _, down, up, rest = match.groups()
-    if down is not None:
-        index = int(down) - 1
-        return None if index < 0 else f"down_blocks.{index // 3}.attentions.{index % 3}.{rest}"
-    if up is not None:
-        return f"up_blocks.{int(up) // 3}.attentions.{int(up) % 3}.{rest}"
-    return f"mid_block.attentions.0.{rest}"
-
-
-def to_compvis_name(layer: str) -> str | None:
-    """The inverse of :func:`to_diffusers_name`; None for a layer CompVis has no name for."""
-    match = _DIFFUSERS_BLOCK.match(layer)
-    if match is None:
-        return None
-    _, down_block, down_attention, up_block, up_attention, rest = match.groups()
-    if down_block is not None:
-        attention = int(down_attention)
-        return f"input_blocks.{3 * int(down_block) + attention + 1}.1.{rest}" if attention < 3 else None
-    if up_block is not None:
-        attention = int(up_attention)
-        return f"output_blocks.{3 * int(up_block) + attention}.1.{rest}" if attention < 3 else None
-    return f"middle_block.1.{rest}"
 
 
 def read(path: str | os.PathLike[str]) -> Delta:

@@ -25,6 +25,7 @@ from ..errors import MergeError
 from ..fileio import (atomic_outputs, atomic_path, check_destination, check_not_an_input, load_safetensors,
                       save_safetensors)
 from ..formats import diffusers_layout
+from ..formats.token_files import token_file_names
 from ..loading import save
 from ..prompts import target_prompts
 from .config import TrainingConfig
@@ -42,8 +43,9 @@ def check(config: TrainingConfig) -> None:
     out = Path(config.output)
     check_not_an_input(out, [config.base, *(folder for concept in config.concepts
                                             for folder in (concept.instance_dir, concept.reg_dir) if folder)])
-    for concept in config.concepts:  # each token names a file in OUT/diffusers/
-        diffusers_layout._token_file_name(concept.token, out / DIFFUSERS_NAME)
+    # each token names a file in OUT/diffusers/
+    token_file_names([concept.token for concept in config.concepts], out / DIFFUSERS_NAME, diffusers_layout.NAME,
+                     reserved=diffusers_layout.WEIGHTS_NAMES)
     if out.suffix == ".safetensors":
         raise MergeError(f"-o {out}: cd-train writes a folder (with {NATIVE_NAME}, {DIFFUSERS_NAME}/ and "
                          f"checkpoints/); give a folder name, e.g. -o {out.with_suffix('')}.")

@@ -1,0 +1,132 @@
+"""diffusers' LoRA folder: ``pytorch_lora_weights.safetensors`` (peft keys) plus one textual-inversion file per token."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from ..delta import ConceptDelta
+from ..errors import MergeError
+from ..fileio import atomic_path, open_safetensors, read_tensor, save_safetensors
+from ..metadata import from_header, to_header
+from ._common import (Delta, check_token_count, check_token_shapes, natural_order,
+                      safetensors_header, saveable)
+from ._lora import check_lora_keys, lora_factors, lora_layers, peft_scale
+from .token_files import read_token_file, token_file_names, token_state
+
+NAME = "diffusers-lora"
+WRITES_FULL_WEIGHTS = False  # writes ConceptDelta differences, every one as factors
+STORES_FACTORS = True
+FACTORS_ONLY = True
+ARCHITECTURES = None
+OUTPUT_SUFFIX = None  # a folder like the diffusers layout's: chosen with --format only
+WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+#: The safetensors metadata entry holding peft's LoraConfig, as ``save_lora_weights`` writes it.
+ADAPTER_METADATA_KEY = "lora_adapter_metadata"
+PREFIX = "unet."
+_PARTS = {".lora_A.weight": "down", ".lora_B.weight": "up"}
+
+
+def detect(path: str | os.PathLike[str]) -> bool:
+    """A folder (or the weights file itself) whose LoRA keys are peft's ``unet.*.lora_A/B``."""
+    file = _weights_file(Path(path))
+    header = safetensors_header(file) if file.is_file() else None
+    return header is not None and any(key.endswith(tuple(_PARTS)) for key in header[0])
+
+
+def _module_of(name: str) -> str | None:
+    """The UNet module path of a peft key's name (``unet.<module>``), None for other models'."""
+    return name.removeprefix(PREFIX) if name.startswith(PREFIX) else None
+
+
+def _weights_file(path: Path) -> Path:
+    return path / WEIGHTS_NAME if path.is_dir() else path
+
+
+def read(path: str | os.PathLike[str]) -> ConceptDelta:
+    """The UNet's cross-attention K/V parts as low-rank differences ``scale * B A`` (peft's
+    scale: ``lora_alpha / r``, ``/ sqrt(r)`` with rsLoRA; 1 without adapter metadata, the
+    diffusers convention), the token files beside it as tokens. Anything else in the file is
+    refused with what it holds."""
+    file = _weights_file(Path(path))
+    source = str(file)
+    with open_safetensors(file) as handle:
+        metadata = handle.metadata()
+        keys = list(handle.keys())
+        modules = check_lora_keys(keys, source, module_of=_module_of, parts=_PARTS)
+        config = _adapter_config(metadata, source)
+        parts = {(module, part): read_tensor(handle, key, source) for (module, part), key in modules.items()}
+        identity = from_header(metadata, source=source)
+    layers = lora_layers(parts, lambda module, rank: peft_scale(config, module, rank), source)
+    tokens: dict[str, tuple[Tensor, ...]] = {}
+    if Path(path).is_dir():
+        files = [entry for entry in sorted(Path(path).iterdir()) if entry.name != WEIGHTS_NAME
+                 and entry.suffix == ".safetensors"]
+        check_token_count(len(files), str(path))
+        for entry in files:
+            name, embeddings = read_token_file(entry, "the LoRA weights")
+            if name in tokens:
+                raise MergeError(f"{path}: token {name} is in two token files.")
+            tokens[name] = embeddings
+    tokens = {name: tokens[name] for name in natural_order(tokens)}
+    check_token_shapes(tokens, str(path))
+    return ConceptDelta(layers, tokens, **identity)
+
+
+def _adapter_config(metadata: dict[str, str], source: str) -> dict[str, Any]:
+    """peft's LoraConfig fields for the UNet (``unet.`` prefix removed), ``{}`` when absent."""
+    raw = metadata.get(ADAPTER_METADATA_KEY)
+    if raw is None:
+        return {}
+    try:
+        config = json.loads(raw)
+    except ValueError:
+        raise MergeError(f"{source}: its {ADAPTER_METADATA_KEY} is not valid JSON.") from None
+    if not isinstance(config, dict):
+        raise MergeError(f"{source}: its {ADAPTER_METADATA_KEY} is not a JSON object.")
+    return {key.removeprefix(PREFIX): value for key, value in config.items() if key.startswith(PREFIX)}
+
+
+def write(obj: Delta, path: str | os.PathLike[str], *, force: bool = False) -> None:
+    """The folder ``path``: the UNet LoRA at scale 1 (``lora_alpha`` = rank for every module, in
+    peft's adapter metadata) and ``<token>.safetensors`` for each token."""
+    target = Path(path)
+    factors = lora_factors(obj, target, NAME)
+    tensors: dict[str, Tensor] = {}
+    ranks: dict[str, int] = {}
+    for module, factor in factors.items():
+        tensors[f"{PREFIX}{module}.lora_A.weight"] = factor.down
+        tensors[f"{PREFIX}{module}.lora_B.weight"] = factor.up
+        ranks[module] = factor.rank
+    names = token_file_names(obj.tokens, target, NAME, reserved=(WEIGHTS_NAME,))
+    token_files = {names[token]: token_state(token, embeddings, target, NAME)
+                   for token, embeddings in obj.tokens.items()}
+    header = {**to_header(obj), ADAPTER_METADATA_KEY: json.dumps(_adapter_metadata(ranks), sort_keys=True)}
+    with atomic_path(target, force=force, folder=True, foreign_entries=foreign_entries) as folder:
+        save_safetensors(saveable(tensors), folder / WEIGHTS_NAME, metadata=header)
+        for file_name, state in token_files.items():
+            save_safetensors(saveable(state), folder / file_name)
+
+
+def _adapter_metadata(ranks: dict[str, int]) -> dict[str, Any]:
+    """peft's LoraConfig with every module at scale 1: the most common rank as ``r`` and
+    ``lora_alpha``, the others in ``rank_pattern`` and ``alpha_pattern`` alike."""
+    common = max(set(ranks.values()), key=list(ranks.values()).count) if ranks else 1
+    pattern = {module: rank for module, rank in ranks.items() if rank != common}
+    config = {"r": common, "lora_alpha": common, "rank_pattern": pattern, "alpha_pattern": pattern,
+              "target_modules": sorted(ranks), "use_rslora": False, "use_dora": False, "lora_dropout": 0.0,
+              "init_lora_weights": True, "bias": "none"}
+    return {f"{PREFIX}{key}": value for key, value in config.items()}
+
+
+def foreign_entries(folder: Path) -> list[str]:
+    """What in ``folder`` is not part of an output of this layout (the weights file and token files)."""
+    names = sorted(entry.name for entry in folder.iterdir())
+    if not detect(folder):
+        return names
+    return [name for name in names if not ((folder / name).is_file() and name.endswith(".safetensors"))]
+

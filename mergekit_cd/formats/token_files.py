@@ -1,0 +1,81 @@
+"""One file per token, as diffusers' training scripts and ``load_textual_inversion`` know them:
+``{"<token>": vector}``, or ``{"clip_l": [1, d], "clip_g": [1, d]}`` for SDXL, named
+``<token>.safetensors``; shared by every layout that writes token files beside its weights."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from ..delta import check_token_name
+from ..errors import MergeError
+from ..fileio import load_pickle, load_safetensors
+from ._common import check_vector, natural_order
+
+SDXL_TOKEN_KEYS = ("clip_l", "clip_g")  # the community SDXL embedding layout, one row per encoder
+
+
+def load_token_state(file: Path) -> dict[Any, Any]:
+    """A token file's flat dict, from safetensors or a pickle (mapped: a diffusers ``.bin``
+    token file stores the whole embedding table its row is a view of)."""
+    if file.suffix == ".safetensors":
+        return load_safetensors(file)[0]
+    state = load_pickle(file, mmap=True)
+    if not isinstance(state, dict):
+        raise MergeError(f"{file}: expected a dict of tensors, found a {type(state).__name__}.")
+    return state
+
+
+def read_token_file(file: Path, beside: str) -> tuple[str, tuple[Tensor, ...]]:
+    """``{"<token>": vector}`` (textual inversion) or ``{"clip_l", "clip_g"}`` named by the file;
+    ``beside`` names what the file lies beside, for the message.
+
+    Copies: diffusers' training script saves a row of the whole embedding table, so a view
+    would keep the table's storage.
+    """
+    state = load_token_state(file)
+    source = str(file)
+    if set(state) == set(SDXL_TOKEN_KEYS):
+        return file.stem, tuple(check_vector(state[key], key, source) for key in SDXL_TOKEN_KEYS)
+    if len(state) == 1:
+        name, value = next(iter(state.items()))
+        return str(name), (check_vector(value, str(name), source),)
+    raise MergeError(f"{source}: expected a token embedding file beside {beside} "
+                     f"({{'<token>': vector}}, or {{'clip_l', 'clip_g'}} for SDXL), found keys "
+                     f"{natural_order(map(str, state))[:6]}.")
+
+
+def token_file_names(tokens: Iterable[str], target: Path, format_name: str,
+                     reserved: Iterable[str] = ()) -> dict[str, str]:
+    """Token -> ``<token>.safetensors``, refusing a token that cannot be a file name (the one
+    name rule, or one of the ``reserved`` names of the layout's own files) and tokens whose
+    files would be one on a case-insensitive file system (one embedding silently replacing
+    the other's on macOS and Windows)."""
+    reserved_folded = {name.casefold() for name in reserved}
+    names: dict[str, str] = {}
+    seen: dict[str, str] = {}
+    for token in tokens:
+        check_token_name(token, f"Cannot write {target} as {format_name}")
+        name = f"{token}.safetensors"
+        if name.casefold() in reserved_folded:
+            raise MergeError(f"Cannot write {target} as {format_name}: token {token!r} cannot be a file name.")
+        other = seen.setdefault(name.casefold(), token)
+        if other != token:
+            raise MergeError(f"Cannot write {target} as {format_name}: tokens {other!r} and {token!r} "
+                             f"differ only in case, and their files would be one on a case-insensitive file "
+                             f"system; rename one, or write the native format (one file).")
+        names[token] = name
+    return names
+
+
+def token_state(token: str, embeddings: tuple[Tensor, ...], target: Path, format_name: str) -> dict[str, Tensor]:
+    """``{token: vector}`` for one text encoder; ``{"clip_l": [1, d], "clip_g": [1, d]}`` for SDXL."""
+    if len(embeddings) == 1:
+        return {token: embeddings[0]}
+    if len(embeddings) == 2:
+        return {key: embedding[None] for key, embedding in zip(SDXL_TOKEN_KEYS, embeddings)}
+    raise MergeError(f"Cannot write {target} as {format_name}: token {token} has {len(embeddings)} "
+                     f"embeddings; the layout stores one (SD1/SD2) or two (SDXL).")
