@@ -517,7 +517,11 @@ def compress(delta: ConceptDelta, rtol: float = 0.01, *,
 EXACT_RTOL = 8 * torch.finfo(torch.float32).eps
 
 
-def factorize(delta: ConceptDelta, rtol: float = 0.01) -> tuple[ConceptDelta, CompressionReport]:
+#: The default bound of a LoRA's error where the difference is not low rank (``--lora-rtol``).
+LORA_RTOL = 0.01
+
+
+def factorize(delta: ConceptDelta, rtol: float = LORA_RTOL) -> tuple[ConceptDelta, CompressionReport]:
     """Every K/V difference as low-rank factors, as a LoRA stores them.
 
     A difference that is low rank (the factors at its numerical rank, exact to float32

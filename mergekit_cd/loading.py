@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import formats, hub
 from .base import BaseModel, open_base
-from .delta import CompressionReport, ConceptDelta, LowRank, compress, layer_shapes
+from .delta import CompressionReport, ConceptDelta, LowRank, compress, factorize, layer_shapes, LORA_RTOL
 from .errors import MergeError
 from .fileio import parse_once
 from .limits import MAX_TOKENS, BaseBound, BaseBoundError, within_base
@@ -236,13 +236,15 @@ def check_fits(layer_names, key_shapes: dict, tokens: dict, base: BaseModel, sou
 
 
 def save(delta: ConceptDelta, path: PathLike, *, format: str | None = None,
-         base: BaseModel | PathLike | None = None, force: bool = False) -> Path:
+         base: BaseModel | PathLike | None = None, force: bool = False, lora_rtol: float = LORA_RTOL) -> Path:
     """Write ``delta`` in ``format``, or the format the name tells (:func:`formats.output_format`:
     ``.safetensors`` native, ``.bin`` authors-bin, ``.ckpt`` compvis, no extension a diffusers folder).
 
     Full-weight formats (diffusers, authors' files) need the base to add the differences to;
-    a compressed (low-rank) delta goes to the authors' compressed variants as it is. The write
-    is atomic and refuses to replace an existing output unless ``force``.
+    a compressed (low-rank) delta goes to the authors' compressed variants as it is. The LoRA
+    formats get every difference factored (:func:`~mergekit_cd.delta.factorize`: exactly when it
+    is low rank, else within ``lora_rtol``). The write is atomic and refuses to replace an
+    existing output unless ``force``.
     """
     path = Path(path)
     name = formats.output_format(path, format)
@@ -250,6 +252,8 @@ def save(delta: ConceptDelta, path: PathLike, *, format: str | None = None,
     formats.check_can_hold(name, delta.architecture, path)
     compressed = any(isinstance(part, LowRank) for layer in delta.layers.values()
                      for part in (layer.key, layer.value))
+    if module.FACTORS_ONLY:
+        delta = factorize(delta, lora_rtol)[0]
     if module.WRITES_FULL_WEIGHTS and not (compressed and module.STORES_FACTORS):
         if base is None:
             raise MergeError(f"Writing the {name} format stores full weights: give the base model (--base).")
@@ -264,9 +268,11 @@ def save(delta: ConceptDelta, path: PathLike, *, format: str | None = None,
 
 def convert(source: PathLike, output: PathLike, to: str | None = None, *,
             base: BaseModel | PathLike | None = None, compress_rtol: float | None = None,
-            force: bool = False, check_base: bool = True) -> CompressionReport | None:
+            force: bool = False, check_base: bool = True,
+            lora_rtol: float = LORA_RTOL) -> CompressionReport | None:
     """Read ``source`` in any format and write it as ``to`` (default: told by the output's
-    name, as :func:`save` tells it), optionally compressed first.
+    name, as :func:`save` tells it), optionally compressed first; returns the report of the
+    compression, or of the factoring a LoRA format needs (``lora_rtol``, see :func:`save`).
 
     The output is checked (format, destination, architecture) before the input is read.
     """
@@ -288,5 +294,7 @@ def convert(source: PathLike, output: PathLike, to: str | None = None, *,
         # the authors' compressed variants store factors only
         delta, report = compress(delta, rtol=compress_rtol,
                                  dense_fallback=not formats.get_format(to).WRITES_FULL_WEIGHTS)
+    if formats.get_format(to).FACTORS_ONLY:
+        delta, report = factorize(delta, lora_rtol)
     save(delta, output, format=to, base=base, force=force)
     return report

@@ -12,7 +12,7 @@ from __future__ import annotations
 import gc
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from . import formats
 from .base import BaseModel
 from .captions import heldout_captions
-from .delta import ConceptDelta, LayerDelta
+from .delta import LORA_RTOL, ConceptDelta, LayerDelta, factorize
 from .errors import MergeError
 from .feature_cache import cached_features, cached_gram
 from .features import FEATURE_RULE, LazyTextFeatures
@@ -72,10 +72,15 @@ class FileMerge:
     output: Path
     format: str
     force: bool
+    lora_rtol: float = LORA_RTOL
 
     def run(self, *, progress: bool = False) -> MergeReport:
-        """Solve, write the output atomically, and report on the file as written."""
+        """Solve, write the output atomically, and report on the file as written (a LoRA output:
+        with its factoring, exact for the constrained and soft merges)."""
         delta, report = execute(self.plan, self.options, progress=progress, return_report=True)
+        if formats.get_format(self.format).FACTORS_ONLY:
+            delta, factors = factorize(delta, self.lora_rtol)
+            report = replace(report, factors=factors)
         save(delta, self.output, format=self.format, base=self.plan.base, force=self.force)
         return report
 
@@ -86,7 +91,7 @@ def prepare_merge_to_file(deltas: Sequence[PathLike | ConceptDelta], output: Pat
                           class_words: Sequence[str | None] | None = None, styles: Sequence[bool] | None = None,
                           target_templates: Sequence[str] | None = None,
                           style_templates: Sequence[str] | None = None, check_base: bool = True,
-                          dry_run: bool = False, **option_fields: Any) -> FileMerge:
+                          dry_run: bool = False, lora_rtol: float = LORA_RTOL, **option_fields: Any) -> FileMerge:
     """Check the options, then the output (format, destination, never an input; with ``dry_run``
     only whether the format can hold the base's architecture), then plan: every refusal comes
     before any text is encoded or anything solved."""
@@ -104,7 +109,7 @@ def prepare_merge_to_file(deltas: Sequence[PathLike | ConceptDelta], output: Pat
                       target_templates=target_templates, style_templates=style_templates, check_base=check_base)
     if options.spec.concept_weights:
         options.concept_weights(plan.concept_labels)
-    return FileMerge(plan, options, output, output_format, force)
+    return FileMerge(plan, options, output, output_format, force, lora_rtol)
 
 
 def merge_to_file(deltas: Sequence[PathLike | ConceptDelta], output: PathLike,

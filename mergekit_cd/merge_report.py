@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from .delta import Concept, TokenRename
+from .delta import CompressionReport, Concept, TokenRename
 from .solvers import SolveInfo
 
 
@@ -40,6 +40,7 @@ class MergeReport:
     gram_from_cache: bool
     solve_info: SolveInfo | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    factors: CompressionReport | None = None  # a LoRA output's factoring, measured on what is written
 
 
 class ConstraintResiduals:

@@ -290,7 +290,8 @@ def test_cd_convert_sdxl_to_compvis_is_a_clear_error(tiny_pipeline_path, tiny_de
                             "--base", str(tiny_pipeline_path("sdxl"))]) == 1
     message = one_error_line(capsys, "cd-convert")
     assert message == (f"Cannot write {output} as compvis: the format holds only sd1 and sd2 models, and this "
-                       f"is an sdxl delta; choose native, diffusers or authors-bin instead.")
+                       f"is an sdxl delta; choose native, diffusers, authors-bin, diffusers-lora or kohya-lora "
+                       "instead.")
     assert not output.exists()
 
 

@@ -271,7 +271,7 @@ def test_sdxl_as_compvis_is_refused_before_any_input_is_read(tiny_pipeline_path,
                               *extra]) == 1
         assert one_error_line(capsys, "cd-merge") == (
             f"Cannot write {output} as compvis: the format holds only sd1 and sd2 models, and this is an sdxl "
-            f"delta; choose native, diffusers or authors-bin instead.")
+            f"delta; choose native, diffusers, authors-bin, diffusers-lora or kohya-lora instead.")
     assert list(tmp_path.iterdir()) == []
 
 

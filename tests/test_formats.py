@@ -127,11 +127,12 @@ def assert_same_identity(a, b) -> None:
 def test_every_format_module_offers_the_same_interface():
     from mergekit_cd.formats.protocol import Format
 
-    assert formats.format_names() == ["native", "diffusers", "authors-bin", "compvis"]
+    assert formats.format_names() == ["native", "diffusers", "authors-bin", "compvis", "diffusers-lora", "kohya-lora"]
     for module in formats.FORMATS:
         assert isinstance(module, Format), module.__name__
         assert len(module.__doc__.strip().splitlines()) == 1
         assert isinstance(module.WRITES_FULL_WEIGHTS, bool) and isinstance(module.STORES_FACTORS, bool)
+        assert isinstance(module.FACTORS_ONLY, bool) and (module.STORES_FACTORS or not module.FACTORS_ONLY)
         assert module.ARCHITECTURES is None or set(module.ARCHITECTURES) <= {"sd1", "sd2", "sdxl"}
         assert module.OUTPUT_SUFFIX is None or module.OUTPUT_SUFFIX == "" or module.OUTPUT_SUFFIX.startswith(".")
         assert module.foreign_entries is None or callable(module.foreign_entries)
@@ -610,7 +611,8 @@ def _truncated(tmp_path: Path, format_name: str) -> Path:
      r"x\.ckpt: not a plain-tensor torch file \(Unsupported operand .*\); truncated or corrupt"),
     (lambda tmp: _saved(tmp / "x.bin", [1, 2]),
      r"x\.bin: not a Custom Diffusion file mergekit-cd reads; found a torch pickle holding a list of 2 "
-     r"items\. Formats: native, diffusers, authors-bin, compvis\.$"),  # no hint at a --format no command has
+     r"items\. Formats: native, diffusers, authors-bin, compvis, diffusers-lora, kohya-lora\.$"),
+    # no hint at a --format no command has
     (lambda tmp: _write_safetensors(tmp / "x.safetensors", {"foo": torch.ones(2)}),
      r"found a safetensors file with keys \['foo'\] \(1 keys\)"),
     (lambda tmp: (tmp / "empty").mkdir() or tmp / "empty",

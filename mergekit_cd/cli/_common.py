@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ..delta import LORA_RTOL, CompressionReport
 from ..devices import parse_device
 from ..errors import MergeError, TokenRenameWarning
 from ..merge_options import TEXT_DTYPES as DTYPES
@@ -207,3 +208,24 @@ def style_flags(inputs: list[str], styles: list[str], *, what: str = "input") ->
         else:
             raise MergeError(f"--style {style}: not {what} position (1-{len(inputs)}) or {what} name.")
     return flags
+
+
+def add_lora_rtol_argument(parser: argparse.ArgumentParser) -> None:
+    """``--lora-rtol``, the error bound of a LoRA output where the difference is not low rank."""
+    parser.add_argument("--lora-rtol", type=non_negative_float_type, default=LORA_RTOL, metavar="RTOL",
+                        help="LoRA outputs (diffusers-lora, kohya-lora): a low-rank difference (every "
+                             "constrained or soft merge) is written exactly at its rank; any other (one "
+                             "trained concept, a sum) at the smallest rank with relative error at most RTOL "
+                             "(default: %(default)s)")
+
+
+def describe_factors(report: CompressionReport) -> str:
+    """A LoRA output's ranks and error, as measured on what is written."""
+    ranks = [rank for pair in report.ranks.values() for rank in pair]
+    matrices = len(ranks)
+    inexact = matrices - len(report.exact)
+    error = (f"the other {inexact} within --lora-rtol {report.rtol:g} (relative error {report.relative_error:.2g}, "
+             f"worst matrix {report.max_layer_error:.2g})" if inexact else "none approximated")
+    return (f"LoRA: ranks {min(ranks, default=0)} to {max(ranks, default=0)}; {len(report.exact)} of {matrices} "
+            f"K/V differences exact at their rank (to float32 rounding), {error}; "
+            f"{report.parameters_before} -> {report.parameters_after} numbers")

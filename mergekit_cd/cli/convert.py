@@ -7,13 +7,15 @@ import sys
 
 from .. import formats
 from ..loading import convert
-from ._common import run
+from ._common import add_lora_rtol_argument, describe_factors, run
 
 EXAMPLES = """\
 examples:
   cd-convert delta.bin -o cat.safetensors --to native --base ./sd15
   cd-convert cat.safetensors -o cat/ --to diffusers --base ./sd15
-  cd-convert cat.safetensors -o compressed_delta.bin --to authors-bin --compress 0.05"""
+  cd-convert cat.safetensors -o compressed_delta.bin --to authors-bin --compress 0.05
+  cd-convert merged.safetensors -o merged-lora/ --to diffusers-lora
+  cd-convert merged.safetensors -o merged_lora.safetensors --to kohya-lora"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compress", type=float, metavar="RTOL",
                         help="store low-rank differences with relative error at most RTOL "
                              "(native, or the compressed variants of authors-bin / compvis)")
+    add_lora_rtol_argument(parser)
     parser.add_argument("--force", action="store_true", help="overwrite an existing output")
     parser.add_argument("--no-base-check", action="store_true",
                         help="accept a delta whose recorded base fingerprint differs (experts only)")
@@ -38,8 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main_with_args(args: argparse.Namespace) -> int:
     to = formats.output_format(args.output, args.to)
     report = convert(args.input, args.output, to, base=args.base, compress_rtol=args.compress,
-                     force=args.force, check_base=not args.no_base_check)
-    if report is not None:
+                     force=args.force, check_base=not args.no_base_check, lora_rtol=args.lora_rtol)
+    if report is not None and formats.get_format(to).FACTORS_ONLY:
+        print(describe_factors(report))
+    elif report is not None:
         print(f"compressed: relative error {report.relative_error:.3g} (bound {report.rtol:g}), "
               f"{report.parameters_before} -> {report.parameters_after} numbers")
         if report.kept_dense:

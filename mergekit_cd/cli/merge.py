@@ -13,7 +13,7 @@ from ..fileio import check_not_an_input
 from ..merge import MergePlan, MergeReport, prepare_merge_to_file, summarize_plan
 from ..merge_methods import METHODS
 from ..merge_options import MergeOptions, OptionError
-from ._common import add_device_arguments, device, run, style_flags, table
+from ._common import add_device_arguments, add_lora_rtol_argument, describe_factors, device, run, style_flags, table
 
 #: Options whose flag is not their field's name (``--dtype`` sets the text-encoder precision).
 FLAGS = {"text_dtype": "dtype", "held_out": "held_out_captions"}
@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache-dir", type=Path, help="where cached Gram matrices live "
                                                        "(default $MERGEKIT_CD_CACHE or ~/.cache/mergekit_cd)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and stop before solving")
+    add_lora_rtol_argument(parser)
     parser.add_argument("--force", action="store_true", help="overwrite an existing output")
     parser.add_argument("--no-base-check", action="store_true",
                         help="accept inputs whose recorded base fingerprint differs (experts only)")
@@ -121,7 +122,8 @@ def main_with_args(args: argparse.Namespace) -> int:
                                     force=args.force, options=options, class_words=args.class_words,
                                     styles=style_flags(args.inputs, args.style, what="an input"),
                                     target_templates=args.target_template, style_templates=args.style_template,
-                                    check_base=not args.no_base_check, dry_run=args.dry_run)
+                                    check_base=not args.no_base_check, dry_run=args.dry_run,
+                                    lora_rtol=args.lora_rtol)
     except OptionError as error:
         raise _in_flags(error) from None
     for rename in job.plan.token_renames:
@@ -131,6 +133,8 @@ def main_with_args(args: argparse.Namespace) -> int:
         return 0
     report = job.run(progress=not args.quiet)
     print(_describe_report(report, full_weights=formats.get_format(job.format).WRITES_FULL_WEIGHTS))
+    if report.factors is not None:
+        print(describe_factors(report.factors))
     print(f"wrote {job.output}")
     return 0
 

@@ -17,7 +17,7 @@ from typing import Any
 from ..errors import MergeError
 from ..fileio import check_destination, check_not_an_input, load_pickle, load_safetensors, parse_once
 from ..metadata import from_header
-from . import authors_bin, compvis, diffusers_layout, native
+from . import authors_bin, compvis, diffusers_layout, diffusers_lora, kohya_lora, native
 from ._common import (Delta, check_token_shapes, describe_container, natural_order, read_metadata,
                       safetensors_header)
 from .protocol import Format
@@ -27,6 +27,8 @@ FORMATS: list[Format] = [
     diffusers_layout,
     authors_bin,
     compvis,
+    diffusers_lora,
+    kohya_lora,
 ]
 
 
@@ -50,7 +52,9 @@ FOLDER_FORMAT = next(module.NAME for module in FORMATS if module.OUTPUT_SUFFIX =
 OUTPUT_FORMAT_HELP = ("output format; default: from the output name: "
                       + ", ".join(f"{suffix} {name}" for suffix, name in OUTPUT_SUFFIXES.items())
                       + f", no extension (or an existing folder) the {FOLDER_FORMAT} folder layout; "
-                      "any other extension needs this option")
+                      + " and ".join(module.NAME for module in FORMATS if module.OUTPUT_SUFFIX is None)
+                      + " (LoRA with textual-inversion files, loadable without mergekit-cd) and any other "
+                      "extension need this option")
 
 
 def output_format(path: str | os.PathLike[str], format_name: str | None = None) -> str:

@@ -32,6 +32,7 @@ from ._common import (
 NAME = "authors-bin"
 WRITES_FULL_WEIGHTS = True  # FineTunedWeights; a LowRank ConceptDelta gives the compressed variant
 STORES_FACTORS = True
+FACTORS_ONLY = False
 ARCHITECTURES = None
 OUTPUT_SUFFIX = ".bin"
 foreign_entries = None

@@ -40,6 +40,7 @@ from ._common import (
 NAME = "compvis"
 WRITES_FULL_WEIGHTS = True  # FineTunedWeights; a LowRank ConceptDelta gives the compressed variant
 STORES_FACTORS = True
+FACTORS_ONLY = False
 ARCHITECTURES = ("sd1", "sd2")  # the authors' CompVis code never had SDXL
 OUTPUT_SUFFIX = ".ckpt"
 foreign_entries = None

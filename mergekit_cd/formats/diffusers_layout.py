@@ -37,6 +37,7 @@ from ._common import (
 NAME = "diffusers"
 WRITES_FULL_WEIGHTS = True  # writes FineTunedWeights only
 STORES_FACTORS = False
+FACTORS_ONLY = False
 ARCHITECTURES = None
 OUTPUT_SUFFIX = ""  # a name without extension: a folder
 WEIGHTS_NAMES = ("pytorch_custom_diffusion_weights.safetensors", "pytorch_custom_diffusion_weights.bin")

@@ -1,4 +1,4 @@
-"""diffusers' LoRA folder: ``pytorch_lora_weights.safetensors`` (peft keys) plus one textual-inversion file per token."""
+"""diffusers' LoRA folder: ``pytorch_lora_weights.safetensors`` (peft keys) and a textual-inversion file per token."""
 
 from __future__ import annotations
 

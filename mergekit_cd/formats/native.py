@@ -30,6 +30,7 @@ from ._common import (
 NAME = "native"
 WRITES_FULL_WEIGHTS = False  # writes ConceptDelta differences
 STORES_FACTORS = True
+FACTORS_ONLY = False
 ARCHITECTURES = None
 OUTPUT_SUFFIX = ".safetensors"
 foreign_entries = None

@@ -23,6 +23,9 @@ class Format(Protocol):
     #: Whether the layout can hold differences as low-rank factors (a compressed delta is then
     #: written as it is, without the base).
     STORES_FACTORS: bool
+    #: Whether it stores nothing but factors (the LoRA layouts): every difference is factored
+    #: before it is written (:func:`~mergekit_cd.delta.factorize`).
+    FACTORS_ONLY: bool
     #: The model families the layout can hold; ``None``: all of them.
     ARCHITECTURES: tuple[str, ...] | None
     #: The output name ending that selects this format when ``--format`` is not given

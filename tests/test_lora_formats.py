@@ -1,0 +1,243 @@
+"""Merged concepts as LoRA + textual-inversion files (diffusers-lora, kohya-lora), loaded by plain
+diffusers with no mergekit-cd at inference, and read back as concept inputs. The law: a
+constrained merge written as a LoRA is exact (its difference has one rank per constraint row),
+and diffusers' ``load_lora_weights`` + ``load_textual_inversion`` give the pipeline that
+``mergekit_cd.apply`` of the native file gives, on the tiny SD1 and SDXL bases."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from mergekit_cd import formats
+from mergekit_cd.apply import apply
+from mergekit_cd.base import open_base
+from mergekit_cd.cli.convert import main as cd_convert
+from mergekit_cd.cli.merge import main as cd_merge
+from mergekit_cd.delta import LayerDelta, dense, factorize
+from mergekit_cd.errors import MergeError
+from mergekit_cd.loading import load, save
+from mergekit_cd.merge import merge
+
+pytest.importorskip("peft")  # diffusers loads LoRAs through peft
+
+ARCHITECTURES = ("sd1", "sdxl")
+PROMPT = "photo of a <new1> cat next to a <new2> dog"
+CAPTIONS = ["a photo of a cat", "a dog on the grass", "a red car", "a house at night", "a cat and a dog"]
+
+
+@pytest.fixture(scope="module")
+def merged(tiny_pipeline_path, tiny_delta_files, tmp_path_factory):
+    """Per architecture: the constrained merge of two concepts, as a native file, a diffusers-lora
+    folder and a kohya-lora file (with its embedding files beside it)."""
+    out = {}
+    for architecture in ARCHITECTURES:
+        base = open_base(tiny_pipeline_path(architecture))
+        files = tiny_delta_files(architecture)
+        delta = merge([files["native"], files["other-native"]], CAPTIONS, base=base, ridge=1e-4)
+        folder = tmp_path_factory.mktemp(f"lora-{architecture}")
+        (folder / "kohya").mkdir()
+        out[architecture] = dict(
+            base=base, delta=delta,
+            native=save(delta, folder / "merged.safetensors", base=base),
+            diffusers=save(delta, folder / "merged-lora", format="diffusers-lora"),
+            kohya=save(delta, folder / "kohya" / "merged.safetensors", format="kohya-lora"))
+    return out
+
+
+def _latents(pipe) -> torch.Tensor:
+    """Two seeded denoising steps of PROMPT, as latents (text encoders and UNet both in play)."""
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(PROMPT, num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                output_type="latent").images
+
+
+def _with_apply(path: Path, native: Path) -> torch.Tensor:
+    pipe = DiffusionPipeline.from_pretrained(path)
+    apply(pipe, native)
+    return _latents(pipe)
+
+
+def _load_embeddings(pipe, files: dict[str, Path], *, key_for_sd1: str | None) -> None:
+    """What a diffusers user does with one textual-inversion file per token (SDXL: clip_l/clip_g)."""
+    for token, file in files.items():
+        state = load_file(file)
+        if getattr(pipe, "text_encoder_2", None) is None:
+            pipe.load_textual_inversion(state if key_for_sd1 is None else state[key_for_sd1], token=token)
+        else:
+            pipe.load_textual_inversion(state["clip_l"], token=token, text_encoder=pipe.text_encoder,
+                                        tokenizer=pipe.tokenizer)
+            pipe.load_textual_inversion(state["clip_g"], token=token, text_encoder=pipe.text_encoder_2,
+                                        tokenizer=pipe.tokenizer_2)
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_a_merge_written_as_diffusers_lora_loads_in_plain_diffusers_as_apply_installs_it(
+        merged, tiny_pipeline_path, architecture):
+    item = merged[architecture]
+    expected = _with_apply(tiny_pipeline_path(architecture), item["native"])
+    pipe = DiffusionPipeline.from_pretrained(tiny_pipeline_path(architecture))
+    pipe.load_lora_weights(item["diffusers"])
+    _load_embeddings(pipe, {token: item["diffusers"] / f"{token}.safetensors" for token in ("<new1>", "<new2>")},
+                     key_for_sd1=None)
+    got = _latents(pipe)
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5), (got - expected).abs().max()
+    pipe.unload_lora_weights()  # the tokens stay: what the K/V change alone does to the output
+    assert (_latents(pipe) - expected).abs().max() > 100 * (got - expected).abs().max()
+    with safe_open(item["diffusers"] / "pytorch_lora_weights.safetensors", "pt") as handle:
+        config = json.loads(handle.metadata()["lora_adapter_metadata"])
+        assert all(key.startswith("unet.") for key in handle.keys())
+    assert config["unet.lora_alpha"] == config["unet.r"] and config["unet.alpha_pattern"] == config["unet.rank_pattern"]
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_a_merge_written_as_kohya_lora_loads_through_diffusers_kohya_conversion(
+        merged, tiny_pipeline_path, architecture):
+    """diffusers converts kohya names itself (SDXL: the LDM block names); it does not read
+    bundled embeddings, so those keys are left out and the embedding files beside are loaded."""
+    item = merged[architecture]
+    expected = _with_apply(tiny_pipeline_path(architecture), item["native"])
+    state = load_file(item["kohya"])
+    names = {key.split(".")[0] for key in state if key.startswith("lora_unet_")}
+    assert all(("input_blocks" in n or "output_blocks" in n or "middle_block" in n) == (architecture == "sdxl")
+               for n in names), sorted(names)[:3]
+    assert {key.split(".")[1] for key in state if key.startswith("bundle_emb.")} == {"<new1>", "<new2>"}
+    pipe = DiffusionPipeline.from_pretrained(tiny_pipeline_path(architecture))
+    pipe.load_lora_weights({k: v for k, v in state.items() if not k.startswith("bundle_emb.")})
+    _load_embeddings(pipe, {token: item["kohya"].parent / f"{token}.safetensors" for token in ("<new1>", "<new2>")},
+                     key_for_sd1="emb_params")
+    got = _latents(pipe)
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5), (got - expected).abs().max()
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_lora_files_read_back_as_the_merged_delta(merged, architecture):
+    item = merged[architecture]
+    for path, name in ((item["diffusers"], "diffusers-lora"), (item["kohya"], "kohya-lora")):
+        assert formats.detect_format(path).NAME == name
+        back = load(path, base=item["base"])
+        assert set(back.tokens) == {"<new1>", "<new2>"}
+        for token, embeddings in item["delta"].tokens.items():
+            assert all(torch.equal(a, b) for a, b in zip(embeddings, back.tokens[token]))
+        for layer, pair in item["delta"].layers.items():
+            for want, got in zip((pair.key, pair.value), (back.layers[layer].key, back.layers[layer].value)):
+                assert torch.allclose(dense(got), want, rtol=0, atol=1e-6 * float(want.abs().max())), layer
+
+
+def test_a_constrained_merge_is_factored_exactly_at_its_rank(merged):
+    """Its difference (V - W0 C^T) Z has at most one rank per constraint row; the factors
+    reproduce the float32 difference to its rounding, and every matrix is reported exact."""
+    delta = merged["sd1"]["delta"]
+    factored, report = factorize(delta, rtol=0.5)  # a loose bound that exact factoring ignores
+    assert len(report.exact) == 2 * len(delta.layers)
+    rows = max(rank for pair in report.ranks.values() for rank in pair)
+    assert 0 < rows < min(dense(delta.layers[next(iter(delta.layers))].key).shape)
+    for layer, pair in delta.layers.items():
+        for want, got in zip((pair.key, pair.value), (factored.layers[layer].key, factored.layers[layer].value)):
+            assert float((got.dense() - want).norm()) <= 1e-6 * float(want.norm())
+    assert report.relative_error <= 1e-6  # of what is stored: float32 factors
+
+
+def _full_rank(delta):
+    """``delta`` with every difference replaced by a random full-rank matrix (as one concept
+    trained at full size has: the tiny random concepts are low rank)."""
+    generator = torch.Generator().manual_seed(3)
+    return delta._with_layers({name: LayerDelta(*(torch.randn(dense(part).shape, generator=generator) * 1e-2
+                                                  for part in (pair.key, pair.value)))
+                               for name, pair in delta.layers.items()})
+
+
+def test_a_full_rank_difference_is_factored_within_the_bound_and_says_so(tiny_delta_files):
+    delta = _full_rank(tiny_delta_files("sd1")["object"])
+    factored, report = factorize(delta, rtol=0.3)
+    assert report.exact == ()
+    assert 0 < report.relative_error <= 0.3 and report.max_layer_error <= 0.3 + 1e-6
+    for layer, pair in delta.layers.items():
+        assert factored.layers[layer].key.rank < min(pair.key.shape)
+        got = factored.layers[layer].key.dense()
+        assert float((got - pair.key).norm()) <= 0.3 * float(pair.key.norm()) + 1e-6
+
+
+def test_cd_merge_writes_a_kohya_lora_and_prints_its_ranks(tiny_pipeline_path, tiny_delta_files, tmp_path, capsys):
+    files = tiny_delta_files("sd1")
+    out = tmp_path / "merged.safetensors"
+    assert cd_merge([str(files["native"]), str(files["other-native"]), "--base", str(tiny_pipeline_path("sd1")),
+                     "-o", str(out), "--format", "kohya-lora", "-q"]) == 0
+    printed = capsys.readouterr().out
+    assert "K/V differences exact at their rank" in printed and "none approximated" in printed
+    assert (tmp_path / "<new1>.safetensors").is_file() and (tmp_path / "<new2>.safetensors").is_file()
+    assert formats.detect_format(out).NAME == "kohya-lora"
+    assert not list(tmp_path.glob("*partial*"))
+
+
+def test_cd_convert_of_a_full_rank_concept_reports_the_lora_error(tiny_pipeline_path, tiny_delta_files, tmp_path,
+                                                                  capsys):
+    source = save(_full_rank(tiny_delta_files("sd1")["object"]), tmp_path / "full.safetensors")
+    out = tmp_path / "lora"
+    assert cd_convert([str(source), "-o", str(out), "--to", "diffusers-lora", "--lora-rtol", "0.2"]) == 0
+    printed = capsys.readouterr().out
+    assert "within --lora-rtol 0.2" in printed and " 0 of " in printed, printed
+    assert (out / "pytorch_lora_weights.safetensors").is_file() and (out / "<new1>.safetensors").is_file()
+    back = load(out)
+    assert all(layer.key.rank < min(layer.key.shape) for layer in back.layers.values())
+
+
+# ---------------------------------------------------------------- what is refused
+def _kohya_state(merged) -> dict[str, torch.Tensor]:
+    return load_file(merged["sd1"]["kohya"])
+
+
+@pytest.mark.parametrize("extra, words", [
+    ({"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight": torch.zeros(2, 8)},
+     "self-attention"),
+    ({"lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(2, 8)},
+     "text-encoder parts"),
+    ({"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.dora_scale": torch.ones(1, 8)},
+     "DoRA magnitudes"),
+    ({"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.hada_w1_a": torch.zeros(8, 2)},
+     "LyCORIS"),
+])
+def test_a_lora_with_parts_beyond_cross_attention_kv_is_refused_saying_what_it_holds(merged, tmp_path, capsys,
+                                                                                   extra, words):
+    path = tmp_path / "other.safetensors"
+    save_file({**_kohya_state(merged), **extra}, path)
+    with pytest.raises(MergeError, match=words) as error:
+        load(path)
+    assert str(path) in str(error.value) and "beyond the UNet's cross-attention K/V" in str(error.value)
+    assert cd_convert([str(path), "-o", str(tmp_path / "out.safetensors")]) != 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and words in err
+
+
+def test_a_lora_with_nan_or_mismatched_factors_is_one_error(merged, tmp_path):
+    state = _kohya_state(merged)
+    down = next(key for key in state if key.endswith("lora_down.weight"))
+    bad = {**state, down: torch.full_like(state[down], float("nan"))}
+    save_file(bad, tmp_path / "nan.safetensors")
+    with pytest.raises(MergeError, match="not finite|NaN|non-finite"):
+        load(tmp_path / "nan.safetensors")
+    bad = {**state, down: state[down][:-1]}
+    save_file(bad, tmp_path / "rank.safetensors")
+    with pytest.raises(MergeError, match="do not multiply"):
+        load(tmp_path / "rank.safetensors")
+
+
+def test_a_lora_for_another_architecture_is_refused_against_the_base(merged):
+    with pytest.raises(MergeError, match="is an sdxl delta but .* is an sd1 model"):
+        load(merged["sdxl"]["kohya"], base=merged["sd1"]["base"])
+    with pytest.raises(MergeError, match="is an sd1 delta but .* is an sdxl model"):
+        load(merged["sd1"]["diffusers"], base=merged["sdxl"]["base"])
+
+
+def test_a_bundled_embedding_of_several_vectors_is_refused(merged, tmp_path):
+    state = _kohya_state(merged)
+    key = next(key for key in state if key.startswith("bundle_emb."))
+    save_file({**state, key: state[key].repeat(3, 1)}, tmp_path / "multi.safetensors")
+    with pytest.raises(MergeError, match="holds 3 vectors"):
+        load(tmp_path / "multi.safetensors")
