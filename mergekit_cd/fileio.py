@@ -56,7 +56,7 @@ def atomic_path(path: str | os.PathLike[str], *, force: bool, folder: bool = Fal
 
 
 @contextmanager
-def atomic_outputs(targets: Sequence[Path], *, force: bool, folder: bool = False,
+def atomic_outputs(targets: Sequence[Path], *, force: bool, folder: bool | Sequence[bool] = False,
                    foreign_entries: Callable[[Path], list[str]] | None = None,
                    check: bool = True) -> Iterator[tuple[Path, ...]]:
     """The one atomic writer: yield a temporary sibling per target to write, and only when every
@@ -65,7 +65,8 @@ def atomic_outputs(targets: Sequence[Path], *, force: bool, folder: bool = False
     Placing sets every existing target aside (the last target first: it may mark the group as
     complete, as ``delta.safetensors`` marks a finished training run), then renames the
     temporaries in order, so the last target appears last; when a rename fails, every target gets
-    back what it held. ``check``: refuse what :func:`check_destination` refuses first (callers that
+    back what it held. ``folder``: the temporaries are created as empty folders (for all targets,
+    or per target). ``check``: refuse what :func:`check_destination` refuses first (callers that
     checked before their work pass False). On any failure no temporary is left; a write failure
     (``OSError``, or safetensors' own error) becomes one :class:`MergeError` naming the target.
     """
@@ -79,8 +80,9 @@ def atomic_outputs(targets: Sequence[Path], *, force: bool, folder: bool = False
     temporaries = tuple(_sibling(target, "partial") for target in targets)
     current = targets[0]
     try:
-        if folder:
-            for temporary in temporaries:
+        folders = [folder] * len(targets) if isinstance(folder, bool) else list(folder)
+        for temporary, is_folder in zip(temporaries, folders, strict=True):
+            if is_folder:
                 temporary.mkdir()
         yield temporaries
         current = _place_all(temporaries, targets, force=force)

@@ -110,7 +110,8 @@ def test_a_merge_written_as_kohya_lora_loads_through_diffusers_kohya_conversion(
     assert {key.split(".")[1] for key in state if key.startswith("bundle_emb.")} == {"<new1>", "<new2>"}
     pipe = DiffusionPipeline.from_pretrained(tiny_pipeline_path(architecture))
     pipe.load_lora_weights({k: v for k, v in state.items() if not k.startswith("bundle_emb.")})
-    _load_embeddings(pipe, {token: item["kohya"].parent / f"{token}.safetensors" for token in ("<new1>", "<new2>")},
+    folder = item["kohya"].parent / "merged_embeddings"
+    _load_embeddings(pipe, {token: folder / f"{token}.safetensors" for token in ("<new1>", "<new2>")},
                      key_for_sd1="emb_params")
     got = _latents(pipe)
     assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5), (got - expected).abs().max()
@@ -171,9 +172,19 @@ def test_cd_merge_writes_a_kohya_lora_and_prints_its_ranks(tiny_pipeline_path, t
                      "-o", str(out), "--format", "kohya-lora", "-q"]) == 0
     printed = capsys.readouterr().out
     assert "K/V differences exact at their rank" in printed and "none approximated" in printed
-    assert (tmp_path / "<new1>.safetensors").is_file() and (tmp_path / "<new2>.safetensors").is_file()
+    assert sorted(path.name for path in (tmp_path / "merged_embeddings").iterdir()) == [
+        "<new1>.safetensors", "<new2>.safetensors"]
     assert formats.detect_format(out).NAME == "kohya-lora"
-    assert not list(tmp_path.glob("*partial*"))
+    assert not list(tmp_path.glob(".*"))
+    # the embedding folder is an output too: checked before any work, replaced only with --force
+    arguments = [str(files["native"]), str(files["other-native"]), "--base", str(tiny_pipeline_path("sd1")),
+                 "-o", str(tmp_path / "again.safetensors"), "--format", "kohya-lora", "-q"]
+    (tmp_path / "again_embeddings").mkdir()
+    (tmp_path / "again_embeddings" / "notes.txt").write_text("mine")
+    assert cd_merge(arguments) == 1
+    assert "again_embeddings holds other things" in capsys.readouterr().err
+    assert cd_merge([*arguments, "--force"]) == 1 and (tmp_path / "again_embeddings" / "notes.txt").exists()
+    assert not (tmp_path / "again.safetensors").exists()
 
 
 def test_cd_convert_of_a_full_rank_concept_reports_the_lora_error(tiny_pipeline_path, tiny_delta_files, tmp_path,

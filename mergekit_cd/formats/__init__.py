@@ -21,6 +21,7 @@ from . import authors_bin, compvis, diffusers_layout, diffusers_lora, kohya_lora
 from ._common import (Delta, check_token_shapes, describe_container, natural_order, read_metadata,
                       safetensors_header)
 from .protocol import Format
+from .token_files import token_folder, token_folder_entries
 
 FORMATS: list[Format] = [
     native,
@@ -97,8 +98,13 @@ def check_output(path: str | os.PathLike[str], format_name: str, *, architecture
     hold the architecture, the folder is writable, an existing output is replaced only with
     ``force``, and never a folder holding other things, nor any of ``inputs``."""
     check_can_hold(format_name, architecture, path)
-    check_not_an_input(Path(path), inputs)
-    check_destination(Path(path), force=force, foreign_entries=get_format(format_name).foreign_entries)
+    module = get_format(format_name)
+    for target in (*([token_folder(path, module.TOKEN_FOLDER_SUFFIX)] if module.TOKEN_FOLDER_SUFFIX else []),
+                   Path(path)):
+        check_not_an_input(target, inputs)
+        check_destination(target, force=force, foreign_entries=module.foreign_entries if target == Path(path)
+                          else token_folder_entries)
+
 
 
 def detect_format(path: str | os.PathLike[str]) -> Format:

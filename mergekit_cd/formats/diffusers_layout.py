@@ -38,6 +38,7 @@ NAME = "diffusers"
 WRITES_FULL_WEIGHTS = True  # writes FineTunedWeights only
 STORES_FACTORS = False
 FACTORS_ONLY = False
+TOKEN_FOLDER_SUFFIX = None
 ARCHITECTURES = None
 OUTPUT_SUFFIX = ""  # a name without extension: a folder
 WEIGHTS_NAMES = ("pytorch_custom_diffusion_weights.safetensors", "pytorch_custom_diffusion_weights.bin")

@@ -22,6 +22,7 @@ NAME = "diffusers-lora"
 WRITES_FULL_WEIGHTS = False  # writes ConceptDelta differences, every one as factors
 STORES_FACTORS = True
 FACTORS_ONLY = True
+TOKEN_FOLDER_SUFFIX = None
 ARCHITECTURES = None
 OUTPUT_SUFFIX = None  # a folder like the diffusers layout's: chosen with --format only
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"

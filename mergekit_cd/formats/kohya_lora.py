@@ -11,12 +11,12 @@ from torch import Tensor
 
 from ..delta import ConceptDelta
 from ..errors import MergeError
-from ..fileio import atomic_outputs, open_safetensors, read_tensor, save_safetensors
+from ..fileio import atomic_outputs, check_destination, open_safetensors, read_tensor, save_safetensors
 from ..metadata import from_header, to_header
 from ._common import Delta, check_token_shapes, check_vector, natural_order, safetensors_header, saveable
 from ._lora import check_lora_keys, lora_factors, lora_layers
 from .ldm_names import to_compvis_name, to_diffusers_name
-from .token_files import SDXL_TOKEN_KEYS, token_file_names
+from .token_files import SDXL_TOKEN_KEYS, token_file_names, token_folder, token_folder_entries
 
 NAME = "kohya-lora"
 WRITES_FULL_WEIGHTS = False  # writes ConceptDelta differences, every one as factors
@@ -25,6 +25,9 @@ FACTORS_ONLY = True
 ARCHITECTURES = None
 OUTPUT_SUFFIX = None  # a .safetensors file like the native one's: chosen with --format only
 foreign_entries = None
+#: The embedding files go in ``<stem>_embeddings/`` beside the LoRA: a folder to copy into the
+#: ``embeddings`` folder of A1111 or ComfyUI, and no file of the user's beside it replaced.
+TOKEN_FOLDER_SUFFIX = "_embeddings"
 PREFIX = "lora_unet_"
 BUNDLE = "bundle_emb."
 #: An SD1/SD2 embedding's key (A1111's ``string_to_param``) and a separate file's (kohya's).
@@ -133,8 +136,8 @@ def _one_row(value: Tensor, key: str, source: str) -> Tensor:
 
 def write(obj: Delta, path: str | os.PathLike[str], *, force: bool = False) -> None:
     """``path``: the UNet LoRA at scale 1 (alpha = rank per module) with the embeddings bundled,
-    and ``<token>.safetensors`` beside it per token (kohya's / A1111's embedding file: the file
-    name is the trigger word)."""
+    and ``<stem>_embeddings/<token>.safetensors`` per token (kohya's / A1111's embedding file:
+    the file name is the trigger word)."""
     target = Path(path)
     if not isinstance(obj, ConceptDelta):
         raise MergeError(f"Cannot write {target} as {NAME}: it stores differences, not full weights.")
@@ -144,20 +147,23 @@ def write(obj: Delta, path: str | os.PathLike[str], *, force: bool = False) -> N
         tensors[f"{name}.lora_down.weight"] = factor.down
         tensors[f"{name}.lora_up.weight"] = factor.up
         tensors[f"{name}.alpha"] = torch.tensor(float(factor.rank))
-    files = {}
-    names = token_file_names(obj.tokens, target, NAME, reserved=(target.name,))
+    files: dict[str, dict[str, Tensor]] = {}
+    names = token_file_names(obj.tokens, target, NAME)
     for token, embeddings in obj.tokens.items():
         if len(embeddings) == 1:
             tensors[f"{BUNDLE}{token}.{STRING_TO_PARAM}"] = embeddings[0][None]
-            files[target.parent / names[token]] = {EMB_PARAMS: embeddings[0][None]}
+            files[names[token]] = {EMB_PARAMS: embeddings[0][None]}
         else:
             state = dict(zip(SDXL_TOKEN_KEYS, (embedding[None] for embedding in embeddings)))
             tensors.update({f"{BUNDLE}{token}.{key}": row for key, row in state.items()})
-            files[target.parent / names[token]] = state
+            files[names[token]] = state
     header = to_header(obj)
     # the embeddings first, the LoRA last: the file a user loads appears when everything is in place
-    with atomic_outputs([*files, target], force=force) as temporaries:
-        for temporary, state in zip(temporaries, files.values()):
-            save_safetensors(saveable(state), temporary)
-        save_safetensors(saveable(tensors), temporaries[-1], metadata=header)
+    targets = [token_folder(target, TOKEN_FOLDER_SUFFIX), target]
+    check_destination(targets[0], force=force, foreign_entries=token_folder_entries)
+    check_destination(target, force=force)
+    with atomic_outputs(targets, force=force, folder=(True, False), check=False) as (folder, temporary):
+        for name, state in files.items():
+            save_safetensors(saveable(state), folder / name)
+        save_safetensors(saveable(tensors), temporary, metadata=header)
 

@@ -31,6 +31,7 @@ NAME = "native"
 WRITES_FULL_WEIGHTS = False  # writes ConceptDelta differences
 STORES_FACTORS = True
 FACTORS_ONLY = False
+TOKEN_FOLDER_SUFFIX = None
 ARCHITECTURES = None
 OUTPUT_SUFFIX = ".safetensors"
 foreign_entries = None

@@ -34,6 +34,9 @@ class Format(Protocol):
     #: For a layout written as a folder: what in an existing folder is not part of such an
     #: output (``--force`` replaces only folders of nothing else); ``None`` for single files.
     foreign_entries: Callable[[Path], list[str]] | None
+    #: For a file output that also writes a folder of token files beside it (named
+    #: ``<stem><suffix>``): that suffix; ``None`` for every other layout.
+    TOKEN_FOLDER_SUFFIX: str | None
 
     def detect(self, path: str | os.PathLike[str]) -> bool:
         """Whether ``path`` is in this layout, from the cheapest look that can tell."""

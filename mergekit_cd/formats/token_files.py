@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -79,3 +80,15 @@ def token_state(token: str, embeddings: tuple[Tensor, ...], target: Path, format
         return {key: embedding[None] for key, embedding in zip(SDXL_TOKEN_KEYS, embeddings)}
     raise MergeError(f"Cannot write {target} as {format_name}: token {token} has {len(embeddings)} "
                      f"embeddings; the layout stores one (SD1/SD2) or two (SDXL).")
+
+
+def token_folder_entries(folder: Path) -> list[str]:
+    """What in a folder of token files is not one (``--force`` replaces only such a folder)."""
+    return sorted(entry.name for entry in folder.iterdir()
+                  if not (entry.is_file() and not entry.is_symlink() and entry.suffix == ".safetensors"))
+
+
+def token_folder(path: str | os.PathLike[str], suffix: str) -> Path:
+    """The folder of token files named ``<stem><suffix>`` beside the file ``path``."""
+    path = Path(path)
+    return path.with_name(path.stem + suffix)
