@@ -68,8 +68,10 @@ def _load_embeddings(pipe, files: dict[str, Path], *, key_for_sd1: str | None) -
     """What a diffusers user does with one textual-inversion file per token (SDXL: clip_l/clip_g)."""
     for token, file in files.items():
         state = load_file(file)
-        if getattr(pipe, "text_encoder_2", None) is None:
-            pipe.load_textual_inversion(state if key_for_sd1 is None else state[key_for_sd1], token=token)
+        if getattr(pipe, "text_encoder_2", None) is None and key_for_sd1 is None:
+            pipe.load_textual_inversion(str(file))  # as the README says: the file names its token
+        elif getattr(pipe, "text_encoder_2", None) is None:
+            pipe.load_textual_inversion(state[key_for_sd1], token=token)
         else:
             pipe.load_textual_inversion(state["clip_l"], token=token, text_encoder=pipe.text_encoder,
                                         tokenizer=pipe.tokenizer)
