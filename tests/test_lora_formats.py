@@ -254,3 +254,75 @@ def test_a_bundled_embedding_of_several_vectors_is_refused(merged, tmp_path):
     save_file({**state, key: state[key].repeat(3, 1)}, tmp_path / "multi.safetensors")
     with pytest.raises(MergeError, match="holds 3 vectors"):
         load(tmp_path / "multi.safetensors")
+
+
+# ---------------------------------------------------------------- LoRAs made by others as inputs
+def _peft_lora(tiny_pipeline_path, folder: Path, targets: list[str], *, metadata: bool = True) -> tuple[Path, dict]:
+    """A LoRA made with peft on the tiny SD1 UNet (r 4, alpha 8: scale 2; B randomised, as after
+    training), saved by diffusers' ``save_lora_weights``; and each module's difference as peft
+    computes it."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = DiffusionPipeline.from_pretrained(tiny_pipeline_path("sd1"))
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights="gaussian")
+    pipe.unet.add_adapter(config)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, parameter in pipe.unet.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    differences = {name: module.get_delta_weight("default").detach().clone()
+                   for name, module in pipe.unet.named_modules() if hasattr(module, "get_delta_weight")}
+    extra = {"unet_lora_adapter_metadata": config.to_dict()} if metadata else {}
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(pipe.unet), **extra)
+    return folder, differences
+
+
+def test_a_peft_lora_of_cross_attention_kv_is_read_at_its_scale_and_merged(tiny_pipeline_path, tiny_delta_files,
+                                                                          tmp_path, capsys):
+    folder, differences = _peft_lora(tiny_pipeline_path, tmp_path / "peft", ["attn2.to_k", "attn2.to_v"])
+    delta = load(folder, base=open_base(tiny_pipeline_path("sd1")))
+    assert formats.detect_format(folder).NAME == "diffusers-lora" and delta.tokens == {}
+    for module, want in differences.items():
+        layer, projection = module.rsplit(".", 1)
+        got = dense(getattr(delta.layers[layer], {"to_k": "key", "to_v": "value"}[projection]))
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-7), module  # alpha / r = 2 applied
+    out = tmp_path / "merged.safetensors"
+    assert cd_merge([str(folder), str(tiny_delta_files("sd1")["native"]), "--base", str(tiny_pipeline_path("sd1")),
+                     "--class", "sks dog", "--class", "cat", "-o", str(out), "-q", "--ridge", "1e-4"]) == 0
+    printed = capsys.readouterr().out
+    lines = printed.splitlines()
+    rows = lines[lines.index(next(line for line in lines if line.startswith("------"))) + 1:][:2]
+    assert [row.split()[-3:-2] for row in rows] == [["dog"], ["cat"]], printed  # the LoRA has no token
+    assert max(float(row.split()[-2]) for row in rows) < 1e-5, printed  # both kept: residual as written
+
+
+def test_a_peft_lora_without_adapter_metadata_is_read_at_scale_one_as_diffusers_does(tiny_pipeline_path, tmp_path):
+    folder, differences = _peft_lora(tiny_pipeline_path, tmp_path / "peft", ["attn2.to_k", "attn2.to_v"],
+                                     metadata=False)
+    delta = load(folder)
+    module, want = next(iter(differences.items()))
+    layer, projection = module.rsplit(".", 1)
+    assert torch.allclose(dense(delta.layers[layer].key if projection == "to_k" else delta.layers[layer].value),
+                          want / 2, rtol=1e-5, atol=1e-7)
+
+
+def test_a_peft_lora_of_more_layers_is_refused_naming_them(tiny_pipeline_path, tmp_path, capsys):
+    folder, _ = _peft_lora(tiny_pipeline_path, tmp_path / "peft", ["to_k", "to_v", "to_q"])
+    with pytest.raises(MergeError, match=r"beyond the UNet's cross-attention K/V \(e\.g\. .*attn1.*self-attention"):
+        load(folder)
+
+
+def test_diffusers_older_attention_processor_lora_keys_are_read(merged, tmp_path):
+    """diffusers' LoRAs of before peft: ``<layer>.processor.to_k_lora.down.weight`` / ``.up.weight``."""
+    state = load_file(merged["sd1"]["diffusers"] / "pytorch_lora_weights.safetensors")
+    old = {key.removeprefix("unet.").replace(".to_k.lora_A.", ".processor.to_k_lora.down.")
+           .replace(".to_k.lora_B.", ".processor.to_k_lora.up.").replace(".to_v.lora_A.", ".processor.to_v_lora.down.")
+           .replace(".to_v.lora_B.", ".processor.to_v_lora.up."): value for key, value in state.items()}
+    assert all("processor" in key for key in old)
+    save_file(old, tmp_path / "old.safetensors")
+    back = load(tmp_path / "old.safetensors")
+    for layer, pair in merged["sd1"]["delta"].layers.items():
+        assert torch.allclose(dense(back.layers[layer].value), pair.value, atol=1e-6 * float(pair.value.abs().max()))

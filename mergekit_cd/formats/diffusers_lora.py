@@ -29,19 +29,36 @@ WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 #: The safetensors metadata entry holding peft's LoraConfig, as ``save_lora_weights`` writes it.
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 PREFIX = "unet."
-_PARTS = {".lora_A.weight": "down", ".lora_B.weight": "up"}
+#: peft's own prefix, in an adapter saved with ``save_pretrained`` from a peft-wrapped UNet.
+PEFT_PREFIX = "base_model.model."
+# peft's factor names, and those of diffusers' older attention-processor LoRAs (``to_k_lora.down``)
+_PARTS = {".lora_A.weight": "down", ".lora_B.weight": "up", ".down.weight": "down", ".up.weight": "up"}
+_OLD_PROJECTIONS = {".processor.to_k_lora": ".to_k", ".processor.to_v_lora": ".to_v"}
 
 
 def detect(path: str | os.PathLike[str]) -> bool:
-    """A folder (or the weights file itself) whose LoRA keys are peft's ``unet.*.lora_A/B``."""
+    """A folder (or the weights file itself) whose LoRA keys are peft's (``*.lora_A/B.weight``)
+    or diffusers' older ``*_lora.down/up.weight``."""
     file = _weights_file(Path(path))
     header = safetensors_header(file) if file.is_file() else None
-    return header is not None and any(key.endswith(tuple(_PARTS)) for key in header[0])
+    return header is not None and any(key.endswith((".lora_A.weight", ".lora_B.weight", "_lora.down.weight",
+                                                    "_lora.up.weight")) for key in header[0])
 
 
 def _module_of(name: str) -> str | None:
-    """The UNet module path of a peft key's name (``unet.<module>``), None for other models'."""
-    return name.removeprefix(PREFIX) if name.startswith(PREFIX) else None
+    """The UNet module path of a key's name (``unet.<module>``, peft's ``base_model.model.<module>``,
+    diffusers' older ``<layer>.processor.to_k_lora``); None for other models' (``text_encoder.*``)."""
+    for prefix in (PREFIX, PEFT_PREFIX):
+        if name.startswith(prefix):
+            name = name.removeprefix(prefix)
+            break
+    else:
+        if name.split(".", 1)[0] not in ("down_blocks", "mid_block", "up_blocks"):
+            return None
+    for old, new in _OLD_PROJECTIONS.items():
+        if name.endswith(old):
+            return name.removesuffix(old) + new
+    return name
 
 
 def _weights_file(path: Path) -> Path:
