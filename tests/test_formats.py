@@ -662,7 +662,7 @@ NAN = torch.full((64, 32), float("nan"))
                f"{OTHER}.to_v.weight": torch.ones(64, 16)}),
      f"{OTHER}.to_k.weight reads 16 features but {K} reads 32"),
     (_authors({K: torch.ones(32, 32), V: torch.ones(32, 32)}, {"<new1>": torch.ones(2, 3)}),
-     r"token embedding modifier_token\['<new1>'\] should be a 1-D float vector"),
+     r"token embedding modifier_token\['<new1>'\] holds 2 vectors; a Custom Diffusion token is one"),
     (_authors({K: torch.ones(32, 32), V: torch.ones(32, 32)}, {"<new1>": torch.tensor([1.0, float("inf")])}),
      r"modifier_token\['<new1>'\] holds NaN or infinite values"),
     (_authors({K: torch.ones(32, 32), V: torch.ones(32, 32), "conv_in.weight": torch.ones(2, 2)}),

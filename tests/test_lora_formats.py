@@ -326,3 +326,31 @@ def test_diffusers_older_attention_processor_lora_keys_are_read(merged, tmp_path
     back = load(tmp_path / "old.safetensors")
     for layer, pair in merged["sd1"]["delta"].layers.items():
         assert torch.allclose(dense(back.layers[layer].value), pair.value, atol=1e-6 * float(pair.value.abs().max()))
+
+
+def test_a_kohya_lora_without_bundled_embeddings_takes_the_embedding_files_beside_it(merged, tmp_path):
+    """``x.safetensors`` and ``x_embeddings/``: an A1111 ``.pt`` (pickled as A1111 saves it, with
+    ``requires_grad`` rows) and a kohya ``emb_params`` file, each named by its file."""
+    item = merged["sd1"]
+    state = {k: v for k, v in _kohya_state(merged).items() if not k.startswith("bundle_emb.")}
+    save_file(state, tmp_path / "x.safetensors")
+    (tmp_path / "x_embeddings").mkdir()
+    first, second = (item["delta"].tokens[token][0] for token in ("<new1>", "<new2>"))
+    row = torch.nn.Parameter(first[None].clone())  # A1111 trains the rows as a parameter
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": row}, "name": "<new1>", "step": 500,
+                "sd_checkpoint": "4bdfc29c", "sd_checkpoint_name": "base"}, tmp_path / "x_embeddings" / "<new1>.pt")
+    save_file({"emb_params": second[None].contiguous()}, tmp_path / "x_embeddings" / "<new2>.safetensors")
+    back = load(tmp_path / "x.safetensors", base=item["base"])
+    assert list(back.tokens) == ["<new1>", "<new2>"]
+    assert torch.equal(back.tokens["<new1>"][0], first) and torch.equal(back.tokens["<new2>"][0], second)
+    assert not back.tokens["<new1>"][0].requires_grad
+
+
+def test_a_multi_vector_embedding_file_is_refused(merged, tmp_path):
+    folder = tmp_path / "lora"
+    folder.mkdir()
+    weights = merged["sd1"]["diffusers"] / "pytorch_lora_weights.safetensors"
+    (folder / weights.name).write_bytes(weights.read_bytes())
+    save_file({"emb_params": torch.randn(3, 64)}, folder / "<new9>.safetensors")
+    with pytest.raises(MergeError, match="holds 3 vectors; a Custom Diffusion token is one"):
+        load(folder)

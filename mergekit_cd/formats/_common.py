@@ -82,6 +82,9 @@ def check_vector(value: Any, key: str, source: str) -> Tensor:
     (a view would keep the table and the mapped file), often with ``requires_grad=True``."""
     if isinstance(value, Tensor) and value.dim() == 2 and value.shape[0] == 1:
         value = value[0]
+    if isinstance(value, Tensor) and value.dim() == 2 and value.is_floating_point():
+        raise MergeError(f"{source}: token embedding {key} holds {value.shape[0]} vectors; a Custom Diffusion "
+                         f"token is one (a multi-vector textual inversion cannot be merged as one token).")
     if not isinstance(value, Tensor) or value.dim() != 1 or not value.is_floating_point():
         raise MergeError(f"{source}: token embedding {key} should be a 1-D float vector, found "
                          f"{describe(value)}.")

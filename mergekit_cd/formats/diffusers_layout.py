@@ -7,14 +7,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from torch import Tensor
 
 from ..errors import MergeError
 from ..fileio import (atomic_path, open_safetensors, read_tensor,
                       save_safetensors)
 from ..metadata import from_header, to_header
 from ..weights import FineTunedWeights
-from .token_files import read_token_file, token_file_names, token_state
+from .token_files import read_token_folder, token_file_names, token_state
 from ._common import (
     Delta,
     LayerCollector,
@@ -23,10 +22,8 @@ from ._common import (
     SafetensorsLayers,
     assemble,
     check_matrix,
-    check_token_count,
     check_token_shapes,
     full_weights,
-    natural_order,
     peek_pickle,
     safetensors_header,
     saveable,
@@ -94,7 +91,8 @@ def read(path: str | os.PathLike[str]) -> FineTunedWeights:
                 continue  # the .bin variant stores an empty dict for each processor without weights (attn1)
             _collect(str(key), lambda value=value: value, collector, ignored)
         reader, lazy = file.reader((), collector.keys()), file.mapped
-    tokens = _read_tokens(weights_file)
+    tokens = read_token_folder(weights_file.parent, "the Custom Diffusion weights", skip=WEIGHTS_NAMES,
+                               suffixes=TOKEN_SUFFIXES)
     check_token_shapes(tokens, str(weights_file.parent))
     return assemble(collector, reader, lazy=lazy, tokens=tokens, ignored=ignored, source=source,
                     identity=from_header(header, source=source))
@@ -120,23 +118,6 @@ def _weights_file(path: Path) -> Path:
         if (path / name).is_file():
             return path / name
     raise MergeError(f"{path}: no {' or '.join(WEIGHTS_NAMES)} in this folder.")
-
-
-def _read_tokens(weights_file: Path) -> dict[str, tuple[Tensor, ...]]:
-    """Every token file in the weights file's folder, in natural name order."""
-    tokens: dict[str, tuple[Tensor, ...]] = {}
-    origins: dict[str, Path] = {}
-    # every entry with a token file's suffix is one (a FIFO or a dangling link is an error, not skipped)
-    files = [file for file in sorted(weights_file.parent.iterdir())
-             if file.name not in WEIGHTS_NAMES and file.suffix in TOKEN_SUFFIXES]
-    check_token_count(len(files), str(weights_file.parent))
-    for file in files:
-        name, embeddings = read_token_file(file, "the Custom Diffusion weights")
-        if name in tokens:
-            raise MergeError(f"{weights_file.parent}: token {name} is in both {origins[name].name} "
-                             f"and {file.name}.")
-        tokens[name], origins[name] = embeddings, file
-    return {name: tokens[name] for name in natural_order(tokens)}
 
 
 def write(obj: Delta, path: str | os.PathLike[str], *, force: bool = False) -> None:

@@ -13,10 +13,9 @@ from ..delta import ConceptDelta
 from ..errors import MergeError
 from ..fileio import atomic_path, open_safetensors, read_tensor, save_safetensors
 from ..metadata import from_header, to_header
-from ._common import (Delta, check_token_count, check_token_shapes, natural_order,
-                      safetensors_header, saveable)
+from ._common import (Delta, check_token_shapes, safetensors_header, saveable)
 from ._lora import check_lora_keys, lora_factors, lora_layers, peft_scale
-from .token_files import read_token_file, token_file_names, token_state
+from .token_files import read_token_folder, token_file_names, token_state
 
 NAME = "diffusers-lora"
 WRITES_FULL_WEIGHTS = False  # writes ConceptDelta differences, every one as factors
@@ -80,17 +79,7 @@ def read(path: str | os.PathLike[str]) -> ConceptDelta:
         parts = {(module, part): read_tensor(handle, key, source) for (module, part), key in modules.items()}
         identity = from_header(metadata, source=source)
     layers = lora_layers(parts, lambda module, rank: peft_scale(config, module, rank), source)
-    tokens: dict[str, tuple[Tensor, ...]] = {}
-    if Path(path).is_dir():
-        files = [entry for entry in sorted(Path(path).iterdir()) if entry.name != WEIGHTS_NAME
-                 and entry.suffix == ".safetensors"]
-        check_token_count(len(files), str(path))
-        for entry in files:
-            name, embeddings = read_token_file(entry, "the LoRA weights")
-            if name in tokens:
-                raise MergeError(f"{path}: token {name} is in two token files.")
-            tokens[name] = embeddings
-    tokens = {name: tokens[name] for name in natural_order(tokens)}
+    tokens = read_token_folder(Path(path), "the LoRA weights", skip=(WEIGHTS_NAME,)) if Path(path).is_dir() else {}
     check_token_shapes(tokens, str(path))
     return ConceptDelta(layers, tokens, **identity)
 

@@ -16,7 +16,8 @@ from ..metadata import from_header, to_header
 from ._common import Delta, check_token_shapes, check_vector, natural_order, safetensors_header, saveable
 from ._lora import check_lora_keys, lora_factors, lora_layers
 from .ldm_names import to_compvis_name, to_diffusers_name
-from .token_files import SDXL_TOKEN_KEYS, token_file_names, token_folder, token_folder_entries
+from .token_files import (EMB_PARAMS, SDXL_TOKEN_KEYS, STRING_TO_PARAM, read_token_folder, token_file_names,
+                          token_folder, token_folder_entries)
 
 NAME = "kohya-lora"
 WRITES_FULL_WEIGHTS = False  # writes ConceptDelta differences, every one as factors
@@ -30,8 +31,8 @@ foreign_entries = None
 TOKEN_FOLDER_SUFFIX = "_embeddings"
 PREFIX = "lora_unet_"
 BUNDLE = "bundle_emb."
-#: An SD1/SD2 embedding's key (A1111's ``string_to_param``) and a separate file's (kohya's).
-STRING_TO_PARAM, EMB_PARAMS = "string_to_param.*", "emb_params"
+#: An SD1/SD2 embedding's key in a bundle (A1111's ``string_to_param``, flattened).
+BUNDLED_PARAM = f"{STRING_TO_PARAM}.*"
 _PARTS = {".lora_down.weight": "down", ".lora_up.weight": "up"}
 # SD1/SD2: diffusers' module path with "_" for "."; SDXL: the LDM block names (ldm_names)
 _DIFFUSERS_NAME = re.compile(r"^(down_blocks|up_blocks)_(\d+)_attentions_(\d+)_transformer_blocks_(\d+)"
@@ -80,8 +81,9 @@ def kohya_name(module: str, architecture: str | None) -> str:
 
 def read(path: str | os.PathLike[str]) -> ConceptDelta:
     """The cross-attention K/V parts as low-rank differences ``alpha / rank * up @ down`` (kohya's
-    scale; 1 without an alpha), the bundled embeddings (``bundle_emb.<token>.*``) as tokens.
-    Anything else in the file is refused with what it holds."""
+    scale; 1 without an alpha); as tokens the bundled embeddings (``bundle_emb.<token>.*``), or
+    without any, the embedding files in ``<stem>_embeddings/`` beside it (named by their files,
+    as A1111 names them). Anything else in the file is refused with what it holds."""
     source = str(path)
     with open_safetensors(path) as handle:
         metadata = handle.metadata()
@@ -94,6 +96,9 @@ def read(path: str | os.PathLike[str]) -> ConceptDelta:
                  for key in alphas}
         tokens = _bundled_tokens({key: read_tensor(handle, key, source) for key in bundled}, source)
         identity = from_header(metadata, source=source)
+    folder = token_folder(path, TOKEN_FOLDER_SUFFIX)
+    if not tokens and folder.is_dir():  # the embedding files beside it, as we write them
+        tokens = read_token_folder(folder, "the LoRA")
     layers = lora_layers(parts, lambda module, rank: alpha.get(module, rank) / rank, source)
     check_token_shapes(tokens, source)
     return ConceptDelta(layers, tokens, **identity)
@@ -111,27 +116,20 @@ def _bundled_tokens(entries: dict[str, Tensor], source: str) -> dict[str, tuple[
     found: dict[str, dict[str, Tensor]] = {}
     for key, value in entries.items():
         rest = key.removeprefix(BUNDLE)
-        suffix = next((s for s in (STRING_TO_PARAM, *SDXL_TOKEN_KEYS) if rest.endswith("." + s)), None)
+        suffix = next((s for s in (BUNDLED_PARAM, *SDXL_TOKEN_KEYS) if rest.endswith("." + s)), None)
         if suffix is None:
             raise MergeError(f"{source}: {key} is no bundled embedding kohya writes "
-                             f"(bundle_emb.<token>.{STRING_TO_PARAM}, or .clip_l and .clip_g for SDXL).")
+                             f"(bundle_emb.<token>.{BUNDLED_PARAM}, or .clip_l and .clip_g for SDXL).")
         found.setdefault(rest[: -len(suffix) - 1], {})[suffix] = value
     tokens: dict[str, tuple[Tensor, ...]] = {}
     for token in natural_order(found):
         parts = found[token]
-        order = (STRING_TO_PARAM,) if STRING_TO_PARAM in parts and len(parts) == 1 else SDXL_TOKEN_KEYS
+        order = (BUNDLED_PARAM,) if BUNDLED_PARAM in parts and len(parts) == 1 else SDXL_TOKEN_KEYS
         if set(parts) != set(order):
             raise MergeError(f"{source}: bundled embedding {token} has {sorted(parts)}; expected "
-                             f"{STRING_TO_PARAM}, or both of {', '.join(SDXL_TOKEN_KEYS)}.")
-        tokens[token] = tuple(_one_row(parts[name], f"{BUNDLE}{token}.{name}", source) for name in order)
+                             f"{BUNDLED_PARAM}, or both of {', '.join(SDXL_TOKEN_KEYS)}.")
+        tokens[token] = tuple(check_vector(parts[name], f"{BUNDLE}{token}.{name}", source) for name in order)
     return tokens
-
-
-def _one_row(value: Tensor, key: str, source: str) -> Tensor:
-    """One embedding vector: a token of one vector (``[1, d]`` or ``[d]``); more is refused."""
-    if value.ndim == 2 and value.shape[0] != 1:
-        raise MergeError(f"{source}: {key} holds {value.shape[0]} vectors; a Custom Diffusion token is one.")
-    return check_vector(value.reshape(-1) if value.ndim == 2 else value, key, source)
 
 
 def write(obj: Delta, path: str | os.PathLike[str], *, force: bool = False) -> None:
@@ -151,7 +149,7 @@ def write(obj: Delta, path: str | os.PathLike[str], *, force: bool = False) -> N
     names = token_file_names(obj.tokens, target, NAME)
     for token, embeddings in obj.tokens.items():
         if len(embeddings) == 1:
-            tensors[f"{BUNDLE}{token}.{STRING_TO_PARAM}"] = embeddings[0][None]
+            tensors[f"{BUNDLE}{token}.{BUNDLED_PARAM}"] = embeddings[0][None]
             files[names[token]] = {EMB_PARAMS: embeddings[0][None]}
         else:
             state = dict(zip(SDXL_TOKEN_KEYS, (embedding[None] for embedding in embeddings)))

@@ -14,9 +14,13 @@ from torch import Tensor
 from ..delta import check_token_name
 from ..errors import MergeError
 from ..fileio import load_pickle, load_safetensors
-from ._common import check_vector, natural_order
+from ._common import check_token_count, check_vector, natural_order
 
 SDXL_TOKEN_KEYS = ("clip_l", "clip_g")  # the community SDXL embedding layout, one row per encoder
+#: The suffixes of token files: safetensors, and pickles (diffusers' ``.bin``, A1111's ``.pt``).
+TOKEN_SUFFIXES = (".safetensors", ".bin", ".pt")
+#: kohya's embedding key, and AUTOMATIC1111's (``{"string_to_param": {"*": rows}, "name": ...}``).
+EMB_PARAMS, STRING_TO_PARAM = "emb_params", "string_to_param"
 
 
 def load_token_state(file: Path) -> dict[Any, Any]:
@@ -31,8 +35,11 @@ def load_token_state(file: Path) -> dict[Any, Any]:
 
 
 def read_token_file(file: Path, beside: str) -> tuple[str, tuple[Tensor, ...]]:
-    """``{"<token>": vector}`` (textual inversion) or ``{"clip_l", "clip_g"}`` named by the file;
-    ``beside`` names what the file lies beside, for the message.
+    """One token's embeddings from the files the ecosystem shares: diffusers' ``{"<token>": vector}``
+    (named by its key), and, named by the file as AUTOMATIC1111 names them, SDXL's
+    ``{"clip_l", "clip_g"}``, kohya's ``{"emb_params"}`` and A1111's ``.pt`` (``string_to_param``
+    ``{"*": rows}``, read with ``weights_only=True`` like every pickle); ``beside`` names what the
+    file lies beside, for the message. A token is one vector per text encoder.
 
     Copies: diffusers' training script saves a row of the whole embedding table, so a view
     would keep the table's storage.
@@ -41,12 +48,37 @@ def read_token_file(file: Path, beside: str) -> tuple[str, tuple[Tensor, ...]]:
     source = str(file)
     if set(state) == set(SDXL_TOKEN_KEYS):
         return file.stem, tuple(check_vector(state[key], key, source) for key in SDXL_TOKEN_KEYS)
+    if set(state) == {EMB_PARAMS}:
+        return file.stem, (check_vector(state[EMB_PARAMS], EMB_PARAMS, source),)
+    if STRING_TO_PARAM in state:
+        params = state[STRING_TO_PARAM]
+        if not isinstance(params, dict) or set(params) != {"*"}:
+            raise MergeError(f"{source}: {STRING_TO_PARAM} should be {{'*': rows}}, as AUTOMATIC1111 saves it.")
+        return file.stem, (check_vector(params["*"], f"{STRING_TO_PARAM}['*']", source),)
     if len(state) == 1:
         name, value = next(iter(state.items()))
         return str(name), (check_vector(value, str(name), source),)
     raise MergeError(f"{source}: expected a token embedding file beside {beside} "
-                     f"({{'<token>': vector}}, or {{'clip_l', 'clip_g'}} for SDXL), found keys "
-                     f"{natural_order(map(str, state))[:6]}.")
+                     f"({{'<token>': vector}}, {{'clip_l', 'clip_g'}} for SDXL, {{'{EMB_PARAMS}'}} or A1111's "
+                     f"{STRING_TO_PARAM}), found keys {natural_order(map(str, state))[:6]}.")
+
+
+def read_token_folder(folder: Path, beside: str, *, skip: Iterable[str] = (),
+                      suffixes: tuple[str, ...] = TOKEN_SUFFIXES) -> dict[str, tuple[Tensor, ...]]:
+    """Every token file in ``folder`` (entries with one of ``suffixes``, but the ``skip`` names),
+    in natural name order; a token in two files is refused."""
+    skipped = set(skip)
+    # every entry with a token file's suffix is one (a FIFO or a dangling link is an error, not skipped)
+    files = [file for file in sorted(folder.iterdir()) if file.name not in skipped and file.suffix in suffixes]
+    check_token_count(len(files), str(folder))
+    tokens: dict[str, tuple[Tensor, ...]] = {}
+    origins: dict[str, Path] = {}
+    for file in files:
+        name, embeddings = read_token_file(file, beside)
+        if name in tokens:
+            raise MergeError(f"{folder}: token {name} is in both {origins[name].name} and {file.name}.")
+        tokens[name], origins[name] = embeddings, file
+    return {name: tokens[name] for name in natural_order(tokens)}
 
 
 def token_file_names(tokens: Iterable[str], target: Path, format_name: str,
