@@ -138,9 +138,9 @@ def plan_merge(deltas: Sequence[PathLike | ConceptDelta], reg_captions: Sequence
     owners: list[int] = []
     for index, delta in enumerate(loaded):
         if not delta.tokens:
-            warnings.warn(f"{sources[index]} has no modifier token: its target prompts hold only the class "
-                          f"word, so the merge pins the base's outputs on ordinary prompts of that class.",
-                          stacklevel=2)
+            warnings.warn(f"{sources[index]} has no modifier token: its target prompts hold only ordinary words "
+                          f"(its class word); the merge keeps its outputs on them, so every prompt with those "
+                          f"words changes with it.", stacklevel=2)
         renamed = {r.old: r.new for r in renames if r.operand == index}
         own_tokens = list(delta.tokens) or [""]
         given_word = class_words[index] if class_words else None
