@@ -24,8 +24,12 @@ The SDXL base holds only what a merge reads (text encoders at full size, the UNe
 under their real names): a full random SDXL UNet would be 10 GB nobody reads. The SD1.5 base is
 a complete pipeline, so that the baseline can load it whole.
 
-Run: ``python benchmarks/bench_merge.py [--only sd15 sdxl many]`` (builds its models once under
-``--work``, ~30 GB of disk; about 30 minutes on 2 CPU cores). Prints ratios measured in one run.
+Each scenario also runs the floor of a merge (``job_floor``): the imports it needs, every input
+byte read once, the captions encoded in one batched pass (cold only), one factorisation and one
+pass of the layers through it, the output written; the table gives ours against it.
+
+Run: ``python benchmarks/bench_merge.py [--only sd15 sdxl many] [--quick]`` (builds its models once
+under ``--work``, ~30 GB of disk; about 30 minutes on 2 CPU cores). Prints ratios measured in one run.
 """
 
 from __future__ import annotations
@@ -132,7 +136,53 @@ def job_baseline(base: str, output: str, captions: str, *inputs: str) -> None:
     print(json.dumps({"residual": worst}))
 
 
-JOBS = {"ours": job_ours, "baseline": job_baseline}
+def job_floor(base: str, output: str, captions: str, cold: str, *inputs: str) -> None:
+    """The floor of a merge on this machine: the imports it needs, every input byte read once, the
+    captions and target prompts encoded in one batched pass (``cold`` = "1" only), one
+    factorisation and one pass of the base's layers through it, the output written."""
+    import torch
+    from safetensors.torch import save_file
+
+    from mergekit_cd.base import open_base
+    from mergekit_cd.captions import default_reg_captions
+    from mergekit_cd.solvers import factor_hard
+
+    for path in inputs:  # read once, nothing parsed
+        with open(path, "rb") as handle:
+            while handle.read(1 << 24):
+                pass
+    model = open_base(base)
+    width = model.context_dim
+    rows = 12 * len(inputs)  # the target rows of two prompts per concept
+    if cold == "1":
+        from transformers import AutoTokenizer, CLIPTextModel
+
+        texts = default_reg_captions()[:int(captions)] + [f"photo of a <new{i}> cat" for i in range(len(inputs))]
+        per_encoder = []  # SDXL: both encoders' rows side by side, as the UNet reads them
+        for folder in [name for name in ("text_encoder", "text_encoder_2") if (Path(base) / name).is_dir()]:
+            tokenizer = AutoTokenizer.from_pretrained(base, subfolder=folder.replace("text_encoder", "tokenizer"))
+            encoder = CLIPTextModel.from_pretrained(base, subfolder=folder).eval()
+            with torch.no_grad():
+                per_encoder.append(torch.cat([
+                    encoder(tokenizer(texts[start:start + 64], padding=True, return_tensors="pt").input_ids)
+                    .last_hidden_state.flatten(0, 1) for start in range(0, len(texts), 64)]))
+        count = min(len(features) for features in per_encoder)
+        C_reg = torch.cat([features[:count] for features in per_encoder], dim=1)
+    else:
+        C_reg = torch.randn(28 * int(captions), width)  # a cached Gram matrix: no text encoder
+    generator = torch.Generator().manual_seed(0)
+    C_reg = C_reg.double()
+    C = torch.randn(rows, width, generator=generator, dtype=torch.float64)
+    operator = factor_hard(C_reg.T @ C_reg, C, ridge=1e-3)
+    merged = {}
+    for name in model.layer_names():
+        W0 = torch.cat(model.kv(name)).double()
+        merged[name] = (operator.apply(W0, torch.randn(W0.shape[0], rows, generator=generator,
+                                                       dtype=torch.float64)) - W0).float()
+    save_file(merged, output)
+
+
+JOBS = {"ours": job_ours, "baseline": job_baseline, "floor": job_floor}
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -177,8 +227,12 @@ def run_scenario(work: Path, scenario: str, caption_counts: list[int]) -> list[d
         cold = measure("ours", str(base), output, str(cache), str(captions), *inputs)
         print(f"{scenario}, {captions} captions: ours cached ...", flush=True)
         cached = measure("ours", str(base), output, str(cache), str(captions), *inputs)
+        print(f"{scenario}, {captions} captions: floor, cold and cached ...", flush=True)
+        floor_output = str(work / f"out-{scenario}-floor.safetensors")
+        floor = {kind: measure("floor", str(base), floor_output, str(captions), flag, *inputs)
+                 for kind, flag in (("cold", "1"), ("cached", "0"))}
         row = {"scenario": scenario, "concepts": len(files), "captions": captions, "input_gib": input_gib,
-               "cold": cold, "cached": cached, "ours_residual": ours_residual(cached["log"])}
+               "cold": cold, "cached": cached, "floor": floor, "ours_residual": ours_residual(cached["log"])}
         if scenario != "sdxl":
             print(f"{scenario}, {captions} captions: baseline ...", flush=True)
             theirs = str(work / f"out-{scenario}-baseline.bin")
@@ -210,21 +264,24 @@ def difference(base: Path, ours: str, theirs: str) -> float:
 
 
 def describe(row: dict) -> str:
-    cold, cached, baseline = row["cold"], row["cached"], row.get("baseline")
+    cold, cached, baseline, floor = row["cold"], row["cached"], row.get("baseline"), row["floor"]
+    to_floor = (cold["seconds"] / floor["cold"]["seconds"], cached["seconds"] / floor["cached"]["seconds"])
     text = (f"| {row['scenario']} | {row['concepts']} | {row['captions']} | {row['input_gib']:.2f} "
-            f"| {cold['seconds']:.0f} / {cached['seconds']:.0f} | {cold['peak_gib']:.2f} ")
+            f"| {cold['seconds']:.0f} / {cached['seconds']:.0f} | {to_floor[0]:.1f}x / {to_floor[1]:.1f}x "
+            f"| {cold['peak_gib']:.2f} ")
     if baseline is None:
-        return text + (f"| n/a | {cold['peak_gib'] / row['input_gib']:.2f}x inputs "
+        return text + (f"| n/a | n/a | {cold['peak_gib'] / row['input_gib']:.2f}x inputs "
                        f"| {row['ours_residual']:.1e} | n/a | n/a |")
-    return text + (f"| {baseline['seconds']:.0f} | {baseline['seconds'] / cold['seconds']:.1f}x / "
-                   f"{baseline['seconds'] / cached['seconds']:.1f}x | {baseline['peak_gib'] / cold['peak_gib']:.1f}x less "
+    speed_up = (baseline["seconds"] / cold["seconds"], baseline["seconds"] / cached["seconds"])
+    return text + (f"| {baseline['seconds']:.0f} | {speed_up[0]:.1f}x / {speed_up[1]:.1f}x "
+                   f"| {baseline['peak_gib'] / cold['peak_gib']:.1f}x less "
                    f"| {row['ours_residual']:.1e} | {baseline['residual']:.1e} | {row['difference']:.1e} |")
 
 
-HEADER = ("| scenario | concepts | captions | inputs GiB | ours s (cold / cached) | ours peak GiB "
-          "| baseline s | speed-up (cold / cached) | memory | ours residual | baseline residual "
+HEADER = ("| scenario | concepts | captions | inputs GiB | ours s (cold / cached) | ours / floor (cold / cached) "
+          "| ours peak GiB | baseline s | speed-up (cold / cached) | memory | ours residual | baseline residual "
           "| ours vs baseline |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def main() -> None:
@@ -234,11 +291,15 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=("sd15", "sdxl", "many"), default=["sd15", "sdxl", "many"])
     parser.add_argument("--captions", type=int, nargs="+", default=[200, 1000],
                         help="caption counts for the sd15 scenario (default 200 1000)")
+    parser.add_argument("--quick", action="store_true",
+                        help="the sd15 scenario alone with 50 captions (about 3 minutes once its base is built)")
     parser.add_argument("--job", help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args()
     if args.job:
         JOBS[args.job](*rest)
         return
+    if args.quick:
+        args.only, args.captions = ["sd15"], [50]
     args.work.mkdir(parents=True, exist_ok=True)
     rows = []
     for scenario in args.only:

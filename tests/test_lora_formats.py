@@ -354,3 +354,32 @@ def test_a_multi_vector_embedding_file_is_refused(merged, tmp_path):
     save_file({"emb_params": torch.randn(3, 64)}, folder / "<new9>.safetensors")
     with pytest.raises(MergeError, match="holds 3 vectors; a Custom Diffusion token is one"):
         load(folder)
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"unet.r": 4, "unet.lora_alpha": "eight"}, "lora_alpha of .* should be one positive number, found 'eight'"),
+    ({"unet.r": 4, "unet.lora_alpha": -1}, "should be one positive number, found -1"),
+    ({"unet.r": 4, "unet.alpha_pattern": [1]}, "alpha_pattern is not a JSON object"),
+])
+def test_hostile_adapter_metadata_is_one_error(merged, tmp_path, config, message):
+    folder = tmp_path / "lora"
+    folder.mkdir()
+    tensors = load_file(merged["sd1"]["diffusers"] / "pytorch_lora_weights.safetensors")
+    save_file(tensors, folder / "pytorch_lora_weights.safetensors",
+              metadata={"lora_adapter_metadata": json.dumps(config)})
+    with pytest.raises(MergeError, match=message):
+        load(folder)
+    state = load_file(merged["sd1"]["kohya"])
+    alpha = next(key for key in state if key.endswith(".alpha"))
+    save_file({**state, alpha: torch.tensor(float("nan"))}, tmp_path / "nan-alpha.safetensors")
+    with pytest.raises(MergeError, match=r"\.alpha should be one positive number"):
+        load(tmp_path / "nan-alpha.safetensors")
+
+
+def test_a_factor_given_twice_is_refused(merged, tmp_path):
+    tensors = load_file(merged["sd1"]["diffusers"] / "pytorch_lora_weights.safetensors")
+    key = next(iter(tensors))
+    save_file({**tensors, key.replace("unet.", "base_model.model.", 1): tensors[key].clone()},
+              tmp_path / "twice.safetensors")
+    with pytest.raises(MergeError, match="both hold the"):
+        load(tmp_path / "twice.safetensors")

@@ -38,6 +38,9 @@ def check_lora_keys(keys: Iterable[str], source: str, *, module_of: Any, parts: 
         if module is None or not module.endswith(_CROSS_ATTENTION):
             other.append(key)
             continue
+        if (module, parts[suffix]) in found:
+            raise MergeError(f"{source}: {key} and {found[(module, parts[suffix])]} both hold the "
+                             f"{parts[suffix]} factor of {module}.")
         found[(module, parts[suffix])] = key
     if other:
         raise MergeError(f"{source}: holds {len(other)} tensors beyond the UNet's cross-attention K/V "
@@ -89,20 +92,27 @@ def lora_layers(parts: dict[tuple[str, str], Tensor], scale: Any, source: str) -
     return layers
 
 
-def peft_scale(config: dict[str, Any], module: str, rank: int) -> float:
+def peft_scale(config: dict[str, Any], module: str, rank: int, source: str) -> float:
     """peft's scale of ``module``: ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA), ``alpha_pattern``
     first; 1 with no adapter config (the diffusers convention for files without one)."""
     if not config:
         return 1.0
-    alpha = _pattern(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", rank))
-    return float(alpha) / (math.sqrt(rank) if config.get("use_rslora") else rank)
+    pattern = config.get("alpha_pattern") or {}
+    if not isinstance(pattern, dict):
+        raise MergeError(f"{source}: its adapter metadata's alpha_pattern is not a JSON object.")
+    alpha = next((value for key, value in pattern.items() if module == key or module.endswith("." + key)),
+                 config.get("lora_alpha", rank))
+    return positive_number(alpha, f"the lora_alpha of {module}", source) / (
+        math.sqrt(rank) if config.get("use_rslora") is True else rank)
 
 
-def _pattern(pattern: dict[str, Any], module: str, default: Any) -> Any:
-    for key, value in pattern.items():
-        if module == key or module.endswith("." + key):
-            return value
-    return default
+def positive_number(value: Any, what: str, source: str) -> float:
+    """``value`` as a finite positive float (a LoRA's alpha), or one error naming it."""
+    if isinstance(value, Tensor):
+        value = float(value) if value.numel() == 1 else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise MergeError(f"{source}: {what} should be one positive number, found {value!r}.")
+    return float(value)
 
 
 def lora_factors(obj: Delta, target: Path, format_name: str) -> dict[str, LowRank]:

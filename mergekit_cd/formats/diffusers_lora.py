@@ -78,7 +78,7 @@ def read(path: str | os.PathLike[str]) -> ConceptDelta:
         config = _adapter_config(metadata, source)
         parts = {(module, part): read_tensor(handle, key, source) for (module, part), key in modules.items()}
         identity = from_header(metadata, source=source)
-    layers = lora_layers(parts, lambda module, rank: peft_scale(config, module, rank), source)
+    layers = lora_layers(parts, lambda module, rank: peft_scale(config, module, rank, source), source)
     tokens = read_token_folder(Path(path), "the LoRA weights", skip=(WEIGHTS_NAME,)) if Path(path).is_dir() else {}
     check_token_shapes(tokens, str(path))
     return ConceptDelta(layers, tokens, **identity)

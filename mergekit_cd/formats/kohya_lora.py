@@ -14,7 +14,7 @@ from ..errors import MergeError
 from ..fileio import atomic_outputs, check_destination, open_safetensors, read_tensor, save_safetensors
 from ..metadata import from_header, to_header
 from ._common import Delta, check_token_shapes, check_vector, natural_order, safetensors_header, saveable
-from ._lora import check_lora_keys, lora_factors, lora_layers
+from ._lora import check_lora_keys, lora_factors, lora_layers, positive_number
 from .ldm_names import to_compvis_name, to_diffusers_name
 from .token_files import (EMB_PARAMS, SDXL_TOKEN_KEYS, STRING_TO_PARAM, read_token_folder, token_file_names,
                           token_folder, token_folder_entries)
@@ -92,7 +92,7 @@ def read(path: str | os.PathLike[str]) -> ConceptDelta:
         bundled = [key for key in keys if key.startswith(BUNDLE)]
         modules = check_lora_keys(keys, source, module_of=module_of, parts=_PARTS, extra=[*alphas, *bundled])
         parts = {entry: read_tensor(handle, key, source) for entry, key in modules.items()}
-        alpha = {module_of(key.removesuffix(".alpha")): _scalar(read_tensor(handle, key, source), key, source)
+        alpha = {module_of(key.removesuffix(".alpha")): positive_number(read_tensor(handle, key, source), key, source)
                  for key in alphas}
         tokens = _bundled_tokens({key: read_tensor(handle, key, source) for key in bundled}, source)
         identity = from_header(metadata, source=source)
@@ -102,13 +102,6 @@ def read(path: str | os.PathLike[str]) -> ConceptDelta:
     layers = lora_layers(parts, lambda module, rank: alpha.get(module, rank) / rank, source)
     check_token_shapes(tokens, source)
     return ConceptDelta(layers, tokens, **identity)
-
-
-def _scalar(value: Tensor, key: str, source: str) -> float:
-    if value.numel() != 1 or not torch.isfinite(value).all() or float(value) <= 0:
-        raise MergeError(f"{source}: {key} should be one positive number, found shape {tuple(value.shape)} "
-                         f"{value.flatten()[:3].tolist()}.")
-    return float(value)
 
 
 def _bundled_tokens(entries: dict[str, Tensor], source: str) -> dict[str, tuple[Tensor, ...]]:
