@@ -48,21 +48,30 @@ from pathlib import Path
 CLASS_WORDS = ("cat", "dog", "pot", "chair", "car", "tree", "house", "flower", "guitar", "watch")
 
 
-def build(work: Path, scenario: str) -> tuple[Path, list[Path]]:
-    """The base folder and the concept files of a scenario, made once and reused."""
+SCENARIOS = {"sd15": ("sd15", 3, "authors-bin"), "many": ("sd15", 100, "authors-bin"), "sdxl": ("sdxl", 10, "native")}
+
+
+def paths(work: Path, scenario: str) -> tuple[Path, list[Path]]:
+    """The base folder and the concept files of a scenario."""
+    kind, count, file_format = SCENARIOS[scenario]
+    suffix = "delta.bin" if file_format == "authors-bin" else "delta.safetensors"
+    return work / f"base-{kind}", [work / f"{scenario}-concepts" / f"{i:03d}" / suffix for i in range(count)]
+
+
+def job_build(work: str, scenario: str) -> None:
+    """Make what :func:`paths` names and is missing; a job of its own, so that the measuring
+    process stays small (a child's peak RSS, as the OS reports it, counts its parent's memory
+    at the fork)."""
     from mergekit_cd.base import open_base
     from mergekit_cd.loading import save
     from mergekit_cd.testing import random_concept_deltas, save_full_size_base
 
-    kind, count, file_format = {"sd15": ("sd15", 3, "authors-bin"), "many": ("sd15", 100, "authors-bin"),
-                                "sdxl": ("sdxl", 10, "native")}[scenario]
-    base_dir = work / f"base-{kind}"
+    kind, _, file_format = SCENARIOS[scenario]
+    base_dir, files = paths(Path(work), scenario)
     if not (base_dir / "model_index.json").is_file():
         shutil.rmtree(base_dir, ignore_errors=True)
         print(f"building the {kind} base in {base_dir} ...", flush=True)
         save_full_size_base(kind, base_dir, full_unet=kind == "sd15")
-    suffix = "delta.bin" if file_format == "authors-bin" else "delta.safetensors"
-    files = [work / f"{scenario}-concepts" / f"{i:03d}" / suffix for i in range(count)]
     missing = [i for i, f in enumerate(files) if not f.is_file()]
     if missing:
         print(f"making {len(missing)} {kind} concepts ...", flush=True)
@@ -74,7 +83,6 @@ def build(work: Path, scenario: str) -> tuple[Path, list[Path]]:
             for i, delta in zip(chunk, random_concept_deltas(base, specs, seed=1000 + chunk[0])):
                 files[i].parent.mkdir(parents=True, exist_ok=True)
                 save(delta, files[i], format=file_format, base=base, force=True)
-    return base_dir, files
 
 
 # ----------------------------------------------------------------------------- jobs (run in a child)
@@ -182,7 +190,7 @@ def job_floor(base: str, output: str, captions: str, cold: str, *inputs: str) ->
     save_file(merged, output)
 
 
-JOBS = {"ours": job_ours, "baseline": job_baseline, "floor": job_floor}
+JOBS = {"ours": job_ours, "baseline": job_baseline, "floor": job_floor, "build": job_build}
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -215,7 +223,8 @@ def ours_residual(log: str) -> float:
 
 
 def run_scenario(work: Path, scenario: str, caption_counts: list[int]) -> list[dict]:
-    base, files = build(work, scenario)
+    subprocess.run([sys.executable, __file__, "--job", "build", str(work), scenario], check=True)
+    base, files = paths(work, scenario)
     inputs = [str(f) for f in files]
     input_gib = sum(f.stat().st_size for f in files) / 2**30
     rows = []

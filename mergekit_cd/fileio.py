@@ -628,3 +628,64 @@ def _reason(error: BaseException) -> str:
     inner = error.__context__ if isinstance(error.__context__, pickle.UnpicklingError) else error
     text = " ".join(str(inner).split())
     return text.split(". ")[0][:200] or type(inner).__name__
+
+
+# ---------------------------------------------------------------- pages of a mapped file
+_MADV_DONTNEED = 4  # Linux; the pages of a private file mapping are read from the file again on use
+
+
+class MappedPages:
+    """Hands back the pages of a memory-mapped torch pickle that were read, so that reading a
+    large file through its mapping, a layer at a time, holds about one layer in memory.
+
+    A file mapping keeps every page once touched resident (counted in RSS) while it is mapped:
+    100 authors' ``delta.bin`` files held all 7 GiB of themselves through a merge. Only pages
+    of ``path``'s own mappings are released (found in ``/proc/self/maps``), so heap memory is
+    never touched; where that is not available (not Linux), nothing is done.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.ranges = _file_mappings(Path(path))
+        self._madvise = _libc_madvise() if self.ranges else None
+        self._page = os.sysconf("SC_PAGE_SIZE") if self.ranges else 1
+
+    def release(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Drop the whole pages of each tensor's storage from memory (they stay readable)."""
+        if self._madvise is None:
+            return
+        for tensor in tensors:
+            storage = tensor.untyped_storage()
+            start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+            start, end = -(-start // self._page) * self._page, end // self._page * self._page
+            if end > start and any(low <= start and end <= high for low, high in self.ranges):
+                self._madvise(start, end - start, _MADV_DONTNEED)
+
+
+def _file_mappings(path: Path) -> list[tuple[int, int]]:
+    """Address ranges where this process maps ``path`` (empty where /proc is unavailable)."""
+    try:
+        target = str(path.resolve())
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    ranges = []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] == target:
+            low, high = (int(value, 16) for value in fields[0].split("-"))
+            ranges.append((low, high))
+    return ranges
+
+
+def _libc_madvise() -> Callable[[int, int, int], int] | None:
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        madvise = libc.madvise
+    except (OSError, AttributeError):
+        return None
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    madvise.restype = ctypes.c_int
+    return madvise

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import re
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..delta import ConceptDelta, Difference, LayerDelta, LazyLayers, LowRank, check_token_name
 from ..errors import MergeError
-from ..fileio import SafetensorsFile, check_unchanged, file_identity, load_pickle, open_safetensors
+from ..fileio import MappedPages, SafetensorsFile, check_unchanged, file_identity, load_pickle, open_safetensors
 from ..limits import MAX_TOKENS, check_embedding_size, check_limit, check_tensor_size
 from ..metadata import HEADER_KEY, dump_document, identity_from_metadata, parse_document
 from ..weights import FineTunedWeights
@@ -259,18 +259,40 @@ class PickleFile:
             self.identity = None  # load_pickle says what is wrong with the path
         self.contents: Any = load_pickle(path, mmap=True)  # mapped if it is a zip, else read whole
         self.mapped = zipfile.is_zipfile(path)
+        self.pages = MappedPages(path) if self.mapped else None
+
+    def release(self, value: Any) -> None:
+        """Hand back the mapped pages of ``value``'s tensors once validated or copied
+        (:class:`~mergekit_cd.fileio.MappedPages`): the file is held about a tensor at a time."""
+        if self.pages is not None:
+            self.pages.release(_tensors(value))
 
     def reader(self, container: tuple[str, ...], keys: dict[str, tuple[str, str]]) -> Callable[[str], Pair]:
         """layer -> (to_k, to_v) entries found under ``keys`` in ``contents[container...]``, copies
-        owning their memory where the file is mapped (checked unchanged before each read)."""
+        owning their memory where the file is mapped (checked unchanged before each read); each
+        layer's mapped pages are handed back once copied (:meth:`release`)."""
         held = _inside(self.contents, container)
         if not self.mapped:
             return lambda layer: tuple(_entry(held[key]) for key in keys[layer])
 
         def read(layer: str) -> Pair:
             check_unchanged(self.path, self.identity)
-            return tuple(_entry(held[key], copy=True) for key in keys[layer])
+            entries = tuple(_entry(held[key], copy=True) for key in keys[layer])
+            self.release([held[key] for key in keys[layer]])
+            return entries
         return read
+
+
+def _tensors(contents: Any) -> Iterator[Tensor]:
+    """Every tensor in nested dicts and lists."""
+    if isinstance(contents, Tensor):
+        yield contents
+    elif isinstance(contents, dict):
+        for value in contents.values():
+            yield from _tensors(value)
+    elif isinstance(contents, (list, tuple)):
+        for value in contents:
+            yield from _tensors(value)
 
 
 class SafetensorsLayers:

@@ -70,6 +70,7 @@ def read(path: str | os.PathLike[str]) -> Delta:
         split = split_layer_key(key, _PROJECTIONS)
         if split is not None:
             collector.add(*split, key, check_entry(value, key, source))
+            file.release(value)
         elif key.endswith(IGNORED_SUFFIXES):
             ignored.append(key)
         else:

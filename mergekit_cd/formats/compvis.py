@@ -93,6 +93,7 @@ def read(path: str | os.PathLike[str]) -> Delta:
             tokens = _read_embed(value, names, source)
         elif layer is not None:
             collector.add(layer, split[1], key, check_entry(value, key, source))
+            file.release(value)
         elif key.startswith(PREFIX) and key.endswith(IGNORED_SUFFIXES):
             ignored.append(key)
         else:

@@ -90,6 +90,7 @@ def read(path: str | os.PathLike[str]) -> FineTunedWeights:
             if str(key).endswith(".processor") and isinstance(value, dict) and not value:
                 continue  # the .bin variant stores an empty dict for each processor without weights (attn1)
             _collect(str(key), lambda value=value: value, collector, ignored)
+            file.release(value)
         reader, lazy = file.reader((), collector.keys()), file.mapped
     tokens = read_token_folder(weights_file.parent, "the Custom Diffusion weights", skip=WEIGHTS_NAMES,
                                suffixes=TOKEN_SUFFIXES)
