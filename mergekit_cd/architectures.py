@@ -38,6 +38,11 @@ class Architecture:
     time_conditioning: bool = False
     vae_float32_under_fp16: bool = False
 
+    def time_ids(self, height: int, width: int) -> list[int]:
+        """The size/crop time ids (``time_conditioning``) of an uncropped height x width image made
+        at that size: original size, crop corner (0, 0), target size."""
+        return [height, width, 0, 0, height, width]
+
 
 ARCHITECTURES: dict[str, Architecture] = {
     "sd1": Architecture("sd1", ("text_encoder",), ("tokenizer",), None,

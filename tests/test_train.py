@@ -36,9 +36,12 @@ from mergekit_cd.testing import random_concept_delta
 from mergekit_cd.train import TrainingInterrupted, train
 from mergekit_cd.train import data as train_data
 from mergekit_cd.train import loop as train_loop
+from mergekit_cd.train import setup as train_setup
+from mergekit_cd.train import step as train_step
 from mergekit_cd.train.attention import DetachStartTokenAttnProcessor
 from mergekit_cd.train.config import ConceptSpec, TrainingConfig, check_config
 from mergekit_cd.train.embeddings import NewTokenEmbedding
+from mergekit_cd.train.state import Progress
 
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning"),
               pytest.mark.usefixtures("one_torch_thread")]
@@ -105,7 +108,7 @@ def cli_error(capsys, arguments: list[str]) -> str:
 
 @pytest.fixture(scope="module")
 def trained(tiny_pipeline_path, images, fast, tmp_path_factory):
-    """A 16-step SD1 run driven through its Session, with the instance loss on fixed evaluation
+    """A 16-step SD1 run driven through its state, with the instance loss on fixed evaluation
     draws (steps 1000-1015: the same images, augmentation, noise and timesteps) before and after.
     The learning rate is high (2e-3 x batch 2) so that 16 steps visibly fit the instance images."""
     base = tiny_pipeline_path("sd1")
@@ -114,19 +117,18 @@ def trained(tiny_pipeline_path, images, fast, tmp_path_factory):
                             **{**fast, "steps": 16}, learning_rate=2e-3, checkpoint_every=5,
                             validation_prompts=("<new1> cat",), validation_every=8,
                             num_validation_images=1, validation_sampling_steps=1)
-    session = train_loop.Session(check_config(config), None)
-    session.setup()
+    state = train_setup.setup(check_config(config))
 
     def evaluation_loss() -> float:
         with torch.no_grad():
-            return sum(float(session.loss_terms(step)[0]) for step in range(1000, 1016)) / 16
+            return sum(float(train_step.loss_terms(state, step)[0]) for step in range(1000, 1016)) / 16
 
     global_rng = torch.get_rng_state()
     before = evaluation_loss()  # the UNet is in training mode here, as in a step
     global_rng_untouched = torch.equal(torch.get_rng_state(), global_rng)
-    processors = {name: type(p).__name__ for name, p in session.pipe.unet.attn_processors.items()}
-    result = session.train(return_pipeline=True)
-    return {"base": base, "output": output, "result": result, "session": session, "processors": processors,
+    processors = {name: type(p).__name__ for name, p in state.models.pipe.unet.attn_processors.items()}
+    result = train_loop.train(state, return_pipeline=True)
+    return {"base": base, "output": output, "result": result, "state": state, "processors": processors,
             "before": before, "after": evaluation_loss(), "global_rng_untouched": global_rng_untouched}
 
 
@@ -153,7 +155,7 @@ def test_cross_attention_detaches_the_start_token_while_training_only(trained):
 def test_frozen_weights_and_old_embedding_rows_stay_bit_identical(trained):
     trained_pipe = trained["result"].pipeline
     base_pipe = load_pipeline(trained["base"])
-    trainable = {name for name, _ in trained["session"].trainables}
+    trainable = {name for name, _ in trained["state"].weights.named}
     changed = []
     for component in ("unet", "vae", "text_encoder"):
         theirs = dict(getattr(base_pipe, component).named_parameters())
@@ -397,7 +399,7 @@ def test_caching_class_latents_shows_a_progress_bar(tiny_pipeline_path, images, 
     config = TrainingConfig(base=str(tiny_pipeline_path("sd1")), concepts=(ConceptSpec(images["cat"], "cat"),),
                             output=tmp_path / "out", **{**fast, "progress": True})
     capsys.readouterr()
-    train_loop.Session(check_config(config), None).setup()
+    train_setup.setup(check_config(config))
     assert re.search(r"class latents: 100%.*\| 1/1 ", capsys.readouterr().err)  # 2 images, batch 2
 
 
@@ -423,7 +425,7 @@ def no_base_model(monkeypatch) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("the base model was opened")
 
-    monkeypatch.setattr(train_loop, "open_base", refuse)
+    monkeypatch.setattr(train_setup, "open_base", refuse)
 
 
 def test_a_token_that_cannot_be_a_file_name_is_refused_before_any_work(
@@ -469,9 +471,8 @@ def test_a_failed_write_leaves_the_earlier_run_as_it_was_and_the_native_file_com
     earlier = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
     config = TrainingConfig(base=str(tiny_pipeline_path("sd1")), concepts=(ConceptSpec(images["cat"], "cat"),),
                             output=out, force=True, **{**fast, "steps": 1})
-    session = train_loop.Session(check_config(config), None)
-    session.setup()  # no step is needed: the write of the untrained delta is what is tested
-    delta = output.build_delta(session)
+    state = train_setup.setup(check_config(config))  # no step is needed: the write of the untrained delta is tested
+    delta = output.build_delta(state, Progress())
     real_save, real_rename = output.save, os.rename
     for failing in ("diffusers", "native"):
         def save(delta, path, *, format, failing=failing, **options):
@@ -481,7 +482,7 @@ def test_a_failed_write_leaves_the_earlier_run_as_it_was_and_the_native_file_com
 
         monkeypatch.setattr(output, "save", save)
         with pytest.raises(MergeError, match="the disk is full"):
-            output.write(session, delta)
+            output.write(out, delta, base=state.base, trainables=state.weights.named)
         assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == earlier, failing
     monkeypatch.setattr(output, "save", real_save)
     placed = []
@@ -492,7 +493,7 @@ def test_a_failed_write_leaves_the_earlier_run_as_it_was_and_the_native_file_com
         real_rename(source, target)
 
     monkeypatch.setattr(os, "rename", rename)
-    native, folder = output.write(session, delta)
+    native, folder = output.write(out, delta, base=state.base, trainables=state.weights.named)
     assert placed == [["<new1>.safetensors", "pytorch_custom_diffusion_weights.safetensors"]]  # layout first
     assert sorted(p.name for p in out.iterdir()) == ["delta.safetensors", "diffusers"]
     assert load(native).allclose(load(folder, base=config.base), rtol=0, atol=1e-6)
@@ -550,10 +551,10 @@ def test_option_errors_name_the_fix(tiny_pipeline_path, images, fast, tmp_path, 
 
 
 def test_out_of_memory_suggests_what_to_change(tiny_pipeline_path, images, fast, tmp_path, monkeypatch):
-    def no_memory(self, step):
+    def no_memory(state, step):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(train_loop.Session, "loss", no_memory)
+    monkeypatch.setattr(train_loop, "loss", no_memory)
     with pytest.raises(MergeError) as error:
         train(tiny_pipeline_path("sd1"), images["cat"], "cat", tmp_path / "out", **fast)
     message = str(error.value)

@@ -5,7 +5,8 @@ needs): ``OUT/delta.safetensors`` (native, with metadata) and ``OUT/diffusers/``
 diffusers' training script writes). Modules: :mod:`.config` (options, defaults = the paper's
 recipe), :mod:`.data` (images, augmentation, loss mask), :mod:`.priors` (class images),
 :mod:`.embeddings` (trainable new token rows), :mod:`.attention` (start-token detach),
-:mod:`.loop` (the accelerate loop, checkpoints, resume), :mod:`.output` (files written).
+:mod:`.state` (what a run holds), :mod:`.setup` (models, data and caches, resume), :mod:`.step`
+(one step's loss), :mod:`.loop` (the accelerate loop, checkpoints), :mod:`.output` (files written).
 """
 
 from __future__ import annotations

@@ -25,6 +25,8 @@ from ..sampling import check_seed
 DEFAULT_INIT_TOKENS = ("ktn", "pll", "ucd")
 #: Projections of each cross-attention layer that may train; k and v always do.
 PROJECTIONS = ("q", "k", "v", "out")
+#: diffusers' module name of each projection, inside a cross-attention layer.
+PROJECTION_MODULES = {"q": "to_q", "k": "to_k", "v": "to_v", "out": "to_out.0"}
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 INSTANCE_TEMPLATE = "photo of a {token} {class_word}"
 CLASS_TEMPLATE = "photo of a {class_word}"

@@ -17,9 +17,12 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from torch import Tensor
+
+from ..base import BaseModel
 from ..delta import Concept, ConceptDelta, LayerDelta
 from ..errors import MergeError
 from ..fileio import (atomic_outputs, atomic_path, check_destination, check_not_an_input, load_safetensors,
@@ -28,10 +31,8 @@ from ..formats import diffusers_layout
 from ..formats.token_files import token_file_names
 from ..loading import save
 from ..prompts import target_prompts
-from .config import TrainingConfig
-
-if TYPE_CHECKING:
-    from .loop import Session
+from .config import PROJECTION_MODULES, TrainingConfig
+from .state import Progress, TrainingState
 
 NATIVE_NAME = "delta.safetensors"
 DIFFUSERS_NAME = "diffusers"
@@ -74,36 +75,39 @@ def prepare(config: TrainingConfig) -> None:
         shutil.rmtree(out / "checkpoints")
 
 
-def build_delta(session: Session) -> ConceptDelta:
+def build_delta(state: TrainingState, progress: Progress) -> ConceptDelta:
     """The trained K/V differences and token embeddings, float32 on the CPU, with metadata."""
-    config = session.config
-    weights = {name: parameter.detach().to("cpu", copy=True).float() for name, parameter in session.trainables}
+    config, weights = state.config, state.weights
+    trained = {name: parameter.detach().to("cpu", copy=True).float() for name, parameter in weights.named}
     layers = {}
-    for layer in session.layers:
+    for layer in weights.layers:
         key, value = f"{layer}.to_k.weight", f"{layer}.to_v.weight"
-        layers[layer] = LayerDelta(weights[key] - session.base_weights[key],
-                                   weights[value] - session.base_weights[value])
-    tokens = {token: tuple(wrapper.rows.detach()[index].to("cpu", copy=True).float()
-                           for wrapper in session.wrappers)
-              for index, token in enumerate(session.tokens)}
+        layers[layer] = LayerDelta(trained[key] - weights.base_weights[key],
+                                   trained[value] - weights.base_weights[value])
+    tokens = {concept.token: tuple(wrapper.rows.detach()[index].to("cpu", copy=True).float()
+                                   for wrapper in weights.wrappers)
+              for index, concept in enumerate(config.concepts)}
     concepts = tuple(Concept(c.token, c.class_word, tuple(target_prompts(c.token, c.class_word)))
                      for c in config.concepts)
     recipe = {"method": "custom-diffusion", "trainer": TRAINER, **config.recipe(),
-              "resolution": session.resolution, "learning_rate": session.learning_rate,
-              "num_processes": session.accelerator.num_processes, "mixed_precision": session.mixed_precision,
+              "resolution": state.resolution, "learning_rate": state.learning_rate,
+              "num_processes": state.accelerator.num_processes,
+              "mixed_precision": state.accelerator.mixed_precision,
               "detach_start_token": True, "noise_scheduler": "DDPM",
-              "prediction_type": session.noise_scheduler.config.prediction_type,
-              "steps_done": session.step, "final_loss": session.losses[-1] if session.losses else None,
+              "prediction_type": state.models.noise_scheduler.config.prediction_type,
+              "steps_done": progress.step, "final_loss": progress.losses[-1] if progress.losses else None,
               "stored": "K/V differences" if set(config.train) == {"k", "v"}
               else "K/V differences (native); q/out full weights in the diffusers layout"}
-    if session.class_images:
-        recipe["num_class_images"] = [len(s.paths) for s in session.class_images]
-    return ConceptDelta(layers, tokens, base=str(config.base), base_fingerprint=session.fingerprint,
-                        architecture=session.architecture.name, concepts=concepts, metadata={"recipe": recipe})
+    if state.prior is not None:
+        recipe["num_class_images"] = [len(s.paths) for s in state.prior.sets]
+    return ConceptDelta(layers, tokens, base=str(config.base), base_fingerprint=state.base.fingerprint,
+                        architecture=state.base.architecture.name, concepts=concepts, metadata={"recipe": recipe})
 
 
-def write(session: Session, delta: ConceptDelta) -> tuple[Path, Path]:
-    """``OUT/diffusers/`` (plus q/out weights when they trained) and ``OUT/delta.safetensors``.
+def write(out: Path, delta: ConceptDelta, *, base: BaseModel,
+          trainables: Sequence[tuple[str, Tensor]]) -> tuple[Path, Path]:
+    """``out/diffusers/`` (plus the q/out weights among ``trainables``, when they trained) and
+    ``out/delta.safetensors``; the diffusers layout is written against ``base``.
 
     Both are written under hidden names in OUT first, then put in place together
     (:func:`~mergekit_cd.fileio.atomic_outputs`), the native file last (it marks a finished run):
@@ -111,12 +115,12 @@ def write(session: Session, delta: ConceptDelta) -> tuple[Path, Path]:
     folder holding the native file holds the same run's diffusers layout. OUT was checked
     before training.
     """
-    out = Path(session.config.output)
-    extra = {name: parameter for name, parameter in session.trainables
-             if ".to_q." in name or ".to_out.0." in name}
+    out = Path(out)
+    beyond_kv = tuple(f".{PROJECTION_MODULES[part]}." for part in ("q", "out"))
+    extra = {name: parameter for name, parameter in trainables if any(module in name for module in beyond_kv)}
     folder, native = out / DIFFUSERS_NAME, out / NATIVE_NAME
     with atomic_outputs([folder, native], force=True, check=False) as (staged_folder, staged_native):
-        save(delta, staged_folder, format="diffusers", base=session.base)
+        save(delta, staged_folder, format="diffusers", base=base)
         if extra:
             _add_projections(staged_folder, extra)
         save(delta, staged_native, format="native")
