@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from . import formats
-from .architectures import Architecture, detect_architecture
+from .architectures import Architecture, pipeline_architecture
 from .base import kv_fingerprint
 from .delta import ConceptDelta, dense, layer_shapes
 from .errors import MergeError
@@ -62,16 +62,6 @@ def _pipeline_layers(pipe) -> list[str]:
                   if name.endswith(".attn2") and hasattr(module, "to_k"))
 
 
-def _pipeline_architecture(pipe) -> Architecture:
-    """The family of a loaded pipeline, recognised from its configs as for a folder."""
-    if getattr(pipe, "unet", None) is None:
-        raise MergeError(f"{type(pipe).__name__} has no UNet; a delta goes into a Stable Diffusion "
-                         f"pipeline (SD1.x, SD2.x, SDXL).")
-    encoder = getattr(pipe, "text_encoder", None)
-    encoder_config = encoder.config.to_dict() if encoder is not None else {}
-    return detect_architecture(dict(pipe.config), dict(pipe.unet.config), encoder_config)
-
-
 def _encoder_pairs(pipe, architecture: Architecture) -> list[tuple[str, str]]:
     """(tokenizer, text encoder) attribute names of the pipeline, in feature order."""
     pairs = list(zip(architecture.tokenizers, architecture.text_encoders))
@@ -99,7 +89,7 @@ def apply(pipe, delta: ConceptDelta | FineTunedWeights | PathLike, *, scale: flo
         raise MergeError(f"This pipeline already has a delta installed ({previous}); call "
                          f"mergekit_cd.remove(pipe) first, or merge the deltas into one with "
                          f"mergekit_cd.merge.")
-    architecture = _pipeline_architecture(pipe)
+    architecture = pipeline_architecture(pipe)
     layers = _pipeline_layers(pipe)
     source = "the delta"
     content = delta

@@ -75,3 +75,13 @@ def detect_architecture(model_index: dict[str, Any], unet_config: dict[str, Any]
     if text_encoder_config.get("hidden_act") == "gelu":
         return ARCHITECTURES["sd2"]
     return ARCHITECTURES["sd1"]
+
+
+def pipeline_architecture(pipe: Any) -> Architecture:
+    """The family of a loaded diffusers pipeline, recognised from its configs as for a folder."""
+    if getattr(pipe, "unet", None) is None:
+        raise MergeError(f"{type(pipe).__name__} has no UNet; a delta goes into a Stable Diffusion "
+                         f"pipeline (SD1.x, SD2.x, SDXL).")
+    encoder = getattr(pipe, "text_encoder", None)
+    encoder_config = encoder.config.to_dict() if encoder is not None else {}
+    return detect_architecture(dict(pipe.config), dict(pipe.unet.config), encoder_config)

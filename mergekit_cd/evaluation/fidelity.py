@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..architectures import pipeline_architecture
+
 
 @dataclass(frozen=True)
 class Probes:
@@ -88,7 +90,7 @@ class NoisePredictor:
     def __init__(self, pipe, *, batch_size: int = 8) -> None:
         self.pipe = pipe
         self.batch_size = batch_size
-        self.sdxl = getattr(pipe.unet.config, "addition_embed_type", None) == "text_time"
+        self.architecture = pipeline_architecture(pipe)
 
     def _encode(self, prompts: Sequence[str]) -> dict[str, tuple[Tensor, Tensor | None]]:
         """Per distinct prompt, its context (tokens, d) and pooled embedding (SDXL) or None."""
@@ -100,7 +102,7 @@ class NoisePredictor:
                 outputs = self.pipe.encode_prompt(prompt=chunk, device=self.pipe.unet.device,
                                                   num_images_per_prompt=1, do_classifier_free_guidance=False)
             context = outputs[0]
-            pooled = outputs[2] if self.sdxl else None
+            pooled = outputs[2] if self.architecture.time_conditioning else None
             for index, prompt in enumerate(chunk):
                 encoded[prompt] = (context[index], pooled[index] if pooled is not None else None)
         return encoded
@@ -116,9 +118,9 @@ class NoisePredictor:
             context = torch.stack([encoded[p][0] for p in prompts])
             noisy = probes.noisy[start:stop].to(unet.device, unet.dtype)
             extra = {}
-            if self.sdxl:
+            if self.architecture.time_conditioning:
                 height, width = (side * int(self.pipe.vae_scale_factor) for side in noisy.shape[-2:])
-                time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=context.dtype,
+                time_ids = torch.tensor([self.architecture.time_ids(height, width)], dtype=context.dtype,
                                         device=unet.device).repeat(len(prompts), 1)
                 extra["added_cond_kwargs"] = {"text_embeds": torch.stack([encoded[p][1] for p in prompts]),
                                               "time_ids": time_ids}
