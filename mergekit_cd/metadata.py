@@ -29,6 +29,7 @@ from .architectures import ARCHITECTURES
 from .delta import Concept, ConceptDelta
 from .errors import MergeError
 from .limits import MAX_METADATA_BYTES, MAX_PROMPTS, check_limit
+from .version import __version__
 from .weights import FineTunedWeights
 
 FORMAT_VERSION = "1"
@@ -46,8 +47,6 @@ _TOO_DEEP = object()
 
 def to_metadata(obj: ConceptDelta | FineTunedWeights) -> dict[str, Any]:
     """The metadata document describing ``obj``; free entries of ``obj.metadata`` are kept."""
-    from . import __version__  # deferred: the package imports the formats that import this
-
     free = {key: value for key, value in obj.metadata.items() if key not in _OWNED_FIELDS}
     return {
         "format_version": FORMAT_VERSION,

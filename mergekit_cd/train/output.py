@@ -28,6 +28,7 @@ from ..errors import MergeError
 from ..fileio import (atomic_outputs, atomic_path, check_destination, check_not_an_input, load_safetensors,
                       save_safetensors)
 from ..formats import diffusers_layout
+from ..formats import native as native_format
 from ..formats.token_files import token_file_names
 from ..loading import save
 from ..prompts import target_prompts
@@ -120,10 +121,10 @@ def write(out: Path, delta: ConceptDelta, *, base: BaseModel,
     extra = {name: parameter for name, parameter in trainables if any(module in name for module in beyond_kv)}
     folder, native = out / DIFFUSERS_NAME, out / NATIVE_NAME
     with atomic_outputs([folder, native], force=True, check=False) as (staged_folder, staged_native):
-        save(delta, staged_folder, format="diffusers", base=base)
+        save(delta, staged_folder, format=diffusers_layout.NAME, base=base)
         if extra:
             _add_projections(staged_folder, extra)
-        save(delta, staged_native, format="native")
+        save(delta, staged_native, format=native_format.NAME)
     return native, folder
 
 
