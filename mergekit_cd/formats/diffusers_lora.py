@@ -15,7 +15,7 @@ from ..fileio import atomic_path, open_safetensors, read_tensor, save_safetensor
 from ..metadata import from_header, to_header
 from ._common import (Delta, check_token_shapes, safetensors_header, saveable)
 from ._lora import check_lora_keys, lora_factors, lora_layers, peft_scale
-from .token_files import read_token_folder, token_file_names, token_state
+from .token_files import read_token_folder, token_file_names, token_folder_entries, token_state
 
 NAME = "diffusers-lora"
 WRITES_FULL_WEIGHTS = False  # writes ConceptDelta differences, every one as factors
@@ -132,8 +132,7 @@ def _adapter_metadata(ranks: dict[str, int]) -> dict[str, Any]:
 
 def foreign_entries(folder: Path) -> list[str]:
     """What in ``folder`` is not part of an output of this layout (the weights file and token files)."""
-    names = sorted(entry.name for entry in folder.iterdir())
     if not detect(folder):
-        return names
-    return [name for name in names if not ((folder / name).is_file() and name.endswith(".safetensors"))]
+        return sorted(entry.name for entry in folder.iterdir())
+    return token_folder_entries(folder)
 
