@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from . import formats
 from .base import BaseModel
 from .captions import heldout_captions
-from .delta import LORA_RTOL, ConceptDelta, LayerDelta, combine_modules, factorize
+from .delta import LORA_RTOL, ConceptDelta, LayerDelta, LowRank, combine_modules, factorize
 from .errors import MergeError
 from .feature_cache import cached_features, cached_gram
 from .features import FEATURE_RULE, LazyTextFeatures
@@ -196,6 +196,7 @@ def execute(plan: MergePlan, options: MergeOptions | None = None, *, progress: b
     options = options or MergeOptions()
     spec = options.spec
     weights = options.concept_weights(plan.concept_labels) if spec.concept_weights else None
+    other_modules = _carried_modules(plan, options)
     solve_device = options.solve_device
     text = _encode_text(plan, options, report=return_report, progress=progress)
     _release_memory(options.device)
@@ -239,8 +240,7 @@ def execute(plan: MergePlan, options: MergeOptions | None = None, *, progress: b
     result = ConceptDelta(layers, plan.tokens, base=plan.base.name,
                           base_fingerprint=plan.base.fingerprint, architecture=plan.base.architecture.name,
                           concepts=plan.concepts, token_renames=plan.token_renames,
-                          other_modules=combine_modules(plan.deltas, [options.other_layers_scale(len(plan.deltas))]
-                                                        * len(plan.deltas)))
+                          other_modules=other_modules)
     result.metadata["recipe"] = _recipe(plan, options, total_ridge, layer_digests)
     if not return_report:
         return result
@@ -251,6 +251,18 @@ def execute(plan: MergePlan, options: MergeOptions | None = None, *, progress: b
                                notes=text.notes + _other_layers_notes(plan, options))
 
 
+def _carried_modules(plan: MergePlan, options: MergeOptions) -> dict[str, LowRank]:
+    """The LoRA inputs' other UNet modules as the output carries them: their sum or average."""
+    if not options.carries_other_layers:
+        kept = next((source for source, delta in zip(plan.sources, plan.deltas) if delta.other_modules), None)
+        if kept is not None:
+            raise MergeError(f"{kept} was planned with its LoRA modules beyond the cross-attention K/V kept, but the "
+                             f"merge's other_layers is {options.other_layers}; plan it with that rule.")
+        return {}
+    scale = options.other_layers_scale(len(plan.deltas))
+    return combine_modules(plan.deltas, [scale] * len(plan.deltas))
+
+
 def _other_layers_notes(plan: MergePlan, options: MergeOptions) -> tuple[str, ...]:
     """What became of the LoRA inputs' parts beyond the cross-attention K/V, for the report."""
     if not plan.other_layers:
@@ -258,7 +270,7 @@ def _other_layers_notes(plan: MergePlan, options: MergeOptions) -> tuple[str, ..
     count = len(plan.deltas)
     carried = {"sum": f"; the output holds the sum of those modules over the {count} inputs",
                "average": f"; the output holds their average over the {count} inputs (each weighted 1/{count})",
-               "drop": ""}[options.other_layers]
+               }.get(options.other_layers, "")
     return (f"other layers {options.other_layers}: " + "; ".join(plan.other_layers) + carried,)
 
 

@@ -23,7 +23,7 @@ from mergekit_cd.cli.merge import main as cd_merge
 from mergekit_cd.delta import LayerDelta, dense, factorize
 from mergekit_cd.errors import MergeError
 from mergekit_cd.loading import load, save
-from mergekit_cd.merge import merge
+from mergekit_cd.merge import MergeOptions, execute, merge, plan_merge
 
 pytest.importorskip("peft")  # diffusers loads LoRAs through peft
 
@@ -478,6 +478,16 @@ def test_cd_merge_carries_a_peft_loras_other_layers_into_a_lora_output_as_their_
         for module, difference in other.items():
             got = pipe.unet.get_submodule(module).get_delta_weight(adapter)
             assert torch.allclose(got, scale * difference, rtol=1e-5, atol=1e-7), module
+
+
+def test_a_plan_keeping_other_modules_is_not_executed_under_another_rule(tiny_pipeline_path, tmp_path):
+    folder, _ = _peft_lora(tiny_pipeline_path, tmp_path / "peft", MORE_LAYERS)
+    plan = plan_merge([str(folder)], CAPTIONS, base=tiny_pipeline_path("sd1"), class_words=["dog"],
+                      other_layers="keep")
+    with pytest.raises(MergeError) as error:
+        execute(plan, MergeOptions(other_layers="drop"))
+    assert str(error.value) == (f"{folder} was planned with its LoRA modules beyond the cross-attention K/V kept, but "
+                                f"the merge's other_layers is drop; plan it with that rule.")
 
 
 def test_other_layers_sum_into_an_output_that_cannot_hold_them_is_refused_before_any_work(

@@ -79,7 +79,8 @@ def read(path: str | os.PathLike[str]) -> ConceptDelta:
         layers, modules, unread = read_lora(handle, keys, lambda module, rank: peft_scale(config, module, rank, source),
                                             source)
         identity = from_header(metadata, source=source)
-    tokens = read_token_folder(Path(path), "beside the LoRA weights", skip=(WEIGHTS_NAME,)) if Path(path).is_dir() else {}
+    folder = Path(path)
+    tokens = read_token_folder(folder, "beside the LoRA weights", skip=(WEIGHTS_NAME,)) if folder.is_dir() else {}
     check_token_shapes(tokens, str(path))
     return ConceptDelta(layers, tokens, other_modules=modules, unread_parts=unread, **identity)
 
