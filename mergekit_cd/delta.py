@@ -156,6 +156,12 @@ class ConceptDelta:
     layers: layer name (diffusers module path up to ``attn2``) -> :class:`LayerDelta`.
     tokens: token string -> one embedding per text encoder (two for SDXL).
     base: the base model's name, path or repo id; base_fingerprint: hash of its K/V weights.
+    other_modules: a LoRA's UNet modules beyond the cross-attention K/V (diffusers module path,
+    e.g. ``...attn1.to_q``, -> low-rank difference): never solved for; the algebra combines them
+    like the layers, a merge carries them only as ``MergeOptions.other_layers`` says, and only
+    the LoRA layouts hold them. unread_parts: the names of what a LoRA file holds that its reader
+    left unread (text-encoder parts, UNet parts no carrying is built for): the load boundary
+    drops or refuses them (:func:`mergekit_cd.loading.load`), so no merged or loaded delta has any.
     """
 
     layers: Mapping[str, LayerDelta]  # a dict, or LazyLayers read from a file on access
@@ -166,6 +172,8 @@ class ConceptDelta:
     concepts: tuple[Concept, ...] = ()
     metadata: dict[str, Any] = field(default_factory=dict)
     token_renames: tuple[TokenRename, ...] = ()
+    other_modules: dict[str, LowRank] = field(default_factory=dict)
+    unread_parts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.tokens = {name: tuple(emb) if isinstance(emb, (tuple, list)) else (emb,)
@@ -195,8 +203,12 @@ class ConceptDelta:
         return self._with_layers({k: v.map(dense) for k, v in self.layers.items()})
 
     def allclose(self, other: ConceptDelta, *, rtol: float = 1e-5, atol: float = 1e-8) -> bool:
-        """Same layers, tokens and (within tolerance) values."""
-        if self.layers.keys() != other.layers.keys() or self.tokens.keys() != other.tokens.keys():
+        """Same layers, tokens, other modules and (within tolerance) values."""
+        if (self.layers.keys() != other.layers.keys() or self.tokens.keys() != other.tokens.keys()
+                or self.other_modules.keys() != other.other_modules.keys()):
+            return False
+        if not all(torch.allclose(part.dense().double(), other.other_modules[module].dense().double(), rtol=rtol,
+                                  atol=atol) for module, part in self.other_modules.items()):
             return False
         for name, layer in self.layers.items():
             theirs = other.layers[name]
@@ -228,12 +240,13 @@ class ConceptDelta:
             return NotImplemented
         _check_compatible([self, other])
         removed = [emb for emb in other.tokens.values()]
+        modules = combine_modules([self, other], [1.0, -1.0])
         keep = {t: e for t, e in self.tokens.items()
                 if not any(_same_embedding(e, r) for r in removed)}
         layers = {name: LayerDelta(dense(a.key) - dense(other.layers[name].key),
                                    dense(a.value) - dense(other.layers[name].value))
                   for name, a in self.layers.items()}
-        return replace(self, layers=layers, tokens=keep, base=self.base or other.base,
+        return replace(self, layers=layers, tokens=keep, other_modules=modules, base=self.base or other.base,
                        base_fingerprint=self.base_fingerprint or other.base_fingerprint,
                        concepts=tuple(c for c in self.concepts if c.token in keep),
                        metadata={}, token_renames=())
@@ -242,7 +255,8 @@ class ConceptDelta:
         scale = _as_scale(scale)
         if scale is None:
             return NotImplemented
-        return self._with_layers({k: v.map(lambda x: _scaled(x, scale)) for k, v in self.layers.items()})
+        return replace(self._with_layers({k: v.map(lambda x: _scaled(x, scale)) for k, v in self.layers.items()}),
+                       other_modules=combine_modules([self], [scale]))
 
     __rmul__ = __mul__
 
@@ -422,11 +436,33 @@ def _linear_combination(deltas: Sequence[ConceptDelta], scales: Sequence[float])
             _weighted([p.key for p in parts], scales), _weighted([p.value for p in parts], scales))
     tokens, concepts, renames = merge_tokens(deltas)
     return ConceptDelta(
-        layers=layers, tokens=tokens,
+        layers=layers, tokens=tokens, other_modules=combine_modules(deltas, scales),
         base=next((d.base for d in deltas if d.base), None),
         base_fingerprint=next((d.base_fingerprint for d in deltas if d.base_fingerprint), None),
         architecture=next((d.architecture for d in deltas if d.architecture), None),
         concepts=concepts, token_renames=renames)
+
+
+def combine_modules(deltas: Sequence[ConceptDelta], scales: Sequence[float]) -> dict[str, LowRank]:
+    """``sum_i scales[i] * deltas[i].other_modules``, exactly: per module the scaled factors side
+    by side (``[s1 B1, s2 B2] @ [A1; A2]``), so the rank is the sum of the inputs' ranks; a delta
+    without a module adds nothing to it. Parts the readers left unread cannot be combined."""
+    unread = next((delta for delta in deltas if delta.unread_parts), None)
+    if unread is not None:
+        raise MergeError(f"Cannot combine a delta holding unread LoRA parts ({', '.join(unread.unread_parts[:3])}); "
+                         f"load it with other_layers='drop' or 'keep' first.")
+    combined: dict[str, list[LowRank]] = {}
+    for delta, scale in zip(deltas, scales):
+        for module, part in delta.other_modules.items():
+            combined.setdefault(module, []).append(_scaled(part, scale))
+    modules: dict[str, LowRank] = {}
+    for module, parts in combined.items():
+        if len({part.shape for part in parts}) > 1:
+            raise MergeError(f"Cannot combine LoRA module {module}: its inputs have shapes "
+                             f"{sorted({tuple(part.shape) for part in parts})}.")
+        modules[module] = LowRank(torch.cat([part.up for part in parts], dim=1),
+                                  torch.cat([part.down for part in parts], dim=0))
+    return modules
 
 
 def _weighted(parts: Sequence[Difference], scales: Sequence[float]) -> Tensor:
@@ -529,7 +565,7 @@ def factorize(delta: ConceptDelta, rtol: float = LORA_RTOL) -> tuple[ConceptDelt
     difference ``(V - W0 C^T) Z`` has at most one rank per constraint row) is factored exactly
     and listed in the report's ``exact``; any other (one trained concept, a sum) at the
     smallest rank within ``rtol``, as :func:`compress` does. Factors already stored stay as
-    they are. The report measures what is stored.
+    they are, and so does the metadata (a merge's recipe). The report measures what is stored.
     """
     if not (0 <= rtol < 1):
         raise MergeError(f"--lora-rtol {rtol:g}: the relative error bound must be in [0, 1).")
@@ -557,7 +593,7 @@ def factorize(delta: ConceptDelta, rtol: float = LORA_RTOL) -> tuple[ConceptDelt
             worst = max(worst, lost / norm if norm > 0 else 0.0)
         layers[name] = LayerDelta(*stored)
         ranks[name] = (stored[0].rank, stored[1].rank)
-    factored = delta._with_layers(layers)
+    factored = replace(delta, layers=layers, metadata=dict(delta.metadata))  # the same content: its recipe stays
     report = CompressionReport(rtol, math.sqrt(lost_sq / total_sq) if total_sq > 0 else 0.0, worst, ranks,
                                delta.num_parameters(), factored.num_parameters(), exact=tuple(exact))
     return factored, report

@@ -9,16 +9,25 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
+
 from . import formats, hub
 from .base import BaseModel, open_base
-from .delta import CompressionReport, ConceptDelta, LowRank, compress, factorize, layer_shapes, LORA_RTOL
+from .delta import (CompressionReport, ConceptDelta, LayerDelta, LowRank, compress, factorize, layer_shapes,
+                    LORA_RTOL)
 from .errors import MergeError
+from .formats._common import check_token_shapes, natural_order
+from .formats._lora import TEXT_ENCODER_PREFIXES, describe_parts
+from .formats.token_files import is_token_file, read_token_file
 from .fileio import parse_once
 from .limits import MAX_TOKENS, BaseBound, BaseBoundError, within_base
+from .merge_options import OptionError
 from .weights import FineTunedWeights
 
 PathLike = str | os.PathLike[str]
@@ -44,29 +53,46 @@ class LoadedDelta:
     path: Path | None
     format: str
     delta: ConceptDelta
+    #: what became of a LoRA's parts beyond the cross-attention K/V (dropped or kept), in words
+    other_layers: str | None = None
 
 
 #: The format of a delta given in memory rather than as a file.
 IN_MEMORY = "object"
+#: The format of a token embedding file given as an input on its own (no format reads it).
+EMBEDDING = "embedding"
+#: What :func:`load` may do with a LoRA's parts beyond the cross-attention K/V.
+OTHER_LAYERS_ON_LOAD = ("refuse", "drop", "keep")
 
 
 def load(reference: PathLike | ConceptDelta, *, base: BaseModel | PathLike | None = None,
-         check_base: bool = True) -> ConceptDelta:
+         check_base: bool = True, other_layers: str = "refuse", embeddings: Sequence[PathLike] = ()) -> ConceptDelta:
     """Read a delta in any supported format (local path or hub repo id) and validate it.
 
     Files that hold full fine-tuned weights need ``base`` to become differences. With a base,
     the delta is checked against it; ``check_base=False`` accepts a delta whose recorded base
     fingerprint differs (for experts who know the bases are equivalent). A delta given in
     memory is never changed: what the base adds (its fingerprint, name) goes to a copy.
+
+    A token embedding file (A1111 ``.pt``, kohya ``emb_params``, SDXL ``clip_l``/``clip_g``,
+    diffusers' ``learned_embeds``) is a delta of its token on the base's unchanged K/V (it needs
+    ``base``). ``embeddings``: such files paired with the delta, their tokens added to its own.
+    ``other_layers``: what becomes of a LoRA's parts beyond the cross-attention K/V:
+    ``refuse`` (the default), ``drop``, or ``keep`` its UNet modules (``other_modules``, only
+    LoRA layouts hold them); text-encoder parts are only ever dropped, with a warning.
     """
-    return load_source(reference, base=base, check_base=check_base).delta
+    return load_source(reference, base=base, check_base=check_base, other_layers=other_layers,
+                       embeddings=embeddings).delta
 
 
 def load_source(reference: PathLike | ConceptDelta, *, base: BaseModel | PathLike | None = None,
-                check_base: bool = True, source: str | None = None) -> LoadedDelta:
+                check_base: bool = True, source: str | None = None, other_layers: str = "refuse",
+                embeddings: Sequence[PathLike] = ()) -> LoadedDelta:
     """:func:`load`, keeping what it learned on the way: the resolved path and the format (the
-    file is resolved, detected and read once, with one parse). ``source`` names the input in
-    messages (default: the reference as given)."""
+    file is resolved, detected and read once, with one parse), what became of a LoRA's other
+    parts. ``source`` names the input in messages (default: the reference as given)."""
+    if other_layers not in OTHER_LAYERS_ON_LOAD:
+        raise MergeError(f"other_layers {other_layers!r}: choose one of {', '.join(OTHER_LAYERS_ON_LOAD)}.")
     content: ConceptDelta | FineTunedWeights | None = None
     if isinstance(reference, ConceptDelta):
         path, read_as = None, IN_MEMORY
@@ -77,7 +103,7 @@ def load_source(reference: PathLike | ConceptDelta, *, base: BaseModel | PathLik
         try:
             with parse_once(), within_base(base_bound(as_base(base))) if base is not None else nullcontext():
                 path = resolve_delta(reference)
-                read_as, content = formats.read_detected(path)
+                read_as, content = _read(path, base, source)
         except BaseBoundError:
             _refuse_recorded_architecture(resolve_delta(reference), as_base(base), source)
             raise
@@ -93,6 +119,8 @@ def load_source(reference: PathLike | ConceptDelta, *, base: BaseModel | PathLik
         else:
             delta = content
         delta.metadata.setdefault("source", source)
+    delta, what = _other_layers(delta, other_layers, source)
+    delta = _paired(delta, embeddings, base, source)
     if base is not None:
         base = as_base(base)
         # full weights were fitted to the base before they became differences
@@ -101,7 +129,82 @@ def load_source(reference: PathLike | ConceptDelta, *, base: BaseModel | PathLik
             delta.base_fingerprint = base.fingerprint
             delta.base = delta.base or base.name
         delta.architecture = delta.architecture or base.architecture.name
-    return LoadedDelta(source, path, read_as, delta)
+    return LoadedDelta(source, path, read_as, delta, what)
+
+
+def _read(path: Path, base: BaseModel | PathLike | None, source: str) -> tuple[str, ConceptDelta | FineTunedWeights]:
+    """``(format, content)`` of a delta file, or of a token embedding file no format reads."""
+    if not any(module.detect(path) for module in formats.FORMATS) and is_token_file(path):
+        return EMBEDDING, _embedding_delta(path, base, source)
+    return formats.read_detected(path)
+
+
+def _embedding_delta(file: Path, base: BaseModel | PathLike | None, source: str) -> ConceptDelta:
+    """A token embedding file as a delta: its token, on the base's K/V unchanged (rank-0 differences)."""
+    if base is None:
+        raise MergeError(f"{source} is a token embedding file: as an input it is its token on the base's unchanged "
+                         f"K/V weights; give the base model (--base).")
+    base = as_base(base)
+    name, embeddings = read_token_file(file, "as an input")
+    layers = {layer: LayerDelta(*(LowRank(torch.zeros(shape[0], 0), torch.zeros(0, shape[1])) for shape in shapes))
+              for layer, shapes in base.kv_shapes().items()}
+    check_token_shapes({name: embeddings}, source)
+    return ConceptDelta(layers, {name: embeddings}, architecture=base.architecture.name)
+
+
+def _paired(delta: ConceptDelta, embeddings: Sequence[PathLike], base: BaseModel | PathLike | None,
+            source: str) -> ConceptDelta:
+    """``delta`` with the tokens of the embedding files paired with it (a LoRA and its trigger
+    token: one concept), each file checked against the base's text encoders on its own."""
+    if not embeddings:
+        return delta
+    tokens = dict(delta.tokens)
+    origins = {name: source for name in tokens}
+    for file in map(Path, embeddings):
+        name, vectors = read_token_file(file, f"paired with {source}")
+        if name in tokens:
+            raise MergeError(f"{file}: token {name} is already in {origins[name]}; a token can be paired once.")
+        if base is not None:
+            check_token_sizes({name: vectors}, as_base(base), str(file))
+        tokens[name], origins[name] = vectors, str(file)
+    check_token_shapes(tokens, source)
+    return replace(delta, tokens=tokens)
+
+
+def _other_layers(delta: ConceptDelta, rule: str, source: str) -> tuple[ConceptDelta, str | None]:
+    """The delta with a LoRA's parts beyond the cross-attention K/V dealt with by ``rule``, and
+    what was done in words: refused (one message listing them and the choices), dropped, or its
+    UNet modules kept. Text-encoder parts change the features the merge is computed on, so they
+    can only be dropped (with a warning); UNet parts no reader can carry are refused for keep."""
+    parts = [*delta.other_modules, *delta.unread_parts]
+    if not parts:
+        return delta, None
+    text_encoder = [name for name in delta.unread_parts if name.startswith(TEXT_ENCODER_PREFIXES)]
+    uncarried = [name for name in delta.unread_parts if name not in text_encoder]
+    kinds = describe_parts([*delta.unread_parts, *delta.other_modules])
+    if rule == "refuse":
+        raise OptionError("{source}: holds parts beyond the UNet's cross-attention K/V ({kinds}; e.g. {examples}); "
+                          "the merge solves for attn2.to_k / attn2.to_v alone, and will not drop the rest silently. "
+                          "Choose with {other_layers}: drop (merge the K/V alone), or sum / average (carry the UNet "
+                          "modules into a LoRA output as the inputs' sum or average)"
+                          + ("; its text-encoder parts can only be dropped, as they change the text features the "
+                             "merge is computed on" if text_encoder else "") + ".",
+                          source=source, kinds=kinds, examples=", ".join(natural_order(parts)[:2]))
+    if text_encoder:
+        warnings.warn(f"{source}: its {len(text_encoder)} text-encoder tensors are dropped: they change the text "
+                      f"features the merge is computed on, so no merge can keep them (the merged file works with "
+                      f"the base's text encoders).", stacklevel=3)
+    if rule == "keep" and uncarried:
+        raise OptionError("{source}: some of its UNet parts cannot be carried (e.g. {examples}: convolutions, or "
+                          "names with no diffusers module known here); choose {other_layers} drop.",
+                          source=source, examples=", ".join(uncarried[:2]))
+    kept = delta.other_modules if rule == "keep" else {}
+    modules = f"{len(delta.other_modules)} UNet modules beyond the cross-attention K/V"
+    what = ", ".join(part for part in (
+        (f"{modules} kept" if kept else f"{modules} dropped") if delta.other_modules else "",
+        f"{len(uncarried)} more UNet tensors dropped" if uncarried else "",
+        f"{len(text_encoder)} text-encoder tensors dropped" if text_encoder else "") if part)
+    return replace(delta, other_modules=kept, unread_parts=()), f"{what} ({kinds})"
 
 
 def _refuse_recorded_architecture(path: Path, base: BaseModel, source: str) -> None:
@@ -227,6 +330,11 @@ def check_fits(layer_names, key_shapes: dict, tokens: dict, base: BaseModel, sou
         if tuple(shape) != tuple(expected[name][0]):
             raise MergeError(f"{source}: layer {name} has shape {tuple(shape)}, but the base's is "
                              f"{tuple(expected[name][0])}.")
+    check_token_sizes(tokens, base, source)
+
+
+def check_token_sizes(tokens: dict, base: BaseModel, source: str) -> None:
+    """Each token's embedding sizes against the base's text encoders."""
     dims = base.token_dims()
     for token, embeddings in tokens.items():
         got = tuple(e.shape[0] for e in embeddings)
@@ -250,6 +358,7 @@ def save(delta: ConceptDelta, path: PathLike, *, format: str | None = None,
     name = formats.output_format(path, format)
     module = formats.get_format(name)
     formats.check_can_hold(name, delta.architecture, path)
+    formats.check_holds_other_modules(name, list(delta.other_modules), path)
     compressed = any(isinstance(part, LowRank) for layer in delta.layers.values()
                      for part in (layer.key, layer.value))
     if module.FACTORS_ONLY:

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from . import formats
 from .base import BaseModel
 from .captions import heldout_captions
-from .delta import LORA_RTOL, ConceptDelta, LayerDelta, factorize
+from .delta import LORA_RTOL, ConceptDelta, LayerDelta, LowRank, combine_modules, factorize
 from .errors import MergeError
 from .feature_cache import cached_features, cached_gram
 from .features import FEATURE_RULE, LazyTextFeatures
@@ -42,7 +42,8 @@ def merge(deltas: Sequence[PathLike | ConceptDelta], reg_captions: Sequence[str]
           base: BaseModel | PathLike, options: MergeOptions | None = None,
           class_words: Sequence[str | None] | None = None, styles: Sequence[bool] | None = None,
           target_templates: Sequence[str] | None = None, style_templates: Sequence[str] | None = None,
-          check_base: bool = True, progress: bool = False, return_report: bool = False,
+          check_base: bool = True, embeddings: Sequence[Sequence[PathLike]] | None = None,
+          progress: bool = False, return_report: bool = False,
           **option_fields: Any) -> ConceptDelta | tuple[ConceptDelta, MergeReport]:
     """Merge concept deltas into one delta on ``base``.
 
@@ -50,7 +51,8 @@ def merge(deltas: Sequence[PathLike | ConceptDelta], reg_captions: Sequence[str]
     see :class:`MergeOptions`: ``constrained`` (each concept's outputs kept exactly), ``soft``
     (kept in proportion to ``weights``, against ``mu``), ``sum`` or ``average`` (naive).
     reg_captions default to the ~1200 captions shipped with the package. ``class_words``,
-    ``styles`` and the templates decide each concept's target prompts (see :func:`plan_merge`).
+    ``styles`` and the templates decide each concept's target prompts (see :func:`plan_merge`);
+    ``embeddings`` pairs token embedding files with inputs (per input, a list of files).
 
     The work streams layer by layer: one factorisation serves every layer, and besides the
     inputs only the result and one layer's rows are held (the text encoder is released first).
@@ -58,7 +60,7 @@ def merge(deltas: Sequence[PathLike | ConceptDelta], reg_captions: Sequence[str]
     options = _options(options, option_fields)
     plan = plan_merge(deltas, reg_captions, base=base, class_words=class_words, styles=styles,
                       target_templates=target_templates, style_templates=style_templates,
-                      check_base=check_base)
+                      check_base=check_base, other_layers=options.other_layers_on_load, embeddings=embeddings)
     return execute(plan, options, progress=progress, return_report=return_report)
 
 
@@ -91,6 +93,7 @@ def prepare_merge_to_file(deltas: Sequence[PathLike | ConceptDelta], output: Pat
                           class_words: Sequence[str | None] | None = None, styles: Sequence[bool] | None = None,
                           target_templates: Sequence[str] | None = None,
                           style_templates: Sequence[str] | None = None, check_base: bool = True,
+                          embeddings: Sequence[Sequence[PathLike]] | None = None,
                           dry_run: bool = False, lora_rtol: float = LORA_RTOL, **option_fields: Any) -> FileMerge:
     """Check the options, then the output (format, destination, never an input; with ``dry_run``
     only whether the format can hold the base's architecture), then plan: every refusal comes
@@ -99,6 +102,7 @@ def prepare_merge_to_file(deltas: Sequence[PathLike | ConceptDelta], output: Pat
     options.check_inputs(len(deltas))
     output = Path(output)
     output_format = formats.output_format(output, format)
+    options.check_output_format(output_format, output)
     base = as_base(base)
     if dry_run:
         formats.check_can_hold(output_format, base.architecture.name, output)
@@ -106,7 +110,8 @@ def prepare_merge_to_file(deltas: Sequence[PathLike | ConceptDelta], output: Pat
         formats.check_output(output, output_format, architecture=base.architecture.name, force=force,
                              inputs=[base.path, *(d for d in deltas if not isinstance(d, ConceptDelta))])
     plan = plan_merge(deltas, reg_captions, base=base, class_words=class_words, styles=styles,
-                      target_templates=target_templates, style_templates=style_templates, check_base=check_base)
+                      target_templates=target_templates, style_templates=style_templates, check_base=check_base,
+                      other_layers=options.other_layers_on_load, embeddings=embeddings)
     if options.spec.concept_weights:
         options.concept_weights(plan.concept_labels)
     return FileMerge(plan, options, output, output_format, force, lora_rtol)
@@ -191,6 +196,7 @@ def execute(plan: MergePlan, options: MergeOptions | None = None, *, progress: b
     options = options or MergeOptions()
     spec = options.spec
     weights = options.concept_weights(plan.concept_labels) if spec.concept_weights else None
+    other_modules = _carried_modules(plan, options)
     solve_device = options.solve_device
     text = _encode_text(plan, options, report=return_report, progress=progress)
     _release_memory(options.device)
@@ -233,14 +239,39 @@ def execute(plan: MergePlan, options: MergeOptions | None = None, *, progress: b
 
     result = ConceptDelta(layers, plan.tokens, base=plan.base.name,
                           base_fingerprint=plan.base.fingerprint, architecture=plan.base.architecture.name,
-                          concepts=plan.concepts, token_renames=plan.token_renames)
+                          concepts=plan.concepts, token_renames=plan.token_renames,
+                          other_modules=other_modules)
     result.metadata["recipe"] = _recipe(plan, options, total_ridge, layer_digests)
     if not return_report:
         return result
     info = operator.info() if operator is not None else None
     return result, sums.report(options.method, plan.concepts, plan.token_renames,
                                num_captions=len(plan.reg_captions), num_rows=text.num_rows,
-                               gram_from_cache=text.gram_from_cache, info=info, notes=text.notes)
+                               gram_from_cache=text.gram_from_cache, info=info,
+                               notes=text.notes + _other_layers_notes(plan, options))
+
+
+def _carried_modules(plan: MergePlan, options: MergeOptions) -> dict[str, LowRank]:
+    """The LoRA inputs' other UNet modules as the output carries them: their sum or average."""
+    if not options.carries_other_layers:
+        kept = next((source for source, delta in zip(plan.sources, plan.deltas) if delta.other_modules), None)
+        if kept is not None:
+            raise MergeError(f"{kept} was planned with its LoRA modules beyond the cross-attention K/V kept, but the "
+                             f"merge's other_layers is {options.other_layers}; plan it with that rule.")
+        return {}
+    scale = options.other_layers_scale(len(plan.deltas))
+    return combine_modules(plan.deltas, [scale] * len(plan.deltas))
+
+
+def _other_layers_notes(plan: MergePlan, options: MergeOptions) -> tuple[str, ...]:
+    """What became of the LoRA inputs' parts beyond the cross-attention K/V, for the report."""
+    if not plan.other_layers:
+        return ()
+    count = len(plan.deltas)
+    carried = {"sum": f"; the output holds the sum of those modules over the {count} inputs",
+               "average": f"; the output holds their average over the {count} inputs (each weighted 1/{count})",
+               }.get(options.other_layers, "")
+    return (f"other layers {options.other_layers}: " + "; ".join(plan.other_layers) + carried,)
 
 
 def _release_memory(device: torch.device) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from . import formats
 from .devices import float64_device, parse_device
 from .errors import MergeError
 from .merge_methods import MergeMethod, get_method, weighted_method_names
@@ -27,8 +28,10 @@ DEFAULT_MU = 1.0
 #: Text-encoder precisions a merge may run in (the solve is always float64).
 TEXT_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16,
                                        "bfloat16": torch.bfloat16}
+#: What a merge does with a LoRA input's parts beyond the cross-attention K/V (``other_layers``).
+OTHER_LAYERS = ("refuse", "drop", "sum", "average")
 #: The options a recipe records: those that decide the merged weights.
-RECORDED = ("method", "weights", "mu", "ridge", "relative_ridge", "text_dtype")
+RECORDED = ("method", "weights", "mu", "ridge", "relative_ridge", "text_dtype", "other_layers")
 
 
 class OptionError(MergeError):
@@ -57,6 +60,12 @@ class MergeOptions:
     they take :data:`DEFAULT_SOFT_WEIGHT` and :data:`DEFAULT_MU`. ``ridge`` adds
     ``ridge * ||W - W0||^2``; ``relative_ridge`` the same in units of the caption Gram matrix's
     mean eigenvalue. ``held_out`` captions feed only the report's drift figures.
+
+    ``other_layers``: what becomes of a LoRA input's parts beyond the cross-attention K/V, which
+    the merge does not solve for: ``refuse`` such an input (the default), ``drop`` them, or carry
+    its UNet modules into a LoRA output as the ``sum`` / ``average`` over the inputs of their
+    low-rank differences. Text-encoder parts change the features the merge is computed on, so
+    every choice but ``refuse`` drops them, with a warning.
     """
 
     method: str = "constrained"
@@ -69,6 +78,7 @@ class MergeOptions:
     device: torch.device = torch.device("cpu")
     cache_dir: Path | None = None
     held_out: tuple[str, ...] | None = None
+    other_layers: str = "refuse"
 
     def __post_init__(self) -> None:
         set_field = object.__setattr__.__get__(self)  # frozen: normalise the given types once, here
@@ -113,6 +123,9 @@ class MergeOptions:
         if self.text_dtype not in TEXT_DTYPES.values():
             raise OptionError("{text_dtype} {value}: choose one of " + ", ".join(TEXT_DTYPES) + ".",
                               value=self.text_dtype)
+        if self.other_layers not in OTHER_LAYERS:
+            raise OptionError("{other_layers} {value!r}: choose one of " + ", ".join(OTHER_LAYERS) + ".",
+                              value=self.other_layers)
 
     @property
     def spec(self) -> MergeMethod:
@@ -141,6 +154,30 @@ class MergeOptions:
         return list(self.weights)
 
     @property
+    def carries_other_layers(self) -> bool:
+        """Whether the output carries the LoRA inputs' other UNet modules (``sum`` / ``average``)."""
+        return self.other_layers in ("sum", "average")
+
+    @property
+    def other_layers_on_load(self) -> str:
+        """The load boundary's rule for those parts (:func:`mergekit_cd.loading.load`): refuse,
+        drop, or keep them for the merge to combine."""
+        return "keep" if self.carries_other_layers else self.other_layers
+
+    def other_layers_scale(self, num_inputs: int) -> float:
+        """The weight of each input's other modules in the output: 1 (sum) or 1 / inputs (average)."""
+        return 1.0 / num_inputs if self.other_layers == "average" else 1.0
+
+    def check_output_format(self, output_format: str, output: str | Path) -> None:
+        """Before any work: carried modules need an output that holds them (a LoRA layout)."""
+        if self.carries_other_layers and not formats.get_format(output_format).HOLDS_OTHER_MODULES:
+            holders = " or ".join(module.NAME for module in formats.FORMATS if module.HOLDS_OTHER_MODULES)
+            raise OptionError("{other_layers} {value} carries the LoRA inputs' UNet modules beyond the cross-attention "
+                              "K/V into the output, and {output} is written as {format}, which holds the K/V alone; "
+                              "write a LoRA (format {holders}), or choose {other_layers} drop.",
+                              value=self.other_layers, output=output, format=output_format, holders=holders)
+
+    @property
     def soft_mu(self) -> float:
         """``mu`` of a weighted merge."""
         return DEFAULT_MU if self.mu is None else self.mu
@@ -148,7 +185,8 @@ class MergeOptions:
     def to_recipe(self, num_concepts: int) -> dict[str, Any]:
         """The options that decide the merged weights, as JSON, defaults filled in."""
         recipe: dict[str, Any] = {"method": self.method, "ridge": self.ridge, "relative_ridge": self.relative_ridge,
-                                  "text_dtype": str(self.text_dtype).removeprefix("torch.")}
+                                  "text_dtype": str(self.text_dtype).removeprefix("torch."),
+                                  "other_layers": self.other_layers}
         if self.spec.concept_weights:
             recipe["mu"] = self.soft_mu
             recipe["weights"] = list(self.weights) if self.weights is not None \

@@ -36,6 +36,8 @@ class MergePlan:
     tokens: dict[str, tuple[Tensor, ...]]
     token_renames: tuple[TokenRename, ...]
     reg_captions: tuple[str, ...]
+    #: what became of the LoRA inputs' parts beyond the cross-attention K/V, one line per input holding any
+    other_layers: tuple[str, ...] = ()
 
     @property
     def concept_labels(self) -> list[str]:
@@ -104,8 +106,12 @@ def dependence_rtol(text_dtype: torch.dtype) -> float:
 def plan_merge(deltas: Sequence[PathLike | ConceptDelta], reg_captions: Sequence[str] | None = None, *,
                base: BaseModel | PathLike, class_words: Sequence[str | None] | None = None,
                styles: Sequence[bool] | None = None, target_templates: Sequence[str] | None = None,
-               style_templates: Sequence[str] | None = None, check_base: bool = True) -> MergePlan:
+               style_templates: Sequence[str] | None = None, check_base: bool = True,
+               other_layers: str = "refuse", embeddings: Sequence[Sequence[PathLike]] | None = None) -> MergePlan:
     """Load and validate the inputs, name their tokens, attach class words and target prompts.
+
+    ``other_layers`` and ``embeddings`` (per input, the token embedding files paired with it)
+    are :func:`~mergekit_cd.loading.load`'s, for every input.
 
     A concept is a style when its file records it as one or ``styles`` flags its input (the
     flag adds, it never clears a recorded style). Its target prompts are the ones its file
@@ -123,8 +129,12 @@ def plan_merge(deltas: Sequence[PathLike | ConceptDelta], reg_captions: Sequence
     with parse_once():  # each input file is parsed once: resolving, detecting, reading, comparing
         paths = [None if isinstance(d, ConceptDelta) else resolve_delta(d) for d in deltas]
         _refuse_repeated_files(paths, sources)
-        inputs = [load_source(d if path is None else path, base=base, check_base=check_base, source=source)
-                  for d, path, source in zip(deltas, paths, sources)]
+        if embeddings is not None and len(embeddings) != len(deltas):
+            raise MergeError(f"Got embedding files for {len(embeddings)} inputs, but {len(deltas)} inputs.")
+        paired = embeddings if embeddings is not None else [()] * len(deltas)
+        inputs = [load_source(d if path is None else path, base=base, check_base=check_base, source=source,
+                              other_layers=other_layers, embeddings=files)
+                  for d, path, source, files in zip(deltas, paths, sources, paired)]
         loaded = [entry.delta for entry in inputs]
         _refuse_repeated_content(loaded, sources)
     read_as = tuple(entry.format for entry in inputs)
@@ -166,7 +176,8 @@ def plan_merge(deltas: Sequence[PathLike | ConceptDelta], reg_captions: Sequence
     if not captions:
         raise MergeError("The regularisation caption set is empty.")
     return MergePlan(base, tuple(loaded), sources, read_as, tuple(concepts), tuple(owners), tokens,
-                     renames, captions)
+                     renames, captions, tuple(f"{entry.source}: {entry.other_layers}" for entry in inputs
+                                              if entry.other_layers))
 
 
 def _refuse_repeated_files(paths: Sequence[Path | None], sources: Sequence[str]) -> None:

@@ -23,7 +23,7 @@ from mergekit_cd.cli.merge import main as cd_merge
 from mergekit_cd.delta import LayerDelta, dense, factorize
 from mergekit_cd.errors import MergeError
 from mergekit_cd.loading import load, save
-from mergekit_cd.merge import merge
+from mergekit_cd.merge import MergeOptions, execute, merge, plan_merge
 
 pytest.importorskip("peft")  # diffusers loads LoRAs through peft
 
@@ -206,26 +206,53 @@ def _kohya_state(merged) -> dict[str, torch.Tensor]:
     return load_file(merged["sd1"]["kohya"])
 
 
-@pytest.mark.parametrize("extra, words", [
-    ({"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight": torch.zeros(2, 8)},
-     "self-attention"),
-    ({"lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(2, 8)},
-     "text-encoder parts"),
-    ({"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.dora_scale": torch.ones(1, 8)},
-     "DoRA magnitudes"),
-    ({"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.hada_w1_a": torch.zeros(8, 2)},
-     "LyCORIS"),
+_SELF_ATTENTION = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+_TEXT_ENCODER = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+
+
+@pytest.mark.parametrize("extra, holds", [
+    ({f"{_SELF_ATTENTION}.lora_down.weight": torch.zeros(2, 8), f"{_SELF_ATTENTION}.lora_up.weight": torch.zeros(8, 2)},
+     "self-attention; e.g. down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"),
+    ({f"{_TEXT_ENCODER}.lora_down.weight": torch.zeros(2, 8), f"{_TEXT_ENCODER}.lora_up.weight": torch.zeros(8, 2),
+      f"{_TEXT_ENCODER}.alpha": torch.tensor(2.0)},
+     f"text-encoder parts; e.g. {_TEXT_ENCODER}.alpha, {_TEXT_ENCODER}.lora_down.weight"),
 ])
-def test_a_lora_with_parts_beyond_cross_attention_kv_is_refused_saying_what_it_holds(merged, tmp_path, capsys,
-                                                                                   extra, words):
+def test_a_lora_with_parts_beyond_cross_attention_kv_is_refused_naming_them_and_the_option(
+        merged, tiny_pipeline_path, tmp_path, capsys, extra, holds):
     path = tmp_path / "other.safetensors"
     save_file({**_kohya_state(merged), **extra}, path)
-    with pytest.raises(MergeError, match=words) as error:
+    text_encoder = ("; its text-encoder parts can only be dropped, as they change the text features the merge is "
+                    "computed on" if "text-encoder" in holds else "")
+    message = (f"{path}: holds parts beyond the UNet's cross-attention K/V ({holds}); the merge solves for "
+               f"attn2.to_k / attn2.to_v alone, and will not drop the rest silently. Choose with {{option}}: drop "
+               f"(merge the K/V alone), or sum / average (carry the UNet modules into a LoRA output as the inputs' "
+               f"sum or average){text_encoder}.")
+    with pytest.raises(MergeError) as error:
         load(path)
-    assert str(path) in str(error.value) and "beyond the UNet's cross-attention K/V" in str(error.value)
-    assert cd_convert([str(path), "-o", str(tmp_path / "out.safetensors")]) != 0
-    err = capsys.readouterr().err
-    assert "Traceback" not in err and words in err
+    assert str(error.value) == message.format(option="other_layers")
+    assert cd_merge([str(path), "--base", str(tiny_pipeline_path("sd1")), "-o", str(tmp_path / "m.safetensors"),
+                     "-q"]) == 1
+    assert capsys.readouterr().err == f"cd-merge: error: {message.format(option='--other-layers')}\n"
+    assert cd_convert([str(path), "-o", str(tmp_path / "out.safetensors")]) == 1
+    in_convert = message.format(option="cd-merge's --other-layers")  # cd-convert has no such option
+    assert capsys.readouterr().err == f"cd-convert: error: {in_convert}\n"
+
+
+@pytest.mark.parametrize("key, kind", [
+    ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.dora_scale", "DoRA magnitudes"),
+    ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.hada_w1_a", "LyCORIS (LoHa/LoKr) parts"),
+])
+def test_a_lora_with_parts_that_are_no_plain_factors_is_refused_whatever_the_other_layers_rule(merged, tmp_path,
+                                                                                              key, kind):
+    path = tmp_path / "other.safetensors"
+    save_file({**_kohya_state(merged), key: torch.ones(1, 8)}, path)
+    for rule in ("refuse", "drop", "keep"):
+        with pytest.raises(MergeError) as error:
+            load(path, other_layers=rule)
+        assert str(error.value) == (
+            f"{path}: holds 1 tensors that are no plain LoRA factors (e.g. {key}: {kind}); mergekit-cd reads the "
+            f"lora_A / lora_B (lora_down / lora_up) factors of a LoRA, and will not read the rest as if they were "
+            f"absent.")
 
 
 def test_a_lora_with_nan_or_mismatched_factors_is_one_error(merged, tmp_path):
@@ -311,8 +338,12 @@ def test_a_peft_lora_without_adapter_metadata_is_read_at_scale_one_as_diffusers_
 
 def test_a_peft_lora_of_more_layers_is_refused_naming_them(tiny_pipeline_path, tmp_path, capsys):
     folder, _ = _peft_lora(tiny_pipeline_path, tmp_path / "peft", ["to_k", "to_v", "to_q"])
-    with pytest.raises(MergeError, match=r"beyond the UNet's cross-attention K/V \(e\.g\. .*attn1.*self-attention"):
+    with pytest.raises(MergeError) as error:
         load(folder)
+    block = "down_blocks.0.attentions.0.transformer_blocks.0"
+    assert str(error.value).startswith(
+        f"{folder}: holds parts beyond the UNet's cross-attention K/V "
+        f"(self-attention, cross-attention queries and outputs; e.g. {block}.attn1.to_k, {block}.attn1.to_q); ")
 
 
 def test_diffusers_older_attention_processor_lora_keys_are_read(merged, tmp_path):
@@ -383,3 +414,244 @@ def test_a_factor_given_twice_is_refused(merged, tmp_path):
               tmp_path / "twice.safetensors")
     with pytest.raises(MergeError, match="both hold the"):
         load(tmp_path / "twice.safetensors")
+
+
+# ---------------------------------------------------------------- --other-layers: LoRAs of more layers merged
+MORE_LAYERS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.2"]
+
+
+def _is_kv(module: str) -> bool:
+    return module.endswith(("attn2.to_k", "attn2.to_v"))
+
+
+def _residuals(printed: str) -> list[float]:
+    """The 'residual as written' column of cd-merge's summary table."""
+    lines = printed.splitlines()
+    start = lines.index(next(line for line in lines if line.startswith("------"))) + 1
+    return [float(line.split()[-2]) for line in lines[start:start + 2]]
+
+
+def test_cd_merge_drops_a_peft_loras_other_layers_on_request_and_keeps_the_kv_constraints(
+        tiny_pipeline_path, tiny_delta_files, tmp_path, capsys):
+    folder, differences = _peft_lora(tiny_pipeline_path, tmp_path / "peft", MORE_LAYERS)
+    other = sorted(module for module in differences if not _is_kv(module))
+    out = tmp_path / "merged.safetensors"
+    arguments = [str(folder), str(tiny_delta_files("sd1")["native"]), "--base", str(tiny_pipeline_path("sd1")),
+                 "--class", "sks dog", "--class", "cat", "-o", str(out), "-q", "--ridge", "1e-4"]
+    assert cd_merge(arguments) == 1 and "Choose with --other-layers: drop" in capsys.readouterr().err
+    assert cd_merge([*arguments, "--other-layers", "drop"]) == 0
+    printed = capsys.readouterr().out
+    assert max(_residuals(printed)) < 1e-5, printed
+    assert (f"note: other layers drop: {folder}: {len(other)} UNet modules beyond the cross-attention K/V dropped "
+            f"(self-attention, feed-forward, cross-attention queries and outputs)") in printed.splitlines(), printed
+    written = load(out)
+    assert written.metadata["recipe"]["options"]["other_layers"] == "drop" and written.other_modules == {}
+
+
+@pytest.mark.parametrize("rule, output_format", [("sum", "diffusers-lora"), ("average", "kohya-lora")])
+def test_cd_merge_carries_a_peft_loras_other_layers_into_a_lora_output_as_their_sum_or_average(
+        tiny_pipeline_path, tiny_delta_files, tmp_path, capsys, rule, output_format):
+    """The K/V constraints hold as without them; every other module is the sum (average: half,
+    over two inputs) of the inputs' differences, as peft computes them, and diffusers loads it."""
+    folder, differences = _peft_lora(tiny_pipeline_path, tmp_path / "peft", MORE_LAYERS)
+    other = {module: difference for module, difference in differences.items() if not _is_kv(module)}
+    out = tmp_path / ("merged" if output_format == "diffusers-lora" else "merged.safetensors")
+    assert cd_merge([str(folder), str(tiny_delta_files("sd1")["native"]), "--base", str(tiny_pipeline_path("sd1")),
+                     "--class", "sks dog", "--class", "cat", "-o", str(out), "-q", "--ridge", "1e-4",
+                     "--format", output_format, "--other-layers", rule]) == 0
+    printed = capsys.readouterr().out
+    assert max(_residuals(printed)) < 1e-5, printed
+    carried = {"sum": "the output holds the sum of those modules over the 2 inputs",
+               "average": "the output holds their average over the 2 inputs (each weighted 1/2)"}[rule]
+    assert (f"note: other layers {rule}: {folder}: {len(other)} UNet modules beyond the cross-attention K/V kept "
+            f"(self-attention, feed-forward, cross-attention queries and outputs); {carried}") in printed.splitlines()
+    scale = 1.0 if rule == "sum" else 0.5
+    back = load(out, other_layers="keep")
+    assert back.metadata["recipe"]["options"]["other_layers"] == rule
+    assert sorted(back.other_modules) == sorted(other)
+    for module, difference in other.items():
+        assert torch.allclose(back.other_modules[module].dense(), scale * difference, rtol=1e-5, atol=1e-7), module
+    if output_format == "diffusers-lora":  # what a diffusers user gets: the same differences on the UNet
+        pipe = DiffusionPipeline.from_pretrained(tiny_pipeline_path("sd1"))
+        pipe.load_lora_weights(out)
+        adapter = pipe.get_active_adapters()[0]
+        for module, difference in other.items():
+            got = pipe.unet.get_submodule(module).get_delta_weight(adapter)
+            assert torch.allclose(got, scale * difference, rtol=1e-5, atol=1e-7), module
+
+
+def test_a_plan_keeping_other_modules_is_not_executed_under_another_rule(tiny_pipeline_path, tmp_path):
+    folder, _ = _peft_lora(tiny_pipeline_path, tmp_path / "peft", MORE_LAYERS)
+    plan = plan_merge([str(folder)], CAPTIONS, base=tiny_pipeline_path("sd1"), class_words=["dog"],
+                      other_layers="keep")
+    with pytest.raises(MergeError) as error:
+        execute(plan, MergeOptions(other_layers="drop"))
+    assert str(error.value) == (f"{folder} was planned with its LoRA modules beyond the cross-attention K/V kept, but "
+                                f"the merge's other_layers is drop; plan it with that rule.")
+
+
+def test_other_layers_sum_into_an_output_that_cannot_hold_them_is_refused_before_any_work(
+        tiny_pipeline_path, tiny_delta_files, tmp_path, capsys):
+    out = tmp_path / "merged.safetensors"
+    assert cd_merge([str(tiny_delta_files("sd1")["native"]), "--base", str(tiny_pipeline_path("sd1")), "-o", str(out),
+                     "-q", "--other-layers", "sum"]) == 1
+    assert capsys.readouterr().err == (
+        f"cd-merge: error: --other-layers sum carries the LoRA inputs' UNet modules beyond the cross-attention K/V "
+        f"into the output, and {out} is written as native, which holds the K/V alone; write a LoRA (format "
+        f"diffusers-lora or kohya-lora), or choose --other-layers drop.\n")
+    with pytest.raises(MergeError, match="other_layers 'all': choose one of refuse, drop, sum, average"):
+        merge([tiny_delta_files("sd1")["native"]], CAPTIONS, base=tiny_pipeline_path("sd1"), other_layers="all")
+
+
+def test_a_loras_text_encoder_parts_are_dropped_with_a_warning_saying_why(merged, tiny_pipeline_path, tmp_path,
+                                                                          capsys):
+    path = tmp_path / "with-te.safetensors"
+    save_file({**_kohya_state(merged), f"{_TEXT_ENCODER}.lora_down.weight": torch.zeros(2, 8),
+               f"{_TEXT_ENCODER}.lora_up.weight": torch.zeros(8, 2), f"{_TEXT_ENCODER}.alpha": torch.tensor(2.0)}, path)
+    warning = (f"{path}: its 3 text-encoder tensors are dropped: they change the text features the merge is computed "
+               f"on, so no merge can keep them (the merged file works with the base's text encoders).")
+    for rule in ("drop", "keep"):
+        with pytest.warns(UserWarning) as caught:
+            delta = load(path, other_layers=rule)
+        assert [str(w.message) for w in caught] == [warning]
+        assert delta.other_modules == {} and delta.unread_parts == ()
+    out = tmp_path / "merged.safetensors"
+    assert cd_merge([str(path), "--base", str(tiny_pipeline_path("sd1")), "-o", str(out), "-q", "--class", "cat,dog",
+                     "--other-layers", "drop"]) == 0
+    captured = capsys.readouterr()
+    assert f"cd-merge: warning: {warning}" in captured.err.splitlines()
+    assert f"note: other layers drop: {path}: 3 text-encoder tensors dropped (text-encoder parts)" in captured.out
+
+
+def test_other_modules_round_trip_through_both_lora_layouts_and_the_algebra(tiny_pipeline_path, tmp_path):
+    folder, differences = _peft_lora(tiny_pipeline_path, tmp_path / "peft", MORE_LAYERS)
+    delta = load(folder, other_layers="keep")
+    assert sorted(delta.other_modules) == sorted(module for module in differences if not _is_kv(module))
+    for output_format, path in (("kohya-lora", tmp_path / "k.safetensors"), ("diffusers-lora", tmp_path / "d")):
+        back = load(save(delta, path, format=output_format), other_layers="keep")
+        assert back.allclose(delta, atol=1e-7), output_format
+    doubled = delta + delta
+    module = next(iter(delta.other_modules))
+    assert doubled.other_modules[module].rank == 2 * delta.other_modules[module].rank
+    assert torch.allclose(doubled.other_modules[module].dense(), (2 * delta).other_modules[module].dense(), atol=1e-7)
+    assert (delta - delta).other_modules[module].dense().abs().max() <= 1e-7
+    with pytest.raises(MergeError, match="which only diffusers-lora or kohya-lora hold; write one of those"):
+        save(delta, tmp_path / "native.safetensors")
+
+
+@pytest.mark.parametrize("module, architecture, name", [
+    ("down_blocks.0.attentions.1.transformer_blocks.0.attn1.to_out.0", "sd1",
+     "lora_unet_down_blocks_0_attentions_1_transformer_blocks_0_attn1_to_out_0"),
+    ("up_blocks.1.attentions.2.proj_in", "sd1", "lora_unet_up_blocks_1_attentions_2_proj_in"),
+    ("mid_block.attentions.0.transformer_blocks.0.ff.net.0.proj", "sd1",
+     "lora_unet_mid_block_attentions_0_transformer_blocks_0_ff_net_0_proj"),
+    ("down_blocks.1.resnets.0.time_emb_proj", "sd1", "lora_unet_down_blocks_1_resnets_0_time_emb_proj"),
+    ("down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_q", "sdxl",
+     "lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_q"),
+    ("up_blocks.0.attentions.2.transformer_blocks.9.ff.net.2", "sdxl",
+     "lora_unet_output_blocks_2_1_transformer_blocks_9_ff_net_2"),
+])
+def test_kohya_names_of_other_modules_are_the_ones_kohya_writes_and_read_back(module, architecture, name):
+    from mergekit_cd.formats import kohya_lora
+
+    assert kohya_lora.kohya_name(module, architecture) == name
+    assert kohya_lora.module_of(name) == module
+
+
+# ---------------------------------------------------------------- embedding files as inputs, and paired
+def _a1111_embedding(path: Path, rows: torch.Tensor) -> Path:
+    """An embedding as AUTOMATIC1111 saves it: a pickle with the rows as a trained Parameter."""
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": torch.nn.Parameter(rows.clone())},
+                "name": path.stem, "step": 500, "sd_checkpoint": "4bdfc29c", "sd_checkpoint_name": "base"}, path)
+    return path
+
+
+def test_an_embedding_file_on_its_own_is_a_concept_on_the_bases_kv(tiny_pipeline_path, tiny_delta_files, tmp_path,
+                                                                   capsys):
+    base = open_base(tiny_pipeline_path("sd1"))
+    row = torch.randn(1, base.token_dims()[0], generator=torch.Generator().manual_seed(2))
+    embedding = _a1111_embedding(tmp_path / "<sks>.pt", row)
+    delta = load(embedding, base=base)
+    assert list(delta.tokens) == ["<sks>"] and torch.equal(delta.tokens["<sks>"][0], row[0])
+    assert not delta.tokens["<sks>"][0].requires_grad
+    assert all(layer.rows().abs().max() == 0 for layer in delta.layers.values())
+    arguments = [str(tiny_delta_files("sd1")["native"]), str(embedding), "--base", str(tiny_pipeline_path("sd1")),
+                 "--class", "cat", "--class", "dog", "-o", str(tmp_path / "merged.safetensors"), "-q", "--ridge", "1e-4"]
+    assert cd_merge([*arguments, "--dry-run"]) == 0
+    assert any(line.split()[:3] == [str(embedding), "embedding", "<sks>"] for line in capsys.readouterr().out.splitlines())
+    assert cd_merge(arguments) == 0
+    assert max(_residuals(capsys.readouterr().out)) < 1e-5
+    with pytest.raises(MergeError) as error:
+        load(embedding)
+    assert str(error.value) == (f"{embedding} is a token embedding file: as an input it is its token on the base's "
+                                f"unchanged K/V weights; give the base model (--base).")
+
+
+def test_embedding_files_of_the_wrong_width_several_vectors_or_unknown_layout_are_one_error_naming_them(
+        tiny_pipeline_path, tmp_path):
+    base = open_base(tiny_pipeline_path("sd1"))
+    width = base.token_dims()[0]
+    wide = tmp_path / "wide.safetensors"
+    save_file({"clip_l": torch.zeros(1, width), "clip_g": torch.zeros(1, width)}, wide)  # SDXL's, for SD1
+    with pytest.raises(MergeError) as error:
+        load(wide, base=base)
+    assert str(error.value) == (f"{wide}: token wide has embedding sizes ({width}, {width}), but the text "
+                                f"encoder(s) of {base.name} need ({width},).")
+    several = _a1111_embedding(tmp_path / "several.pt", torch.zeros(3, width))
+    with pytest.raises(MergeError) as error:
+        load(several, base=base)
+    assert str(error.value) == (f"{several}: token embedding string_to_param['*'] holds 3 vectors; a Custom "
+                                f"Diffusion token is one (a multi-vector textual inversion cannot be merged as one "
+                                f"token).")
+    unknown = tmp_path / "unknown.safetensors"
+    save_file({"clip_l": torch.zeros(1, width), "extra": torch.zeros(1)}, unknown)
+    with pytest.raises(MergeError) as error:
+        load(unknown, base=base)
+    assert str(error.value) == (f"{unknown}: expected a token embedding file as an input ({{'<token>': vector}}, "
+                                f"{{'clip_l', 'clip_g'}} for SDXL, {{'emb_params'}} or A1111's string_to_param), "
+                                f"found keys ['clip_l', 'extra'].")
+
+
+def test_an_embedding_paired_with_a_tokenless_lora_makes_one_concept(tiny_pipeline_path, tiny_delta_files, tmp_path,
+                                                                    capsys):
+    folder, _ = _peft_lora(tiny_pipeline_path, tmp_path / "peft", ["attn2.to_k", "attn2.to_v"])
+    base = open_base(tiny_pipeline_path("sd1"))
+    row = torch.randn(1, base.token_dims()[0], generator=torch.Generator().manual_seed(4))
+    embedding = _a1111_embedding(tmp_path / "<sks>.pt", row)
+    out = tmp_path / "merged.safetensors"
+    arguments = [str(folder), str(tiny_delta_files("sd1")["native"]), "--base", str(tiny_pipeline_path("sd1")),
+                 "--class", "dog", "--class", "cat", "-o", str(out), "-q", "--ridge", "1e-4"]
+    assert cd_merge([*arguments, "--embedding", f"1={embedding}", "--dry-run"]) == 0
+    rows = [line.split()[:4] for line in capsys.readouterr().out.splitlines()]
+    assert [str(folder), "diffusers-lora", "<sks>", "dog"] in rows, rows
+    assert cd_merge([*arguments, "--embedding", f"{folder}={embedding}"]) == 0
+    assert max(_residuals(capsys.readouterr().out)) < 1e-5
+    written = load(out)
+    assert [concept.token for concept in written.concepts] == ["<sks>", "<new1>"]
+    assert torch.equal(written.tokens["<sks>"][0], row[0])
+    assert cd_merge([*arguments, "--embedding", f"3={embedding}"]) == 1
+    assert capsys.readouterr().err == (
+        f"cd-merge: error: --embedding 3={embedding}: expected INPUT=FILE, INPUT an input's position (1-2) or its "
+        f"name as given (e.g. --embedding 1=my_token.pt).\n")
+    with pytest.raises(MergeError) as error:
+        load(tiny_delta_files("sd1")["native"], base=base, embeddings=[_a1111_embedding(tmp_path / "<new1>.pt", row)])
+    assert str(error.value) == (f"{tmp_path / '<new1>.pt'}: token <new1> is already in "
+                                f"{tiny_delta_files('sd1')['native']}; a token can be paired once.")
+
+
+def test_a_kohya_loras_bundled_embeddings_must_agree_with_the_files_beside_it(merged, tmp_path):
+    """Both as kohya-lora writes them read back (the merged fixture's file); a stale file beside is one error."""
+    state = _kohya_state(merged)
+    save_file(state, tmp_path / "x.safetensors")
+    folder = tmp_path / "x_embeddings"
+    folder.mkdir()
+    for token in ("<new1>", "<new2>"):
+        (folder / f"{token}.safetensors").write_bytes((merged["sd1"]["kohya"].parent / "merged_embeddings" /
+                                                       f"{token}.safetensors").read_bytes())
+    assert set(load(tmp_path / "x.safetensors").tokens) == {"<new1>", "<new2>"}
+    save_file({"emb_params": torch.zeros(1, merged["sd1"]["base"].token_dims()[0])}, folder / "<new2>.safetensors")
+    with pytest.raises(MergeError) as error:
+        load(tmp_path / "x.safetensors")
+    assert str(error.value) == (f"{tmp_path / 'x.safetensors'}: its bundled embeddings (<new1>, <new2>) differ from "
+                                f"the embedding files in {folder} (<new1>, <new2>); a LoRA's tokens must be one set. "
+                                f"Remove or replace the stale one.")

@@ -210,6 +210,24 @@ def style_flags(inputs: list[str], styles: list[str], *, what: str = "input") ->
     return flags
 
 
+def paired_embeddings(inputs: list[str], specs: list[str]) -> list[list[str]] | None:
+    """Per input, the embedding files ``--embedding INPUT=FILE`` pairs with it (INPUT: its 1-based
+    position or its name as given); the first ``=`` after which an input is named splits a spec."""
+    if not specs:
+        return None
+    files: list[list[str]] = [[] for _ in inputs]
+    for spec in specs:
+        cuts = [index for index, char in enumerate(spec) if char == "="]
+        target = next((spec[:cut] for cut in cuts if spec[:cut] in inputs
+                       or (spec[:cut].isdigit() and 1 <= int(spec[:cut]) <= len(inputs))), None)
+        if target is None or not spec[len(target) + 1:]:
+            raise MergeError(f"--embedding {spec}: expected INPUT=FILE, INPUT an input's position (1-{len(inputs)}) "
+                             f"or its name as given (e.g. --embedding 1=my_token.pt).")
+        index = inputs.index(target) if target in inputs else int(target) - 1
+        files[index].append(spec[len(target) + 1:])
+    return files
+
+
 def add_lora_rtol_argument(parser: argparse.ArgumentParser) -> None:
     """``--lora-rtol``, the error bound of a LoRA output where the difference is not low rank."""
     parser.add_argument("--lora-rtol", type=non_negative_float_type, default=LORA_RTOL, metavar="RTOL",

@@ -6,7 +6,9 @@ import argparse
 import sys
 
 from .. import formats
+from ..errors import MergeError
 from ..loading import convert
+from ..merge_options import OptionError
 from ._common import add_lora_rtol_argument, describe_factors, run
 
 EXAMPLES = """\
@@ -40,8 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main_with_args(args: argparse.Namespace) -> int:
     to = formats.output_format(args.output, args.to)
-    report = convert(args.input, args.output, to, base=args.base, compress_rtol=args.compress,
-                     force=args.force, check_base=not args.no_base_check, lora_rtol=args.lora_rtol)
+    try:
+        report = convert(args.input, args.output, to, base=args.base, compress_rtol=args.compress,
+                         force=args.force, check_base=not args.no_base_check, lora_rtol=args.lora_rtol)
+    except OptionError as error:  # a merge option named in a refusal: cd-convert has none of its own
+        raise MergeError(error.render(lambda name: "cd-merge's --" + name.replace("_", "-"))) from None
     if report is not None and formats.get_format(to).FACTORS_ONLY:
         print(describe_factors(report))
     elif report is not None:

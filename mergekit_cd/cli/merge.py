@@ -12,8 +12,9 @@ from ..errors import MergeError
 from ..fileio import check_not_an_input
 from ..merge import MergePlan, MergeReport, prepare_merge_to_file, summarize_plan
 from ..merge_methods import METHODS
-from ..merge_options import MergeOptions, OptionError
-from ._common import add_device_arguments, add_lora_rtol_argument, describe_factors, device, run, style_flags, table
+from ..merge_options import OTHER_LAYERS, MergeOptions, OptionError
+from ._common import (add_device_arguments, add_lora_rtol_argument, describe_factors, device, paired_embeddings, run,
+                      style_flags, table)
 
 #: Options whose flag is not their field's name (``--dtype`` sets the text-encoder precision).
 FLAGS = {"text_dtype": "dtype", "held_out": "held_out_captions"}
@@ -25,6 +26,8 @@ examples:
   cd-merge a.safetensors b.safetensors -o ab.safetensors --base ./sd15 --ridge 1e-3
   cd-merge a.safetensors b.safetensors -o ab/ --base ./sd15 --method soft --weights 100 10
   cd-merge a.safetensors b.safetensors -o ab/ --base ./sd15 --dry-run
+  cd-merge lora.safetensors cat/ -o merged.safetensors --base ./sd15 --format kohya-lora \\
+      --embedding lora.safetensors=sks.pt --other-layers sum --class dog --class cat
 
 Inputs may be files or folders in any supported format, or Hugging Face repo ids
 (resolved through the local cache; set HF_HUB_OFFLINE=1 to never touch the network)."""
@@ -43,6 +46,19 @@ def build_parser() -> argparse.ArgumentParser:
                              "the diffusers layout (pytorch_custom_diffusion_weights.safetensors + "
                              "<token>.safetensors); see --format")
     parser.add_argument("--base", required=True, help="base model: diffusers folder or hub repo id")
+    parser.add_argument("--embedding", action="append", default=[], metavar="INPUT=FILE",
+                        help="pair a textual-inversion embedding file (A1111 .pt, kohya emb_params, SDXL "
+                             "clip_l/clip_g, diffusers learned_embeds) with an input, named by its position "
+                             "(1-based) or as given: its token becomes the input's trigger, one concept "
+                             "(repeatable). An embedding file given as an input of its own is a concept of its "
+                             "own: its token on the base's unchanged K/V")
+    parser.add_argument("--other-layers", choices=OTHER_LAYERS, default="refuse",
+                        help="what becomes of a LoRA input's parts beyond the cross-attention K/V "
+                             "(self-attention, feed-forward, projections), which the merge does not solve for: "
+                             "refuse such an input (default), drop them, or carry its UNet modules into a LoRA "
+                             "output (--format diffusers-lora or kohya-lora) as the sum / average over the inputs. "
+                             "Text-encoder parts change the features the merge is computed on: every choice but "
+                             "refuse drops them, with a warning")
     parser.add_argument("--class", dest="class_words", action="append", metavar="WORD",
                         help="class word of each input, in input order (repeat once per input; "
                              "comma-separated for an input with several tokens). Needed when an input's "
@@ -95,7 +111,8 @@ def _options(args: argparse.Namespace) -> MergeOptions:
         options = MergeOptions(method=args.method, weights=args.weights, mu=args.mu, ridge=args.ridge,
                                relative_ridge=args.relative_ridge, text_dtype=args.dtype,
                                batch_size=args.batch_size, device=device(args.device), cache_dir=args.cache_dir,
-                               held_out=read_captions(args.held_out_captions) if args.held_out_captions else None)
+                               held_out=read_captions(args.held_out_captions) if args.held_out_captions else None,
+                               other_layers=args.other_layers)
         options.check_inputs(len(args.inputs))
     except OptionError as error:
         raise _in_flags(error) from None
@@ -123,6 +140,7 @@ def main_with_args(args: argparse.Namespace) -> int:
                                     styles=style_flags(args.inputs, args.style, what="an input"),
                                     target_templates=args.target_template, style_templates=args.style_template,
                                     check_base=not args.no_base_check, dry_run=args.dry_run,
+                                    embeddings=paired_embeddings(args.inputs, args.embedding),
                                     lora_rtol=args.lora_rtol)
     except OptionError as error:
         raise _in_flags(error) from None
@@ -152,7 +170,8 @@ def _describe_plan(plan: MergePlan, options: MergeOptions) -> str:
         table(rows, ("input", "format", "token", "class", "rows", "target prompts")),
         f"method {options.method}: {summary.num_constraint_rows} constraint rows of rank {summary.rank}, "
         f"{len(plan.reg_captions)} regularisation captions, estimated peak memory "
-        f"{summary.estimated_memory_bytes / 2**20:.0f} MiB (plus the Python runtime)"])
+        f"{summary.estimated_memory_bytes / 2**20:.0f} MiB (plus the Python runtime)",
+        *(f"other layers {options.other_layers}: {line}" for line in plan.other_layers)])
 
 
 def _describe_report(report: MergeReport, *, full_weights: bool) -> str:

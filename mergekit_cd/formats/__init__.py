@@ -92,6 +92,15 @@ def _one_of(names: list[str]) -> str:
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
+def check_holds_other_modules(format_name: str, modules: Sequence[str], path: str | os.PathLike[str]) -> None:
+    """Refuse a format that cannot hold a LoRA's ``modules`` beyond the cross-attention K/V."""
+    if modules and not get_format(format_name).HOLDS_OTHER_MODULES:
+        holders = [module.NAME for module in FORMATS if module.HOLDS_OTHER_MODULES]
+        raise MergeError(f"Cannot write {path} as {format_name}: the delta carries {len(modules)} LoRA modules beyond "
+                         f"the cross-attention K/V (e.g. {natural_order(modules)[0]}), which only {_one_of(holders)} "
+                         f"hold; write one of those, or drop them.")
+
+
 def check_output(path: str | os.PathLike[str], format_name: str, *, architecture: str | None = None,
                  force: bool = False, inputs: Sequence[str | os.PathLike[str]] = ()) -> None:
     """Everything about writing ``path`` that can be checked before the work: the format can

@@ -1,10 +1,12 @@
-"""What the LoRA layouts share: which keys are the cross-attention K/V (everything else is
-refused with what it is), pairing the factors, each tool's scale, and factors to write."""
+"""What the LoRA layouts share: which keys are the cross-attention K/V, which the UNet's other
+modules and which are left unread (text-encoder parts; anything no plain LoRA factor is refused
+with what it is), pairing the factors, each tool's scale, and factors to write."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,59 +15,100 @@ from torch import Tensor
 
 from ..delta import ConceptDelta, LayerDelta, LowRank
 from ..errors import MergeError
+from ..fileio import read_tensor
 from ._common import Delta, check_matrix, natural_order
 
 KV_PROJECTIONS = ("to_k", "to_v")
 _CROSS_ATTENTION = tuple(f".attn2.{projection}" for projection in KV_PROJECTIONS)
+#: The first name of every module path in diffusers' UNet: a path starting otherwise is no
+#: diffusers module (an SDXL resnet in kohya's LDM names), so nothing can carry it.
+_UNET_ROOTS = ("down_blocks", "mid_block", "up_blocks", "conv_in", "conv_out", "conv_norm_out", "time_embedding",
+               "add_embedding")
+#: How the LoRA layouts begin a text-encoder key: kohya's ``lora_te_``/``lora_te1_``/``lora_te2_``,
+#: diffusers' ``text_encoder.``/``text_encoder_2.``.
+TEXT_ENCODER_PREFIXES = ("lora_te", "text_encoder")
+
+
+@dataclass(frozen=True)
+class LoraKeys:
+    """A LoRA file's keys by what they are: ``(module, "up"/"down") -> key`` for the cross-attention
+    K/V (``kv``) and for the UNet's other modules (``other``, diffusers module paths), and the keys
+    no reader reads (``unread``): text-encoder parts, and UNet parts with no diffusers module name."""
+
+    kv: dict[tuple[str, str], str]
+    other: dict[tuple[str, str], str]
+    unread: tuple[str, ...]
 
 
 def check_lora_keys(keys: Iterable[str], source: str, *, module_of: Any, parts: dict[str, str],
-                    extra: Iterable[str] = ()) -> dict[tuple[str, str], str]:
-    """``(module, "up"/"down") -> key`` for the cross-attention K/V factors among ``keys``;
-    ``module_of(name)`` gives a key's diffusers module path (None when it is no UNet module's).
-    A key that is anything else (self-attention, feed-forward, text-encoder parts, DoRA
-    magnitudes, LyCORIS variants) is refused with a summary of what the file holds: the merge
-    is defined on the K/V of cross-attention only, and silently dropping a part would change
-    what the LoRA does. ``extra``: keys the caller reads itself (alphas, bundled embeddings)."""
-    found: dict[tuple[str, str], str] = {}
-    other: list[str] = []
+                    extra: Iterable[str] = ()) -> LoraKeys:
+    """The keys of a LoRA file sorted by what they are (:class:`LoraKeys`); ``module_of(name)``
+    gives a key's diffusers module path (None when it is no UNet module's). A key that is no
+    plain LoRA factor of the UNet or the text encoders (DoRA magnitudes, LyCORIS variants) is
+    refused with a summary of what the file holds: reading such a file as a plain LoRA would
+    change what it does. ``extra``: keys the caller reads itself (alphas, bundled embeddings)."""
+    found: dict[str, dict[tuple[str, str], str]] = {"kv": {}, "other": {}}
+    unread: list[str] = []
+    unknown: list[str] = []
     skip = set(extra)
     for key in keys:
         if key in skip:
             continue
+        if key.startswith(TEXT_ENCODER_PREFIXES):
+            unread.append(key)
+            continue
         suffix = next((s for s in parts if key.endswith(s)), None)
         module = module_of(key[: -len(suffix)]) if suffix else None
-        if module is None or not module.endswith(_CROSS_ATTENTION):
-            other.append(key)
+        if module is None:
+            unknown.append(key)
             continue
-        if (module, parts[suffix]) in found:
-            raise MergeError(f"{source}: {key} and {found[(module, parts[suffix])]} both hold the "
+        if module.split(".", 1)[0] not in _UNET_ROOTS:
+            unread.append(key)
+            continue
+        kind = found["kv" if module.endswith(_CROSS_ATTENTION) else "other"]
+        if (module, parts[suffix]) in kind:
+            raise MergeError(f"{source}: {key} and {kind[(module, parts[suffix])]} both hold the "
                              f"{parts[suffix]} factor of {module}.")
-        found[(module, parts[suffix])] = key
-    if other:
-        raise MergeError(f"{source}: holds {len(other)} tensors beyond the UNet's cross-attention K/V "
-                         f"(e.g. {', '.join(natural_order(other)[:3])}: {_kinds(other)}); mergekit-cd reads "
-                         f"only the attn2.to_k / attn2.to_v parts of a LoRA, and will not drop the rest "
-                         f"silently. Extract those parts first.")
-    if not found:
+        kind[(module, parts[suffix])] = key
+    if unknown:
+        raise MergeError(f"{source}: holds {len(unknown)} tensors that are no plain LoRA factors (e.g. "
+                         f"{', '.join(natural_order(unknown)[:3])}: {describe_parts(unknown)}); mergekit-cd reads "
+                         f"the lora_A / lora_B (lora_down / lora_up) factors of a LoRA, and will not read the rest "
+                         f"as if they were absent.")
+    if not found["kv"]:
         raise MergeError(f"{source}: a LoRA file with no cross-attention K/V parts.")
-    return found
+    return LoraKeys(found["kv"], found["other"], tuple(natural_order(unread)))
 
 
-def _kinds(keys: list[str]) -> str:
-    """What the refused keys are, in words."""
-    kinds = {"text-encoder parts": ("text_encoder", "lora_te"), "DoRA magnitudes": ("magnitude", "dora_scale"),
+def describe_parts(keys: Iterable[str]) -> str:
+    """What LoRA keys beyond the cross-attention K/V are, in words."""
+    kinds = {"text-encoder parts": TEXT_ENCODER_PREFIXES, "DoRA magnitudes": ("magnitude", "dora_scale"),
              "LyCORIS (LoHa/LoKr) parts": ("hada_", "lokr_"), "self-attention": ("attn1",),
-             "feed-forward": ("ff.", "ff_"), "convolutions and projections": ("conv", "proj_")}
+             "feed-forward": ("ff.", "ff_"), "cross-attention queries and outputs": ("attn2.to_q", "attn2_to_q",
+                                                                                     "attn2.to_out", "attn2_to_out"),
+             "convolutions and projections": ("conv", "proj_")}
     named = [name for name, marks in kinds.items() if any(mark in key for key in keys for mark in marks)]
     return ", ".join(named) if named else "other modules"
 
 
-def lora_layers(parts: dict[tuple[str, str], Tensor], scale: Any, source: str) -> dict[str, LayerDelta]:
-    """Layer -> K/V differences ``scale(module, rank) * up @ down`` as LowRank; each module's two
-    factors present, checked (finite, 2-D) and agreeing in rank; a projection the LoRA leaves out
-    is an unchanged one (rank 0 of its sibling's shape: K and V of cross-attention have one shape)."""
-    factors: dict[str, dict[str, LowRank]] = {}
+def read_lora(handle: Any, keys: LoraKeys, scale: Any, source: str) -> tuple[
+        dict[str, LayerDelta], dict[str, LowRank], tuple[str, ...]]:
+    """From an open safetensors ``handle``: the K/V layers (:func:`lora_layers`), the UNet's other
+    modules as low-rank differences at the same ``scale(module, rank)``, and the keys left unread:
+    ``keys.unread`` and the factors of convolutions (LoCon), which only a merge's drop can take."""
+    kv = {entry: read_tensor(handle, key, source) for entry, key in keys.kv.items()}
+    other = {entry: read_tensor(handle, key, source) for entry, key in keys.other.items()}
+    convolutions = {module for (module, _), tensor in other.items() if tensor.dim() != 2}
+    unread = [*keys.unread, *(key for (module, _), key in keys.other.items() if module in convolutions)]
+    modules = lora_modules({entry: tensor for entry, tensor in other.items() if entry[0] not in convolutions},
+                           scale, source)
+    return lora_layers(kv, scale, source), modules, tuple(natural_order(unread))
+
+
+def lora_modules(parts: dict[tuple[str, str], Tensor], scale: Any, source: str) -> dict[str, LowRank]:
+    """Module -> its difference ``scale(module, rank) * up @ down`` as LowRank; each module's two
+    factors present, checked (finite, 2-D) and agreeing in rank."""
+    modules: dict[str, LowRank] = {}
     for module in natural_order({module for module, _ in parts}):
         if (module, "up") not in parts or (module, "down") not in parts:
             missing = "up (B)" if (module, "up") not in parts else "down (A)"
@@ -75,8 +118,17 @@ def lora_layers(parts: dict[tuple[str, str], Tensor], scale: Any, source: str) -
         if up.shape[1] != down.shape[0]:
             raise MergeError(f"{source}: module {module} has factors of shapes {tuple(up.shape)} and "
                              f"{tuple(down.shape)}, which do not multiply (up: out x rank, down: rank x in).")
+        modules[module] = LowRank(up * scale(module, up.shape[1]), down)
+    return modules
+
+
+def lora_layers(parts: dict[tuple[str, str], Tensor], scale: Any, source: str) -> dict[str, LayerDelta]:
+    """Layer -> K/V differences (:func:`lora_modules`); a projection the LoRA leaves out is an
+    unchanged one (rank 0 of its sibling's shape: K and V of cross-attention have one shape)."""
+    factors: dict[str, dict[str, LowRank]] = {}
+    for module, part in lora_modules(parts, scale, source).items():
         layer, projection = module.rsplit(".", 1)
-        factors.setdefault(layer, {})[projection] = LowRank(up * scale(module, up.shape[1]), down)
+        factors.setdefault(layer, {})[projection] = part
     layers: dict[str, LayerDelta] = {}
     widths: set[int] = set()
     for layer, pair in factors.items():
@@ -117,7 +169,8 @@ def positive_number(value: Any, what: str, source: str) -> float:
 
 def lora_factors(obj: Delta, target: Path, format_name: str) -> dict[str, LowRank]:
     """``"<layer>.to_k"`` -> factors of each nonzero K/V difference (a LoRA has no rank-0
-    module: a zero difference is left out), refusing content that is not factored yet."""
+    module: a zero difference is left out), refusing content that is not factored yet; then
+    the other modules the delta carries (``other_modules``), under their module paths."""
     if not isinstance(obj, ConceptDelta):
         raise MergeError(f"Cannot write {target} as {format_name}: it stores differences, not full weights.")
     factors: dict[str, LowRank] = {}
@@ -128,4 +181,5 @@ def lora_factors(obj: Delta, target: Path, format_name: str) -> dict[str, LowRan
                                  f"(mergekit_cd.save and the commands factor it first).")
             if part.rank:
                 factors[f"{layer}.{projection}"] = part
+    factors.update({module: part for module, part in obj.other_modules.items() if part.rank})
     return factors

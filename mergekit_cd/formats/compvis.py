@@ -38,6 +38,7 @@ from ._common import (
 )
 
 NAME = "compvis"
+HOLDS_OTHER_MODULES = False  # cross-attention K/V only
 WRITES_FULL_WEIGHTS = True  # FineTunedWeights; a LowRank ConceptDelta gives the compressed variant
 STORES_FACTORS = True
 FACTORS_ONLY = False

@@ -32,6 +32,7 @@ from ._common import (
 )
 
 NAME = "diffusers"
+HOLDS_OTHER_MODULES = False  # cross-attention K/V only
 WRITES_FULL_WEIGHTS = True  # writes FineTunedWeights only
 STORES_FACTORS = False
 FACTORS_ONLY = False
@@ -92,7 +93,7 @@ def read(path: str | os.PathLike[str]) -> FineTunedWeights:
             _collect(str(key), lambda value=value: value, collector, ignored)
             file.release(value)
         reader, lazy = file.reader((), collector.keys()), file.mapped
-    tokens = read_token_folder(weights_file.parent, "the Custom Diffusion weights", skip=WEIGHTS_NAMES,
+    tokens = read_token_folder(weights_file.parent, "beside the Custom Diffusion weights", skip=WEIGHTS_NAMES,
                                suffixes=TOKEN_SUFFIXES)
     check_token_shapes(tokens, str(weights_file.parent))
     return assemble(collector, reader, lazy=lazy, tokens=tokens, ignored=ignored, source=source,

@@ -11,13 +11,14 @@ from torch import Tensor
 
 from ..delta import ConceptDelta
 from ..errors import MergeError
-from ..fileio import atomic_path, open_safetensors, read_tensor, save_safetensors
+from ..fileio import atomic_path, open_safetensors, save_safetensors
 from ..metadata import from_header, to_header
 from ._common import (Delta, check_token_shapes, safetensors_header, saveable)
-from ._lora import check_lora_keys, lora_factors, lora_layers, peft_scale
+from ._lora import check_lora_keys, lora_factors, peft_scale, read_lora
 from .token_files import read_token_folder, token_file_names, token_folder_entries, token_state
 
 NAME = "diffusers-lora"
+HOLDS_OTHER_MODULES = True  # a LoRA's modules beyond cross-attention K/V, under their own keys
 WRITES_FULL_WEIGHTS = False  # writes ConceptDelta differences, every one as factors
 STORES_FACTORS = True
 FACTORS_ONLY = True
@@ -67,21 +68,21 @@ def _weights_file(path: Path) -> Path:
 def read(path: str | os.PathLike[str]) -> ConceptDelta:
     """The UNet's cross-attention K/V parts as low-rank differences ``scale * B A`` (peft's
     scale: ``lora_alpha / r``, ``/ sqrt(r)`` with rsLoRA; 1 without adapter metadata, the
-    diffusers convention), the token files beside it as tokens. Anything else in the file is
-    refused with what it holds."""
+    diffusers convention), its other UNet modules alike (``other_modules``), the token files
+    beside it as tokens; text-encoder parts are named in ``unread_parts``, for the load boundary."""
     file = _weights_file(Path(path))
     source = str(file)
     with open_safetensors(file) as handle:
         metadata = handle.metadata()
-        keys = list(handle.keys())
-        modules = check_lora_keys(keys, source, module_of=_module_of, parts=_PARTS)
+        keys = check_lora_keys(list(handle.keys()), source, module_of=_module_of, parts=_PARTS)
         config = _adapter_config(metadata, source)
-        parts = {(module, part): read_tensor(handle, key, source) for (module, part), key in modules.items()}
+        layers, modules, unread = read_lora(handle, keys, lambda module, rank: peft_scale(config, module, rank, source),
+                                            source)
         identity = from_header(metadata, source=source)
-    layers = lora_layers(parts, lambda module, rank: peft_scale(config, module, rank, source), source)
-    tokens = read_token_folder(Path(path), "the LoRA weights", skip=(WEIGHTS_NAME,)) if Path(path).is_dir() else {}
+    folder = Path(path)
+    tokens = read_token_folder(folder, "beside the LoRA weights", skip=(WEIGHTS_NAME,)) if folder.is_dir() else {}
     check_token_shapes(tokens, str(path))
-    return ConceptDelta(layers, tokens, **identity)
+    return ConceptDelta(layers, tokens, other_modules=modules, unread_parts=unread, **identity)
 
 
 def _adapter_config(metadata: dict[str, str], source: str) -> dict[str, Any]:

@@ -14,12 +14,13 @@ from ..errors import MergeError
 from ..fileio import atomic_outputs, check_destination, open_safetensors, read_tensor, save_safetensors
 from ..metadata import from_header, to_header
 from ._common import Delta, check_token_shapes, check_vector, natural_order, safetensors_header, saveable
-from ._lora import check_lora_keys, lora_factors, lora_layers, positive_number
+from ._lora import check_lora_keys, lora_factors, positive_number, read_lora
 from .ldm_names import to_compvis_name, to_diffusers_name
 from .token_files import (EMB_PARAMS, SDXL_TOKEN_KEYS, STRING_TO_PARAM, read_token_folder, token_file_names,
                           token_folder, token_folder_entries)
 
 NAME = "kohya-lora"
+HOLDS_OTHER_MODULES = True  # a LoRA's modules beyond cross-attention K/V, under kohya's names
 WRITES_FULL_WEIGHTS = False  # writes ConceptDelta differences, every one as factors
 STORES_FACTORS = True
 FACTORS_ONLY = True
@@ -34,11 +35,13 @@ BUNDLE = "bundle_emb."
 #: An SD1/SD2 embedding's key in a bundle (A1111's ``string_to_param``, flattened).
 BUNDLED_PARAM = f"{STRING_TO_PARAM}.*"
 _PARTS = {".lora_down.weight": "down", ".lora_up.weight": "up"}
-# SD1/SD2: diffusers' module path with "_" for "."; SDXL: the LDM block names (ldm_names)
-_DIFFUSERS_NAME = re.compile(r"^(down_blocks|up_blocks)_(\d+)_attentions_(\d+)_transformer_blocks_(\d+)"
-                             r"_attn2_(to_[kv])$|^mid_block_attentions_0_transformer_blocks_(\d+)_attn2_(to_[kv])$")
-_LDM_NAME = re.compile(r"^(input_blocks_\d+|output_blocks_\d+|middle_block)_1_transformer_blocks_(\d+)"
-                       r"_attn2_(to_[kv])$")
+#: diffusers' module names holding a "_" (kohya writes every "." of a module path as "_"), as
+#: diffusers' own kohya conversion joins them back
+_JOINED_NAMES = ("down_blocks", "up_blocks", "mid_block", "transformer_blocks", "to_q", "to_k", "to_v", "to_out",
+                 "proj_in", "proj_out", "time_emb_proj", "conv_shortcut", "conv_in", "conv_out", "conv_norm_out",
+                 "time_embedding", "add_embedding", "linear_1", "linear_2")
+# SDXL: the LDM names of the attention blocks (ldm_names), the rest diffusers' own
+_LDM_NAME = re.compile(r"^(input_blocks_\d+|output_blocks_\d+|middle_block)_1_(.+)$")
 
 
 def detect(path: str | os.PathLike[str]) -> bool:
@@ -49,59 +52,73 @@ def detect(path: str | os.PathLike[str]) -> bool:
 
 def module_of(name: str) -> str | None:
     """The diffusers module path of a kohya module name (``lora_unet_<module>``): SD1/SD2 names
-    are diffusers' own with ``_`` for ``.``; SDXL's are the LDM block names. None when it is no
-    cross-attention K/V (the name is kept, as it is, for the refusal)."""
+    are diffusers' own with ``_`` for ``.``; SDXL's are the LDM block names, mapped for the
+    attention blocks. None when it is no UNet name; an SDXL name outside the attention blocks
+    comes back dotted as it is (``input_blocks.1.0...``), which is no diffusers module path."""
     if not name.startswith(PREFIX):
-        return name
+        return None
     rest = name.removeprefix(PREFIX)
-    match = _DIFFUSERS_NAME.match(rest)
-    if match:
-        kind, block, attention, transformer, projection, mid_transformer, mid_projection = match.groups()
-        if kind is None:
-            return f"mid_block.attentions.0.transformer_blocks.{mid_transformer}.attn2.{mid_projection}"
-        return f"{kind}.{block}.attentions.{attention}.transformer_blocks.{transformer}.attn2.{projection}"
     match = _LDM_NAME.match(rest)
     if match:
-        block, transformer, projection = match.groups()
-        layer = to_diffusers_name(f"{block.replace('_blocks_', '_blocks.')}.1.transformer_blocks.{transformer}.attn2")
-        return f"{layer}.{projection}" if layer else name
-    return name
+        block, inner = match.groups()
+        return to_diffusers_name(f"{block.replace('_blocks_', '_blocks.')}.1.{_dotted(inner)}") or _dotted(rest)
+    return _dotted(rest)
+
+
+def _dotted(name: str) -> str:
+    """``down_blocks_0_attentions_0_proj_in`` -> ``down_blocks.0.attentions.0.proj_in``."""
+    dotted = name.replace("_", ".")
+    for joined in _JOINED_NAMES:
+        dotted = dotted.replace(joined.replace("_", "."), joined)
+    return dotted
 
 
 def kohya_name(module: str, architecture: str | None) -> str:
     """The inverse of :func:`module_of`, for ``architecture`` (SDXL: LDM names)."""
-    layer, projection = module.rsplit(".", 1)
     if architecture == "sdxl":
-        ldm = to_compvis_name(layer)
+        ldm = to_compvis_name(module)
         if ldm is None:
-            raise MergeError(f"Cannot write layer {layer} as {NAME}: kohya's SDXL names have no block for it.")
-        layer = ldm
-    return PREFIX + f"{layer}.{projection}".replace(".", "_")
+            raise MergeError(f"Cannot write module {module} as {NAME}: kohya's SDXL names for it (outside the "
+                             f"attention blocks) are not built here; write diffusers-lora instead.")
+        module = ldm
+    return PREFIX + module.replace(".", "_")
 
 
 def read(path: str | os.PathLike[str]) -> ConceptDelta:
     """The cross-attention K/V parts as low-rank differences ``alpha / rank * up @ down`` (kohya's
-    scale; 1 without an alpha); as tokens the bundled embeddings (``bundle_emb.<token>.*``), or
-    without any, the embedding files in ``<stem>_embeddings/`` beside it (named by their files,
-    as A1111 names them). Anything else in the file is refused with what it holds."""
+    scale; 1 without an alpha), its other UNet modules alike (``other_modules``); as tokens the
+    bundled embeddings (``bundle_emb.<token>.*``) and the embedding files in ``<stem>_embeddings/``
+    beside it (named by their files, as A1111 names them), which must agree where both exist.
+    Text-encoder parts and UNet parts with no diffusers name are named in ``unread_parts``."""
     source = str(path)
     with open_safetensors(path) as handle:
         metadata = handle.metadata()
         keys = list(handle.keys())
         alphas = [key for key in keys if key.startswith(PREFIX) and key.endswith(".alpha")]
         bundled = [key for key in keys if key.startswith(BUNDLE)]
-        modules = check_lora_keys(keys, source, module_of=module_of, parts=_PARTS, extra=[*alphas, *bundled])
-        parts = {entry: read_tensor(handle, key, source) for entry, key in modules.items()}
+        found = check_lora_keys(keys, source, module_of=module_of, parts=_PARTS, extra=[*alphas, *bundled])
         alpha = {module_of(key.removesuffix(".alpha")): positive_number(read_tensor(handle, key, source), key, source)
                  for key in alphas}
+        layers, modules, unread = read_lora(handle, found, lambda module, rank: alpha.get(module, rank) / rank, source)
         tokens = _bundled_tokens({key: read_tensor(handle, key, source) for key in bundled}, source)
         identity = from_header(metadata, source=source)
     folder = token_folder(path, TOKEN_FOLDER_SUFFIX)
-    if not tokens and folder.is_dir():  # the embedding files beside it, as we write them
-        tokens = read_token_folder(folder, "the LoRA")
-    layers = lora_layers(parts, lambda module, rank: alpha.get(module, rank) / rank, source)
+    if folder.is_dir():  # the embedding files beside it, as we write them
+        beside = read_token_folder(folder, "beside the LoRA")
+        if tokens and not _same_tokens(tokens, beside):
+            raise MergeError(f"{source}: its bundled embeddings ({', '.join(tokens)}) differ from the embedding "
+                             f"files in {folder} ({', '.join(beside) or 'none'}); a LoRA's tokens must be one set. "
+                             f"Remove or replace the stale one.")
+        tokens = tokens or beside
     check_token_shapes(tokens, source)
-    return ConceptDelta(layers, tokens, **identity)
+    return ConceptDelta(layers, tokens, other_modules=modules, unread_parts=unread, **identity)
+
+
+def _same_tokens(first: dict[str, tuple[Tensor, ...]], second: dict[str, tuple[Tensor, ...]]) -> bool:
+    """The same token names with equal embeddings (compared in float32: one may be stored in half)."""
+    return first.keys() == second.keys() and all(
+        len(first[name]) == len(second[name]) and all(a.shape == b.shape and torch.equal(a.float(), b.float())
+                                                     for a, b in zip(first[name], second[name])) for name in first)
 
 
 def _bundled_tokens(entries: dict[str, Tensor], source: str) -> dict[str, tuple[Tensor, ...]]:

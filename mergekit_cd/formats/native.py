@@ -28,6 +28,7 @@ from ._common import (
 )
 
 NAME = "native"
+HOLDS_OTHER_MODULES = False  # cross-attention K/V only
 WRITES_FULL_WEIGHTS = False  # writes ConceptDelta differences
 STORES_FACTORS = True
 FACTORS_ONLY = False

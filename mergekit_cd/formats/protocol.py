@@ -26,6 +26,9 @@ class Format(Protocol):
     #: Whether it stores nothing but factors (the LoRA layouts): every difference is factored
     #: before it is written (:func:`~mergekit_cd.delta.factorize`).
     FACTORS_ONLY: bool
+    #: Whether it can hold a LoRA's UNet modules beyond the cross-attention K/V (a delta's
+    #: ``other_modules``: self-attention, feed-forward, projections): the LoRA layouts.
+    HOLDS_OTHER_MODULES: bool
     #: The model families the layout can hold; ``None``: all of them.
     ARCHITECTURES: tuple[str, ...] | None
     #: The output name ending that selects this format when ``--format`` is not given

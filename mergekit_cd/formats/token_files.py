@@ -14,7 +14,7 @@ from torch import Tensor
 from ..delta import check_token_name
 from ..errors import MergeError
 from ..fileio import load_pickle, load_safetensors
-from ._common import check_token_count, check_vector, natural_order
+from ._common import check_token_count, check_vector, natural_order, safetensors_header
 
 SDXL_TOKEN_KEYS = ("clip_l", "clip_g")  # the community SDXL embedding layout, one row per encoder
 #: The suffixes of token files: safetensors, and pickles (diffusers' ``.bin``, A1111's ``.pt``).
@@ -34,12 +34,28 @@ def load_token_state(file: Path) -> dict[Any, Any]:
     return state
 
 
-def read_token_file(file: Path, beside: str) -> tuple[str, tuple[Tensor, ...]]:
+def is_token_file(path: Path) -> bool:
+    """Whether ``path`` looks like a token embedding file by its keys (one of the layouts
+    :func:`read_token_file` reads, or a single entry: diffusers' ``{"<token>": vector}``); the
+    reader then checks it whole, with a message naming the file."""
+    if not path.is_file() or path.suffix not in TOKEN_SUFFIXES:
+        return False
+    if path.suffix == ".safetensors":
+        header = safetensors_header(path)
+        keys = set(header[0]) if header is not None else set()
+    else:
+        state = load_pickle(path, mmap=True)
+        keys = set(state) if isinstance(state, dict) else set()
+    return bool(keys & {*SDXL_TOKEN_KEYS, EMB_PARAMS, STRING_TO_PARAM}) or (
+        len(keys) == 1 and all(isinstance(key, str) for key in keys))
+
+
+def read_token_file(file: Path, where: str) -> tuple[str, tuple[Tensor, ...]]:
     """One token's embeddings from the files the ecosystem shares: diffusers' ``{"<token>": vector}``
     (named by its key), and, named by the file as AUTOMATIC1111 names them, SDXL's
     ``{"clip_l", "clip_g"}``, kohya's ``{"emb_params"}`` and A1111's ``.pt`` (``string_to_param``
-    ``{"*": rows}``, read with ``weights_only=True`` like every pickle); ``beside`` names what the
-    file lies beside, for the message. A token is one vector per text encoder.
+    ``{"*": rows}``, read with ``weights_only=True`` like every pickle); ``where`` says what the
+    file is for the message (``"beside the LoRA"``). A token is one vector per text encoder.
 
     Copies: diffusers' training script saves a row of the whole embedding table, so a view
     would keep the table's storage.
@@ -58,12 +74,12 @@ def read_token_file(file: Path, beside: str) -> tuple[str, tuple[Tensor, ...]]:
     if len(state) == 1:
         name, value = next(iter(state.items()))
         return str(name), (check_vector(value, str(name), source),)
-    raise MergeError(f"{source}: expected a token embedding file beside {beside} "
+    raise MergeError(f"{source}: expected a token embedding file {where} "
                      f"({{'<token>': vector}}, {{'clip_l', 'clip_g'}} for SDXL, {{'{EMB_PARAMS}'}} or A1111's "
                      f"{STRING_TO_PARAM}), found keys {natural_order(map(str, state))[:6]}.")
 
 
-def read_token_folder(folder: Path, beside: str, *, skip: Iterable[str] = (),
+def read_token_folder(folder: Path, where: str, *, skip: Iterable[str] = (),
                       suffixes: tuple[str, ...] = TOKEN_SUFFIXES) -> dict[str, tuple[Tensor, ...]]:
     """Every token file in ``folder`` (entries with one of ``suffixes``, but the ``skip`` names),
     in natural name order; a token in two files is refused."""
@@ -74,7 +90,7 @@ def read_token_folder(folder: Path, beside: str, *, skip: Iterable[str] = (),
     tokens: dict[str, tuple[Tensor, ...]] = {}
     origins: dict[str, Path] = {}
     for file in files:
-        name, embeddings = read_token_file(file, beside)
+        name, embeddings = read_token_file(file, where)
         if name in tokens:
             raise MergeError(f"{folder}: token {name} is in both {origins[name].name} and {file.name}.")
         tokens[name], origins[name] = embeddings, file
