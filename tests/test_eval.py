@@ -32,6 +32,8 @@ from mergekit_cd.loading import save
 from mergekit_cd.testing import random_concept_delta, tiny_tokenizer
 
 #: Few probes, one tiny sampled image per prompt, two denoising steps: seconds per evaluation.
+from cli_output import one_error_line
+
 FAST = dict(samples=6, held_out_samples=6, sample_images=1, sample_steps=1, batch_size=6)
 CAPTIONS = default_reg_captions()[:200]
 HELD_OUT = [*CAPTIONS[:2], "a tortoise on a beach", "a red van in the snow"]
@@ -407,10 +409,7 @@ def test_cd_eval_prints_the_table_and_writes_json_and_plot(sd1, tiny_delta_files
 
 def error_of(capsys, arguments) -> str:
     assert cd_eval.main(arguments) == 1
-    captured = capsys.readouterr()
-    lines = captured.err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("cd-eval: error: "), captured.err
-    return lines[0][len("cd-eval: error: "):]
+    return one_error_line(capsys, "cd-eval")
 
 
 def test_cd_eval_user_errors_are_one_line(sd1, tiny_delta_files, tmp_path, capsys):

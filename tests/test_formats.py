@@ -33,6 +33,8 @@ from mergekit_cd.formats import authors_bin, compvis, diffusers_layout, native
 from mergekit_cd.metadata import identity_from_metadata, to_metadata
 from mergekit_cd.weights import FineTunedWeights
 
+from cli_output import one_error_line
+
 TOKEN_SIZES = {"sd1": (64,), "sd2": (96,), "sdxl": (64, 96)}
 FINGERPRINT = "ab" * 32
 LAYER = "down_blocks.0.attentions.0.transformer_blocks.0.attn2"
@@ -1033,8 +1035,7 @@ def test_hostile_token_names_are_refused_when_read_and_shown_escaped(tmp_path, n
     with pytest.raises(MergeError, match=r"token .*(holds whitespace|cannot name a file|must be a non-empty|is 202)|key .token\.\.0"):
         formats.read(path)
     assert cd_inspect.main([str(path)]) == 1
-    err = capsys.readouterr().err
-    assert len(err.splitlines()) == 1 and "\x1b" not in err and err.startswith("cd-inspect: error: ")
+    assert "\x1b" not in one_error_line(capsys, "cd-inspect")
 
 
 @pytest.mark.parametrize("name", HOSTILE_NAMES, ids=["ansi", "newline", "traversal", "empty", "long"])

@@ -29,18 +29,7 @@ from cli_output import one_error_line
 MERGE_MODULE = importlib.import_module("mergekit_cd.merge")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def tiny_models(tiny_pipeline_path, tiny_delta_files):
-    """Built before any test captures output (saving them prints transformers' progress bars)."""
-    for architecture in ("sd1", "sdxl"):
-        tiny_pipeline_path(architecture)
-    tiny_delta_files("sd1")
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("MERGEKIT_CD_CACHE", str(tmp_path_factory.getbasetemp() / "gram-cache"))
-    monkeypatch.delenv(OVERRIDE, raising=False)
+pytestmark = pytest.mark.usefixtures("tiny_models")  # built before any test captures output
 
 
 def _crowded_file(base_path, folder) -> str:
@@ -156,7 +145,7 @@ def test_a_null_metadata_document_is_not_called_nested():
 
 
 if sys.platform == "win32":  # pragma: no cover - FIFOs, symlinks
-    pytestmark = pytest.mark.skip("POSIX file semantics")
+    pytestmark = [pytestmark, pytest.mark.skip("POSIX file semantics")]
 
 
 GROWTH_SCRIPT = """

@@ -43,14 +43,10 @@ from mergekit_cd.train.config import ConceptSpec, TrainingConfig, check_config
 from mergekit_cd.train.embeddings import NewTokenEmbedding
 from mergekit_cd.train.state import Progress
 
+from cli_output import one_error_line
+
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning"),
               pytest.mark.usefixtures("one_torch_thread")]
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path_factory, monkeypatch):
-    """Gram matrices (cd-merge) and class images away from the user's cache."""
-    monkeypatch.setenv("MERGEKIT_CD_CACHE", str(tmp_path_factory.getbasetemp() / "train-cache"))
 
 
 def draw_images(folder: Path, background, shape: str, colour, count: int = 4) -> Path:
@@ -96,11 +92,8 @@ def cli_error(capsys, arguments: list[str]) -> str:
     """Run cd-train expecting a user error: exit status 1, nothing on stdout, one line on stderr
     (no traceback); returns the message."""
     capsys.readouterr()
-    status = cd_train.main(arguments)
-    captured = capsys.readouterr()
-    assert status == 1 and captured.out == "", captured
-    assert re.fullmatch(r"cd-train: error: [^\n]+\n", captured.err), captured.err
-    return captured.err[len("cd-train: error: "):-1]
+    assert cd_train.main(arguments) == 1
+    return one_error_line(capsys, "cd-train")
 
 
 # ----------------------------------------------------------------------------- one run, many checks
