@@ -708,7 +708,7 @@ def test_start_token_key_and_value_are_detached_without_changing_the_output():
 
 
 def test_only_the_new_rows_of_the_embedding_get_gradients():
-    table = torch.nn.Embedding(10, 4)
+    table = torch.nn.Embedding(11, 4)  # row 10 added for a new token, as tokens.install does
     before = table.weight.detach().clone()
     layer = NewTokenEmbedding(table, [10, 3], torch.ones(2, 4))
     ids = torch.tensor([[0, 10, 3, 9]])
