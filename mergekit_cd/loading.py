@@ -108,7 +108,7 @@ def _refuse_recorded_architecture(path: Path, base: BaseModel, source: str) -> N
     """A file too big for ``base`` that records another architecture is refused as what it is
     (an SDXL delta given an SD1 base), from its metadata alone: no tensor is read."""
     try:
-        recorded = formats.recorded_identity(path).get("architecture")
+        recorded = formats.recorded_provenance(path).architecture
     except MergeError:
         return
     if recorded and recorded != base.architecture.name:

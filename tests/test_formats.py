@@ -30,7 +30,7 @@ from mergekit_cd.delta import LazyLayers
 from mergekit_cd import fileio
 from mergekit_cd.fileio import atomic_path, load_pickle
 from mergekit_cd.formats import authors_bin, compvis, diffusers_layout, native
-from mergekit_cd.metadata import identity_from_metadata, to_metadata
+from mergekit_cd.metadata import provenance_from_metadata, to_metadata
 from mergekit_cd.weights import FineTunedWeights
 
 from cli_output import one_error_line
@@ -278,9 +278,10 @@ def test_metadata_document_round_trips():
     assert document["format_version"] == "1" and document["tool"]["name"] == "mergekit-cd"
     assert document["concepts"][1] == {"token": "<new2>", "class_word": None,
                                        "prompts": ["painting in the style of <new2>"], "style": True}
-    kwargs = identity_from_metadata(document)
-    assert kwargs["concepts"] == delta.concepts and kwargs["base"] == delta.base
-    assert kwargs["metadata"]["recipe"] == delta.metadata["recipe"]
+    provenance = provenance_from_metadata(document)
+    assert provenance.concepts == delta.concepts and provenance.base == delta.base
+    assert provenance.metadata["recipe"] == delta.metadata["recipe"]
+    assert (provenance.architecture, provenance.base_fingerprint) == (delta.architecture, delta.base_fingerprint)
 
 
 def test_native_header_carries_the_metadata(tmp_path):

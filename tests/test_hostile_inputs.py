@@ -20,7 +20,7 @@ from mergekit_cd.cli import merge as cd_merge
 from mergekit_cd.cli import train as cd_train
 from mergekit_cd.delta import Concept, ConceptDelta
 from mergekit_cd.limits import MAX_MERGE_PROMPTS, MAX_PROMPTS, OVERRIDE
-from mergekit_cd.metadata import identity_from_metadata, parse_document
+from mergekit_cd.metadata import parse_document, provenance_from_metadata
 from mergekit_cd.testing import random_concept_delta
 
 from cli_output import one_error_line
@@ -141,7 +141,7 @@ def test_a_fifo_among_a_diffusers_folders_token_files_is_an_error_not_skipped(ti
 
 def test_a_null_metadata_document_is_not_called_nested():
     with pytest.raises(MergeError, match=r"^x: mergekit-cd metadata must be a JSON object, got NoneType\.$"):
-        identity_from_metadata(parse_document("null", source="x", where="the header"), source="x")
+        provenance_from_metadata(parse_document("null", source="x", where="the header"), source="x")
 
 
 if sys.platform == "win32":  # pragma: no cover - FIFOs, symlinks

@@ -77,11 +77,11 @@ def read(path: str | os.PathLike[str]) -> ConceptDelta:
         modules = check_lora_keys(keys, source, module_of=_module_of, parts=_PARTS)
         config = _adapter_config(metadata, source)
         parts = {(module, part): read_tensor(handle, key, source) for (module, part), key in modules.items()}
-        identity = from_header(metadata, source=source)
+        provenance = from_header(metadata, source=source)
     layers = lora_layers(parts, lambda module, rank: peft_scale(config, module, rank, source), source)
     tokens = read_token_folder(Path(path), "the LoRA weights", skip=(WEIGHTS_NAME,)) if Path(path).is_dir() else {}
     check_token_shapes(tokens, str(path))
-    return ConceptDelta(layers, tokens, **identity)
+    return ConceptDelta.with_provenance(layers, tokens, provenance)
 
 
 def _adapter_config(metadata: dict[str, str], source: str) -> dict[str, Any]:

@@ -95,13 +95,13 @@ def read(path: str | os.PathLike[str]) -> ConceptDelta:
         alpha = {module_of(key.removesuffix(".alpha")): positive_number(read_tensor(handle, key, source), key, source)
                  for key in alphas}
         tokens = _bundled_tokens({key: read_tensor(handle, key, source) for key in bundled}, source)
-        identity = from_header(metadata, source=source)
+        provenance = from_header(metadata, source=source)
     folder = token_folder(path, TOKEN_FOLDER_SUFFIX)
     if not tokens and folder.is_dir():  # the embedding files beside it, as we write them
         tokens = read_token_folder(folder, "the LoRA")
     layers = lora_layers(parts, lambda module, rank: alpha.get(module, rank) / rank, source)
     check_token_shapes(tokens, source)
-    return ConceptDelta(layers, tokens, **identity)
+    return ConceptDelta.with_provenance(layers, tokens, provenance)
 
 
 def _bundled_tokens(entries: dict[str, Tensor], source: str) -> dict[str, tuple[Tensor, ...]]:
