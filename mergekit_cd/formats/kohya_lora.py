@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..architectures import ARCHITECTURES as ARCHITECTURE_TABLE
 from ..delta import ConceptDelta
 from ..errors import MergeError
 from ..fileio import atomic_outputs, check_destination, open_safetensors, read_tensor, save_safetensors
@@ -69,9 +70,10 @@ def module_of(name: str) -> str | None:
 
 
 def kohya_name(module: str, architecture: str | None) -> str:
-    """The inverse of :func:`module_of`, for ``architecture`` (SDXL: LDM names)."""
+    """The inverse of :func:`module_of`, for ``architecture`` (LDM names where the architecture
+    table says kohya uses them: SDXL)."""
     layer, projection = module.rsplit(".", 1)
-    if architecture == "sdxl":
+    if architecture in ARCHITECTURE_TABLE and ARCHITECTURE_TABLE[architecture].kohya_ldm_names:
         ldm = to_compvis_name(layer)
         if ldm is None:
             raise MergeError(f"Cannot write layer {layer} as {NAME}: kohya's SDXL names have no block for it.")
