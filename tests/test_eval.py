@@ -29,11 +29,12 @@ from mergekit_cd.evaluation.fidelity import draw_probes
 from mergekit_cd.evaluation.methods import SOFT_SWEEP
 from mergekit_cd.evaluation.report import write_outputs
 from mergekit_cd.loading import save
+from mergekit_cd.merge_methods import METHOD_TABLE
 from mergekit_cd.testing import random_concept_delta, tiny_tokenizer
 
-#: Few probes, one tiny sampled image per prompt, two denoising steps: seconds per evaluation.
 from cli_output import one_error_line
 
+#: Few probes, one tiny sampled image per prompt, two denoising steps: seconds per evaluation.
 FAST = dict(samples=6, held_out_samples=6, sample_images=1, sample_steps=1, batch_size=6)
 CAPTIONS = default_reg_captions()[:200]
 HELD_OUT = [*CAPTIONS[:2], "a tortoise on a beach", "a red van in the snow"]
@@ -369,6 +370,16 @@ def test_compare_lists_name_merges_and_sweeps():
     with pytest.raises(MergeError, match="soft=0: the value must be a finite number > 0"):
         parse_compare("soft=0")
     assert [m.kind for m in parse_compare(["base", "plain-base"])] == ["base", "plain-base"]
+
+
+def test_each_method_of_the_table_is_a_row_of_that_method(monkeypatch):
+    """A second weighted method ran the soft merge: any weighted name was read as ``soft``."""
+    monkeypatch.setitem(METHOD_TABLE, "other", dataclasses.replace(METHOD_TABLE["soft"], name="other"))
+    for name, method in METHOD_TABLE.items():
+        assert {m.kind for m in parse_compare(name)} == {name}
+        if method.concept_weights:
+            assert [m.label for m in parse_compare(f"{name}=5")] == [f"{name} w=5"]
+    assert [m.options for m in parse_compare("other")] == [{"weight": weight} for weight in SOFT_SWEEP]
 
 
 @pytest.mark.parametrize("spec", ["", " , ", []])
