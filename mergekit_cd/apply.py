@@ -23,9 +23,9 @@ from torch import Tensor, nn
 from . import formats
 from .architectures import Architecture, pipeline_architecture
 from .base import kv_fingerprint
-from .delta import ConceptDelta, dense, layer_shapes
+from .delta import ConceptDelta, dense
 from .errors import MergeError
-from .loading import PathLike, resolve_delta
+from .loading import FitTarget, PathLike, check_fits, resolve_delta
 from .tokens import check_new, install
 from .weights import FineTunedWeights
 
@@ -96,14 +96,14 @@ def apply(pipe, delta: ConceptDelta | FineTunedWeights | PathLike, *, scale: flo
     if not isinstance(delta, (ConceptDelta, FineTunedWeights)):
         source = str(delta)
         content = formats.read(resolve_delta(delta))
-    shapes = {name: tuple(key) for name, (key, _) in
-              (layer_shapes(content.layers) if isinstance(content, ConceptDelta) else content.shapes()).items()}
-    _check_fits_pipeline(pipe, architecture, layers, shapes, content, source, check_base)
+    pairs = _encoder_pairs(pipe, architecture) if content.tokens else []
+    _check_fits_pipeline(pipe, architecture, layers, pairs, content, source, check_base)
     if isinstance(content, FineTunedWeights):
         content = content.to_delta(lambda name: tuple(w.float().cpu() for w in _pipeline_kv(pipe, name)))
     delta = content
-    pairs = _encoder_pairs(pipe, architecture) if delta.tokens else []
-    _check_tokens(pipe, pairs, delta, source)
+    check_new(list(delta.tokens), [getattr(pipe, name) for name, _ in pairs], lambda token, index: (
+        f"{source}: token {token} is already in the pipeline's {pairs[index][0]} (added by "
+        f"load_textual_inversion or an earlier delta?); load the pipeline afresh."))
 
     state = _Installed(source)
     try:
@@ -168,30 +168,19 @@ def _restore(pipe, state: _Installed) -> None:
 
 
 # ---------------------------------------------------------------- checks, before anything changes
-def _check_fits_pipeline(pipe, architecture: Architecture, layers: list[str], shapes: dict[str, tuple],
+def _check_fits_pipeline(pipe, architecture: Architecture, layers: list[str], pairs: list[tuple[str, str]],
                          content: ConceptDelta | FineTunedWeights, source: str, check_base: bool) -> None:
-    """Architecture, layer names, shapes and base fingerprint; one MergeError naming the problem."""
+    """Architecture, the fit (:func:`~mergekit_cd.loading.check_fits`: layers, shapes, token
+    sizes), attention processors and base fingerprint; one MergeError naming the problem."""
     if content.architecture and content.architecture != architecture.name:
         raise MergeError(f"{source} is an {content.architecture} delta but this pipeline is "
                          f"{architecture.name} ({architecture.description}): wrong architecture.")
-    context = pipe.unet.get_submodule(layers[0]).to_k.weight.shape[1] if layers else None
-    widths = sorted({shape[1] for shape in shapes.values()})
-    if widths and widths != [context]:
-        raise MergeError(f"{source} was made for a model whose text features have {widths[0]} "
-                         f"dimensions, but this {architecture.name} pipeline's have {context}: "
-                         f"wrong architecture.")
-    missing = sorted(set(layers) - set(shapes))
-    extra = sorted(set(shapes) - set(layers))
-    if missing or extra:
-        example = (missing or extra)[0]
-        raise MergeError(f"{source} does not fit this pipeline: {len(missing)} of its {len(layers)} "
-                         f"cross-attention layers are missing and {len(extra)} are unknown, e.g. "
-                         f"{example} (wrong architecture?).")
+    key_shapes = {name: tuple(_pipeline_kv(pipe, name)[0].shape) for name in layers}
+    target = FitTarget("this pipeline", "the pipeline", architecture.name, key_shapes,
+                       key_shapes[layers[0]][1] if layers else 0,
+                       tuple(getattr(pipe, encoder).get_input_embeddings().weight.shape[1] for _, encoder in pairs))
+    check_fits(content, target, source)
     for name in layers:
-        key, _ = _pipeline_kv(pipe, name)
-        if tuple(shapes[name]) != tuple(key.shape):
-            raise MergeError(f"{source}: layer {name} has shape {tuple(shapes[name])}, the pipeline's "
-                             f"is {tuple(key.shape)} (wrong architecture).")
         processor = getattr(pipe.unet.get_submodule(name), "processor", None)
         if getattr(processor, "train_kv", False):
             raise MergeError(f"Layer {name} of this pipeline runs a {type(processor).__name__}, which "
@@ -207,19 +196,6 @@ def _check_fits_pipeline(pipe, architecture: Architecture, layers: list[str], sh
                              f"fingerprint {content.base_fingerprint[:12]}) than this pipeline "
                              f"(fingerprint {fingerprint[:12]}); pass check_base=False if you know "
                              f"they are equivalent.{hint}")
-
-
-def _check_tokens(pipe, pairs: list[tuple[str, str]], delta: ConceptDelta, source: str) -> None:
-    """Each token has one embedding per text encoder, of its width, and is new to every tokenizer."""
-    widths = tuple(getattr(pipe, encoder).get_input_embeddings().weight.shape[1] for _, encoder in pairs)
-    for token, embeddings in delta.tokens.items():
-        sizes = tuple(e.shape[0] for e in embeddings)
-        if sizes != widths:
-            raise MergeError(f"{source}: token {token} has embedding sizes {list(sizes)}, but this "
-                             f"pipeline's text encoder(s) need {list(widths)} (wrong architecture).")
-    check_new(list(delta.tokens), [getattr(pipe, name) for name, _ in pairs], lambda token, index: (
-        f"{source}: token {token} is already in the pipeline's {pairs[index][0]} (added by "
-        f"load_textual_inversion or an earlier delta?); load the pipeline afresh."))
 
 
 def _install_tokens(pipe, pairs: list[tuple[str, str]], delta: ConceptDelta, state: _Installed) -> None:

@@ -1,5 +1,6 @@
 """The model families mergekit-cd knows, as data: text encoders, which hidden state feeds
-cross-attention, and how to recognise each family from a diffusers folder's configs.
+cross-attention, how to recognise each family from a diffusers folder's configs, and how
+kohya's LoRA files name its layers.
 
 Layer names everywhere in mergekit-cd are diffusers module paths up to the cross-attention
 module, e.g. ``down_blocks.0.attentions.0.transformer_blocks.0.attn2``; its K and V weights are
@@ -27,6 +28,10 @@ class Architecture:
     time_conditioning: the UNet also takes the pooled text embedding and the size/crop time ids
     (SDXL's ``text_time`` added conditioning).
     vae_float32_under_fp16: the VAE overflows in float16 and must encode in float32 (SDXL's).
+    text_encoder_activation: the first text encoder's ``hidden_act`` that tells the family from
+    one with the same components (SD2's OpenCLIP ``gelu`` against OpenAI CLIP's); None: any.
+    kohya_ldm_names: kohya's LoRA files name its layers by the LDM blocks (``input_blocks_4_1_...``,
+    SDXL), not by diffusers' module paths with ``_`` for ``.``.
     """
 
     name: str
@@ -37,6 +42,22 @@ class Architecture:
     released_context_dim: int
     time_conditioning: bool = False
     vae_float32_under_fp16: bool = False
+    text_encoder_activation: str | None = None
+    kohya_ldm_names: bool = False
+
+    def recognised_in(self, model_index: dict[str, Any], unet_config: dict[str, Any],
+                      text_encoder_config: dict[str, Any]) -> bool:
+        """Whether configs show every fact this entry records: its text encoders, its time
+        conditioning (when it has one) and its text encoder's activation (when it names one)."""
+        activation = text_encoder_config.get("hidden_act", "quick_gelu")  # transformers' CLIP default
+        return (all(name in model_index for name in self.text_encoders)
+                and (not self.time_conditioning or unet_config.get("addition_embed_type") == "text_time")
+                and self.text_encoder_activation in (None, activation))
+
+    @property
+    def specificity(self) -> int:
+        """How many facts :meth:`recognised_in` checks: the most specific recognised entry wins."""
+        return len(self.text_encoders) + int(self.time_conditioning) + int(self.text_encoder_activation is not None)
 
     def time_ids(self, height: int, width: int) -> list[int]:
         """The size/crop time ids (``time_conditioning``) of an uncropped height x width image made
@@ -48,10 +69,10 @@ ARCHITECTURES: dict[str, Architecture] = {
     "sd1": Architecture("sd1", ("text_encoder",), ("tokenizer",), None,
                         "Stable Diffusion 1.x (CLIP ViT-L text encoder)", 768),
     "sd2": Architecture("sd2", ("text_encoder",), ("tokenizer",), None,
-                        "Stable Diffusion 2.x (OpenCLIP ViT-H text encoder)", 1024),
+                        "Stable Diffusion 2.x (OpenCLIP ViT-H text encoder)", 1024, text_encoder_activation="gelu"),
     "sdxl": Architecture("sdxl", ("text_encoder", "text_encoder_2"), ("tokenizer", "tokenizer_2"), -2,
                          "Stable Diffusion XL (CLIP ViT-L + OpenCLIP bigG)", 2048,
-                         time_conditioning=True, vae_float32_under_fp16=True),
+                         time_conditioning=True, vae_float32_under_fp16=True, kohya_ldm_names=True),
 }
 
 
@@ -62,19 +83,16 @@ def architecture_of_width(context_dim: int | None) -> Architecture | None:
 
 def detect_architecture(model_index: dict[str, Any], unet_config: dict[str, Any],
                         text_encoder_config: dict[str, Any]) -> Architecture:
-    """Recognise the family from configs (never from names or paths).
-
-    SDXL: a second text encoder and the ``text_time`` added conditioning. SD2 vs SD1: the
-    text encoder's activation (OpenCLIP uses ``gelu``, OpenAI CLIP ``quick_gelu``).
+    """Recognise the family from configs (never from names or paths): the most specific entry of
+    the table whose facts they show (:meth:`Architecture.recognised_in`). SDXL: a second text
+    encoder and the ``text_time`` added conditioning; SD2: one text encoder of OpenCLIP's
+    ``gelu``; SD1: one text encoder.
     """
-    if "text_encoder_2" in model_index and unet_config.get("addition_embed_type") == "text_time":
-        return ARCHITECTURES["sdxl"]
     if "text_encoder" not in model_index:
         raise MergeError("The model has no text_encoder; only text-conditioned Stable Diffusion "
                          "pipelines (SD1.x, SD2.x, SDXL) can be merged.")
-    if text_encoder_config.get("hidden_act") == "gelu":
-        return ARCHITECTURES["sd2"]
-    return ARCHITECTURES["sd1"]
+    recognised = [a for a in ARCHITECTURES.values() if a.recognised_in(model_index, unet_config, text_encoder_config)]
+    return max(recognised, key=lambda architecture: architecture.specificity)
 
 
 def pipeline_architecture(pipe: Any) -> Architecture:

@@ -141,6 +141,49 @@ class Concept:
 
 
 @dataclass(frozen=True)
+class Provenance:
+    """Where a delta or a file of full weights comes from, as our metadata records it: the base
+    model's name and K/V fingerprint, the architecture, what each token stands for, and the
+    other recorded fields (``recipe``, ``source``, ...). One record for
+    :class:`ConceptDelta` and :class:`~mergekit_cd.weights.FineTunedWeights` alike; a file
+    without our metadata gives the empty one."""
+
+    base: str | None = None
+    base_fingerprint: str | None = None
+    architecture: str | None = None
+    concepts: tuple[Concept, ...] = ()
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+
+_Content = TypeVar("_Content", bound="Provenanced")
+
+
+class Provenanced:
+    """What :class:`ConceptDelta` and :class:`~mergekit_cd.weights.FineTunedWeights` share: their
+    :class:`Provenance` fields, made from and read as one record."""
+
+    base: str | None
+    base_fingerprint: str | None
+    architecture: str | None
+    concepts: tuple[Concept, ...]
+    metadata: dict[str, Any]
+
+    @property
+    def provenance(self) -> Provenance:
+        """Its base, fingerprint, architecture, concepts and metadata (a copy) as one record."""
+        return Provenance(self.base, self.base_fingerprint, self.architecture, self.concepts, dict(self.metadata))
+
+    @classmethod
+    def with_provenance(cls: type[_Content], layers: Mapping[str, Any], tokens: dict[str, tuple[Tensor, ...]],
+                        provenance: Provenance, **others: Any) -> _Content:
+        """An object of ``layers`` and ``tokens`` whose origin ``provenance`` records (a file's
+        metadata, or another object's :attr:`provenance`); its metadata is a copy of the record's."""
+        return cls(layers, tokens, base=provenance.base, base_fingerprint=provenance.base_fingerprint,
+                   architecture=provenance.architecture, concepts=provenance.concepts,
+                   metadata=dict(provenance.metadata), **others)
+
+
+@dataclass(frozen=True)
 class TokenRename:
     """Token ``old`` of operand ``operand`` (0-based) was renamed to ``new``."""
 
@@ -150,7 +193,7 @@ class TokenRename:
 
 
 @dataclass(eq=False)
-class ConceptDelta:
+class ConceptDelta(Provenanced):
     """K/V differences per layer and modifier tokens, made against one base model.
 
     layers: layer name (diffusers module path up to ``attn2``) -> :class:`LayerDelta`.

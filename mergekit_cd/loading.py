@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -112,8 +112,7 @@ def load_source(reference: PathLike | ConceptDelta, *, base: BaseModel | PathLik
                 raise MergeError(f"{source} holds full fine-tuned weights; give the base model they "
                                  f"were trained from (--base) to turn them into differences.")
             base = as_base(base)
-            check_fits(content.layers.keys(), {k: v[0] for k, v in content.shapes().items()},
-                       content.tokens, base, source)
+            check_fits(content, fit_target(base), source)
             content = _with_base_identity(content, base, source, check_base)
             delta = content.to_delta(base.kv)
         else:
@@ -165,7 +164,8 @@ def _paired(delta: ConceptDelta, embeddings: Sequence[PathLike], base: BaseModel
         if name in tokens:
             raise MergeError(f"{file}: token {name} is already in {origins[name]}; a token can be paired once.")
         if base is not None:
-            check_token_sizes({name: vectors}, as_base(base), str(file))
+            opened = as_base(base)
+            check_token_sizes({name: vectors}, opened.token_dims(), opened.name, str(file))
         tokens[name], origins[name] = vectors, str(file)
     check_token_shapes(tokens, source)
     return replace(delta, tokens=tokens)
@@ -211,7 +211,7 @@ def _refuse_recorded_architecture(path: Path, base: BaseModel, source: str) -> N
     """A file too big for ``base`` that records another architecture is refused as what it is
     (an SDXL delta given an SD1 base), from its metadata alone: no tensor is read."""
     try:
-        recorded = formats.recorded_identity(path).get("architecture")
+        recorded = formats.recorded_provenance(path).architecture
     except MergeError:
         return
     if recorded and recorded != base.architecture.name:
@@ -306,41 +306,63 @@ def check_delta(delta: ConceptDelta, base: BaseModel, source: str, *, check_base
         raise MergeError(_wrong_base_message(source, delta.base, delta.base_fingerprint, base))
     if not fit:
         return
-    shapes = {name: key for name, (key, _) in layer_shapes(delta.layers).items()}
-    check_fits(delta.layers.keys(), shapes, delta.tokens, base, source)
+    check_fits(delta, fit_target(base), source)
 
 
-def check_fits(layer_names, key_shapes: dict, tokens: dict, base: BaseModel, source: str) -> None:
-    """Layers, shapes and token sizes of a delta or weight file against the base."""
-    expected = base.kv_shapes()
-    context = base.context_dim
-    widths = {tuple(shape)[1] for shape in key_shapes.values()}
-    if widths and widths != {context}:
+@dataclass(frozen=True)
+class FitTarget:
+    """What a delta must fit, as data: the ``to_k`` shape of each cross-attention layer, the
+    text-feature width and each text encoder's width of a base or a loaded pipeline. ``name``
+    and ``owner`` name it in messages (``sd15`` and ``the base``, ``this pipeline`` and ``the
+    pipeline``)."""
+
+    name: str
+    owner: str
+    architecture: str
+    key_shapes: Mapping[str, tuple[int, ...]]
+    context_dim: int
+    token_dims: tuple[int, ...]
+
+
+def fit_target(base: BaseModel) -> FitTarget:
+    """What a delta used with ``base`` must fit (read from its headers and configs, no weights)."""
+    return FitTarget(base.name, "the base", base.architecture.name,
+                     {name: tuple(key) for name, (key, _) in base.kv_shapes().items()}, base.context_dim,
+                     base.token_dims())
+
+
+def check_fits(content: ConceptDelta | FineTunedWeights, target: FitTarget, source: str) -> None:
+    """The one fit rule: layers, shapes and token sizes of a delta or weight file against ``target``
+    (:func:`load` checks it against the base, :func:`mergekit_cd.apply` against the pipeline)."""
+    key_shapes = {name: tuple(key) for name, (key, _) in
+                  (layer_shapes(content.layers) if isinstance(content, ConceptDelta) else content.shapes()).items()}
+    expected = target.key_shapes
+    widths = {shape[1] for shape in key_shapes.values()}
+    if widths and widths != {target.context_dim}:
         raise MergeError(f"{source} was made for a model whose text features have {sorted(widths)[0]} "
-                         f"dimensions, but {base.name} ({base.architecture.name}) uses {context}: "
+                         f"dimensions, but {target.name} ({target.architecture}) uses {target.context_dim}: "
                          f"wrong architecture.")
-    missing = sorted(set(expected) - set(layer_names))
+    missing = sorted(set(expected) - set(key_shapes))
     if missing:
         raise MergeError(f"{source} is missing {len(missing)} of {len(expected)} cross-attention "
-                         f"layers of {base.name}, e.g. {missing[0]}.")
-    extra = sorted(set(layer_names) - set(expected))
+                         f"layers of {target.name}, e.g. {missing[0]}.")
+    extra = sorted(set(key_shapes) - set(expected))
     if extra:
-        raise MergeError(f"{source} has layers that {base.name} does not have, e.g. {extra[0]}.")
+        raise MergeError(f"{source} has layers that {target.name} does not have, e.g. {extra[0]}.")
     for name, shape in key_shapes.items():
-        if tuple(shape) != tuple(expected[name][0]):
-            raise MergeError(f"{source}: layer {name} has shape {tuple(shape)}, but the base's is "
-                             f"{tuple(expected[name][0])}.")
-    check_token_sizes(tokens, base, source)
+        if shape != tuple(expected[name]):
+            raise MergeError(f"{source}: layer {name} has shape {shape}, but {target.owner}'s is "
+                             f"{tuple(expected[name])}.")
+    check_token_sizes(content.tokens, target.token_dims, target.name, source)
 
 
-def check_token_sizes(tokens: dict, base: BaseModel, source: str) -> None:
-    """Each token's embedding sizes against the base's text encoders."""
-    dims = base.token_dims()
+def check_token_sizes(tokens: Mapping, dims: tuple[int, ...], name: str, source: str) -> None:
+    """Each token's embedding sizes against the text encoders' widths ``dims`` of ``name``."""
     for token, embeddings in tokens.items():
         got = tuple(e.shape[0] for e in embeddings)
         if got != dims:
             raise MergeError(f"{source}: token {token} has embedding sizes {got}, but the text "
-                             f"encoder(s) of {base.name} need {dims}.")
+                             f"encoder(s) of {name} need {dims}.")
 
 
 def save(delta: ConceptDelta, path: PathLike, *, format: str | None = None,

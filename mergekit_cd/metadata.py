@@ -26,7 +26,7 @@ import json
 from typing import Any
 
 from .architectures import ARCHITECTURES
-from .delta import Concept, ConceptDelta
+from .delta import Concept, ConceptDelta, Provenance
 from .errors import MergeError
 from .limits import MAX_METADATA_BYTES, MAX_PROMPTS, check_limit
 from .version import __version__
@@ -61,10 +61,10 @@ def to_metadata(obj: ConceptDelta | FineTunedWeights) -> dict[str, Any]:
     }
 
 
-def identity_from_metadata(document: dict[str, Any], *, source: str = "metadata") -> dict[str, Any]:
-    """Keyword arguments (base, base_fingerprint, architecture, concepts, metadata) for a
-    ConceptDelta or FineTunedWeights, from a metadata document; ``source`` names it in errors.
-    """
+def provenance_from_metadata(document: dict[str, Any], *, source: str = "metadata") -> Provenance:
+    """The :class:`~mergekit_cd.delta.Provenance` a metadata document records (base,
+    fingerprint, architecture, concepts, and its other fields as metadata); ``source`` names it
+    in errors."""
     if not isinstance(document, dict):
         raise MergeError(f"{source}: mergekit-cd metadata must be a JSON object, got "
                          f"{type(document).__name__}.")
@@ -78,14 +78,9 @@ def identity_from_metadata(document: dict[str, Any], *, source: str = "metadata"
                          f"knows {', '.join(ARCHITECTURES)}.")
     if not isinstance(document.get("concepts") or [], list):
         raise MergeError(f"{source}: metadata field 'concepts' must be a list.")
-    return {
-        "base": document.get("base"),
-        "base_fingerprint": document.get("base_fingerprint"),
-        "architecture": architecture,
-        "concepts": tuple(_concept(entry, source) for entry in document.get("concepts") or ()),
-        "metadata": {key: value for key, value in document.items()
-                     if key not in ("format_version", *IDENTITY_FIELDS)},
-    }
+    return Provenance(document.get("base"), document.get("base_fingerprint"), architecture,
+                      tuple(_concept(entry, source) for entry in document.get("concepts") or ()),
+                      {key: value for key, value in document.items() if key not in ("format_version", *IDENTITY_FIELDS)})
 
 
 def _check_version(version: Any, source: str) -> None:
@@ -123,16 +118,16 @@ def dump_document(obj: ConceptDelta | FineTunedWeights, **extra: Any) -> str:
         text = json.dumps({**to_metadata(obj), **extra}, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as error:
         raise MergeError(f"The delta's metadata cannot be stored as JSON: {error}.") from None
-    identity_from_metadata(parse_document(text, source=_WRITING, where="its metadata"), source=_WRITING)
+    provenance_from_metadata(parse_document(text, source=_WRITING, where="its metadata"), source=_WRITING)
     return text
 
 
-def from_header(header: dict[str, str], *, source: str) -> dict[str, Any]:
-    """Identity keyword arguments from a safetensors header; ``{}`` when it has none of ours."""
+def from_header(header: dict[str, str], *, source: str) -> Provenance:
+    """The provenance a safetensors header records; the empty one when it has none of ours."""
     if header.get("format") != HEADER_FORMAT or HEADER_KEY not in header:
-        return {}
+        return Provenance()
     _check_version(header.get("format_version"), source)
-    return identity_from_metadata(parse_document(header[HEADER_KEY], source=source, where="the header"),
+    return provenance_from_metadata(parse_document(header[HEADER_KEY], source=source, where="the header"),
                                   source=source)
 
 

@@ -11,7 +11,7 @@ from . import formats
 from .architectures import architecture_of_width
 from .base import BaseModel, layer_order
 from .delta import LowRank, dense
-from .loading import as_base, check_delta, check_fits, resolve_delta
+from .loading import as_base, check_delta, check_fits, fit_target, resolve_delta
 from .weights import FineTunedWeights
 
 
@@ -110,8 +110,7 @@ def summarize(reference: str | os.PathLike[str], *,
     if base is not None:
         base = as_base(base)
         if isinstance(content, FineTunedWeights):
-            check_fits(content.layers.keys(), {k: v[0] for k, v in content.shapes().items()},
-                       content.tokens, base, source)
+            check_fits(content, fit_target(base), source)
             content = content.to_delta(base.kv)
         check_delta(content, base, source, check_base=False)
         compared_with = f"{base.name} (fingerprint {base.fingerprint[:16]}; {_match(recorded[1], base)})"

@@ -14,11 +14,11 @@ from typing import Any
 from torch import Tensor
 
 from .base import BaseModel
-from .delta import Concept, ConceptDelta, LayerDelta, LazyLayers, Shapes, dense
+from .delta import Concept, ConceptDelta, LayerDelta, LazyLayers, Provenanced, Shapes, dense
 
 
 @dataclass(eq=False)
-class FineTunedWeights:
+class FineTunedWeights(Provenanced):
     """Full K and V weights per layer (layer name -> (to_k, to_v)) plus modifier tokens.
 
     ``layers`` is a dict, or :class:`~mergekit_cd.delta.LazyLayers` reading each layer from its
@@ -55,9 +55,7 @@ class FineTunedWeights:
                                                           lambda name: _difference(self.layers[name], base_kv(name)))
         else:
             layers = {name: _difference(pair, base_kv(name)) for name, pair in self.layers.items()}
-        return ConceptDelta(layers, dict(self.tokens), base=self.base,
-                            base_fingerprint=self.base_fingerprint, architecture=self.architecture,
-                            concepts=self.concepts, metadata=dict(self.metadata))
+        return ConceptDelta.with_provenance(layers, dict(self.tokens), self.provenance)
 
     @classmethod
     def from_delta(cls, delta: ConceptDelta, base_kv: Callable[[str], tuple[Tensor, Tensor]]) -> FineTunedWeights:
@@ -67,8 +65,7 @@ class FineTunedWeights:
             base_key, base_value = base_kv(name)
             layers[name] = (base_key.float() + dense(layer.key).float(),
                             base_value.float() + dense(layer.value).float())
-        return cls(layers, dict(delta.tokens), delta.base, delta.base_fingerprint, delta.architecture,
-                   delta.concepts, dict(delta.metadata))
+        return cls.with_provenance(layers, dict(delta.tokens), delta.provenance)
 
 
 def _difference(weights: tuple[Tensor, Tensor], base: tuple[Tensor, Tensor]) -> LayerDelta:

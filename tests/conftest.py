@@ -32,6 +32,16 @@ def _keep_the_default_allocator() -> Iterator[None]:
         yield
 
 
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test caches Gram matrices and features in one folder of the session, never in the
+    user's cache, and runs under the file and merge bounds whatever the user's environment says."""
+    from mergekit_cd.limits import OVERRIDE
+
+    monkeypatch.setenv("MERGEKIT_CD_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    monkeypatch.delenv(OVERRIDE, raising=False)
+
+
 @pytest.fixture(scope="session")
 def tiny_pipeline_path(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """Factory: ``tiny_pipeline_path("sd1", seed=0)`` -> a saved tiny diffusers folder.
@@ -83,6 +93,16 @@ def tiny_delta_files(tiny_pipeline_path, tmp_path_factory: pytest.TempPathFactor
         return cache[architecture]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_pipeline_path, tiny_delta_files) -> None:
+    """The tiny SD1 and SDXL bases and their delta files, built before a test captures output
+    (saving them prints transformers' progress bars, which are not a command's output).
+    Modules that read a command's output use it: ``pytestmark = pytest.mark.usefixtures("tiny_models")``."""
+    for architecture in ("sd1", "sdxl"):
+        tiny_pipeline_path(architecture)
+        tiny_delta_files(architecture)
 
 
 @pytest.fixture

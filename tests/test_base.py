@@ -175,6 +175,25 @@ def test_sharded_unet_with_a_missing_shard_names_it(tiny_pipeline_path, tmp_path
         open_base(folder)
 
 
+@pytest.mark.parametrize(("components", "unet", "activation", "expected"), [
+    (("text_encoder",), {}, "quick_gelu", "sd1"),
+    (("text_encoder",), {}, None, "sd1"),  # transformers' CLIP default
+    (("text_encoder",), {}, "gelu", "sd2"),
+    (("text_encoder", "text_encoder_2"), {"addition_embed_type": "text_time"}, "quick_gelu", "sdxl"),
+    (("text_encoder", "text_encoder_2"), {"addition_embed_type": "text_time"}, "gelu", "sdxl"),
+    (("text_encoder", "text_encoder_2"), {}, "quick_gelu", "sd1"),  # a second encoder alone is no SDXL
+])
+def test_the_architecture_is_the_most_specific_table_entry_whose_facts_the_configs_show(components, unet,
+                                                                                        activation, expected):
+    from mergekit_cd.architectures import detect_architecture
+
+    encoder = {} if activation is None else {"hidden_act": activation}
+    assert detect_architecture(dict.fromkeys(components, ["transformers", "CLIPTextModel"]), unet,
+                               encoder).name == expected
+    with pytest.raises(MergeError, match="has no text_encoder"):
+        detect_architecture({"unet": ["diffusers", "UNet2DConditionModel"]}, unet, encoder)
+
+
 # --- user errors on local folders --------------------------------------------------------------
 
 def test_folder_without_model_index_is_refused_by_name(tmp_path):

@@ -28,13 +28,7 @@ from cli_output import one_error_line
 SIZE = 16  # the tiny pipelines' default image size
 
 
-@pytest.fixture(scope="module", autouse=True)
-def tiny_models(tiny_pipeline_path, tiny_delta_files):
-    """Build the tiny pipelines and deltas before any test captures output (saving them prints
-    transformers' own progress bars, which are not the commands' output)."""
-    for architecture in ("sd1", "sdxl"):
-        tiny_pipeline_path(architecture)
-        tiny_delta_files(architecture)
+pytestmark = pytest.mark.usefixtures("tiny_models")  # built before any test captures output
 
 
 def pixels(path: Path) -> np.ndarray:

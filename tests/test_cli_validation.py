@@ -23,17 +23,7 @@ from mergekit_cd.fileio import check_destination
 from cli_output import one_error_line
 
 
-@pytest.fixture(scope="module", autouse=True)
-def tiny_models(tiny_pipeline_path, tiny_delta_files):
-    """Built before any test captures output (saving them prints transformers' progress bars)."""
-    for architecture in ("sd1", "sdxl"):
-        tiny_pipeline_path(architecture)
-        tiny_delta_files(architecture)
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("MERGEKIT_CD_CACHE", str(tmp_path_factory.getbasetemp() / "gram-cache"))
+pytestmark = pytest.mark.usefixtures("tiny_models")  # built before any test captures output
 
 
 @pytest.fixture
@@ -99,21 +89,17 @@ def test_cd_merge_warns_about_an_unwritable_cache_in_one_line(tiny_pipeline_path
 # ---------------------------------------------------------------- cd-merge options
 @pytest.mark.parametrize(("arguments", "message"), [
     (["--method", "soft", "--mu", "-1"], r"^--mu -1: must be a finite number >= 0\.$"),
-    (["--method", "soft", "--mu", "nan"], r"^--mu nan: must be a finite number >= 0\.$"),
     (["--method", "soft", "--mu", "0"], r"^--mu 0 with no --ridge / --relative-ridge leaves the soft merge "
                                         r"without a unique solution"),
     (["--method", "soft", "--weights", "1", "0"], r"^--weights: every weight must be a finite number > 0, "
                                                   r"got 0\.$"),
-    (["--method", "soft", "--weights", "1", "inf"], r"^--weights: every weight must be .*, got inf\.$"),
     (["--method", "soft", "--weights", "5"], r"^--weights: got 1 weight\(s\) for 2 inputs; give one per "
                                              r"concept, in input order\.$"),
     (["--weights", "1", "2"], r"^--weights only applies to --method soft, not to --method constrained; "),
     (["--method", "sum", "--mu", "2"], r"^--mu only applies to --method soft, not to --method sum; "),
     (["--method", "average", "--weights", "1", "2", "--mu", "2"], r"^--weights and --mu only apply to "),
     (["--num-reg-captions", "0"], r"^--num-reg-captions 0: must be at least 1\.$"),
-    (["--num-reg-captions", "-5"], r"^--num-reg-captions -5: must be at least 1\.$"),
     (["--ridge", "-1"], r"^--ridge -1: must be a finite number >= 0\.$"),
-    (["--ridge", "inf"], r"^--ridge inf: must be a finite number >= 0\.$"),
     (["--relative-ridge", "nan"], r"^--relative-ridge nan: must be a finite number >= 0\.$"),
     (["--batch-size", "0"], r"^--batch-size 0: must be at least 1\.$"),
     (["--device", "meta"], r"^--device meta: this command runs on cpu or cuda\[:N\], not meta; this machine "

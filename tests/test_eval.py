@@ -29,7 +29,10 @@ from mergekit_cd.evaluation.fidelity import draw_probes
 from mergekit_cd.evaluation.methods import SOFT_SWEEP
 from mergekit_cd.evaluation.report import write_outputs
 from mergekit_cd.loading import save
+from mergekit_cd.merge_methods import METHOD_TABLE
 from mergekit_cd.testing import random_concept_delta, tiny_tokenizer
+
+from cli_output import one_error_line
 
 #: Few probes, one tiny sampled image per prompt, two denoising steps: seconds per evaluation.
 FAST = dict(samples=6, held_out_samples=6, sample_images=1, sample_steps=1, batch_size=6)
@@ -369,6 +372,16 @@ def test_compare_lists_name_merges_and_sweeps():
     assert [m.kind for m in parse_compare(["base", "plain-base"])] == ["base", "plain-base"]
 
 
+def test_each_method_of_the_table_is_a_row_of_that_method(monkeypatch):
+    """A second weighted method ran the soft merge: any weighted name was read as ``soft``."""
+    monkeypatch.setitem(METHOD_TABLE, "other", dataclasses.replace(METHOD_TABLE["soft"], name="other"))
+    for name, method in METHOD_TABLE.items():
+        assert {m.kind for m in parse_compare(name)} == {name}
+        if method.concept_weights:
+            assert [m.label for m in parse_compare(f"{name}=5")] == [f"{name} w=5"]
+    assert [m.options for m in parse_compare("other")] == [{"weight": weight} for weight in SOFT_SWEEP]
+
+
 @pytest.mark.parametrize("spec", ["", " , ", []])
 def test_an_empty_compare_list_is_an_error_not_just_the_sum(spec):
     """An empty list would evaluate only the sum row that is always shown; None is the default."""
@@ -407,10 +420,7 @@ def test_cd_eval_prints_the_table_and_writes_json_and_plot(sd1, tiny_delta_files
 
 def error_of(capsys, arguments) -> str:
     assert cd_eval.main(arguments) == 1
-    captured = capsys.readouterr()
-    lines = captured.err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("cd-eval: error: "), captured.err
-    return lines[0][len("cd-eval: error: "):]
+    return one_error_line(capsys, "cd-eval")
 
 
 def test_cd_eval_user_errors_are_one_line(sd1, tiny_delta_files, tmp_path, capsys):

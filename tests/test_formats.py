@@ -30,8 +30,10 @@ from mergekit_cd.delta import LazyLayers
 from mergekit_cd import fileio
 from mergekit_cd.fileio import atomic_path, load_pickle
 from mergekit_cd.formats import authors_bin, compvis, diffusers_layout, native
-from mergekit_cd.metadata import identity_from_metadata, to_metadata
+from mergekit_cd.metadata import provenance_from_metadata, to_metadata
 from mergekit_cd.weights import FineTunedWeights
+
+from cli_output import one_error_line
 
 TOKEN_SIZES = {"sd1": (64,), "sd2": (96,), "sdxl": (64, 96)}
 FINGERPRINT = "ab" * 32
@@ -276,9 +278,10 @@ def test_metadata_document_round_trips():
     assert document["format_version"] == "1" and document["tool"]["name"] == "mergekit-cd"
     assert document["concepts"][1] == {"token": "<new2>", "class_word": None,
                                        "prompts": ["painting in the style of <new2>"], "style": True}
-    kwargs = identity_from_metadata(document)
-    assert kwargs["concepts"] == delta.concepts and kwargs["base"] == delta.base
-    assert kwargs["metadata"]["recipe"] == delta.metadata["recipe"]
+    provenance = provenance_from_metadata(document)
+    assert provenance.concepts == delta.concepts and provenance.base == delta.base
+    assert provenance.metadata["recipe"] == delta.metadata["recipe"]
+    assert (provenance.architecture, provenance.base_fingerprint) == (delta.architecture, delta.base_fingerprint)
 
 
 def test_native_header_carries_the_metadata(tmp_path):
@@ -1033,8 +1036,7 @@ def test_hostile_token_names_are_refused_when_read_and_shown_escaped(tmp_path, n
     with pytest.raises(MergeError, match=r"token .*(holds whitespace|cannot name a file|must be a non-empty|is 202)|key .token\.\.0"):
         formats.read(path)
     assert cd_inspect.main([str(path)]) == 1
-    err = capsys.readouterr().err
-    assert len(err.splitlines()) == 1 and "\x1b" not in err and err.startswith("cd-inspect: error: ")
+    assert "\x1b" not in one_error_line(capsys, "cd-inspect")
 
 
 @pytest.mark.parametrize("name", HOSTILE_NAMES, ids=["ansi", "newline", "traversal", "empty", "long"])

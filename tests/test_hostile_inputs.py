@@ -20,7 +20,7 @@ from mergekit_cd.cli import merge as cd_merge
 from mergekit_cd.cli import train as cd_train
 from mergekit_cd.delta import Concept, ConceptDelta
 from mergekit_cd.limits import MAX_MERGE_PROMPTS, MAX_PROMPTS, OVERRIDE
-from mergekit_cd.metadata import identity_from_metadata, parse_document
+from mergekit_cd.metadata import parse_document, provenance_from_metadata
 from mergekit_cd.testing import random_concept_delta
 
 from cli_output import one_error_line
@@ -29,18 +29,7 @@ from cli_output import one_error_line
 MERGE_MODULE = importlib.import_module("mergekit_cd.merge")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def tiny_models(tiny_pipeline_path, tiny_delta_files):
-    """Built before any test captures output (saving them prints transformers' progress bars)."""
-    for architecture in ("sd1", "sdxl"):
-        tiny_pipeline_path(architecture)
-    tiny_delta_files("sd1")
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("MERGEKIT_CD_CACHE", str(tmp_path_factory.getbasetemp() / "gram-cache"))
-    monkeypatch.delenv(OVERRIDE, raising=False)
+pytestmark = pytest.mark.usefixtures("tiny_models")  # built before any test captures output
 
 
 def _crowded_file(base_path, folder) -> str:
@@ -152,11 +141,11 @@ def test_a_fifo_among_a_diffusers_folders_token_files_is_an_error_not_skipped(ti
 
 def test_a_null_metadata_document_is_not_called_nested():
     with pytest.raises(MergeError, match=r"^x: mergekit-cd metadata must be a JSON object, got NoneType\.$"):
-        identity_from_metadata(parse_document("null", source="x", where="the header"), source="x")
+        provenance_from_metadata(parse_document("null", source="x", where="the header"), source="x")
 
 
 if sys.platform == "win32":  # pragma: no cover - FIFOs, symlinks
-    pytestmark = pytest.mark.skip("POSIX file semantics")
+    pytestmark = [pytestmark, pytest.mark.skip("POSIX file semantics")]
 
 
 GROWTH_SCRIPT = """

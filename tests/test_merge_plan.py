@@ -21,11 +21,6 @@ from mergekit_cd.testing import random_concept_delta
 NUM_REG = 40
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("MERGEKIT_CD_CACHE", str(tmp_path_factory.getbasetemp() / "gram-cache-plan"))
-
-
 @pytest.fixture(scope="module")
 def base(tiny_pipeline_path):
     return open_base(tiny_pipeline_path("sd1"))

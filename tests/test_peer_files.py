@@ -28,11 +28,6 @@ from mergekit_cd.weights import FineTunedWeights
 CONCEPTS = [("<new1>", "cat"), ("<new2>", "pot")]
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("MERGEKIT_CD_CACHE", str(tmp_path_factory.getbasetemp() / "gram-cache"))
-
-
 def peer_files(tmp_path, base, writer) -> tuple[list[str], list[ConceptDelta]]:
     """Two concepts on ``base``, each written by ``writer`` as its peer tool does."""
     deltas = random_concept_deltas(base, CONCEPTS, seed=3)

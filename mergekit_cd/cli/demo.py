@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ..fileio import atomic_path
 from ..toyworld import concept_images_path, reg_captions_path
 from ..toyworld.benchmark import BASE, grid_prompts, token_of
 from ..toyworld.concepts import concept
@@ -89,7 +90,9 @@ def main() -> None:
     scores, grid_rows = score_models(load_pipeline(BASE), Detector.load(), models, tokens, items,
                                      images_per_prompt=IMAGES_PER_PROMPT, steps=SAMPLING_STEPS)
     grid = OUTPUT / "grid.png"
-    labelled_grid(grid_rows, columns=[prompt for prompt, _ in grid_prompts(tokens, items)]).save(grid)
+    with atomic_path(grid, force=True) as temporary:
+        labelled_grid(grid_rows, columns=[prompt for prompt, _ in grid_prompts(tokens, items)]).save(temporary,
+                                                                                                   format="PNG")
     rows = pooled([PairResult(PAIR, scores)])
     header = ["model", "presence", "both present", "background", "ordinary prompts", "preservation"]
     cells = [[label, *(f"{row[key].value:.2f}" if key in row else "n/a"

@@ -68,16 +68,19 @@ def parse_compare(spec: str | Sequence[str] | None) -> list[Method]:
 
 
 def _parse_item(item: str) -> list[Method]:
+    """One item: a method of the merge method table (a weighted one swept, or at ``=W``), a ridge,
+    or a base row; each method name is a row of that method."""
     name, _, value = item.partition("=")
     name = name.strip().lower()
+    weighted = name in METHOD_TABLE and METHOD_TABLE[name].concept_weights
     if (name in METHOD_TABLE or name == "base") and not value:
-        if name in METHOD_TABLE and METHOD_TABLE[name].concept_weights:
-            return [soft_method(weight) for weight in SOFT_SWEEP]
+        if weighted:
+            return [weighted_method(name, weight) for weight in SOFT_SWEEP]
         return [Method(name, name)]
     if name == "plain-base" and not value:
         return [Method("plain base", name)]
-    if name in METHOD_TABLE and METHOD_TABLE[name].concept_weights:
-        return [soft_method(_number(item, value, positive=True))]
+    if weighted:
+        return [weighted_method(name, _number(item, value, positive=True))]
     if name in ("ridge", "relative-ridge"):
         number = _number(item, value, positive=False)
         option = "ridge" if name == "ridge" else "relative_ridge"
@@ -85,9 +88,9 @@ def _parse_item(item: str) -> list[Method]:
     raise MergeError(f"--compare: unknown method {item!r}; use a comma-separated list of {COMPARE_FORMS}.")
 
 
-def soft_method(weight: float) -> Method:
-    """The soft merge with ``weight`` for every concept (mu = 1)."""
-    return Method(f"soft w={weight:g}", "soft", {"weight": weight})
+def weighted_method(name: str, weight: float) -> Method:
+    """The weighted merge method ``name`` (e.g. ``soft``) with ``weight`` for every concept (mu = 1)."""
+    return Method(f"{name} w={weight:g}", name, {"weight": weight})
 
 
 def _number(item: str, text: str, *, positive: bool) -> float:

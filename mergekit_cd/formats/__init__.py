@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
+from ..delta import Provenance
 from ..errors import MergeError
 from ..fileio import check_destination, check_not_an_input, load_pickle, load_safetensors, parse_once
 from ..metadata import from_header
@@ -140,9 +140,10 @@ def _found(path: Path) -> str:
     return f"a torch pickle holding {describe_container(load_pickle(path, mmap=True))}"
 
 
-def recorded_identity(path: str | os.PathLike[str]) -> dict[str, Any]:
+def recorded_provenance(path: str | os.PathLike[str]) -> Provenance:
     """What our metadata in a delta file or folder records (base, architecture, concepts), read
-    without any tensor: a safetensors header, or a mapped pickle's metadata entry; ``{}`` if none."""
+    without any tensor: a safetensors header, or a mapped pickle's metadata entry; the empty
+    record if none."""
     path = Path(path)
     if path.is_dir():
         path = next((path / name for name in diffusers_layout.WEIGHTS_NAMES if (path / name).is_file()), path)
@@ -150,7 +151,7 @@ def recorded_identity(path: str | os.PathLike[str]) -> dict[str, Any]:
     if header is not None:
         return from_header(header[1], source=str(path))
     contents = load_pickle(path, mmap=True)
-    return read_metadata(contents, str(path)) if isinstance(contents, dict) else {}
+    return read_metadata(contents, str(path)) if isinstance(contents, dict) else Provenance()
 
 
 def read(path: str | os.PathLike[str], format_name: str | None = None) -> Delta:

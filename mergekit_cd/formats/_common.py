@@ -9,18 +9,18 @@ import os
 import re
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..delta import ConceptDelta, Difference, LayerDelta, LazyLayers, LowRank, check_token_name
+from ..delta import ConceptDelta, Difference, LayerDelta, LazyLayers, LowRank, Provenance, check_token_name
 from ..errors import MergeError
 from ..fileio import MappedPages, SafetensorsFile, check_unchanged, file_identity, load_pickle, open_safetensors
 from ..limits import MAX_TOKENS, check_embedding_size, check_limit, check_tensor_size
-from ..metadata import HEADER_KEY, dump_document, identity_from_metadata, parse_document
+from ..metadata import HEADER_KEY, dump_document, parse_document, provenance_from_metadata
 from ..weights import FineTunedWeights
 
 Delta = ConceptDelta | FineTunedWeights
@@ -213,12 +213,12 @@ def split_layer_key(key: str, suffixes: dict[str, str]) -> tuple[str, str] | Non
 
 def assemble(collector: LayerCollector, read_layer: Callable[[str], Pair], *, lazy: bool,
              tokens: dict[str, tuple[Tensor, ...]], ignored: list[str], source: str,
-             identity: dict[str, Any]) -> Delta:
+             provenance: Provenance) -> Delta:
     """FineTunedWeights when the file holds full matrices, ConceptDelta when it holds factors.
 
     ``collector`` holds what the validation pass found; the layers are read through
     ``read_layer`` when used (``lazy``: :class:`LazyLayers`), or now and kept (a file that
-    cannot be read a layer at a time). ``identity``: keyword arguments from the file's metadata.
+    cannot be read a layer at a time). ``provenance``: what the file's metadata records.
     A ConceptDelta has no ``ignored`` field, so the names of ignored weights go to its
     ``metadata["ignored"]`` (the file's own list, not one its metadata recorded).
     """
@@ -229,15 +229,15 @@ def assemble(collector: LayerCollector, read_layer: Callable[[str], Pair], *, la
         raise MergeError(f"{source}: mixes full weight matrices and compressed differences; a file "
                          f"holds one or the other.")
     shapes = {layer: (key.shape, value.shape) for layer, (key, value) in checked.items()}
-    identity = dict(identity)
-    metadata = {key: value for key, value in identity.pop("metadata", {}).items() if key != "ignored"}
+    metadata = {key: value for key, value in provenance.metadata.items() if key != "ignored"}
     if compressed == {True}:
         layers: Mapping[str, Any] = LazyLayers(shapes, lambda layer: LayerDelta(*read_layer(layer))) if lazy \
             else {layer: LayerDelta(*read_layer(layer)) for layer in shapes}
-        return ConceptDelta(layers, tokens, metadata={**metadata, **({"ignored": ignored} if ignored else {})},
-                            **identity)
+        return ConceptDelta.with_provenance(layers, tokens, replace(provenance, metadata={
+            **metadata, **({"ignored": ignored} if ignored else {})}))
     layers = LazyLayers(shapes, read_layer) if lazy else {layer: read_layer(layer) for layer in shapes}
-    return FineTunedWeights(layers, tokens, ignored=tuple(ignored), metadata=metadata, **identity)
+    return FineTunedWeights.with_provenance(layers, tokens, replace(provenance, metadata=metadata),
+                                            ignored=tuple(ignored))
 
 
 # ---------------------------------------------------------------- reading a layer at a time
@@ -327,16 +327,16 @@ def metadata_entry(obj: Delta, **extra: Any) -> str:
     return dump_document(obj, **extra)
 
 
-def read_metadata(contents: dict[Any, Any], source: str) -> dict[str, Any]:
-    """Identity keyword arguments from a pickle's :data:`METADATA_KEY` entry; ``{}`` for a file
+def read_metadata(contents: dict[Any, Any], source: str) -> Provenance:
+    """The provenance a pickle's :data:`METADATA_KEY` entry records; the empty one for a file
     without one (the authors' own files)."""
     if METADATA_KEY not in contents:
-        return {}
+        return Provenance()
     value = contents[METADATA_KEY]
     if not isinstance(value, str):
         raise MergeError(f"{source}: {METADATA_KEY!r} should hold mergekit-cd's metadata as a JSON string, "
                          f"found {describe(value)}.")
-    return identity_from_metadata(parse_document(value, source=source, where=repr(METADATA_KEY)), source=source)
+    return provenance_from_metadata(parse_document(value, source=source, where=repr(METADATA_KEY)), source=source)
 
 
 # ---------------------------------------------------------------- writing

@@ -63,7 +63,7 @@ def read(path: str | os.PathLike[str]) -> Delta:
     if not isinstance(contents, dict) or not isinstance(contents.get("unet"), dict):
         raise MergeError(f"{source}: expected the authors' delta layout {_CONTAINER}, found "
                          f"{describe_container(contents)}.")
-    identity = read_metadata(contents, source)
+    provenance = read_metadata(contents, source)
     ignored = [str(key) for key in contents if key not in ("unet", "modifier_token", METADATA_KEY)]
     collector = LayerCollector(source)
     for key, value in contents["unet"].items():
@@ -78,7 +78,7 @@ def read(path: str | os.PathLike[str]) -> Delta:
             raise unexpected_key(key, source, "'<layer>.to_k.weight' and '<layer>.to_v.weight' in 'unet'")
     tokens = _read_tokens(contents.get("modifier_token", {}), source)
     return assemble(collector, file.reader(("unet",), collector.keys()), lazy=file.mapped, tokens=tokens,
-                    ignored=ignored, source=source, identity=identity)
+                    ignored=ignored, source=source, provenance=provenance)
 
 
 def _read_tokens(entries: Any, source: str) -> dict[str, tuple[Tensor, ...]]:

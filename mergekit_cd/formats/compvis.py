@@ -80,8 +80,9 @@ def read(path: str | os.PathLike[str]) -> Delta:
     if not isinstance(contents, dict) or not isinstance(contents.get("state_dict"), dict):
         raise MergeError(f"{source}: expected the authors' CompVis layout {{'state_dict': {{...}}}}, "
                          f"found {describe_container(contents)}.")
-    identity = read_metadata(contents, source)
-    names = identity.get("metadata", {}).pop(TOKENS_FIELD, None)
+    recorded = read_metadata(contents, source)
+    names = recorded.metadata.get(TOKENS_FIELD)
+    provenance = replace(recorded, metadata={k: v for k, v in recorded.metadata.items() if k != TOKENS_FIELD})
     ignored = [str(key) for key in contents if key not in ("state_dict", METADATA_KEY)]
     collector = LayerCollector(source)
     tokens: dict[str, tuple[Tensor, ...]] = {}
@@ -100,7 +101,7 @@ def read(path: str | os.PathLike[str]) -> Delta:
         else:
             raise unexpected_key(key, source, _EXPECTED)
     return assemble(collector, file.reader(("state_dict",), collector.keys()), lazy=file.mapped,
-                    tokens=tokens, ignored=ignored, source=source, identity=identity)
+                    tokens=tokens, ignored=ignored, source=source, provenance=provenance)
 
 
 def _read_embed(value: Any, names: Any, source: str) -> dict[str, tuple[Tensor, ...]]:

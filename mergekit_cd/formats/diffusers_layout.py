@@ -97,7 +97,7 @@ def read(path: str | os.PathLike[str]) -> FineTunedWeights:
                                suffixes=TOKEN_SUFFIXES)
     check_token_shapes(tokens, str(weights_file.parent))
     return assemble(collector, reader, lazy=lazy, tokens=tokens, ignored=ignored, source=source,
-                    identity=from_header(header, source=source))
+                    provenance=from_header(header, source=source))
 
 
 def _collect(key: str, value: Callable[[], Any], collector: LayerCollector, ignored: list[str]) -> None:

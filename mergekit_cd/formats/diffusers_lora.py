@@ -78,11 +78,11 @@ def read(path: str | os.PathLike[str]) -> ConceptDelta:
         config = _adapter_config(metadata, source)
         layers, modules, unread = read_lora(handle, keys, lambda module, rank: peft_scale(config, module, rank, source),
                                             source)
-        identity = from_header(metadata, source=source)
+        provenance = from_header(metadata, source=source)
     folder = Path(path)
     tokens = read_token_folder(folder, "beside the LoRA weights", skip=(WEIGHTS_NAME,)) if folder.is_dir() else {}
     check_token_shapes(tokens, str(path))
-    return ConceptDelta(layers, tokens, other_modules=modules, unread_parts=unread, **identity)
+    return ConceptDelta.with_provenance(layers, tokens, provenance, other_modules=modules, unread_parts=unread)
 
 
 def _adapter_config(metadata: dict[str, str], source: str) -> dict[str, Any]:

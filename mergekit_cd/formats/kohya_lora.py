@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..architectures import ARCHITECTURES as ARCHITECTURE_TABLE
 from ..delta import ConceptDelta
 from ..errors import MergeError
 from ..fileio import atomic_outputs, check_destination, open_safetensors, read_tensor, save_safetensors
@@ -74,8 +75,9 @@ def _dotted(name: str) -> str:
 
 
 def kohya_name(module: str, architecture: str | None) -> str:
-    """The inverse of :func:`module_of`, for ``architecture`` (SDXL: LDM names)."""
-    if architecture == "sdxl":
+    """The inverse of :func:`module_of`, for ``architecture`` (LDM names where the architecture
+    table says kohya uses them: SDXL)."""
+    if architecture in ARCHITECTURE_TABLE and ARCHITECTURE_TABLE[architecture].kohya_ldm_names:
         ldm = to_compvis_name(module)
         if ldm is None:
             raise MergeError(f"Cannot write module {module} as {NAME}: kohya's SDXL names for it (outside the "
@@ -101,7 +103,7 @@ def read(path: str | os.PathLike[str]) -> ConceptDelta:
                  for key in alphas}
         layers, modules, unread = read_lora(handle, found, lambda module, rank: alpha.get(module, rank) / rank, source)
         tokens = _bundled_tokens({key: read_tensor(handle, key, source) for key in bundled}, source)
-        identity = from_header(metadata, source=source)
+        provenance = from_header(metadata, source=source)
     folder = token_folder(path, TOKEN_FOLDER_SUFFIX)
     if folder.is_dir():  # the embedding files beside it, as we write them
         beside = read_token_folder(folder, "beside the LoRA")
@@ -111,7 +113,8 @@ def read(path: str | os.PathLike[str]) -> ConceptDelta:
                              f"Remove or replace the stale one.")
         tokens = tokens or beside
     check_token_shapes(tokens, source)
-    return ConceptDelta(layers, tokens, other_modules=modules, unread_parts=unread, **identity)
+    return ConceptDelta.with_provenance(layers, tokens, provenance, other_modules=modules,
+                                    unread_parts=unread)
 
 
 def _same_tokens(first: dict[str, tuple[Tensor, ...]], second: dict[str, tuple[Tensor, ...]]) -> bool:

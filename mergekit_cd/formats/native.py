@@ -75,7 +75,7 @@ def read(path: str | os.PathLike[str]) -> ConceptDelta:
     embeddings: dict[str, dict[int, Tensor]] = {}
     locations: dict[tuple[str, str], tuple[str, ...]] = {}
     with open_safetensors(path) as handle:
-        identity = from_header(handle.metadata(), source=source)
+        provenance = from_header(handle.metadata(), source=source)
         token_keys = {key: _split_token_key(key, source) for key in handle.keys() if key.startswith(TOKEN_PREFIX)}
         check_token_count(len({name for name, _ in token_keys.values()}), source)
         for key in handle.keys():
@@ -104,7 +104,7 @@ def read(path: str | os.PathLike[str]) -> ConceptDelta:
     check_token_shapes(tokens, source)
     shapes = {name: (key.shape, value.shape) for name, (key, value) in collector.layers(allow_empty=True).items()}
     reader = _LayerReader(handle, locations)
-    return ConceptDelta(LazyLayers(shapes, reader), tokens, **identity)
+    return ConceptDelta.with_provenance(LazyLayers(shapes, reader), tokens, provenance)
 
 
 class _LayerReader:

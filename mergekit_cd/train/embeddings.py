@@ -1,8 +1,10 @@
 """New modifier tokens whose embedding rows train while every other row stays exactly as it was.
 
 The public scripts train the whole embedding table and zero the gradient of the old rows; the
-optimizer's weight decay still shrinks them, so "frozen" rows drift. Here the old table is not
-a trainable parameter at all: :class:`NewTokenEmbedding` looks ids up in the untouched table and
+optimizer's weight decay still shrinks them, so "frozen" rows drift. Here the table is not a
+trainable parameter at all: the tokens are installed as everywhere else
+(:func:`mergekit_cd.tokens.install`: the old rows copied bit for bit, the new ones from their
+initializer words), and :class:`NewTokenEmbedding` looks ids up in that frozen table and
 substitutes the new tokens' rows, which are the only trainable parameter.
 """
 
@@ -14,14 +16,11 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import MergeError
-from ..tokens import check_new
+from ..tokens import check_new, install
 
 
 class NewTokenEmbedding(nn.Module):
-    """The frozen embedding table plus trainable rows for ``token_ids``.
-
-    Ids may lie inside or beyond the table (a tokenizer can have fewer entries than rows).
-    """
+    """The frozen embedding table plus trainable rows for ``token_ids`` (rows of the table)."""
 
     def __init__(self, table: nn.Embedding, token_ids: Sequence[int], initial_rows: Tensor) -> None:
         super().__init__()
@@ -37,24 +36,22 @@ class NewTokenEmbedding(nn.Module):
 
     @property
     def num_embeddings(self) -> int:
-        return max(self.table.num_embeddings, int(self.token_ids.max()) + 1)
+        return self.table.num_embeddings
 
     @property
     def embedding_dim(self) -> int:
         return self.table.embedding_dim
 
     def forward(self, input_ids: Tensor) -> Tensor:
-        looked_up = self.table(input_ids.clamp(max=self.table.num_embeddings - 1))
+        looked_up = self.table(input_ids)
         match = (input_ids[..., None] == self.token_ids).to(self.rows.dtype)  # (..., new tokens)
         substituted = (match @ self.rows).to(looked_up.dtype)
         return torch.where(match.sum(-1, keepdim=True) > 0, substituted, looked_up)
 
     def full_table(self) -> nn.Embedding:
         """A plain embedding with the old rows (bit for bit) and the trained new rows."""
-        old = self.table.weight.detach()
-        weight = torch.zeros((self.num_embeddings, old.shape[1]), dtype=old.dtype, device=old.device)
-        weight[: old.shape[0]] = old
-        weight[self.token_ids] = self.rows.detach().to(old.dtype)
+        weight = self.table.weight.detach().clone()
+        weight[self.token_ids] = self.rows.detach().to(weight.dtype)
         table = nn.Embedding(weight.shape[0], weight.shape[1], _weight=weight)
         return table.requires_grad_(False)
 
@@ -79,18 +76,19 @@ def check_new_tokens(tokenizers: Sequence, tokens: Sequence[str]) -> None:
 
 def add_tokens(tokenizers: Sequence, encoders: Sequence, tokens: Sequence[str],
                init_tokens: Sequence[str]) -> list[NewTokenEmbedding]:
-    """Add ``tokens`` to every tokenizer; give each encoder a :class:`NewTokenEmbedding` whose
-    rows start from the ``init_tokens``' embeddings. Checks everything before changing anything.
+    """Install ``tokens`` in every tokenizer and text encoder (:func:`mergekit_cd.tokens.install`),
+    their rows starting from the ``init_tokens``' embeddings; give each encoder a
+    :class:`NewTokenEmbedding` training those rows. Checks everything before changing anything.
     """
     check_new_tokens(tokenizers, tokens)
     init_ids = [[single_token_id(tokenizer, word, "initializer token") for word in init_tokens]
                 for tokenizer in tokenizers]
     wrappers = []
     for tokenizer, encoder, ids in zip(tokenizers, encoders, init_ids):
-        tokenizer.add_tokens(list(tokens))
+        initial = encoder.get_input_embeddings().weight.detach()[ids].float()
+        install(tokenizer, encoder, dict(zip(tokens, initial)))
         token_ids = [tokenizer.convert_tokens_to_ids(token) for token in tokens]
-        table = encoder.get_input_embeddings()
-        wrapper = NewTokenEmbedding(table, token_ids, table.weight.detach()[ids].float())
+        wrapper = NewTokenEmbedding(encoder.get_input_embeddings(), token_ids, initial)
         encoder.set_input_embeddings(wrapper)
         wrappers.append(wrapper)
     return wrappers
@@ -99,7 +97,4 @@ def add_tokens(tokenizers: Sequence, encoders: Sequence, tokens: Sequence[str],
 def finish(encoders: Sequence, wrappers: Sequence[NewTokenEmbedding]) -> None:
     """Replace each wrapper by a plain table holding the trained rows (a standard text encoder)."""
     for encoder, wrapper in zip(encoders, wrappers):
-        table = wrapper.full_table()
-        encoder.set_input_embeddings(table)
-        if getattr(encoder.config, "vocab_size", None) is not None:
-            encoder.config.vocab_size = table.num_embeddings
+        encoder.set_input_embeddings(wrapper.full_table())

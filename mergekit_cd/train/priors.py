@@ -105,7 +105,8 @@ def generate_class_images(pipe, prompt: str, count: int, folder: Path, *, resolu
     """Fill ``folder`` with ``count`` images of ``prompt`` (image i sampled with seed i); only the
     missing ones are sampled. Read them with :func:`generated_class_images`."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "prompt.txt").write_text(prompt + "\n", encoding="utf-8")
+    with atomic_path(folder / "prompt.txt", force=True) as temporary:
+        temporary.write_text(prompt + "\n", encoding="utf-8")
     paths = _generated_paths(folder, count)
     missing = [index for index, path in enumerate(paths) if not path.is_file()]
     for index in tqdm(missing, desc=f"class images ({prompt})", unit="image", disable=not (progress and missing)):
