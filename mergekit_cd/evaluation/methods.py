@@ -70,6 +70,9 @@ def parse_compare(spec: str | Sequence[str] | None) -> list[Method]:
 def _parse_item(item: str) -> list[Method]:
     name, _, value = item.partition("=")
     name = name.strip().lower()
+    if name in METHOD_TABLE and METHOD_TABLE[name].context_rows:
+        raise MergeError(f"--compare {item}: cd-eval does not run the {name} merge itself yet; merge with "
+                         f"cd-merge --method {name} --rows pipeline and give the file with --merged.")
     if (name in METHOD_TABLE or name == "base") and not value:
         if name in METHOD_TABLE and METHOD_TABLE[name].concept_weights:
             return [soft_method(weight) for weight in SOFT_SWEEP]
