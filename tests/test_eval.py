@@ -366,6 +366,11 @@ def test_compare_lists_name_merges_and_sweeps():
         parse_compare("sum,lora")
     with pytest.raises(MergeError, match="soft=0: the value must be a finite number > 0"):
         parse_compare("soft=0")
+    for item in ("hybrid", "hybrid=10"):  # not a soft sweep under another name
+        with pytest.raises(MergeError, match=rf"--compare {item}: cd-eval does not run the hybrid merge itself yet; "
+                                             r"merge with cd-merge --method hybrid --rows pipeline and give the file "
+                                             r"with --merged\."):
+            parse_compare(f"sum,{item}")
     assert [m.kind for m in parse_compare(["base", "plain-base"])] == ["base", "plain-base"]
 
 

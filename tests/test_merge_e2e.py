@@ -355,6 +355,13 @@ def test_dry_run_prints_the_plan_and_writes_nothing(bases, concept_deltas, tmp_p
     assert "sdxl" in out and "<new3>" in out and "photo of a <new2> pot" in out
     assert "18 constraint rows of rank 18" in out and "estimated peak memory" in out
     assert "native" in out  # the format each input was read in
+    # every row of the padded prompts is a constraint of the constrained merge, only the tokens' of the hybrid
+    assert cd_merge([*inputs, "-o", str(output), "--base", str(base.path), "--dry-run", "--rows", "pipeline"]) == 0
+    assert f"method constrained, rows pipeline: {3 * 2 * 77} constraint rows" in capsys.readouterr().out
+    assert cd_merge([*inputs, "-o", str(output), "--base", str(base.path), "--dry-run", "--rows", "pipeline",
+                     "--method", "hybrid"]) == 0
+    assert "method hybrid, rows pipeline: 18 constraint rows of rank 18" in capsys.readouterr().out
+    assert not output.exists()
 
 
 def test_dry_run_shows_style_and_object_templates_together(bases, concept_deltas, tmp_path, capsys):

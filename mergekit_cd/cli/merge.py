@@ -169,7 +169,8 @@ def main_with_args(args: argparse.Namespace) -> int:
 def _describe_plan(plan: MergePlan, options: MergeOptions) -> str:
     """Inputs, formats, tokens, prompts, constraint rows, rank and memory: what a merge would do."""
     summary = summarize_plan(plan, device=options.device, text_dtype=options.text_dtype,
-                             batch_size=options.batch_size)
+                             batch_size=options.batch_size, rule=options.row_rule,
+                             token_rows_only=options.spec.context_rows)
     base = plan.base
     rows = [(source, read_as, concept.token or "(none)", concept.class_word, count, " | ".join(concept.prompts))
             for source, read_as, concept, count in summary.concepts]
@@ -177,7 +178,7 @@ def _describe_plan(plan: MergePlan, options: MergeOptions) -> str:
         f"base: {base.name} ({base.architecture.name}, {len(base.layer_names())} cross-attention layers, "
         f"{plan.num_weight_rows} K/V rows x {base.context_dim} features, fingerprint {base.fingerprint[:12]})",
         table(rows, ("input", "format", "token", "class", "rows", "target prompts")),
-        f"method {options.method}: {summary.num_constraint_rows} constraint rows of rank {summary.rank}, "
+        f"method {options.method}, rows {options.rows}: {summary.num_constraint_rows} constraint rows of rank {summary.rank}, "
         f"{len(plan.reg_captions)} regularisation captions, estimated peak memory "
         f"{summary.estimated_memory_bytes / 2**20:.0f} MiB (plus the Python runtime)",
         *(f"other layers {options.other_layers}: {line}" for line in plan.other_layers)])
