@@ -21,7 +21,7 @@ from .evaluation import evaluate
 from .loading import convert, load, save
 from .merge import MergeReport, merge, merge_to_file
 from .merge_options import MergeOptions
-from .solvers import SolveInfo, solve_hard, solve_soft
+from .solvers import SolveInfo, solve_hard, solve_hybrid, solve_soft
 from .train import train  # the function; reach its modules with `from mergekit_cd.train import loop`
 from .version import __version__
 
@@ -48,6 +48,7 @@ __all__ = [
     "compress",
     "interpolate",
     "solve_hard",
+    "solve_hybrid",
     "solve_soft",
     "sum_deltas",
     "__version__",

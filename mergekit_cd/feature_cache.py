@@ -17,7 +17,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from .errors import MergeError
-from .features import FEATURE_RULE, LazyTextFeatures
+from .features import DEFAULT_ROWS, ROW_RULES, LazyTextFeatures, PromptRows, RowRule
 from .fileio import atomic_path, save_safetensors
 
 if TYPE_CHECKING:
@@ -56,7 +56,8 @@ def tokens_in(texts: Sequence[str], tokens: Mapping[str, Sequence[Tensor]] | Non
 
 
 def gram_cache_key(base: BaseModel, captions: Sequence[str], dtype: torch.dtype,
-                   tokens: Mapping[str, Sequence[Tensor]] | None = None) -> str:
+                   tokens: Mapping[str, Sequence[Tensor]] | None = None, *,
+                   rule: RowRule = ROW_RULES[DEFAULT_ROWS]) -> str:
     """sha256 hex of what decides a regularisation Gram matrix.
 
     The base fingerprint (its K/V weights), the text-encoder and tokenizer files, the
@@ -71,7 +72,7 @@ def gram_cache_key(base: BaseModel, captions: Sequence[str], dtype: torch.dtype,
         "text_fingerprint": base.text_fingerprint,
         "architecture": base.architecture.name,
         "captions": list(captions),
-        "feature_rule": FEATURE_RULE,
+        "feature_rule": rule.name,
         "text_dtype": str(dtype),
     }
     found = tokens_in(captions, tokens)
@@ -81,7 +82,8 @@ def gram_cache_key(base: BaseModel, captions: Sequence[str], dtype: torch.dtype,
 
 
 def features_cache_key(base: BaseModel, texts: Sequence[str], dtype: torch.dtype,
-                       tokens: Mapping[str, Sequence[Tensor]] | None = None) -> str:
+                       tokens: Mapping[str, Sequence[Tensor]] | None = None, *,
+                       rule: RowRule = ROW_RULES[DEFAULT_ROWS]) -> str:
     """sha256 hex of what decides the feature rows of ``texts`` (e.g. a merge's target prompts).
 
     The text-encoder and tokenizer files, the architecture, the exact texts, the row rule, the
@@ -93,19 +95,20 @@ def features_cache_key(base: BaseModel, texts: Sequence[str], dtype: torch.dtype
         "text_fingerprint": base.text_fingerprint,
         "architecture": base.architecture.name,
         "texts": list(texts),
-        "feature_rule": FEATURE_RULE,
+        "feature_rule": rule.name,
         "text_dtype": str(dtype),
         "tokens": tokens_in(texts, tokens),
     }
     return hashlib.sha256(json.dumps(content, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
-def cached_gram(base: BaseModel, captions: Sequence[str], *, device: str | torch.device = "cpu",
+def cached_gram(base: BaseModel, captions: Sequence[str], *, rule: RowRule = ROW_RULES[DEFAULT_ROWS],
+                device: str | torch.device = "cpu",
                 dtype: torch.dtype = torch.float32, tokens: Mapping[str, Sequence[Tensor]] | None = None,
                 batch_size: int = 64, cache_dir: str | os.PathLike[str] | None = None,
                 progress: bool = False, label: str = "text features",
                 encoder: LazyTextFeatures | None = None) -> tuple[Tensor, int, bool]:
-    """``(G, n, from_cache)``: :meth:`TextFeatures.gram` of ``captions``, stored on disk.
+    """``(G, n, from_cache)``: :meth:`TextFeatures.gram` of ``captions`` under ``rule``, stored on disk.
 
     The file is ``gram-<key>.safetensors`` under ``cache_dir`` (default :func:`default_cache_dir`),
     keyed by :func:`gram_cache_key`. A hit loads neither tokenizer nor text encoder; a miss
@@ -115,24 +118,25 @@ def cached_gram(base: BaseModel, captions: Sequence[str], *, device: str | torch
     if not captions:
         raise MergeError("No regularisation captions to compute a Gram matrix from.")
     encoder = encoder or LazyTextFeatures(base, tokens, device=device, dtype=dtype)
-    key = gram_cache_key(base, captions, encoder.dtype, encoder.tokens)
+    key = gram_cache_key(base, captions, encoder.dtype, encoder.tokens, rule=rule)
     path = Path(cache_dir or default_cache_dir()).expanduser() / f"gram-{key}.safetensors"
     cached = _read_gram(path, sum(base.token_dims()))
     if cached is not None:
         return (*cached, True)
-    gram, count = encoder.get().gram(captions, batch_size=batch_size, progress=progress, label=label)
-    metadata = {"format_version": _CACHE_FORMAT_VERSION, "rows": str(count), "feature_rule": FEATURE_RULE,
+    gram, count = encoder.get().gram(captions, rule=rule, batch_size=batch_size, progress=progress, label=label)
+    metadata = {"format_version": _CACHE_FORMAT_VERSION, "rows": str(count), "feature_rule": rule.name,
                 "base": base.name, "base_fingerprint": base.fingerprint, "text_dtype": str(encoder.dtype),
                 "num_captions": str(len(captions))}
     _write_cache(path, {"gram": gram}, metadata, f"the Gram matrix of the {label}")
     return gram, count, False
 
 
-def cached_features(base: BaseModel, texts: Sequence[str], *, device: str | torch.device = "cpu",
+def cached_features(base: BaseModel, texts: Sequence[str], *, rule: RowRule = ROW_RULES[DEFAULT_ROWS],
+                    device: str | torch.device = "cpu",
                     dtype: torch.dtype = torch.float32, tokens: Mapping[str, Sequence[Tensor]] | None = None,
                     batch_size: int = 64, cache_dir: str | os.PathLike[str] | None = None,
-                    encoder: LazyTextFeatures | None = None) -> tuple[list[Tensor], bool]:
-    """``(rows, from_cache)``: :meth:`TextFeatures.features` of ``texts``, stored on disk.
+                    encoder: LazyTextFeatures | None = None) -> tuple[list[PromptRows], bool]:
+    """``(prompts, from_cache)``: :meth:`TextFeatures.prompt_rows` of ``texts`` under ``rule``, stored on disk.
 
     For the few target prompts of a merge, so that a repeated merge needs no text encoder at
     all. The file is ``features-<key>.safetensors`` (:func:`features_cache_key`); hits, misses,
@@ -141,17 +145,20 @@ def cached_features(base: BaseModel, texts: Sequence[str], *, device: str | torc
     if not texts:
         raise MergeError("No prompts to compute features of.")
     encoder = encoder or LazyTextFeatures(base, tokens, device=device, dtype=dtype)
-    key = features_cache_key(base, texts, encoder.dtype, encoder.tokens)
+    key = features_cache_key(base, texts, encoder.dtype, encoder.tokens, rule=rule)
     path = Path(cache_dir or default_cache_dir()).expanduser() / f"features-{key}.safetensors"
     cached = _read_features(path, len(texts), sum(base.token_dims()))
     if cached is not None:
         return cached, True
     # own storage each: rows of one batch are views of one tensor, which safetensors may refuse
-    rows = [row.clone() for row in encoder.get().features(texts, batch_size=batch_size)]
-    metadata = {"format_version": _CACHE_FORMAT_VERSION, "feature_rule": FEATURE_RULE, "base": base.name,
-                "text_dtype": str(encoder.dtype), "num_texts": str(len(texts))}
-    _write_cache(path, {str(index): row for index, row in enumerate(rows)}, metadata, "the target features")
-    return rows, False
+    prompts = [PromptRows(prompt.rows.clone(), prompt.tokens)
+               for prompt in encoder.get().prompt_rows(texts, rule=rule, batch_size=batch_size)]
+    metadata = {"format_version": _CACHE_FORMAT_VERSION, "feature_rule": rule.name, "base": base.name,
+                "text_dtype": str(encoder.dtype), "num_texts": str(len(texts)),
+                "token_rows": json.dumps([[prompt.tokens.start, prompt.tokens.stop] for prompt in prompts])}
+    _write_cache(path, {str(index): prompt.rows for index, prompt in enumerate(prompts)}, metadata,
+                 "the target features")
+    return prompts, False
 
 
 def _read_gram(path: Path, width: int) -> tuple[Tensor, int] | None:
@@ -178,10 +185,11 @@ def _read_gram(path: Path, width: int) -> tuple[Tensor, int] | None:
     return gram, rows
 
 
-def _read_features(path: Path, count: int, width: int) -> list[Tensor] | None:
+def _read_features(path: Path, count: int, width: int) -> list[PromptRows] | None:
     """The cached feature rows of ``count`` texts, or None when the file is missing or damaged.
 
-    Valid: tensors ``"0"`` .. ``str(count - 1)``, each float32, ``(rows, width)`` and finite; as
+    Valid: tensors ``"0"`` .. ``str(count - 1)``, each float32, ``(rows, width)`` and finite, and
+    per text a span of token rows ``[start, stop]`` within its rows (metadata ``token_rows``); as
     with the Gram matrix, anything else is recomputed.
     """
     if not path.is_file():
@@ -191,12 +199,20 @@ def _read_features(path: Path, count: int, width: int) -> list[Tensor] | None:
             if set(handle.keys()) != {str(index) for index in range(count)}:
                 return None
             rows = [handle.get_tensor(str(index)).clone() for index in range(count)]  # copies, as above
+            spans = json.loads(handle.metadata()["token_rows"])
     except Exception:  # noqa: BLE001 - a damaged cache file is recomputed, whatever the damage
         return None
-    for row in rows:
+    if not isinstance(spans, list) or len(spans) != count:
+        return None
+    prompts = []
+    for row, span in zip(rows, spans):
         if row.dtype != torch.float32 or row.dim() != 2 or row.shape[1] != width or not torch.isfinite(row).all():
             return None
-    return rows
+        if not (isinstance(span, list) and len(span) == 2 and all(type(end) is int for end in span)
+                and 0 <= span[0] <= span[1] <= row.shape[0]):
+            return None
+        prompts.append(PromptRows(row, slice(*span)))
+    return prompts
 
 
 def _write_cache(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str], what: str) -> None:

@@ -2,18 +2,29 @@
 
 SD1.x / SD2.x: ``text_encoder(input_ids)[0]``, the last hidden state after the final layer
 norm. SDXL: ``hidden_states[-2]`` of both text encoders, concatenated on the feature axis
-(REFERENCE 1b). Captions are tokenized without padding (truncated to the tokenizer's 77
-tokens); captions of equal token length are encoded together, so batching never pads.
+(REFERENCE 1b).
 
-Which rows of a caption's features count (:func:`kept_rows`) follows the authors' diffusers
-merge script exactly; :data:`FEATURE_RULE` names that rule so caches and merge metadata can
-record it. The disk cache of these features is :mod:`mergekit_cd.feature_cache`; target prompts
-are :mod:`mergekit_cd.prompts`, caption files :mod:`mergekit_cd.captions`.
+Which rows of a caption's features count is a row rule (:data:`ROW_RULES`, chosen by name):
+
+- ``authors`` (:func:`kept_rows`) follows the authors' diffusers merge script exactly: captions
+  tokenized without padding (truncated to the tokenizer's 77 tokens), every row after BOS up to
+  EOS, "photo of a" dropping four. Captions of equal token length are encoded together, so
+  batching never pads.
+- ``pipeline``: every row a diffusers pipeline feeds the UNet, tokenized as ``encode_prompt``
+  does (padded to the tokenizer's max length with its own pad token), BOS included. Every
+  caption has the same length, so captions of any length share a batch.
+
+Each rule's :attr:`RowRule.name` goes into the caches' keys and the merge metadata. Under either
+rule a prompt's *token rows* are the ones the authors' rule keeps; under the pipeline rule the
+others (BOS, a dropped "photo of a", the padding) are its *context rows* (:class:`PromptRows`).
+The disk cache of these features is :mod:`mergekit_cd.feature_cache`; target prompts are
+:mod:`mergekit_cd.prompts`, caption files :mod:`mergekit_cd.captions`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -28,8 +39,6 @@ from .tokens import check_new, install
 if TYPE_CHECKING:
     from .base import BaseModel
 
-#: Name of the row rule of :func:`kept_rows`; part of every Gram cache key.
-FEATURE_RULE = "authors-v1"
 #: The authors drop the rows of this phrase (and BOS) when it starts a caption.
 PHOTO_PHRASE = "photo of a"
 #: ... where "starts" is their test: the phrase occurs within the first 15 characters.
@@ -46,6 +55,67 @@ def kept_rows(caption: str, num_tokens: int) -> slice:
     """
     start = 4 if PHOTO_PHRASE in caption[:PHOTO_PHRASE_WINDOW] else 1
     return slice(start, num_tokens)
+
+
+@dataclass(frozen=True)
+class RowRule:
+    """Which rows of a caption's features a merge uses (see the module docstring).
+
+    ``name`` is recorded in cache keys and merge metadata; a rule that changes gets a new one.
+    ``padded``: tokenized as diffusers' ``encode_prompt`` does, padded to the tokenizer's max
+    length with its own pad token, and every row kept; else unpadded, the authors' rows kept.
+    """
+
+    name: str
+    padded: bool
+    summary: str
+
+    def rows(self, caption: str, num_tokens: int) -> slice:
+        """The rows of the encoded sequence (``num_tokens`` real tokens, BOS .. EOS) that count."""
+        return slice(0, None) if self.padded else kept_rows(caption, num_tokens)
+
+    def token_rows(self, caption: str, num_tokens: int) -> slice:
+        """Among :meth:`rows`, the caption's token rows (those the authors' rule keeps)."""
+        kept = kept_rows(caption, num_tokens)
+        return kept if self.padded else slice(0, kept.stop - kept.start)
+
+
+#: The row rules by the name ``MergeOptions.rows`` and ``cd-merge --rows`` take.
+ROW_RULES: dict[str, RowRule] = {
+    "authors": RowRule("authors-v1", False,
+                       "the authors' rows: each caption unpadded, the rows after BOS up to EOS ('photo of a' "
+                       "drops four); the start and padding rows the UNet also reads are left free"),
+    "pipeline": RowRule("pipeline-v1", True,
+                        "every row a diffusers pipeline feeds the UNet: padded to the tokenizer's max length "
+                        "with its own pad token, BOS included; a target prompt's rows beyond the authors' "
+                        "are its context rows"),
+}
+#: The rule a merge uses unless told otherwise: the paper's.
+DEFAULT_ROWS = "authors"
+
+
+def row_rule(name: str) -> RowRule:
+    """The row rule called ``name``, or one MergeError listing the choices."""
+    if name not in ROW_RULES:
+        raise MergeError(f"Unknown row rule {name!r}; choose one of {', '.join(ROW_RULES)}.")
+    return ROW_RULES[name]
+
+
+@dataclass(frozen=True)
+class PromptRows:
+    """One prompt's feature rows under a row rule, and which of them are its token rows."""
+
+    rows: Tensor  # (r, d)
+    tokens: slice  # the token rows among them; the others are its context rows
+
+    @property
+    def token_rows(self) -> Tensor:
+        return self.rows[self.tokens]
+
+    @property
+    def context_rows(self) -> Tensor:
+        """The rows that are not token rows (none under the authors' rule), in order."""
+        return torch.cat([self.rows[:self.tokens.start], self.rows[self.tokens.stop:]])
 
 
 class TextFeatures:
@@ -80,29 +150,47 @@ class TextFeatures:
 
     def token_ids(self, captions: Sequence[str]) -> list[list[list[int]]]:
         """Per caption, its token ids from each tokenizer (BOS .. EOS, truncated, no padding)."""
+        return self._tokenize(captions, padded=False)[0]
+
+    def _tokenize(self, captions: Sequence[str], *, padded: bool) -> tuple[list[list[list[int]]], list[int]]:
+        """Per caption its token ids from each tokenizer, and its number of real tokens (BOS .. EOS).
+
+        ``padded``: as diffusers' ``encode_prompt`` tokenizes, ``padding="max_length"`` to the
+        tokenizer's ``model_max_length`` with its own pad token. The tokenizers must agree on both
+        lengths, or their features could not be concatenated row by row.
+        """
         if not captions:
-            return []
-        per_tokenizer = [tokenizer(list(captions), truncation=True,
-                                   max_length=tokenizer.model_max_length)["input_ids"]
-                         for tokenizer in self.tokenizers]
-        ids = [list(caption_ids) for caption_ids in zip(*per_tokenizer)]
-        for caption, caption_ids in zip(captions, ids):
-            if len({len(sequence) for sequence in caption_ids}) != 1:
+            return [], []
+        padding = {"padding": "max_length"} if padded else {}
+        encoded = [tokenizer(list(captions), truncation=True, max_length=tokenizer.model_max_length, **padding)
+                   for tokenizer in self.tokenizers]
+        ids = [list(caption_ids) for caption_ids in zip(*(tokens["input_ids"] for tokens in encoded))]
+        counts = [list(caption_counts) for caption_counts in
+                  zip(*([sum(mask) for mask in tokens["attention_mask"]] for tokens in encoded))]
+        for caption, caption_ids, caption_counts in zip(captions, ids, counts):
+            if len({len(sequence) for sequence in caption_ids}) != 1 or len(set(caption_counts)) != 1:
                 raise MergeError(f"The tokenizers of {self.base.name} split {caption!r} into different "
                                  f"numbers of tokens; their features cannot be concatenated.")
-        return ids
+        return ids, [caption_counts[0] for caption_counts in counts]
 
-    def features(self, captions: Sequence[str], *, batch_size: int = 64,
+    def features(self, captions: Sequence[str], *, rule: RowRule = ROW_RULES[DEFAULT_ROWS], batch_size: int = 64,
                  progress: bool = False, label: str = "text features") -> list[Tensor]:
-        """Per caption, its kept feature rows (rows, d), float32 on the CPU, in input order."""
-        by_index: dict[int, Tensor] = {}
-        for indices, rows in self._kept_batches(captions, batch_size, progress, label):
-            by_index.update((index, caption_rows.float().cpu()) for index, caption_rows in zip(indices, rows))
+        """Per caption, the feature rows ``rule`` keeps (rows, d), float32 on the CPU, in input order."""
+        return [prompt.rows for prompt in self.prompt_rows(captions, rule=rule, batch_size=batch_size,
+                                                           progress=progress, label=label)]
+
+    def prompt_rows(self, captions: Sequence[str], *, rule: RowRule = ROW_RULES[DEFAULT_ROWS], batch_size: int = 64,
+                    progress: bool = False, label: str = "text features") -> list[PromptRows]:
+        """Per caption, the rows ``rule`` keeps (float32, CPU) and which are its token rows, in input order."""
+        by_index: dict[int, PromptRows] = {}
+        for indices, prompts in self._rule_batches(captions, rule, batch_size, progress, label):
+            by_index.update((index, PromptRows(prompt.rows.float().cpu(), prompt.tokens))
+                            for index, prompt in zip(indices, prompts))
         return [by_index[index] for index in range(len(captions))]
 
-    def gram(self, captions: Sequence[str], *, batch_size: int = 64,
+    def gram(self, captions: Sequence[str], *, rule: RowRule = ROW_RULES[DEFAULT_ROWS], batch_size: int = 64,
              progress: bool = False, label: str = "text features") -> tuple[Tensor, int]:
-        """``(G, n)``: G = C^T C of the stacked kept rows C (float64, CPU), n = number of rows.
+        """``(G, n)``: G = C^T C of the stacked rows C that ``rule`` keeps (float64, CPU), n = number of rows.
 
         Accumulated batch by batch, so the features of all captions are never held at once;
         ``label`` names the progress bar.
@@ -113,18 +201,19 @@ class TextFeatures:
         width = sum(self.base.token_dims())
         gram = torch.zeros(width, width, dtype=torch.float64, device=device)
         count = 0
-        for _, rows in self._kept_batches(captions, batch_size, progress, label):
-            stacked = torch.cat(rows).to(device, torch.float64)
+        for _, prompts in self._rule_batches(captions, rule, batch_size, progress, label):
+            stacked = torch.cat([prompt.rows for prompt in prompts]).to(device, torch.float64)
             gram += stacked.T @ stacked
             count += stacked.shape[0]
         return gram.cpu(), count
 
-    def _kept_batches(self, captions: Sequence[str], batch_size: int,
-                      progress: bool, label: str) -> Iterator[tuple[list[int], list[Tensor]]]:
-        """(caption indices, their kept rows) per batch of captions of equal token length."""
+    def _rule_batches(self, captions: Sequence[str], rule: RowRule, batch_size: int,
+                      progress: bool, label: str) -> Iterator[tuple[list[int], list[PromptRows]]]:
+        """(caption indices, their rows under ``rule``) per batch of captions of equal token length
+        (under a padded rule every caption has the same length, so batches are just consecutive)."""
         if batch_size < 1:
             raise MergeError(f"batch_size must be at least 1, got {batch_size}.")
-        ids = self.token_ids(captions)
+        ids, counts = self._tokenize(captions, padded=rule.padded)
         by_length: dict[int, list[int]] = {}
         for index, caption_ids in enumerate(ids):
             by_length.setdefault(len(caption_ids[0]), []).append(index)
@@ -134,7 +223,8 @@ class TextFeatures:
                 for start in range(0, len(group), batch_size):
                     indices = group[start:start + batch_size]
                     states = self._encode([ids[index] for index in indices], [captions[index] for index in indices])
-                    yield indices, [states[row, kept_rows(captions[index], length)]
+                    yield indices, [PromptRows(states[row, rule.rows(captions[index], counts[index])],
+                                               rule.token_rows(captions[index], counts[index]))
                                     for row, index in enumerate(indices)]
                     bar.update(len(indices))
 

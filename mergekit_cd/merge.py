@@ -26,7 +26,7 @@ from .captions import heldout_captions
 from .delta import LORA_RTOL, ConceptDelta, LayerDelta, LowRank, combine_modules, factorize
 from .errors import MergeError
 from .feature_cache import cached_features, cached_gram
-from .features import FEATURE_RULE, LazyTextFeatures
+from .features import LazyTextFeatures, PromptRows
 from .limits import MAX_CONSTRAINT_ROWS, check_limit
 from .loading import PathLike, as_base, save
 from .merge_options import MergeOptions
@@ -49,7 +49,9 @@ def merge(deltas: Sequence[PathLike | ConceptDelta], reg_captions: Sequence[str]
 
     ``options`` (or its fields as keywords: ``method="soft", weights=[100, 10]``, ...) say how,
     see :class:`MergeOptions`: ``constrained`` (each concept's outputs kept exactly), ``soft``
-    (kept in proportion to ``weights``, against ``mu``), ``sum`` or ``average`` (naive).
+    (kept in proportion to ``weights``, against ``mu``), ``hybrid`` (with ``rows="pipeline"``:
+    exact on the prompts' tokens, in proportion to ``weights`` on their start and padding rows),
+    ``sum`` or ``average`` (naive).
     reg_captions default to the ~1200 captions shipped with the package. ``class_words``,
     ``styles`` and the templates decide each concept's target prompts (see :func:`plan_merge`);
     ``embeddings`` pairs token embedding files with inputs (per input, a list of files).
@@ -136,7 +138,8 @@ def _options(options: MergeOptions | None, fields: dict[str, Any]) -> MergeOptio
 class _TextPhase:
     """Everything the text encoder contributes, computed before any K/V row is read."""
 
-    targets: list[Tensor]  # per concept, its target-prompt feature rows, float64
+    targets: list[Tensor]  # per concept, its target-prompt feature rows (its constraints), float64
+    contexts: list[Tensor]  # per concept, its context rows (context_rows methods; else none), float64
     gram: Tensor | None  # C_reg^T C_reg (constrained / soft only)
     num_rows: int
     gram_from_cache: bool
@@ -145,37 +148,50 @@ class _TextPhase:
 
 
 def _encode_text(plan: MergePlan, options: MergeOptions, *, report: bool, progress: bool) -> _TextPhase:
-    """Target features, the caption Gram matrix and (for the report) the held-out one.
+    """Target features, the caption Gram matrix and (for the report) the held-out one, all under
+    the options' row rule; for a ``context_rows`` method the target prompts' token rows are the
+    targets and their other rows the contexts.
 
     All three are cached on disk; the text encoder is loaded only on a miss, once for all three,
     and dropped on return, before the K/V work starts. A repeated merge loads no encoder at all.
     """
     encoder = LazyTextFeatures(plan.base, plan.tokens, device=options.device, dtype=options.text_dtype)
-    batch_size, cache_dir = options.batch_size, options.cache_dir
+    batch_size, cache_dir, rule = options.batch_size, options.cache_dir, options.row_rule
     prompts = [prompt for concept in plan.concepts for prompt in concept.prompts]
-    rows = cached_features(plan.base, prompts, batch_size=batch_size, cache_dir=cache_dir, encoder=encoder)[0]
-    check_limit(sum(row.shape[0] for row in rows), MAX_CONSTRAINT_ROWS,
+    rows = cached_features(plan.base, prompts, rule=rule, batch_size=batch_size, cache_dir=cache_dir,
+                           encoder=encoder)[0]
+    split = options.spec.context_rows
+    check_limit(sum(_constraint_rows(prompt, split).shape[0] for prompt in rows), MAX_CONSTRAINT_ROWS,
                 "its target prompts give {count} constraint rows", "The merge", needs="any real merge")
-    targets, notes, start = [], [], 0
+    targets, contexts, notes, start = [], [], [], 0
     for concept in plan.concepts:
-        C = torch.cat(rows[start:start + len(concept.prompts)]).double()
+        own = rows[start:start + len(concept.prompts)]
+        C = torch.cat([_constraint_rows(prompt, split) for prompt in own]).double()
         targets.append(spanning_rows(C))
         if targets[-1].shape[0] < C.shape[0]:
             notes.append(f"{concept.token}: its {C.shape[0]:,} target rows span at most {C.shape[1]:,} feature "
                          f"directions; the solve constrains {targets[-1].shape[0]:,} rows with the same Gram matrix "
                          f"instead (the same merge, each layer's work bounded by the width; the solve's rank "
                          f"and dependence counts count those rows)")
+        if split:  # the solve sees P_i only through P_i^T P_i (and U_i P_i = W_i P_i^T P_i): reduced alike
+            contexts.append(spanning_rows(torch.cat([prompt.context_rows for prompt in own]).double()))
         start += len(concept.prompts)
     gram, num_rows, from_cache = None, 0, False
     if options.spec.solves:
-        gram, num_rows, from_cache = cached_gram(plan.base, list(plan.reg_captions), batch_size=batch_size,
+        gram, num_rows, from_cache = cached_gram(plan.base, list(plan.reg_captions), rule=rule, batch_size=batch_size,
                                                  cache_dir=cache_dir, progress=progress, encoder=encoder)
     held_gram = None
     if report:
         captions = list(options.held_out) if options.held_out is not None else heldout_captions()
-        held_gram = cached_gram(plan.base, captions, batch_size=batch_size, cache_dir=cache_dir,
+        held_gram = cached_gram(plan.base, captions, rule=rule, batch_size=batch_size, cache_dir=cache_dir,
                                 progress=progress, label="held-out features", encoder=encoder)[0]
-    return _TextPhase(targets, gram, num_rows, from_cache, held_gram, tuple(notes))
+    return _TextPhase(targets, contexts, gram, num_rows, from_cache, held_gram, tuple(notes))
+
+
+def _constraint_rows(prompt: PromptRows, split: bool) -> Tensor:
+    """The rows of a target prompt that the solve keeps exactly (a ``context_rows`` method: its
+    token rows; else every row the rule keeps)."""
+    return prompt.token_rows if split else prompt.rows
 
 
 def spanning_rows(C: Tensor) -> Tensor:
@@ -203,11 +219,12 @@ def execute(plan: MergePlan, options: MergeOptions | None = None, *, progress: b
     operator, total_ridge = None, options.ridge
     if spec.solves:
         total_ridge = options.ridge + options.relative_ridge * float(torch.diagonal(text.gram).mean())
-        operator = spec.factor(text.gram.to(solve_device), [C.to(solve_device) for C in text.targets], weights,
-                               options.soft_mu, ridge=total_ridge, rtol=dependence_rtol(options.text_dtype),
-                               diagnostics=return_report)
+        operator = spec.factor(text.gram.to(solve_device), [C.to(solve_device) for C in text.targets],
+                               [P.to(solve_device) for P in text.contexts], weights, options.soft_mu,
+                               ridge=total_ridge, rtol=dependence_rtol(options.text_dtype), diagnostics=return_report)
 
     features = [C.to(solve_device) for C in text.targets]
+    contexts = [P.to(solve_device) for P in text.contexts]
     held_gram = text.held_gram.to(solve_device) if text.held_gram is not None else None
     sums = ReportSums(len(plan.concepts))
     layers: dict[str, LayerDelta] = {}
@@ -216,6 +233,7 @@ def execute(plan: MergePlan, options: MergeOptions | None = None, *, progress: b
         W0 = torch.cat(plan.base.kv(name)).to(solve_device, torch.float64)
         # one input's rows at a time: keep only their sum and each concept's D_owner C_i^T
         naive_sum, own = torch.zeros_like(W0), [torch.empty(0)] * len(features)
+        own_context = [torch.empty(0)] * len(contexts)  # D_owner P_i^T, for the U_i of a context_rows method
         keys = plan.base.kv_shapes()[name][0][0]
         for index, delta in enumerate(plan.deltas):
             rows = delta.layers[name].rows()
@@ -225,9 +243,13 @@ def execute(plan: MergePlan, options: MergeOptions | None = None, *, progress: b
             for i, owner in enumerate(plan.owners):
                 if owner == index:
                     own[i] = rows @ features[i].T
+                    if contexts:
+                        own_context[i] = rows @ contexts[i].T
             del rows
         if operator is not None:
-            targets = torch.cat([W0 @ C.T + own[i] for i, C in enumerate(features)], dim=1)
+            # V, then (a context_rows method) each U_i = W_i P_i^T, in the order the operator was factored
+            targets = torch.cat([W0 @ C.T + own[i] for i, C in enumerate(features)]
+                                + [W0 @ P.T + own_context[i] for i, P in enumerate(contexts)], dim=1)
             merged = operator.apply(W0, targets) - W0
         else:
             merged = spec.combine(naive_sum, len(plan.deltas))
@@ -293,11 +315,10 @@ def _recipe(plan: MergePlan, options: MergeOptions, total_ridge: float, layer_di
                      for c in plan.concepts],
         "token_renames": [{"input": r.operand, "old": r.old, "new": r.new} for r in plan.token_renames],
         "reg_captions": {"count": len(plan.reg_captions), "sha256": hashlib.sha256(captions).hexdigest()},
-        "feature_rule": FEATURE_RULE,
+        "feature_rule": options.row_rule.name,
         "ridge": total_ridge,  # the ridge the solve used: options' ridge plus the relative one, made absolute
         "options": options.to_recipe(len(plan.concepts)),
-        **({key: options.to_recipe(len(plan.concepts))[key] for key in ("mu", "weights")}
-           if options.spec.concept_weights else {}),
+        **{key: value for key, value in options.to_recipe(len(plan.concepts)).items() if key in ("mu", "weights")},
     }
 
 

@@ -11,18 +11,22 @@ import torch
 from torch import Tensor
 
 from .errors import MergeError
-from .solvers import factor_hard, factor_soft
+from .solvers import factor_hard, factor_hybrid, factor_soft
 
 
 @dataclass(frozen=True)
 class MergeMethod:
     """One merge method.
 
-    ``factor`` (solved methods): ``(G, targets, weights, mu, ridge=, rtol=, diagnostics=)`` -> an
-    operator whose ``apply(W0, V)`` gives each layer's merged weights, from the caption Gram matrix
-    ``G`` and each concept's target feature rows; factored once, applied to every layer.
-    ``combine`` (naive methods): ``(sum of the inputs' differences, number of inputs)`` -> the
-    merged difference. ``concept_weights``: takes one weight per concept and ``mu``.
+    ``factor`` (solved methods): ``(G, targets, contexts, weights, mu, ridge=, rtol=, diagnostics=)`` ->
+    an operator whose ``apply(W0, V)`` gives each layer's merged weights, from the caption Gram
+    matrix ``G``, each concept's target feature rows and (``context_rows`` methods) each concept's
+    context rows, V holding the targets on all of them in that order; factored once, applied to
+    every layer. ``combine`` (naive methods): ``(sum of the inputs' differences, number of inputs)``
+    -> the merged difference. ``concept_weights``: takes one weight per concept (and ``mu``, unless
+    ``context_rows``: there the weights are those of the context rows). ``context_rows``: its
+    targets are each prompt's token rows and its soft terms the other rows the UNet reads, so it
+    needs the ``pipeline`` row rule.
     """
 
     name: str
@@ -30,6 +34,7 @@ class MergeMethod:
     factor: Callable[..., Any] | None = None
     combine: Callable[[Tensor, int], Tensor] | None = None
     concept_weights: bool = False
+    context_rows: bool = False
 
     @property
     def solves(self) -> bool:
@@ -37,14 +42,21 @@ class MergeMethod:
         return self.factor is not None
 
 
-def _factor_constrained(G: Tensor, targets: Sequence[Tensor], weights: Sequence[float] | None, mu: float, *,
-                        ridge: float, rtol: float, diagnostics: bool) -> Any:
+def _factor_constrained(G: Tensor, targets: Sequence[Tensor], contexts: Sequence[Tensor],
+                        weights: Sequence[float] | None, mu: float, *, ridge: float, rtol: float,
+                        diagnostics: bool) -> Any:
     return factor_hard(G, torch.cat(list(targets)), ridge=ridge, rtol=rtol, diagnostics=diagnostics)
 
 
-def _factor_soft(G: Tensor, targets: Sequence[Tensor], weights: Sequence[float] | None, mu: float, *,
-                 ridge: float, rtol: float, diagnostics: bool) -> Any:
+def _factor_soft(G: Tensor, targets: Sequence[Tensor], contexts: Sequence[Tensor], weights: Sequence[float] | None,
+                 mu: float, *, ridge: float, rtol: float, diagnostics: bool) -> Any:
     return factor_soft(G, list(targets), list(weights or ()), mu, ridge=ridge, rtol=rtol, diagnostics=diagnostics)
+
+
+def _factor_hybrid(G: Tensor, targets: Sequence[Tensor], contexts: Sequence[Tensor], weights: Sequence[float] | None,
+                   mu: float, *, ridge: float, rtol: float, diagnostics: bool) -> Any:
+    return factor_hybrid(G, torch.cat(list(targets)), list(contexts), list(weights or ()), ridge=ridge, rtol=rtol,
+                         diagnostics=diagnostics)
 
 
 METHOD_TABLE: dict[str, MergeMethod] = {method.name: method for method in (
@@ -52,6 +64,9 @@ METHOD_TABLE: dict[str, MergeMethod] = {method.name: method for method in (
                                "least (the paper's merge)", factor=_factor_constrained),
     MergeMethod("soft", "each concept's outputs kept in proportion to its weight, the captions' changed least",
                 factor=_factor_soft, concept_weights=True),
+    MergeMethod("hybrid", "each concept's outputs on the tokens of its target prompts kept exactly, on their "
+                          "start and padding rows in proportion to its weight, the captions' changed least "
+                          "(needs --rows pipeline)", factor=_factor_hybrid, concept_weights=True, context_rows=True),
     MergeMethod("sum", "the inputs' differences added (naive baseline)", combine=lambda total, count: total),
     MergeMethod("average", "the inputs' differences averaged (naive baseline)",
                 combine=lambda total, count: total / count),
@@ -67,6 +82,7 @@ def get_method(name: str) -> MergeMethod:
     return METHOD_TABLE[name]
 
 
-def weighted_method_names() -> str:
-    """The methods that take concept weights, for messages (``"soft"``)."""
-    return " or ".join(name for name, method in METHOD_TABLE.items() if method.concept_weights)
+def weighted_method_names(*, mu: bool = False) -> str:
+    """The methods that take concept weights (with ``mu``: and ``mu``), for messages (``"soft or hybrid"``)."""
+    return " or ".join(name for name, method in METHOD_TABLE.items()
+                       if method.concept_weights and not (mu and method.context_rows))

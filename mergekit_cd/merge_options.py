@@ -1,6 +1,6 @@
 """``MergeOptions``: every option of a merge, checked once, behind the API and ``cd-merge`` alike.
 
-The options that decide the result (method, weights, mu, ridges, text precision) are recorded in
+The options that decide the result (method, row rule, weights, mu, ridges, text precision) are recorded in
 the merged file's recipe, so :meth:`MergeOptions.from_recipe` replays a recorded merge; the others
 (device, batch size, cache folder, held-out captions) change where and how fast it runs, or only
 its report.
@@ -19,6 +19,7 @@ import torch
 from . import formats
 from .devices import float64_device, parse_device
 from .errors import MergeError
+from .features import DEFAULT_ROWS, ROW_RULES, RowRule
 from .merge_methods import MergeMethod, get_method, weighted_method_names
 
 #: Soft-merge weight of each concept when none is given: its outputs are kept almost exactly.
@@ -31,7 +32,7 @@ TEXT_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torc
 #: What a merge does with a LoRA input's parts beyond the cross-attention K/V (``other_layers``).
 OTHER_LAYERS = ("refuse", "drop", "sum", "average")
 #: The options a recipe records: those that decide the merged weights.
-RECORDED = ("method", "weights", "mu", "ridge", "relative_ridge", "text_dtype", "other_layers")
+RECORDED = ("method", "rows", "weights", "mu", "ridge", "relative_ridge", "text_dtype", "other_layers")
 
 
 class OptionError(MergeError):
@@ -56,8 +57,11 @@ class OptionError(MergeError):
 class MergeOptions:
     """How to merge (see :func:`mergekit_cd.merge`); refused on construction when inconsistent.
 
+    ``rows`` names the row rule (:data:`mergekit_cd.features.ROW_RULES`): which rows of the
+    target prompts and captions the merge uses; ``hybrid`` needs ``pipeline``.
     ``weights`` (one per concept) and ``mu`` apply to the weighted methods only; left ``None``
-    they take :data:`DEFAULT_SOFT_WEIGHT` and :data:`DEFAULT_MU`. ``ridge`` adds
+    they take :data:`DEFAULT_SOFT_WEIGHT` and :data:`DEFAULT_MU` (``hybrid`` takes no ``mu``: its
+    weights are those of each concept's context rows, against the captions' weight 1). ``ridge`` adds
     ``ridge * ||W - W0||^2``; ``relative_ridge`` the same in units of the caption Gram matrix's
     mean eigenvalue. ``held_out`` captions feed only the report's drift figures.
 
@@ -69,6 +73,7 @@ class MergeOptions:
     """
 
     method: str = "constrained"
+    rows: str = DEFAULT_ROWS
     weights: tuple[float, ...] | None = None
     mu: float | None = None
     ridge: float = 0.0
@@ -99,12 +104,19 @@ class MergeOptions:
     def _check(self) -> None:
         """Every option that is wrong on its own or with the others, in the order a user fixes them."""
         spec = self.spec
+        if self.rows not in ROW_RULES:
+            raise OptionError("{rows} {value!r}: choose one of " + ", ".join(ROW_RULES) + ".", value=self.rows)
+        if spec.context_rows and not self.row_rule.padded:
+            raise OptionError("{method} {method_name} needs {rows} pipeline: its soft terms are the start and "
+                              "padding rows of the target prompts, which only the pipeline rule reads; add "
+                              "{rows} pipeline.", method_name=self.method)
         soft_only = [name for name in ("weights", "mu") if getattr(self, name) is not None]
-        if soft_only and not spec.concept_weights:
+        if soft_only and not (spec.concept_weights and (self.mu is None or not spec.context_rows)):
             verb = "applies" if len(soft_only) == 1 else "apply"
+            methods = weighted_method_names(mu=self.mu is not None)  # a context_rows method takes no mu
             raise OptionError(" and ".join("{" + name + "}" for name in soft_only)
-                              + f" only {verb} to {{method}} {weighted_method_names()}, not to {{method}} "
-                                f"{self.method}; add {{method}} {weighted_method_names()} or leave them out.")
+                              + f" only {verb} to {{method}} {methods}, not to {{method}} "
+                                f"{self.method}; add {{method}} {methods} or leave them out.")
         for name in ("ridge", "relative_ridge", "mu"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value >= 0):
@@ -131,6 +143,11 @@ class MergeOptions:
     def spec(self) -> MergeMethod:
         """The method's entry in the method table."""
         return get_method(self.method)
+
+    @property
+    def row_rule(self) -> RowRule:
+        """The row rule ``rows`` names."""
+        return ROW_RULES[self.rows]
 
     @property
     def solve_device(self) -> torch.device:
@@ -184,11 +201,13 @@ class MergeOptions:
 
     def to_recipe(self, num_concepts: int) -> dict[str, Any]:
         """The options that decide the merged weights, as JSON, defaults filled in."""
-        recipe: dict[str, Any] = {"method": self.method, "ridge": self.ridge, "relative_ridge": self.relative_ridge,
+        recipe: dict[str, Any] = {"method": self.method, "rows": self.rows, "ridge": self.ridge,
+                                  "relative_ridge": self.relative_ridge,
                                   "text_dtype": str(self.text_dtype).removeprefix("torch."),
                                   "other_layers": self.other_layers}
-        if self.spec.concept_weights:
+        if self.spec.concept_weights and not self.spec.context_rows:
             recipe["mu"] = self.soft_mu
+        if self.spec.concept_weights:
             recipe["weights"] = list(self.weights) if self.weights is not None \
                 else [DEFAULT_SOFT_WEIGHT] * num_concepts
         return recipe

@@ -15,7 +15,7 @@ from .base import BaseModel
 from .captions import default_reg_captions
 from .delta import Concept, ConceptDelta, LazyLayers, LowRank, TokenRename, merge_tokens
 from .errors import MergeError
-from .features import TextFeatures
+from .features import DEFAULT_ROWS, ROW_RULES, RowRule, TextFeatures
 from .fileio import parse_once
 from .limits import MAX_MERGE_PROMPTS, MAX_PROMPTS, check_limit
 from .loading import PathLike, as_base, load_source, resolve_delta
@@ -76,10 +76,13 @@ class PlanSummary:
 
 
 def summarize_plan(plan: MergePlan, *, device: str | torch.device = "cpu",
-                   text_dtype: torch.dtype = torch.float32, batch_size: int = 64) -> PlanSummary:
-    """Encode the target prompts (not the captions) to count constraint rows and their rank."""
+                   text_dtype: torch.dtype = torch.float32, batch_size: int = 64,
+                   rule: RowRule = ROW_RULES[DEFAULT_ROWS], token_rows_only: bool = False) -> PlanSummary:
+    """Encode the target prompts (not the captions) to count constraint rows and their rank: the
+    rows ``rule`` keeps, or (``token_rows_only``, a method with context rows) their token rows."""
     encoder = TextFeatures(plan.base, plan.tokens, device=device, dtype=text_dtype)
-    features = [torch.cat(encoder.features(list(c.prompts), batch_size=batch_size)).double()
+    features = [torch.cat([prompt.token_rows if token_rows_only else prompt.rows for prompt in
+                           encoder.prompt_rows(list(c.prompts), rule=rule, batch_size=batch_size)]).double()
                 for c in plan.concepts]
     stacked = torch.cat(features)
     singular_values = torch.linalg.svdvals(stacked)

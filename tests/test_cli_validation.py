@@ -95,7 +95,11 @@ def test_cd_merge_warns_about_an_unwritable_cache_in_one_line(tiny_pipeline_path
                                                   r"got 0\.$"),
     (["--method", "soft", "--weights", "5"], r"^--weights: got 1 weight\(s\) for 2 inputs; give one per "
                                              r"concept, in input order\.$"),
-    (["--weights", "1", "2"], r"^--weights only applies to --method soft, not to --method constrained; "),
+    (["--weights", "1", "2"], r"^--weights only applies to --method soft or hybrid, not to --method constrained; "),
+    (["--method", "hybrid", "--mu", "2", "--rows", "pipeline"], r"^--mu only applies to --method soft, not to --method "
+                                                               r"hybrid; add --method soft or leave them out\.$"),
+    (["--method", "hybrid"], r"^--method hybrid needs --rows pipeline: its soft terms are the start and padding rows "
+                             r"of the target prompts, which only the pipeline rule reads; add --rows pipeline\.$"),
     (["--method", "sum", "--mu", "2"], r"^--mu only applies to --method soft, not to --method sum; "),
     (["--method", "average", "--weights", "1", "2", "--mu", "2"], r"^--weights and --mu only apply to "),
     (["--num-reg-captions", "0"], r"^--num-reg-captions 0: must be at least 1\.$"),

@@ -19,7 +19,7 @@ from mergekit_cd.feature_cache import (
     features_cache_key,
     gram_cache_key,
 )
-from mergekit_cd.features import FEATURE_RULE, TextFeatures, kept_rows
+from mergekit_cd.features import ROW_RULES, TextFeatures, kept_rows, row_rule
 from mergekit_cd.prompts import OBJECT_TEMPLATES, target_prompts
 from mergekit_cd.testing import build_tiny_pipeline
 
@@ -71,7 +71,16 @@ def _ids(tokenizer, caption: str) -> torch.Tensor:
 ])
 def test_kept_rows_follow_the_authors_rule(caption, start):
     assert kept_rows(caption, 9) == slice(start, 9)  # stop = number of tokens: EOS is kept
-    assert FEATURE_RULE == "authors-v1"
+    assert ROW_RULES["authors"].name == "authors-v1"
+    assert ROW_RULES["authors"].rows(caption, 9) == slice(start, 9)
+    assert ROW_RULES["authors"].token_rows(caption, 9) == slice(0, 9 - start)  # all of its rows
+    assert ROW_RULES["pipeline"].rows(caption, 9) == slice(0, None)  # every row, BOS and padding too
+    assert ROW_RULES["pipeline"].token_rows(caption, 9) == slice(start, 9)
+
+
+def test_an_unknown_row_rule_names_the_choices():
+    with pytest.raises(MergeError, match="Unknown row rule 'all'; choose one of authors, pipeline"):
+        row_rule("all")
 
 
 def test_rows_kept_through_the_encoder(sd1_features):
@@ -121,6 +130,36 @@ def test_features_are_the_pipeline_context(architecture, sd1_features, sdxl_feat
                                      do_classifier_free_guidance=False)[0][0]
     num_tokens = len(pipe.tokenizer(caption).input_ids)
     torch.testing.assert_close(encoder.features([caption])[0], context[1:num_tokens], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("architecture", ["sd1", "sdxl"])
+def test_pipeline_rows_are_what_encode_prompt_gives(architecture, sd1_features, sdxl_features):
+    """The pipeline rule's rows are diffusers' own prompt_embeds (StableDiffusionPipeline, and
+    StableDiffusionXLPipeline's, padded by its second tokenizer with '!'), every row, for prompts
+    of different lengths encoded in one batch; their token rows are the authors' rows."""
+    pipe = build_tiny_pipeline(architecture)
+    encoder = {"sd1": sd1_features, "sdxl": sdxl_features}[architecture]
+    captions = ["a cat in the garden", "photo of a cat", "a man"]
+    if architecture == "sdxl":
+        assert pipe.tokenizer_2.pad_token == "!" and pipe.tokenizer.pad_token == "<|endoftext|>"
+    prompts = encoder.prompt_rows(captions, rule=ROW_RULES["pipeline"], batch_size=2)
+    for caption, prompt in zip(captions, prompts):
+        with torch.no_grad():
+            context = pipe.encode_prompt(caption, device="cpu", num_images_per_prompt=1,
+                                         do_classifier_free_guidance=False)[0][0]
+        assert prompt.rows.shape == context.shape == (pipe.tokenizer.model_max_length, encoder.base.context_dim)
+        torch.testing.assert_close(prompt.rows, context, rtol=1e-4, atol=1e-5)
+        authors = encoder.features([caption])[0]
+        torch.testing.assert_close(prompt.token_rows, authors, rtol=1e-4, atol=1e-5)
+        assert prompt.context_rows.shape[0] == context.shape[0] - authors.shape[0]
+        torch.testing.assert_close(prompt.context_rows[0], context[0])  # BOS is a context row
+
+
+def test_pipeline_gram_counts_every_row_of_every_caption(sd1_features):
+    gram, count = sd1_features.gram(CAPTIONS, rule=ROW_RULES["pipeline"], batch_size=3)
+    stacked = torch.cat(sd1_features.features(CAPTIONS, rule=ROW_RULES["pipeline"])).double()
+    assert count == len(CAPTIONS) * sd1_features.tokenizers[0].model_max_length == stacked.shape[0]
+    torch.testing.assert_close(gram, stacked.T @ stacked, rtol=1e-6, atol=1e-6 * float(gram.abs().max()))
 
 
 # --- batching and the Gram matrix --------------------------------------------------------------
@@ -175,6 +214,31 @@ def test_cache_key_depends_on_captions_dtype_and_base(sd1_base, sdxl_base):
     assert key != gram_cache_key(sd1_base, CAPTIONS[:-1], torch.float32)
     assert key != gram_cache_key(sd1_base, CAPTIONS, torch.float16)
     assert key != gram_cache_key(sdxl_base, CAPTIONS, torch.float32)
+    assert key != gram_cache_key(sd1_base, CAPTIONS, torch.float32, rule=ROW_RULES["pipeline"])
+    assert features_cache_key(sd1_base, CAPTIONS, torch.float32) != features_cache_key(
+        sd1_base, CAPTIONS, torch.float32, rule=ROW_RULES["pipeline"])
+
+
+def test_cached_pipeline_features_keep_their_token_rows(sd1_base, tmp_path):
+    """A hit gives back each prompt's token rows among its padded rows; a file whose spans are
+    missing or out of range is a miss, recomputed."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    rule = ROW_RULES["pipeline"]
+    prompts = ["<new1> cat", "photo of a <new1> cat"]
+    tokens = {"<new1>": (torch.randn(64, generator=torch.Generator().manual_seed(5)),)}
+    first, from_cache = cached_features(sd1_base, prompts, rule=rule, tokens=tokens, cache_dir=tmp_path)
+    assert not from_cache and [prompt.tokens for prompt in first] == [slice(1, 4), slice(4, 7)]
+    again, from_cache = cached_features(sd1_base, prompts, rule=rule, tokens=tokens, cache_dir=tmp_path)
+    assert from_cache and [prompt.tokens for prompt in again] == [slice(1, 4), slice(4, 7)]
+    assert all(torch.equal(a.rows, b.rows) for a, b in zip(again, first))
+    [file] = tmp_path.glob("features-*.safetensors")
+    with safe_open(str(file), framework="pt") as handle:
+        stored, metadata = {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata()
+    for spans in ("[[1, 4]]", "[[1, 4], [4, 78]]", "[[1, 4], [5, 4]]", "not json"):
+        save_file(stored, str(file), metadata={**metadata, "token_rows": spans})
+        assert not cached_features(sd1_base, prompts, rule=rule, tokens=tokens, cache_dir=tmp_path)[1], spans
 
 
 def test_cache_key_holds_the_tokens_that_occur_in_the_captions(sd1_base):
@@ -258,7 +322,8 @@ def test_cached_features_need_no_text_encoder_on_a_hit_and_key_on_the_tokens(sd1
     assert not from_cache
     expected = TextFeatures(sd1_base, tokens).features(prompts)
     for ours, theirs in zip(rows, expected, strict=True):
-        torch.testing.assert_close(ours, theirs)
+        torch.testing.assert_close(ours.rows, theirs)
+        assert ours.tokens == slice(0, theirs.shape[0])
     key = features_cache_key(sd1_base, prompts, torch.float32, tokens)
     assert key != features_cache_key(sd1_base, prompts, torch.float32, {"<new1>": (-tokens["<new1>"][0],)})
     assert key != features_cache_key(sd1_base, prompts, torch.bfloat16, tokens)
@@ -274,7 +339,8 @@ def test_cached_features_need_no_text_encoder_on_a_hit_and_key_on_the_tokens(sd1
     monkeypatch.setattr(BaseModel, "load_text_encoders", refuse)
     monkeypatch.setattr(BaseModel, "load_tokenizers", refuse)
     again, from_cache = cached_features(sd1_base, list(prompts), tokens=tokens, cache_dir=tmp_path)
-    assert from_cache and all(torch.equal(a, b) for a, b in zip(again, rows, strict=True))
+    assert from_cache and all(torch.equal(a.rows, b.rows) and a.tokens == b.tokens
+                              for a, b in zip(again, rows, strict=True))
 
 
 def test_default_cache_dir_follows_the_environment(monkeypatch, tmp_path):

@@ -21,7 +21,9 @@ from mergekit_cd.base import open_base
 from mergekit_cd.cli.merge import main as cd_merge
 from mergekit_cd.delta import ConceptDelta, LowRank, compress, dense
 from mergekit_cd.loading import save
+from mergekit_cd.captions import default_reg_captions
 from mergekit_cd.merge import merge
+from mergekit_cd.merge_options import MergeOptions
 from mergekit_cd.testing import random_concept_delta, save_like_diffusers_bin
 from mergekit_cd.weights import FineTunedWeights
 
@@ -55,8 +57,11 @@ def concept_deltas(bases):
 # ----------------------------------------------------------------------------- independent features
 
 
-def encode(base_path: Path, architecture: str, prompt: str, tokens: dict[str, tuple[torch.Tensor, ...]]):
-    """Token features of ``prompt`` as the UNet's cross-attention reads them, rows kept by the authors' rule."""
+def encode(base_path: Path, architecture: str, prompt: str, tokens: dict[str, tuple[torch.Tensor, ...]], *,
+           padded: bool = False):
+    """Token features of ``prompt`` as the UNet's cross-attention reads them, rows kept by the authors' rule;
+    ``padded``: every row, tokenized as diffusers' encode_prompt does (padded to the tokenizer's
+    max length with its own pad token), and the slice of the authors' rows among them."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     parts = [("tokenizer", "text_encoder", CLIPTextModel)]
@@ -71,12 +76,14 @@ def encode(base_path: Path, architecture: str, prompt: str, tokens: dict[str, tu
         with torch.no_grad():
             for token, embeddings in tokens.items():
                 encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids(token)] = embeddings[index]
-            ids = tokenizer(prompt, return_tensors="pt").input_ids
+            padding = dict(padding="max_length", max_length=tokenizer.model_max_length, truncation=True)
+            ids = tokenizer(prompt, return_tensors="pt", **(padding if padded else {})).input_ids
             result = encoder(ids, output_hidden_states=True)
+            num_tokens = len(tokenizer(prompt).input_ids)
         outputs.append(result.hidden_states[-2] if architecture == "sdxl" else result.last_hidden_state)
     features = torch.cat(outputs, dim=-1)[0].double()
     first_kept = 4 if "photo of a" in prompt[:15] else 1
-    return features[first_kept:]
+    return (features, slice(first_kept, num_tokens)) if padded else features[first_kept:]
 
 
 def merged_weights(output: Path, base) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -226,6 +233,57 @@ def test_cli_writes_the_diffusers_layout_with_full_weights_and_token_files(bases
     capsys.readouterr()
 
 
+def row_residuals(output: Path, base, architecture: str, deltas: list[ConceptDelta], tokens: dict):
+    """Over every concept, target prompt, layer, K and V: the largest relative residual of the written
+    weights on the prompt's token rows, and the relative residual on its context rows (start,
+    "photo of a", padding), each against the concept's own weights, with pipeline-rule features."""
+    weights = merged_weights(output, base)
+    token_worst, context_error, context_target = 0.0, 0.0, 0.0
+    for delta, (token, word) in zip(deltas, CONCEPTS):
+        for template in ("{} {}", "photo of a {} {}"):
+            rows, kept = encode(base.path, architecture, template.format(token, word), {token: tokens[token]},
+                                padded=True)
+            context = torch.cat([rows[:kept.start], rows[kept.stop:]])
+            for layer in base.layer_names():
+                for which, index in (("key", 0), ("value", 1)):
+                    own = base.kv(layer)[index].double() + dense(getattr(delta.layers[layer], which)).double()
+                    token_worst = max(token_worst, relative(weights[layer][index] @ rows[kept].T, own @ rows[kept].T))
+                    context_error += float(((weights[layer][index] - own) @ context.T).norm()) ** 2
+                    context_target += float((own @ context.T).norm()) ** 2
+    return token_worst, (context_error / context_target) ** 0.5
+
+
+@pytest.mark.parametrize("architecture", ["sd1", "sdxl"])
+def test_cli_hybrid_merge_keeps_the_token_rows_and_fits_the_context_rows_better(architecture, bases, concept_deltas,
+                                                                               tmp_path, capsys):
+    """--method hybrid --rows pipeline: every concept's outputs on its prompts' token rows are kept in
+    the written file, as the paper's merge keeps them, and on the rows the UNet reads besides (start,
+    padding) it is closer to each concept than the paper's merge, which leaves them free; the recipe
+    names the rule and replays the merge."""
+    base, deltas = bases[architecture], concept_deltas[architecture][:2]
+    inputs, _ = write_inputs(tmp_path, "native", deltas, base)
+    common = [*inputs, "--base", str(base.path), "--num-reg-captions", str(NUM_REG), "-q"]
+    hybrid, constrained = tmp_path / "hybrid.safetensors", tmp_path / "constrained.safetensors"
+    assert cd_merge([*common, "-o", str(hybrid), "--method", "hybrid", "--rows", "pipeline"]) == 0
+    printed = capsys.readouterr().out
+    assert "residual as written" in printed and "rank 12/12" in printed
+    assert cd_merge([*common, "-o", str(constrained)]) == 0
+    capsys.readouterr()
+    merged = formats.read(hybrid)
+    recipe = merged.metadata["recipe"]
+    assert recipe["feature_rule"] == "pipeline-v1" and recipe["weights"] == [1000.0, 1000.0] and "mu" not in recipe
+    assert recipe["options"]["method"] == "hybrid" and recipe["options"]["rows"] == "pipeline"
+    assert formats.read(constrained).metadata["recipe"]["feature_rule"] == "authors-v1"
+    hybrid_tokens, hybrid_context = row_residuals(hybrid, base, architecture, deltas, merged.tokens)
+    constrained_tokens, constrained_context = row_residuals(constrained, base, architecture, deltas, merged.tokens)
+    assert hybrid_tokens < 1e-5 and constrained_tokens < 1e-5
+    assert hybrid_context < 0.5 * constrained_context, (hybrid_context, constrained_context)
+    replayed = merge(deltas, base=base, options=MergeOptions.from_recipe(recipe),
+                     reg_captions=default_reg_captions()[:NUM_REG])
+    for name in base.layer_names():
+        assert torch.equal(replayed.layers[name].rows(), merged.layers[name].rows()), name
+
+
 def test_result_does_not_depend_on_input_order(bases, concept_deltas):
     base, deltas = bases["sd2"], concept_deltas["sd2"]
     forward = merge(deltas, None, base=base)
@@ -292,6 +350,13 @@ def test_dry_run_prints_the_plan_and_writes_nothing(bases, concept_deltas, tmp_p
     assert "sdxl" in out and "<new3>" in out and "photo of a <new2> pot" in out
     assert "18 constraint rows of rank 18" in out and "estimated peak memory" in out
     assert "native" in out  # the format each input was read in
+    # every row of the padded prompts is a constraint of the constrained merge, only the tokens' of the hybrid
+    assert cd_merge([*inputs, "-o", str(output), "--base", str(base.path), "--dry-run", "--rows", "pipeline"]) == 0
+    assert f"method constrained, rows pipeline: {3 * 2 * 77} constraint rows" in capsys.readouterr().out
+    assert cd_merge([*inputs, "-o", str(output), "--base", str(base.path), "--dry-run", "--rows", "pipeline",
+                     "--method", "hybrid"]) == 0
+    assert "method hybrid, rows pipeline: 18 constraint rows of rank 18" in capsys.readouterr().out
+    assert not output.exists()
 
 
 def test_dry_run_shows_style_and_object_templates_together(bases, concept_deltas, tmp_path, capsys):

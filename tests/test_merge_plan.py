@@ -82,7 +82,11 @@ def test_operator_checks_the_rows_it_is_given():
     (dict(method="soft", mu=-1.0), r"^mu -1: must be a finite number >= 0\.$"),
     (dict(method="constrained", ridge=float("nan")), r"^ridge nan: must be a finite number"),
     (dict(method="constrained", relative_ridge=-1e-3), r"^relative_ridge -0.001: must be"),
-    (dict(method="constrained", weights=[1.0]), r"^weights only applies to method soft, not to method constrained"),
+    (dict(method="constrained", weights=[1.0]), r"^weights only applies to method soft or hybrid, not to method "
+                                                r"constrained"),
+    (dict(method="hybrid", weights=[1.0]), r"^method hybrid needs rows pipeline: its soft terms are the start and "
+                                           r"padding rows of the target prompts, which only the pipeline rule reads"),
+    (dict(rows="all"), r"^rows 'all': choose one of authors, pipeline\.$"),
     (dict(method="sum", weights=[1.0], mu=2.0), r"^weights and mu only apply to method soft"),
     (dict(method="soft", weights=[1.0, 0.0]), r"^weights: every weight must be a finite number > 0, got 0\.$"),
     (dict(method="soft", weights=[]), r"^weights: give one weight per concept"),

@@ -11,7 +11,7 @@ import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from mergekit_cd.solvers import IllConditionedWarning, solve_hard, solve_soft
+from mergekit_cd.solvers import IllConditionedWarning, solve_hard, solve_hybrid, solve_soft
 
 F64 = torch.float64
 # Generated problems include deliberately ill-conditioned constraints; the warning they raise is
@@ -273,6 +273,125 @@ def test_soft_rejects_an_objective_without_unique_minimiser():
     with pytest.raises(ValueError, match="mu = 0 and ridge = 0"):
         solve_soft(W0, torch.eye(3, dtype=F64), [torch.ones(1, 3, dtype=F64)],
                    [torch.ones(2, 1, dtype=F64)], [1.0], 0.0)
+
+
+# --------------------------------------------------------------------------- hybrid: exact and soft
+
+
+@st.composite
+def hybrid_problems(draw):
+    """A merge problem plus 1-3 concepts' context rows P_i (0-4 each, on the features' scale),
+    their targets U_i and weights lambda_i spread over 1e-2 .. 1e2."""
+    W0, G, C, V, ridge = draw(problems())
+    n, d = W0.shape
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    scale = float(torch.linalg.matrix_norm(C, 2))
+    P_list, U_list = [], []
+    for _ in range(draw(st.integers(1, 3))):
+        P = random_matrix(rng, draw(st.integers(0, 4)), d, draw(st.sampled_from([1.0, 10.0, 1e3])), scale)
+        P_list.append(P)
+        U_list.append(W0 @ P.T + torch.from_numpy(rng.standard_normal((n, P.shape[0]))) * scale)
+    weights = list(10.0 ** rng.uniform(-2, 2, len(P_list)))
+    return W0, G, C, V, P_list, U_list, weights, ridge
+
+
+def hybrid_metric(G, P_list, weights, ridge):
+    """A = G + sum_i lambda_i P_i^T P_i + ridge I."""
+    A = G + ridge * torch.eye(G.shape[0], dtype=F64)
+    return A + sum((w * P.T @ P for w, P in zip(weights, P_list)), torch.zeros_like(G))
+
+
+@given(hybrid_problems())
+def test_hybrid_constraints_hold_for_any_feasible_problem(problem):
+    """W C^T = V to 1e-10 relative, whatever the context terms pull towards."""
+    W0, G, C, V, P_list, U_list, weights, ridge = problem
+    W, info = solve_hybrid(W0, G, C, V, P_list, U_list, weights, ridge=ridge, return_info=True)
+    assert relative_residual(W, C, V) < 1e-10
+    assert info.residual < 1e-10 and info.n_constraints == C.shape[0]
+
+
+@given(hybrid_problems(), st.booleans())
+def test_hybrid_kkt_stationarity_holds(problem, conflicting):
+    """At the optimum the objective's gradient (W - W0)(G + ridge I) + sum_i lambda_i (W P_i^T - U_i) P_i
+    lies in the row space of C (Lagrange condition), with or without a conflicting duplicate row."""
+    W0, G, C, V, P_list, U_list, weights, ridge = problem
+    if conflicting:
+        C = torch.cat([C, C[:1]])
+        V = torch.cat([V, V[:, :1] + 1.0], dim=1)
+    W = solve_hybrid(W0, G, C, V, P_list, U_list, weights, ridge=ridge)
+    gradient = (W - W0) @ (G + ridge * torch.eye(G.shape[0], dtype=F64))
+    for weight, P, U in zip(weights, P_list, U_list):
+        gradient = gradient + weight * (W @ P.T - U) @ P
+    A = hybrid_metric(G, P_list, weights, ridge)
+    size = float(torch.linalg.matrix_norm(A, 2)) * (float((W - W0).norm()) + float(W.norm()))
+    size += sum(w * float(P.norm() * U.norm()) for w, P, U in zip(weights, P_list, U_list)) + 1e-300
+    assert float((gradient @ row_space_complement(C)).norm()) <= 1e-8 * size
+
+
+@given(hybrid_problems())
+def test_hybrid_agrees_with_dense_scipy_kkt_solve(problem):
+    """The closed form equals an independent dense KKT solve of the hybrid objective (scipy)."""
+    W0, G, C, V, P_list, U_list, weights, ridge = problem
+    d, s = G.shape[0], C.shape[0]
+    A = hybrid_metric(G, P_list, weights, ridge).numpy()
+    b = W0.numpy() @ (G.numpy() + ridge * np.eye(d))
+    for weight, P, U in zip(weights, P_list, U_list):
+        b = b + weight * U.numpy() @ P.numpy()
+    kkt = np.block([[2 * A, C.numpy().T], [C.numpy(), np.zeros((s, s))]])
+    assume(np.linalg.cond(kkt) < 1e12)
+    reference = scipy.linalg.solve(kkt, np.concatenate([2 * b.T, V.numpy().T]), assume_a="sym")[:d].T
+    W = solve_hybrid(W0, G, C, V, P_list, U_list, weights, ridge=ridge).numpy()
+    assert np.allclose(W, reference, rtol=1e-7, atol=1e-7 * np.abs(reference).max())
+
+
+@given(hybrid_problems())
+def test_hybrid_tends_to_solve_hard_as_the_context_weights_vanish(problem):
+    """lambda = 0 is solve_hard exactly; lambda -> 0 approaches it (the gap shrinks like lambda)."""
+    W0, G, C, V, P_list, U_list, weights, ridge = problem
+    W_hard = solve_hard(W0, G, C, V, ridge=ridge)
+    W_zero = solve_hybrid(W0, G, C, V, P_list, U_list, [0.0] * len(weights), ridge=ridge)
+    assert torch.allclose(W_zero, W_hard, rtol=1e-9, atol=1e-9 * float(W_hard.abs().max()))
+    gaps = [float((solve_hybrid(W0, G, C, V, P_list, U_list, [t * w for w in weights], ridge=ridge)
+                   - W_hard).norm()) for t in (1e-6, 1e-9)]
+    assert gaps[1] <= 1e-2 * gaps[0] + 1e-9 * (float(W_hard.norm()) + 1e-300)
+
+
+@given(hybrid_problems())
+def test_hybrid_without_constraints_is_the_soft_merge_of_the_context_rows(problem):
+    """C of no rows: only the caption and context terms remain, solve_soft's objective with mu = 1."""
+    W0, G, C, V, P_list, U_list, weights, ridge = problem
+    W = solve_hybrid(W0, G, C[:0], V[:, :0], P_list, U_list, weights, ridge=ridge)
+    assume(any(P.shape[0] for P in P_list))  # solve_soft needs at least one row to be a soft merge
+    W_soft = solve_soft(W0, G, P_list, U_list, weights, 1.0, ridge=ridge)
+    assert torch.allclose(W, W_soft, rtol=1e-8, atol=1e-8 * float(W_soft.abs().max()))
+
+
+@given(hybrid_problems(), st.integers(0, 2**32 - 1))
+def test_hybrid_does_not_depend_on_the_order_of_concepts_or_rows(problem, seed):
+    """Permuting the concepts (P_i, U_i, lambda_i together) and the constraint rows gives the same W."""
+    W0, G, C, V, P_list, U_list, weights, ridge = problem
+    rng = np.random.default_rng(seed)
+    order, rows = rng.permutation(len(P_list)), torch.from_numpy(rng.permutation(C.shape[0]))
+    W = solve_hybrid(W0, G, C, V, P_list, U_list, weights, ridge=ridge)
+    W_perm = solve_hybrid(W0, G, C[rows], V[:, rows], [P_list[i] for i in order], [U_list[i] for i in order],
+                          [weights[i] for i in order], ridge=ridge)
+    assert torch.allclose(W, W_perm, rtol=1e-8, atol=1e-8 * float(W.abs().max()))
+
+
+def test_hybrid_argument_errors_name_the_problem():
+    W0, G = torch.zeros(2, 3, dtype=F64), torch.eye(3, dtype=F64)
+    C, V = torch.ones(1, 3, dtype=F64), torch.ones(2, 1, dtype=F64)
+    P, U = torch.ones(2, 3, dtype=F64), torch.ones(2, 2, dtype=F64)
+    with pytest.raises(ValueError, match="weights has 2 entries for 1 concepts"):
+        solve_hybrid(W0, G, C, V, [P], [U], [1.0, 2.0])
+    with pytest.raises(ValueError, match="weights must be finite and >= 0"):
+        solve_hybrid(W0, G, C, V, [P], [U], [-1.0])
+    with pytest.raises(ValueError, match="P_list has 1 concepts but U_list has 2"):
+        solve_hybrid(W0, G, C, V, [P], [U, U], [1.0])
+    with pytest.raises(ValueError, match=r"P_list\[0\] columns \(feature dim\) is 4, expected 3"):
+        solve_hybrid(W0, G, C, V, [torch.ones(2, 4, dtype=F64)], [U], [1.0])
+    with pytest.raises(ValueError, match=r"U_list\[0\] columns \(context rows\) is 1, expected 2"):
+        solve_hybrid(W0, G, C, V, [P], [torch.ones(2, 1, dtype=F64)], [1.0])
 
 
 # --------------------------------------------------------------------------- numerics

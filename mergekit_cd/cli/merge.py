@@ -9,6 +9,7 @@ from pathlib import Path
 from .. import formats
 from ..captions import default_reg_captions, read_captions
 from ..errors import MergeError
+from ..features import DEFAULT_ROWS, ROW_RULES
 from ..fileio import check_not_an_input
 from ..merge import MergePlan, MergeReport, prepare_merge_to_file, summarize_plan
 from ..merge_methods import METHODS
@@ -25,6 +26,7 @@ examples:
       --class cat --class pot
   cd-merge a.safetensors b.safetensors -o ab.safetensors --base ./sd15 --ridge 1e-3
   cd-merge a.safetensors b.safetensors -o ab/ --base ./sd15 --method soft --weights 100 10
+  cd-merge a.safetensors b.safetensors -o ab/ --base ./sd15 --method hybrid --rows pipeline
   cd-merge a.safetensors b.safetensors -o ab/ --base ./sd15 --dry-run
   cd-merge lora.safetensors cat/ -o merged.safetensors --base ./sd15 --format kohya-lora \\
       --embedding lora.safetensors=sks.pt --other-layers sum --class dog --class cat
@@ -76,9 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
                              "concepts keep theirs. Default: the prompts an input's file records, else "
                              "'{token} {class_word}' and 'painting in the style of {token} {class_word}'")
     parser.add_argument("--method", choices=METHODS, default="constrained",
-                        help="constrained (default, the paper's), soft (weighted), or the naive sum / average")
+                        help="constrained (default, the paper's), soft (weighted), hybrid (exact on the prompts' "
+                             "tokens, weighted on their start and padding rows; needs --rows pipeline), or the "
+                             "naive sum / average")
+    parser.add_argument("--rows", choices=tuple(ROW_RULES), default=DEFAULT_ROWS,
+                        help="which text-feature rows of the target prompts and captions the merge uses: "
+                             + "; ".join(f"{name}: {rule.summary}" for name, rule in ROW_RULES.items())
+                             + f" (default {DEFAULT_ROWS})")
     parser.add_argument("--weights", type=float, nargs="+",
-                        help="soft: weight of each concept (default 1000 each); larger keeps it more exactly")
+                        help="soft: weight of each concept (default 1000 each); larger keeps it more exactly; "
+                             "hybrid: weight of each concept's start and padding rows (default 1000 each)")
     parser.add_argument("--mu", type=float, help="soft: weight of preserving the captions (default 1)")
     parser.add_argument("--ridge", type=float, default=0.0,
                         help="adds ridge*||W - W0||^2: bounds how far weights move in feature directions "
@@ -108,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _options(args: argparse.Namespace) -> MergeOptions:
     """The merge options the arguments give, refused in the command line's words when wrong."""
     try:
-        options = MergeOptions(method=args.method, weights=args.weights, mu=args.mu, ridge=args.ridge,
+        options = MergeOptions(method=args.method, rows=args.rows, weights=args.weights, mu=args.mu, ridge=args.ridge,
                                relative_ridge=args.relative_ridge, text_dtype=args.dtype,
                                batch_size=args.batch_size, device=device(args.device), cache_dir=args.cache_dir,
                                held_out=read_captions(args.held_out_captions) if args.held_out_captions else None,
@@ -160,7 +169,8 @@ def main_with_args(args: argparse.Namespace) -> int:
 def _describe_plan(plan: MergePlan, options: MergeOptions) -> str:
     """Inputs, formats, tokens, prompts, constraint rows, rank and memory: what a merge would do."""
     summary = summarize_plan(plan, device=options.device, text_dtype=options.text_dtype,
-                             batch_size=options.batch_size)
+                             batch_size=options.batch_size, rule=options.row_rule,
+                             token_rows_only=options.spec.context_rows)
     base = plan.base
     rows = [(source, read_as, concept.token or "(none)", concept.class_word, count, " | ".join(concept.prompts))
             for source, read_as, concept, count in summary.concepts]
@@ -168,7 +178,7 @@ def _describe_plan(plan: MergePlan, options: MergeOptions) -> str:
         f"base: {base.name} ({base.architecture.name}, {len(base.layer_names())} cross-attention layers, "
         f"{plan.num_weight_rows} K/V rows x {base.context_dim} features, fingerprint {base.fingerprint[:12]})",
         table(rows, ("input", "format", "token", "class", "rows", "target prompts")),
-        f"method {options.method}: {summary.num_constraint_rows} constraint rows of rank {summary.rank}, "
+        f"method {options.method}, rows {options.rows}: {summary.num_constraint_rows} constraint rows of rank {summary.rank}, "
         f"{len(plan.reg_captions)} regularisation captions, estimated peak memory "
         f"{summary.estimated_memory_bytes / 2**20:.0f} MiB (plus the Python runtime)",
         *(f"other layers {options.other_layers}: {line}" for line in plan.other_layers)])

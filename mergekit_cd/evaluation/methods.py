@@ -72,6 +72,9 @@ def _parse_item(item: str) -> list[Method]:
     or a base row; each method name is a row of that method."""
     name, _, value = item.partition("=")
     name = name.strip().lower()
+    if name in METHOD_TABLE and METHOD_TABLE[name].context_rows:
+        raise MergeError(f"--compare {item}: cd-eval does not run the {name} merge itself yet; merge with "
+                         f"cd-merge --method {name} --rows pipeline and give the file with --merged.")
     weighted = name in METHOD_TABLE and METHOD_TABLE[name].concept_weights
     if (name in METHOD_TABLE or name == "base") and not value:
         if weighted:

@@ -188,12 +188,16 @@ class RowNorms:
 
     _KEYS = ("residual", "target", "change", "base", "misfit")
 
-    def __init__(self, watch: Tensor) -> None:
+    def __init__(self, watch: Tensor, constrained: int | None = None) -> None:
         self.watch = watch  # (s, k) constraint-space directions whose misfit is measured
+        # only the first ``constrained`` target columns are constraints (all when None): the
+        # hybrid merge's further columns are soft terms, so residual and misfit leave them out
+        self.constrained = constrained
         self._parts: dict[str, list[Tensor]] = {key: [] for key in (*self._KEYS, "watched")}
 
     def add(self, w0: Tensor, target: Tensor, misfit: Tensor, achieved: Tensor, C: Tensor) -> None:
         """Record one float64 chunk: base rows, targets, misfit and the rows actually returned."""
+        target, misfit, C = target[:, :self.constrained], misfit[:, :self.constrained], C[:self.constrained]
         self._parts["residual"].append(scaled_norm(torch.addmm(target, achieved, C.mT, alpha=-1.0)))
         self._parts["target"].append(scaled_norm(target))
         self._parts["change"].append(scaled_norm(achieved - w0))

@@ -10,6 +10,7 @@ from torch import Tensor
 from ._common import (
     FLOAT,
     M_CONDITION_WARNING,
+    ConstraintSpectrum,
     RowNorms,
     check_factor_problem,
     check_problem,
@@ -89,6 +90,15 @@ def factor_hard(
     C64 = C.to(FLOAT)
     spectrum = constraint_spectrum(C64, whitening)
     dependent = dependent_mask(spectrum, rtol)
+    norms = RowNorms(spectrum.right[:, dependent]) if diagnostics else None
+    return MergeOperator(C64, update_operator(spectrum, exact_gains(spectrum, dependent)), A, whitening, spectrum,
+                         dependent, rtol, check_finite, norms)
+
+
+def exact_gains(spectrum: ConstraintSpectrum, dependent: Tensor) -> Tensor:
+    """``1/s`` on the kept constraint directions, 0 on the dependent ones: the truncated
+    pseudo-inverse that meets every kept constraint exactly (shared by the hybrid merge).
+    Kept directions that are nearly dependent raise an ``IllConditionedWarning``."""
     m = spectrum.singular_values.shape[0]
     S = spectrum.singular_values
     gains = torch.where(dependent[:m], torch.zeros_like(S), 1.0 / S.clamp_min(torch.finfo(FLOAT).tiny))
@@ -97,7 +107,5 @@ def factor_hard(
         warnings.warn(f"Constraint rows are nearly dependent (cond(M) = {float(kept[0] / kept[-1]) ** 2:.2g}): "
                       f"meeting them exactly may move the weights far. Check SolveInfo.relative_change; "
                       f"a ridge, the soft merge or a larger rtol trade exactness for stability.",
-                      IllConditionedWarning, stacklevel=3)
-    norms = RowNorms(spectrum.right[:, dependent]) if diagnostics else None
-    return MergeOperator(C64, update_operator(spectrum, gains), A, whitening, spectrum, dependent, rtol,
-                         check_finite, norms)
+                      IllConditionedWarning, stacklevel=4)
+    return gains
