@@ -22,12 +22,15 @@ import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Generic, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, Union
 
 import torch
 from torch import Tensor
 
 from .errors import MergeError, TokenRenameWarning
+
+if TYPE_CHECKING:
+    from .merge_statistics import MergeStatistics
 
 
 @dataclass(frozen=True)
@@ -156,6 +159,9 @@ class ConceptDelta:
     layers: layer name (diffusers module path up to ``attn2``) -> :class:`LayerDelta`.
     tokens: token string -> one embedding per text encoder (two for SDXL).
     base: the base model's name, path or repo id; base_fingerprint: hash of its K/V weights.
+    statistics: what a solved merge that made this delta needs to be solved again without its
+    inputs (:mod:`~mergekit_cd.merge_statistics`); any operation that changes the differences
+    drops them, as it drops the metadata.
     """
 
     layers: Mapping[str, LayerDelta]  # a dict, or LazyLayers read from a file on access
@@ -166,6 +172,7 @@ class ConceptDelta:
     concepts: tuple[Concept, ...] = ()
     metadata: dict[str, Any] = field(default_factory=dict)
     token_renames: tuple[TokenRename, ...] = ()
+    statistics: MergeStatistics | None = None
 
     def __post_init__(self) -> None:
         self.tokens = {name: tuple(emb) if isinstance(emb, (tuple, list)) else (emb,)
@@ -236,7 +243,7 @@ class ConceptDelta:
         return replace(self, layers=layers, tokens=keep, base=self.base or other.base,
                        base_fingerprint=self.base_fingerprint or other.base_fingerprint,
                        concepts=tuple(c for c in self.concepts if c.token in keep),
-                       metadata={}, token_renames=())
+                       metadata={}, token_renames=(), statistics=None)
 
     def __mul__(self, scale: float | Tensor) -> ConceptDelta:
         scale = _as_scale(scale)
@@ -256,7 +263,7 @@ class ConceptDelta:
         return self * -1.0
 
     def _with_layers(self, layers: dict[str, LayerDelta]) -> ConceptDelta:
-        return replace(self, layers=layers, metadata={}, token_renames=())
+        return replace(self, layers=layers, metadata={}, token_renames=(), statistics=None)
 
 
 def _as_scale(value: Any) -> float | None:

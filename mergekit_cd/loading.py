@@ -18,7 +18,7 @@ from .base import BaseModel, open_base
 from .delta import CompressionReport, ConceptDelta, LowRank, compress, factorize, layer_shapes, LORA_RTOL
 from .errors import MergeError
 from .fileio import parse_once
-from .limits import MAX_TOKENS, BaseBound, BaseBoundError, within_base
+from .limits import MAX_CONSTRAINT_ROWS, MAX_TOKENS, BaseBound, BaseBoundError, within_base
 from .weights import FineTunedWeights
 
 PathLike = str | os.PathLike[str]
@@ -117,11 +117,16 @@ def _refuse_recorded_architecture(path: Path, base: BaseModel, source: str) -> N
 
 
 def base_bound(base: BaseModel) -> BaseBound:
-    """The largest K/V weight and widest token embedding of ``base``, and what one file for it can
-    hold in all: four times its K/V weights (the authors' crossattn files add q and out) and tokens."""
+    """The largest K/V weight (or d x d, a merge's stored Gram matrix) and widest token embedding of
+    ``base``, and what one file for it can hold in all: four times its K/V weights (the authors'
+    crossattn files add q and out), tokens, and the statistics of a merge of the most constraint
+    rows one merge may have."""
     sizes = [math.prod(shape) for pair in base.kv_shapes().values() for shape in pair]
-    return BaseBound(base.name, max(sizes), max(base.token_dims()),
-                     4 * sum(sizes) + MAX_TOKENS * sum(base.token_dims()))
+    d = base.context_dim
+    rows = sum(shape[0] for pair in base.kv_shapes().values() for shape in pair)
+    statistics = d * d + MAX_CONSTRAINT_ROWS * (rows + d)
+    return BaseBound(base.name, max(*sizes, d * d), max(base.token_dims()),
+                     4 * sum(sizes) + MAX_TOKENS * sum(base.token_dims()) + statistics)
 
 
 def resolve_delta(reference: PathLike) -> Path:

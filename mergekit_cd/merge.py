@@ -31,7 +31,9 @@ from .limits import MAX_CONSTRAINT_ROWS, check_limit
 from .loading import PathLike, as_base, save
 from .merge_options import MergeOptions
 from .merge_plan import MergePlan, dependence_rtol, plan_merge, summarize_plan
-from .merge_report import ConceptReport, MergeReport, ReportSums
+from .merge_report import ConceptReport, MergeReport, ReportSums, StatisticsSize
+from .merge_statistics import (StatisticsRecorder, StoredConcepts, drop_concepts, fresh_regulariser,
+                               stored_concepts)
 from .version import __version__
 
 __all__ = ["FileMerge", "MergeOptions", "MergePlan", "MergeReport", "ConceptReport", "execute", "merge",
@@ -43,7 +45,7 @@ def merge(deltas: Sequence[PathLike | ConceptDelta], reg_captions: Sequence[str]
           class_words: Sequence[str | None] | None = None, styles: Sequence[bool] | None = None,
           target_templates: Sequence[str] | None = None, style_templates: Sequence[str] | None = None,
           check_base: bool = True, progress: bool = False, return_report: bool = False,
-          **option_fields: Any) -> ConceptDelta | tuple[ConceptDelta, MergeReport]:
+          drop: Sequence[str] = (), **option_fields: Any) -> ConceptDelta | tuple[ConceptDelta, MergeReport]:
     """Merge concept deltas into one delta on ``base``.
 
     ``options`` (or its fields as keywords: ``method="soft", weights=[100, 10]``, ...) say how,
@@ -52,6 +54,11 @@ def merge(deltas: Sequence[PathLike | ConceptDelta], reg_captions: Sequence[str]
     reg_captions default to the ~1200 captions shipped with the package. ``class_words``,
     ``styles`` and the templates decide each concept's target prompts (see :func:`plan_merge`).
 
+    A constrained or soft merge returns its statistics with the delta (``.statistics``, stored by
+    :func:`save` in a native file); a merged delta given as an input then adds its concepts, not
+    itself, solved from those statistics, and ``drop`` names concepts (tokens) of such inputs to
+    leave out: the result equals the merge of the concepts' own files from scratch.
+
     The work streams layer by layer: one factorisation serves every layer, and besides the
     inputs only the result and one layer's rows are held (the text encoder is released first).
     """
@@ -59,7 +66,7 @@ def merge(deltas: Sequence[PathLike | ConceptDelta], reg_captions: Sequence[str]
     plan = plan_merge(deltas, reg_captions, base=base, class_words=class_words, styles=styles,
                       target_templates=target_templates, style_templates=style_templates,
                       check_base=check_base)
-    return execute(plan, options, progress=progress, return_report=return_report)
+    return execute(drop_concepts(plan, drop, options), options, progress=progress, return_report=return_report)
 
 
 @dataclass(frozen=True)
@@ -76,9 +83,15 @@ class FileMerge:
 
     def run(self, *, progress: bool = False) -> MergeReport:
         """Solve, write the output atomically, and report on the file as written (a LoRA output:
-        with its factoring, exact for the constrained and soft merges)."""
-        delta, report = execute(self.plan, self.options, progress=progress, return_report=True)
-        if formats.get_format(self.format).FACTORS_ONLY:
+        with its factoring, exact for the constrained and soft merges; a native one: with the size
+        of the merge statistics it stores)."""
+        layout = formats.get_format(self.format)
+        delta, report = execute(self.plan, self.options, progress=progress, return_report=True,
+                                statistics=layout.STORES_STATISTICS)
+        if delta.statistics is not None:
+            report = replace(report, statistics=StatisticsSize(len(delta.statistics.concepts),
+                                                               delta.statistics.num_bytes(), 4 * delta.num_parameters()))
+        if layout.FACTORS_ONLY:
             delta, factors = factorize(delta, self.lora_rtol)
             report = replace(report, factors=factors)
         save(delta, self.output, format=self.format, base=self.plan.base, force=self.force)
@@ -91,10 +104,12 @@ def prepare_merge_to_file(deltas: Sequence[PathLike | ConceptDelta], output: Pat
                           class_words: Sequence[str | None] | None = None, styles: Sequence[bool] | None = None,
                           target_templates: Sequence[str] | None = None,
                           style_templates: Sequence[str] | None = None, check_base: bool = True,
-                          dry_run: bool = False, lora_rtol: float = LORA_RTOL, **option_fields: Any) -> FileMerge:
+                          dry_run: bool = False, lora_rtol: float = LORA_RTOL, drop: Sequence[str] = (),
+                          **option_fields: Any) -> FileMerge:
     """Check the options, then the output (format, destination, never an input; with ``dry_run``
-    only whether the format can hold the base's architecture), then plan: every refusal comes
-    before any text is encoded or anything solved."""
+    only whether the format can hold the base's architecture), then plan (``drop``: concepts of
+    merged inputs left out, see :func:`merge`): every refusal comes before any text is encoded or
+    anything solved."""
     options = _options(options, option_fields)
     options.check_inputs(len(deltas))
     output = Path(output)
@@ -107,6 +122,8 @@ def prepare_merge_to_file(deltas: Sequence[PathLike | ConceptDelta], output: Pat
                              inputs=[base.path, *(d for d in deltas if not isinstance(d, ConceptDelta))])
     plan = plan_merge(deltas, reg_captions, base=base, class_words=class_words, styles=styles,
                       target_templates=target_templates, style_templates=style_templates, check_base=check_base)
+    plan = drop_concepts(plan, drop, options)
+    stored_concepts(plan, options)  # refuses statistics of another regulariser or other options, now
     if options.spec.concept_weights:
         options.concept_weights(plan.concept_labels)
     return FileMerge(plan, options, output, output_format, force, lora_rtol)
@@ -139,30 +156,42 @@ class _TextPhase:
     notes: tuple[str, ...] = ()  # what was done to the targets, for the report
 
 
-def _encode_text(plan: MergePlan, options: MergeOptions, *, report: bool, progress: bool) -> _TextPhase:
+def _encode_text(plan: MergePlan, options: MergeOptions, *, report: bool, progress: bool,
+                 stored: StoredConcepts) -> _TextPhase:
     """Target features, the caption Gram matrix and (for the report) the held-out one.
 
     All three are cached on disk; the text encoder is loaded only on a miss, once for all three,
     and dropped on return, before the K/V work starts. A repeated merge loads no encoder at all.
+    Each concept's prompts are encoded on their own (batches of other prompts change the float32
+    rounding), so its features do not depend on the merge it is in: what makes a merge grown from
+    ``stored`` statistics (whose features and Gram matrix are taken as they are) equal one from scratch.
     """
     encoder = LazyTextFeatures(plan.base, plan.tokens, device=options.device, dtype=options.text_dtype)
     batch_size, cache_dir = options.batch_size, options.cache_dir
-    prompts = [prompt for concept in plan.concepts for prompt in concept.prompts]
-    rows = cached_features(plan.base, prompts, batch_size=batch_size, cache_dir=cache_dir, encoder=encoder)[0]
-    check_limit(sum(row.shape[0] for row in rows), MAX_CONSTRAINT_ROWS,
+    encoded = [None if record is not None else
+               cached_features(plan.base, list(concept.prompts), batch_size=batch_size, cache_dir=cache_dir,
+                               encoder=encoder)[0] for concept, record in zip(plan.concepts, stored.records)]
+    check_limit(sum(record.features.shape[0] if record is not None else sum(row.shape[0] for row in rows)
+                    for record, rows in zip(stored.records, encoded)), MAX_CONSTRAINT_ROWS,
                 "its target prompts give {count} constraint rows", "The merge", needs="any real merge")
-    targets, notes, start = [], [], 0
-    for concept in plan.concepts:
-        C = torch.cat(rows[start:start + len(concept.prompts)]).double()
+    targets, notes = [], []
+    for concept, record, rows in zip(plan.concepts, stored.records, encoded):
+        if record is not None:
+            targets.append(record.features)
+            continue
+        C = torch.cat(rows).double()
         targets.append(spanning_rows(C))
         if targets[-1].shape[0] < C.shape[0]:
             notes.append(f"{concept.token}: its {C.shape[0]:,} target rows span at most {C.shape[1]:,} feature "
                          f"directions; the solve constrains {targets[-1].shape[0]:,} rows with the same Gram matrix "
                          f"instead (the same merge, each layer's work bounded by the width; the solve's rank "
                          f"and dependence counts count those rows)")
-        start += len(concept.prompts)
     gram, num_rows, from_cache = None, 0, False
-    if options.spec.solves:
+    if stored.regulariser is not None:
+        gram, num_rows = stored.regulariser.gram, stored.regulariser.num_rows
+        notes.append(f"{sum(record is not None for record in stored.records)} concepts, their targets and the "
+                     f"regularisation Gram matrix from the merge statistics of {', '.join(stored.sources)}")
+    elif options.spec.solves:
         gram, num_rows, from_cache = cached_gram(plan.base, list(plan.reg_captions), batch_size=batch_size,
                                                  cache_dir=cache_dir, progress=progress, encoder=encoder)
     held_gram = None
@@ -186,13 +215,15 @@ def spanning_rows(C: Tensor) -> Tensor:
 
 
 def execute(plan: MergePlan, options: MergeOptions | None = None, *, progress: bool = False,
-            return_report: bool = False) -> ConceptDelta | tuple[ConceptDelta, MergeReport]:
-    """Run a planned merge (see :func:`merge`)."""
-    options = options or MergeOptions()
+            return_report: bool = False, statistics: bool = True) -> ConceptDelta | tuple[ConceptDelta, MergeReport]:
+    """Run a planned merge (see :func:`merge`); ``statistics``: return those of a solved merge
+    with the delta (an output that does not store them need not hold them)."""
+    stored = stored_concepts(plan, options or MergeOptions())
+    options = stored.options  # the recorded soft weights of stored concepts filled in
     spec = options.spec
     weights = options.concept_weights(plan.concept_labels) if spec.concept_weights else None
     solve_device = options.solve_device
-    text = _encode_text(plan, options, report=return_report, progress=progress)
+    text = _encode_text(plan, options, report=return_report, progress=progress, stored=stored)
     _release_memory(options.device)
     operator, total_ridge = None, options.ridge
     if spec.solves:
@@ -206,6 +237,7 @@ def execute(plan: MergePlan, options: MergeOptions | None = None, *, progress: b
     sums = ReportSums(len(plan.concepts))
     layers: dict[str, LayerDelta] = {}
     layer_digests: list[dict[str, bytes]] = [{} for _ in plan.deltas]
+    recorder = StatisticsRecorder(stored.records) if statistics and spec.solves else None
     for name in tqdm(plan.base.layer_names(), desc="merging layers", unit="layer", disable=not progress):
         W0 = torch.cat(plan.base.kv(name)).to(solve_device, torch.float64)
         # one input's rows at a time: keep only their sum and each concept's D_owner C_i^T
@@ -217,9 +249,14 @@ def execute(plan: MergePlan, options: MergeOptions | None = None, *, progress: b
             rows = rows.to(solve_device, torch.float64)
             naive_sum += rows
             for i, owner in enumerate(plan.owners):
-                if owner == index:
+                if owner == index and stored.records[i] is None:
                     own[i] = rows @ features[i].T
             del rows
+        for i, record in enumerate(stored.records):
+            if record is not None:  # D_i C_i^T as the merge that stored it computed it
+                own[i] = torch.cat(record.changes[name]).to(solve_device)
+        if recorder is not None:
+            recorder.add(name, own, keys)
         if operator is not None:
             targets = torch.cat([W0 @ C.T + own[i] for i, C in enumerate(features)], dim=1)
             merged = operator.apply(W0, targets) - W0
@@ -235,6 +272,9 @@ def execute(plan: MergePlan, options: MergeOptions | None = None, *, progress: b
                           base_fingerprint=plan.base.fingerprint, architecture=plan.base.architecture.name,
                           concepts=plan.concepts, token_renames=plan.token_renames)
     result.metadata["recipe"] = _recipe(plan, options, total_ridge, layer_digests)
+    if recorder is not None:
+        regulariser = stored.regulariser or fresh_regulariser(plan, text.gram, text.num_rows)
+        result.statistics = recorder.statistics(plan, options, text.targets, regulariser)
     if not return_report:
         return result
     info = operator.info() if operator is not None else None

@@ -33,6 +33,7 @@ NAME = "authors-bin"
 WRITES_FULL_WEIGHTS = True  # FineTunedWeights; a LowRank ConceptDelta gives the compressed variant
 STORES_FACTORS = True
 FACTORS_ONLY = False
+STORES_STATISTICS = False
 TOKEN_FOLDER_SUFFIX = None
 ARCHITECTURES = None
 OUTPUT_SUFFIX = ".bin"

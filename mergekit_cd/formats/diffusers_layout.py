@@ -35,6 +35,7 @@ NAME = "diffusers"
 WRITES_FULL_WEIGHTS = True  # writes FineTunedWeights only
 STORES_FACTORS = False
 FACTORS_ONLY = False
+STORES_STATISTICS = False
 TOKEN_FOLDER_SUFFIX = None
 ARCHITECTURES = None
 OUTPUT_SUFFIX = ""  # a name without extension: a folder

@@ -26,6 +26,9 @@ class Format(Protocol):
     #: Whether it stores nothing but factors (the LoRA layouts): every difference is factored
     #: before it is written (:func:`~mergekit_cd.delta.factorize`).
     FACTORS_ONLY: bool
+    #: Whether it stores a solved merge's statistics (:mod:`~mergekit_cd.merge_statistics`), which
+    #: let ``cd-merge`` grow or shrink the merge later without its inputs.
+    STORES_STATISTICS: bool
     #: The model families the layout can hold; ``None``: all of them.
     ARCHITECTURES: tuple[str, ...] | None
     #: The output name ending that selects this format when ``--format`` is not given
