@@ -89,8 +89,9 @@ class FileMerge:
         delta, report = execute(self.plan, self.options, progress=progress, return_report=True,
                                 statistics=layout.STORES_STATISTICS)
         if delta.statistics is not None:
-            report = replace(report, statistics=StatisticsSize(len(delta.statistics.concepts),
-                                                               delta.statistics.num_bytes(), 4 * delta.num_parameters()))
+            size = StatisticsSize(len(delta.statistics.concepts), delta.statistics.num_bytes(),
+                                  4 * delta.num_parameters())  # the merged difference is float32
+            report = replace(report, statistics=size)
         if layout.FACTORS_ONLY:
             delta, factors = factorize(delta, self.lora_rtol)
             report = replace(report, factors=factors)

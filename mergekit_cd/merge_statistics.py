@@ -197,10 +197,12 @@ def stored_concepts(plan: MergePlan, options: MergeOptions) -> StoredConcepts:
 
 def _no_statistics_message(source: str, delta: ConceptDelta, method: str) -> str:
     tokens = ", ".join(delta.tokens) or "its concepts"
-    return (f"{source} is a {method} merge but stores no merge statistics (it was written by an older mergekit-cd, "
-            f"by a {method} merge, or in a format that does not carry them; only native .safetensors outputs of "
-            f"the constrained and soft merges do), so it cannot be grown or shrunk exactly. Merge the concepts' "
-            f"own files ({tokens}) instead, or merge them once into a .safetensors file that can be.")
+    why = ("it was written by an older mergekit-cd, or in a format that does not carry them: only native "
+           ".safetensors outputs do" if METHOD_TABLE[method].solves
+           else f"a {method} merge stores none: only the constrained and soft merges do")
+    return (f"{source} is a {method} merge but stores no merge statistics ({why}), so it cannot be grown or shrunk "
+            f"exactly. Merge the concepts' own files ({tokens}) instead, or merge them once into a .safetensors "
+            f"file that can be.")
 
 
 def _check_regulariser(statistics: MergeStatistics, plan: MergePlan, source: str) -> None:
@@ -208,8 +210,8 @@ def _check_regulariser(statistics: MergeStatistics, plan: MergePlan, source: str
     recorded = statistics.regulariser
     if recorded.text_fingerprint != plan.base.text_fingerprint:
         raise MergeError(f"{source} stores text features of another text encoder (fingerprint "
-                         f"{recorded.text_fingerprint[:12]}) than {plan.base.name}'s ({plan.base.text_fingerprint[:12]}); "
-                         f"grow or shrink it on the base it was merged on.")
+                         f"{recorded.text_fingerprint[:12]}) than {plan.base.name}'s "
+                         f"({plan.base.text_fingerprint[:12]}); grow or shrink it on the base it was merged on.")
     if recorded.feature_rule != FEATURE_RULE:
         raise MergeError(f"{source} stores features of the {recorded.feature_rule!r} row rule, but this merge uses "
                          f"{FEATURE_RULE!r}; merge the concepts' own files again.")

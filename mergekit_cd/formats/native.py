@@ -1,5 +1,4 @@
-"""mergekit-cd's own single safetensors file: K/V differences (dense or low-rank), tokens, metadata, and
-a solved merge's statistics (:mod:`.statistics_layout`)."""
+"""mergekit-cd's own safetensors file: K/V differences (dense or low-rank), tokens, metadata, merge statistics."""
 
 from __future__ import annotations
 
