@@ -168,6 +168,10 @@ def stored_concepts(plan: MergePlan, options: MergeOptions) -> StoredConcepts:
         _check_regulariser(delta.statistics, plan, source)
         _check_options(delta.statistics, options, len(plan.concepts), source)
         by_token = {record.concept.token: record for record in delta.statistics.concepts}
+        if len(by_token) != len(delta.statistics.concepts):
+            raise MergeError(f"{source}: some of its concepts share a token ({', '.join(delta.statistics.tokens)}), "
+                             f"so they cannot be told apart to grow or shrink the merge; merge the concepts' own "
+                             f"files instead.")
         renamed = {r.old: r.new for r in plan.token_renames if r.operand == index}
         original = {new: old for old, new in renamed.items()}
         owned = [i for i, owner in enumerate(plan.owners) if owner == index]

@@ -16,8 +16,8 @@ and one entry of the header's metadata, ``mergekit_cd_statistics``, a JSON docum
      "options": {"method": "soft", "mu": 1.0, "ridge": 0.0, "relative_ridge": 0.0, "text_dtype": "float32"},
      "concepts": [{"token": "<new1>", "weight": 1000.0}]}      # weight null in a constrained merge
 
-``<i>`` is the concept's place in ``concepts``; its class word and prompts are the file's own
-concept record. Every tensor is at most as large as a K/V weight of the base, or d x d. A file
+``<i>`` is the concept's place in ``concepts``, the same as in the file's own concept records
+(which hold its class word and prompts). Every tensor is at most as large as a K/V weight of the base, or d x d. A file
 without statistics reads as before; a file with them is refused by mergekit-cd versions before them.
 """
 
@@ -109,14 +109,15 @@ def from_file(handle: SafetensorsFile, keys: Sequence[str], concepts: Sequence[C
                               _field(regulariser_entry, "feature_rule", str, source),
                               _field(regulariser_entry, "text_fingerprint", str, source),
                               _field(regulariser_entry, "base_fingerprint", str, source))
-    by_token = {concept.token: concept for concept in concepts}
+    if len(entries) != len(concepts):
+        raise _malformed(source, f"lists {len(entries)} concepts, the file {len(concepts)}")
     records = []
-    for index, entry in enumerate(entries):
+    for index, (entry, concept) in enumerate(zip(entries, concepts)):
         token = entry.get("token") if isinstance(entry, dict) else None
         weight = entry.get("weight") if isinstance(entry, dict) else None
-        if token not in by_token or not (weight is None or _positive(weight)):
-            raise _malformed(source, f"concept {entry!r} should be {{\"token\": one of the file's concepts "
-                                     f"({', '.join(by_token) or 'none'}), \"weight\": a number > 0 or null}}")
+        if token != concept.token or not (weight is None or _positive(weight)):
+            raise _malformed(source, f"concept {entry!r} should be {{\"token\": {concept.token!r} (the file's "
+                                     f"concept {index + 1}), \"weight\": a number > 0 or null}}")
         rows = {}
         for features_name, changes_name in _KINDS:
             key = f"{PREFIX}{index}.{features_name}"
@@ -136,12 +137,9 @@ def from_file(handle: SafetensorsFile, keys: Sequence[str], concepts: Sequence[C
             rows[features_name], rows[changes_name] = features, _LazyChanges(handle, changes)
         if rows["features"] is None:
             raise MergeError(f"{source}: the merge statistics of {token} have no {PREFIX}{index}.features.")
-        records.append(ConceptStatistics(by_token[token], weight=None if weight is None else float(weight),
-                                         **rows))
+        records.append(ConceptStatistics(concept, weight=None if weight is None else float(weight), **rows))
     if remaining:
         raise unexpected_key(sorted(remaining)[0], source, _EXPECTED)
-    if len({record.concept.token for record in records}) != len(records):
-        raise _malformed(source, "names a concept twice")
     return MergeStatistics(regulariser, options, tuple(records))
 
 
