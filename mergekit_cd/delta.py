@@ -22,12 +22,15 @@ import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Generic, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, Union
 
 import torch
 from torch import Tensor
 
 from .errors import MergeError, TokenRenameWarning
+
+if TYPE_CHECKING:
+    from .merge_statistics import MergeStatistics
 
 
 @dataclass(frozen=True)
@@ -205,6 +208,9 @@ class ConceptDelta(Provenanced):
     the LoRA layouts hold them. unread_parts: the names of what a LoRA file holds that its reader
     left unread (text-encoder parts, UNet parts no carrying is built for): the load boundary
     drops or refuses them (:func:`mergekit_cd.loading.load`), so no merged or loaded delta has any.
+    statistics: what a solved merge that made this delta needs to be solved again without its
+    inputs (:mod:`~mergekit_cd.merge_statistics`); any operation that changes the differences
+    drops them, as it drops the metadata.
     """
 
     layers: Mapping[str, LayerDelta]  # a dict, or LazyLayers read from a file on access
@@ -217,6 +223,7 @@ class ConceptDelta(Provenanced):
     token_renames: tuple[TokenRename, ...] = ()
     other_modules: dict[str, LowRank] = field(default_factory=dict)
     unread_parts: tuple[str, ...] = ()
+    statistics: MergeStatistics | None = None
 
     def __post_init__(self) -> None:
         self.tokens = {name: tuple(emb) if isinstance(emb, (tuple, list)) else (emb,)
@@ -292,7 +299,7 @@ class ConceptDelta(Provenanced):
         return replace(self, layers=layers, tokens=keep, other_modules=modules, base=self.base or other.base,
                        base_fingerprint=self.base_fingerprint or other.base_fingerprint,
                        concepts=tuple(c for c in self.concepts if c.token in keep),
-                       metadata={}, token_renames=())
+                       metadata={}, token_renames=(), statistics=None)
 
     def __mul__(self, scale: float | Tensor) -> ConceptDelta:
         scale = _as_scale(scale)
@@ -313,7 +320,7 @@ class ConceptDelta(Provenanced):
         return self * -1.0
 
     def _with_layers(self, layers: dict[str, LayerDelta]) -> ConceptDelta:
-        return replace(self, layers=layers, metadata={}, token_renames=())
+        return replace(self, layers=layers, metadata={}, token_renames=(), statistics=None)
 
 
 def _as_scale(value: Any) -> float | None:

@@ -31,7 +31,9 @@ from .limits import MAX_CONSTRAINT_ROWS, check_limit
 from .loading import PathLike, as_base, save
 from .merge_options import MergeOptions
 from .merge_plan import MergePlan, dependence_rtol, plan_merge, summarize_plan
-from .merge_report import ConceptReport, MergeReport, ReportSums
+from .merge_report import ConceptReport, MergeReport, ReportSums, StatisticsSize
+from .merge_statistics import (StatisticsRecorder, StoredConcepts, drop_concepts, fresh_regulariser,
+                               stored_concepts)
 from .version import __version__
 
 __all__ = ["FileMerge", "MergeOptions", "MergePlan", "MergeReport", "ConceptReport", "execute", "merge",
@@ -43,7 +45,7 @@ def merge(deltas: Sequence[PathLike | ConceptDelta], reg_captions: Sequence[str]
           class_words: Sequence[str | None] | None = None, styles: Sequence[bool] | None = None,
           target_templates: Sequence[str] | None = None, style_templates: Sequence[str] | None = None,
           check_base: bool = True, embeddings: Sequence[Sequence[PathLike]] | None = None,
-          progress: bool = False, return_report: bool = False,
+          progress: bool = False, return_report: bool = False, drop: Sequence[str] = (),
           **option_fields: Any) -> ConceptDelta | tuple[ConceptDelta, MergeReport]:
     """Merge concept deltas into one delta on ``base``.
 
@@ -56,6 +58,11 @@ def merge(deltas: Sequence[PathLike | ConceptDelta], reg_captions: Sequence[str]
     ``styles`` and the templates decide each concept's target prompts (see :func:`plan_merge`);
     ``embeddings`` pairs token embedding files with inputs (per input, a list of files).
 
+    A constrained or soft merge returns its statistics with the delta (``.statistics``, stored by
+    :func:`save` in a native file); a merged delta given as an input then adds its concepts, not
+    itself, solved from those statistics, and ``drop`` names concepts (tokens) of such inputs to
+    leave out: the result equals the merge of the concepts' own files from scratch.
+
     The work streams layer by layer: one factorisation serves every layer, and besides the
     inputs only the result and one layer's rows are held (the text encoder is released first).
     """
@@ -63,7 +70,7 @@ def merge(deltas: Sequence[PathLike | ConceptDelta], reg_captions: Sequence[str]
     plan = plan_merge(deltas, reg_captions, base=base, class_words=class_words, styles=styles,
                       target_templates=target_templates, style_templates=style_templates,
                       check_base=check_base, other_layers=options.other_layers_on_load, embeddings=embeddings)
-    return execute(plan, options, progress=progress, return_report=return_report)
+    return execute(drop_concepts(plan, drop, options), options, progress=progress, return_report=return_report)
 
 
 @dataclass(frozen=True)
@@ -80,9 +87,16 @@ class FileMerge:
 
     def run(self, *, progress: bool = False) -> MergeReport:
         """Solve, write the output atomically, and report on the file as written (a LoRA output:
-        with its factoring, exact for the constrained and soft merges)."""
-        delta, report = execute(self.plan, self.options, progress=progress, return_report=True)
-        if formats.get_format(self.format).FACTORS_ONLY:
+        with its factoring, exact for the constrained and soft merges; a native one: with the size
+        of the merge statistics it stores)."""
+        layout = formats.get_format(self.format)
+        delta, report = execute(self.plan, self.options, progress=progress, return_report=True,
+                                statistics=layout.STORES_STATISTICS)
+        if delta.statistics is not None:
+            size = StatisticsSize(len(delta.statistics.concepts), delta.statistics.num_bytes(),
+                                  4 * delta.num_parameters())  # the merged difference is float32
+            report = replace(report, statistics=size)
+        if layout.FACTORS_ONLY:
             delta, factors = factorize(delta, self.lora_rtol)
             report = replace(report, factors=factors)
         save(delta, self.output, format=self.format, base=self.plan.base, force=self.force)
@@ -96,10 +110,12 @@ def prepare_merge_to_file(deltas: Sequence[PathLike | ConceptDelta], output: Pat
                           target_templates: Sequence[str] | None = None,
                           style_templates: Sequence[str] | None = None, check_base: bool = True,
                           embeddings: Sequence[Sequence[PathLike]] | None = None,
-                          dry_run: bool = False, lora_rtol: float = LORA_RTOL, **option_fields: Any) -> FileMerge:
+                          dry_run: bool = False, lora_rtol: float = LORA_RTOL, drop: Sequence[str] = (),
+                          **option_fields: Any) -> FileMerge:
     """Check the options, then the output (format, destination, never an input; with ``dry_run``
-    only whether the format can hold the base's architecture), then plan: every refusal comes
-    before any text is encoded or anything solved."""
+    only whether the format can hold the base's architecture), then plan (``drop``: concepts of
+    merged inputs left out, see :func:`merge`): every refusal comes before any text is encoded or
+    anything solved."""
     options = _options(options, option_fields)
     options.check_inputs(len(deltas))
     output = Path(output)
@@ -114,6 +130,8 @@ def prepare_merge_to_file(deltas: Sequence[PathLike | ConceptDelta], output: Pat
     plan = plan_merge(deltas, reg_captions, base=base, class_words=class_words, styles=styles,
                       target_templates=target_templates, style_templates=style_templates, check_base=check_base,
                       other_layers=options.other_layers_on_load, embeddings=embeddings)
+    plan = drop_concepts(plan, drop, options)
+    stored_concepts(plan, options)  # refuses statistics of another regulariser or other options, now
     if options.spec.concept_weights:
         options.concept_weights(plan.concept_labels)
     return FileMerge(plan, options, output, output_format, force, lora_rtol)
@@ -147,25 +165,34 @@ class _TextPhase:
     notes: tuple[str, ...] = ()  # what was done to the targets, for the report
 
 
-def _encode_text(plan: MergePlan, options: MergeOptions, *, report: bool, progress: bool) -> _TextPhase:
+def _encode_text(plan: MergePlan, options: MergeOptions, *, report: bool, progress: bool,
+                 stored: StoredConcepts) -> _TextPhase:
     """Target features, the caption Gram matrix and (for the report) the held-out one, all under
     the options' row rule; for a ``context_rows`` method the target prompts' token rows are the
     targets and their other rows the contexts.
 
     All three are cached on disk; the text encoder is loaded only on a miss, once for all three,
     and dropped on return, before the K/V work starts. A repeated merge loads no encoder at all.
+    Each concept's prompts are encoded on their own (batches of other prompts change the float32
+    rounding), so its features do not depend on the merge it is in: what makes a merge grown from
+    ``stored`` statistics (whose features and Gram matrix are taken as they are) equal one from scratch.
     """
     encoder = LazyTextFeatures(plan.base, plan.tokens, device=options.device, dtype=options.text_dtype)
     batch_size, cache_dir, rule = options.batch_size, options.cache_dir, options.row_rule
-    prompts = [prompt for concept in plan.concepts for prompt in concept.prompts]
-    rows = cached_features(plan.base, prompts, rule=rule, batch_size=batch_size, cache_dir=cache_dir,
-                           encoder=encoder)[0]
     split = options.spec.context_rows
-    check_limit(sum(_constraint_rows(prompt, split).shape[0] for prompt in rows), MAX_CONSTRAINT_ROWS,
+    encoded = [None if record is not None else
+               cached_features(plan.base, list(concept.prompts), rule=rule, batch_size=batch_size,
+                               cache_dir=cache_dir, encoder=encoder)[0]
+               for concept, record in zip(plan.concepts, stored.records)]
+    check_limit(sum(record.features.shape[0] if record is not None else
+                    sum(_constraint_rows(prompt, split).shape[0] for prompt in own)
+                    for record, own in zip(stored.records, encoded)), MAX_CONSTRAINT_ROWS,
                 "its target prompts give {count} constraint rows", "The merge", needs="any real merge")
-    targets, contexts, notes, start = [], [], [], 0
-    for concept in plan.concepts:
-        own = rows[start:start + len(concept.prompts)]
+    targets, contexts, notes = [], [], []
+    for concept, record, own in zip(plan.concepts, stored.records, encoded):
+        if record is not None:
+            targets.append(record.features)
+            continue
         C = torch.cat([_constraint_rows(prompt, split) for prompt in own]).double()
         targets.append(spanning_rows(C))
         if targets[-1].shape[0] < C.shape[0]:
@@ -175,9 +202,12 @@ def _encode_text(plan: MergePlan, options: MergeOptions, *, report: bool, progre
                          f"and dependence counts count those rows)")
         if split:  # the solve sees P_i only through P_i^T P_i (and U_i P_i = W_i P_i^T P_i): reduced alike
             contexts.append(spanning_rows(torch.cat([prompt.context_rows for prompt in own]).double()))
-        start += len(concept.prompts)
     gram, num_rows, from_cache = None, 0, False
-    if options.spec.solves:
+    if stored.regulariser is not None:
+        gram, num_rows = stored.regulariser.gram, stored.regulariser.num_rows
+        notes.append(f"{sum(record is not None for record in stored.records)} concepts, their targets and the "
+                     f"regularisation Gram matrix from the merge statistics of {', '.join(stored.sources)}")
+    elif options.spec.solves:
         gram, num_rows, from_cache = cached_gram(plan.base, list(plan.reg_captions), rule=rule, batch_size=batch_size,
                                                  cache_dir=cache_dir, progress=progress, encoder=encoder)
     held_gram = None
@@ -207,14 +237,16 @@ def spanning_rows(C: Tensor) -> Tensor:
 
 
 def execute(plan: MergePlan, options: MergeOptions | None = None, *, progress: bool = False,
-            return_report: bool = False) -> ConceptDelta | tuple[ConceptDelta, MergeReport]:
-    """Run a planned merge (see :func:`merge`)."""
-    options = options or MergeOptions()
+            return_report: bool = False, statistics: bool = True) -> ConceptDelta | tuple[ConceptDelta, MergeReport]:
+    """Run a planned merge (see :func:`merge`); ``statistics``: return those of a solved merge
+    with the delta (an output that does not store them need not hold them)."""
+    stored = stored_concepts(plan, options or MergeOptions())
+    options = stored.options  # the recorded soft weights of stored concepts filled in
     spec = options.spec
     weights = options.concept_weights(plan.concept_labels) if spec.concept_weights else None
     other_modules = _carried_modules(plan, options)
     solve_device = options.solve_device
-    text = _encode_text(plan, options, report=return_report, progress=progress)
+    text = _encode_text(plan, options, report=return_report, progress=progress, stored=stored)
     _release_memory(options.device)
     operator, total_ridge = None, options.ridge
     if spec.solves:
@@ -229,6 +261,9 @@ def execute(plan: MergePlan, options: MergeOptions | None = None, *, progress: b
     sums = ReportSums(len(plan.concepts))
     layers: dict[str, LayerDelta] = {}
     layer_digests: list[dict[str, bytes]] = [{} for _ in plan.deltas]
+    # a context_rows method's statistics would need its D_i P_i^T too: not stored yet
+    recorder = (StatisticsRecorder(stored.records) if statistics and spec.solves and not spec.context_rows
+                else None)
     for name in tqdm(plan.base.layer_names(), desc="merging layers", unit="layer", disable=not progress):
         W0 = torch.cat(plan.base.kv(name)).to(solve_device, torch.float64)
         # one input's rows at a time: keep only their sum and each concept's D_owner C_i^T
@@ -241,11 +276,16 @@ def execute(plan: MergePlan, options: MergeOptions | None = None, *, progress: b
             rows = rows.to(solve_device, torch.float64)
             naive_sum += rows
             for i, owner in enumerate(plan.owners):
-                if owner == index:
+                if owner == index and stored.records[i] is None:
                     own[i] = rows @ features[i].T
                     if contexts:
                         own_context[i] = rows @ contexts[i].T
             del rows
+        for i, record in enumerate(stored.records):
+            if record is not None:  # D_i C_i^T as the merge that stored it computed it
+                own[i] = torch.cat(record.changes[name]).to(solve_device)
+        if recorder is not None:
+            recorder.add(name, own, keys)
         if operator is not None:
             # V, then (a context_rows method) each U_i = W_i P_i^T, in the order the operator was factored
             targets = torch.cat([W0 @ C.T + own[i] for i, C in enumerate(features)]
@@ -264,6 +304,9 @@ def execute(plan: MergePlan, options: MergeOptions | None = None, *, progress: b
                           concepts=plan.concepts, token_renames=plan.token_renames,
                           other_modules=other_modules)
     result.metadata["recipe"] = _recipe(plan, options, total_ridge, layer_digests)
+    if recorder is not None:
+        regulariser = stored.regulariser or fresh_regulariser(plan, text.gram, text.num_rows, options.row_rule.name)
+        result.statistics = recorder.statistics(plan, options, text.targets, regulariser)
     if not return_report:
         return result
     info = operator.info() if operator is not None else None

@@ -27,6 +27,15 @@ class ConceptReport:
 
 
 @dataclass(frozen=True)
+class StatisticsSize:
+    """The merge statistics an output stores, against its difference: concepts and bytes."""
+
+    concepts: int
+    statistics_bytes: int
+    delta_bytes: int
+
+
+@dataclass(frozen=True)
 class MergeReport:
     """What a merge did and how it went."""
 
@@ -41,6 +50,7 @@ class MergeReport:
     solve_info: SolveInfo | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
     factors: CompressionReport | None = None  # a LoRA output's factoring, measured on what is written
+    statistics: StatisticsSize | None = None  # what a native output stores to be grown or shrunk later
 
 
 class ConstraintResiduals:

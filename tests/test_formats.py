@@ -138,6 +138,7 @@ def test_every_format_module_offers_the_same_interface():
         assert module.ARCHITECTURES is None or set(module.ARCHITECTURES) <= {"sd1", "sd2", "sdxl"}
         assert module.OUTPUT_SUFFIX is None or module.OUTPUT_SUFFIX == "" or module.OUTPUT_SUFFIX.startswith(".")
         assert module.foreign_entries is None or callable(module.foreign_entries)
+        assert module.STORES_STATISTICS == (module.NAME == "native")
         assert all(callable(getattr(module, verb)) for verb in ("detect", "read", "write"))
     assert formats.OUTPUT_SUFFIXES == {".safetensors": "native", ".bin": "authors-bin", ".ckpt": "compvis"}
     assert formats.FOLDER_FORMAT == "diffusers"

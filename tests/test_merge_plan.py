@@ -350,12 +350,9 @@ def test_reported_residual_is_of_the_file_as_written(base, two, tmp_path, output
     merged, report = merge(two, captions(), base=base, return_report=True)
     output = save(merged, tmp_path / output_name, base=base)
     written = formats.read(output)
-    prompts = [prompt for concept in report.concepts for prompt in concept.prompts]
-    rows = TextFeatures(base, merged.tokens).features(prompts)
-    start = 0
+    encoder = TextFeatures(base, merged.tokens)
     for concept, delta in zip(report.concepts, two):
-        C = torch.cat(rows[start:start + len(concept.prompts)]).double()
-        start += len(concept.prompts)
+        C = torch.cat(encoder.features(list(concept.prompts))).double()  # each concept's on their own, as merged
         error = target = 0.0
         for layer in base.layer_names():
             for index, own in enumerate((delta.layers[layer].key, delta.layers[layer].value)):

@@ -30,6 +30,8 @@ examples:
   cd-merge a.safetensors b.safetensors -o ab/ --base ./sd15 --dry-run
   cd-merge lora.safetensors cat/ -o merged.safetensors --base ./sd15 --format kohya-lora \\
       --embedding lora.safetensors=sks.pt --other-layers sum --class dog --class cat
+  cd-merge ab.safetensors c.safetensors -o abc.safetensors --base ./sd15   # grow a merge by c
+  cd-merge abc.safetensors --drop "<new2>" -o ac.safetensors --base ./sd15   # shrink it
 
 Inputs may be files or folders in any supported format, or Hugging Face repo ids
 (resolved through the local cache; set HF_HUB_OFFLINE=1 to never touch the network)."""
@@ -42,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "on its own target prompts, and the base changes as little as possible on ordinary "
                     "captions (Kumari et al. 2023, constrained least squares).",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("inputs", nargs="+", help="concept deltas: files, folders or hub repo ids")
+    parser.add_argument("inputs", nargs="+", help="concept deltas: files, folders or hub repo ids; a .safetensors "
+                                                  "merge made by cd-merge adds its concepts (solved again from the "
+                                                  "statistics it stores, as if from their own files)")
     parser.add_argument("-o", "--output", required=True,
                         help="FILE.safetensors writes the native file, a name without extension a folder in "
                              "the diffusers layout (pytorch_custom_diffusion_weights.safetensors + "
@@ -104,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=64, help="captions per text-encoder batch (default 64)")
     parser.add_argument("--cache-dir", type=Path, help="where cached Gram matrices live "
                                                        "(default $MERGEKIT_CD_CACHE or ~/.cache/mergekit_cd)")
+    parser.add_argument("--drop", action="append", default=[], metavar="TOKEN",
+                        help="leave out the concept of this token of a merged input (repeatable): the result "
+                             "equals the merge of the other concepts from scratch, without their files")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and stop before solving")
     add_lora_rtol_argument(parser)
     parser.add_argument("--force", action="store_true", help="overwrite an existing output")
@@ -150,7 +157,7 @@ def main_with_args(args: argparse.Namespace) -> int:
                                     target_templates=args.target_template, style_templates=args.style_template,
                                     check_base=not args.no_base_check, dry_run=args.dry_run,
                                     embeddings=paired_embeddings(args.inputs, args.embedding),
-                                    lora_rtol=args.lora_rtol)
+                                    lora_rtol=args.lora_rtol, drop=args.drop)
     except OptionError as error:
         raise _in_flags(error) from None
     for rename in job.plan.token_renames:
@@ -162,6 +169,7 @@ def main_with_args(args: argparse.Namespace) -> int:
     print(_describe_report(report, full_weights=formats.get_format(job.format).WRITES_FULL_WEIGHTS))
     if report.factors is not None:
         print(describe_factors(report.factors))
+    print(_describe_statistics(report, job.format, job.options))
     print(f"wrote {job.output}")
     return 0
 
@@ -200,6 +208,19 @@ def _describe_report(report: MergeReport, *, full_weights: bool) -> str:
                      + (", Gram matrix from cache" if report.gram_from_cache else ""))
     lines.extend(f"note: {note}" for note in report.notes)
     return "\n".join(lines)
+
+
+def _describe_statistics(report: MergeReport, output_format: str, options: MergeOptions) -> str:
+    """Whether the output can be grown or shrunk later, and what its statistics cost against the difference."""
+    if report.statistics is not None:
+        size = report.statistics
+        return (f"merge statistics: {size.concepts} concepts, {size.statistics_bytes / 2**20:.3g} MiB beside the "
+                f"{size.delta_bytes / 2**20:.3g} MiB difference ({size.statistics_bytes / size.delta_bytes:.2f}x): "
+                f"cd-merge can add concepts to this file or --drop them, exactly, without their files")
+    if not options.spec.solves:
+        return f"merge statistics: none ({options.method} is not solved; only constrained and soft merges can grow)"
+    return (f"merge statistics: not stored (the {output_format} format does not carry them; write a .safetensors "
+            f"output to add concepts to or --drop them from the merge later)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,6 +34,7 @@ HOLDS_OTHER_MODULES = False  # cross-attention K/V only
 WRITES_FULL_WEIGHTS = True  # FineTunedWeights; a LowRank ConceptDelta gives the compressed variant
 STORES_FACTORS = True
 FACTORS_ONLY = False
+STORES_STATISTICS = False
 TOKEN_FOLDER_SUFFIX = None
 ARCHITECTURES = None
 OUTPUT_SUFFIX = ".bin"

@@ -42,6 +42,7 @@ HOLDS_OTHER_MODULES = False  # cross-attention K/V only
 WRITES_FULL_WEIGHTS = True  # FineTunedWeights; a LowRank ConceptDelta gives the compressed variant
 STORES_FACTORS = True
 FACTORS_ONLY = False
+STORES_STATISTICS = False
 TOKEN_FOLDER_SUFFIX = None
 ARCHITECTURES = ("sd1", "sd2")  # the authors' CompVis code never had SDXL
 OUTPUT_SUFFIX = ".ckpt"

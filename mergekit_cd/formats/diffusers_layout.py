@@ -36,6 +36,7 @@ HOLDS_OTHER_MODULES = False  # cross-attention K/V only
 WRITES_FULL_WEIGHTS = True  # writes FineTunedWeights only
 STORES_FACTORS = False
 FACTORS_ONLY = False
+STORES_STATISTICS = False
 TOKEN_FOLDER_SUFFIX = None
 ARCHITECTURES = None
 OUTPUT_SUFFIX = ""  # a name without extension: a folder

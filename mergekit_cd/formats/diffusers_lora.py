@@ -22,6 +22,7 @@ HOLDS_OTHER_MODULES = True  # a LoRA's modules beyond cross-attention K/V, under
 WRITES_FULL_WEIGHTS = False  # writes ConceptDelta differences, every one as factors
 STORES_FACTORS = True
 FACTORS_ONLY = True
+STORES_STATISTICS = False
 TOKEN_FOLDER_SUFFIX = None
 ARCHITECTURES = None
 OUTPUT_SUFFIX = None  # a folder like the diffusers layout's: chosen with --format only

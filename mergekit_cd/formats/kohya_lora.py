@@ -30,6 +30,7 @@ OUTPUT_SUFFIX = None  # a .safetensors file like the native one's: chosen with -
 foreign_entries = None
 #: The embedding files go in ``<stem>_embeddings/`` beside the LoRA: a folder to copy into the
 #: ``embeddings`` folder of A1111 or ComfyUI, and no file of the user's beside it replaced.
+STORES_STATISTICS = False
 TOKEN_FOLDER_SUFFIX = "_embeddings"
 PREFIX = "lora_unet_"
 BUNDLE = "bundle_emb."

@@ -1,4 +1,4 @@
-"""mergekit-cd's own single safetensors file: K/V differences (dense or low-rank), tokens, metadata."""
+"""mergekit-cd's own safetensors file: K/V differences (dense or low-rank), tokens, metadata, merge statistics."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 import torch
 from torch import Tensor
 
-from ..delta import ConceptDelta, Difference, LayerDelta, LazyLayers, LowRank
+from ..delta import ConceptDelta, Difference, LayerDelta, LazyLayers, LowRank, layer_shapes
 from ..errors import MergeError
 from ..fileio import (SafetensorsFile, atomic_path, open_safetensors, read_tensor,
                       save_safetensors)
@@ -26,12 +26,15 @@ from ._common import (
     saveable,
     unexpected_key,
 )
+from .statistics_layout import HEADER_KEY as STATISTICS_HEADER_KEY, from_file as read_statistics, \
+    is_statistics_key, to_file as statistics_tensors
 
 NAME = "native"
 HOLDS_OTHER_MODULES = False  # cross-attention K/V only
 WRITES_FULL_WEIGHTS = False  # writes ConceptDelta differences
 STORES_FACTORS = True
 FACTORS_ONLY = False
+STORES_STATISTICS = True
 TOKEN_FOLDER_SUFFIX = None
 ARCHITECTURES = None
 OUTPUT_SUFFIX = ".safetensors"
@@ -45,14 +48,14 @@ _EXPECTED = ("'<layer>.to_k.diff' / '<layer>.to_k.up' + '.down' (same for to_v) 
 
 
 def detect(path: str | os.PathLike[str]) -> bool:
-    """A safetensors file whose keys are all ours (differences and tokens)."""
+    """A safetensors file whose keys are all ours (differences, tokens and merge statistics)."""
     header = safetensors_header(path)
     if header is None:
         return False
     keys, metadata = header
     if not keys and metadata.get("format") != HEADER_FORMAT:
         return False
-    return all(key.startswith(TOKEN_PREFIX) or _split(key) for key in keys)
+    return all(key.startswith(TOKEN_PREFIX) or is_statistics_key(key) or _split(key) for key in keys)
 
 
 def _split(key: str) -> tuple[str, str, str] | None:
@@ -66,14 +69,16 @@ def _split(key: str) -> tuple[str, str, str] | None:
 def read(path: str | os.PathLike[str]) -> ConceptDelta:
     """The delta stored in ``path``, low-rank factors kept as :class:`LowRank`.
 
-    Every tensor is validated in one pass that holds one tensor at a time; the layers are then
-    read again when used (:class:`LazyLayers`), so a merge of many large files streams them.
+    Every tensor is validated in one pass that holds one tensor at a time; the layers (and the
+    changes of a merge's statistics) are then read again when used (:class:`LazyLayers`), so a
+    merge of many large files streams them.
     """
     source = str(path)
     collector = LayerCollector(source)
     factors: dict[tuple[str, str], dict[str, tuple[str, Tensor]]] = {}
     embeddings: dict[str, dict[int, Tensor]] = {}
     locations: dict[tuple[str, str], tuple[str, ...]] = {}
+    statistics_keys: list[str] = []
     with open_safetensors(path) as handle:
         provenance = from_header(handle.metadata(), source=source)
         token_keys = {key: _split_token_key(key, source) for key in handle.keys() if key.startswith(TOKEN_PREFIX)}
@@ -83,6 +88,9 @@ def read(path: str | os.PathLike[str]) -> ConceptDelta:
                 name, index = token_keys[key]
                 check_embedding_size(math.prod(handle.shape(key)), key, source)
                 embeddings.setdefault(name, {})[index] = check_vector(read_tensor(handle, key, source), key, source)
+                continue
+            if is_statistics_key(key):
+                statistics_keys.append(key)
                 continue
             parsed = _split(key)
             if parsed is None:
@@ -103,8 +111,9 @@ def read(path: str | os.PathLike[str]) -> ConceptDelta:
     tokens = {name: _ordered(embeddings[name], name, source) for name in natural_order(embeddings)}
     check_token_shapes(tokens, source)
     shapes = {name: (key.shape, value.shape) for name, (key, value) in collector.layers(allow_empty=True).items()}
+    statistics = read_statistics(handle, statistics_keys, provenance.concepts, shapes, source)
     reader = _LayerReader(handle, locations)
-    return ConceptDelta.with_provenance(LazyLayers(shapes, reader), tokens, provenance)
+    return ConceptDelta.with_provenance(LazyLayers(shapes, reader), tokens, provenance, statistics=statistics)
 
 
 class _LayerReader:
@@ -149,7 +158,7 @@ def _ordered(by_index: dict[int, Tensor], name: str, source: str) -> tuple[Tenso
 
 
 def write(obj: Delta, path: str | os.PathLike[str], *, force: bool = False) -> None:
-    """Write a ConceptDelta (differences; factors stay factors) with its metadata."""
+    """Write a ConceptDelta (differences; factors stay factors) with its metadata and its merge statistics."""
     if not isinstance(obj, ConceptDelta):
         raise MergeError(f"Cannot write {path} as {NAME}: the format holds differences but this is "
                          f"{type(obj).__name__} (full weights); make a delta against the base with "
@@ -166,5 +175,8 @@ def write(obj: Delta, path: str | os.PathLike[str], *, force: bool = False) -> N
         for index, embedding in enumerate(embeddings):
             tensors[f"{TOKEN_PREFIX}{token}.{index}"] = embedding
     header = to_header(obj)
+    if obj.statistics is not None:
+        stored, header[STATISTICS_HEADER_KEY] = statistics_tensors(obj.statistics, layer_shapes(obj.layers), str(path))
+        tensors.update(stored)
     with atomic_path(path, force=force) as temporary:
         save_safetensors(saveable(tensors), temporary, metadata=header)

@@ -29,6 +29,9 @@ class Format(Protocol):
     #: Whether it can hold a LoRA's UNet modules beyond the cross-attention K/V (a delta's
     #: ``other_modules``: self-attention, feed-forward, projections): the LoRA layouts.
     HOLDS_OTHER_MODULES: bool
+    #: Whether it stores a solved merge's statistics (:mod:`~mergekit_cd.merge_statistics`), which
+    #: let ``cd-merge`` grow or shrink the merge later without its inputs.
+    STORES_STATISTICS: bool
     #: The model families the layout can hold; ``None``: all of them.
     ARCHITECTURES: tuple[str, ...] | None
     #: The output name ending that selects this format when ``--format`` is not given
