@@ -143,10 +143,11 @@ def tall_base_path(tiny_pipeline_path, tmp_path_factory: pytest.TempPathFactory)
     return folder
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session", autouse=True)
 def one_torch_thread() -> Iterator[None]:
-    """torch on one thread for a module: the tiny UNet runs several times faster on one thread
-    than on two contended ones."""
+    """torch on one thread for the whole session: the tiny models' matrices are so small that a
+    second thread is pure overhead, and on a busy 2-core machine it makes them many times slower
+    (the demo sets one thread for its process too; the tests no longer depend on running after it)."""
     import torch
 
     saved = torch.get_num_threads()

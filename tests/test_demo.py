@@ -14,9 +14,12 @@ from mergekit_cd.cli import demo
 #: Long scenarios: ``pytest -m "not slow"`` leaves them out of a quick local run; ``make test`` runs them.
 pytestmark = pytest.mark.slow
 
-#: The demo, shortened to keep the suite within its time: fewer training steps, class images and
-#: scoring images (the concepts must still be learned).
-FAST = dict(IMAGES_PER_PROMPT=1, TRAIN_STEPS=80, NUM_CLASS_IMAGES=8)
+#: The demo, shortened to keep the suite within its time: fewer training steps and class images (the
+#: concepts must still be learned), and its scoring and grid on one image per prompt of two denoising
+#: steps (no test judges those images: the concept tests sample their own).
+FAST = dict(IMAGES_PER_PROMPT=1, TRAIN_STEPS=80, NUM_CLASS_IMAGES=8, SAMPLING_STEPS=2)
+#: Denoising steps of the samples the concept tests judge: the demo's own, not FAST's.
+CONCEPT_SAMPLING_STEPS = demo.SAMPLING_STEPS
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +68,10 @@ def _concept_samples(demo_run):
         item = concept(name)
         apply(pipe, load(output / name / "delta.safetensors", base=BASE))
         with_token = sample_batch(pipe, [f"photo of a {token_of(item)} {item.class_word}"] * len(seeds), seeds,
-                                  steps=demo.SAMPLING_STEPS, guidance_scale=6.0)
+                                  steps=CONCEPT_SAMPLING_STEPS, guidance_scale=6.0)
         remove(pipe)
         without = sample_batch(pipe, [f"photo of a {item.class_word}"] * len(seeds), seeds,
-                               steps=demo.SAMPLING_STEPS, guidance_scale=6.0)
+                               steps=CONCEPT_SAMPLING_STEPS, guidance_scale=6.0)
         samples[name] = (with_token, without)
     return samples
 
@@ -110,17 +113,20 @@ def test_trained_concept_appears_with_its_token_and_not_without(concept_samples)
 def test_cd_eval_world_reports_the_detector_rates(demo_run, tmp_path):
     """cd-eval --world on the demo's concepts: every row gets the detector's rates with intervals;
     the base row (tokens installed, K/V untouched) draws the ordinary prompts as the plain base does
-    (preservation 1 wherever the plain base gets any right)."""
+    (preservation 1 wherever the plain base gets any right). The probes' latents come from the
+    concepts' instance images, as in the benchmark (no reference images to sample)."""
     import json
 
     from mergekit_cd.cli.eval import main as cd_eval
+    from mergekit_cd.toyworld import concept_images_path
 
     output, _ = demo_run
     report = tmp_path / "eval.json"
     deltas = [str(output / name / "delta.safetensors") for name in demo.PAIR]
-    assert cd_eval(["--base", "builtin:toyworld", "--concepts", *deltas, "--compare", "constrained,base",
-                    "--world", *demo.PAIR, "--num-images", "1", "--steps", "10", "--samples", "4",
-                    "--held-out-samples", "4", "--json", str(report), "-q"]) == 0
+    instances = [str(concept_images_path(name)) for name in demo.PAIR]
+    assert cd_eval(["--base", "builtin:toyworld", "--concepts", *deltas, "--instance-dirs", *instances,
+                    "--compare", "constrained,base", "--world", *demo.PAIR, "--num-images", "1", "--steps", "10",
+                    "--samples", "4", "--held-out-samples", "4", "--json", str(report), "-q"]) == 0
     rows = {row["label"]: row for row in json.loads(report.read_text())["rows"]}
     for row in rows.values():
         world = row["world"]

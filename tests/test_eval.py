@@ -39,8 +39,7 @@ FAST = dict(samples=6, held_out_samples=6, sample_images=1, sample_steps=1, batc
 CAPTIONS = default_reg_captions()[:200]
 HELD_OUT = [*CAPTIONS[:2], "a tortoise on a beach", "a red van in the snow"]
 
-pytestmark = [pytest.mark.filterwarnings("ignore::mergekit_cd.errors.TokenRenameWarning"),  # two <new1> cats
-              pytest.mark.usefixtures("one_torch_thread")]
+pytestmark = pytest.mark.filterwarnings("ignore::mergekit_cd.errors.TokenRenameWarning")  # two <new1> cats
 
 
 @pytest.fixture(scope="module")

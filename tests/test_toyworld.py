@@ -1,4 +1,4 @@
-"""The toy world's generator, tokenizer, shipped files and built-in names (no model training)."""
+"""The toy world's generator, tokenizer, shipped files and built-in names, and a few steps of its base trainer."""
 
 from __future__ import annotations
 
@@ -111,28 +111,39 @@ def test_shipped_base_is_small_and_carries_its_card():
     assert "prompt" in card.lower()
 
 
-def test_base_trainer_runs_end_to_end(tmp_path):
+#: The base trainer's smallest run: 64 scenes, small batches.
+SMALL = ["--scenes", "64", "--clip-batch-size", "16", "--vae-batch-size", "8", "--unet-batch-size", "8"]
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    """One run of the base trainer, two steps of each stage, shared by the tests of its output and
+    of continuing it; treat the folder as read-only."""
+    from mergekit_cd.toyworld.train_base import main
+
+    folder = tmp_path_factory.mktemp("small-run")
+    assert main(["-o", str(folder), "--clip-steps", "2", "--vae-steps", "2", "--unet-steps", "2", *SMALL]) == 0
+    return folder
+
+
+def test_base_trainer_runs_end_to_end(small_run):
     """The training script (a few steps of each stage) writes a pipeline diffusers loads and the
     CLIP folder cd-eval reads: the recipe cannot rot unnoticed."""
     import torch
     from diffusers import StableDiffusionPipeline
 
     from mergekit_cd.evaluation.clip_metrics import ClipEmbedder
-    from mergekit_cd.toyworld.train_base import main
 
-    assert main(["-o", str(tmp_path), "--scenes", "64", "--clip-steps", "2", "--vae-steps", "2",
-                 "--unet-steps", "2", "--clip-batch-size", "16", "--vae-batch-size", "8",
-                 "--unet-batch-size", "8"]) == 0
-    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "base")
+    pipe = StableDiffusionPipeline.from_pretrained(small_run / "base")
     pipe.set_progress_bar_config(disable=True)
     image = pipe("a red star", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (IMAGE_SIZE, IMAGE_SIZE)
-    clip = ClipEmbedder(tmp_path / "clip")
+    clip = ClipEmbedder(small_run / "clip")
     assert clip.embed_texts(["a red star"]).shape[0] == 1
-    assert json.loads((tmp_path / "training.json").read_text())["steps"]["unet"] == 2
+    assert json.loads((small_run / "training.json").read_text())["steps"]["unet"] == 2
 
 
-def test_base_trainer_continues_and_finetunes_only_the_decoder(tmp_path):
+def test_base_trainer_continues_and_finetunes_only_the_decoder(small_run, tmp_path):
     """--continue-from with --decoder-steps keeps the encoder (so the latents the UNet learned)
     and the UNet with --unet-steps 0, and changes the decoder."""
     import torch
@@ -140,11 +151,9 @@ def test_base_trainer_continues_and_finetunes_only_the_decoder(tmp_path):
 
     from mergekit_cd.toyworld.train_base import main
 
-    first, second = tmp_path / "first", tmp_path / "second"
-    small = ["--scenes", "64", "--clip-batch-size", "16", "--vae-batch-size", "8", "--unet-batch-size", "8"]
-    assert main(["-o", str(first), "--clip-steps", "2", "--vae-steps", "2", "--unet-steps", "2", *small]) == 0
+    first, second = small_run, tmp_path / "second"
     assert main(["-o", str(second), "--continue-from", str(first), "--unet-steps", "0", "--decoder-steps", "3",
-                 *small]) == 0
+                 *SMALL]) == 0
     before, after = (AutoencoderKL.from_pretrained(folder / "base" / "vae") for folder in (first, second))
     for name, tensor in before.encoder.state_dict().items():
         assert torch.equal(tensor, after.encoder.state_dict()[name]), name

@@ -45,8 +45,7 @@ from mergekit_cd.train.state import Progress
 
 from cli_output import one_error_line
 
-pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning"),
-              pytest.mark.usefixtures("one_torch_thread")]
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
 
 
 def draw_images(folder: Path, background, shape: str, colour, count: int = 4) -> Path:
