@@ -162,3 +162,19 @@ def test_base_trainer_continues_and_finetunes_only_the_decoder(small_run, tmp_pa
     assert all(torch.equal(a, b) for a, b in zip(unets[0].state_dict().values(), unets[1].state_dict().values()))
     record = json.loads((second / "training.json").read_text())
     assert record["steps"]["decoder"] == 3 and record["continues"]["steps"]["unet"] == 2
+
+
+def test_the_text_probe_measures_how_far_a_word_moves_the_rows():
+    """The probe's figures are what the README quotes: BOS and the leading "a" never move (causal
+    attention), the varied word's row does; on the shipped encoder colour moves the rows far more
+    than the class word (the diagnosis of the base's blobs)."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from mergekit_cd.toyworld import base_path
+    from mergekit_cd.toyworld.text_probe import probe
+
+    spreads = probe(CLIPTokenizer.from_pretrained(base_path() / "tokenizer"),
+                    CLIPTextModel.from_pretrained(base_path() / "text_encoder").eval())
+    assert spreads["class"][:3] == pytest.approx([0, 0, 0], abs=1e-5) and spreads["class"][3] > 0.5
+    assert spreads["colour"][:2] == pytest.approx([0, 0], abs=1e-5) and spreads["colour"][2] > 0.5
+    assert max(spreads["colour"]) > 2 * max(spreads["class"])
