@@ -87,10 +87,12 @@ def load(reference: PathLike | ConceptDelta, *, base: BaseModel | PathLike | Non
 
 def load_source(reference: PathLike | ConceptDelta, *, base: BaseModel | PathLike | None = None,
                 check_base: bool = True, source: str | None = None, other_layers: str = "refuse",
-                embeddings: Sequence[PathLike] = ()) -> LoadedDelta:
+                embeddings: Sequence[PathLike] = (), use: str = "merge") -> LoadedDelta:
     """:func:`load`, keeping what it learned on the way: the resolved path and the format (the
     file is resolved, detected and read once, with one parse), what became of a LoRA's other
-    parts. ``source`` names the input in messages (default: the reference as given)."""
+    parts. ``source`` names the input in messages (default: the reference as given); ``use``
+    what it is loaded for (:data:`OTHER_LAYERS_USES`: a refusal of its other parts names that
+    use's choices)."""
     if other_layers not in OTHER_LAYERS_ON_LOAD:
         raise MergeError(f"other_layers {other_layers!r}: choose one of {', '.join(OTHER_LAYERS_ON_LOAD)}.")
     content: ConceptDelta | FineTunedWeights | None = None
@@ -118,7 +120,7 @@ def load_source(reference: PathLike | ConceptDelta, *, base: BaseModel | PathLik
         else:
             delta = content
         delta.metadata.setdefault("source", source)
-    delta, what = _other_layers(delta, other_layers, source)
+    delta, what = settle_other_layers(delta, other_layers, source, use)
     delta = _paired(delta, embeddings, base, source)
     if base is not None:
         base = as_base(base)
@@ -171,25 +173,48 @@ def _paired(delta: ConceptDelta, embeddings: Sequence[PathLike], base: BaseModel
     return replace(delta, tokens=tokens)
 
 
-def _other_layers(delta: ConceptDelta, rule: str, source: str) -> tuple[ConceptDelta, str | None]:
+@dataclass(frozen=True)
+class OtherLayersUse:
+    """Who meets a LoRA's parts beyond the cross-attention K/V, in its refusal's words: what it
+    does with the K/V, the choices it offers for the rest, and why text-encoder parts can only
+    be dropped."""
+
+    does: str
+    choices: str
+    text_encoder: str
+
+
+#: The uses of :func:`settle_other_layers`: a merge's inputs (and :func:`load`), :func:`mergekit_cd.apply`.
+OTHER_LAYERS_USES = {
+    "merge": OtherLayersUse("the merge solves for attn2.to_k / attn2.to_v alone, and will not drop the rest silently",
+                            "drop (merge the K/V alone), or sum / average (carry the UNet modules into a LoRA output "
+                            "as the inputs' sum or average)", "they change the text features the merge is computed on"),
+    "apply": OtherLayersUse("apply installs attn2.to_k / attn2.to_v alone, and will not drop the rest silently",
+                            "drop (install the K/V alone; diffusers' load_lora_weights installs a LoRA's other "
+                            "modules)", "apply installs K/V differences and tokens only"),
+}
+
+
+def settle_other_layers(delta: ConceptDelta, rule: str, source: str, use: str = "merge") -> tuple[
+        ConceptDelta, str | None]:
     """The delta with a LoRA's parts beyond the cross-attention K/V dealt with by ``rule``, and
-    what was done in words: refused (one message listing them and the choices), dropped, or its
-    UNet modules kept. Text-encoder parts change the features the merge is computed on, so they
-    can only be dropped (with a warning); UNet parts no reader can carry are refused for keep."""
+    what was done in words: refused (one message listing them and the choices of ``use``, an
+    entry of :data:`OTHER_LAYERS_USES`), dropped, or its UNet modules kept. Text-encoder parts
+    change the features a merge is computed on, so they can only be dropped (with a warning);
+    UNet parts no reader can carry are refused for keep."""
     parts = [*delta.other_modules, *delta.unread_parts]
     if not parts:
         return delta, None
+    words = OTHER_LAYERS_USES[use]
     text_encoder = [name for name in delta.unread_parts if name.startswith(TEXT_ENCODER_PREFIXES)]
     uncarried = [name for name in delta.unread_parts if name not in text_encoder]
     kinds = describe_parts([*delta.unread_parts, *delta.other_modules])
     if rule == "refuse":
         raise OptionError("{source}: holds parts beyond the UNet's cross-attention K/V ({kinds}; e.g. {examples}); "
-                          "the merge solves for attn2.to_k / attn2.to_v alone, and will not drop the rest silently. "
-                          "Choose with {other_layers}: drop (merge the K/V alone), or sum / average (carry the UNet "
-                          "modules into a LoRA output as the inputs' sum or average)"
-                          + ("; its text-encoder parts can only be dropped, as they change the text features the "
-                             "merge is computed on" if text_encoder else "") + ".",
-                          source=source, kinds=kinds, examples=", ".join(natural_order(parts)[:2]))
+                          "{does}. Choose with {other_layers}: {choices}"
+                          + ("; its text-encoder parts can only be dropped, as {text_encoder}" if text_encoder else "")
+                          + ".", source=source, kinds=kinds, examples=", ".join(natural_order(parts)[:2]),
+                          does=words.does, choices=words.choices, text_encoder=words.text_encoder)
     if text_encoder:
         warnings.warn(f"{source}: its {len(text_encoder)} text-encoder tensors are dropped: they change the text "
                       f"features the merge is computed on, so no merge can keep them (the merged file works with "

@@ -136,7 +136,7 @@ def plan_merge(deltas: Sequence[PathLike | ConceptDelta], reg_captions: Sequence
             raise MergeError(f"Got embedding files for {len(embeddings)} inputs, but {len(deltas)} inputs.")
         paired = embeddings if embeddings is not None else [()] * len(deltas)
         inputs = [load_source(d if path is None else path, base=base, check_base=check_base, source=source,
-                              other_layers=other_layers, embeddings=files)
+                              other_layers=other_layers, embeddings=files, use="merge")
                   for d, path, source, files in zip(deltas, paths, sources, paired)]
         loaded = [entry.delta for entry in inputs]
         _refuse_repeated_content(loaded, sources)

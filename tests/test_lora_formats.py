@@ -523,6 +523,51 @@ def test_a_loras_text_encoder_parts_are_dropped_with_a_warning_saying_why(merged
     assert f"note: other layers drop: {path}: 3 text-encoder tensors dropped (text-encoder parts)" in captured.out
 
 
+def test_apply_and_cd_sample_refuse_a_lora_with_more_than_kv_unless_drop_is_chosen(
+        merged, tiny_pipeline_path, tmp_path, capsys):
+    """apply installs K/V alone, so it goes through load's rule: a LoRA's other modules (a file's,
+    or a loaded delta's kept ones) are refused naming them, before the pipeline changes; drop
+    installs the K/V alone; text-encoder parts are dropped with cd-merge's warning."""
+    from mergekit_cd.cli import sample as cd_sample
+
+    folder, _ = _peft_lora(tiny_pipeline_path, tmp_path / "peft", MORE_LAYERS)
+    pipe = DiffusionPipeline.from_pretrained(tiny_pipeline_path("sd1"))
+    layer = next(name for name, module in pipe.unet.named_modules() if name.endswith("attn2"))
+    before = pipe.unet.get_submodule(layer).to_k.weight.detach().clone()
+    block = "down_blocks.0.attentions.0.transformer_blocks.0"
+    refusal = (f"{{source}}: holds parts beyond the UNet's cross-attention K/V (self-attention, feed-forward, "
+               f"cross-attention queries and outputs; e.g. {block}.attn1.to_k, {block}.attn1.to_out.0); apply "
+               f"installs attn2.to_k / attn2.to_v alone, and will not drop the rest silently. Choose with {{option}}: "
+               f"drop (install the K/V alone; diffusers' load_lora_weights installs a LoRA's other modules).")
+    for given, source in ((folder, str(folder)), (load(folder, other_layers="keep"), "the delta")):
+        with pytest.raises(MergeError) as error:
+            apply(pipe, given)
+        assert str(error.value) == refusal.format(source=source, option="other_layers")
+        assert torch.equal(pipe.unet.get_submodule(layer).to_k.weight, before)
+    installed = apply(pipe, folder, other_layers="drop")
+    assert installed.other_modules == {} and installed.unread_parts == ()
+    kv = load(folder, other_layers="drop").layers[layer].key
+    assert torch.allclose(pipe.unet.get_submodule(layer).to_k.weight - before, dense(kv), atol=1e-6)
+
+    with_te = tmp_path / "with-te.safetensors"
+    save_file({**_kohya_state(merged), f"{_TEXT_ENCODER}.lora_down.weight": torch.zeros(2, 8),
+               f"{_TEXT_ENCODER}.lora_up.weight": torch.zeros(8, 2), f"{_TEXT_ENCODER}.alpha": torch.tensor(2.0)},
+              with_te)
+    with pytest.warns(UserWarning) as caught:
+        apply(DiffusionPipeline.from_pretrained(tiny_pipeline_path("sd1")), with_te, other_layers="drop")
+    assert [str(w.message) for w in caught] == [
+        f"{with_te}: its 3 text-encoder tensors are dropped: they change the text features the merge is computed "
+        f"on, so no merge can keep them (the merged file works with the base's text encoders)."]
+
+    arguments = ["--base", str(tiny_pipeline_path("sd1")), "--delta", str(folder), "a dog", "-n", "1", "--steps", "1",
+                 "-q", "-o", str(tmp_path / "grid.png")]
+    capsys.readouterr()  # the pipelines loaded above
+    assert cd_sample.main(arguments) == 1
+    assert capsys.readouterr().err == f"cd-sample: error: {refusal.format(source=folder, option='--other-layers')}\n"
+    assert not (tmp_path / "grid.png").exists()
+    assert cd_sample.main([*arguments, "--other-layers", "drop"]) == 0 and (tmp_path / "grid.png").is_file()
+
+
 def test_other_modules_round_trip_through_both_lora_layouts_and_the_algebra(tiny_pipeline_path, tmp_path):
     folder, differences = _peft_lora(tiny_pipeline_path, tmp_path / "peft", MORE_LAYERS)
     delta = load(folder, other_layers="keep")
