@@ -79,7 +79,8 @@ def load(reference: PathLike | ConceptDelta, *, base: BaseModel | PathLike | Non
     ``base``). ``embeddings``: such files paired with the delta, their tokens added to its own.
     ``other_layers``: what becomes of a LoRA's parts beyond the cross-attention K/V:
     ``refuse`` (the default), ``drop``, or ``keep`` its UNet modules (``other_modules``, only
-    LoRA layouts hold them); text-encoder parts are only ever dropped, with a warning.
+    LoRA layouts hold them: what reads back a merge written with ``other_layers="sum"``);
+    text-encoder parts are only ever dropped, with a warning.
     """
     return load_source(reference, base=base, check_base=check_base, other_layers=other_layers,
                        embeddings=embeddings).delta
@@ -87,7 +88,7 @@ def load(reference: PathLike | ConceptDelta, *, base: BaseModel | PathLike | Non
 
 def load_source(reference: PathLike | ConceptDelta, *, base: BaseModel | PathLike | None = None,
                 check_base: bool = True, source: str | None = None, other_layers: str = "refuse",
-                embeddings: Sequence[PathLike] = (), use: str = "merge") -> LoadedDelta:
+                embeddings: Sequence[PathLike] = (), use: str = "load") -> LoadedDelta:
     """:func:`load`, keeping what it learned on the way: the resolved path and the format (the
     file is resolved, detected and read once, with one parse), what became of a LoRA's other
     parts. ``source`` names the input in messages (default: the reference as given); ``use``
@@ -184,8 +185,12 @@ class OtherLayersUse:
     text_encoder: str
 
 
-#: The uses of :func:`settle_other_layers`: a merge's inputs (and :func:`load`), :func:`mergekit_cd.apply`.
+#: The uses of :func:`settle_other_layers`: loading (:func:`load`, :func:`convert`), a merge's
+#: inputs, :func:`mergekit_cd.apply`.
 OTHER_LAYERS_USES = {
+    "load": OtherLayersUse("a delta is its attn2.to_k / attn2.to_v differences, and the rest is not dropped "
+                           "silently", "drop (read the K/V alone), or keep (its UNet modules too, which only a LoRA "
+                           "output holds)", "they change the text features a K/V merge is computed on"),
     "merge": OtherLayersUse("the merge solves for attn2.to_k / attn2.to_v alone, and will not drop the rest silently",
                             "drop (merge the K/V alone), or sum / average (carry the UNet modules into a LoRA output "
                             "as the inputs' sum or average)", "they change the text features the merge is computed on"),
@@ -195,7 +200,7 @@ OTHER_LAYERS_USES = {
 }
 
 
-def settle_other_layers(delta: ConceptDelta, rule: str, source: str, use: str = "merge") -> tuple[
+def settle_other_layers(delta: ConceptDelta, rule: str, source: str, use: str = "load") -> tuple[
         ConceptDelta, str | None]:
     """The delta with a LoRA's parts beyond the cross-attention K/V dealt with by ``rule``, and
     what was done in words: refused (one message listing them and the choices of ``use``, an
@@ -424,15 +429,24 @@ def save(delta: ConceptDelta, path: PathLike, *, format: str | None = None,
 
 def convert(source: PathLike, output: PathLike, to: str | None = None, *,
             base: BaseModel | PathLike | None = None, compress_rtol: float | None = None,
-            force: bool = False, check_base: bool = True,
-            lora_rtol: float = LORA_RTOL) -> CompressionReport | None:
+            force: bool = False, check_base: bool = True, lora_rtol: float = LORA_RTOL,
+            other_layers: str = "refuse") -> CompressionReport | None:
     """Read ``source`` in any format and write it as ``to`` (default: told by the output's
     name, as :func:`save` tells it), optionally compressed first; returns the report of the
     compression, or of the factoring a LoRA format needs (``lora_rtol``, see :func:`save`).
+    ``other_layers``: :func:`load`'s rule for a LoRA's parts beyond the cross-attention K/V;
+    ``keep`` only into a LoRA layout, the only ones that hold them.
 
-    The output is checked (format, destination, architecture) before the input is read.
+    The output is checked (format, destination, architecture, the rule) before the input is read.
     """
     to = formats.output_format(output, to)
+    if other_layers not in OTHER_LAYERS_ON_LOAD:
+        raise MergeError(f"other_layers {other_layers!r}: choose one of {', '.join(OTHER_LAYERS_ON_LOAD)}.")
+    if other_layers == "keep" and not formats.get_format(to).HOLDS_OTHER_MODULES:
+        holders = " or ".join(module.NAME for module in formats.FORMATS if module.HOLDS_OTHER_MODULES)
+        raise OptionError("{other_layers} keep carries a LoRA's UNet modules beyond the cross-attention K/V into the "
+                          "output, and {output} is written as {format}, which holds the K/V alone; write a LoRA "
+                          "({holders}), or choose {other_layers} drop.", output=output, format=to, holders=holders)
     if compress_rtol is not None and not 0 <= compress_rtol < 1:
         raise MergeError(f"--compress {compress_rtol:g}: the relative error bound must be in [0, 1).")
     if compress_rtol is not None and not formats.get_format(to).STORES_FACTORS:
@@ -443,7 +457,7 @@ def convert(source: PathLike, output: PathLike, to: str | None = None, *,
     base = as_base(base) if base is not None else None
     formats.check_output(output, to, architecture=base.architecture.name if base else None, force=force,
                          inputs=[source, *([base.path] if base else [])])
-    delta = load(source, base=base, check_base=check_base)
+    delta = load(source, base=base, check_base=check_base, other_layers=other_layers)
     formats.check_can_hold(to, delta.architecture, output)
     report = None
     if compress_rtol is not None:  # native stores a matrix dense when its factors would be bigger;

@@ -221,21 +221,25 @@ def test_a_lora_with_parts_beyond_cross_attention_kv_is_refused_naming_them_and_
         merged, tiny_pipeline_path, tmp_path, capsys, extra, holds):
     path = tmp_path / "other.safetensors"
     save_file({**_kohya_state(merged), **extra}, path)
-    text_encoder = ("; its text-encoder parts can only be dropped, as they change the text features the merge is "
+    """In each use's words: loading (load, cd-convert) offers drop and keep, a merge drop, sum and average."""
+    text_encoder = ("; its text-encoder parts can only be dropped, as they change the text features {merge} "
                     "computed on" if "text-encoder" in holds else "")
-    message = (f"{path}: holds parts beyond the UNet's cross-attention K/V ({holds}); the merge solves for "
-               f"attn2.to_k / attn2.to_v alone, and will not drop the rest silently. Choose with {{option}}: drop "
+    loading = (f"{path}: holds parts beyond the UNet's cross-attention K/V ({holds}); a delta is its attn2.to_k / "
+               f"attn2.to_v differences, and the rest is not dropped silently. Choose with {{option}}: drop (read the "
+               f"K/V alone), or keep (its UNet modules too, which only a LoRA output holds)"
+               f"{text_encoder.format(merge='a K/V merge is')}.")
+    merging = (f"{path}: holds parts beyond the UNet's cross-attention K/V ({holds}); the merge solves for "
+               f"attn2.to_k / attn2.to_v alone, and will not drop the rest silently. Choose with --other-layers: drop "
                f"(merge the K/V alone), or sum / average (carry the UNet modules into a LoRA output as the inputs' "
-               f"sum or average){text_encoder}.")
+               f"sum or average){text_encoder.format(merge='the merge is')}.")
     with pytest.raises(MergeError) as error:
         load(path)
-    assert str(error.value) == message.format(option="other_layers")
+    assert str(error.value) == loading.format(option="other_layers")
     assert cd_merge([str(path), "--base", str(tiny_pipeline_path("sd1")), "-o", str(tmp_path / "m.safetensors"),
                      "-q"]) == 1
-    assert capsys.readouterr().err == f"cd-merge: error: {message.format(option='--other-layers')}\n"
+    assert capsys.readouterr().err == f"cd-merge: error: {merging}\n"
     assert cd_convert([str(path), "-o", str(tmp_path / "out.safetensors")]) == 1
-    in_convert = message.format(option="cd-merge's --other-layers")  # cd-convert has no such option
-    assert capsys.readouterr().err == f"cd-convert: error: {in_convert}\n"
+    assert capsys.readouterr().err == f"cd-convert: error: {loading.format(option='--other-layers')}\n"
 
 
 @pytest.mark.parametrize("key, kind", [
@@ -478,6 +482,47 @@ def test_cd_merge_carries_a_peft_loras_other_layers_into_a_lora_output_as_their_
         for module, difference in other.items():
             got = pipe.unet.get_submodule(module).get_delta_weight(adapter)
             assert torch.allclose(got, scale * difference, rtol=1e-5, atol=1e-7), module
+
+
+def test_a_merge_carrying_other_modules_reads_back_converts_and_replays_from_its_recipe(
+        tiny_pipeline_path, tiny_delta_files, tmp_path, capsys):
+    """Every file we write is one we read: an --other-layers sum output loads with keep (its default
+    refusal names keep), converts to the other LoRA layout with cd-convert --other-layers keep
+    (refused before any work into a layout that holds K/V alone), and its recipe replays the merge."""
+    folder, _ = _peft_lora(tiny_pipeline_path, tmp_path / "peft", MORE_LAYERS)
+    native = tiny_delta_files("sd1")["native"]
+    out = tmp_path / "merged.safetensors"
+    assert cd_merge([str(folder), str(native), "--base", str(tiny_pipeline_path("sd1")), "--class", "sks dog",
+                     "--class", "cat", "-o", str(out), "-q", "--ridge", "1e-4", "--format", "kohya-lora",
+                     "--other-layers", "sum"]) == 0
+    with pytest.raises(MergeError, match=r"Choose with other_layers: drop \(read the K/V alone\), or keep"):
+        load(out)
+    written = load(out, other_layers="keep")
+    assert written.other_modules
+
+    native_out = tmp_path / "converted.safetensors"
+    capsys.readouterr()
+    assert cd_convert([str(out), "-o", str(native_out), "--other-layers", "keep"]) == 1
+    assert capsys.readouterr().err == (
+        f"cd-convert: error: --other-layers keep carries a LoRA's UNet modules beyond the cross-attention K/V into the "
+        f"output, and {native_out} is written as native, which holds the K/V alone; write a LoRA (diffusers-lora or "
+        f"kohya-lora), or choose --other-layers drop.\n")
+    assert not native_out.exists()
+    converted = tmp_path / "converted-lora"
+    assert cd_convert([str(out), "-o", str(converted), "--to", "diffusers-lora", "--other-layers", "keep"]) == 0
+    back = load(converted, other_layers="keep")
+    assert sorted(back.other_modules) == sorted(written.other_modules)
+    for module, part in written.other_modules.items():
+        assert torch.allclose(back.other_modules[module].dense(), part.dense(), rtol=1e-5, atol=1e-7), module
+    assert back.allclose(written, atol=1e-7)
+    assert cd_convert([str(out), "-o", str(tmp_path / "kv.safetensors"), "--other-layers", "drop"]) == 0
+    assert load(tmp_path / "kv.safetensors").other_modules == {}
+
+    recorded = written.metadata["recipe"]
+    again = merge([folder, native], base=tiny_pipeline_path("sd1"), class_words=["sks dog", "cat"],
+                  options=MergeOptions.from_recipe(recorded))
+    assert sorted(again.other_modules) == sorted(written.other_modules)
+    assert again.allclose(written, atol=1e-6)
 
 
 def test_a_plan_keeping_other_modules_is_not_executed_under_another_rule(tiny_pipeline_path, tmp_path):
