@@ -19,7 +19,8 @@ import torch
 
 from . import formats, hub
 from .base import BaseModel, open_base
-from .delta import (CompressionReport, ConceptDelta, LayerDelta, LowRank, compress, factorize, layer_shapes,
+from .delta import (CompressionReport, ConceptDelta, LayerDelta, LowRank, check_token_name, compress, factorize,
+                    layer_shapes,
                     LORA_RTOL)
 from .errors import MergeError
 from .formats._common import check_token_shapes, natural_order
@@ -28,9 +29,13 @@ from .formats.token_files import is_token_file, read_token_file
 from .fileio import parse_once
 from .limits import MAX_TOKENS, BaseBound, BaseBoundError, within_base
 from .merge_options import OptionError
+from .tokens import check_new
 from .weights import FineTunedWeights
 
 PathLike = str | os.PathLike[str]
+#: A token embedding file paired with a delta: its path, or ``(path, token)`` to give its token a
+#: new name (an A1111 file named by a word the vocabulary has, ``sks.pt``).
+EmbeddingFile = PathLike | tuple[PathLike, str]
 
 #: Files a delta repo on the hub may hold; only these are fetched, from the top level (or from
 #: the folder ``org/name:folder`` names), never from deeper folders (``*`` also matches ``/``).
@@ -66,7 +71,7 @@ OTHER_LAYERS_ON_LOAD = ("refuse", "drop", "keep")
 
 
 def load(reference: PathLike | ConceptDelta, *, base: BaseModel | PathLike | None = None,
-         check_base: bool = True, other_layers: str = "refuse", embeddings: Sequence[PathLike] = ()) -> ConceptDelta:
+         check_base: bool = True, other_layers: str = "refuse", embeddings: Sequence[EmbeddingFile] = ()) -> ConceptDelta:
     """Read a delta in any supported format (local path or hub repo id) and validate it.
 
     Files that hold full fine-tuned weights need ``base`` to become differences. With a base,
@@ -76,7 +81,9 @@ def load(reference: PathLike | ConceptDelta, *, base: BaseModel | PathLike | Non
 
     A token embedding file (A1111 ``.pt``, kohya ``emb_params``, SDXL ``clip_l``/``clip_g``,
     diffusers' ``learned_embeds``) is a delta of its token on the base's unchanged K/V (it needs
-    ``base``). ``embeddings``: such files paired with the delta, their tokens added to its own.
+    ``base``). ``embeddings``: such files paired with the delta, their tokens added to its own
+    (a ``(file, token)`` pair renames the file's token). With a base, an embedding file's token
+    that the base's vocabulary already has is refused, naming the file.
     ``other_layers``: what becomes of a LoRA's parts beyond the cross-attention K/V:
     ``refuse`` (the default), ``drop``, or ``keep`` its UNet modules (``other_modules``, only
     LoRA layouts hold them: what reads back a merge written with ``other_layers="sum"``);
@@ -88,7 +95,7 @@ def load(reference: PathLike | ConceptDelta, *, base: BaseModel | PathLike | Non
 
 def load_source(reference: PathLike | ConceptDelta, *, base: BaseModel | PathLike | None = None,
                 check_base: bool = True, source: str | None = None, other_layers: str = "refuse",
-                embeddings: Sequence[PathLike] = (), use: str = "load") -> LoadedDelta:
+                embeddings: Sequence[EmbeddingFile] = (), use: str = "load") -> LoadedDelta:
     """:func:`load`, keeping what it learned on the way: the resolved path and the format (the
     file is resolved, detected and read once, with one parse), what became of a LoRA's other
     parts. ``source`` names the input in messages (default: the reference as given); ``use``
@@ -148,30 +155,49 @@ def _embedding_delta(file: Path, base: BaseModel | PathLike | None, source: str)
                          f"K/V weights; give the base model (--base).")
     base = as_base(base)
     name, embeddings = read_token_file(file, "as an input")
+    _check_new_token(name, file, base, "as an input of its own, rename the file to a new word "
+                                       f"(e.g. {file.with_stem(f'{name}_emb').name}), or pair it with an input under a "
+                                       f"new name (--embedding INPUT={file}:<{name}>)")
     layers = {layer: LayerDelta(*(LowRank(torch.zeros(shape[0], 0), torch.zeros(0, shape[1])) for shape in shapes))
               for layer, shapes in base.kv_shapes().items()}
     check_token_shapes({name: embeddings}, source)
     return ConceptDelta(layers, {name: embeddings}, architecture=base.architecture.name)
 
 
-def _paired(delta: ConceptDelta, embeddings: Sequence[PathLike], base: BaseModel | PathLike | None,
+def _paired(delta: ConceptDelta, embeddings: Sequence[EmbeddingFile], base: BaseModel | PathLike | None,
             source: str) -> ConceptDelta:
     """``delta`` with the tokens of the embedding files paired with it (a LoRA and its trigger
-    token: one concept), each file checked against the base's text encoders on its own."""
+    token: one concept), each renamed when asked and checked against the base's text encoders
+    and vocabulary on its own."""
     if not embeddings:
         return delta
     tokens = dict(delta.tokens)
     origins = {name: source for name in tokens}
-    for file in map(Path, embeddings):
+    for entry in embeddings:
+        file, rename = (Path(entry[0]), entry[1]) if isinstance(entry, tuple) else (Path(entry), None)
         name, vectors = read_token_file(file, f"paired with {source}")
+        if rename is not None:
+            check_token_name(rename, f"{file}: its new name")
+            name = rename
         if name in tokens:
             raise MergeError(f"{file}: token {name} is already in {origins[name]}; a token can be paired once.")
         if base is not None:
             opened = as_base(base)
             check_token_sizes({name: vectors}, opened.token_dims(), opened.name, str(file))
+            _check_new_token(name, file, opened, f"give it a new name, --embedding INPUT={file}:<{name}> (in Python, "
+                                                 f"embeddings=[(\"{file}\", \"<{name}>\")])")
         tokens[name], origins[name] = vectors, str(file)
     check_token_shapes(tokens, source)
     return replace(delta, tokens=tokens)
+
+
+def _check_new_token(name: str, file: Path, base: BaseModel, rename: str) -> None:
+    """An embedding file's token must be new to the base's tokenizers (:func:`~mergekit_cd.tokens.check_new`):
+    refused naming the file, why it has that name, and ``rename``: how to give it another."""
+    by_file = " (AUTOMATIC1111 and kohya name an embedding's token by its file name)" if name == file.stem else ""
+    check_new([name], base.load_tokenizers(), lambda token, _: (
+        f"{file}: its token {token} is already in the base model's vocabulary{by_file}; a modifier token must be new: "
+        f"{rename}."))
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from .errors import MergeError
 from .features import DEFAULT_ROWS, ROW_RULES, RowRule, TextFeatures
 from .fileio import parse_once
 from .limits import MAX_MERGE_PROMPTS, MAX_PROMPTS, check_limit
-from .loading import PathLike, as_base, load_source, resolve_delta
+from .loading import EmbeddingFile, PathLike, as_base, load_source, resolve_delta
 from .prompts import target_prompts
 from .solvers._common import default_rtol
 
@@ -110,7 +110,7 @@ def plan_merge(deltas: Sequence[PathLike | ConceptDelta], reg_captions: Sequence
                base: BaseModel | PathLike, class_words: Sequence[str | None] | None = None,
                styles: Sequence[bool] | None = None, target_templates: Sequence[str] | None = None,
                style_templates: Sequence[str] | None = None, check_base: bool = True,
-               other_layers: str = "refuse", embeddings: Sequence[Sequence[PathLike]] | None = None) -> MergePlan:
+               other_layers: str = "refuse", embeddings: Sequence[Sequence[EmbeddingFile]] | None = None) -> MergePlan:
     """Load and validate the inputs, name their tokens, attach class words and target prompts.
 
     ``other_layers`` and ``embeddings`` (per input, the token embedding files paired with it)

@@ -721,8 +721,8 @@ def test_an_embedding_paired_with_a_tokenless_lora_makes_one_concept(tiny_pipeli
     assert torch.equal(written.tokens["<sks>"][0], row[0])
     assert cd_merge([*arguments, "--embedding", f"3={embedding}"]) == 1
     assert capsys.readouterr().err == (
-        f"cd-merge: error: --embedding 3={embedding}: expected INPUT=FILE, INPUT an input's position (1-2) or its "
-        f"name as given (e.g. --embedding 1=my_token.pt).\n")
+        f"cd-merge: error: --embedding 3={embedding}: expected INPUT=FILE[:TOKEN], INPUT an input's position (1-2) or "
+        f"its name as given (e.g. --embedding 1=sks.pt:<sks>).\n")
     with pytest.raises(MergeError) as error:
         load(tiny_delta_files("sd1")["native"], base=base, embeddings=[_a1111_embedding(tmp_path / "<new1>.pt", row)])
     assert str(error.value) == (f"{tmp_path / '<new1>.pt'}: token <new1> is already in "
@@ -745,3 +745,48 @@ def test_a_kohya_loras_bundled_embeddings_must_agree_with_the_files_beside_it(me
     assert str(error.value) == (f"{tmp_path / 'x.safetensors'}: its bundled embeddings (<new1>, <new2>) differ from "
                                 f"the embedding files in {folder} (<new1>, <new2>); a LoRA's tokens must be one set. "
                                 f"Remove or replace the stale one.")
+
+
+def test_the_readme_example_pairs_an_a1111_file_named_by_a_vocabulary_word_under_a_new_name(
+        tiny_pipeline_path, tiny_delta_files, tmp_path, capsys, monkeypatch):
+    """A1111 names a token by its file stem, and ``sks`` is one word of the vocabulary: refused in one
+    line naming the file and the way out (``FILE:TOKEN``), paired or on its own; the README's
+    command, with the new name, merges a kohya LoRA of more layers with a concept."""
+    import shutil
+
+    folder, _ = _peft_lora(tiny_pipeline_path, tmp_path / "peft", MORE_LAYERS)
+    save(load(folder, other_layers="keep"), tmp_path / "lora.safetensors", format="kohya-lora")
+    shutil.copytree(tiny_delta_files("sd1")["diffusers"], tmp_path / "cat")
+    base = open_base(tiny_pipeline_path("sd1"))
+    row = torch.randn(1, base.token_dims()[0], generator=torch.Generator().manual_seed(6))
+    _a1111_embedding(tmp_path / "sks.pt", row)
+    monkeypatch.chdir(tmp_path)
+    command = ["lora.safetensors", "cat/", "-o", "merged.safetensors", "--base", str(tiny_pipeline_path("sd1")),
+               "--format", "kohya-lora", "--other-layers", "sum", "--class", "dog", "--class", "cat", "-q"]
+    capsys.readouterr()
+    assert cd_merge([*command, "--embedding", "lora.safetensors=sks.pt"]) == 1
+    in_vocabulary = ("sks.pt: its token sks is already in the base model's vocabulary (AUTOMATIC1111 and kohya name an "
+                     "embedding's token by its file name); a modifier token must be new: ")
+    assert capsys.readouterr().err == (
+        f"cd-merge: error: {in_vocabulary}give it a new name, --embedding INPUT=sks.pt:<sks> (in Python, "
+        f"embeddings=[(\"sks.pt\", \"<sks>\")]).\n")
+    assert cd_merge(["cat/", "sks.pt", *command[2:]]) == 1
+    assert capsys.readouterr().err == (
+        f"cd-merge: error: {in_vocabulary}as an input of its own, rename the file to a new word (e.g. sks_emb.pt), or "
+        f"pair it with an input under a new name (--embedding INPUT=sks.pt:<sks>).\n")
+    assert cd_merge([*command, "--embedding", "lora.safetensors=sks.pt:<sks>"]) == 0
+    written = load("merged.safetensors", other_layers="keep")
+    assert [concept.token for concept in written.concepts] == ["<sks>", "<new1>"]
+    assert torch.equal(written.tokens["<sks>"][0], row[0]) and written.other_modules
+    assert load("lora.safetensors", base=base, other_layers="drop",
+                embeddings=[("sks.pt", "<sks>")]).tokens.keys() == {"<sks>"}
+
+
+@pytest.mark.parametrize("spec, files", [
+    ("1=sks.pt", ["sks.pt"]), ("1=sks.pt:<sks>", [("sks.pt", "<sks>")]), ("1=C:\\emb\\sks.pt", ["C:\\emb\\sks.pt"]),
+    ("1=C:\\emb\\sks.pt:<sks>", [("C:\\emb\\sks.pt", "<sks>")]), ("a=x.pt:<x>", [("x.pt", "<x>")]),
+])
+def test_embedding_specs_split_off_a_new_token_name_after_the_last_colon(spec, files):
+    from mergekit_cd.cli._common import paired_embeddings
+
+    assert paired_embeddings(["a"], [spec]) == [files]
