@@ -790,3 +790,26 @@ def test_embedding_specs_split_off_a_new_token_name_after_the_last_colon(spec, f
     from mergekit_cd.cli._common import paired_embeddings
 
     assert paired_embeddings(["a"], [spec]) == [files]
+
+
+def test_one_embedding_file_used_twice_is_refused_naming_both_uses(tiny_pipeline_path, tiny_delta_files, tmp_path,
+                                                                   capsys):
+    """Paired with two inputs (renamed or not), or an input and paired too: one token would trigger
+    two concepts with conflicting constraints."""
+    base = open_base(tiny_pipeline_path("sd1"))
+    embedding = _a1111_embedding(tmp_path / "x.pt", torch.randn(1, base.token_dims()[0]))
+    first, second = str(tiny_delta_files("sd1")["native"]), str(tiny_delta_files("sd1")["other-native"])
+    common = ["--base", str(tiny_pipeline_path("sd1")), "-o", str(tmp_path / "m.safetensors"), "-q"]
+    twice = "The embedding file {path} is given twice, {first} and {second}: its token would be the trigger of two " \
+            "concepts, whose constraints conflict; give it once."
+    capsys.readouterr()  # the fixtures' progress
+    assert cd_merge([first, second, *common, "--embedding", f"1={embedding}", "--embedding", f"2={embedding}"]) == 1
+    assert capsys.readouterr().err == "cd-merge: error: " + twice.format(
+        path=embedding, first=f"paired with input 1 ({first})", second=f"paired with input 2 ({second})") + "\n"
+    assert cd_merge([first, str(embedding), *common, "--embedding", f"1={tmp_path}/./x.pt:<y>"]) == 1
+    assert capsys.readouterr().err == "cd-merge: error: " + twice.format(
+        path=f"{tmp_path}/x.pt", first=f"as input 2 ({embedding})", second=f"paired with input 1 ({first})") + "\n"
+    with pytest.raises(MergeError) as error:
+        plan_merge([first, second], CAPTIONS, base=base, embeddings=[[embedding], [(embedding, "<y>")]])
+    assert str(error.value) == twice.format(path=embedding, first=f"paired with input 1 ({first})",
+                                            second=f"paired with input 2 ({second})")
