@@ -86,7 +86,7 @@ def test_a_merge_written_as_diffusers_lora_loads_in_plain_diffusers_as_apply_ins
     expected = _with_apply(tiny_pipeline_path(architecture), item["native"])
     pipe = DiffusionPipeline.from_pretrained(tiny_pipeline_path(architecture))
     pipe.load_lora_weights(item["diffusers"])
-    _load_embeddings(pipe, {token: item["diffusers"] / f"{token}.safetensors" for token in ("<new1>", "<new2>")},
+    _load_embeddings(pipe, {token: item["diffusers"] / f"{token[1:-1]}.safetensors" for token in ("<new1>", "<new2>")},
                      key_for_sd1=None)
     got = _latents(pipe)
     assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5), (got - expected).abs().max()
@@ -113,7 +113,7 @@ def test_a_merge_written_as_kohya_lora_loads_through_diffusers_kohya_conversion(
     pipe = DiffusionPipeline.from_pretrained(tiny_pipeline_path(architecture))
     pipe.load_lora_weights({k: v for k, v in state.items() if not k.startswith("bundle_emb.")})
     folder = item["kohya"].parent / "merged_embeddings"
-    _load_embeddings(pipe, {token: folder / f"{token}.safetensors" for token in ("<new1>", "<new2>")},
+    _load_embeddings(pipe, {token: folder / f"{token[1:-1]}.safetensors" for token in ("<new1>", "<new2>")},
                      key_for_sd1="emb_params")
     got = _latents(pipe)
     assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5), (got - expected).abs().max()
@@ -131,6 +131,41 @@ def test_lora_files_read_back_as_the_merged_delta(merged, architecture):
         for layer, pair in item["delta"].layers.items():
             for want, got in zip((pair.key, pair.value), (back.layers[layer].key, back.layers[layer].value)):
                 assert torch.allclose(dense(got), want, rtol=0, atol=1e-6 * float(want.abs().max())), layer
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_lora_token_files_have_portable_names_and_keep_their_tokens_inside(merged, tmp_path, architecture):
+    """``<new1>`` is no file name on Windows: both LoRA layouts write ``new1.safetensors`` (diffusers'
+    file keyed by the token, every file with the token in its metadata), which read back as the
+    token; a file renamed by its user is named by its file, as A1111 names it."""
+    from mergekit_cd.formats.token_files import read_token_file
+
+    item = merged[architecture]
+    kohya_folder = item["kohya"].parent / "merged_embeddings"
+    for folder in (item["diffusers"], kohya_folder):
+        assert sorted(path.name for path in folder.glob("new*")) == ["new1.safetensors", "new2.safetensors"]
+        assert read_token_file(folder / "new1.safetensors", "beside the LoRA")[0] == "<new1>"
+    if architecture == "sd1":
+        assert list(load_file(item["diffusers"] / "new1.safetensors")) == ["<new1>"]  # load_textual_inversion's key
+    renamed = tmp_path / "mycat.safetensors"
+    renamed.write_bytes((kohya_folder / "new1.safetensors").read_bytes())
+    assert read_token_file(renamed, "as an input")[0] == "mycat"
+
+
+@pytest.mark.parametrize("tokens, problem", [
+    (("<new1>", "new1"), "tokens '<new1>' and 'new1' would have one file, new1.safetensors, once the characters "
+                         "Windows forbids are left out; rename one, or write the native format (one file)."),
+    (("<con>",), "token '<con>' has no portable file name ('con' once the characters Windows forbids are left out); "
+                 "rename it."),
+])
+def test_lora_token_names_without_a_portable_file_name_of_their_own_are_refused(merged, tmp_path, tokens, problem):
+    delta = merged["sd1"]["delta"]
+    vector = next(iter(delta.tokens.values()))
+    renamed = type(delta)(delta.layers, {token: vector for token in tokens}, architecture=delta.architecture)
+    for name, path in (("diffusers-lora", tmp_path / "d"), ("kohya-lora", tmp_path / "k.safetensors")):
+        with pytest.raises(MergeError) as error:
+            save(renamed, path, format=name)
+        assert str(error.value) == f"Cannot write {path} as {name}: {problem}"
 
 
 def test_a_constrained_merge_is_factored_exactly_at_its_rank(merged):
@@ -175,7 +210,7 @@ def test_cd_merge_writes_a_kohya_lora_and_prints_its_ranks(tiny_pipeline_path, t
     printed = capsys.readouterr().out
     assert "K/V differences exact at their rank" in printed and "none approximated" in printed
     assert sorted(path.name for path in (tmp_path / "merged_embeddings").iterdir()) == [
-        "<new1>.safetensors", "<new2>.safetensors"]
+        "new1.safetensors", "new2.safetensors"]  # portable names (Windows forbids < and >)
     assert formats.detect_format(out).NAME == "kohya-lora"
     assert not list(tmp_path.glob(".*"))
     # the embedding folder is an output too: checked before any work, replaced only with --force
@@ -196,7 +231,7 @@ def test_cd_convert_of_a_full_rank_concept_reports_the_lora_error(tiny_pipeline_
     assert cd_convert([str(source), "-o", str(out), "--to", "diffusers-lora", "--lora-rtol", "0.2"]) == 0
     printed = capsys.readouterr().out
     assert "within --lora-rtol 0.2" in printed and " 0 of " in printed, printed
-    assert (out / "pytorch_lora_weights.safetensors").is_file() and (out / "<new1>.safetensors").is_file()
+    assert (out / "pytorch_lora_weights.safetensors").is_file() and (out / "new1.safetensors").is_file()
     back = load(out)
     assert all(layer.key.rank < min(layer.key.shape) for layer in back.layers.values())
 
@@ -730,14 +765,15 @@ def test_an_embedding_paired_with_a_tokenless_lora_makes_one_concept(tiny_pipeli
 
 
 def test_a_kohya_loras_bundled_embeddings_must_agree_with_the_files_beside_it(merged, tmp_path):
-    """Both as kohya-lora writes them read back (the merged fixture's file); a stale file beside is one error."""
+    """Both as kohya-lora writes them read back (the merged fixture's file), and under the names it
+    used to write (``<new1>.safetensors``); a stale file beside is one error."""
     state = _kohya_state(merged)
     save_file(state, tmp_path / "x.safetensors")
     folder = tmp_path / "x_embeddings"
     folder.mkdir()
     for token in ("<new1>", "<new2>"):
         (folder / f"{token}.safetensors").write_bytes((merged["sd1"]["kohya"].parent / "merged_embeddings" /
-                                                       f"{token}.safetensors").read_bytes())
+                                                       f"{token[1:-1]}.safetensors").read_bytes())
     assert set(load(tmp_path / "x.safetensors").tokens) == {"<new1>", "<new2>"}
     save_file({"emb_params": torch.zeros(1, merged["sd1"]["base"].token_dims()[0])}, folder / "<new2>.safetensors")
     with pytest.raises(MergeError) as error:
