@@ -143,9 +143,15 @@ def load_source(reference: PathLike | ConceptDelta, *, base: BaseModel | PathLik
 
 def _read(path: Path, base: BaseModel | PathLike | None, source: str) -> tuple[str, ConceptDelta | FineTunedWeights]:
     """``(format, content)`` of a delta file, or of a token embedding file no format reads."""
-    if not any(module.detect(path) for module in formats.FORMATS) and is_token_file(path):
+    if is_embedding_file(path):
         return EMBEDDING, _embedding_delta(path, base, source)
     return formats.read_detected(path)
+
+
+def is_embedding_file(path: Path) -> bool:
+    """Whether ``path`` is read as a token embedding file: no format detects it, and its keys are a
+    token file's (:func:`~mergekit_cd.formats.token_files.is_token_file`)."""
+    return not any(module.detect(path) for module in formats.FORMATS) and is_token_file(path)
 
 
 def _embedding_delta(file: Path, base: BaseModel | PathLike | None, source: str) -> ConceptDelta:

@@ -849,3 +849,51 @@ def test_one_embedding_file_used_twice_is_refused_naming_both_uses(tiny_pipeline
         plan_merge([first, second], CAPTIONS, base=base, embeddings=[[embedding], [(embedding, "<y>")]])
     assert str(error.value) == twice.format(path=embedding, first=f"paired with input 1 ({first})",
                                             second=f"paired with input 2 ({second})")
+
+
+def test_cd_inspect_counts_a_loras_modules_beyond_kv_by_kind_and_reads_embedding_files(
+        merged, tiny_pipeline_path, tmp_path, capsys):
+    """What a merge would refuse is shown, counted in modules by the kinds its refusal names; an
+    embedding file cd-merge reads as an input is shown with its token, widths and layout."""
+    from mergekit_cd.cli import inspect as cd_inspect
+
+    folder, differences = _peft_lora(tiny_pipeline_path, tmp_path / "peft", MORE_LAYERS)
+    other = [module for module in differences if not _is_kv(module)]
+    kinds = {"self-attention": sum(".attn1." in m for m in other), "feed-forward": sum(".ff." in m for m in other),
+             "cross-attention queries and outputs": sum(".attn2." in m for m in other)}
+    capsys.readouterr()
+    assert cd_inspect.main([str(folder)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("beyond K/V:"))
+    assert lines[start] == (f"beyond K/V:   {len(other)} LoRA modules the merge does not solve for (cd-merge "
+                            f"--other-layers), e.g. down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k")
+    assert {line.rsplit(maxsplit=1)[0].strip(): int(line.split()[-1]) for line in lines[start + 1:start + 4]} == kinds
+
+    with_te = tmp_path / "with-te.safetensors"
+    save_file({**_kohya_state(merged), f"{_TEXT_ENCODER}.lora_down.weight": torch.zeros(2, 8),
+               f"{_TEXT_ENCODER}.lora_up.weight": torch.zeros(8, 2), f"{_TEXT_ENCODER}.alpha": torch.tensor(2.0)},
+              with_te)
+    assert cd_inspect.main([str(with_te)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("beyond K/V:"))
+    assert lines[start].startswith("beyond K/V:   1 LoRA module the merge") and lines[start + 1].split() == [
+        "text-encoder", "parts", "1"]
+
+    width = merged["sd1"]["base"].token_dims()[0]
+    embedding = _a1111_embedding(tmp_path / "sks.pt", torch.zeros(1, width))
+    assert cd_inspect.main([str(embedding)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"file:         {embedding}",
+        "format:       embedding (AUTOMATIC1111 string_to_param, named by its file)",
+        f"architecture: unknown, text features: {width}",
+        "base:         not recorded",
+        f"tokens:       sks [{width}]",
+        "layers:       none: a token embedding file (as a cd-merge input, its token on the base's unchanged K/V)"]
+    sdxl = merged["sdxl"]["kohya"].parent / "merged_embeddings" / "new1.safetensors"
+    assert cd_inspect.main([str(sdxl), "--base", str(tiny_pipeline_path("sdxl"))]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == "format:       embedding (SDXL clip_l / clip_g, named by its file)"
+    assert lines[2].startswith("architecture: sdxl (from the base)")
+    assert lines[5] == f"tokens:       <new1> {list(merged['sdxl']['base'].token_dims())}"
+    assert cd_inspect.main([str(sdxl), "--base", str(tiny_pipeline_path("sd1"))]) == 1
+    assert "token <new1> has embedding sizes" in capsys.readouterr().err

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,23 @@ def is_token_file(path: Path) -> bool:
         len(keys) == 1 and all(isinstance(key, str) for key in keys))
 
 
+@dataclass(frozen=True)
+class TokenFile:
+    """What a token embedding file holds: its token's name, one vector per text encoder, and the
+    layout it was found in, in words (``cd-inspect`` shows it)."""
+
+    name: str
+    embeddings: tuple[Tensor, ...]
+    layout: str
+
+
 def read_token_file(file: Path, where: str) -> tuple[str, tuple[Tensor, ...]]:
+    """The token's name and embeddings of :func:`token_file`."""
+    found = token_file(file, where)
+    return found.name, found.embeddings
+
+
+def token_file(file: Path, where: str) -> TokenFile:
     """One token's embeddings from the files the ecosystem shares: diffusers' ``{"<token>": vector}``
     (named by its key), and, named by the file as AUTOMATIC1111 names them, SDXL's
     ``{"clip_l", "clip_g"}``, kohya's ``{"emb_params"}`` and A1111's ``.pt`` (``string_to_param``
@@ -79,17 +96,21 @@ def read_token_file(file: Path, where: str) -> tuple[str, tuple[Tensor, ...]]:
     recorded = metadata.get(TOKEN_METADATA_KEY)
     named = recorded if isinstance(recorded, str) and _portable(recorded) == file.stem else file.stem
     if set(state) == set(SDXL_TOKEN_KEYS):
-        return named, tuple(check_vector(state[key], key, source) for key in SDXL_TOKEN_KEYS)
+        return TokenFile(named, tuple(check_vector(state[key], key, source) for key in SDXL_TOKEN_KEYS),
+                         "SDXL clip_l / clip_g, named by its file")
     if set(state) == {EMB_PARAMS}:
-        return named, (check_vector(state[EMB_PARAMS], EMB_PARAMS, source),)
+        return TokenFile(named, (check_vector(state[EMB_PARAMS], EMB_PARAMS, source),),
+                         f"kohya {EMB_PARAMS}, named by its file")
     if STRING_TO_PARAM in state:
         params = state[STRING_TO_PARAM]
         if not isinstance(params, dict) or set(params) != {"*"}:
             raise MergeError(f"{source}: {STRING_TO_PARAM} should be {{'*': rows}}, as AUTOMATIC1111 saves it.")
-        return named, (check_vector(params["*"], f"{STRING_TO_PARAM}['*']", source),)
+        return TokenFile(named, (check_vector(params["*"], f"{STRING_TO_PARAM}['*']", source),),
+                         f"AUTOMATIC1111 {STRING_TO_PARAM}, named by its file")
     if len(state) == 1:
         name, value = next(iter(state.items()))
-        return str(name), (check_vector(value, str(name), source),)
+        return TokenFile(str(name), (check_vector(value, str(name), source),),
+                         "diffusers {token: vector} (learned_embeds), named by its key")
     raise MergeError(f"{source}: expected a token embedding file {where} "
                      f"({{'<token>': vector}}, {{'clip_l', 'clip_g'}} for SDXL, {{'{EMB_PARAMS}'}} or A1111's "
                      f"{STRING_TO_PARAM}), found keys {natural_order(map(str, state))[:6]}.")
