@@ -24,7 +24,7 @@ from .delta import (CompressionReport, ConceptDelta, LayerDelta, LowRank, check_
                     LORA_RTOL)
 from .errors import MergeError
 from .formats._common import check_token_shapes, natural_order
-from .formats._lora import TEXT_ENCODER_PREFIXES, describe_parts
+from .formats._lora import TEXT_ENCODER_PREFIXES, counted, describe_parts, part_module
 from .formats.token_files import is_token_file, read_token_file
 from .fileio import parse_once
 from .limits import MAX_TOKENS, BaseBound, BaseBoundError, within_base
@@ -253,7 +253,8 @@ def settle_other_layers(delta: ConceptDelta, rule: str, source: str, use: str = 
                           + ".", source=source, kinds=kinds, examples=", ".join(natural_order(parts)[:2]),
                           does=words.does, choices=words.choices, text_encoder=words.text_encoder)
     if text_encoder:
-        warnings.warn(f"{source}: its {len(text_encoder)} text-encoder tensors are dropped: they change the text "
+        modules = counted(len({part_module(name) for name in text_encoder}), "module")
+        warnings.warn(f"{source}: its text-encoder parts ({modules}) are dropped: they change the text "
                       f"features the merge is computed on, so no merge can keep them (the merged file works with "
                       f"the base's text encoders).", stacklevel=3)
     if rule == "keep" and uncarried:
@@ -261,11 +262,12 @@ def settle_other_layers(delta: ConceptDelta, rule: str, source: str, use: str = 
                           "names with no diffusers module known here); choose {other_layers} drop.",
                           source=source, examples=", ".join(uncarried[:2]))
     kept = delta.other_modules if rule == "keep" else {}
-    modules = f"{len(delta.other_modules)} UNet modules beyond the cross-attention K/V"
+    modules = f"{counted(len(delta.other_modules), 'UNet module')} beyond the cross-attention K/V"
     what = ", ".join(part for part in (
         (f"{modules} kept" if kept else f"{modules} dropped") if delta.other_modules else "",
-        f"{len(uncarried)} more UNet tensors dropped" if uncarried else "",
-        f"{len(text_encoder)} text-encoder tensors dropped" if text_encoder else "") if part)
+        f"{counted(len({part_module(name) for name in uncarried}), 'more UNet module')} dropped" if uncarried else "",
+        f"{counted(len({part_module(name) for name in text_encoder}), 'text-encoder module')} dropped"
+        if text_encoder else "") if part)
     return replace(delta, other_modules=kept, unread_parts=()), f"{what} ({kinds})"
 
 

@@ -154,7 +154,7 @@ def summarize(reference: str | os.PathLike[str], *,
     elif architecture is None and architecture_of_width(context) is not None:
         architecture, architecture_source = architecture_of_width(context).name, "guessed from the text-feature width"
     metadata = {k: v for k, v in content.metadata.items() if k != "ignored"}
-    concepts = tuple(f"{c.token} = {'style' if c.style else (c.class_word or 'class not recorded')}"
+    concepts = tuple(f"{c.token or '(no token)'} = {'style' if c.style else (c.class_word or 'class not recorded')}"
                      for c in content.concepts)
     return Summary(source, module.NAME, kind, architecture, architecture_source if architecture else None,
                    recorded[0], recorded[1], context, layers,

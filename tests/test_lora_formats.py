@@ -20,7 +20,7 @@ from mergekit_cd.apply import apply
 from mergekit_cd.base import open_base
 from mergekit_cd.cli.convert import main as cd_convert
 from mergekit_cd.cli.merge import main as cd_merge
-from mergekit_cd.delta import LayerDelta, dense, factorize
+from mergekit_cd.delta import Concept, LayerDelta, dense, factorize
 from mergekit_cd.errors import MergeError
 from mergekit_cd.loading import load, save
 from mergekit_cd.merge import MergeOptions, execute, merge, plan_merge
@@ -588,8 +588,8 @@ def test_a_loras_text_encoder_parts_are_dropped_with_a_warning_saying_why(merged
     path = tmp_path / "with-te.safetensors"
     save_file({**_kohya_state(merged), f"{_TEXT_ENCODER}.lora_down.weight": torch.zeros(2, 8),
                f"{_TEXT_ENCODER}.lora_up.weight": torch.zeros(8, 2), f"{_TEXT_ENCODER}.alpha": torch.tensor(2.0)}, path)
-    warning = (f"{path}: its 3 text-encoder tensors are dropped: they change the text features the merge is computed "
-               f"on, so no merge can keep them (the merged file works with the base's text encoders).")
+    warning = (f"{path}: its text-encoder parts (1 module) are dropped: they change the text features the merge is "
+               f"computed on, so no merge can keep them (the merged file works with the base's text encoders).")
     for rule in ("drop", "keep"):
         with pytest.warns(UserWarning) as caught:
             delta = load(path, other_layers=rule)
@@ -600,7 +600,7 @@ def test_a_loras_text_encoder_parts_are_dropped_with_a_warning_saying_why(merged
                      "--other-layers", "drop"]) == 0
     captured = capsys.readouterr()
     assert f"cd-merge: warning: {warning}" in captured.err.splitlines()
-    assert f"note: other layers drop: {path}: 3 text-encoder tensors dropped (text-encoder parts)" in captured.out
+    assert f"note: other layers drop: {path}: 1 text-encoder module dropped (text-encoder parts)" in captured.out
 
 
 def test_apply_and_cd_sample_refuse_a_lora_with_more_than_kv_unless_drop_is_chosen(
@@ -636,8 +636,8 @@ def test_apply_and_cd_sample_refuse_a_lora_with_more_than_kv_unless_drop_is_chos
     with pytest.warns(UserWarning) as caught:
         apply(DiffusionPipeline.from_pretrained(tiny_pipeline_path("sd1")), with_te, other_layers="drop")
     assert [str(w.message) for w in caught] == [
-        f"{with_te}: its 3 text-encoder tensors are dropped: they change the text features the merge is computed "
-        f"on, so no merge can keep them (the merged file works with the base's text encoders)."]
+        f"{with_te}: its text-encoder parts (1 module) are dropped: they change the text features the merge is "
+        f"computed on, so no merge can keep them (the merged file works with the base's text encoders)."]
 
     arguments = ["--base", str(tiny_pipeline_path("sd1")), "--delta", str(folder), "a dog", "-n", "1", "--steps", "1",
                  "-q", "-o", str(tmp_path / "grid.png")]
@@ -897,3 +897,32 @@ def test_cd_inspect_counts_a_loras_modules_beyond_kv_by_kind_and_reads_embedding
     assert lines[5] == f"tokens:       <new1> {list(merged['sdxl']['base'].token_dims())}"
     assert cd_inspect.main([str(sdxl), "--base", str(tiny_pipeline_path("sd1"))]) == 1
     assert "token <new1> has embedding sizes" in capsys.readouterr().err
+
+
+def test_counts_and_shapes_in_messages_read_as_words(merged, tmp_path):
+    """One module is "1 UNet module"; text-encoder parts are counted in modules, as UNet parts
+    are; a shape is a plain tuple; a concept with no token is shown as such by cd-inspect."""
+    from mergekit_cd.loading import load_source
+    from mergekit_cd.summary import summarize
+
+    state = _kohya_state(merged)
+    one = tmp_path / "one.safetensors"
+    save_file({**state, f"{_SELF_ATTENTION}.lora_down.weight": torch.zeros(2, 8),
+               f"{_SELF_ATTENTION}.lora_up.weight": torch.zeros(8, 2)}, one)
+    assert load_source(one, other_layers="drop").other_layers == (
+        "1 UNet module beyond the cross-attention K/V dropped (self-attention)")
+
+    value = next(key for key in state if "attn2_to_v" in key and key.endswith("lora_down.weight"))
+    wide = state[value].shape
+    save_file({**state, value: torch.zeros(wide[0], wide[1] + 1)}, tmp_path / "shapes.safetensors")
+    key = state[value.replace("to_v", "to_k").replace("lora_down", "lora_up")].shape[0]
+    with pytest.raises(MergeError) as error:
+        load(tmp_path / "shapes.safetensors")
+    assert str(error.value).endswith(f"has K and V parts of different shapes [({key}, {wide[1]}), "
+                                     f"({key}, {wide[1] + 1})].")
+
+    delta = merged["sd1"]["delta"]
+    tokenless = type(delta)(delta.layers, {}, architecture=delta.architecture,
+                            concepts=(Concept("", "dog", ("dog",)),))
+    summary = summarize(save(tokenless, tmp_path / "tokenless.safetensors"))
+    assert summary.concepts == ("(no token) = dog",)

@@ -164,7 +164,8 @@ def lora_layers(parts: dict[tuple[str, str], Tensor], scale: Any, source: str) -
     for layer, pair in factors.items():
         shapes = {part.shape for part in pair.values()}
         if len(shapes) > 1:
-            raise MergeError(f"{source}: layer {layer} has K and V parts of different shapes {sorted(shapes)}.")
+            raise MergeError(f"{source}: layer {layer} has K and V parts of different shapes "
+                             f"{sorted(tuple(shape) for shape in shapes)}.")
         (out, width), = shapes
         widths.add(width)
         empty = LowRank(torch.zeros(out, 0), torch.zeros(0, width))
