@@ -25,11 +25,13 @@ from .architectures import Architecture, pipeline_architecture
 from .base import kv_fingerprint
 from .delta import ConceptDelta, dense
 from .errors import MergeError
-from .loading import FitTarget, PathLike, check_fits, resolve_delta
+from .loading import FitTarget, PathLike, check_fits, resolve_delta, settle_other_layers
 from .tokens import check_new, install
 from .weights import FineTunedWeights
 
 _STATE = "_mergekit_cd_installed"
+#: What :func:`apply` may do with a LoRA's parts beyond the cross-attention K/V: it installs K/V alone.
+OTHER_LAYERS_ON_APPLY = ("refuse", "drop")
 
 
 @dataclass
@@ -74,7 +76,7 @@ def _encoder_pairs(pipe, architecture: Architecture) -> list[tuple[str, str]]:
 
 # ---------------------------------------------------------------- apply / remove
 def apply(pipe, delta: ConceptDelta | FineTunedWeights | PathLike, *, scale: float = 1.0,
-          check_base: bool = True) -> ConceptDelta:
+          check_base: bool = True, other_layers: str = "refuse") -> ConceptDelta:
     """Add ``delta`` (object, file, folder or hub repo) to ``pipe`` in place; returns the delta.
 
     The K/V differences (times ``scale``) are added to every ``attn2.to_k``/``to_v`` weight of
@@ -83,7 +85,15 @@ def apply(pipe, delta: ConceptDelta | FineTunedWeights | PathLike, *, scale: flo
     A delta that records a base fingerprint is refused on another base unless
     ``check_base=False``; a delta of another architecture is always refused. Only one delta
     can be installed at a time (merge several first); :func:`remove` undoes this exactly.
+
+    A LoRA's parts beyond the cross-attention K/V (its other UNet modules, as our ``--other-layers
+    sum`` outputs carry them, and text-encoder parts) are not installed: such a delta is refused
+    (``other_layers="refuse"``, the default, the rule :func:`~mergekit_cd.loading.load` applies)
+    unless ``other_layers="drop"`` installs its K/V alone (text-encoder parts with a warning).
     """
+    if other_layers not in OTHER_LAYERS_ON_APPLY:
+        raise MergeError(f"other_layers {other_layers!r}: choose one of {', '.join(OTHER_LAYERS_ON_APPLY)} "
+                         f"(apply installs the K/V alone).")
     if getattr(pipe, _STATE, None) is not None:
         previous = getattr(pipe, _STATE).source
         raise MergeError(f"This pipeline already has a delta installed ({previous}); call "
@@ -96,6 +106,8 @@ def apply(pipe, delta: ConceptDelta | FineTunedWeights | PathLike, *, scale: flo
     if not isinstance(delta, (ConceptDelta, FineTunedWeights)):
         source = str(delta)
         content = formats.read(resolve_delta(delta))
+    if isinstance(content, ConceptDelta):
+        content = settle_other_layers(content, other_layers, source, "apply")[0]
     pairs = _encoder_pairs(pipe, architecture) if content.tokens else []
     _check_fits_pipeline(pipe, architecture, layers, pairs, content, source, check_base)
     if isinstance(content, FineTunedWeights):

@@ -19,18 +19,23 @@ import torch
 
 from . import formats, hub
 from .base import BaseModel, open_base
-from .delta import (CompressionReport, ConceptDelta, LayerDelta, LowRank, compress, factorize, layer_shapes,
+from .delta import (CompressionReport, ConceptDelta, LayerDelta, LowRank, check_token_name, compress, factorize,
+                    layer_shapes,
                     LORA_RTOL)
 from .errors import MergeError
 from .formats._common import check_token_shapes, natural_order
-from .formats._lora import TEXT_ENCODER_PREFIXES, describe_parts
+from .formats._lora import TEXT_ENCODER_PREFIXES, counted, describe_parts, part_module
 from .formats.token_files import is_token_file, read_token_file
 from .fileio import parse_once
 from .limits import MAX_CONSTRAINT_ROWS, MAX_TOKENS, BaseBound, BaseBoundError, within_base
 from .merge_options import OptionError
+from .tokens import check_new
 from .weights import FineTunedWeights
 
 PathLike = str | os.PathLike[str]
+#: A token embedding file paired with a delta: its path, or ``(path, token)`` to give its token a
+#: new name (an A1111 file named by a word the vocabulary has, ``sks.pt``).
+EmbeddingFile = PathLike | tuple[PathLike, str]
 
 #: Files a delta repo on the hub may hold; only these are fetched, from the top level (or from
 #: the folder ``org/name:folder`` names), never from deeper folders (``*`` also matches ``/``).
@@ -66,7 +71,7 @@ OTHER_LAYERS_ON_LOAD = ("refuse", "drop", "keep")
 
 
 def load(reference: PathLike | ConceptDelta, *, base: BaseModel | PathLike | None = None,
-         check_base: bool = True, other_layers: str = "refuse", embeddings: Sequence[PathLike] = ()) -> ConceptDelta:
+         check_base: bool = True, other_layers: str = "refuse", embeddings: Sequence[EmbeddingFile] = ()) -> ConceptDelta:
     """Read a delta in any supported format (local path or hub repo id) and validate it.
 
     Files that hold full fine-tuned weights need ``base`` to become differences. With a base,
@@ -76,10 +81,13 @@ def load(reference: PathLike | ConceptDelta, *, base: BaseModel | PathLike | Non
 
     A token embedding file (A1111 ``.pt``, kohya ``emb_params``, SDXL ``clip_l``/``clip_g``,
     diffusers' ``learned_embeds``) is a delta of its token on the base's unchanged K/V (it needs
-    ``base``). ``embeddings``: such files paired with the delta, their tokens added to its own.
+    ``base``). ``embeddings``: such files paired with the delta, their tokens added to its own
+    (a ``(file, token)`` pair renames the file's token). With a base, an embedding file's token
+    that the base's vocabulary already has is refused, naming the file.
     ``other_layers``: what becomes of a LoRA's parts beyond the cross-attention K/V:
     ``refuse`` (the default), ``drop``, or ``keep`` its UNet modules (``other_modules``, only
-    LoRA layouts hold them); text-encoder parts are only ever dropped, with a warning.
+    LoRA layouts hold them: what reads back a merge written with ``other_layers="sum"``);
+    text-encoder parts are only ever dropped, with a warning.
     """
     return load_source(reference, base=base, check_base=check_base, other_layers=other_layers,
                        embeddings=embeddings).delta
@@ -87,10 +95,12 @@ def load(reference: PathLike | ConceptDelta, *, base: BaseModel | PathLike | Non
 
 def load_source(reference: PathLike | ConceptDelta, *, base: BaseModel | PathLike | None = None,
                 check_base: bool = True, source: str | None = None, other_layers: str = "refuse",
-                embeddings: Sequence[PathLike] = ()) -> LoadedDelta:
+                embeddings: Sequence[EmbeddingFile] = (), use: str = "load") -> LoadedDelta:
     """:func:`load`, keeping what it learned on the way: the resolved path and the format (the
     file is resolved, detected and read once, with one parse), what became of a LoRA's other
-    parts. ``source`` names the input in messages (default: the reference as given)."""
+    parts. ``source`` names the input in messages (default: the reference as given); ``use``
+    what it is loaded for (:data:`OTHER_LAYERS_USES`: a refusal of its other parts names that
+    use's choices)."""
     if other_layers not in OTHER_LAYERS_ON_LOAD:
         raise MergeError(f"other_layers {other_layers!r}: choose one of {', '.join(OTHER_LAYERS_ON_LOAD)}.")
     content: ConceptDelta | FineTunedWeights | None = None
@@ -118,7 +128,7 @@ def load_source(reference: PathLike | ConceptDelta, *, base: BaseModel | PathLik
         else:
             delta = content
         delta.metadata.setdefault("source", source)
-    delta, what = _other_layers(delta, other_layers, source)
+    delta, what = settle_other_layers(delta, other_layers, source, use)
     delta = _paired(delta, embeddings, base, source)
     if base is not None:
         base = as_base(base)
@@ -133,9 +143,15 @@ def load_source(reference: PathLike | ConceptDelta, *, base: BaseModel | PathLik
 
 def _read(path: Path, base: BaseModel | PathLike | None, source: str) -> tuple[str, ConceptDelta | FineTunedWeights]:
     """``(format, content)`` of a delta file, or of a token embedding file no format reads."""
-    if not any(module.detect(path) for module in formats.FORMATS) and is_token_file(path):
+    if is_embedding_file(path):
         return EMBEDDING, _embedding_delta(path, base, source)
     return formats.read_detected(path)
+
+
+def is_embedding_file(path: Path) -> bool:
+    """Whether ``path`` is read as a token embedding file: no format detects it, and its keys are a
+    token file's (:func:`~mergekit_cd.formats.token_files.is_token_file`)."""
+    return not any(module.detect(path) for module in formats.FORMATS) and is_token_file(path)
 
 
 def _embedding_delta(file: Path, base: BaseModel | PathLike | None, source: str) -> ConceptDelta:
@@ -145,53 +161,100 @@ def _embedding_delta(file: Path, base: BaseModel | PathLike | None, source: str)
                          f"K/V weights; give the base model (--base).")
     base = as_base(base)
     name, embeddings = read_token_file(file, "as an input")
+    _check_new_token(name, file, base, "as an input of its own, rename the file to a new word "
+                                       f"(e.g. {file.with_stem(f'{name}_emb').name}), or pair it with an input under a "
+                                       f"new name (--embedding INPUT={file}:<{name}>)")
     layers = {layer: LayerDelta(*(LowRank(torch.zeros(shape[0], 0), torch.zeros(0, shape[1])) for shape in shapes))
               for layer, shapes in base.kv_shapes().items()}
     check_token_shapes({name: embeddings}, source)
     return ConceptDelta(layers, {name: embeddings}, architecture=base.architecture.name)
 
 
-def _paired(delta: ConceptDelta, embeddings: Sequence[PathLike], base: BaseModel | PathLike | None,
+def _paired(delta: ConceptDelta, embeddings: Sequence[EmbeddingFile], base: BaseModel | PathLike | None,
             source: str) -> ConceptDelta:
     """``delta`` with the tokens of the embedding files paired with it (a LoRA and its trigger
-    token: one concept), each file checked against the base's text encoders on its own."""
+    token: one concept), each renamed when asked and checked against the base's text encoders
+    and vocabulary on its own."""
     if not embeddings:
         return delta
     tokens = dict(delta.tokens)
     origins = {name: source for name in tokens}
-    for file in map(Path, embeddings):
+    for entry in embeddings:
+        file, rename = (Path(entry[0]), entry[1]) if isinstance(entry, tuple) else (Path(entry), None)
         name, vectors = read_token_file(file, f"paired with {source}")
+        if rename is not None:
+            check_token_name(rename, f"{file}: its new name")
+            name = rename
         if name in tokens:
             raise MergeError(f"{file}: token {name} is already in {origins[name]}; a token can be paired once.")
         if base is not None:
             opened = as_base(base)
             check_token_sizes({name: vectors}, opened.token_dims(), opened.name, str(file))
+            _check_new_token(name, file, opened, f"give it a new name, --embedding INPUT={file}:<{name}> (in Python, "
+                                                 f"embeddings=[(\"{file}\", \"<{name}>\")])")
         tokens[name], origins[name] = vectors, str(file)
     check_token_shapes(tokens, source)
     return replace(delta, tokens=tokens)
 
 
-def _other_layers(delta: ConceptDelta, rule: str, source: str) -> tuple[ConceptDelta, str | None]:
+def _check_new_token(name: str, file: Path, base: BaseModel, rename: str) -> None:
+    """An embedding file's token must be new to the base's tokenizers (:func:`~mergekit_cd.tokens.check_new`):
+    refused naming the file, why it has that name, and ``rename``: how to give it another."""
+    by_file = " (AUTOMATIC1111 and kohya name an embedding's token by its file name)" if name == file.stem else ""
+    check_new([name], base.load_tokenizers(), lambda token, _: (
+        f"{file}: its token {token} is already in the base model's vocabulary{by_file}; a modifier token must be new: "
+        f"{rename}."))
+
+
+@dataclass(frozen=True)
+class OtherLayersUse:
+    """Who meets a LoRA's parts beyond the cross-attention K/V, in its refusal's words: what it
+    does with the K/V, the choices it offers for the rest, and why text-encoder parts can only
+    be dropped."""
+
+    does: str
+    choices: str
+    text_encoder: str
+
+
+#: The uses of :func:`settle_other_layers`: loading (:func:`load`, :func:`convert`), a merge's
+#: inputs, :func:`mergekit_cd.apply`.
+OTHER_LAYERS_USES = {
+    "load": OtherLayersUse("a delta is its attn2.to_k / attn2.to_v differences, and the rest is not dropped "
+                           "silently", "drop (read the K/V alone), or keep (its UNet modules too, which only a LoRA "
+                           "output holds)", "they change the text features a K/V merge is computed on"),
+    "merge": OtherLayersUse("the merge solves for attn2.to_k / attn2.to_v alone, and will not drop the rest silently",
+                            "drop (merge the K/V alone), or sum / average (carry the UNet modules into a LoRA output "
+                            "as the inputs' sum or average)", "they change the text features the merge is computed on"),
+    "apply": OtherLayersUse("apply installs attn2.to_k / attn2.to_v alone, and will not drop the rest silently",
+                            "drop (install the K/V alone; diffusers' load_lora_weights installs a LoRA's other "
+                            "modules)", "apply installs K/V differences and tokens only"),
+}
+
+
+def settle_other_layers(delta: ConceptDelta, rule: str, source: str, use: str = "load") -> tuple[
+        ConceptDelta, str | None]:
     """The delta with a LoRA's parts beyond the cross-attention K/V dealt with by ``rule``, and
-    what was done in words: refused (one message listing them and the choices), dropped, or its
-    UNet modules kept. Text-encoder parts change the features the merge is computed on, so they
-    can only be dropped (with a warning); UNet parts no reader can carry are refused for keep."""
+    what was done in words: refused (one message listing them and the choices of ``use``, an
+    entry of :data:`OTHER_LAYERS_USES`), dropped, or its UNet modules kept. Text-encoder parts
+    change the features a merge is computed on, so they can only be dropped (with a warning);
+    UNet parts no reader can carry are refused for keep."""
     parts = [*delta.other_modules, *delta.unread_parts]
     if not parts:
         return delta, None
+    words = OTHER_LAYERS_USES[use]
     text_encoder = [name for name in delta.unread_parts if name.startswith(TEXT_ENCODER_PREFIXES)]
     uncarried = [name for name in delta.unread_parts if name not in text_encoder]
     kinds = describe_parts([*delta.unread_parts, *delta.other_modules])
     if rule == "refuse":
         raise OptionError("{source}: holds parts beyond the UNet's cross-attention K/V ({kinds}; e.g. {examples}); "
-                          "the merge solves for attn2.to_k / attn2.to_v alone, and will not drop the rest silently. "
-                          "Choose with {other_layers}: drop (merge the K/V alone), or sum / average (carry the UNet "
-                          "modules into a LoRA output as the inputs' sum or average)"
-                          + ("; its text-encoder parts can only be dropped, as they change the text features the "
-                             "merge is computed on" if text_encoder else "") + ".",
-                          source=source, kinds=kinds, examples=", ".join(natural_order(parts)[:2]))
+                          "{does}. Choose with {other_layers}: {choices}"
+                          + ("; its text-encoder parts can only be dropped, as {text_encoder}" if text_encoder else "")
+                          + ".", source=source, kinds=kinds, examples=", ".join(natural_order(parts)[:2]),
+                          does=words.does, choices=words.choices, text_encoder=words.text_encoder)
     if text_encoder:
-        warnings.warn(f"{source}: its {len(text_encoder)} text-encoder tensors are dropped: they change the text "
+        modules = counted(len({part_module(name) for name in text_encoder}), "module")
+        warnings.warn(f"{source}: its text-encoder parts ({modules}) are dropped: they change the text "
                       f"features the merge is computed on, so no merge can keep them (the merged file works with "
                       f"the base's text encoders).", stacklevel=3)
     if rule == "keep" and uncarried:
@@ -199,11 +262,12 @@ def _other_layers(delta: ConceptDelta, rule: str, source: str) -> tuple[ConceptD
                           "names with no diffusers module known here); choose {other_layers} drop.",
                           source=source, examples=", ".join(uncarried[:2]))
     kept = delta.other_modules if rule == "keep" else {}
-    modules = f"{len(delta.other_modules)} UNet modules beyond the cross-attention K/V"
+    modules = f"{counted(len(delta.other_modules), 'UNet module')} beyond the cross-attention K/V"
     what = ", ".join(part for part in (
         (f"{modules} kept" if kept else f"{modules} dropped") if delta.other_modules else "",
-        f"{len(uncarried)} more UNet tensors dropped" if uncarried else "",
-        f"{len(text_encoder)} text-encoder tensors dropped" if text_encoder else "") if part)
+        f"{counted(len({part_module(name) for name in uncarried}), 'more UNet module')} dropped" if uncarried else "",
+        f"{counted(len({part_module(name) for name in text_encoder}), 'text-encoder module')} dropped"
+        if text_encoder else "") if part)
     return replace(delta, other_modules=kept, unread_parts=()), f"{what} ({kinds})"
 
 
@@ -404,15 +468,24 @@ def save(delta: ConceptDelta, path: PathLike, *, format: str | None = None,
 
 def convert(source: PathLike, output: PathLike, to: str | None = None, *,
             base: BaseModel | PathLike | None = None, compress_rtol: float | None = None,
-            force: bool = False, check_base: bool = True,
-            lora_rtol: float = LORA_RTOL) -> CompressionReport | None:
+            force: bool = False, check_base: bool = True, lora_rtol: float = LORA_RTOL,
+            other_layers: str = "refuse") -> CompressionReport | None:
     """Read ``source`` in any format and write it as ``to`` (default: told by the output's
     name, as :func:`save` tells it), optionally compressed first; returns the report of the
     compression, or of the factoring a LoRA format needs (``lora_rtol``, see :func:`save`).
+    ``other_layers``: :func:`load`'s rule for a LoRA's parts beyond the cross-attention K/V;
+    ``keep`` only into a LoRA layout, the only ones that hold them.
 
-    The output is checked (format, destination, architecture) before the input is read.
+    The output is checked (format, destination, architecture, the rule) before the input is read.
     """
     to = formats.output_format(output, to)
+    if other_layers not in OTHER_LAYERS_ON_LOAD:
+        raise MergeError(f"other_layers {other_layers!r}: choose one of {', '.join(OTHER_LAYERS_ON_LOAD)}.")
+    if other_layers == "keep" and not formats.get_format(to).HOLDS_OTHER_MODULES:
+        holders = " or ".join(module.NAME for module in formats.FORMATS if module.HOLDS_OTHER_MODULES)
+        raise OptionError("{other_layers} keep carries a LoRA's UNet modules beyond the cross-attention K/V into the "
+                          "output, and {output} is written as {format}, which holds the K/V alone; write a LoRA "
+                          "({holders}), or choose {other_layers} drop.", output=output, format=to, holders=holders)
     if compress_rtol is not None and not 0 <= compress_rtol < 1:
         raise MergeError(f"--compress {compress_rtol:g}: the relative error bound must be in [0, 1).")
     if compress_rtol is not None and not formats.get_format(to).STORES_FACTORS:
@@ -423,7 +496,7 @@ def convert(source: PathLike, output: PathLike, to: str | None = None, *,
     base = as_base(base) if base is not None else None
     formats.check_output(output, to, architecture=base.architecture.name if base else None, force=force,
                          inputs=[source, *([base.path] if base else [])])
-    delta = load(source, base=base, check_base=check_base)
+    delta = load(source, base=base, check_base=check_base, other_layers=other_layers)
     formats.check_can_hold(to, delta.architecture, output)
     report = None
     if compress_rtol is not None:  # native stores a matrix dense when its factors would be bigger;

@@ -28,7 +28,7 @@ from .errors import MergeError
 from .feature_cache import cached_features, cached_gram
 from .features import LazyTextFeatures, PromptRows
 from .limits import MAX_CONSTRAINT_ROWS, check_limit
-from .loading import PathLike, as_base, save
+from .loading import EmbeddingFile, PathLike, as_base, save
 from .merge_options import MergeOptions
 from .merge_plan import MergePlan, dependence_rtol, plan_merge, summarize_plan
 from .merge_report import ConceptReport, MergeReport, ReportSums, StatisticsSize
@@ -44,7 +44,7 @@ def merge(deltas: Sequence[PathLike | ConceptDelta], reg_captions: Sequence[str]
           base: BaseModel | PathLike, options: MergeOptions | None = None,
           class_words: Sequence[str | None] | None = None, styles: Sequence[bool] | None = None,
           target_templates: Sequence[str] | None = None, style_templates: Sequence[str] | None = None,
-          check_base: bool = True, embeddings: Sequence[Sequence[PathLike]] | None = None,
+          check_base: bool = True, embeddings: Sequence[Sequence[EmbeddingFile]] | None = None,
           progress: bool = False, return_report: bool = False, drop: Sequence[str] = (),
           **option_fields: Any) -> ConceptDelta | tuple[ConceptDelta, MergeReport]:
     """Merge concept deltas into one delta on ``base``.
@@ -56,7 +56,8 @@ def merge(deltas: Sequence[PathLike | ConceptDelta], reg_captions: Sequence[str]
     ``sum`` or ``average`` (naive).
     reg_captions default to the ~1200 captions shipped with the package. ``class_words``,
     ``styles`` and the templates decide each concept's target prompts (see :func:`plan_merge`);
-    ``embeddings`` pairs token embedding files with inputs (per input, a list of files).
+    ``embeddings`` pairs token embedding files with inputs (per input, a list of files, or of
+    ``(file, token)`` pairs to rename a file's token).
 
     A constrained or soft merge returns its statistics with the delta (``.statistics``, stored by
     :func:`save` in a native file); a merged delta given as an input then adds its concepts, not
@@ -109,7 +110,7 @@ def prepare_merge_to_file(deltas: Sequence[PathLike | ConceptDelta], output: Pat
                           class_words: Sequence[str | None] | None = None, styles: Sequence[bool] | None = None,
                           target_templates: Sequence[str] | None = None,
                           style_templates: Sequence[str] | None = None, check_base: bool = True,
-                          embeddings: Sequence[Sequence[PathLike]] | None = None,
+                          embeddings: Sequence[Sequence[EmbeddingFile]] | None = None,
                           dry_run: bool = False, lora_rtol: float = LORA_RTOL, drop: Sequence[str] = (),
                           **option_fields: Any) -> FileMerge:
     """Check the options, then the output (format, destination, never an input; with ``dry_run``

@@ -18,7 +18,7 @@ from .errors import MergeError
 from .features import DEFAULT_ROWS, ROW_RULES, RowRule, TextFeatures
 from .fileio import parse_once
 from .limits import MAX_MERGE_PROMPTS, MAX_PROMPTS, check_limit
-from .loading import PathLike, as_base, load_source, resolve_delta
+from .loading import EmbeddingFile, PathLike, as_base, load_source, resolve_delta
 from .prompts import target_prompts
 from .solvers._common import default_rtol
 
@@ -110,7 +110,7 @@ def plan_merge(deltas: Sequence[PathLike | ConceptDelta], reg_captions: Sequence
                base: BaseModel | PathLike, class_words: Sequence[str | None] | None = None,
                styles: Sequence[bool] | None = None, target_templates: Sequence[str] | None = None,
                style_templates: Sequence[str] | None = None, check_base: bool = True,
-               other_layers: str = "refuse", embeddings: Sequence[Sequence[PathLike]] | None = None) -> MergePlan:
+               other_layers: str = "refuse", embeddings: Sequence[Sequence[EmbeddingFile]] | None = None) -> MergePlan:
     """Load and validate the inputs, name their tokens, attach class words and target prompts.
 
     ``other_layers`` and ``embeddings`` (per input, the token embedding files paired with it)
@@ -135,8 +135,9 @@ def plan_merge(deltas: Sequence[PathLike | ConceptDelta], reg_captions: Sequence
         if embeddings is not None and len(embeddings) != len(deltas):
             raise MergeError(f"Got embedding files for {len(embeddings)} inputs, but {len(deltas)} inputs.")
         paired = embeddings if embeddings is not None else [()] * len(deltas)
+        _refuse_repeated_embeddings(paths, sources, paired)
         inputs = [load_source(d if path is None else path, base=base, check_base=check_base, source=source,
-                              other_layers=other_layers, embeddings=files)
+                              other_layers=other_layers, embeddings=files, use="merge")
                   for d, path, source, files in zip(deltas, paths, sources, paired)]
         loaded = [entry.delta for entry in inputs]
         _refuse_repeated_content(loaded, sources)
@@ -201,6 +202,27 @@ def _refuse_repeated_files(paths: Sequence[Path | None], sources: Sequence[str])
             what = "folder" if path.is_dir() else "file"
             raise MergeError(_repeated_message(index, seen[identity], sources, f"the same {what}"))
         seen[identity] = index
+
+
+def _refuse_repeated_embeddings(paths: Sequence[Path | None], sources: Sequence[str],
+                                paired: Sequence[Sequence[EmbeddingFile]]) -> None:
+    """The same embedding file used twice, by any path (paired with two inputs, twice with one, or
+    given as an input and paired too), is refused naming both uses: its token would be the trigger
+    of two concepts, whose constraints conflict."""
+    uses = [(path, f"as input {index + 1} ({sources[index]})") for index, path in enumerate(paths) if path is not None]
+    uses += [(Path(entry[0] if isinstance(entry, tuple) else entry), f"paired with input {index + 1} ({sources[index]})")
+             for index, files in enumerate(paired) for entry in files]
+    seen: dict[tuple[int, int], str] = {}
+    for path, use in uses:
+        try:
+            status = path.stat()
+        except OSError:  # the loader says what is wrong with it
+            continue
+        identity = (status.st_dev, status.st_ino)
+        if identity in seen:
+            raise MergeError(f"The embedding file {path} is given twice, {seen[identity]} and {use}: its token would "
+                             f"be the trigger of two concepts, whose constraints conflict; give it once.")
+        seen[identity] = use
 
 
 def _refuse_repeated_content(loaded: Sequence[ConceptDelta], sources: Sequence[str]) -> None:

@@ -151,8 +151,10 @@ def sample_grid(base: str | os.PathLike[str], delta: ConceptDelta | str | os.Pat
                 prompts: Sequence[str], output: str | os.PathLike[str], *, num_images: int = 4,
                 seed: int = 0, steps: int = 50, guidance_scale: float = 6.0,
                 device: torch.device | str = "cpu", height: int | None = None, width: int | None = None,
-                force: bool = False, check_base: bool = True, progress: bool = False) -> Path:
-    """Load ``base``, install ``delta``, sample every prompt and write one grid image (atomically).
+                force: bool = False, check_base: bool = True, other_layers: str = "refuse",
+                progress: bool = False) -> Path:
+    """Load ``base``, install ``delta`` (:func:`~mergekit_cd.apply.apply`, with ``check_base`` and
+    ``other_layers``), sample every prompt and write one grid image (atomically).
 
     The grid has one row per prompt and ``num_images`` images in each row. The output is
     checked (exists without ``force``, missing folder, unknown extension) before any work.
@@ -166,7 +168,7 @@ def sample_grid(base: str | os.PathLike[str], delta: ConceptDelta | str | os.Pat
     check_not_an_input(output, [base] if delta is None or isinstance(delta, ConceptDelta) else [base, delta])
     pipe = load_pipeline(base, device=device)
     if delta is not None:
-        apply(pipe, delta, check_base=check_base)
+        apply(pipe, delta, check_base=check_base, other_layers=other_layers)
     images = sample(pipe, prompts, num_images=num_images, seed=seed, steps=steps,
                     guidance_scale=guidance_scale, height=height, width=width, progress=progress)
     with atomic_path(output, force=force) as temporary:

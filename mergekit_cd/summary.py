@@ -1,17 +1,23 @@
-"""What a delta file holds, for ``cd-inspect``: format, kind, base, layers, tokens, norms, metadata."""
+"""What a delta file holds, for ``cd-inspect``: format, kind, base, layers, tokens, norms, metadata,
+a LoRA's parts beyond the cross-attention K/V; or a token embedding file's token and layout."""
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from . import formats
 from .architectures import architecture_of_width
 from .base import BaseModel, layer_order
-from .delta import LowRank, dense
-from .loading import as_base, check_delta, check_fits, fit_target, resolve_delta
+from .delta import ConceptDelta, LowRank, dense
+from .formats._common import natural_order
+from .formats._lora import count_parts, counted
+from .formats.token_files import token_file
+from .loading import (EMBEDDING, as_base, check_delta, check_fits, check_token_sizes, fit_target, is_embedding_file,
+                      resolve_delta)
 from .weights import FineTunedWeights
 
 
@@ -34,6 +40,9 @@ class Summary:
     "base" (the base it was compared with).
     compared_with: the ``--base`` given, with its fingerprint and whether it matches the
     fingerprint the file records.
+    beyond_kv: a LoRA's modules beyond the cross-attention K/V, counted by kind (as the refusal
+    of ``--other-layers refuse`` names them), and one of them as an example.
+    For a token embedding file (format ``embedding``), ``kind`` is its layout and there are no layers.
     """
 
     source: str
@@ -50,6 +59,8 @@ class Summary:
     ignored: tuple[str, ...]
     metadata: dict[str, Any]
     compared_with: str | None = None
+    beyond_kv: dict[str, int] = field(default_factory=dict)
+    beyond_kv_example: str | None = None
 
     @property
     def norms_of_differences(self) -> bool:
@@ -69,6 +80,10 @@ class Summary:
         out.append("tokens:       " + (", ".join(f"{t} {list(d)}" for t, d in self.tokens.items()) or "none"))
         if self.concepts:
             out.append("concepts:     " + ", ".join(self.concepts))
+        if self.format == EMBEDDING:
+            out.append("layers:       none: a token embedding file (as a cd-merge input, its token on the base's "
+                       "unchanged K/V)")
+            return out
         norms = "difference norms" if self.norms_of_differences else "weight norms"
         out.append(f"layers:       {len(self.layers)} cross-attention layers ({norms}: K, V)")
         shown = self.layers if all_layers or len(self.layers) <= 20 else self.layers[:10]
@@ -77,6 +92,10 @@ class Summary:
                        f"{layer.value_norm:10.4g}  {layer.rank}")
         if len(shown) < len(self.layers):
             out.append(f"  ... {len(self.layers) - len(shown)} more (--all-layers)")
+        if self.beyond_kv:
+            out.append(f"beyond K/V:   {counted(sum(self.beyond_kv.values()), 'LoRA module')} the merge does not "
+                       f"solve for (cd-merge --other-layers), e.g. {self.beyond_kv_example}")
+            out.extend(f"  {kind:64} {count}" for kind, count in self.beyond_kv.items())
         if self.ignored:
             out.append(f"ignored:      {len(self.ignored)} entries a K/V merge does not use, "
                        f"e.g. {self.ignored[0]}")
@@ -99,9 +118,12 @@ def summarize(reference: str | os.PathLike[str], *,
     recorded for another base fingerprint is still shown, with the difference noted).
     """
     path = resolve_delta(reference)
+    source = str(reference)
+    if is_embedding_file(path):
+        return _summarize_embedding(path, source, as_base(base) if base is not None else None)
     module = formats.detect_format(path)
     content = module.read(path)
-    source = str(reference)
+    beyond = [*content.other_modules, *content.unread_parts] if isinstance(content, ConceptDelta) else []
     kind = "full fine-tuned weights" if isinstance(content, FineTunedWeights) else "differences"
     ignored = (content.ignored if isinstance(content, FineTunedWeights)
                else tuple(content.metadata.get("ignored", ())))
@@ -132,12 +154,30 @@ def summarize(reference: str | os.PathLike[str], *,
     elif architecture is None and architecture_of_width(context) is not None:
         architecture, architecture_source = architecture_of_width(context).name, "guessed from the text-feature width"
     metadata = {k: v for k, v in content.metadata.items() if k != "ignored"}
-    concepts = tuple(f"{c.token} = {'style' if c.style else (c.class_word or 'class not recorded')}"
+    concepts = tuple(f"{c.token or '(no token)'} = {'style' if c.style else (c.class_word or 'class not recorded')}"
                      for c in content.concepts)
     return Summary(source, module.NAME, kind, architecture, architecture_source if architecture else None,
                    recorded[0], recorded[1], context, layers,
                    {t: tuple(e.shape[0] for e in emb) for t, emb in content.tokens.items()},
-                   concepts, ignored, metadata, compared_with)
+                   concepts, ignored, metadata, compared_with, count_parts(beyond),
+                   natural_order(beyond)[0] if beyond else None)
+
+
+def _summarize_embedding(path: Path, source: str, base: BaseModel | None) -> Summary:
+    """A token embedding file: its token, widths and layout (the architecture guessed from the
+    widths, or the base's, whose text encoders they must fit)."""
+    found = token_file(path, "to inspect")
+    widths = tuple(embedding.shape[0] for embedding in found.embeddings)
+    architecture, architecture_source, compared_with = None, None, None
+    if base is not None:
+        check_token_sizes({found.name: found.embeddings}, base.token_dims(), base.name, source)
+        architecture, architecture_source = base.architecture.name, "from the base"
+        compared_with = f"{base.name} (fingerprint {base.fingerprint[:16]}; the token's widths fit its text encoders)"
+    elif architecture_of_width(sum(widths)) is not None:
+        architecture = architecture_of_width(sum(widths)).name
+        architecture_source = "guessed from the token's widths"
+    return Summary(source, EMBEDDING, found.layout, architecture, architecture_source, None, None, sum(widths), (),
+                   {found.name: widths}, (), (), {}, compared_with)
 
 
 def _match(recorded_fingerprint: str | None, base: BaseModel) -> str:

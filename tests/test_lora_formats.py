@@ -20,7 +20,7 @@ from mergekit_cd.apply import apply
 from mergekit_cd.base import open_base
 from mergekit_cd.cli.convert import main as cd_convert
 from mergekit_cd.cli.merge import main as cd_merge
-from mergekit_cd.delta import LayerDelta, dense, factorize
+from mergekit_cd.delta import Concept, LayerDelta, dense, factorize
 from mergekit_cd.errors import MergeError
 from mergekit_cd.loading import load, save
 from mergekit_cd.merge import MergeOptions, execute, merge, plan_merge
@@ -86,7 +86,7 @@ def test_a_merge_written_as_diffusers_lora_loads_in_plain_diffusers_as_apply_ins
     expected = _with_apply(tiny_pipeline_path(architecture), item["native"])
     pipe = DiffusionPipeline.from_pretrained(tiny_pipeline_path(architecture))
     pipe.load_lora_weights(item["diffusers"])
-    _load_embeddings(pipe, {token: item["diffusers"] / f"{token}.safetensors" for token in ("<new1>", "<new2>")},
+    _load_embeddings(pipe, {token: item["diffusers"] / f"{token[1:-1]}.safetensors" for token in ("<new1>", "<new2>")},
                      key_for_sd1=None)
     got = _latents(pipe)
     assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5), (got - expected).abs().max()
@@ -113,7 +113,7 @@ def test_a_merge_written_as_kohya_lora_loads_through_diffusers_kohya_conversion(
     pipe = DiffusionPipeline.from_pretrained(tiny_pipeline_path(architecture))
     pipe.load_lora_weights({k: v for k, v in state.items() if not k.startswith("bundle_emb.")})
     folder = item["kohya"].parent / "merged_embeddings"
-    _load_embeddings(pipe, {token: folder / f"{token}.safetensors" for token in ("<new1>", "<new2>")},
+    _load_embeddings(pipe, {token: folder / f"{token[1:-1]}.safetensors" for token in ("<new1>", "<new2>")},
                      key_for_sd1="emb_params")
     got = _latents(pipe)
     assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5), (got - expected).abs().max()
@@ -131,6 +131,41 @@ def test_lora_files_read_back_as_the_merged_delta(merged, architecture):
         for layer, pair in item["delta"].layers.items():
             for want, got in zip((pair.key, pair.value), (back.layers[layer].key, back.layers[layer].value)):
                 assert torch.allclose(dense(got), want, rtol=0, atol=1e-6 * float(want.abs().max())), layer
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_lora_token_files_have_portable_names_and_keep_their_tokens_inside(merged, tmp_path, architecture):
+    """``<new1>`` is no file name on Windows: both LoRA layouts write ``new1.safetensors`` (diffusers'
+    file keyed by the token, every file with the token in its metadata), which read back as the
+    token; a file renamed by its user is named by its file, as A1111 names it."""
+    from mergekit_cd.formats.token_files import read_token_file
+
+    item = merged[architecture]
+    kohya_folder = item["kohya"].parent / "merged_embeddings"
+    for folder in (item["diffusers"], kohya_folder):
+        assert sorted(path.name for path in folder.glob("new*")) == ["new1.safetensors", "new2.safetensors"]
+        assert read_token_file(folder / "new1.safetensors", "beside the LoRA")[0] == "<new1>"
+    if architecture == "sd1":
+        assert list(load_file(item["diffusers"] / "new1.safetensors")) == ["<new1>"]  # load_textual_inversion's key
+    renamed = tmp_path / "mycat.safetensors"
+    renamed.write_bytes((kohya_folder / "new1.safetensors").read_bytes())
+    assert read_token_file(renamed, "as an input")[0] == "mycat"
+
+
+@pytest.mark.parametrize("tokens, problem", [
+    (("<new1>", "new1"), "tokens '<new1>' and 'new1' would have one file, new1.safetensors, once the characters "
+                         "Windows forbids are left out; rename one, or write the native format (one file)."),
+    (("<con>",), "token '<con>' has no portable file name ('con' once the characters Windows forbids are left out); "
+                 "rename it."),
+])
+def test_lora_token_names_without_a_portable_file_name_of_their_own_are_refused(merged, tmp_path, tokens, problem):
+    delta = merged["sd1"]["delta"]
+    vector = next(iter(delta.tokens.values()))
+    renamed = type(delta)(delta.layers, {token: vector for token in tokens}, architecture=delta.architecture)
+    for name, path in (("diffusers-lora", tmp_path / "d"), ("kohya-lora", tmp_path / "k.safetensors")):
+        with pytest.raises(MergeError) as error:
+            save(renamed, path, format=name)
+        assert str(error.value) == f"Cannot write {path} as {name}: {problem}"
 
 
 def test_a_constrained_merge_is_factored_exactly_at_its_rank(merged):
@@ -175,7 +210,7 @@ def test_cd_merge_writes_a_kohya_lora_and_prints_its_ranks(tiny_pipeline_path, t
     printed = capsys.readouterr().out
     assert "K/V differences exact at their rank" in printed and "none approximated" in printed
     assert sorted(path.name for path in (tmp_path / "merged_embeddings").iterdir()) == [
-        "<new1>.safetensors", "<new2>.safetensors"]
+        "new1.safetensors", "new2.safetensors"]  # portable names (Windows forbids < and >)
     assert formats.detect_format(out).NAME == "kohya-lora"
     assert not list(tmp_path.glob(".*"))
     # the embedding folder is an output too: checked before any work, replaced only with --force
@@ -196,7 +231,7 @@ def test_cd_convert_of_a_full_rank_concept_reports_the_lora_error(tiny_pipeline_
     assert cd_convert([str(source), "-o", str(out), "--to", "diffusers-lora", "--lora-rtol", "0.2"]) == 0
     printed = capsys.readouterr().out
     assert "within --lora-rtol 0.2" in printed and " 0 of " in printed, printed
-    assert (out / "pytorch_lora_weights.safetensors").is_file() and (out / "<new1>.safetensors").is_file()
+    assert (out / "pytorch_lora_weights.safetensors").is_file() and (out / "new1.safetensors").is_file()
     back = load(out)
     assert all(layer.key.rank < min(layer.key.shape) for layer in back.layers.values())
 
@@ -221,21 +256,25 @@ def test_a_lora_with_parts_beyond_cross_attention_kv_is_refused_naming_them_and_
         merged, tiny_pipeline_path, tmp_path, capsys, extra, holds):
     path = tmp_path / "other.safetensors"
     save_file({**_kohya_state(merged), **extra}, path)
-    text_encoder = ("; its text-encoder parts can only be dropped, as they change the text features the merge is "
+    """In each use's words: loading (load, cd-convert) offers drop and keep, a merge drop, sum and average."""
+    text_encoder = ("; its text-encoder parts can only be dropped, as they change the text features {merge} "
                     "computed on" if "text-encoder" in holds else "")
-    message = (f"{path}: holds parts beyond the UNet's cross-attention K/V ({holds}); the merge solves for "
-               f"attn2.to_k / attn2.to_v alone, and will not drop the rest silently. Choose with {{option}}: drop "
+    loading = (f"{path}: holds parts beyond the UNet's cross-attention K/V ({holds}); a delta is its attn2.to_k / "
+               f"attn2.to_v differences, and the rest is not dropped silently. Choose with {{option}}: drop (read the "
+               f"K/V alone), or keep (its UNet modules too, which only a LoRA output holds)"
+               f"{text_encoder.format(merge='a K/V merge is')}.")
+    merging = (f"{path}: holds parts beyond the UNet's cross-attention K/V ({holds}); the merge solves for "
+               f"attn2.to_k / attn2.to_v alone, and will not drop the rest silently. Choose with --other-layers: drop "
                f"(merge the K/V alone), or sum / average (carry the UNet modules into a LoRA output as the inputs' "
-               f"sum or average){text_encoder}.")
+               f"sum or average){text_encoder.format(merge='the merge is')}.")
     with pytest.raises(MergeError) as error:
         load(path)
-    assert str(error.value) == message.format(option="other_layers")
+    assert str(error.value) == loading.format(option="other_layers")
     assert cd_merge([str(path), "--base", str(tiny_pipeline_path("sd1")), "-o", str(tmp_path / "m.safetensors"),
                      "-q"]) == 1
-    assert capsys.readouterr().err == f"cd-merge: error: {message.format(option='--other-layers')}\n"
+    assert capsys.readouterr().err == f"cd-merge: error: {merging}\n"
     assert cd_convert([str(path), "-o", str(tmp_path / "out.safetensors")]) == 1
-    in_convert = message.format(option="cd-merge's --other-layers")  # cd-convert has no such option
-    assert capsys.readouterr().err == f"cd-convert: error: {in_convert}\n"
+    assert capsys.readouterr().err == f"cd-convert: error: {loading.format(option='--other-layers')}\n"
 
 
 @pytest.mark.parametrize("key, kind", [
@@ -480,6 +519,48 @@ def test_cd_merge_carries_a_peft_loras_other_layers_into_a_lora_output_as_their_
             assert torch.allclose(got, scale * difference, rtol=1e-5, atol=1e-7), module
 
 
+def test_a_merge_carrying_other_modules_reads_back_converts_and_replays_from_its_recipe(
+        tiny_pipeline_path, tiny_delta_files, tmp_path, capsys):
+    """Every file we write is one we read: an --other-layers sum output loads with keep (its default
+    refusal names keep), converts to the other LoRA layout with cd-convert --other-layers keep
+    (refused before any work into a layout that holds K/V alone), and its recipe replays the merge."""
+    folder, _ = _peft_lora(tiny_pipeline_path, tmp_path / "peft", MORE_LAYERS)
+    native = tiny_delta_files("sd1")["native"]
+    out = tmp_path / "merged.safetensors"
+    assert cd_merge([str(folder), str(native), "--base", str(tiny_pipeline_path("sd1")), "--class", "sks dog",
+                     "--class", "cat", "-o", str(out), "-q", "--ridge", "1e-4", "--format", "kohya-lora",
+                     "--other-layers", "sum"]) == 0
+    with pytest.raises(MergeError, match=r"Choose with other_layers: drop \(read the K/V alone\), or keep"):
+        load(out)
+    written = load(out, other_layers="keep")
+    assert written.other_modules
+
+    native_out = tmp_path / "converted.safetensors"
+    capsys.readouterr()
+    assert cd_convert([str(out), "-o", str(native_out), "--other-layers", "keep"]) == 1
+    assert capsys.readouterr().err == (
+        f"cd-convert: error: --other-layers keep carries a LoRA's UNet modules beyond the cross-attention K/V into the "
+        f"output, and {native_out} is written as native, which holds the K/V alone; write a LoRA (diffusers-lora or "
+        f"kohya-lora), or choose --other-layers drop.\n")
+    assert not native_out.exists()
+    converted = tmp_path / "converted-lora"
+    assert cd_convert([str(out), "-o", str(converted), "--to", "diffusers-lora", "--other-layers", "keep"]) == 0
+    back = load(converted, other_layers="keep")
+    assert sorted(back.other_modules) == sorted(written.other_modules)
+    for module, part in written.other_modules.items():
+        assert torch.allclose(back.other_modules[module].dense(), part.dense(), rtol=1e-5, atol=1e-7), module
+    assert back.allclose(written, atol=1e-7)
+    assert cd_convert([str(out), "-o", str(tmp_path / "kv.safetensors"), "--other-layers", "drop"]) == 0
+    assert load(tmp_path / "kv.safetensors").other_modules == {}
+
+    recorded = written.metadata["recipe"]
+    with pytest.warns(UserWarning, match="has no modifier token"):
+        again = merge([folder, native], base=tiny_pipeline_path("sd1"), class_words=["sks dog", "cat"],
+                      options=MergeOptions.from_recipe(recorded))
+    assert sorted(again.other_modules) == sorted(written.other_modules)
+    assert again.allclose(written, atol=1e-6)
+
+
 def test_a_plan_keeping_other_modules_is_not_executed_under_another_rule(tiny_pipeline_path, tmp_path):
     folder, _ = _peft_lora(tiny_pipeline_path, tmp_path / "peft", MORE_LAYERS)
     plan = plan_merge([str(folder)], CAPTIONS, base=tiny_pipeline_path("sd1"), class_words=["dog"],
@@ -508,8 +589,8 @@ def test_a_loras_text_encoder_parts_are_dropped_with_a_warning_saying_why(merged
     path = tmp_path / "with-te.safetensors"
     save_file({**_kohya_state(merged), f"{_TEXT_ENCODER}.lora_down.weight": torch.zeros(2, 8),
                f"{_TEXT_ENCODER}.lora_up.weight": torch.zeros(8, 2), f"{_TEXT_ENCODER}.alpha": torch.tensor(2.0)}, path)
-    warning = (f"{path}: its 3 text-encoder tensors are dropped: they change the text features the merge is computed "
-               f"on, so no merge can keep them (the merged file works with the base's text encoders).")
+    warning = (f"{path}: its text-encoder parts (1 module) are dropped: they change the text features the merge is "
+               f"computed on, so no merge can keep them (the merged file works with the base's text encoders).")
     for rule in ("drop", "keep"):
         with pytest.warns(UserWarning) as caught:
             delta = load(path, other_layers=rule)
@@ -520,7 +601,52 @@ def test_a_loras_text_encoder_parts_are_dropped_with_a_warning_saying_why(merged
                      "--other-layers", "drop"]) == 0
     captured = capsys.readouterr()
     assert f"cd-merge: warning: {warning}" in captured.err.splitlines()
-    assert f"note: other layers drop: {path}: 3 text-encoder tensors dropped (text-encoder parts)" in captured.out
+    assert f"note: other layers drop: {path}: 1 text-encoder module dropped (text-encoder parts)" in captured.out
+
+
+def test_apply_and_cd_sample_refuse_a_lora_with_more_than_kv_unless_drop_is_chosen(
+        merged, tiny_pipeline_path, tmp_path, capsys):
+    """apply installs K/V alone, so it goes through load's rule: a LoRA's other modules (a file's,
+    or a loaded delta's kept ones) are refused naming them, before the pipeline changes; drop
+    installs the K/V alone; text-encoder parts are dropped with cd-merge's warning."""
+    from mergekit_cd.cli import sample as cd_sample
+
+    folder, _ = _peft_lora(tiny_pipeline_path, tmp_path / "peft", MORE_LAYERS)
+    pipe = DiffusionPipeline.from_pretrained(tiny_pipeline_path("sd1"))
+    layer = next(name for name, module in pipe.unet.named_modules() if name.endswith("attn2"))
+    before = pipe.unet.get_submodule(layer).to_k.weight.detach().clone()
+    block = "down_blocks.0.attentions.0.transformer_blocks.0"
+    refusal = (f"{{source}}: holds parts beyond the UNet's cross-attention K/V (self-attention, feed-forward, "
+               f"cross-attention queries and outputs; e.g. {block}.attn1.to_k, {block}.attn1.to_out.0); apply "
+               f"installs attn2.to_k / attn2.to_v alone, and will not drop the rest silently. Choose with {{option}}: "
+               f"drop (install the K/V alone; diffusers' load_lora_weights installs a LoRA's other modules).")
+    for given, source in ((folder, str(folder)), (load(folder, other_layers="keep"), "the delta")):
+        with pytest.raises(MergeError) as error:
+            apply(pipe, given)
+        assert str(error.value) == refusal.format(source=source, option="other_layers")
+        assert torch.equal(pipe.unet.get_submodule(layer).to_k.weight, before)
+    installed = apply(pipe, folder, other_layers="drop")
+    assert installed.other_modules == {} and installed.unread_parts == ()
+    kv = load(folder, other_layers="drop").layers[layer].key
+    assert torch.allclose(pipe.unet.get_submodule(layer).to_k.weight - before, dense(kv), atol=1e-6)
+
+    with_te = tmp_path / "with-te.safetensors"
+    save_file({**_kohya_state(merged), f"{_TEXT_ENCODER}.lora_down.weight": torch.zeros(2, 8),
+               f"{_TEXT_ENCODER}.lora_up.weight": torch.zeros(8, 2), f"{_TEXT_ENCODER}.alpha": torch.tensor(2.0)},
+              with_te)
+    with pytest.warns(UserWarning) as caught:
+        apply(DiffusionPipeline.from_pretrained(tiny_pipeline_path("sd1")), with_te, other_layers="drop")
+    assert [str(w.message) for w in caught] == [
+        f"{with_te}: its text-encoder parts (1 module) are dropped: they change the text features the merge is "
+        f"computed on, so no merge can keep them (the merged file works with the base's text encoders)."]
+
+    arguments = ["--base", str(tiny_pipeline_path("sd1")), "--delta", str(folder), "a dog", "-n", "1", "--steps", "1",
+                 "-q", "-o", str(tmp_path / "grid.png")]
+    capsys.readouterr()  # the pipelines loaded above
+    assert cd_sample.main(arguments) == 1
+    assert capsys.readouterr().err == f"cd-sample: error: {refusal.format(source=folder, option='--other-layers')}\n"
+    assert not (tmp_path / "grid.png").exists()
+    assert cd_sample.main([*arguments, "--other-layers", "drop"]) == 0 and (tmp_path / "grid.png").is_file()
 
 
 def test_other_modules_round_trip_through_both_lora_layouts_and_the_algebra(tiny_pipeline_path, tmp_path):
@@ -631,8 +757,8 @@ def test_an_embedding_paired_with_a_tokenless_lora_makes_one_concept(tiny_pipeli
     assert torch.equal(written.tokens["<sks>"][0], row[0])
     assert cd_merge([*arguments, "--embedding", f"3={embedding}"]) == 1
     assert capsys.readouterr().err == (
-        f"cd-merge: error: --embedding 3={embedding}: expected INPUT=FILE, INPUT an input's position (1-2) or its "
-        f"name as given (e.g. --embedding 1=my_token.pt).\n")
+        f"cd-merge: error: --embedding 3={embedding}: expected INPUT=FILE[:TOKEN], INPUT an input's position (1-2) or "
+        f"its name as given (e.g. --embedding 1=sks.pt:<sks>).\n")
     with pytest.raises(MergeError) as error:
         load(tiny_delta_files("sd1")["native"], base=base, embeddings=[_a1111_embedding(tmp_path / "<new1>.pt", row)])
     assert str(error.value) == (f"{tmp_path / '<new1>.pt'}: token <new1> is already in "
@@ -640,14 +766,15 @@ def test_an_embedding_paired_with_a_tokenless_lora_makes_one_concept(tiny_pipeli
 
 
 def test_a_kohya_loras_bundled_embeddings_must_agree_with_the_files_beside_it(merged, tmp_path):
-    """Both as kohya-lora writes them read back (the merged fixture's file); a stale file beside is one error."""
+    """Both as kohya-lora writes them read back (the merged fixture's file), and under the names it
+    used to write (``<new1>.safetensors``); a stale file beside is one error."""
     state = _kohya_state(merged)
     save_file(state, tmp_path / "x.safetensors")
     folder = tmp_path / "x_embeddings"
     folder.mkdir()
     for token in ("<new1>", "<new2>"):
         (folder / f"{token}.safetensors").write_bytes((merged["sd1"]["kohya"].parent / "merged_embeddings" /
-                                                       f"{token}.safetensors").read_bytes())
+                                                       f"{token[1:-1]}.safetensors").read_bytes())
     assert set(load(tmp_path / "x.safetensors").tokens) == {"<new1>", "<new2>"}
     save_file({"emb_params": torch.zeros(1, merged["sd1"]["base"].token_dims()[0])}, folder / "<new2>.safetensors")
     with pytest.raises(MergeError) as error:
@@ -655,3 +782,148 @@ def test_a_kohya_loras_bundled_embeddings_must_agree_with_the_files_beside_it(me
     assert str(error.value) == (f"{tmp_path / 'x.safetensors'}: its bundled embeddings (<new1>, <new2>) differ from "
                                 f"the embedding files in {folder} (<new1>, <new2>); a LoRA's tokens must be one set. "
                                 f"Remove or replace the stale one.")
+
+
+def test_the_readme_example_pairs_an_a1111_file_named_by_a_vocabulary_word_under_a_new_name(
+        tiny_pipeline_path, tiny_delta_files, tmp_path, capsys, monkeypatch):
+    """A1111 names a token by its file stem, and ``sks`` is one word of the vocabulary: refused in one
+    line naming the file and the way out (``FILE:TOKEN``), paired or on its own; the README's
+    command, with the new name, merges a kohya LoRA of more layers with a concept."""
+    import shutil
+
+    folder, _ = _peft_lora(tiny_pipeline_path, tmp_path / "peft", MORE_LAYERS)
+    save(load(folder, other_layers="keep"), tmp_path / "lora.safetensors", format="kohya-lora")
+    shutil.copytree(tiny_delta_files("sd1")["diffusers"], tmp_path / "cat")
+    base = open_base(tiny_pipeline_path("sd1"))
+    row = torch.randn(1, base.token_dims()[0], generator=torch.Generator().manual_seed(6))
+    _a1111_embedding(tmp_path / "sks.pt", row)
+    monkeypatch.chdir(tmp_path)
+    command = ["lora.safetensors", "cat/", "-o", "merged.safetensors", "--base", str(tiny_pipeline_path("sd1")),
+               "--format", "kohya-lora", "--other-layers", "sum", "--class", "dog", "--class", "cat", "-q"]
+    capsys.readouterr()
+    assert cd_merge([*command, "--embedding", "lora.safetensors=sks.pt"]) == 1
+    in_vocabulary = ("sks.pt: its token sks is already in the base model's vocabulary (AUTOMATIC1111 and kohya name an "
+                     "embedding's token by its file name); a modifier token must be new: ")
+    assert capsys.readouterr().err == (
+        f"cd-merge: error: {in_vocabulary}give it a new name, --embedding INPUT=sks.pt:<sks> (in Python, "
+        f"embeddings=[(\"sks.pt\", \"<sks>\")]).\n")
+    assert cd_merge(["cat/", "sks.pt", *command[2:]]) == 1
+    assert capsys.readouterr().err == (
+        f"cd-merge: error: {in_vocabulary}as an input of its own, rename the file to a new word (e.g. sks_emb.pt), or "
+        f"pair it with an input under a new name (--embedding INPUT=sks.pt:<sks>).\n")
+    assert cd_merge([*command, "--embedding", "lora.safetensors=sks.pt:<sks>"]) == 0
+    written = load("merged.safetensors", other_layers="keep")
+    assert [concept.token for concept in written.concepts] == ["<sks>", "<new1>"]
+    assert torch.equal(written.tokens["<sks>"][0], row[0]) and written.other_modules
+    assert load("lora.safetensors", base=base, other_layers="drop",
+                embeddings=[("sks.pt", "<sks>")]).tokens.keys() == {"<sks>"}
+
+
+@pytest.mark.parametrize("spec, files", [
+    ("1=sks.pt", ["sks.pt"]), ("1=sks.pt:<sks>", [("sks.pt", "<sks>")]), ("1=C:\\emb\\sks.pt", ["C:\\emb\\sks.pt"]),
+    ("1=C:\\emb\\sks.pt:<sks>", [("C:\\emb\\sks.pt", "<sks>")]), ("a=x.pt:<x>", [("x.pt", "<x>")]),
+])
+def test_embedding_specs_split_off_a_new_token_name_after_the_last_colon(spec, files):
+    from mergekit_cd.cli._common import paired_embeddings
+
+    assert paired_embeddings(["a"], [spec]) == [files]
+
+
+def test_one_embedding_file_used_twice_is_refused_naming_both_uses(tiny_pipeline_path, tiny_delta_files, tmp_path,
+                                                                   capsys):
+    """Paired with two inputs (renamed or not), or an input and paired too: one token would trigger
+    two concepts with conflicting constraints."""
+    base = open_base(tiny_pipeline_path("sd1"))
+    embedding = _a1111_embedding(tmp_path / "x.pt", torch.randn(1, base.token_dims()[0]))
+    first, second = str(tiny_delta_files("sd1")["native"]), str(tiny_delta_files("sd1")["other-native"])
+    common = ["--base", str(tiny_pipeline_path("sd1")), "-o", str(tmp_path / "m.safetensors"), "-q"]
+    twice = "The embedding file {path} is given twice, {first} and {second}: its token would be the trigger of two " \
+            "concepts, whose constraints conflict; give it once."
+    capsys.readouterr()  # the fixtures' progress
+    assert cd_merge([first, second, *common, "--embedding", f"1={embedding}", "--embedding", f"2={embedding}"]) == 1
+    assert capsys.readouterr().err == "cd-merge: error: " + twice.format(
+        path=embedding, first=f"paired with input 1 ({first})", second=f"paired with input 2 ({second})") + "\n"
+    assert cd_merge([first, str(embedding), *common, "--embedding", f"1={tmp_path}/./x.pt:<y>"]) == 1
+    assert capsys.readouterr().err == "cd-merge: error: " + twice.format(
+        path=f"{tmp_path}/x.pt", first=f"as input 2 ({embedding})", second=f"paired with input 1 ({first})") + "\n"
+    with pytest.raises(MergeError) as error:
+        plan_merge([first, second], CAPTIONS, base=base, embeddings=[[embedding], [(embedding, "<y>")]])
+    assert str(error.value) == twice.format(path=embedding, first=f"paired with input 1 ({first})",
+                                            second=f"paired with input 2 ({second})")
+
+
+def test_cd_inspect_counts_a_loras_modules_beyond_kv_by_kind_and_reads_embedding_files(
+        merged, tiny_pipeline_path, tmp_path, capsys):
+    """What a merge would refuse is shown, counted in modules by the kinds its refusal names; an
+    embedding file cd-merge reads as an input is shown with its token, widths and layout."""
+    from mergekit_cd.cli import inspect as cd_inspect
+
+    folder, differences = _peft_lora(tiny_pipeline_path, tmp_path / "peft", MORE_LAYERS)
+    other = [module for module in differences if not _is_kv(module)]
+    kinds = {"self-attention": sum(".attn1." in m for m in other), "feed-forward": sum(".ff." in m for m in other),
+             "cross-attention queries and outputs": sum(".attn2." in m for m in other)}
+    capsys.readouterr()
+    assert cd_inspect.main([str(folder)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("beyond K/V:"))
+    assert lines[start] == (f"beyond K/V:   {len(other)} LoRA modules the merge does not solve for (cd-merge "
+                            f"--other-layers), e.g. down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k")
+    assert {line.rsplit(maxsplit=1)[0].strip(): int(line.split()[-1]) for line in lines[start + 1:start + 4]} == kinds
+
+    with_te = tmp_path / "with-te.safetensors"
+    save_file({**_kohya_state(merged), f"{_TEXT_ENCODER}.lora_down.weight": torch.zeros(2, 8),
+               f"{_TEXT_ENCODER}.lora_up.weight": torch.zeros(8, 2), f"{_TEXT_ENCODER}.alpha": torch.tensor(2.0)},
+              with_te)
+    assert cd_inspect.main([str(with_te)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("beyond K/V:"))
+    assert lines[start].startswith("beyond K/V:   1 LoRA module the merge") and lines[start + 1].split() == [
+        "text-encoder", "parts", "1"]
+
+    width = merged["sd1"]["base"].token_dims()[0]
+    embedding = _a1111_embedding(tmp_path / "sks.pt", torch.zeros(1, width))
+    assert cd_inspect.main([str(embedding)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"file:         {embedding}",
+        "format:       embedding (AUTOMATIC1111 string_to_param, named by its file)",
+        f"architecture: unknown, text features: {width}",
+        "base:         not recorded",
+        f"tokens:       sks [{width}]",
+        "layers:       none: a token embedding file (as a cd-merge input, its token on the base's unchanged K/V)"]
+    sdxl = merged["sdxl"]["kohya"].parent / "merged_embeddings" / "new1.safetensors"
+    assert cd_inspect.main([str(sdxl), "--base", str(tiny_pipeline_path("sdxl"))]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == "format:       embedding (SDXL clip_l / clip_g, named by its file)"
+    assert lines[2].startswith("architecture: sdxl (from the base)")
+    assert lines[5] == f"tokens:       <new1> {list(merged['sdxl']['base'].token_dims())}"
+    assert cd_inspect.main([str(sdxl), "--base", str(tiny_pipeline_path("sd1"))]) == 1
+    assert "token <new1> has embedding sizes" in capsys.readouterr().err
+
+
+def test_counts_and_shapes_in_messages_read_as_words(merged, tmp_path):
+    """One module is "1 UNet module"; text-encoder parts are counted in modules, as UNet parts
+    are; a shape is a plain tuple; a concept with no token is shown as such by cd-inspect."""
+    from mergekit_cd.loading import load_source
+    from mergekit_cd.summary import summarize
+
+    state = _kohya_state(merged)
+    one = tmp_path / "one.safetensors"
+    save_file({**state, f"{_SELF_ATTENTION}.lora_down.weight": torch.zeros(2, 8),
+               f"{_SELF_ATTENTION}.lora_up.weight": torch.zeros(8, 2)}, one)
+    assert load_source(one, other_layers="drop").other_layers == (
+        "1 UNet module beyond the cross-attention K/V dropped (self-attention)")
+
+    value = next(key for key in state if "attn2_to_v" in key and key.endswith("lora_down.weight"))
+    wide = state[value].shape
+    save_file({**state, value: torch.zeros(wide[0], wide[1] + 1)}, tmp_path / "shapes.safetensors")
+    key = state[value.replace("to_v", "to_k").replace("lora_down", "lora_up")].shape[0]
+    with pytest.raises(MergeError) as error:
+        load(tmp_path / "shapes.safetensors")
+    assert str(error.value).endswith(f"has K and V parts of different shapes [({key}, {wide[1]}), "
+                                     f"({key}, {wide[1] + 1})].")
+
+    delta = merged["sd1"]["delta"]
+    tokenless = type(delta)(delta.layers, {}, architecture=delta.architecture,
+                            concepts=(Concept("", "dog", ("dog",)),))
+    summary = summarize(save(tokenless, tmp_path / "tokenless.safetensors"))
+    assert summary.concepts == ("(no token) = dog",)

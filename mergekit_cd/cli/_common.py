@@ -11,6 +11,7 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, redirect_stdout
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -210,21 +211,26 @@ def style_flags(inputs: list[str], styles: list[str], *, what: str = "input") ->
     return flags
 
 
-def paired_embeddings(inputs: list[str], specs: list[str]) -> list[list[str]] | None:
-    """Per input, the embedding files ``--embedding INPUT=FILE`` pairs with it (INPUT: its 1-based
-    position or its name as given); the first ``=`` after which an input is named splits a spec."""
+def paired_embeddings(inputs: list[str], specs: list[str]) -> list[list[str | tuple[str, str]]] | None:
+    """Per input, the embedding files ``--embedding INPUT=FILE[:TOKEN]`` pairs with it (INPUT: its
+    1-based position or its name as given); the first ``=`` after which an input is named splits a
+    spec, and ``:TOKEN`` gives the file's token a new name (``(file, token)``): the last ``:`` of a
+    spec that is no existing file, followed by no path separator (``C:\\x\\sks.pt`` stays a path)."""
     if not specs:
         return None
-    files: list[list[str]] = [[] for _ in inputs]
+    files: list[list[str | tuple[str, str]]] = [[] for _ in inputs]
     for spec in specs:
         cuts = [index for index, char in enumerate(spec) if char == "="]
         target = next((spec[:cut] for cut in cuts if spec[:cut] in inputs
                        or (spec[:cut].isdigit() and 1 <= int(spec[:cut]) <= len(inputs))), None)
         if target is None or not spec[len(target) + 1:]:
-            raise MergeError(f"--embedding {spec}: expected INPUT=FILE, INPUT an input's position (1-{len(inputs)}) "
-                             f"or its name as given (e.g. --embedding 1=my_token.pt).")
+            raise MergeError(f"--embedding {spec}: expected INPUT=FILE[:TOKEN], INPUT an input's position "
+                             f"(1-{len(inputs)}) or its name as given (e.g. --embedding 1=sks.pt:<sks>).")
         index = inputs.index(target) if target in inputs else int(target) - 1
-        files[index].append(spec[len(target) + 1:])
+        given = spec[len(target) + 1:]
+        file, _, token = given.rpartition(":")
+        renamed = file and token and "/" not in token and "\\" not in token and not Path(given).exists()
+        files[index].append((file, token) if renamed else given)
     return files
 
 

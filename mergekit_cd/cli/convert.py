@@ -7,7 +7,7 @@ import sys
 
 from .. import formats
 from ..errors import MergeError
-from ..loading import convert
+from ..loading import OTHER_LAYERS_ON_LOAD, convert
 from ..merge_options import OptionError
 from ._common import add_lora_rtol_argument, describe_factors, run
 
@@ -17,7 +17,8 @@ examples:
   cd-convert cat.safetensors -o cat/ --to diffusers --base ./sd15
   cd-convert cat.safetensors -o compressed_delta.bin --to authors-bin --compress 0.05
   cd-convert merged.safetensors -o merged-lora/ --to diffusers-lora
-  cd-convert merged.safetensors -o merged_lora.safetensors --to kohya-lora"""
+  cd-convert merged.safetensors -o merged_lora.safetensors --to kohya-lora
+  cd-convert merged-lora/ -o merged_lora.safetensors --to kohya-lora --other-layers keep"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="store low-rank differences with relative error at most RTOL "
                              "(native, or the compressed variants of authors-bin / compvis)")
     add_lora_rtol_argument(parser)
+    parser.add_argument("--other-layers", choices=OTHER_LAYERS_ON_LOAD, default="refuse",
+                        help="what becomes of a LoRA input's parts beyond the cross-attention K/V (self-attention, "
+                             "feed-forward, projections; the modules a cd-merge --other-layers sum output carries): "
+                             "refuse such an input (default), drop them, or keep its UNet modules (only into a LoRA "
+                             "output: --to diffusers-lora or kohya-lora). Text-encoder parts are only ever dropped, "
+                             "with a warning")
     parser.add_argument("--force", action="store_true", help="overwrite an existing output")
     parser.add_argument("--no-base-check", action="store_true",
                         help="accept a delta whose recorded base fingerprint differs (experts only)")
@@ -44,9 +51,10 @@ def main_with_args(args: argparse.Namespace) -> int:
     to = formats.output_format(args.output, args.to)
     try:
         report = convert(args.input, args.output, to, base=args.base, compress_rtol=args.compress,
-                         force=args.force, check_base=not args.no_base_check, lora_rtol=args.lora_rtol)
-    except OptionError as error:  # a merge option named in a refusal: cd-convert has none of its own
-        raise MergeError(error.render(lambda name: "cd-merge's --" + name.replace("_", "-"))) from None
+                         force=args.force, check_base=not args.no_base_check, lora_rtol=args.lora_rtol,
+                         other_layers=args.other_layers)
+    except OptionError as error:  # the refusal of a LoRA's other parts, in this command's flag
+        raise MergeError(error.render(lambda name: "--" + name.replace("_", "-"))) from None
     if report is not None and formats.get_format(to).FACTORS_ONLY:
         print(describe_factors(report))
     elif report is not None:

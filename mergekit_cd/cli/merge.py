@@ -29,7 +29,7 @@ examples:
   cd-merge a.safetensors b.safetensors -o ab/ --base ./sd15 --method hybrid --rows pipeline
   cd-merge a.safetensors b.safetensors -o ab/ --base ./sd15 --dry-run
   cd-merge lora.safetensors cat/ -o merged.safetensors --base ./sd15 --format kohya-lora \\
-      --embedding lora.safetensors=sks.pt --other-layers sum --class dog --class cat
+      --embedding lora.safetensors=sks.pt:<sks> --other-layers sum --class dog --class cat
   cd-merge ab.safetensors c.safetensors -o abc.safetensors --base ./sd15   # grow a merge by c
   cd-merge abc.safetensors --drop "<new2>" -o ac.safetensors --base ./sd15   # shrink it
 
@@ -52,11 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "the diffusers layout (pytorch_custom_diffusion_weights.safetensors + "
                              "<token>.safetensors); see --format")
     parser.add_argument("--base", required=True, help="base model: diffusers folder or hub repo id")
-    parser.add_argument("--embedding", action="append", default=[], metavar="INPUT=FILE",
+    parser.add_argument("--embedding", action="append", default=[], metavar="INPUT=FILE[:TOKEN]",
                         help="pair a textual-inversion embedding file (A1111 .pt, kohya emb_params, SDXL "
                              "clip_l/clip_g, diffusers learned_embeds) with an input, named by its position "
                              "(1-based) or as given: its token becomes the input's trigger, one concept "
-                             "(repeatable). An embedding file given as an input of its own is a concept of its "
+                             "(repeatable). A1111 and kohya files name their token by the file name; :TOKEN "
+                             "names it anew (needed when that name is a word the base already has, e.g. "
+                             "sks.pt:<sks>). An embedding file given as an input of its own is a concept of its "
                              "own: its token on the base's unchanged K/V")
     parser.add_argument("--other-layers", choices=OTHER_LAYERS, default="refuse",
                         help="what becomes of a LoRA input's parts beyond the cross-attention K/V "

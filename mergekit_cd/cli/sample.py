@@ -6,6 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..apply import OTHER_LAYERS_ON_APPLY
+from ..errors import MergeError
+from ..merge_options import OptionError
 from ..sampling import check_seed, sample_grid
 from ._common import add_device_argument, device, non_negative_float_type, run, seed_type
 
@@ -40,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--force", action="store_true", help="overwrite an existing output")
     parser.add_argument("--no-base-check", action="store_true",
                         help="install a delta whose recorded base fingerprint differs (experts only)")
+    parser.add_argument("--other-layers", choices=OTHER_LAYERS_ON_APPLY, default="refuse",
+                        help="what becomes of a LoRA delta's parts beyond the cross-attention K/V (self-attention, "
+                             "feed-forward, text-encoder parts; an --other-layers sum output's carried modules), "
+                             "which cd-sample does not install: refuse such a delta (default), or drop them and "
+                             "sample with its K/V alone (text-encoder parts with a warning)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_device_argument(parser, what="the pipeline", types=DEVICE_TYPES)
     return parser
@@ -48,10 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main_with_args(args: argparse.Namespace) -> int:
     chosen = device(args.device, types=DEVICE_TYPES)
     check_seed(args.seed, args.num_images)
-    path = sample_grid(args.base, args.delta, args.prompts, args.output, num_images=args.num_images,
-                       seed=args.seed, steps=args.steps, guidance_scale=args.guidance_scale,
-                       device=chosen, height=args.height, width=args.width, force=args.force,
-                       check_base=not args.no_base_check, progress=not args.quiet)
+    try:
+        path = sample_grid(args.base, args.delta, args.prompts, args.output, num_images=args.num_images,
+                           seed=args.seed, steps=args.steps, guidance_scale=args.guidance_scale,
+                           device=chosen, height=args.height, width=args.width, force=args.force,
+                           check_base=not args.no_base_check, other_layers=args.other_layers,
+                           progress=not args.quiet)
+    except OptionError as error:  # the refusal of a LoRA's other parts, in this command's flag
+        raise MergeError(error.render(lambda name: "--" + name.replace("_", "-"))) from None
     print(f"wrote {path} ({len(args.prompts)} prompt(s) x {args.num_images} image(s))")
     return 0
 

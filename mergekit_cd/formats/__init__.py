@@ -20,6 +20,7 @@ from ..metadata import from_header
 from . import authors_bin, compvis, diffusers_layout, diffusers_lora, kohya_lora, native
 from ._common import (Delta, check_token_shapes, describe_container, natural_order, read_metadata,
                       safetensors_header)
+from ._lora import counted
 from .protocol import Format
 from .token_files import token_folder, token_folder_entries
 
@@ -96,9 +97,10 @@ def check_holds_other_modules(format_name: str, modules: Sequence[str], path: st
     """Refuse a format that cannot hold a LoRA's ``modules`` beyond the cross-attention K/V."""
     if modules and not get_format(format_name).HOLDS_OTHER_MODULES:
         holders = [module.NAME for module in FORMATS if module.HOLDS_OTHER_MODULES]
-        raise MergeError(f"Cannot write {path} as {format_name}: the delta carries {len(modules)} LoRA modules beyond "
-                         f"the cross-attention K/V (e.g. {natural_order(modules)[0]}), which only {_one_of(holders)} "
-                         f"hold; write one of those, or drop them.")
+        raise MergeError(f"Cannot write {path} as {format_name}: the delta carries "
+                         f"{counted(len(modules), 'LoRA module')} beyond the cross-attention K/V (e.g. "
+                         f"{natural_order(modules)[0]}), which only {_one_of(holders)} hold; write one of those, or "
+                         f"drop them.")
 
 
 def check_output(path: str | os.PathLike[str], format_name: str, *, architecture: str | None = None,

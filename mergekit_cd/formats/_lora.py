@@ -80,15 +80,45 @@ def check_lora_keys(keys: Iterable[str], source: str, *, module_of: Any, parts: 
     return LoraKeys(found["kv"], found["other"], tuple(natural_order(unread)))
 
 
+#: What a LoRA's parts beyond the cross-attention K/V are, by marks in their names, in the order
+#: messages name them; the first kind a name shows is its kind.
+PART_KINDS = {"text-encoder parts": TEXT_ENCODER_PREFIXES, "DoRA magnitudes": ("magnitude", "dora_scale"),
+              "LyCORIS (LoHa/LoKr) parts": ("hada_", "lokr_"), "self-attention": ("attn1",),
+              "feed-forward": ("ff.", "ff_"), "cross-attention queries and outputs": ("attn2.to_q", "attn2_to_q",
+                                                                                      "attn2.to_out", "attn2_to_out"),
+              "convolutions and projections": ("conv", "proj_")}
+OTHER_KIND = "other modules"
+#: The endings of a LoRA key after its module's name: the factors and kohya's alpha.
+_FACTOR_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".lora_A.weight", ".lora_B.weight", ".down.weight",
+                    ".up.weight", ".alpha")
+
+
+def part_kind(name: str) -> str:
+    """What a LoRA key or module beyond the cross-attention K/V is (:data:`PART_KINDS`)."""
+    return next((kind for kind, marks in PART_KINDS.items() if any(mark in name for mark in marks)), OTHER_KIND)
+
+
+def part_module(name: str) -> str:
+    """The module a LoRA key belongs to (the key without its factor's ending); a module path as it is."""
+    return next((name[: -len(suffix)] for suffix in _FACTOR_SUFFIXES if name.endswith(suffix)), name)
+
+
+def count_parts(names: Iterable[str]) -> dict[str, int]:
+    """Kind -> how many modules of that kind ``names`` (keys or module paths) hold, in the order of
+    :data:`PART_KINDS`."""
+    modules = {part_module(name) for name in names}
+    counts = {kind: sum(part_kind(module) == kind for module in modules) for kind in [*PART_KINDS, OTHER_KIND]}
+    return {kind: count for kind, count in counts.items() if count}
+
+
+def counted(count: int, noun: str) -> str:
+    """``1 LoRA module``, ``3 LoRA modules``: a count with its noun in agreement."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def describe_parts(keys: Iterable[str]) -> str:
     """What LoRA keys beyond the cross-attention K/V are, in words."""
-    kinds = {"text-encoder parts": TEXT_ENCODER_PREFIXES, "DoRA magnitudes": ("magnitude", "dora_scale"),
-             "LyCORIS (LoHa/LoKr) parts": ("hada_", "lokr_"), "self-attention": ("attn1",),
-             "feed-forward": ("ff.", "ff_"), "cross-attention queries and outputs": ("attn2.to_q", "attn2_to_q",
-                                                                                     "attn2.to_out", "attn2_to_out"),
-             "convolutions and projections": ("conv", "proj_")}
-    named = [name for name, marks in kinds.items() if any(mark in key for key in keys for mark in marks)]
-    return ", ".join(named) if named else "other modules"
+    return ", ".join(count_parts(keys)) or OTHER_KIND
 
 
 def read_lora(handle: Any, keys: LoraKeys, scale: Any, source: str) -> tuple[
@@ -134,7 +164,8 @@ def lora_layers(parts: dict[tuple[str, str], Tensor], scale: Any, source: str) -
     for layer, pair in factors.items():
         shapes = {part.shape for part in pair.values()}
         if len(shapes) > 1:
-            raise MergeError(f"{source}: layer {layer} has K and V parts of different shapes {sorted(shapes)}.")
+            raise MergeError(f"{source}: layer {layer} has K and V parts of different shapes "
+                             f"{sorted(tuple(shape) for shape in shapes)}.")
         (out, width), = shapes
         widths.add(width)
         empty = LowRank(torch.zeros(out, 0), torch.zeros(0, width))

@@ -15,7 +15,7 @@ from ..fileio import atomic_path, open_safetensors, save_safetensors
 from ..metadata import from_header, to_header
 from ._common import (Delta, check_token_shapes, safetensors_header, saveable)
 from ._lora import check_lora_keys, lora_factors, peft_scale, read_lora
-from .token_files import read_token_folder, token_file_names, token_folder_entries, token_state
+from .token_files import read_token_folder, token_file_names, token_folder_entries, token_metadata, token_state
 
 NAME = "diffusers-lora"
 HOLDS_OTHER_MODULES = True  # a LoRA's modules beyond cross-attention K/V, under their own keys
@@ -102,7 +102,9 @@ def _adapter_config(metadata: dict[str, str], source: str) -> dict[str, Any]:
 
 def write(obj: Delta, path: str | os.PathLike[str], *, force: bool = False) -> None:
     """The folder ``path``: the UNet LoRA at scale 1 (``lora_alpha`` = rank for every module, in
-    peft's adapter metadata) and ``<token>.safetensors`` for each token."""
+    peft's adapter metadata) and a textual-inversion file for each token, under the token's
+    portable name (``new1.safetensors`` holding ``{"<new1>": vector}``: ``load_textual_inversion``
+    reads the token from the key; SDXL's ``clip_l``/``clip_g`` file keeps it in its metadata)."""
     target = Path(path)
     factors = lora_factors(obj, target, NAME)
     tensors: dict[str, Tensor] = {}
@@ -111,14 +113,14 @@ def write(obj: Delta, path: str | os.PathLike[str], *, force: bool = False) -> N
         tensors[f"{PREFIX}{module}.lora_A.weight"] = factor.down
         tensors[f"{PREFIX}{module}.lora_B.weight"] = factor.up
         ranks[module] = factor.rank
-    names = token_file_names(obj.tokens, target, NAME, reserved=(WEIGHTS_NAME,))
-    token_files = {names[token]: token_state(token, embeddings, target, NAME)
+    names = token_file_names(obj.tokens, target, NAME, reserved=(WEIGHTS_NAME,), portable=True)
+    token_files = {names[token]: (token_state(token, embeddings, target, NAME), token_metadata(token))
                    for token, embeddings in obj.tokens.items()}
     header = {**to_header(obj), ADAPTER_METADATA_KEY: json.dumps(_adapter_metadata(ranks), sort_keys=True)}
     with atomic_path(target, force=force, folder=True, foreign_entries=foreign_entries) as folder:
         save_safetensors(saveable(tensors), folder / WEIGHTS_NAME, metadata=header)
-        for file_name, state in token_files.items():
-            save_safetensors(saveable(state), folder / file_name)
+        for file_name, (state, metadata) in token_files.items():
+            save_safetensors(saveable(state), folder / file_name, metadata=metadata)
 
 
 def _adapter_metadata(ranks: dict[str, int]) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from ._common import Delta, check_token_shapes, check_vector, natural_order, saf
 from ._lora import check_lora_keys, lora_factors, positive_number, read_lora
 from .ldm_names import to_compvis_name, to_diffusers_name
 from .token_files import (EMB_PARAMS, SDXL_TOKEN_KEYS, STRING_TO_PARAM, read_token_folder, token_file_names,
-                          token_folder, token_folder_entries)
+                          token_folder, token_folder_entries, token_metadata)
 
 NAME = "kohya-lora"
 HOLDS_OTHER_MODULES = True  # a LoRA's modules beyond cross-attention K/V, under kohya's names
@@ -148,8 +148,9 @@ def _bundled_tokens(entries: dict[str, Tensor], source: str) -> dict[str, tuple[
 
 def write(obj: Delta, path: str | os.PathLike[str], *, force: bool = False) -> None:
     """``path``: the UNet LoRA at scale 1 (alpha = rank per module) with the embeddings bundled,
-    and ``<stem>_embeddings/<token>.safetensors`` per token (kohya's / A1111's embedding file:
-    the file name is the trigger word)."""
+    and ``<stem>_embeddings/<name>.safetensors`` per token (kohya's / A1111's embedding file, the
+    file name its trigger word there): the token's portable name (``<new1>`` -> ``new1``, a name
+    Windows takes), with the token in its metadata, so it reads back as the bundled one."""
     target = Path(path)
     if not isinstance(obj, ConceptDelta):
         raise MergeError(f"Cannot write {target} as {NAME}: it stores differences, not full weights.")
@@ -159,23 +160,23 @@ def write(obj: Delta, path: str | os.PathLike[str], *, force: bool = False) -> N
         tensors[f"{name}.lora_down.weight"] = factor.down
         tensors[f"{name}.lora_up.weight"] = factor.up
         tensors[f"{name}.alpha"] = torch.tensor(float(factor.rank))
-    files: dict[str, dict[str, Tensor]] = {}
-    names = token_file_names(obj.tokens, target, NAME)
+    files: dict[str, dict[str, Tensor]] = {}  # token -> its embedding file's tensors
+    names = token_file_names(obj.tokens, target, NAME, portable=True)
     for token, embeddings in obj.tokens.items():
         if len(embeddings) == 1:
             tensors[f"{BUNDLE}{token}.{BUNDLED_PARAM}"] = embeddings[0][None]
-            files[names[token]] = {EMB_PARAMS: embeddings[0][None]}
+            files[token] = {EMB_PARAMS: embeddings[0][None]}
         else:
             state = dict(zip(SDXL_TOKEN_KEYS, (embedding[None] for embedding in embeddings)))
             tensors.update({f"{BUNDLE}{token}.{key}": row for key, row in state.items()})
-            files[names[token]] = state
+            files[token] = state
     header = to_header(obj)
     # the embeddings first, the LoRA last: the file a user loads appears when everything is in place
     targets = [token_folder(target, TOKEN_FOLDER_SUFFIX), target]
     check_destination(targets[0], force=force, foreign_entries=token_folder_entries)
     check_destination(target, force=force)
     with atomic_outputs(targets, force=force, folder=(True, False), check=False) as (folder, temporary):
-        for name, state in files.items():
-            save_safetensors(saveable(state), folder / name)
+        for token, state in files.items():
+            save_safetensors(saveable(state), folder / names[token], metadata=token_metadata(token))
         save_safetensors(saveable(tensors), temporary, metadata=header)
 
