@@ -163,7 +163,7 @@ def _embedding_delta(file: Path, base: BaseModel | PathLike | None, source: str)
     name, embeddings = read_token_file(file, "as an input")
     _check_new_token(name, file, base, "as an input of its own, rename the file to a new word "
                                        f"(e.g. {file.with_stem(f'{name}_emb').name}), or pair it with an input under a "
-                                       f"new name (--embedding INPUT={file}:<{name}>)")
+                                       f"new name (--embedding 'INPUT={file}:<{name}>')")
     layers = {layer: LayerDelta(*(LowRank(torch.zeros(shape[0], 0), torch.zeros(0, shape[1])) for shape in shapes))
               for layer, shapes in base.kv_shapes().items()}
     check_token_shapes({name: embeddings}, source)
@@ -190,7 +190,7 @@ def _paired(delta: ConceptDelta, embeddings: Sequence[EmbeddingFile], base: Base
         if base is not None:
             opened = as_base(base)
             check_token_sizes({name: vectors}, opened.token_dims(), opened.name, str(file))
-            _check_new_token(name, file, opened, f"give it a new name, --embedding INPUT={file}:<{name}> (in Python, "
+            _check_new_token(name, file, opened, f"give it a new name, --embedding 'INPUT={file}:<{name}>' (in Python, "
                                                  f"embeddings=[(\"{file}\", \"<{name}>\")])")
         tokens[name], origins[name] = vectors, str(file)
     check_token_shapes(tokens, source)

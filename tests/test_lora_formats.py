@@ -289,7 +289,7 @@ def test_a_lora_with_parts_that_are_no_plain_factors_is_refused_whatever_the_oth
         with pytest.raises(MergeError) as error:
             load(path, other_layers=rule)
         assert str(error.value) == (
-            f"{path}: holds 1 tensors that are no plain LoRA factors (e.g. {key}: {kind}); mergekit-cd reads the "
+            f"{path}: holds 1 tensor that is no plain LoRA factor (e.g. {key}: {kind}); mergekit-cd reads the "
             f"lora_A / lora_B (lora_down / lora_up) factors of a LoRA, and will not read the rest as if they were "
             f"absent.")
 
@@ -758,7 +758,7 @@ def test_an_embedding_paired_with_a_tokenless_lora_makes_one_concept(tiny_pipeli
     assert cd_merge([*arguments, "--embedding", f"3={embedding}"]) == 1
     assert capsys.readouterr().err == (
         f"cd-merge: error: --embedding 3={embedding}: expected INPUT=FILE[:TOKEN], INPUT an input's position (1-2) or "
-        f"its name as given (e.g. --embedding 1=sks.pt:<sks>).\n")
+        f"its name as given (e.g. --embedding '1=sks.pt:<sks>').\n")
     with pytest.raises(MergeError) as error:
         load(tiny_delta_files("sd1")["native"], base=base, embeddings=[_a1111_embedding(tmp_path / "<new1>.pt", row)])
     assert str(error.value) == (f"{tmp_path / '<new1>.pt'}: token <new1> is already in "
@@ -805,12 +805,12 @@ def test_the_readme_example_pairs_an_a1111_file_named_by_a_vocabulary_word_under
     in_vocabulary = ("sks.pt: its token sks is already in the base model's vocabulary (AUTOMATIC1111 and kohya name an "
                      "embedding's token by its file name); a modifier token must be new: ")
     assert capsys.readouterr().err == (
-        f"cd-merge: error: {in_vocabulary}give it a new name, --embedding INPUT=sks.pt:<sks> (in Python, "
+        f"cd-merge: error: {in_vocabulary}give it a new name, --embedding 'INPUT=sks.pt:<sks>' (in Python, "
         f"embeddings=[(\"sks.pt\", \"<sks>\")]).\n")
     assert cd_merge(["cat/", "sks.pt", *command[2:]]) == 1
     assert capsys.readouterr().err == (
         f"cd-merge: error: {in_vocabulary}as an input of its own, rename the file to a new word (e.g. sks_emb.pt), or "
-        f"pair it with an input under a new name (--embedding INPUT=sks.pt:<sks>).\n")
+        f"pair it with an input under a new name (--embedding 'INPUT=sks.pt:<sks>').\n")
     assert cd_merge([*command, "--embedding", "lora.safetensors=sks.pt:<sks>"]) == 0
     written = load("merged.safetensors", other_layers="keep")
     assert [concept.token for concept in written.concepts] == ["<sks>", "<new1>"]

@@ -225,7 +225,7 @@ def paired_embeddings(inputs: list[str], specs: list[str]) -> list[list[str | tu
                        or (spec[:cut].isdigit() and 1 <= int(spec[:cut]) <= len(inputs))), None)
         if target is None or not spec[len(target) + 1:]:
             raise MergeError(f"--embedding {spec}: expected INPUT=FILE[:TOKEN], INPUT an input's position "
-                             f"(1-{len(inputs)}) or its name as given (e.g. --embedding 1=sks.pt:<sks>).")
+                             f"(1-{len(inputs)}) or its name as given (e.g. --embedding '1=sks.pt:<sks>').")
         index = inputs.index(target) if target in inputs else int(target) - 1
         given = spec[len(target) + 1:]
         file, _, token = given.rpartition(":")

@@ -29,7 +29,7 @@ examples:
   cd-merge a.safetensors b.safetensors -o ab/ --base ./sd15 --method hybrid --rows pipeline
   cd-merge a.safetensors b.safetensors -o ab/ --base ./sd15 --dry-run
   cd-merge lora.safetensors cat/ -o merged.safetensors --base ./sd15 --format kohya-lora \\
-      --embedding lora.safetensors=sks.pt:<sks> --other-layers sum --class dog --class cat
+      --embedding 'lora.safetensors=sks.pt:<sks>' --other-layers sum --class dog --class cat
   cd-merge ab.safetensors c.safetensors -o abc.safetensors --base ./sd15   # grow a merge by c
   cd-merge abc.safetensors --drop "<new2>" -o ac.safetensors --base ./sd15   # shrink it
 

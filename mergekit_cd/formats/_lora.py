@@ -71,7 +71,8 @@ def check_lora_keys(keys: Iterable[str], source: str, *, module_of: Any, parts: 
                              f"{parts[suffix]} factor of {module}.")
         kind[(module, parts[suffix])] = key
     if unknown:
-        raise MergeError(f"{source}: holds {len(unknown)} tensors that are no plain LoRA factors (e.g. "
+        raise MergeError(f"{source}: holds {counted(len(unknown), 'tensor')} that "
+                         f"{'is no plain LoRA factor' if len(unknown) == 1 else 'are no plain LoRA factors'} (e.g. "
                          f"{', '.join(natural_order(unknown)[:3])}: {describe_parts(unknown)}); mergekit-cd reads "
                          f"the lora_A / lora_B (lora_down / lora_up) factors of a LoRA, and will not read the rest "
                          f"as if they were absent.")
