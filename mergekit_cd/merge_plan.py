@@ -184,6 +184,18 @@ def plan_merge(deltas: Sequence[PathLike | ConceptDelta], reg_captions: Sequence
                                               if entry.other_layers))
 
 
+def _identity(path: Path | None) -> tuple[int, int] | None:
+    """What makes two paths one file or folder (device, inode); None for no path or one that cannot
+    be read (the loader then says what is wrong with it)."""
+    if path is None:
+        return None
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino
+
+
 def _refuse_repeated_files(paths: Sequence[Path | None], sources: Sequence[str]) -> None:
     """The same file or folder given twice, by any path (a link, a hub cache entry), is refused.
 
@@ -191,13 +203,9 @@ def _refuse_repeated_files(paths: Sequence[Path | None], sources: Sequence[str])
     """
     seen: dict[tuple[int, int], int] = {}
     for index, path in enumerate(paths):
-        if path is None:
+        identity = _identity(path)
+        if identity is None:
             continue
-        try:
-            status = path.stat()
-        except OSError:  # the loader says what is wrong with it
-            continue
-        identity = (status.st_dev, status.st_ino)
         if identity in seen:
             what = "folder" if path.is_dir() else "file"
             raise MergeError(_repeated_message(index, seen[identity], sources, f"the same {what}"))
@@ -214,11 +222,9 @@ def _refuse_repeated_embeddings(paths: Sequence[Path | None], sources: Sequence[
              for index, files in enumerate(paired) for entry in files]
     seen: dict[tuple[int, int], str] = {}
     for path, use in uses:
-        try:
-            status = path.stat()
-        except OSError:  # the loader says what is wrong with it
+        identity = _identity(path)
+        if identity is None:
             continue
-        identity = (status.st_dev, status.st_ino)
         if identity in seen:
             raise MergeError(f"The embedding file {path} is given twice, {seen[identity]} and {use}: its token would "
                              f"be the trigger of two concepts, whose constraints conflict; give it once.")
