@@ -316,6 +316,8 @@ def load_pickle(path: str | os.PathLike[str], *, mmap: bool = False) -> Any:
     (it would run code) is refused, an unreadable one is reported truncated or corrupt.
     """
     _check_not_empty(path)
+    if os.fspath(path).endswith(".safetensors"):  # torch.load would read it whole with safetensors instead
+        raise MergeError(f"{path}: a .safetensors file is not a torch pickle (.bin, .ckpt, .pt); refused.")
     is_zip = zipfile.is_zipfile(path)
     mapped = mmap and is_zip
     scope = _SCOPE.get()

@@ -339,3 +339,16 @@ def test_a_compressed_all_zero_difference_of_rank_zero_reads_back(tiny_pipeline_
     read = load(path, base=base)
     assert torch.equal(read.layers[first].key.dense() if isinstance(read.layers[first].key, LowRank)
                        else read.layers[first].key, torch.zeros_like(delta.layers[first].key))
+
+
+@pytest.mark.parametrize("reader", ["authors-bin", "compvis"])
+def test_a_safetensors_file_given_to_a_pickle_reader_is_refused_before_torch_reads_it(reader, tmp_path):
+    """torch.load reads any path ending in .safetensors whole, through safetensors: a sparse 4 GB
+    file given to a pickle reader cost seconds and its size in reads before the layout was refused."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "weights.safetensors"
+    save_file({"unet.x": torch.zeros(2, 2)}, str(path))
+    with pytest.raises(MergeError) as error:
+        formats.get_format(reader).read(path)
+    assert str(error.value) == f"{path}: a .safetensors file is not a torch pickle (.bin, .ckpt, .pt); refused."
