@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -161,7 +162,7 @@ def _embedding_delta(file: Path, base: BaseModel | PathLike | None, source: str)
                          f"K/V weights; give the base model (--base).")
     base = as_base(base)
     name, embeddings = read_token_file(file, "as an input")
-    _check_new_token(name, file, base, "as an input of its own, rename the file to a new word "
+    _check_new_token(name, file, base.load_tokenizers(), "as an input of its own, rename the file to a new word "
                                        f"(e.g. {file.with_stem(f'{name}_emb').name}), or pair it with an input under a "
                                        f"new name (--embedding 'INPUT={file}:<{name}>')")
     layers = {layer: LayerDelta(*(LowRank(torch.zeros(shape[0], 0), torch.zeros(0, shape[1])) for shape in shapes))
@@ -179,6 +180,8 @@ def _paired(delta: ConceptDelta, embeddings: Sequence[EmbeddingFile], base: Base
         return delta
     tokens = dict(delta.tokens)
     origins = {name: source for name in tokens}
+    opened = as_base(base) if base is not None else None
+    tokenizers = opened.load_tokenizers() if opened is not None else None  # once, not per file
     for entry in embeddings:
         file, rename = (Path(entry[0]), entry[1]) if isinstance(entry, tuple) else (Path(entry), None)
         name, vectors = read_token_file(file, f"paired with {source}")
@@ -187,21 +190,20 @@ def _paired(delta: ConceptDelta, embeddings: Sequence[EmbeddingFile], base: Base
             name = rename
         if name in tokens:
             raise MergeError(f"{file}: token {name} is already in {origins[name]}; a token can be paired once.")
-        if base is not None:
-            opened = as_base(base)
+        if opened is not None:
             check_token_sizes({name: vectors}, opened.token_dims(), opened.name, str(file))
-            _check_new_token(name, file, opened, f"give it a new name, --embedding 'INPUT={file}:<{name}>' (in Python, "
+            _check_new_token(name, file, tokenizers, f"give it a new name, --embedding 'INPUT={file}:<{name}>' (in Python, "
                                                  f"embeddings=[(\"{file}\", \"<{name}>\")])")
         tokens[name], origins[name] = vectors, str(file)
     check_token_shapes(tokens, source)
     return replace(delta, tokens=tokens)
 
 
-def _check_new_token(name: str, file: Path, base: BaseModel, rename: str) -> None:
+def _check_new_token(name: str, file: Path, tokenizers: Sequence[Any], rename: str) -> None:
     """An embedding file's token must be new to the base's tokenizers (:func:`~mergekit_cd.tokens.check_new`):
     refused naming the file, why it has that name, and ``rename``: how to give it another."""
     by_file = " (AUTOMATIC1111 and kohya name an embedding's token by its file name)" if name == file.stem else ""
-    check_new([name], base.load_tokenizers(), lambda token, _: (
+    check_new([name], tokenizers, lambda token, _: (
         f"{file}: its token {token} is already in the base model's vocabulary{by_file}; a modifier token must be new: "
         f"{rename}."))
 
