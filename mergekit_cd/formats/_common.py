@@ -417,7 +417,7 @@ def _starts_like_safetensors(path: str | os.PathLike[str]) -> bool:
 
 def peek_pickle(path: str | os.PathLike[str]) -> Any | None:
     """A torch pickle's contents with tensor data mapped, not read; None if it does not load."""
-    if not Path(path).is_file() or Path(path).suffix == ".safetensors":
+    if not Path(path).is_file():  # a .safetensors file load_pickle refuses unread
         return None
     try:
         return load_pickle(path, mmap=True)
