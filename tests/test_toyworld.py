@@ -122,7 +122,8 @@ def small_run(tmp_path_factory):
     from mergekit_cd.toyworld.train_base import main
 
     folder = tmp_path_factory.mktemp("small-run")
-    assert main(["-o", str(folder), "--clip-steps", "2", "--vae-steps", "2", "--unet-steps", "2", *SMALL]) == 0
+    assert main(["-o", str(folder), "--clip-steps", "2", "--text-steps", "2", "--vae-steps", "2", "--unet-steps", "2",
+                 *SMALL]) == 0
     return folder
 
 
@@ -131,6 +132,8 @@ def test_base_trainer_runs_end_to_end(small_run):
     CLIP folder cd-eval reads: the recipe cannot rot unnoticed."""
     import torch
     from diffusers import StableDiffusionPipeline
+
+    from transformers import CLIPTextModel
 
     from mergekit_cd.evaluation.clip_metrics import ClipEmbedder
 
@@ -141,19 +144,27 @@ def test_base_trainer_runs_end_to_end(small_run):
     clip = ClipEmbedder(small_run / "clip")
     assert clip.embed_texts(["a red star"]).shape[0] == 1
     assert json.loads((small_run / "training.json").read_text())["steps"]["unet"] == 2
+    tower = CLIPTextModel.from_pretrained(small_run / "clip").state_dict()
+    encoder = pipe.text_encoder.state_dict()
+    assert not all(torch.equal(tower[name], encoder[name]) for name in encoder), \
+        "the pipeline's text encoder is the CLIP tower fine-tuned on caption attributes"
 
 
 def test_base_trainer_continues_and_finetunes_only_the_decoder(small_run, tmp_path):
-    """--continue-from with --decoder-steps keeps the encoder (so the latents the UNet learned)
-    and the UNet with --unet-steps 0, and changes the decoder."""
+    """--continue-from with --decoder-steps keeps the encoder (so the latents the UNet learned),
+    the text encoder with --text-steps 0 and the UNet with --unet-steps 0, and changes the decoder."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
     from mergekit_cd.toyworld.train_base import main
 
     first, second = small_run, tmp_path / "second"
-    assert main(["-o", str(second), "--continue-from", str(first), "--unet-steps", "0", "--decoder-steps", "3",
-                 *SMALL]) == 0
+    assert main(["-o", str(second), "--continue-from", str(first), "--text-steps", "0", "--unet-steps", "0",
+                 "--decoder-steps", "3", *SMALL]) == 0
+    encoders = [CLIPTextModel.from_pretrained(folder / "base" / "text_encoder").state_dict()
+                for folder in (first, second)]
+    assert all(torch.equal(encoders[0][name], encoders[1][name]) for name in encoders[0])
     before, after = (AutoencoderKL.from_pretrained(folder / "base" / "vae") for folder in (first, second))
     for name, tensor in before.encoder.state_dict().items():
         assert torch.equal(tensor, after.encoder.state_dict()[name]), name
@@ -178,3 +189,55 @@ def test_the_text_probe_measures_how_far_a_word_moves_the_rows():
     assert spreads["class"][:3] == pytest.approx([0, 0, 0], abs=1e-5) and spreads["class"][3] > 0.5
     assert spreads["colour"][:2] == pytest.approx([0, 0], abs=1e-5) and spreads["colour"][2] > 0.5
     assert max(spreads["colour"]) > 2 * max(spreads["class"])
+
+
+def test_text_supervision_labels_come_from_the_caption_words():
+    """Each class-word row is labelled with its class and its own phrase's colour and pattern (none
+    named: the extra label), colour and pattern words with themselves, the rows after the caption
+    with the caption's sets and background."""
+    from mergekit_cd.toyworld.text_supervision import _IGNORE, row_labels
+
+    tokenizer = build_tokenizer()
+    captions = ["photo of a pink cross, a dotted triangle and a small green star in snow",
+                "a blue ring on a gray background"]
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                    return_tensors="pt").input_ids
+    labels = row_labels(tokenizer, captions, ids)
+    tokens = [token.removesuffix("</w>") for token in tokenizer.convert_ids_to_tokens(ids[0].tolist())]
+    cross, triangle, star = tokens.index("cross"), tokens.index("triangle"), tokens.index("star")
+    assert labels.cls[0, cross] == CLASSES.index("cross") and labels.cls[0, star] == CLASSES.index("star")
+    assert labels.phrase_colour[0, cross] == list(COLOURS).index("pink")
+    assert labels.phrase_colour[0, triangle] == len(COLOURS)  # "a dotted triangle": colour not named
+    assert labels.phrase_pattern[0, triangle] == PATTERNS.index("dotted")
+    assert labels.phrase_pattern[0, star] == len(PATTERNS)
+    assert labels.colour[0, tokens.index("green")] == list(COLOURS).index("green")
+    assert labels.cls[0, tokens.index("photo")] == _IGNORE and labels.colour[0, cross] == _IGNORE
+    assert labels.after[0].tolist() == [index >= tokens.index("<|endoftext|>") for index in range(len(tokens))]
+    assert labels.class_set[0].tolist() == [float(c in ("cross", "triangle", "star")) for c in CLASSES]
+    assert labels.background.tolist() == [list(BACKGROUNDS).index("snow"), list(BACKGROUNDS).index("gray")]
+
+
+def test_text_supervision_separates_the_class_words_it_is_trained_on():
+    """A few steps of attribute supervision lower its loss and move the rows of "a red X" further
+    apart across classes than the untrained encoder's: the stage does what the UNet needs."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from mergekit_cd.toyworld.text_probe import probe
+    from mergekit_cd.toyworld.text_supervision import supervise_text_encoder
+
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                           num_attention_heads=2, num_hidden_layers=1,
+                                           max_position_embeddings=tokenizer.model_max_length,
+                                           bos_token_id=tokenizer.bos_token_id,
+                                           eos_token_id=tokenizer.eos_token_id)).eval()
+    before = probe(tokenizer, encoder)["class"][3]
+    losses: list[str] = []
+    supervise_text_encoder(encoder, tokenizer, world_captions(200, 0), steps=40, batch_size=16,
+                           device=torch.device("cpu"), seed=0, lr=3e-3, log=losses.append)
+    after = probe(tokenizer, encoder)["class"][3]
+    first, last = (float(line.split("loss ")[1].split()[0]) for line in (losses[0], losses[-1]))
+    assert last < 0.7 * first, losses
+    assert after > 1.4 * before, (before, after)

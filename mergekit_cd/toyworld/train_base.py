@@ -3,8 +3,10 @@
 Stages, as Stable Diffusion was built, each seeded and printed with its loss:
 
 1. a CLIP-style pair (``CLIPModel``: a text tower and a small ViT) trained contrastively on world
-   images and their captions; its text tower becomes the pipeline's frozen ``text_encoder`` and
-   the whole pair is this world's CLIP for ``cd-eval --clip``;
+   images and their captions; the whole pair is this world's CLIP for ``cd-eval --clip``, and its
+   text tower, fine-tuned on the attributes its captions name (``--text-steps``,
+   :mod:`.text_supervision`: contrastive training alone hardly tells shapes apart), becomes the
+   pipeline's frozen ``text_encoder``;
 2. an ``AutoencoderKL`` (32 px <-> 16 x 16 x 4 latents) trained to reconstruct world images;
 3. a ``UNet2DConditionModel`` trained on the frozen latents and text features (epsilon
    prediction, min-SNR weighting, 10% caption dropout for classifier-free guidance, EMA);
@@ -95,6 +97,10 @@ class WorldData:
     def pixels(self, indices: np.ndarray) -> torch.Tensor:
         """Images ``indices`` as float (n, 3, H, W) in [-1, 1]."""
         return torch.from_numpy(self.images[indices]).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+    def all_captions(self) -> list[str]:
+        """Every caption, scene by scene."""
+        return [caption for captions in self.captions for caption in captions]
 
     def caption_batch(self, indices: np.ndarray, rng: np.random.Generator) -> list[str]:
         """One of each scene's captions, chosen by ``rng``."""
@@ -323,6 +329,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("-o", "--output", type=Path, required=True, help="folder for base/ and clip/")
     parser.add_argument("--scenes", type=int, default=30000, help="training scenes (default: %(default)s)")
     parser.add_argument("--clip-steps", type=int, default=600)
+    parser.add_argument("--text-steps", type=int, default=400,
+                        help="attribute-supervised steps of the pipeline's text encoder (default: %(default)s)")
+    parser.add_argument("--text-batch-size", type=int, default=128)
     parser.add_argument("--vae-steps", type=int, default=700)
     parser.add_argument("--unet-steps", type=int, default=3000)
     parser.add_argument("--clip-batch-size", type=int, default=256)
@@ -334,20 +343,36 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
     parser.add_argument("--continue-from", type=Path, metavar="FOLDER",
-                        help="an earlier run's output: keep its CLIP pair and autoencoder, train its UNet "
-                             "--unet-steps further (with seed --seed + 1: a fresh data order and noise), then its "
-                             "decoder --decoder-steps")
+                        help="an earlier run's output: keep its CLIP pair and autoencoder, fine-tune its "
+                             "pipeline's text encoder --text-steps further, train its UNet --unet-steps further "
+                             "(with seed --seed + 1: a fresh data order and noise), then its decoder --decoder-steps")
     return parser.parse_args(argv)
 
 
+def _text_stage(args: argparse.Namespace, data: WorldData, text_encoder: Any, tokenizer: Any,
+                device: torch.device, log: Any) -> tuple[Any, dict[str, float]]:
+    """The pipeline's text encoder: ``text_encoder`` fine-tuned ``--text-steps`` on caption attributes."""
+    from .text_supervision import supervise_text_encoder
+
+    stage = time.perf_counter()
+    if args.text_steps > 0:
+        text_encoder = supervise_text_encoder(text_encoder, tokenizer, data.all_captions(), steps=args.text_steps,
+                                              batch_size=args.text_batch_size, device=device, seed=args.seed,
+                                              log=log)
+    return text_encoder.to("cpu"), {"text_s": time.perf_counter() - stage}
+
+
 def _train_all(args: argparse.Namespace, data: WorldData, tokenizer: Any, device: torch.device,
-               log: Any) -> tuple[Any, Any, Any, dict[str, float]]:
-    """Every stage from scratch: the CLIP pair (saved), the autoencoder, then the UNet."""
+               log: Any) -> tuple[Any, Any, Any, Any, dict[str, float]]:
+    """Every stage from scratch: the CLIP pair (saved), the text encoder, the autoencoder, then the UNet."""
     stage = time.perf_counter()
     clip = train_clip(data, tokenizer, steps=args.clip_steps, batch_size=args.clip_batch_size, device=device,
                       seed=args.seed, log=log).to("cpu")
     save_clip(clip, tokenizer, args.output / "clip")
     times = {"clip_s": time.perf_counter() - stage}
+    text_encoder, text_times = _text_stage(args, data, text_encoder_from_clip(args.output / "clip"), tokenizer,
+                                           device, log)
+    times.update(text_times)
     stage = time.perf_counter()
     vae = train_vae(data, steps=args.vae_steps, batch_size=args.vae_batch_size, device=device, seed=args.seed,
                     log=log)
@@ -356,12 +381,11 @@ def _train_all(args: argparse.Namespace, data: WorldData, tokenizer: Any, device
     times["vae_s"] = time.perf_counter() - stage
     log(f"latent scaling factor {vae.config.scaling_factor:.4f}")
     stage = time.perf_counter()
-    unet = train_unet(data, latents * vae.config.scaling_factor, text_encoder_from_clip(args.output / "clip"),
-                      tokenizer, steps=args.unet_steps, batch_size=args.unet_batch_size, device=device,
-                      seed=args.seed, lr=args.unet_lr, log=log)
+    unet = train_unet(data, latents * vae.config.scaling_factor, text_encoder, tokenizer, steps=args.unet_steps,
+                      batch_size=args.unet_batch_size, device=device, seed=args.seed, lr=args.unet_lr, log=log)
     times["unet_s"] = time.perf_counter() - stage
     times.update(_decoder_stage(args, data, vae, latents, device, log))
-    return clip, vae, unet, times
+    return text_encoder, vae, unet, times
 
 
 def _decoder_stage(args: argparse.Namespace, data: WorldData, vae: Any, latents: torch.Tensor,
@@ -375,28 +399,32 @@ def _decoder_stage(args: argparse.Namespace, data: WorldData, vae: Any, latents:
     return {"decoder_s": time.perf_counter() - stage}
 
 
-def _continue(args: argparse.Namespace, data: WorldData, log: Any) -> tuple[Any, Any, Any, dict[str, float]]:
-    """A later UNet stage on an earlier run's frozen CLIP pair and autoencoder."""
+def _continue(args: argparse.Namespace, data: WorldData, tokenizer: Any,
+              log: Any) -> tuple[Any, Any, Any, dict[str, float]]:
+    """Later stages on an earlier run: its CLIP pair and autoencoder kept, its pipeline's text
+    encoder fine-tuned further, its UNet trained further on that text encoder."""
     import shutil
 
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPModel
+    from transformers import CLIPTextModel
 
     device = torch.device(args.device)
     if args.continue_from.resolve() != args.output.resolve():
         shutil.copytree(args.continue_from / "clip", args.output / "clip", dirs_exist_ok=True)
-    clip = CLIPModel.from_pretrained(args.output / "clip")
     vae = AutoencoderKL.from_pretrained(args.continue_from / "base" / "vae").to(device).eval()
     unet = UNet2DConditionModel.from_pretrained(args.continue_from / "base" / "unet")
+    text_encoder, times = _text_stage(
+        args, data, CLIPTextModel.from_pretrained(args.continue_from / "base" / "text_encoder"), tokenizer, device,
+        log)
     stage = time.perf_counter()
     latents = encode_latents(vae, data, device=device)
     if args.unet_steps > 0:
-        unet = train_unet(data, latents * vae.config.scaling_factor, text_encoder_from_clip(args.output / "clip"),
-                          build_tokenizer(), steps=args.unet_steps, batch_size=args.unet_batch_size, device=device,
+        unet = train_unet(data, latents * vae.config.scaling_factor, text_encoder, tokenizer,
+                          steps=args.unet_steps, batch_size=args.unet_batch_size, device=device,
                           seed=args.seed + 1, lr=args.unet_lr, unet=unet, log=log)
-    times = {"clip_s": 0.0, "vae_s": 0.0, "unet_s": time.perf_counter() - stage}
+    times.update({"clip_s": 0.0, "vae_s": 0.0, "unet_s": time.perf_counter() - stage})
     times.update(_decoder_stage(args, data, vae, latents, device, log))
-    return clip, vae, unet, times
+    return text_encoder, vae, unet, times
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -409,20 +437,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     args.output.mkdir(parents=True, exist_ok=True)
     data = WorldData(args.scenes, log=log)
-    if args.continue_from:
-        clip, vae, unet, times = _continue(args, data, log)
-        tokenizer = build_tokenizer()
-    else:
-        tokenizer = build_tokenizer()
-        clip, vae, unet, times = _train_all(args, data, tokenizer, device, log)
-    text_encoder = text_encoder_from_clip(args.output / "clip")
+    tokenizer = build_tokenizer()
+    text_encoder, vae, unet, times = (_continue(args, data, tokenizer, log) if args.continue_from
+                                      else _train_all(args, data, tokenizer, device, log))
     save_pipeline(args.output / "base", unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
     command = "python -m mergekit_cd.toyworld.train_base " + " ".join(sys.argv[1:] if argv is None else argv)
     earlier = json.loads((args.continue_from / "training.json").read_text()) if args.continue_from else None
     record = {"command": command, "continues": earlier,
-              "scenes": args.scenes, "steps": {"clip": args.clip_steps, "vae": args.vae_steps,
+              "scenes": args.scenes, "steps": {"clip": args.clip_steps, "text": args.text_steps, "vae": args.vae_steps,
                                                "unet": args.unet_steps, "decoder": args.decoder_steps},
-              "batch_sizes": {"clip": args.clip_batch_size, "vae": args.vae_batch_size,
+              "batch_sizes": {"clip": args.clip_batch_size, "text": args.text_batch_size, "vae": args.vae_batch_size,
                               "unet": args.unet_batch_size},
               "seed": args.seed, "device": str(device), "torch_threads": torch.get_num_threads(),
               "seconds": {**{k: round(v) for k, v in times.items()}, "total": round(time.perf_counter() - started)}}
