@@ -123,7 +123,7 @@ def small_run(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("small-run")
     assert main(["-o", str(folder), "--clip-steps", "2", "--text-steps", "2", "--vae-steps", "2", "--unet-steps", "2",
-                 *SMALL]) == 0
+                 "--snapshot-every", "1", *SMALL]) == 0
     return folder
 
 
@@ -131,8 +131,7 @@ def test_base_trainer_runs_end_to_end(small_run):
     """The training script (a few steps of each stage) writes a pipeline diffusers loads and the
     CLIP folder cd-eval reads: the recipe cannot rot unnoticed."""
     import torch
-    from diffusers import StableDiffusionPipeline
-
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     from mergekit_cd.evaluation.clip_metrics import ClipEmbedder
@@ -144,6 +143,9 @@ def test_base_trainer_runs_end_to_end(small_run):
     clip = ClipEmbedder(small_run / "clip")
     assert clip.embed_texts(["a red star"]).shape[0] == 1
     assert json.loads((small_run / "training.json").read_text())["steps"]["unet"] == 2
+    snapshot = UNet2DConditionModel.from_pretrained(small_run / "snapshots" / "unet-1")
+    assert sorted(path.name for path in (small_run / "snapshots").iterdir()) == ["unet-1"]
+    assert not torch.equal(snapshot.conv_in.weight, pipe.unet.conv_in.weight), "step 1's EMA, not the final one"
     tower = CLIPTextModel.from_pretrained(small_run / "clip").state_dict()
     encoder = pipe.text_encoder.state_dict()
     assert not all(torch.equal(tower[name], encoder[name]) for name in encoder), \

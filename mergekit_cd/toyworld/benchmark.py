@@ -86,11 +86,21 @@ def train_options(options: BenchmarkOptions) -> dict[str, Any]:
                 progress=False, force=True)
 
 
+def trained_folder(options: BenchmarkOptions, kind: str, name: str) -> Path:
+    """Where a trained delta is kept for reuse: named by the base's K/V and text-encoder
+    fingerprints too, so a retrained base never reuses concepts learned on the one before."""
+    from ..base import open_base
+
+    base = open_base(BASE)
+    return options.work / kind / f"{base.fingerprint[:10]}-{base.text_fingerprint[:10]}" / \
+        f"{name}-{options.train_steps}"
+
+
 def train_single(item: Concept, options: BenchmarkOptions) -> Path:
     """Train (or reuse) one concept's delta; returns its delta file."""
     from ..train import train
 
-    output = options.work / "concepts" / f"{item.name}-{options.train_steps}"
+    output = trained_folder(options, "concepts", item.name)
     delta = output / "delta.safetensors"
     if not delta.exists():
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -103,7 +113,7 @@ def train_joint(items: Sequence[Concept], options: BenchmarkOptions) -> Path:
     """Train (or reuse) a pair jointly, twice the steps as the paper does; returns its delta file."""
     from ..train import train
 
-    output = options.work / "joint" / f"{'+'.join(i.name for i in items)}-{options.train_steps}"
+    output = trained_folder(options, "joint", "+".join(i.name for i in items))
     delta = output / "delta.safetensors"
     if not delta.exists():
         output.parent.mkdir(parents=True, exist_ok=True)

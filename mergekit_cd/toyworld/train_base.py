@@ -256,10 +256,11 @@ def encode_latents(vae: Any, data: WorldData, *, device: torch.device, batch_siz
 
 def train_unet(data: WorldData, latents: torch.Tensor, text_encoder: Any, tokenizer: Any, *, steps: int,
                batch_size: int, device: torch.device, seed: int, lr: float = 3e-4, unet: Any = None,
-               log: Any = print) -> Any:
+               snapshot_every: int = 0, snapshot: Any = None, log: Any = print) -> Any:
     """Epsilon prediction on scaled latents with the frozen text encoder's last hidden state of
     prompts padded to 77 tokens (what the pipeline feeds), min-SNR-5 weights, EMA 0.999.
-    ``unet``: continue training this one (a later stage of the recipe) instead of a new one."""
+    ``unet``: continue training this one (a later stage of the recipe) instead of a new one;
+    ``snapshot(step, unet)`` receives a copy of the EMA weights every ``snapshot_every`` steps."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from diffusers.training_utils import EMAModel, compute_snr
 
@@ -301,6 +302,10 @@ def train_unet(data: WorldData, latents: torch.Tensor, text_encoder: Any, tokeni
             elapsed = time.perf_counter() - start
             log(f"unet  step {step + 1}/{steps}  loss {running:.4f}  {elapsed:.0f} s "
                 f"(about {elapsed / (step + 1) * (steps - step - 1) / 60:.0f} min left)")
+        if snapshot is not None and snapshot_every > 0 and (step + 1) % snapshot_every == 0 and step + 1 < steps:
+            copy = UNet2DConditionModel.from_config(unet.config)
+            ema.copy_to(copy.parameters())
+            snapshot(step + 1, copy.eval())
     ema.copy_to(unet.parameters())
     return unet.eval()
 
@@ -338,6 +343,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--vae-batch-size", type=int, default=32)
     parser.add_argument("--unet-batch-size", type=int, default=32)
     parser.add_argument("--unet-lr", type=float, default=4e-4)
+    parser.add_argument("--snapshot-every", type=int, default=0, metavar="N",
+                        help="also save the UNet's EMA weights every N steps to FOLDER/snapshots/unet-STEP, "
+                             "each a drop-in for base/unet (default: none)")
     parser.add_argument("--decoder-steps", type=int, default=0,
                         help="fine-tune the autoencoder's decoder this many steps after the UNet (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
@@ -347,6 +355,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "pipeline's text encoder --text-steps further, train its UNet --unet-steps further "
                              "(with seed --seed + 1: a fresh data order and noise), then its decoder --decoder-steps")
     return parser.parse_args(argv)
+
+
+def _snapshots(args: argparse.Namespace, log: Any) -> dict[str, Any]:
+    """``train_unet``'s snapshot arguments for ``--snapshot-every``."""
+    def save(step: int, unet: Any) -> None:
+        unet.save_pretrained(args.output / "snapshots" / f"unet-{step}", safe_serialization=True)
+        log(f"unet  snapshot of step {step}: {args.output / 'snapshots' / f'unet-{step}'}")
+    return {"snapshot_every": args.snapshot_every, "snapshot": save}
 
 
 def _text_stage(args: argparse.Namespace, data: WorldData, text_encoder: Any, tokenizer: Any,
@@ -382,7 +398,8 @@ def _train_all(args: argparse.Namespace, data: WorldData, tokenizer: Any, device
     log(f"latent scaling factor {vae.config.scaling_factor:.4f}")
     stage = time.perf_counter()
     unet = train_unet(data, latents * vae.config.scaling_factor, text_encoder, tokenizer, steps=args.unet_steps,
-                      batch_size=args.unet_batch_size, device=device, seed=args.seed, lr=args.unet_lr, log=log)
+                      batch_size=args.unet_batch_size, device=device, seed=args.seed, lr=args.unet_lr, log=log,
+                      **_snapshots(args, log))
     times["unet_s"] = time.perf_counter() - stage
     times.update(_decoder_stage(args, data, vae, latents, device, log))
     return text_encoder, vae, unet, times
@@ -421,7 +438,7 @@ def _continue(args: argparse.Namespace, data: WorldData, tokenizer: Any,
     if args.unet_steps > 0:
         unet = train_unet(data, latents * vae.config.scaling_factor, text_encoder, tokenizer,
                           steps=args.unet_steps, batch_size=args.unet_batch_size, device=device,
-                          seed=args.seed + 1, lr=args.unet_lr, unet=unet, log=log)
+                          seed=args.seed + 1, lr=args.unet_lr, unet=unet, log=log, **_snapshots(args, log))
     times.update({"clip_s": 0.0, "vae_s": 0.0, "unet_s": time.perf_counter() - stage})
     times.update(_decoder_stage(args, data, vae, latents, device, log))
     return text_encoder, vae, unet, times
