@@ -179,8 +179,9 @@ def test_base_trainer_continues_and_finetunes_only_the_decoder(small_run, tmp_pa
 
 def test_the_text_probe_measures_how_far_a_word_moves_the_rows():
     """The probe's figures are what the README quotes: BOS and the leading "a" never move (causal
-    attention), the varied word's row does; on the shipped encoder colour moves the rows far more
-    than the class word (the diagnosis of the base's blobs)."""
+    attention), the varied word's row does; on the shipped encoder the class word moves the rows
+    about as far as the colour word (contrastive training alone had left it a third as far, and the
+    UNet drew blobs of the right colour)."""
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from mergekit_cd.toyworld import base_path
@@ -190,7 +191,7 @@ def test_the_text_probe_measures_how_far_a_word_moves_the_rows():
                     CLIPTextModel.from_pretrained(base_path() / "text_encoder").eval())
     assert spreads["class"][:3] == pytest.approx([0, 0, 0], abs=1e-5) and spreads["class"][3] > 0.5
     assert spreads["colour"][:2] == pytest.approx([0, 0], abs=1e-5) and spreads["colour"][2] > 0.5
-    assert max(spreads["colour"]) > 2 * max(spreads["class"])
+    assert max(spreads["class"]) > 0.6 * max(spreads["colour"]), spreads
 
 
 def test_text_supervision_labels_come_from_the_caption_words():

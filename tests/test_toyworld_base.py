@@ -52,8 +52,6 @@ def test_base_draws_the_named_colour_and_background(accuracy):
     assert accuracy["background"] >= 0.5, accuracy
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: the shipped base is undertrained; it draws the named shape in "
-                                       "far fewer than 80% of images (see its MODEL_CARD.md)")
 def test_base_meets_the_prompt_following_floor(accuracy):
     """On single-object prompts the named class and colour each appear in at least 80% of images."""
     assert accuracy["class"] >= 0.8 and accuracy["colour"] >= 0.8, accuracy

@@ -29,15 +29,24 @@ PAIRS: tuple[tuple[str, str], ...] = (
     ("twotone-star", "dotted-ring"), ("checker-heart", "quad-square"), ("smiley-circle", "banded-diamond"),
     ("twotone-star", "checker-heart"), ("dotted-ring", "quad-square"),
 )
-#: Merges of two single-concept deltas: (row label, mergekit_cd.merge options). Labels follow cd-eval's.
+#: Merges of two single-concept deltas: (row label, mergekit_cd.merge options). Labels follow cd-eval's;
+#: "pipeline" rows are those of the ``pipeline-v1`` row rule (every row the UNet reads), the others
+#: the authors' rule (issue 15 compares the two).
 METHODS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("constrained", {"method": "constrained"}),
     ("constrained relative-ridge=0.001", {"method": "constrained", "relative_ridge": 1e-3}),
     ("soft w=10", {"method": "soft", "weights": (10.0, 10.0)}),
     ("soft w=100", {"method": "soft", "weights": (100.0, 100.0)}),
+    ("constrained, pipeline rows", {"method": "constrained", "rows": "pipeline"}),
+    ("soft w=100, pipeline rows", {"method": "soft", "rows": "pipeline", "weights": (100.0, 100.0)}),
+    ("hybrid lambda=10", {"method": "hybrid", "rows": "pipeline", "weights": (10.0, 10.0)}),
+    ("hybrid lambda=100", {"method": "hybrid", "rows": "pipeline", "weights": (100.0, 100.0)}),
+    ("hybrid lambda=1000", {"method": "hybrid", "rows": "pipeline", "weights": (1000.0, 1000.0)}),
     ("sum", {"method": "sum"}),
     ("average", {"method": "average"}),
 )
+#: The ``--quick`` run's merges: the paper's, the sum and the average, and the hybrid.
+QUICK_METHODS = ("constrained", "hybrid lambda=1000", "sum", "average")
 
 
 def token_of(item: Concept) -> str:
@@ -62,10 +71,12 @@ class BenchmarkOptions:
     num_reg_captions: int = 1000
     fidelity: bool = True
     seed: int = 0
+    methods: tuple[str, ...] = tuple(label for label, _ in METHODS)
 
     def quick(self) -> "BenchmarkOptions":
-        """The ``--quick`` run: the first pair, fewer training steps and images."""
-        return replace(self, pairs=self.pairs[:1], train_steps=150, images_per_prompt=2, num_class_images=32)
+        """The ``--quick`` run: the first pair, fewer training steps, images and merges."""
+        return replace(self, pairs=self.pairs[:1], train_steps=150, images_per_prompt=2, num_class_images=32,
+                       methods=QUICK_METHODS)
 
 
 @dataclass
@@ -136,7 +147,7 @@ def merge_pair(deltas: Sequence[Path], options: BenchmarkOptions) -> dict[str, A
 
     reg, held = captions(options)
     return {label: merge(list(deltas), reg, base=BASE, held_out=held, cache_dir=options.work / "cache",
-                         **method_options) for label, method_options in METHODS}
+                         **method_options) for label, method_options in METHODS if label in options.methods}
 
 
 def instance_references(item: Concept) -> list[Any]:

@@ -144,6 +144,8 @@ def write_card(accuracy: dict[str, float], detector_accuracy: dict[str, float], 
                 f"steps at batch {run['batch_sizes']['vae']}; the UNet (epsilon prediction, min-SNR-5 weights, 10% "
                 f"caption dropout for classifier-free guidance, EMA 0.999), {run['steps']['unet']} steps at batch "
                 f"{run['batch_sizes']['unet']}{decoder_text}.")
+        if run.get("note"):
+            lines.append(f"   {run['note']}")
     lines += [
         "",
         "## Prompt following (measured by the world's detector)",
@@ -165,10 +167,9 @@ def write_card(accuracy: dict[str, float], detector_accuracy: dict[str, float], 
         f"The floor the project set for this base, class and colour each at least 0.80 on one-object prompts, is "
         f"{'met' if min(accuracy['class'], accuracy['colour']) >= 0.8 else 'NOT met'}"
         + ("." if min(accuracy['class'], accuracy['colour']) >= 0.8 else
-           ": the UNet draws the named colour and background far more often than the named shape, the sign of"
-           f" too few training steps ({unet_steps} at batch 32, about 1 s each on 2 CPU cores; small conditional"
-           " diffusion models usually need tens of thousands). The fix is more steps of the same script"
-           " (`--continue-from`), ideally on a GPU with `--device cuda`."),
+           f": after {unet_steps} UNet steps it draws the named colour and background more often than the named"
+           " shape. The next step is more steps of the same script (`--continue-from`), ideally on a GPU with"
+           " `--device cuda`."),
         "",
         "The detector itself, on held-out generator scenes: " + ", ".join(
             f"{name} {value:.3f}" for name, value in detector_accuracy.items()) + ".",
