@@ -4,6 +4,7 @@ its statistics, and cd-merge solves it again from them, equal to a merge of the 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -308,3 +309,27 @@ def test_a_hybrid_merge_grows_and_shrinks_to_the_hybrid_merge_from_scratch(bases
     save(full, tmp_path / "abc.safetensors")
     shrunk = merge([tmp_path / "abc.safetensors"], CAPTIONS, base=base, drop=["<new2>"], **hybrid)
     assert relative_difference(shrunk, merge([a, c], CAPTIONS, base=base, weights=[100, 1000], **hybrid)) < 1e-10
+
+
+def test_a_hybrid_merge_without_its_context_statistics_is_refused(bases, concepts, tmp_path, capsys):
+    """A hybrid file whose statistics lack the context rows (damaged), and a hybrid in a format that
+    stores none: one message each, naming the file."""
+    base, (a, b, c) = bases["sd1"], concepts["sd1"]
+    hybrid = dict(method="hybrid", rows="pipeline")
+    merged = merge([a, b], _shipped(NUM_REG), base=base, **hybrid)
+    statistics = merged.statistics
+    merged.statistics = replace(statistics, concepts=tuple(replace(record, context_features=None,
+                                                                   context_changes=None)
+                                                           for record in statistics.concepts))
+    save(merged, tmp_path / "damaged.safetensors")
+    with pytest.raises(MergeError, match=r"damaged.safetensors: its merge statistics are of a hybrid merge but lack "
+                                         r"context rows; the file is damaged\. Merge the concepts' own files again\.$"):
+        merge([tmp_path / "damaged.safetensors", c], _shipped(NUM_REG), base=base, **hybrid)
+    folder = tmp_path / "ab-diffusers"
+    assert run_merge(str(a), str(b), "-o", str(folder), "--method", "hybrid", "--rows", "pipeline", base=base) == 0
+    capsys.readouterr()
+    assert run_merge(str(folder), "--drop", "<new2>", "-o", str(tmp_path / "out.safetensors"), "--method", "hybrid",
+                     "--rows", "pipeline", base=base) == 1
+    assert one_error_line(capsys, "cd-merge").startswith(
+        f"{folder} is a hybrid merge but stores no merge statistics (it was written by an older mergekit-cd, or in a "
+        f"format that does not carry them: only native .safetensors outputs do)")
