@@ -28,7 +28,7 @@ from .formats._common import check_token_shapes, natural_order
 from .formats._lora import TEXT_ENCODER_PREFIXES, counted, describe_parts, part_module
 from .formats.token_files import is_token_file, read_token_file
 from .fileio import parse_once
-from .limits import MAX_CONSTRAINT_ROWS, MAX_TOKENS, BaseBound, BaseBoundError, within_base
+from .limits import MAX_SOLVED_ROWS, MAX_TOKENS, BaseBound, BaseBoundError, within_base
 from .merge_options import OptionError
 from .tokens import check_new
 from .weights import FineTunedWeights
@@ -288,12 +288,12 @@ def _refuse_recorded_architecture(path: Path, base: BaseModel, source: str) -> N
 def base_bound(base: BaseModel) -> BaseBound:
     """The largest K/V weight (or d x d, a merge's stored Gram matrix) and widest token embedding of
     ``base``, and what one file for it can hold in all: four times its K/V weights (the authors'
-    crossattn files add q and out), tokens, and the statistics of a merge of the most constraint
-    rows one merge may have."""
+    crossattn files add q and out), tokens, and the statistics of a merge of the most rows one
+    merge may solve."""
     sizes = [math.prod(shape) for pair in base.kv_shapes().values() for shape in pair]
     d = base.context_dim
     rows = sum(shape[0] for pair in base.kv_shapes().values() for shape in pair)
-    statistics = d * d + MAX_CONSTRAINT_ROWS * (rows + d)
+    statistics = d * d + MAX_SOLVED_ROWS * (rows + d)
     return BaseBound(base.name, max(*sizes, d * d), max(base.token_dims()),
                      4 * sum(sizes) + MAX_TOKENS * sum(base.token_dims()) + statistics)
 

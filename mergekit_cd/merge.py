@@ -27,7 +27,7 @@ from .delta import LORA_RTOL, ConceptDelta, LayerDelta, LowRank, combine_modules
 from .errors import MergeError
 from .feature_cache import cached_features, cached_gram
 from .features import LazyTextFeatures, PromptRows
-from .limits import MAX_CONSTRAINT_ROWS, check_limit
+from .limits import MAX_CONSTRAINT_ROWS, MAX_SOLVED_ROWS, check_limit
 from .loading import EmbeddingFile, PathLike, as_base, save
 from .merge_options import MergeOptions
 from .merge_plan import MergePlan, dependence_rtol, plan_merge, summarize_plan
@@ -59,7 +59,7 @@ def merge(deltas: Sequence[PathLike | ConceptDelta], reg_captions: Sequence[str]
     ``embeddings`` pairs token embedding files with inputs (per input, a list of files, or of
     ``(file, token)`` pairs to rename a file's token).
 
-    A constrained or soft merge returns its statistics with the delta (``.statistics``, stored by
+    A solved merge (constrained, soft, hybrid) returns its statistics with the delta (``.statistics``, stored by
     :func:`save` in a native file); a merged delta given as an input then adds its concepts, not
     itself, solved from those statistics, and ``drop`` names concepts (tokens) of such inputs to
     leave out: the result equals the merge of the concepts' own files from scratch.
@@ -185,14 +185,13 @@ def _encode_text(plan: MergePlan, options: MergeOptions, *, report: bool, progre
                cached_features(plan.base, list(concept.prompts), rule=rule, batch_size=batch_size,
                                cache_dir=cache_dir, encoder=encoder)[0]
                for concept, record in zip(plan.concepts, stored.records)]
-    check_limit(sum(record.features.shape[0] if record is not None else
-                    sum(_constraint_rows(prompt, split).shape[0] for prompt in own)
-                    for record, own in zip(stored.records, encoded)), MAX_CONSTRAINT_ROWS,
-                "its target prompts give {count} constraint rows", "The merge", needs="any real merge")
+    _check_rows(stored, encoded, split, plan.base.context_dim)
     targets, contexts, notes = [], [], []
     for concept, record, own in zip(plan.concepts, stored.records, encoded):
-        if record is not None:
+        if record is not None:  # as the merge that stored it reduced them
             targets.append(record.features)
+            if split:
+                contexts.append(record.context_features)
             continue
         C = torch.cat([_constraint_rows(prompt, split) for prompt in own]).double()
         targets.append(spanning_rows(C))
@@ -219,6 +218,31 @@ def _encode_text(plan: MergePlan, options: MergeOptions, *, report: bool, progre
     return _TextPhase(targets, contexts, gram, num_rows, from_cache, held_gram, tuple(notes))
 
 
+def _check_rows(stored: StoredConcepts, encoded: Sequence[list[PromptRows] | None], split: bool, width: int) -> None:
+    """Before anything is solved: the constraint rows, and those with the context rows, that the solve
+    will take, each concept's reduced to at most ``width`` as :func:`spanning_rows` reduces them, are
+    within the bounds."""
+    constraint = context = 0
+    for record, own in zip(stored.records, encoded):
+        if record is not None:  # stored as the solve took them
+            constraint += record.features.shape[0]
+            context += 0 if record.context_features is None else record.context_features.shape[0]
+        else:
+            constraint += solved_rows(sum(_constraint_rows(prompt, split).shape[0] for prompt in own), width)
+            if split:
+                context += solved_rows(sum(prompt.context_rows.shape[0] for prompt in own), width)
+    reduced = f"(each concept's at most the feature width, {width:,})"
+    check_limit(constraint, MAX_CONSTRAINT_ROWS, f"its target prompts give {{count}} constraint rows to solve "
+                                                 f"{reduced}", "The merge", needs="any real merge")
+    check_limit(constraint + context, MAX_SOLVED_ROWS, f"its target prompts give {{count}} constraint and context "
+                                                       f"rows to solve {reduced}", "The merge", needs="any real merge")
+
+
+def solved_rows(rows: int, width: int) -> int:
+    """How many rows :func:`spanning_rows` leaves of ``rows`` rows ``width`` wide: what the solve takes."""
+    return min(rows, width)
+
+
 def _constraint_rows(prompt: PromptRows, split: bool) -> Tensor:
     """The rows of a target prompt that the solve keeps exactly (a ``context_rows`` method: its
     token rows; else every row the rule keeps)."""
@@ -231,7 +255,7 @@ def spanning_rows(C: Tensor) -> Tensor:
     its soft objective and its residuals see C only through that Gram matrix and the solvers
     are spectral, so the merge is unchanged, while a concept of 2,000 prompts no longer costs
     every layer 30 s."""
-    if C.shape[0] <= C.shape[1]:
+    if solved_rows(*C.shape) == C.shape[0]:
         return C
     _, sigma, right = torch.linalg.svd(C, full_matrices=False)
     return sigma[:, None] * right
@@ -262,9 +286,7 @@ def execute(plan: MergePlan, options: MergeOptions | None = None, *, progress: b
     sums = ReportSums(len(plan.concepts))
     layers: dict[str, LayerDelta] = {}
     layer_digests: list[dict[str, bytes]] = [{} for _ in plan.deltas]
-    # a context_rows method's statistics would need its D_i P_i^T too: not stored yet
-    recorder = (StatisticsRecorder(stored.records) if statistics and spec.solves and not spec.context_rows
-                else None)
+    recorder = StatisticsRecorder(stored.records) if statistics and spec.solves else None
     for name in tqdm(plan.base.layer_names(), desc="merging layers", unit="layer", disable=not progress):
         W0 = torch.cat(plan.base.kv(name)).to(solve_device, torch.float64)
         # one input's rows at a time: keep only their sum and each concept's D_owner C_i^T
@@ -283,10 +305,12 @@ def execute(plan: MergePlan, options: MergeOptions | None = None, *, progress: b
                         own_context[i] = rows @ contexts[i].T
             del rows
         for i, record in enumerate(stored.records):
-            if record is not None:  # D_i C_i^T as the merge that stored it computed it
+            if record is not None:  # D_i C_i^T (and D_i P_i^T) as the merge that stored it computed it
                 own[i] = torch.cat(record.changes[name]).to(solve_device)
+                if contexts:
+                    own_context[i] = torch.cat(record.context_changes[name]).to(solve_device)
         if recorder is not None:
-            recorder.add(name, own, keys)
+            recorder.add(name, own, own_context, keys)
         if operator is not None:
             # V, then (a context_rows method) each U_i = W_i P_i^T, in the order the operator was factored
             targets = torch.cat([W0 @ C.T + own[i] for i, C in enumerate(features)]
@@ -307,7 +331,7 @@ def execute(plan: MergePlan, options: MergeOptions | None = None, *, progress: b
     result.metadata["recipe"] = _recipe(plan, options, total_ridge, layer_digests)
     if recorder is not None:
         regulariser = stored.regulariser or fresh_regulariser(plan, text.gram, text.num_rows, options.row_rule.name)
-        result.statistics = recorder.statistics(plan, options, text.targets, regulariser)
+        result.statistics = recorder.statistics(plan, options, text.targets, text.contexts, regulariser)
     if not return_report:
         return result
     info = operator.info() if operator is not None else None

@@ -86,3 +86,10 @@ def weighted_method_names(*, mu: bool = False) -> str:
     """The methods that take concept weights (with ``mu``: and ``mu``), for messages (``"soft or hybrid"``)."""
     return " or ".join(name for name, method in METHOD_TABLE.items()
                        if method.concept_weights and not (mu and method.context_rows))
+
+
+def solved_method_names() -> str:
+    """The solved methods, whose merges store statistics to grow from, for messages
+    (``"constrained, soft or hybrid"``)."""
+    names = [name for name, method in METHOD_TABLE.items() if method.solves]
+    return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]

@@ -4,9 +4,11 @@ concept, or shrunk by one, exactly as a merge of all the inputs from scratch wou
 A constrained or soft merge sees each concept only through its target feature rows ``C_i`` and
 its own change of the outputs on them, ``D_i C_i^T`` per layer (its targets are
 ``V_i = W0 C_i^T + D_i C_i^T = W_i C_i^T``), and the captions only through their Gram matrix
-``G``. Those are :class:`MergeStatistics`; a merge that reads them uses them bit for bit where a
-merge from scratch would compute them, so the two agree exactly. Native ``.safetensors`` outputs
-store them (:mod:`.formats.statistics_layout`); the other layouts do not.
+``G``; the hybrid merge sees each concept's context rows ``P_i`` and ``D_i P_i^T`` too (its soft
+targets ``U_i = W0 P_i^T + D_i P_i^T``), and its weight. Those are :class:`MergeStatistics`; a
+merge that reads them uses them bit for bit where a merge from scratch would compute them, so the
+two agree exactly. Native ``.safetensors`` outputs store them (:mod:`.formats.statistics_layout`);
+the other layouts do not.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torch import Tensor
 from .captions import default_reg_captions
 from .delta import Concept, ConceptDelta
 from .errors import MergeError
-from .merge_methods import METHOD_TABLE
+from .merge_methods import METHOD_TABLE, solved_method_names
 from .merge_options import DEFAULT_SOFT_WEIGHT, MergeOptions, OptionError
 
 if TYPE_CHECKING:
@@ -43,9 +45,11 @@ class ConceptStatistics:
     ``features``: its target feature rows ``C_i`` (rows, d) after :func:`~.merge.spanning_rows`
     (at most d rows), float64. ``changes``: per layer, its own change of the K and V outputs on
     them, ``D_i C_i^T``, float64 (read from its file on access when the statistics were read).
-    ``weight``: its weight in a soft merge, ``None`` in a constrained one. ``context_features``
-    and ``context_changes``: the same for soft context rows ``P_i`` (``D_i P_i^T``) of a method
-    that has them; ``None`` for the constrained and soft merges.
+    ``weight``: its weight in a soft or hybrid merge, ``None`` in a constrained one.
+    ``context_features`` and ``context_changes``: the same for the soft context rows ``P_i``
+    (``D_i P_i^T``) of a ``context_rows`` method (the hybrid), reduced alike (at most d rows: when
+    there are more, the d x d factor of their Gram matrix); ``None`` for the constrained and soft
+    merges.
     """
 
     concept: Concept
@@ -166,6 +170,11 @@ def stored_concepts(plan: MergePlan, options: MergeOptions) -> StoredConcepts:
             continue
         _check_regulariser(delta.statistics, plan, options.row_rule.name, source)
         _check_options(delta.statistics, options, len(plan.concepts), source)
+        if any((record.context_features is None) == options.spec.context_rows
+               for record in delta.statistics.concepts):
+            raise MergeError(f"{source}: its merge statistics are of a {options.method} merge but "
+                             f"{'lack' if options.spec.context_rows else 'hold'} context rows; the file is damaged. "
+                             f"Merge the concepts' own files again.")
         by_token = {record.concept.token: record for record in delta.statistics.concepts}
         if len(by_token) != len(delta.statistics.concepts):
             raise MergeError(f"{source}: some of its concepts share a token ({', '.join(delta.statistics.tokens)}), "
@@ -201,8 +210,8 @@ def stored_concepts(plan: MergePlan, options: MergeOptions) -> StoredConcepts:
 def _no_statistics_message(source: str, delta: ConceptDelta, method: str) -> str:
     tokens = ", ".join(delta.tokens) or "its concepts"
     why = ("it was written by an older mergekit-cd, or in a format that does not carry them: only native "
-           ".safetensors outputs do" if METHOD_TABLE[method].solves and not METHOD_TABLE[method].context_rows
-           else f"a {method} merge stores none: only the constrained and soft merges do")
+           ".safetensors outputs do" if METHOD_TABLE[method].solves
+           else f"a {method} merge stores none: only the {solved_method_names()} merges do")
     return (f"{source} is a {method} merge but stores no merge statistics ({why}), so it cannot be grown or shrunk "
             f"exactly. Merge the concepts' own files ({tokens}) instead, or merge them once into a .safetensors "
             f"file that can be.")
@@ -260,8 +269,9 @@ def drop_concepts(plan: MergePlan, tokens: Sequence[str], options: MergeOptions)
     if not tokens:
         return plan
     if not options.spec.solves:
-        raise OptionError("--drop solves the merge again from its statistics; it needs {method} constrained or "
-                          "soft (the merge's own), not {method} {value}.", value=options.method)
+        raise OptionError("--drop solves the merge again from its statistics; it needs {method} "
+                          + solved_method_names() + " (the merge's own), not {method} {value}.",
+                          value=options.method)
     concepts, owners, deltas = list(plan.concepts), list(plan.owners), list(plan.deltas)
     for token in tokens:
         found = [i for i, concept in enumerate(concepts) if concept.token == token]
@@ -287,32 +297,45 @@ def drop_concepts(plan: MergePlan, tokens: Sequence[str], options: MergeOptions)
 
 
 class StatisticsRecorder:
-    """Collects, layer by layer, the changes ``D_i C_i^T`` of the concepts a merge read from their
-    own files, and makes the result's :class:`MergeStatistics` (stored concepts keep their records)."""
+    """Collects, layer by layer, the changes ``D_i C_i^T`` (and ``D_i P_i^T`` of a ``context_rows``
+    method) of the concepts a merge read from their own files, and makes the result's
+    :class:`MergeStatistics` (stored concepts keep their records)."""
 
     def __init__(self, stored: Sequence[ConceptStatistics | None]) -> None:
         self.stored = list(stored)
         self.changes: list[dict[str, LayerChanges]] = [{} for _ in stored]
+        self.context_changes: list[dict[str, LayerChanges]] = [{} for _ in stored]
 
-    def add(self, layer: str, own: Sequence[Tensor], keys: int) -> None:
-        """One layer's ``own[i] = D_i C_i^T`` (K rows then V rows, float64) of every concept."""
+    def add(self, layer: str, own: Sequence[Tensor], own_context: Sequence[Tensor], keys: int) -> None:
+        """One layer's ``own[i] = D_i C_i^T`` and ``own_context[i] = D_i P_i^T`` (K rows then V rows,
+        float64; ``own_context`` empty for a method without context rows) of every concept."""
         for i, change in enumerate(own):
             if self.stored[i] is None:
-                change = change.cpu()
-                self.changes[i][layer] = (change[:keys].contiguous(), change[keys:].contiguous())
+                self.changes[i][layer] = _split(change, keys)
+                if own_context:
+                    self.context_changes[i][layer] = _split(own_context[i], keys)
 
     def statistics(self, plan: MergePlan, options: MergeOptions, features: Sequence[Tensor],
-                   regulariser: Regulariser) -> MergeStatistics:
-        """The statistics of the merge of ``plan`` with ``options`` (its concepts' ``features``)."""
+                   contexts: Sequence[Tensor], regulariser: Regulariser) -> MergeStatistics:
+        """The statistics of the merge of ``plan`` with ``options`` (its concepts' ``features`` and,
+        for a ``context_rows`` method, ``contexts``; else none)."""
         weights = options.concept_weights(plan.concept_labels) if options.spec.concept_weights \
             else [None] * len(plan.concepts)
         records = tuple(replace(stored, weight=weight) if stored is not None
-                        else ConceptStatistics(concept, C.cpu(), self.changes[i], weight)
+                        else ConceptStatistics(concept, C.cpu(), self.changes[i], weight,
+                                               contexts[i].cpu() if contexts else None,
+                                               self.context_changes[i] if contexts else None)
                         for i, (concept, stored, C, weight) in enumerate(zip(plan.concepts, self.stored,
                                                                                   features, weights)))
         recorded = {key: value for key, value in options.to_recipe(len(plan.concepts)).items()
                     if key not in _NOT_RECORDED}
         return MergeStatistics(regulariser, recorded, records)
+
+
+def _split(change: Tensor, keys: int) -> LayerChanges:
+    """A layer's change (K rows then V rows) as its K and V parts, on the CPU."""
+    change = change.cpu()
+    return change[:keys].contiguous(), change[keys:].contiguous()
 
 
 def fresh_regulariser(plan: MergePlan, gram: Tensor, num_rows: int, rule: str) -> Regulariser:

@@ -368,11 +368,8 @@ def test_compare_lists_name_merges_and_sweeps():
         parse_compare("sum,lora")
     with pytest.raises(MergeError, match="soft=0: the value must be a finite number > 0"):
         parse_compare("soft=0")
-    for item in ("hybrid", "hybrid=10"):  # not a soft sweep under another name
-        with pytest.raises(MergeError, match=rf"--compare {item}: cd-eval does not run the hybrid merge itself yet; "
-                                             r"merge with cd-merge --method hybrid --rows pipeline and give the file "
-                                             r"with --merged\."):
-            parse_compare(f"sum,{item}")
+    hybrid = parse_compare("hybrid,hybrid=10")  # a sweep of the hybrid, not of the soft merge under its name
+    assert [m.label for m in hybrid] == [f"hybrid w={w:g}" for w in SOFT_SWEEP] and {m.kind for m in hybrid} == {"hybrid"}
     assert [m.kind for m in parse_compare(["base", "plain-base"])] == ["base", "plain-base"]
 
 
@@ -380,12 +377,36 @@ def test_each_method_of_the_table_is_a_row_of_that_method(monkeypatch):
     """A second weighted method ran the soft merge: any weighted name was read as ``soft``."""
     monkeypatch.setitem(METHOD_TABLE, "other", dataclasses.replace(METHOD_TABLE["soft"], name="other"))
     for name, method in METHOD_TABLE.items():
-        if method.context_rows:  # cd-eval refuses these (test above)
-            continue
         assert {m.kind for m in parse_compare(name)} == {name}
         if method.concept_weights:
             assert [m.label for m in parse_compare(f"{name}=5")] == [f"{name} w=5"]
     assert [m.options for m in parse_compare("other")] == [{"weight": weight} for weight in SOFT_SWEEP]
+
+
+def test_the_hybrid_merge_is_a_row_of_cd_eval_under_the_pipeline_rule(sd1, tiny_delta_files, monkeypatch, capsys):
+    """--compare hybrid runs the hybrid merge (as cd-merge --method hybrid --rows pipeline would) and
+    scores it; without --rows pipeline it is refused before any file is read or merge run."""
+    from mergekit_cd.evaluation import runner
+
+    files = tiny_delta_files("sd1")
+    common = ["--base", str(sd1.path), "--concepts", str(files["native"]), str(files["other-native"]),
+              "--compare", "constrained,hybrid=100", "--num-reg-captions", "200", "--cache-dir", str(sd1.cache), "-q"]
+    monkeypatch.setattr(runner, "plan_merge", lambda *a, **k: pytest.fail("planned the merge"))
+    capsys.readouterr()  # what making the fixtures printed
+    assert error_of(capsys, common) == (
+        "--compare hybrid needs --rows pipeline: its soft terms are the start and padding rows of the target prompts, "
+        "which only the pipeline rule reads; add --rows pipeline.")
+    monkeypatch.undo()
+    concepts = [files["native"], files["other-native"]]
+    merged = merge(concepts, CAPTIONS, base=sd1.path, method="hybrid", rows="pipeline", weights=[100, 100],
+                   cache_dir=sd1.cache)
+    report = evaluate(concepts, base=sd1.path, merged=[merged], compare="constrained,hybrid=100", rows="pipeline",
+                      reg_captions=CAPTIONS, cache_dir=sd1.cache, **FAST)
+    hybrid = report.row("hybrid w=100")
+    assert hybrid.kind == "hybrid" and hybrid.options == {"weight": 100.0} and report.settings["rows"] == "pipeline"
+    assert hybrid.concepts == report.row("merged").concepts  # the merge cd-merge makes, scored alike
+    assert hybrid.max_residual < 1e-5  # the token rows, the residual's rows, are its exact constraints
+    assert hybrid.preservation != report.row("constrained").preservation
 
 
 @pytest.mark.parametrize("spec", ["", " , ", []])
@@ -449,7 +470,7 @@ def test_cd_eval_user_errors_are_one_line(sd1, tiny_delta_files, tmp_path, capsy
     assert "samples must be a whole number >= 1, got 0" in error_of(capsys, [*common, "--samples", "0"])
     assert error_of(capsys, [*common, "--compare", ""]) == (
         "--compare '': names no method; give a comma-separated list of sum, average, constrained, ridge=X, "
-        "relative-ridge=X, soft, soft=W, base, plain-base, or leave --compare out for the default.")
+        "relative-ridge=X, soft, soft=W, hybrid, hybrid=W, base, plain-base, or leave --compare out for the default.")
 
 
 def test_cd_eval_refuses_wrong_or_corrupt_clip_and_dino_folders_before_the_unet_work(

@@ -75,9 +75,56 @@ def test_the_constraint_rows_of_a_merge_are_bounded(tiny_pipeline_path, tiny_del
     files = tiny_delta_files("sd1")
     monkeypatch.setattr(MERGE_MODULE, "MAX_CONSTRAINT_ROWS", 5)
     monkeypatch.setattr(MERGE_MODULE, "cached_gram", lambda *a, **k: pytest.fail("encoded captions"))
-    with pytest.raises(MergeError, match=r"^The merge: its target prompts give \d\d+ constraint rows, more than "
-                                         r"the 5 any real merge needs"):
+    with pytest.raises(MergeError, match=r"^The merge: its target prompts give \d\d+ constraint rows to solve \(each "
+                                         r"concept's at most the feature width, 64\), more than the 5 any real merge "
+                                         r"needs"):
         merge([files["native"], files["other-native"]], ["a photo"], base=tiny_pipeline_path("sd1"))
+
+
+#: Six concepts of ten prompts each: under the pipeline rule 77 rows a prompt, 4,620 in all.
+MANY_PROMPTS = dict(class_words=["cat", "pot", "dog", "cup", "car", "hat"],
+                    target_templates=[f"photo {i} of a {{token}} {{class_word}}" for i in range(10)])
+
+
+@pytest.fixture(scope="module")
+def six_concepts(tiny_pipeline_path):
+    base = open_base(tiny_pipeline_path("sd1"))
+    return base, [random_concept_delta(base, "<new1>", word, seed=40 + i)
+                  for i, word in enumerate(MANY_PROMPTS["class_words"])]
+
+
+@pytest.mark.parametrize("method", ["constrained", "soft", "hybrid"])
+def test_a_merge_of_many_padded_prompts_is_bounded_by_the_rows_it_solves(six_concepts, method, monkeypatch):
+    """Each concept's 770 rows span at most the feature width (64 on the tiny base), and the solve
+    takes that many: the bound counts those, so 4,620 rows of 6 x 10 prompts pass even the 4,096 the
+    bound was before it counted them (at SD1.5's width they solve 4,608, within today's 8,192)."""
+    base, deltas = six_concepts
+    monkeypatch.setattr(MERGE_MODULE, "MAX_CONSTRAINT_ROWS", 4_096)
+    merged, report = merge(deltas, ["a photo of a cat", "a red pot"], base=base, method=method, rows="pipeline",
+                           return_report=True, **MANY_PROMPTS)
+    assert len(merged.concepts) == 6 and all(len(concept.prompts) == 10 for concept in merged.concepts)
+    assert report.solve_info.n_constraints == 6 * 64
+    if method == "hybrid":  # its token rows (7 a prompt here) and its context rows are reduced alike
+        assert all(record.context_features.shape[0] == 64 for record in merged.statistics.concepts)
+    else:
+        assert any("its 770 target rows span at most 64 feature directions" in note for note in report.notes)
+
+
+@pytest.mark.parametrize(("method", "kind", "bound", "solved"), [
+    ("constrained", "constraint", "MAX_CONSTRAINT_ROWS", 6 * 64),
+    ("hybrid", "constraint and context", "MAX_SOLVED_ROWS", 6 * (64 + 64))])
+def test_a_merge_of_more_rows_to_solve_than_the_bound_is_refused_before_any_caption_is_encoded(
+        six_concepts, method, kind, bound, solved, monkeypatch):
+    """Counted as the solve takes them (6 x 64 constraint rows here, not 4,620; the hybrid's 70 token
+    and 700 context rows a concept are 64 each), and refused before the captions' Gram matrix or
+    anything solved."""
+    base, deltas = six_concepts
+    monkeypatch.setattr(MERGE_MODULE, bound, solved - 1)
+    monkeypatch.setattr(MERGE_MODULE, "cached_gram", lambda *a, **k: pytest.fail("encoded captions"))
+    with pytest.raises(MergeError, match=rf"^The merge: its target prompts give {solved} {kind} rows to solve \(each "
+                                         rf"concept's at most the feature width, 64\), more than the {solved - 1} any "
+                                         rf"real merge needs; refused \(set {OVERRIDE}=1 if you mean it\)\.$"):
+        merge(deltas, ["a photo"], base=base, method=method, rows="pipeline", **MANY_PROMPTS)
 
 
 @pytest.mark.parametrize("command", ["cd-merge", "cd-convert", "cd-train"])
@@ -181,9 +228,9 @@ def test_a_file_read_for_a_base_is_bounded_by_that_base_before_its_tensors_are_r
     result = subprocess.run([sys.executable, "-c", GROWTH_SCRIPT, str(tiny_delta_files("sd1")["native"]), str(path),
                              str(tiny_pipeline_path("sd1"))], capture_output=True, text=True, timeout=120)
     message, growth = result.stdout.splitlines()[-2:]
-    assert message.startswith(f"{path}: its tensors declare 8,388,608 values in all, more than any delta file "
-                              f"(four times its K/V weights) of "), message
-    assert message.endswith("; not a delta for this base."), message
+    assert message.startswith(f"{path}: {LAYER}.to_k.diff declares shape (32, 131072): 4,194,304 values, more than "
+                              f"any cross-attention weight of "), message
+    assert message.endswith(" holds (4,096); not a delta for this base."), message
     assert int(growth) < 4 * 2**20, f"{int(growth) / 2**20:.1f} MB"
 
 

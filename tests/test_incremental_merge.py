@@ -4,6 +4,7 @@ its statistics, and cd-merge solves it again from them, equal to a merge of the 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -234,7 +235,7 @@ def test_dropping_a_token_not_there_names_the_tokens_that_are(bases, concepts, m
     assert one_error_line(capsys, "cd-merge") == "--drop <new1>, <new2> leaves no concept to merge."
     assert run_merge(str(merged_ab), "--drop", "<new1>", "--method", "sum", "-o", output, base=base) == 1
     assert one_error_line(capsys, "cd-merge") == ("--drop solves the merge again from its statistics; it needs "
-                                                  "--method constrained or soft (the merge's own), not --method sum.")
+                                                  "--method constrained, soft or hybrid (the merge's own), not --method sum.")
 
 
 def test_the_recorded_regulariser_and_options_are_checked(bases, concepts, merged_ab, tmp_path, capsys, monkeypatch):
@@ -285,3 +286,50 @@ def test_a_naive_merge_keeps_a_merged_input_as_one_delta(bases, concepts, merged
     assert summed.statistics is None
     plain = load(merged_ab).dense() + load(concepts["sd1"][2])
     assert relative_difference(summed, plain) < 1e-6
+
+
+# ----------------------------------------------------------------------------- the hybrid merge
+
+
+@pytest.mark.parametrize("architecture", ["sd1", "sdxl"])
+def test_a_hybrid_merge_grows_and_shrinks_to_the_hybrid_merge_from_scratch(bases, concepts, architecture,
+                                                                          tmp_path):
+    """The hybrid's statistics also hold each concept's context rows P_i, its changes D_i P_i^T and its
+    weight: grown by a concept, or shrunk by one, it equals the hybrid merge of the concepts' own files."""
+    base, (a, b, c) = bases[architecture], concepts[architecture]
+    hybrid = dict(method="hybrid", rows="pipeline")
+    save(merge([a, b], CAPTIONS, base=base, weights=[100, 10], **hybrid), tmp_path / "ab.safetensors")
+    grown = merge([tmp_path / "ab.safetensors", c], CAPTIONS, base=base, **hybrid)
+    full = merge([a, b, c], CAPTIONS, base=base, weights=[100, 10, 1000], **hybrid)
+    assert relative_difference(grown, full) < 1e-10
+    assert [record.weight for record in grown.statistics.concepts] == [100, 10, 1000]
+    d = base.context_dim
+    for record in full.statistics.concepts:  # two padded prompts' start and padding rows, at most d of them
+        assert record.context_features.shape == (min(2 * 77 - record.features.shape[0], d), d)
+    save(full, tmp_path / "abc.safetensors")
+    shrunk = merge([tmp_path / "abc.safetensors"], CAPTIONS, base=base, drop=["<new2>"], **hybrid)
+    assert relative_difference(shrunk, merge([a, c], CAPTIONS, base=base, weights=[100, 1000], **hybrid)) < 1e-10
+
+
+def test_a_hybrid_merge_without_its_context_statistics_is_refused(bases, concepts, tmp_path, capsys):
+    """A hybrid file whose statistics lack the context rows (damaged), and a hybrid in a format that
+    stores none: one message each, naming the file."""
+    base, (a, b, c) = bases["sd1"], concepts["sd1"]
+    hybrid = dict(method="hybrid", rows="pipeline")
+    merged = merge([a, b], _shipped(NUM_REG), base=base, **hybrid)
+    statistics = merged.statistics
+    merged.statistics = replace(statistics, concepts=tuple(replace(record, context_features=None,
+                                                                   context_changes=None)
+                                                           for record in statistics.concepts))
+    save(merged, tmp_path / "damaged.safetensors")
+    with pytest.raises(MergeError, match=r"damaged.safetensors: its merge statistics are of a hybrid merge but lack "
+                                         r"context rows; the file is damaged\. Merge the concepts' own files again\.$"):
+        merge([tmp_path / "damaged.safetensors", c], _shipped(NUM_REG), base=base, **hybrid)
+    folder = tmp_path / "ab-diffusers"
+    assert run_merge(str(a), str(b), "-o", str(folder), "--method", "hybrid", "--rows", "pipeline", base=base) == 0
+    capsys.readouterr()
+    assert run_merge(str(folder), "--drop", "<new2>", "-o", str(tmp_path / "out.safetensors"), "--method", "hybrid",
+                     "--rows", "pipeline", base=base) == 1
+    assert one_error_line(capsys, "cd-merge").startswith(
+        f"{folder} is a hybrid merge but stores no merge statistics (it was written by an older mergekit-cd, or in a "
+        f"format that does not carry them: only native .safetensors outputs do)")

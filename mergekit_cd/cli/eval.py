@@ -12,6 +12,7 @@ from ..evaluation import evaluate, summary_table
 from ..evaluation.methods import COMPARE_FORMS
 from ..evaluation.options import EvalOptions
 from ..evaluation.report import check_outputs, write_outputs
+from ..features import DEFAULT_ROWS, ROW_RULES
 from ..fileio import check_not_an_input
 from ._common import (DTYPES, add_device_argument, device, non_negative_float_type, run, seed_type, style_flags,
                       table)
@@ -68,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--reg-captions", type=Path, metavar="FILE",
                         help="regularisation captions of the compared merges (default: the shipped set)")
     parser.add_argument("--num-reg-captions", type=int, metavar="N", help="use only the first N of them")
+    parser.add_argument("--rows", choices=tuple(ROW_RULES), default=DEFAULT_ROWS,
+                        help=f"row rule of the compared merges, as cd-merge's --rows (default {DEFAULT_ROWS}); "
+                             f"--compare hybrid needs pipeline")
     parser.add_argument("--samples", type=int, default=16, metavar="N",
                         help="probes per concept: latent, timestep, noise and prompt (default 16)")
     parser.add_argument("--held-out-samples", type=int, default=32, metavar="N",
@@ -132,7 +136,8 @@ def main_with_args(args: argparse.Namespace) -> int:
                       class_words=args.class_words, styles=style_flags(args.concepts, args.style, what="a concept"),
                       instance_dirs=args.instance_dirs,
                       held_out=read_captions(args.held_out) if args.held_out else None, reg_captions=captions,
-                      clip=args.clip, dino=args.dino, world=args.world, check_base=not args.no_base_check,
+                      clip=args.clip, dino=args.dino, world=args.world, rows=args.rows,
+                      check_base=not args.no_base_check,
                       progress=not args.quiet, options=options)
     header, rows = summary_table(report)
     print(table(rows, header))

@@ -12,7 +12,7 @@ from ..errors import MergeError
 from ..features import DEFAULT_ROWS, ROW_RULES
 from ..fileio import check_not_an_input
 from ..merge import MergePlan, MergeReport, prepare_merge_to_file, summarize_plan
-from ..merge_methods import METHODS
+from ..merge_methods import METHODS, solved_method_names
 from ..merge_options import OTHER_LAYERS, MergeOptions, OptionError
 from ._common import (add_device_arguments, add_lora_rtol_argument, describe_factors, device, paired_embeddings, run,
                       style_flags, table)
@@ -220,7 +220,8 @@ def _describe_statistics(report: MergeReport, output_format: str, options: Merge
                 f"{size.delta_bytes / 2**20:.3g} MiB difference ({size.statistics_bytes / size.delta_bytes:.2f}x): "
                 f"cd-merge can add concepts to this file or --drop them, exactly, without their files")
     if not options.spec.solves:
-        return f"merge statistics: none ({options.method} is not solved; only constrained and soft merges can grow)"
+        return (f"merge statistics: none ({options.method} is not solved; only {solved_method_names()} merges "
+                f"can grow)")
     return (f"merge statistics: not stored (the {output_format} format does not carry them; write a .safetensors "
             f"output to add concepts to or --drop them from the merge later)")
 

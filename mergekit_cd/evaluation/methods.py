@@ -7,6 +7,8 @@ A compare list is a comma-separated string (or a sequence of items) of:
   (absolute, or in units of the caption Gram matrix's mean eigenvalue, as ``cd-merge``);
 - ``soft``: the soft merge over a sweep of concept weights (:data:`SOFT_SWEEP`), drawn as a
   curve by the plot; ``soft=W``: one soft merge with weight ``W`` for every concept;
+- ``hybrid``, ``hybrid=W``: the hybrid merge the same way, its weights those of the concepts'
+  context rows (it needs the ``pipeline`` row rule, cd-eval's ``--rows pipeline``);
 - ``base``: the base UNet with the concepts' tokens (fidelity 0 and preservation 0 by
   definition: the reference ``fidelity`` is measured from);
 - ``plain-base``: the plain base, the concepts' tokens plain text to it (``fidelity_plain_base``
@@ -24,11 +26,13 @@ from typing import Any
 
 from ..errors import MergeError
 from ..merge_methods import METHOD_TABLE
+from ..merge_options import MergeOptions, OptionError
 
 #: Concept weights of the soft merge that ``soft`` sweeps (mu = 1): from loose to nearly exact.
 SOFT_SWEEP = (1.0, 10.0, 100.0, 1000.0)
 #: What ``--compare`` accepts, for messages.
-COMPARE_FORMS = "sum, average, constrained, ridge=X, relative-ridge=X, soft, soft=W, base, plain-base"
+COMPARE_FORMS = ("sum, average, constrained, ridge=X, relative-ridge=X, soft, soft=W, hybrid, hybrid=W, base, "
+                 "plain-base")
 #: Kinds of the rows that change no K/V weight: their constraint residual is the base's.
 BASE_KINDS = ("base", "plain-base")
 
@@ -37,15 +41,29 @@ BASE_KINDS = ("base", "plain-base")
 class Method:
     """One row to compare.
 
-    kind: ``constrained``, ``soft``, ``sum``, ``average`` (a merge run by :func:`mergekit_cd.merge`
-    with ``options``), ``base`` (the concepts' tokens only), ``plain-base`` (nothing installed), or
-    ``delta`` (a delta given by the user, ``source``).
+    kind: a method of the merge method table (``constrained``, ``soft``, ``hybrid``, ``sum``,
+    ``average``: a merge run by :func:`mergekit_cd.merge` with ``options``), ``base`` (the concepts'
+    tokens only), ``plain-base`` (nothing installed), or ``delta`` (a delta given by the user, ``source``).
     """
 
     label: str
     kind: str
     options: dict[str, Any] = field(default_factory=dict)
     source: Any = None
+
+    def merge_options(self, rows: str, num_concepts: int = 1, **fields: Any) -> MergeOptions:
+        """The options of the merge this row runs (a kind of the method table) under the row rule
+        ``rows``, its weight given to each of ``num_concepts`` concepts, ``fields`` where it runs; a
+        refusal names cd-eval's flags (``--compare hybrid needs --rows pipeline``)."""
+        options = dict(self.options)
+        weight = options.pop("weight", None)
+        if weight is not None:
+            options["weights"] = [weight] * num_concepts
+        try:
+            return MergeOptions(method=self.kind, rows=rows, **options, **fields)
+        except OptionError as error:
+            raise MergeError(error.render(lambda name: "--compare" if name == "method"
+                                          else "--" + name.replace("_", "-"))) from None
 
 
 def parse_compare(spec: str | Sequence[str] | None) -> list[Method]:
@@ -72,9 +90,6 @@ def _parse_item(item: str) -> list[Method]:
     or a base row; each method name is a row of that method."""
     name, _, value = item.partition("=")
     name = name.strip().lower()
-    if name in METHOD_TABLE and METHOD_TABLE[name].context_rows:
-        raise MergeError(f"--compare {item}: cd-eval does not run the {name} merge itself yet; merge with "
-                         f"cd-merge --method {name} --rows pipeline and give the file with --merged.")
     weighted = name in METHOD_TABLE and METHOD_TABLE[name].concept_weights
     if (name in METHOD_TABLE or name == "base") and not value:
         if weighted:

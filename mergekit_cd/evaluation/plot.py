@@ -11,8 +11,8 @@ from ..errors import MergeError
 #: Size of the plot in pixels (at 100 dpi).
 WIDTH, HEIGHT = 720, 480
 #: Colour of each kind of row (matplotlib's tab10 colours).
-COLOURS = {"constrained": "tab:blue", "soft": "tab:green", "sum": "tab:red", "average": "tab:orange",
-           "base": "dimgray", "plain-base": "darkgray", "delta": "tab:purple"}
+COLOURS = {"constrained": "tab:blue", "soft": "tab:green", "hybrid": "tab:cyan", "sum": "tab:red",
+           "average": "tab:orange", "base": "dimgray", "plain-base": "darkgray", "delta": "tab:purple"}
 
 
 def require_matplotlib() -> Any:

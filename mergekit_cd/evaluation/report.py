@@ -46,7 +46,7 @@ class MethodResult:
     """One row: a merge method (or a given delta, or the base) and its scores."""
 
     label: str
-    kind: str  # constrained, soft, sum, average, base, delta
+    kind: str  # constrained, soft, hybrid, sum, average, base, plain-base, delta
     options: dict[str, Any]
     concepts: tuple[ConceptScores, ...]
     preservation: float  # ||eps_M - eps_B|| / ||eps_B|| on held-out captions

@@ -29,7 +29,7 @@ from ..captions import heldout_captions
 from ..delta import ConceptDelta
 from ..devices import float64_device
 from ..errors import MergeError, TokenRenameWarning
-from ..features import TextFeatures
+from ..features import DEFAULT_ROWS, TextFeatures
 from ..loading import PathLike, as_base, load
 from ..merge import MergePlan, merge, plan_merge
 from ..merge_report import ConstraintResiduals
@@ -72,8 +72,8 @@ def evaluate(concepts: Sequence[PathLike | ConceptDelta], *, base: BaseModel | P
              styles: Sequence[bool] | None = None, target_templates: Sequence[str] | None = None,
              instance_dirs: Sequence[PathLike] | None = None, held_out: Sequence[str] | None = None,
              reg_captions: Sequence[str] | None = None, clip: PathLike | None = None, dino: PathLike | None = None,
-             world: Sequence[str] | None = None, check_base: bool = True, progress: bool = False,
-             options: EvalOptions | None = None, **option_fields: Any) -> EvalReport:
+             world: Sequence[str] | None = None, rows: str = DEFAULT_ROWS, check_base: bool = True,
+             progress: bool = False, options: EvalOptions | None = None, **option_fields: Any) -> EvalReport:
     """Measure how much of each concept a merge keeps and how much of the base it changes.
 
     concepts: the single-concept deltas D_1..D_N (files, folders, hub ids or objects), with
@@ -83,6 +83,8 @@ def evaluate(concepts: Sequence[PathLike | ConceptDelta], *, base: BaseModel | P
     as well, or the ``base`` / ``plain-base`` reference rows (see
     :mod:`mergekit_cd.evaluation.methods`; default ``sum`` next to ``merged``, else
     ``sum,average,constrained``; an empty list is a MergeError); a ``sum`` row is always included.
+    ``rows``: the row rule of the merges it runs (:class:`~mergekit_cd.MergeOptions`' ``rows``;
+    ``hybrid`` needs ``"pipeline"``, refused before any work without it).
 
     How it measures is :class:`~mergekit_cd.evaluation.options.EvalOptions` (``options=``, or
     its fields as keywords: ``samples=64, seed=1``), checked before any work.
@@ -124,6 +126,9 @@ def evaluate(concepts: Sequence[PathLike | ConceptDelta], *, base: BaseModel | P
     merged_list = [] if merged is None else [merged] if isinstance(merged, (str, os.PathLike, ConceptDelta)) \
         else list(merged)
     methods = _methods(merged_list, compare)
+    for method in methods:
+        if _runs_a_merge(method):
+            method.merge_options(rows)  # refuses what the merge would, now
     base_model = as_base(base)
     plan = plan_merge(concepts, reg_captions, base=base_model, class_words=class_words, styles=styles,
                       target_templates=target_templates, check_base=check_base)
@@ -143,7 +148,7 @@ def evaluate(concepts: Sequence[PathLike | ConceptDelta], *, base: BaseModel | P
 
     # the merges run before the pipeline loads: one that fails (non-finite text features, ...) costs no UNet work
     models = _models(methods, plan, given, base_model, class_words=class_words, styles=styles,
-                     target_templates=target_templates, reg_captions=reg_captions, device=options.device,
+                     target_templates=target_templates, reg_captions=reg_captions, rows=rows, device=options.device,
                      cache_dir=options.cache_dir, check_base=check_base, progress=progress)
     residuals = _residuals(plan, base_model,
                            [None if m.kind in BASE_KINDS else model for m, model in zip(methods, models)],
@@ -200,23 +205,23 @@ def evaluate(concepts: Sequence[PathLike | ConceptDelta], *, base: BaseModel | P
     with tqdm(total=len(methods), desc="rows", unit="row", disable=not progress) as bar, \
             tqdm(total=image_steps, desc="sampling for CLIP / DINO", unit="step",
                  disable=not progress or not image_steps) as sampling_bar:
-        rows = []
+        results = []
         for method, model, row_residuals in zip(methods, models, residuals):
             bar.set_postfix_str(method.label)
-            rows.append(_evaluate_row(method, model, pipe, predictor, evaluated, held, base_held, row_residuals,
-                                      clip_model=clip_model, dino_model=dino_model, references=references,
-                                      num_images=options.num_images, steps=options.steps,
-                                      guidance_scale=options.guidance_scale, seed=options.seed, notes=notes,
-                                      bar=sampling_bar, judge=judge))
+            results.append(_evaluate_row(method, model, pipe, predictor, evaluated, held, base_held, row_residuals,
+                                         clip_model=clip_model, dino_model=dino_model, references=references,
+                                         num_images=options.num_images, steps=options.steps,
+                                         guidance_scale=options.guidance_scale, seed=options.seed, notes=notes,
+                                         bar=sampling_bar, judge=judge))
             bar.update()
 
     settings = {**options.settings(), "timesteps": f"uniform over [0, {scheduler.config.num_train_timesteps})",
                 "prediction_type": scheduler.config.prediction_type,
-                "held_out_captions": "given" if held_out is not None else "shipped held-out set",
+                "held_out_captions": "given" if held_out is not None else "shipped held-out set", "rows": rows,
                 "clip": str(clip) if clip is not None else None, "dino": str(dino) if dino is not None else None}
     infos = tuple(ConceptInfo(c.token, c.class_word, c.prompts, plan.sources[c.owner], c.latents_from)
                   for c in evaluated)
-    return EvalReport(base_model.name, base_model.architecture.name, infos, tuple(rows), settings,
+    return EvalReport(base_model.name, base_model.architecture.name, infos, tuple(results), settings,
                       tuple(dict.fromkeys(notes)))
 
 
@@ -315,7 +320,7 @@ def _held_out_probes(pipe, captions: list[str], count: int, *, scheduler, genera
 
 
 def _models(methods: list[Method], plan: MergePlan, given: list[ConceptDelta], base: BaseModel, *, class_words,
-            styles, target_templates, reg_captions, device: torch.device, cache_dir, check_base: bool,
+            styles, target_templates, reg_captions, rows: str, device: torch.device, cache_dir, check_base: bool,
             progress: bool) -> list[ConceptDelta | None]:
     """Each row's delta (see :func:`_model`); the merges run under one bar, each with its own bars."""
     merges = sum(_runs_a_merge(method) for method in methods)
@@ -326,8 +331,8 @@ def _models(methods: list[Method], plan: MergePlan, given: list[ConceptDelta], b
             if merging:
                 bar.set_postfix_str(method.label)
             models.append(_model(method, plan, given, base, class_words=class_words, styles=styles,
-                                 target_templates=target_templates, reg_captions=reg_captions, device=device,
-                                 cache_dir=cache_dir, check_base=check_base, progress=progress))
+                                 target_templates=target_templates, reg_captions=reg_captions, rows=rows,
+                                 device=device, cache_dir=cache_dir, check_base=check_base, progress=progress))
             if merging:
                 bar.update()
     return models
@@ -339,7 +344,7 @@ def _runs_a_merge(method: Method) -> bool:
 
 
 def _model(method: Method, plan: MergePlan, given: list[ConceptDelta], base: BaseModel, *, class_words, styles,
-           target_templates, reg_captions, device: torch.device, cache_dir, check_base: bool,
+           target_templates, reg_captions, rows: str, device: torch.device, cache_dir, check_base: bool,
            progress: bool) -> ConceptDelta | None:
     """The delta a row evaluates: a given delta, the merge it names, for the base row the
     concepts' tokens (with some layers, installed with scale 0), for the plain base None."""
@@ -351,15 +356,11 @@ def _model(method: Method, plan: MergePlan, given: list[ConceptDelta], base: Bas
                             concepts=plan.concepts)
     if method.kind == "delta":
         return given[method.source]
-    options = dict(method.options)
-    weight = options.pop("weight", None)
-    if weight is not None:
-        options["weights"] = [weight] * len(plan.concepts)
+    options = method.merge_options(rows, len(plan.concepts), device=device, cache_dir=cache_dir)
     with warnings.catch_warnings():  # the plan warned once already; tokens are matched by embedding
         warnings.simplefilter("ignore", TokenRenameWarning)
-        return merge(list(plan.deltas), reg_captions, base=base, method=method.kind, class_words=class_words,
-                     styles=styles, target_templates=target_templates, device=device, cache_dir=cache_dir,
-                     check_base=check_base, progress=progress, **options)
+        return merge(list(plan.deltas), reg_captions, base=base, options=options, class_words=class_words,
+                     styles=styles, target_templates=target_templates, check_base=check_base, progress=progress)
 
 
 def _residuals(plan: MergePlan, base: BaseModel, models: list[ConceptDelta | None], *, device: torch.device,
