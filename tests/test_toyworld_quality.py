@@ -59,3 +59,25 @@ def test_detector_counts_score_presence_both_background_and_ordinary():
     assert estimates["presence"].value == 0.5 and estimates["preservation"].value == 2.0
     assert not ordinary_correct(_detection(objects=[("star", "blue", "solid")], background="grass"),
                                 ((("star", "red"),), "grass"))
+
+
+def test_every_benchmark_merge_has_its_cd_eval_row_under_its_own_row_rule():
+    """Each merge the benchmark runs is asked of cd-eval once, in the cd-eval run of its row rule,
+    and cd-eval's label for it maps back to exactly that merge (fidelity lands on the right row)."""
+    from mergekit_cd.merge_options import MergeOptions
+    from mergekit_cd.toyworld.benchmark import METHODS, QUICK_METHODS, cd_eval_label, compare_items
+
+    labels = [label for label, _, _ in METHODS]
+    grouped = compare_items(labels)
+    assert sorted(grouped) == ["authors", "pipeline"]
+    assert sorted(label for group in grouped.values() for label in group) == sorted(labels)
+    for rule, items in grouped.items():
+        assert len({cd_eval_label(item) for item in items.values()}) == len(items), rule
+        for label, item in items.items():
+            options = next(options for name, options, _ in METHODS if name == label)
+            assert MergeOptions(**options).rows == rule
+    assert grouped["pipeline"]["hybrid lambda=1000"] == "hybrid=1000"
+    assert set(QUICK_METHODS) <= set(labels)
+    assert compare_items(QUICK_METHODS) == {"authors": {"constrained": "constrained", "sum": "sum",
+                                                        "average": "average"},
+                                            "pipeline": {"hybrid lambda=1000": "hybrid=1000"}}

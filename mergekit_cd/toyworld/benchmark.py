@@ -29,21 +29,21 @@ PAIRS: tuple[tuple[str, str], ...] = (
     ("twotone-star", "dotted-ring"), ("checker-heart", "quad-square"), ("smiley-circle", "banded-diamond"),
     ("twotone-star", "checker-heart"), ("dotted-ring", "quad-square"),
 )
-#: Merges of two single-concept deltas: (row label, mergekit_cd.merge options). Labels follow cd-eval's;
-#: "pipeline" rows are those of the ``pipeline-v1`` row rule (every row the UNet reads), the others
-#: the authors' rule (issue 15 compares the two).
-METHODS: tuple[tuple[str, dict[str, Any]], ...] = (
-    ("constrained", {"method": "constrained"}),
-    ("constrained relative-ridge=0.001", {"method": "constrained", "relative_ridge": 1e-3}),
-    ("soft w=10", {"method": "soft", "weights": (10.0, 10.0)}),
-    ("soft w=100", {"method": "soft", "weights": (100.0, 100.0)}),
-    ("constrained, pipeline rows", {"method": "constrained", "rows": "pipeline"}),
-    ("soft w=100, pipeline rows", {"method": "soft", "rows": "pipeline", "weights": (100.0, 100.0)}),
-    ("hybrid lambda=10", {"method": "hybrid", "rows": "pipeline", "weights": (10.0, 10.0)}),
-    ("hybrid lambda=100", {"method": "hybrid", "rows": "pipeline", "weights": (100.0, 100.0)}),
-    ("hybrid lambda=1000", {"method": "hybrid", "rows": "pipeline", "weights": (1000.0, 1000.0)}),
-    ("sum", {"method": "sum"}),
-    ("average", {"method": "average"}),
+#: Merges of two single-concept deltas: (row label, mergekit_cd.merge options, the same merge as a
+#: cd-eval ``--compare`` item). "pipeline" rows are those of the ``pipeline-v1`` row rule (every row
+#: the UNet reads), the others the authors' rule (issue 15 compares the two).
+METHODS: tuple[tuple[str, dict[str, Any], str], ...] = (
+    ("constrained", {"method": "constrained"}, "constrained"),
+    ("constrained relative-ridge=0.001", {"method": "constrained", "relative_ridge": 1e-3}, "relative-ridge=1e-3"),
+    ("soft w=10", {"method": "soft", "weights": (10.0, 10.0)}, "soft=10"),
+    ("soft w=100", {"method": "soft", "weights": (100.0, 100.0)}, "soft=100"),
+    ("constrained, pipeline rows", {"method": "constrained", "rows": "pipeline"}, "constrained"),
+    ("soft w=100, pipeline rows", {"method": "soft", "rows": "pipeline", "weights": (100.0, 100.0)}, "soft=100"),
+    ("hybrid lambda=10", {"method": "hybrid", "rows": "pipeline", "weights": (10.0, 10.0)}, "hybrid=10"),
+    ("hybrid lambda=100", {"method": "hybrid", "rows": "pipeline", "weights": (100.0, 100.0)}, "hybrid=100"),
+    ("hybrid lambda=1000", {"method": "hybrid", "rows": "pipeline", "weights": (1000.0, 1000.0)}, "hybrid=1000"),
+    ("sum", {"method": "sum"}, "sum"),
+    ("average", {"method": "average"}, "average"),
 )
 #: The ``--quick`` run's merges: the paper's, the sum and the average, and the hybrid.
 QUICK_METHODS = ("constrained", "hybrid lambda=1000", "sum", "average")
@@ -71,7 +71,7 @@ class BenchmarkOptions:
     num_reg_captions: int = 1000
     fidelity: bool = True
     seed: int = 0
-    methods: tuple[str, ...] = tuple(label for label, _ in METHODS)
+    methods: tuple[str, ...] = tuple(label for label, _, _ in METHODS)
 
     def quick(self) -> "BenchmarkOptions":
         """The ``--quick`` run: the first pair, fewer training steps, images and merges."""
@@ -147,7 +147,7 @@ def merge_pair(deltas: Sequence[Path], options: BenchmarkOptions) -> dict[str, A
 
     reg, held = captions(options)
     return {label: merge(list(deltas), reg, base=BASE, held_out=held, cache_dir=options.work / "cache",
-                         **method_options) for label, method_options in METHODS if label in options.methods}
+                         **method_options) for label, method_options, _ in METHODS if label in options.methods}
 
 
 def instance_references(item: Concept) -> list[Any]:
@@ -239,20 +239,41 @@ def run(options: BenchmarkOptions, *, log: Callable[[str], None] = print) -> lis
 
 def fidelity_rows(singles: Sequence[Path], joint: Path, items: Sequence[Concept],
                   options: BenchmarkOptions) -> dict[str, dict[str, float]]:
-    """cd-eval's mean fidelity, preservation and max residual of every method and of joint training."""
+    """cd-eval's mean fidelity, preservation and max residual of every method and of joint training
+    (one cd-eval run per row rule, since ``--rows`` applies to every merge it runs)."""
     from ..evaluation import evaluate
 
     reg, held = captions(options)
-    compare = ["constrained", "relative-ridge=1e-3", "soft=10", "soft=100", "sum", "average"]
-    report = evaluate(list(singles), base=BASE, merged=[joint], compare=compare,
-                      instance_dirs=[concept_images_path(i.name) for i in items], reg_captions=reg, held_out=held,
-                      cache_dir=options.work / "cache", seed=options.seed)
     rows = {}
-    for row in report.rows:
-        label = "joint" if row.kind == "delta" else row.label
-        rows[label] = {"fidelity": row.mean_fidelity, "cd_eval_preservation": row.preservation,
-                       "max_residual": row.max_residual}
+    for rule, labels in compare_items(options.methods).items():
+        report = evaluate(list(singles), base=BASE, merged=[joint], compare=list(labels.values()), rows=rule,
+                          instance_dirs=[concept_images_path(i.name) for i in items], reg_captions=reg,
+                          held_out=held, cache_dir=options.work / "cache", seed=options.seed)
+        ours = {cd_eval_label(item): label for label, item in labels.items()}
+        for row in report.rows:
+            label = "joint" if row.kind == "delta" else ours.get(row.label)
+            if label is not None:
+                rows.setdefault(label, {"fidelity": row.mean_fidelity, "cd_eval_preservation": row.preservation,
+                                        "max_residual": row.max_residual})
     return rows
+
+
+def compare_items(methods: Sequence[str]) -> dict[str, dict[str, str]]:
+    """The cd-eval ``--compare`` item of each of ``methods`` (benchmark labels), by row rule."""
+    from ..features import DEFAULT_ROWS
+
+    grouped: dict[str, dict[str, str]] = {}
+    for label, merge_options, item in METHODS:
+        if label in methods:
+            grouped.setdefault(merge_options.get("rows", DEFAULT_ROWS), {})[label] = item
+    return grouped
+
+
+def cd_eval_label(item: str) -> str:
+    """The row label cd-eval gives a ``--compare`` item."""
+    from ..evaluation.methods import parse_compare
+
+    return parse_compare(item)[0].label
 
 
 #: Table columns: (heading, metric key).
@@ -261,7 +282,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("companion", "companion"), ("ordinary prompts", "ordinary"), ("preservation", "preservation"),
     ("CLIP text", "text_alignment"), ("CLIP image", "image_alignment"),
 )
-ROW_ORDER = ("base", "single", "joint", *(label for label, _ in METHODS))
+ROW_ORDER = ("base", "single", "joint", *(label for label, _, _ in METHODS))
 
 
 def pooled(results: Sequence[PairResult]) -> dict[str, dict[str, Any]]:
