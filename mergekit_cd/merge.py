@@ -259,7 +259,8 @@ def execute(plan: MergePlan, options: MergeOptions | None = None, *, progress: b
     features = [C.to(solve_device) for C in text.targets]
     contexts = [P.to(solve_device) for P in text.contexts]
     held_gram = text.held_gram.to(solve_device) if text.held_gram is not None else None
-    sums = ReportSums(len(plan.concepts))
+    sums = (ReportSums(features, held_gram, operator.Z if operator is not None else None) if return_report
+            else None)
     layers: dict[str, LayerDelta] = {}
     layer_digests: list[dict[str, bytes]] = [{} for _ in plan.deltas]
     # a context_rows method's statistics would need its D_i P_i^T too: not stored yet
@@ -287,16 +288,21 @@ def execute(plan: MergePlan, options: MergeOptions | None = None, *, progress: b
                 own[i] = torch.cat(record.changes[name]).to(solve_device)
         if recorder is not None:
             recorder.add(name, own, keys)
+        misfit = None
+        if operator is not None or sums is not None:
+            own_columns = torch.cat(own, dim=1)
+            targets = torch.cat([W0 @ C.T for C in features], dim=1) + own_columns  # (W0 + D_i) C_i^T
         if operator is not None:
-            # V, then (a context_rows method) each U_i = W_i P_i^T, in the order the operator was factored
-            targets = torch.cat([W0 @ C.T + own[i] for i, C in enumerate(features)]
-                                + [W0 @ P.T + own_context[i] for i, P in enumerate(contexts)], dim=1)
-            merged = operator.apply(W0, targets) - W0
+            # V, then (a context_rows method) each U_i = W_i P_i^T, in the order the operator was factored;
+            # V - W0 C^T, the misfit the update is applied to, is each concept's own change
+            misfit = torch.cat([own_columns, *own_context], dim=1)
+            V = torch.cat([targets] + [W0 @ P.T + own_context[i] for i, P in enumerate(contexts)], dim=1)
+            merged = operator.apply(W0, V) - W0
         else:
             merged = spec.combine(naive_sum, len(plan.deltas))
         merged = merged.float()  # the result's dtype: the report measures this, not the float64 solve
-        if return_report:
-            sums.add(features, W0, own, merged.double(), naive_sum, held_gram)
+        if sums is not None:
+            sums.add(W0, targets, own_columns, merged.double(), naive_sum, misfit)
         merged = merged.cpu()
         layers[name] = LayerDelta(merged[:keys].contiguous(), merged[keys:].contiguous())
 
