@@ -163,6 +163,7 @@ class _TextPhase:
     num_rows: int
     gram_from_cache: bool
     held_gram: Tensor | None  # C_held^T C_held, for the drift report
+    encoder_loaded: bool  # whether a text encoder was loaded (a cache miss), to be released
     notes: tuple[str, ...] = ()  # what was done to the targets, for the report
 
 
@@ -216,7 +217,7 @@ def _encode_text(plan: MergePlan, options: MergeOptions, *, report: bool, progre
         captions = list(options.held_out) if options.held_out is not None else heldout_captions()
         held_gram = cached_gram(plan.base, captions, rule=rule, batch_size=batch_size, cache_dir=cache_dir,
                                 progress=progress, label="held-out features", encoder=encoder)[0]
-    return _TextPhase(targets, contexts, gram, num_rows, from_cache, held_gram, tuple(notes))
+    return _TextPhase(targets, contexts, gram, num_rows, from_cache, held_gram, encoder.loaded, tuple(notes))
 
 
 def _constraint_rows(prompt: PromptRows, split: bool) -> Tensor:
@@ -248,7 +249,8 @@ def execute(plan: MergePlan, options: MergeOptions | None = None, *, progress: b
     other_modules = _carried_modules(plan, options)
     solve_device = options.solve_device
     text = _encode_text(plan, options, report=return_report, progress=progress, stored=stored)
-    _release_memory(options.device)
+    if text.encoder_loaded:
+        _release_memory(options.device)
     operator, total_ridge = None, options.ridge
     if spec.solves:
         total_ridge = options.ridge + options.relative_ridge * float(torch.diagonal(text.gram).mean())
@@ -377,7 +379,7 @@ def _layer_digest(name: str, rows: Tensor, keys: int) -> bytes:
     digest = hashlib.sha256()
     for part in (rows[:keys], rows[keys:]):
         digest.update(name.encode())
-        digest.update(part.detach().float().contiguous().numpy().tobytes())
+        digest.update(part.detach().float().contiguous().numpy())  # hashed in place, not copied to bytes
     return digest.digest()
 
 
