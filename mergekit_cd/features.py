@@ -272,6 +272,11 @@ class LazyTextFeatures:
         self.dtype = dtype
         self._built: TextFeatures | None = None
 
+    @property
+    def loaded(self) -> bool:
+        """Whether :meth:`get` loaded the encoder (every feature cached: it never did)."""
+        return self._built is not None
+
     def get(self) -> TextFeatures:
         """The encoder, loaded (and the tokens installed) on the first call."""
         if self._built is None:

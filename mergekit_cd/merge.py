@@ -163,6 +163,7 @@ class _TextPhase:
     num_rows: int
     gram_from_cache: bool
     held_gram: Tensor | None  # C_held^T C_held, for the drift report
+    encoder_loaded: bool  # whether a text encoder was loaded (a cache miss), to be released
     notes: tuple[str, ...] = ()  # what was done to the targets, for the report
 
 
@@ -215,7 +216,7 @@ def _encode_text(plan: MergePlan, options: MergeOptions, *, report: bool, progre
         captions = list(options.held_out) if options.held_out is not None else heldout_captions()
         held_gram = cached_gram(plan.base, captions, rule=rule, batch_size=batch_size, cache_dir=cache_dir,
                                 progress=progress, label="held-out features", encoder=encoder)[0]
-    return _TextPhase(targets, contexts, gram, num_rows, from_cache, held_gram, tuple(notes))
+    return _TextPhase(targets, contexts, gram, num_rows, from_cache, held_gram, encoder.loaded, tuple(notes))
 
 
 def _check_rows(stored: StoredConcepts, encoded: Sequence[list[PromptRows] | None], split: bool, width: int) -> None:
@@ -272,7 +273,8 @@ def execute(plan: MergePlan, options: MergeOptions | None = None, *, progress: b
     other_modules = _carried_modules(plan, options)
     solve_device = options.solve_device
     text = _encode_text(plan, options, report=return_report, progress=progress, stored=stored)
-    _release_memory(options.device)
+    if text.encoder_loaded:
+        _release_memory(options.device)
     operator, total_ridge = None, options.ridge
     if spec.solves:
         total_ridge = options.ridge + options.relative_ridge * float(torch.diagonal(text.gram).mean())
@@ -283,7 +285,8 @@ def execute(plan: MergePlan, options: MergeOptions | None = None, *, progress: b
     features = [C.to(solve_device) for C in text.targets]
     contexts = [P.to(solve_device) for P in text.contexts]
     held_gram = text.held_gram.to(solve_device) if text.held_gram is not None else None
-    sums = ReportSums(len(plan.concepts))
+    sums = (ReportSums(features, held_gram, operator.Z if operator is not None else None) if return_report
+            else None)
     layers: dict[str, LayerDelta] = {}
     layer_digests: list[dict[str, bytes]] = [{} for _ in plan.deltas]
     recorder = StatisticsRecorder(stored.records) if statistics and spec.solves else None
@@ -311,16 +314,21 @@ def execute(plan: MergePlan, options: MergeOptions | None = None, *, progress: b
                     own_context[i] = torch.cat(record.context_changes[name]).to(solve_device)
         if recorder is not None:
             recorder.add(name, own, own_context, keys)
+        misfit = None
+        if operator is not None or sums is not None:
+            own_columns = torch.cat(own, dim=1)
+            targets = torch.cat([W0 @ C.T for C in features], dim=1) + own_columns  # (W0 + D_i) C_i^T
         if operator is not None:
-            # V, then (a context_rows method) each U_i = W_i P_i^T, in the order the operator was factored
-            targets = torch.cat([W0 @ C.T + own[i] for i, C in enumerate(features)]
-                                + [W0 @ P.T + own_context[i] for i, P in enumerate(contexts)], dim=1)
-            merged = operator.apply(W0, targets) - W0
+            # V, then (a context_rows method) each U_i = W_i P_i^T, in the order the operator was factored;
+            # V - W0 C^T, the misfit the update is applied to, is each concept's own change
+            misfit = torch.cat([own_columns, *own_context], dim=1)
+            V = torch.cat([targets] + [W0 @ P.T + own_context[i] for i, P in enumerate(contexts)], dim=1)
+            merged = operator.apply(W0, V) - W0
         else:
             merged = spec.combine(naive_sum, len(plan.deltas))
         merged = merged.float()  # the result's dtype: the report measures this, not the float64 solve
-        if return_report:
-            sums.add(features, W0, own, merged.double(), naive_sum, held_gram)
+        if sums is not None:
+            sums.add(W0, targets, own_columns, merged.double(), naive_sum, misfit)
         merged = merged.cpu()
         layers[name] = LayerDelta(merged[:keys].contiguous(), merged[keys:].contiguous())
 
@@ -395,7 +403,7 @@ def _layer_digest(name: str, rows: Tensor, keys: int) -> bytes:
     digest = hashlib.sha256()
     for part in (rows[:keys], rows[keys:]):
         digest.update(name.encode())
-        digest.update(part.detach().float().contiguous().numpy().tobytes())
+        digest.update(part.detach().float().contiguous().numpy())  # hashed in place, not copied to bytes
     return digest.digest()
 
 

@@ -7,6 +7,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
 from .delta import CompressionReport, Concept, TokenRename
@@ -56,43 +57,73 @@ class MergeReport:
 class ConstraintResiduals:
     """Per candidate difference and concept, ``||(M - D_i) C_i^T||^2`` against the target
     ``||(W0 + D_i) C_i^T||^2``, summed layer by layer: the one home of the residual the merge
-    report prints and cd-eval recomputes for any delta."""
+    report prints and cd-eval recomputes for any delta.
 
-    def __init__(self, num_candidates: int, num_concepts: int) -> None:
-        self.errors = [[0.0] * num_concepts for _ in range(num_candidates)]
-        self.targets = [0.0] * num_concepts
+    Every concept's feature rows are stacked once, so a layer costs one product of the stacked
+    candidates with them, however many concepts there are; each concept's share is summed from
+    its columns."""
 
-    def add(self, features: list[Tensor], W0: Tensor, own: list[Tensor], candidates: Sequence[Tensor]) -> None:
-        """One layer: base rows, each concept's own difference on its features (``own[i]`` =
-        D_owner C_i^T) and each candidate's difference of this layer (float64)."""
-        for i, C in enumerate(features):
-            self.targets[i] += _squared(W0 @ C.T + own[i])
-            for k, candidate in enumerate(candidates):
-                self.errors[k][i] += _squared(candidate @ C.T - own[i])
+    def __init__(self, num_candidates: int, features: Sequence[Tensor]) -> None:
+        self.features = torch.cat(list(features))  # (s, d): every concept's C_i, in order
+        sizes = torch.tensor([C.shape[0] for C in features])
+        self.concept_of_column = torch.repeat_interleave(torch.arange(len(features)), sizes).to(self.features.device)
+        zeros = torch.zeros(len(features), dtype=torch.float64, device=self.features.device)
+        self.errors = [zeros.clone() for _ in range(num_candidates)]
+        self.targets = zeros.clone()
+
+    def add(self, targets: Tensor, own: Tensor, candidates: Sequence[Tensor]) -> None:
+        """One layer: each concept's targets ``(W0 + D_i) C_i^T`` and own difference on its features
+        ``D_i C_i^T``, side by side as the stacked features' columns (n, s), and each candidate's
+        difference of this layer (n, d), all float64."""
+        self.targets += self._per_concept(targets)
+        outputs = torch.cat(list(candidates)) @ self.features.mT
+        for k, output in enumerate(outputs.split(targets.shape[0])):
+            self.errors[k] += self._per_concept(output - own)
+
+    def _per_concept(self, columns: Tensor) -> Tensor:
+        """Squared norm of each concept's columns."""
+        total = torch.zeros_like(self.targets)
+        return total.index_add_(0, self.concept_of_column, columns.square().sum(0))
 
     def relative(self) -> list[list[float]]:
         """Per candidate, per concept: the relative residual over every layer added."""
-        return [[_ratio(error, target) for error, target in zip(row, self.targets)] for row in self.errors]
+        targets = self.targets.tolist()
+        return [[_ratio(error, target) for error, target in zip(row.tolist(), targets)] for row in self.errors]
 
 
 class ReportSums:
-    """Squared norms for the report, accumulated layer by layer (no output matrix is kept)."""
+    """Squared norms for the report, accumulated layer by layer (no output matrix is kept).
 
-    def __init__(self, num_concepts: int) -> None:
+    The held-out drift of a solved merge comes from the solve's own small matrices: its
+    difference is ``(V - W0 C^T) Z`` with the misfit ``V - W0 C^T`` = each concept's own change
+    (n, s), so ``||D C_h^T||^2 = sum((misfit K) * misfit)`` with ``K = Z G_h Z^T`` (s, s),
+    factored once; the layer's difference is never multiplied with the d x d held-out Gram
+    matrix. It is the drift of the float64 solve: rounding the difference to float32 moves it by
+    about 1e-7 of itself, far below the digits printed (the residuals, where rounding is what
+    shows, are those of the weights as written)."""
+
+    def __init__(self, features: Sequence[Tensor], held_gram: Tensor, update: Tensor | None) -> None:
         # the merged difference as returned, the full weights as written, the naive sum
-        self.residuals = ConstraintResiduals(3, num_concepts)
+        self.residuals = ConstraintResiduals(3, features)
+        self.held_gram = held_gram
+        self.misfit_form = update @ held_gram @ update.mT if update is not None else None  # K = Z G_h Z^T
         self.drift = self.sum_drift = self.base = 0.0
 
-    def add(self, features: list[Tensor], W0: Tensor, own: list[Tensor], merged: Tensor, naive_sum: Tensor,
-            held_gram: Tensor) -> None:
-        """One layer: base rows, each concept's own difference on its features (``own[i]`` =
-        D_owner C_i^T), the merged difference as returned (float32, held in float64) and the
-        summed one. Residuals are of what is written, not of the float64 solve."""
+    def add(self, W0: Tensor, targets: Tensor, own: Tensor, merged: Tensor, naive_sum: Tensor,
+            misfit: Tensor | None = None) -> None:
+        """One layer: base rows, the constraint targets ``(W0 + D_i) C_i^T`` and each concept's own
+        difference on its features ``D_i C_i^T`` (n, s: the concepts' columns side by side), the
+        merged difference as returned (float32, held in float64), the summed one, and for a solved
+        merge the misfit its update was applied to (n, rows of ``update``). Residuals are of what is
+        written, not of the float64 solve."""
         full = (W0.float() + merged.float()).double() - W0  # what FineTunedWeights.from_delta writes
-        self.residuals.add(features, W0, own, (merged, full, naive_sum))
-        self.drift += _quadratic(merged, held_gram)
-        self.sum_drift += _quadratic(naive_sum, held_gram)
-        self.base += _quadratic(W0, held_gram)
+        self.residuals.add(targets, own, (merged, full, naive_sum))
+        if misfit is not None:
+            self.drift += float(((misfit @ self.misfit_form) * misfit).sum().clamp_min(0))
+        else:
+            self.drift += _quadratic(merged, self.held_gram)
+        self.sum_drift += _quadratic(naive_sum, self.held_gram)
+        self.base += _quadratic(W0, self.held_gram)
 
     def report(self, method: str, concepts: Sequence[Concept], renames: Sequence[TokenRename], *,
                num_captions: int, num_rows: int, gram_from_cache: bool, info: SolveInfo | None,
@@ -104,10 +135,6 @@ class ReportSums:
         return MergeReport(method, rows, _ratio(self.drift, self.base), _ratio(self.sum_drift, self.base),
                            tuple(renames), num_captions, num_rows, gram_from_cache, info,
                            (*notes, *(info.notes if info is not None else ())))
-
-
-def _squared(x: Tensor) -> float:
-    return float(x.square().sum())
 
 
 def _quadratic(X: Tensor, gram: Tensor) -> float:

@@ -358,6 +358,32 @@ def test_run_silences_reported_warnings_and_library_noise_then_restores_them(cap
     assert library_state() == outside
 
 
+QUIET_ON_IMPORT = """
+import argparse, json, sys
+from mergekit_cd.cli._common import run
+assert "diffusers.utils.logging" not in sys.modules
+inside = []
+
+def command(args):
+    imported_by_run = "diffusers" in sys.modules
+    from diffusers.utils import logging
+    inside.append([imported_by_run, logging.get_verbosity(), logging.is_progress_bar_enabled()])
+
+run(command, argparse.ArgumentParser(prog="cd-test"), [])
+from diffusers.utils import logging
+print(json.dumps([inside[0], [logging.get_verbosity(), logging.is_progress_bar_enabled()]]))
+"""
+
+
+def test_run_quiets_a_library_imported_during_the_command_and_restores_it():
+    """run imports no library to quiet it (diffusers takes 3 s to import): one the command imports
+    itself is quieted as soon as it is loaded, and left as it would have been afterwards. A fresh
+    interpreter, where diffusers is not imported yet."""
+    result = subprocess.run([sys.executable, "-c", QUIET_ON_IMPORT], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[[false, 40, false], [30, true]]"  # logging.ERROR inside, WARNING after
+
+
 def test_run_turns_user_errors_and_a_closed_pipe_into_exit_codes(capsys):
     import argparse
 

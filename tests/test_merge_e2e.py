@@ -314,6 +314,42 @@ def test_second_merge_reuses_the_cached_gram_matrix_without_the_text_encoder(bas
     assert second_report.concepts == first_report.concepts and second_report.drift == first_report.drift
 
 
+#: cd-merge in a fresh interpreter; prints which of the heavy libraries it imported.
+IMPORTS_OF_CD_MERGE = """
+import sys
+from mergekit_cd.cli.merge import main
+try:
+    code = main(sys.argv[1:])
+except SystemExit as done:  # --help
+    code = done.code
+print(sorted(name for name in ("diffusers", "transformers") if name in sys.modules), code)
+"""
+
+
+def test_cd_merge_imports_no_diffusers_and_from_cached_features_no_transformers(tiny_delta_files,
+                                                                               tiny_pipeline_path, tmp_path):
+    """The text encoders and tokenizers are read through transformers, the K/V tensors through
+    safetensors: cd-merge never imports diffusers (3 s, torch._dynamo with it), and a merge whose
+    features are cached needs no text encoder, so not transformers either (0.7 s)."""
+    import subprocess
+    import sys
+
+    files = tiny_delta_files("sd1")
+    arguments = [str(files["native"]), str(files["other-native"]), "-o", str(tmp_path / "out.safetensors"),
+                 "--base", str(tiny_pipeline_path("sd1")), "--num-reg-captions", "20", "--cache-dir",
+                 str(tmp_path / "cache"), "--force", "-q"]
+
+    def imported(*argv: str) -> str:
+        result = subprocess.run([sys.executable, "-c", IMPORTS_OF_CD_MERGE, *argv], capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.splitlines()[-1]
+
+    assert imported("--help") == "[] 0"
+    assert imported(*arguments) == "['transformers'] 0"  # cold: the text encoder
+    assert imported(*arguments) == "[] 0"  # cached
+
+
 def test_methods_trade_fidelity_for_preservation(bases, concept_deltas):
     base, deltas = bases["sd1"], concept_deltas["sd1"]
     reports = {method: merge(deltas, None, base=base, method=method, return_report=True)[1]

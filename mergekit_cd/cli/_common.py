@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import importlib.abc
+import importlib.machinery
 import math
 import os
 import sys
@@ -112,33 +114,72 @@ def _silence_stdout() -> None:
         pass
 
 
+#: The logging modules of the libraries a command quiets (both have transformers' logging API).
+LIBRARY_LOGGING = ("transformers.utils.logging", "diffusers.utils.logging")
+
+
 @contextmanager
 def quiet_libraries() -> Iterator[None]:
-    """Errors only and no progress bars from transformers, diffusers and huggingface_hub."""
-    import huggingface_hub.utils as hub_utils
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
+    """Errors only and no progress bars from transformers, diffusers and huggingface_hub, without
+    importing any of them: importing diffusers takes 3 s (it pulls in torch._dynamo), and a merge
+    needs neither it nor, with cached features, transformers. A library already imported is quieted
+    now; one imported during the command as soon as its logging module is loaded
+    (:class:`_QuietOnImport`). Each is restored afterwards to the state it had before it was quieted.
+    """
+    import huggingface_hub.utils as hub_utils  # loaded with mergekit_cd.hub already
 
-    saved = (transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled(),
-             diffusers_logging.get_verbosity(), diffusers_logging.is_progress_bar_enabled(),
-             hub_utils.are_progress_bars_disabled())
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
-    diffusers_logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar()
+    saved: list[tuple[Any, tuple[int, bool]]] = []
+
+    def quiet(logging_module: Any) -> None:
+        saved.append((logging_module, (logging_module.get_verbosity(), logging_module.is_progress_bar_enabled())))
+        logging_module.set_verbosity_error()
+        logging_module.disable_progress_bar()
+
+    hub_disabled = hub_utils.are_progress_bars_disabled()
     hub_utils.disable_progress_bars()
+    hook = _QuietOnImport({name: quiet for name in LIBRARY_LOGGING if name not in sys.modules})
+    for name in LIBRARY_LOGGING:
+        if name in sys.modules:
+            quiet(sys.modules[name])
+    sys.meta_path.insert(0, hook)
     try:
         yield
     finally:
-        transformers_verbosity, transformers_bars, diffusers_verbosity, diffusers_bars, hub_disabled = saved
-        transformers_logging.set_verbosity(transformers_verbosity)
-        diffusers_logging.set_verbosity(diffusers_verbosity)
-        if transformers_bars:
-            transformers_logging.enable_progress_bar()
-        if diffusers_bars:
-            diffusers_logging.enable_progress_bar()
+        sys.meta_path.remove(hook)
+        for logging_module, (verbosity, bars) in reversed(saved):
+            logging_module.set_verbosity(verbosity)
+            if bars:
+                logging_module.enable_progress_bar()
         if not hub_disabled:
             hub_utils.enable_progress_bars()
+
+
+class _QuietOnImport(importlib.abc.MetaPathFinder):
+    """An import hook that runs ``callbacks[name](module)`` right after the module ``name`` is
+    first executed: it finds the module's spec through the other finders and wraps its loader."""
+
+    def __init__(self, callbacks: dict[str, Callable[[Any], None]]) -> None:
+        self.callbacks = callbacks
+
+    def find_spec(self, name: str, path: Any, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        callback = self.callbacks.pop(name, None)
+        if callback is None:
+            return None
+        spec = None
+        for finder in sys.meta_path:
+            if finder is not self and hasattr(finder, "find_spec"):
+                spec = finder.find_spec(name, path, target)
+                if spec is not None:
+                    break
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        execute = spec.loader.exec_module
+
+        def execute_then_call(module: Any) -> None:
+            execute(module)
+            callback(module)
+        spec.loader.exec_module = execute_then_call  # this spec's own loader: one per module found
+        return spec
 
 
 def seed_type(text: str) -> int:

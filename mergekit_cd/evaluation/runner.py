@@ -375,13 +375,14 @@ def _residuals(plan: MergePlan, base: BaseModel, models: list[ConceptDelta | Non
     features = [torch.cat(encoder.features(list(concept.prompts), batch_size=batch_size)).double()
                 for concept in plan.concepts]
     del encoder
-    residuals = ConstraintResiduals(len(models), len(features))
+    residuals = ConstraintResiduals(len(models), features)
     for name in base.layer_names():
         W0 = torch.cat(base.kv(name)).double()
         inputs = {owner: plan.deltas[owner].layers[name].rows().double() for owner in set(plan.owners)}
         rows = [model.layers[name].rows().double() if model is not None else torch.zeros_like(W0)
                 for model in models]
-        residuals.add(features, W0, [inputs[owner] @ C.T for owner, C in zip(plan.owners, features)], rows)
+        own = torch.cat([inputs[owner] @ C.T for owner, C in zip(plan.owners, features)], dim=1)
+        residuals.add(torch.cat([W0 @ C.T for C in features], dim=1) + own, own, rows)
     return residuals.relative()
 
 
