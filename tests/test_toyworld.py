@@ -205,7 +205,7 @@ def test_text_supervision_labels_come_from_the_caption_words():
                 "a blue ring on a gray background"]
     ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
                     return_tensors="pt").input_ids
-    labels = row_labels(tokenizer, captions, ids)
+    labels = row_labels(tokenizer, ids)
     tokens = [token.removesuffix("</w>") for token in tokenizer.convert_ids_to_tokens(ids[0].tolist())]
     cross, triangle, star = tokens.index("cross"), tokens.index("triangle"), tokens.index("star")
     assert labels.cls[0, cross] == CLASSES.index("cross") and labels.cls[0, star] == CLASSES.index("star")

@@ -31,8 +31,6 @@ from .scenes import BACKGROUNDS, CLASSES, COLOURS, PATTERNS
 PATTERN_WORDS: tuple[str, ...] = PATTERNS
 #: Cosine-classifier logit scale: a margin of cosine 0.3 is worth a logit gap of 4.5.
 LOGIT_SCALE = 15.0
-#: Label of "not named" in a phrase's colour and pattern (the last class of those heads).
-UNNAMED = -1
 _IGNORE = -100
 
 
@@ -53,9 +51,9 @@ class RowLabels:
     background: torch.Tensor   # (n,): background index, len(BACKGROUNDS) if unnamed
 
 
-def row_labels(tokenizer: Any, captions: Sequence[str], ids: torch.Tensor) -> RowLabels:
-    """The targets of ``captions`` tokenized as ``ids`` (padded to the tokenizer's length; every
-    world word is one token, so a token's text is its word)."""
+def row_labels(tokenizer: Any, ids: torch.Tensor) -> RowLabels:
+    """The targets of captions tokenized as ``ids`` (padded to the tokenizer's length; every world
+    word is one token, so a token's text is its word)."""
     n, length = ids.shape
     full = lambda: torch.full((n, length), _IGNORE, dtype=torch.long)  # noqa: E731
     cls, phrase_colour, phrase_pattern, colour, pattern = full(), full(), full(), full(), full()
@@ -128,7 +126,7 @@ def supervise_text_encoder(text_encoder: Any, tokenizer: Any, captions: Sequence
                            log: Any = print) -> Any:
     """Fine-tune ``text_encoder`` (a ``CLIPTextModel``) ``steps`` steps on :func:`attribute_loss`
     over ``captions``; returns it frozen."""
-    from .train_base import _batches, _log_every, _schedule
+    from .train_base import _batches, _log_every, _schedule, _step
 
     torch.manual_seed(seed)
     text_encoder = text_encoder.to(device).train().requires_grad_(True)
@@ -142,14 +140,10 @@ def supervise_text_encoder(text_encoder: Any, tokenizer: Any, captions: Sequence
         batch = [captions[i] for i in indices]
         ids = tokenizer(batch, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt").input_ids
-        labels = row_labels(tokenizer, batch, ids)
+        labels = row_labels(tokenizer, ids)
         rows = text_encoder(ids.to(device)).last_hidden_state
         loss = attribute_loss(heads, rows, RowLabels(*(value.to(device) for value in vars(labels).values())))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        scheduler.step()
+        _step(loss, optimizer, scheduler, parameters)
         if _log_every(step, steps):
             log(f"text  step {step + 1}/{steps}  attribute loss {loss.item():.4f}  "
                 f"{time.perf_counter() - start:.0f} s")

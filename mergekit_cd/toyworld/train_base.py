@@ -127,6 +127,15 @@ def _schedule(optimizer: torch.optim.Optimizer, steps: int, warmup: int) -> torc
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def _step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler: Any, parameters: Any) -> None:
+    """One optimiser step of every stage: backward, gradients clipped to norm 1, the schedule advanced."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+    optimizer.step()
+    scheduler.step()
+
+
 def _log_every(step: int, steps: int) -> bool:
     return step == 0 or (step + 1) % max(1, steps // 20) == 0 or step + 1 == steps
 
@@ -150,11 +159,7 @@ def train_clip(data: WorldData, tokenizer: Any, *, steps: int, batch_size: int, 
         tokens = tokenizer(data.caption_batch(indices, rng), padding=True, return_tensors="pt").to(device)
         output = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
                        pixel_values=_clip_pixels(data.pixels(indices)).to(device), return_loss=True)
-        optimizer.zero_grad(set_to_none=True)
-        output.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
+        _step(output.loss, optimizer, scheduler, model.parameters())
         if _log_every(step, steps):
             with torch.no_grad():
                 accuracy = float((output.logits_per_image.argmax(1) == torch.arange(len(indices), device=device))
@@ -203,11 +208,7 @@ def train_vae(data: WorldData, *, steps: int, batch_size: int, device: torch.dev
         reconstruction = vae.decode(posterior.sample()).sample
         mse = F.mse_loss(reconstruction, pixels)
         loss = mse + 0.5 * F.l1_loss(reconstruction, pixels) + 1e-6 * posterior.kl().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
+        _step(loss, optimizer, scheduler, vae.parameters())
         if _log_every(step, steps):
             psnr = 10 * math.log10(4.0 / max(mse.item(), 1e-12))
             log(f"vae   step {step + 1}/{steps}  loss {loss.item():.4f}  PSNR {psnr:.1f} dB  "
@@ -232,11 +233,7 @@ def finetune_decoder(vae: Any, data: WorldData, latents: torch.Tensor, *, steps:
         reconstruction = vae.decode(latents[indices].to(device)).sample
         mse = F.mse_loss(reconstruction, pixels)
         loss = mse + 0.5 * F.l1_loss(reconstruction, pixels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        scheduler.step()
+        _step(loss, optimizer, scheduler, parameters)
         if _log_every(step, steps):
             psnr = 10 * math.log10(4.0 / max(mse.item(), 1e-12))
             log(f"decoder step {step + 1}/{steps}  loss {loss.item():.4f}  PSNR {psnr:.1f} dB  "
@@ -291,11 +288,7 @@ def train_unet(data: WorldData, latents: torch.Tensor, text_encoder: Any, tokeni
         snr = compute_snr(noise_scheduler, timesteps)
         weights = torch.clamp(snr, max=5.0) / snr
         loss = (weights * F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
+        _step(loss, optimizer, scheduler, unet.parameters())
         ema.step(unet.parameters())
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if _log_every(step, steps):
