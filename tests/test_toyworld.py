@@ -153,8 +153,9 @@ def test_base_trainer_runs_end_to_end(small_run):
 
 
 def test_base_trainer_continues_and_finetunes_only_the_decoder(small_run, tmp_path):
-    """--continue-from with --decoder-steps keeps the encoder (so the latents the UNet learned),
-    the text encoder with --text-steps 0 and the UNet with --unet-steps 0, and changes the decoder."""
+    """--continue-from with --decoder-steps keeps the encoder (so the latents the UNet learned), the
+    text encoder (no --text-steps: a continued run keeps it) and the UNet with --unet-steps 0, and
+    changes the decoder."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
@@ -162,7 +163,7 @@ def test_base_trainer_continues_and_finetunes_only_the_decoder(small_run, tmp_pa
     from mergekit_cd.toyworld.train_base import main
 
     first, second = small_run, tmp_path / "second"
-    assert main(["-o", str(second), "--continue-from", str(first), "--text-steps", "0", "--unet-steps", "0",
+    assert main(["-o", str(second), "--continue-from", str(first), "--unet-steps", "0",
                  "--decoder-steps", "3", *SMALL]) == 0
     encoders = [CLIPTextModel.from_pretrained(folder / "base" / "text_encoder").state_dict()
                 for folder in (first, second)]
@@ -244,3 +245,30 @@ def test_text_supervision_separates_the_class_words_it_is_trained_on():
     first, last = (float(line.split("loss ")[1].split()[0]) for line in (losses[0], losses[-1]))
     assert last < 0.7 * first, losses
     assert after > 1.4 * before, (before, after)
+
+
+def test_attribute_loss_uses_every_target():
+    """Each target of the labels counts in the loss: ignoring one (the class words' classes, their
+    phrases' colours and patterns, the colour and pattern words, the sets and the background after
+    the caption) changes it, so none of the supervision can silently drop out."""
+    import dataclasses
+
+    import torch
+
+    from mergekit_cd.toyworld.text_supervision import _IGNORE, AttributeHeads, attribute_loss, row_labels
+
+    tokenizer = build_tokenizer()
+    captions = world_captions(16, 0)
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                    return_tensors="pt").input_ids
+    labels = row_labels(tokenizer, ids)
+    torch.manual_seed(0)
+    heads, rows = AttributeHeads(32), torch.randn(len(captions), ids.shape[1], 32)
+    full = attribute_loss(heads, rows, labels)
+    for name in ("cls", "phrase_colour", "phrase_pattern", "colour", "pattern"):
+        assert (getattr(labels, name) != _IGNORE).any(), name
+        ignored = dataclasses.replace(labels, **{name: torch.full_like(getattr(labels, name), _IGNORE)})
+        assert not torch.isclose(attribute_loss(heads, rows, ignored), full), name
+    for name in ("class_set", "colour_set", "pattern_set", "background"):
+        changed = dataclasses.replace(labels, **{name: torch.roll(getattr(labels, name), 1, dims=0)})
+        assert not torch.isclose(attribute_loss(heads, rows, changed), full), name

@@ -124,13 +124,13 @@ def write_card(accuracy: dict[str, float], detector_accuracy: dict[str, float], 
                         f"on the frozen encoder's latents (as SD's ft-MSE decoder: the UNet's latent space unchanged)"
                         if decoder else "")
         text = run["steps"].get("text", 0)
-        text_text = (f"fine-tuned {text} steps at batch {run['batch_sizes']['text']} on the attributes its captions "
-                     f"name (`mergekit_cd.toyworld.text_supervision`: each class word's row names its class and its "
-                     f"phrase's colour and pattern, the rows after the caption name everything in it) and then "
-                     f"frozen" if text else "then frozen")
+        supervision = (f"{text} steps at batch {run['batch_sizes'].get('text')} on the attributes its captions name "
+                       f"(`mergekit_cd.toyworld.text_supervision`: each class word's row names its class and its "
+                       f"phrase's colour and pattern, the rows after the caption name everything in it)")
+        tower = f"fine-tuned {supervision} and then frozen" if text else "then frozen"
         if run.get("continues"):
-            text_step = (f"the pipeline's text encoder of run {number - 1} {text_text.removesuffix(' and then frozen')}"
-                         f" further, then " if text else "")
+            text_step = (f"the pipeline's text encoder of run {number - 1} fine-tuned {supervision}, then "
+                         if text else "")
             lines.append(f"{number}. `{run['command']}`: {text_step}the UNet {run['steps']['unet']} steps further at "
                          f"batch {run['batch_sizes']['unet']}, on {'that text encoder and ' if text else ''}the "
                          f"frozen {'' if text else 'CLIP pair and '}autoencoder of run {number - 1}{decoder_text} "
@@ -139,7 +139,7 @@ def write_card(accuracy: dict[str, float], detector_accuracy: dict[str, float], 
             lines.append(
                 f"{number}. `{run['command']}` ({run['scenes']} scenes x 3 captions, seed {run['seed']}, "
                 f"{minutes:.0f} min): the CLIP-style pair contrastively (symmetric InfoNCE), "
-                f"{run['steps']['clip']} steps at batch {run['batch_sizes']['clip']}, its text tower {text_text} as "
+                f"{run['steps']['clip']} steps at batch {run['batch_sizes']['clip']}, its text tower {tower} as "
                 f"the pipeline's `text_encoder`; the AutoencoderKL (reconstruction + 1e-6 KL), {run['steps']['vae']} "
                 f"steps at batch {run['batch_sizes']['vae']}; the UNet (epsilon prediction, min-SNR-5 weights, 10% "
                 f"caption dropout for classifier-free guidance, EMA 0.999), {run['steps']['unet']} steps at batch "

@@ -27,8 +27,6 @@ import torch.nn.functional as F
 
 from .scenes import BACKGROUNDS, CLASSES, COLOURS, PATTERNS
 
-#: Pattern words a caption may hold ("solid" is named sometimes; other patterns most times).
-PATTERN_WORDS: tuple[str, ...] = PATTERNS
 #: Cosine-classifier logit scale: a margin of cosine 0.3 is worth a logit gap of 4.5.
 LOGIT_SCALE = 15.0
 _IGNORE = -100
@@ -72,7 +70,7 @@ def row_labels(tokenizer: Any, ids: torch.Tensor) -> RowLabels:
             if word in COLOURS:
                 colour[row, position] = phrase_c = colours.index(word)
                 colour_set[row, phrase_c] = 1
-            elif word in PATTERN_WORDS:
+            elif word in PATTERNS:
                 pattern[row, position] = phrase_p = PATTERNS.index(word)
                 pattern_set[row, phrase_p] = 1
             elif word in CLASSES:
@@ -101,6 +99,7 @@ class AttributeHeads(torch.nn.Module):
                                                for name, size in self.SIZES.items()})
 
     def logits(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        """Head ``name``'s logits of ``rows``: scaled cosines to its class directions."""
         return LOGIT_SCALE * F.normalize(rows, dim=-1) @ F.normalize(self.weights[name], dim=-1).T
 
 

@@ -327,8 +327,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("-o", "--output", type=Path, required=True, help="folder for base/ and clip/")
     parser.add_argument("--scenes", type=int, default=30000, help="training scenes (default: %(default)s)")
     parser.add_argument("--clip-steps", type=int, default=600)
-    parser.add_argument("--text-steps", type=int, default=400,
-                        help="attribute-supervised steps of the pipeline's text encoder (default: %(default)s)")
+    parser.add_argument("--text-steps", type=int, default=None,
+                        help="attribute-supervised steps of the pipeline's text encoder (default: 400 from scratch, "
+                             "0 with --continue-from)")
     parser.add_argument("--text-batch-size", type=int, default=128)
     parser.add_argument("--vae-steps", type=int, default=700)
     parser.add_argument("--unet-steps", type=int, default=3000)
@@ -347,7 +348,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="an earlier run's output: keep its CLIP pair and autoencoder, fine-tune its "
                              "pipeline's text encoder --text-steps further, train its UNet --unet-steps further "
                              "(with seed --seed + 1: a fresh data order and noise), then its decoder --decoder-steps")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.text_steps is None:  # a continued run keeps its text encoder unless asked
+        args.text_steps = 0 if args.continue_from else 400
+    return args
 
 
 def _snapshots(args: argparse.Namespace, log: Any) -> dict[str, Any]:
@@ -454,7 +458,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = "python -m mergekit_cd.toyworld.train_base " + " ".join(sys.argv[1:] if argv is None else argv)
     earlier = json.loads((args.continue_from / "training.json").read_text()) if args.continue_from else None
     record = {"command": command, "continues": earlier,
-              "scenes": args.scenes, "steps": {"clip": args.clip_steps, "text": args.text_steps, "vae": args.vae_steps,
+              "scenes": args.scenes, "steps": {"clip": 0 if args.continue_from else args.clip_steps,
+                                               "text": args.text_steps,
+                                               "vae": 0 if args.continue_from else args.vae_steps,
                                                "unet": args.unet_steps, "decoder": args.decoder_steps},
               "batch_sizes": {"clip": args.clip_batch_size, "text": args.text_batch_size, "vae": args.vae_batch_size,
                               "unet": args.unet_batch_size},
