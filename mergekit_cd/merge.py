@@ -32,8 +32,8 @@ from .loading import EmbeddingFile, PathLike, as_base, save
 from .merge_options import MergeOptions
 from .merge_plan import MergePlan, dependence_rtol, plan_merge, summarize_plan
 from .merge_report import ConceptReport, MergeReport, ReportSums, StatisticsSize
-from .merge_statistics import (StatisticsRecorder, StoredConcepts, drop_concepts, fresh_regulariser,
-                               stored_concepts)
+from .merge_statistics import (StatisticsRecorder, StoredConcepts, captions_sha256, drop_concepts,
+                               fresh_regulariser, stored_concepts)
 from .version import __version__
 
 __all__ = ["FileMerge", "MergeOptions", "MergePlan", "MergeReport", "ConceptReport", "execute", "merge",
@@ -381,7 +381,7 @@ def _release_memory(device: torch.device) -> None:
 
 def _recipe(plan: MergePlan, options: MergeOptions, total_ridge: float, layer_digests: list[dict[str, bytes]]) -> dict:
     """Provenance: enough to tell how the merged file was made, and from what."""
-    captions = "\n".join(plan.reg_captions).encode()
+    recorded = options.to_recipe(len(plan.concepts))
     return {
         "tool": f"mergekit-cd {__version__}",
         "method": options.method,
@@ -390,11 +390,11 @@ def _recipe(plan: MergePlan, options: MergeOptions, total_ridge: float, layer_di
         "concepts": [{"token": c.token, "class_word": c.class_word, "prompts": list(c.prompts)}
                      for c in plan.concepts],
         "token_renames": [{"input": r.operand, "old": r.old, "new": r.new} for r in plan.token_renames],
-        "reg_captions": {"count": len(plan.reg_captions), "sha256": hashlib.sha256(captions).hexdigest()},
+        "reg_captions": {"count": len(plan.reg_captions), "sha256": captions_sha256(plan.reg_captions)},
         "feature_rule": options.row_rule.name,
         "ridge": total_ridge,  # the ridge the solve used: options' ridge plus the relative one, made absolute
-        "options": options.to_recipe(len(plan.concepts)),
-        **{key: value for key, value in options.to_recipe(len(plan.concepts)).items() if key in ("mu", "weights")},
+        "options": recorded,
+        **{key: value for key, value in recorded.items() if key in ("mu", "weights")},
     }
 
 

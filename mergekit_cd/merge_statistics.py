@@ -245,9 +245,14 @@ def _check_regulariser(statistics: MergeStatistics, plan: MergePlan, rule: str, 
 _NOT_RECORDED = ("weights", "other_layers")
 
 
+def _recorded_options(options: MergeOptions, count: int) -> dict[str, Any]:
+    """The options of a merge of ``count`` concepts that its statistics record (see :data:`_NOT_RECORDED`)."""
+    return {key: value for key, value in options.to_recipe(count).items() if key not in _NOT_RECORDED}
+
+
 def _check_options(statistics: MergeStatistics, options: MergeOptions, count: int, source: str) -> None:
     """The options that decide the weights are the ones the statistics were solved with."""
-    given = {key: value for key, value in options.to_recipe(count).items() if key not in _NOT_RECORDED}
+    given = _recorded_options(options, count)
     recorded = statistics.options
     differ = [key for key in sorted(set(given) | set(recorded)) if given.get(key) != recorded.get(key)]
     if not differ:
@@ -327,9 +332,7 @@ class StatisticsRecorder:
                                                self.context_changes[i] if contexts else None)
                         for i, (concept, stored, C, weight) in enumerate(zip(plan.concepts, self.stored,
                                                                                   features, weights)))
-        recorded = {key: value for key, value in options.to_recipe(len(plan.concepts)).items()
-                    if key not in _NOT_RECORDED}
-        return MergeStatistics(regulariser, recorded, records)
+        return MergeStatistics(regulariser, _recorded_options(options, len(plan.concepts)), records)
 
 
 def _split(change: Tensor, keys: int) -> LayerChanges:
