@@ -10,6 +10,7 @@ images show. ``benchmarks/bench_quality.py`` and ``make demo`` drive it.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -97,14 +98,19 @@ def train_options(options: BenchmarkOptions) -> dict[str, Any]:
                 progress=False, force=True)
 
 
-def trained_folder(options: BenchmarkOptions, kind: str, name: str) -> Path:
-    """Where a trained delta is kept for reuse: named by the base's K/V and text-encoder
-    fingerprints too, so a retrained base never reuses concepts learned on the one before."""
+@functools.cache
+def _base_key() -> str:
+    """The shipped base's K/V and text-encoder fingerprints, short (hashed once per process)."""
     from ..base import open_base
 
     base = open_base(BASE)
-    return options.work / kind / f"{base.fingerprint[:10]}-{base.text_fingerprint[:10]}" / \
-        f"{name}-{options.train_steps}"
+    return f"{base.fingerprint[:10]}-{base.text_fingerprint[:10]}"
+
+
+def trained_folder(options: BenchmarkOptions, kind: str, name: str) -> Path:
+    """Where a trained delta is kept for reuse: named by the base's fingerprints too, so a
+    retrained base never reuses concepts learned on the one before."""
+    return options.work / kind / _base_key() / f"{name}-{options.train_steps}"
 
 
 def train_single(item: Concept, options: BenchmarkOptions) -> Path:
@@ -240,13 +246,15 @@ def run(options: BenchmarkOptions, *, log: Callable[[str], None] = print) -> lis
 def fidelity_rows(singles: Sequence[Path], joint: Path, items: Sequence[Concept],
                   options: BenchmarkOptions) -> dict[str, dict[str, float]]:
     """cd-eval's mean fidelity, preservation and max residual of every method and of joint training
-    (one cd-eval run per row rule, since ``--rows`` applies to every merge it runs)."""
+    (one cd-eval run per row rule, since ``--rows`` applies to every merge it runs; joint training
+    in the first)."""
     from ..evaluation import evaluate
 
     reg, held = captions(options)
     rows = {}
-    for rule, labels in compare_items(options.methods).items():
-        report = evaluate(list(singles), base=BASE, merged=[joint], compare=list(labels.values()), rows=rule,
+    for run, (rule, labels) in enumerate(compare_items(options.methods).items()):
+        report = evaluate(list(singles), base=BASE, merged=[joint] if run == 0 else None,
+                          compare=list(labels.values()), rows=rule,
                           instance_dirs=[concept_images_path(i.name) for i in items], reg_captions=reg,
                           held_out=held, cache_dir=options.work / "cache", seed=options.seed)
         ours = {cd_eval_label(item): label for label, item in labels.items()}
