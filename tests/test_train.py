@@ -582,6 +582,7 @@ CAT = ["--instance-dir", "{cat}", "--class-word", "cat"]
     (lambda tmp, mp: CAT + ["--prior-loss-weight=-1"], r"--prior-loss-weight must be a finite number, zero "
                                                            r"or more; got -1\.0\."),
     (lambda tmp, mp: CAT + ["--prior-loss-weight", "nan"], r"--prior-loss-weight must be a finite number"),
+    (lambda tmp, mp: CAT + ["--snr-gamma", "0"], r"--snr-gamma must be a finite number, positive; got 0\.0\."),
     (lambda tmp, mp: concepts_file(tmp, {"instance_dir": "cat", "class_word": "cat"}),
      r"\S+concepts\.json must hold a non-empty JSON list of concept objects"),
     (lambda tmp, mp: concepts_file(tmp, ["cat"]), r"\S+concepts\.json must be a non-empty list of concepts"),
@@ -602,7 +603,7 @@ CAT = ["--instance-dir", "{cat}", "--class-word", "cat"]
                                                   rf"no such GPU).*; this machine has cpu"),
     (lambda tmp, mp: CAT + ["--device", "meta"], r"--device meta: this command runs on cpu or cuda\[:N\], not meta"),
 ], ids=["missing folder", "decompression bomb", "lr nan", "lr inf", "lr negative", "prior weight negative",
-        "prior weight nan", "concepts not a list", "concept not an object", "concept unknown field",
+        "prior weight nan", "snr gamma zero", "concepts not a list", "concept not an object", "concept unknown field",
         "concept wrong type", "concept folder wrong type", "concept missing field", "concepts and --token",
         "seed too large to validate", "cuda missing", "device meta"])
 def test_command_line_errors_are_one_line(tiny_pipeline_path, images, fast, tmp_path, capsys, monkeypatch,
@@ -740,6 +741,32 @@ def test_config_defaults_are_the_papers():
         (1e-2, 1.0, 200, ("k", "v"))
     joint = replace(config, concepts=(ConceptSpec(Path("x"), "cat"), ConceptSpec(Path("y"), "pot", "<new2>")))
     assert joint.total_steps == 500 and joint.init_token(1) == "pll"
+    assert config.snr_gamma is None and config.recipe()["snr_gamma"] is None
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weights_are_diffusers_formula(prediction_type):
+    """--snr-gamma weighs a timestep by min(SNR, gamma) / SNR (/ (SNR + 1) for v-prediction), as
+    diffusers' training scripts do; without it every timestep weighs 1."""
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              prediction_type=prediction_type)
+    timesteps = torch.tensor([0, 10, 100, 500, 999])
+    alpha_bar = scheduler.alphas_cumprod[timesteps].double()
+    snr = alpha_bar / (1 - alpha_bar)
+    expected = torch.clamp(snr, max=5.0) / (snr + 1 if prediction_type == "v_prediction" else snr)
+    got = train_step.timestep_weights(scheduler, timesteps, 5.0)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=0)
+    assert got[0] < 0.01 < got[-1]  # the nearly clean timestep weighs least
+    assert torch.equal(train_step.timestep_weights(scheduler, timesteps, None), torch.ones(5))
+
+
+@pytest.mark.slow
+def test_min_snr_run_trains_and_records_its_gamma(tiny_pipeline_path, images, fast, tmp_path):
+    result = train(str(tiny_pipeline_path("sd1")), images["cat"], "cat", tmp_path / "cat", **fast, snr_gamma=5.0)
+    assert len(result.losses) == fast["steps"] and all(np.isfinite(result.losses))
+    assert load(tmp_path / "cat" / "delta.safetensors").metadata["recipe"]["snr_gamma"] == 5.0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

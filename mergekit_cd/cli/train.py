@@ -107,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--no-aug", dest="augment", action="store_false",
                         help="no resize augmentation (and no loss mask)")
     recipe.add_argument("--hflip", action="store_true", help="also flip instance images at random")
+    recipe.add_argument("--snr-gamma", type=float, metavar="GAMMA",
+                        help="weigh each timestep's loss by min(SNR, GAMMA) / SNR (min-SNR, Hang et al. 2023; 5 "
+                             "is usual, diffusers' --snr_gamma): the nearly clean timesteps, whose noise is "
+                             "hard to guess, stop dominating the gradient; default off, as in the paper")
     recipe.add_argument("--seed", type=seed_type, default=0, help="seed of data order, augmentation and noise (default 0)")
 
     runtime = parser.add_argument_group("hardware and run control")
@@ -141,7 +145,7 @@ def main_with_args(args: argparse.Namespace) -> int:
     options = dict(
         steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, scale_lr=args.scale_lr,
         resolution=args.resolution, train=tuple(args.train.split(",")), augment=args.augment, hflip=args.hflip,
-        prior=args.prior, prior_loss_weight=args.prior_loss_weight, num_class_images=args.num_class_images,
+        prior=args.prior, prior_loss_weight=args.prior_loss_weight, snr_gamma=args.snr_gamma, num_class_images=args.num_class_images,
         class_sampling_steps=args.class_sampling_steps, class_cache_dir=args.class_cache_dir,
         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
         seed=args.seed, resume=args.resume, checkpoint_every=args.checkpoint_every,

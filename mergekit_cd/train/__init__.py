@@ -46,7 +46,7 @@ def train(base: PathLike, instance_dir: PathLike | None = None, class_word: str 
     concepts), ``batch_size`` (8), ``learning_rate`` (1e-5), ``scale_lr`` (True: times batch
     size and processes), ``resolution`` (the model's own), ``train`` (("k", "v"); add "q",
     "out"), ``augment`` (True), ``hflip`` (False), ``prior`` (True), ``prior_loss_weight`` (1),
-    ``num_class_images`` (200), ``class_sampling_steps`` (50), ``class_guidance_scale`` (6),
+    ``snr_gamma`` (None: every timestep weighs the same; 5: min-SNR weights), ``num_class_images`` (200), ``class_sampling_steps`` (50), ``class_guidance_scale`` (6),
     ``class_cache_dir``, ``mixed_precision`` ("no", "fp16", "bf16"), ``gradient_checkpointing``,
     ``seed`` (0), ``resume`` (a checkpoint folder, a run's output folder or "latest"),
     ``checkpoint_every`` (50), ``keep_checkpoints`` (1), ``validation_prompts``,

@@ -88,6 +88,7 @@ class TrainingConfig:
     hflip: bool = False
     prior: bool = True
     prior_loss_weight: float = 1.0
+    snr_gamma: float | None = None
     num_class_images: int = 200
     class_sampling_steps: int = 50
     class_guidance_scale: float = 6.0
@@ -131,7 +132,7 @@ class TrainingConfig:
             "scale_lr": self.scale_lr, "resolution": self.resolution, "train": list(self.train),
             "augment": self.augment, "hflip": self.hflip, "prior": self.prior,
             "prior_loss_weight": self.prior_loss_weight if self.prior else None,
-            "mixed_precision": self.mixed_precision, "seed": self.seed,
+            "snr_gamma": self.snr_gamma, "mixed_precision": self.mixed_precision, "seed": self.seed,
             "optimizer": {"name": "AdamW", "weight_decay": self.weight_decay, "betas": list(self.adam_betas),
                           "eps": self.adam_epsilon},
             "max_grad_norm": self.max_grad_norm,
@@ -174,6 +175,7 @@ def resume_fields(config: TrainingConfig, *, resolution: int, mixed_precision: s
         "--batch-size": config.batch_size, "--lr": config.learning_rate, "--scale-lr": config.scale_lr,
         "number of processes": processes, "--resolution": resolution, "--train": ",".join(config.train),
         "augmentation (--no-aug)": config.augment, "--hflip": config.hflip, "--seed": config.seed,
+        "--snr-gamma": config.snr_gamma,
         "--mixed-precision": mixed_precision, "prior preservation (--no-prior)": config.prior,
         "weight_decay": config.weight_decay, "adam_betas": list(config.adam_betas),
         "adam_epsilon": config.adam_epsilon, "max_grad_norm": config.max_grad_norm})
@@ -232,7 +234,9 @@ def check_config(config: TrainingConfig) -> TrainingConfig:
                                  ("weight_decay", config.weight_decay, "zero or more"),
                                  ("max_grad_norm", config.max_grad_norm, "zero or more (0: no clipping)"),
                                  ("adam_epsilon", config.adam_epsilon, "positive"),
-                                 ("class_guidance_scale", config.class_guidance_scale, "zero or more")):
+                                 ("class_guidance_scale", config.class_guidance_scale, "zero or more"),
+                                 *((("--snr-gamma", config.snr_gamma, "positive"),) if config.snr_gamma is not None
+                                   else ())):
         finite = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         if not finite or not (value > 0 if least == "positive" else value >= 0):
             raise MergeError(f"{option} must be a finite number, {least}; got {value!r}.")

@@ -8,7 +8,7 @@ models' dropout rates are 0; a test checks).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -90,11 +90,26 @@ def loss_terms(state: TrainingState, step: int) -> tuple[Tensor, Tensor | None]:
         target = noise
     count = config.batch_size
     mask = batch.masks.to(device)
+    weights = timestep_weights(scheduler, timesteps, config.snr_gamma)
     # As both public scripts compute it: summed over channels, averaged over the pixels in the mask.
     instance_error = F.mse_loss(prediction[:count], target[:count], reduction="none")
-    instance = ((instance_error * mask).sum((1, 2, 3)) / mask.sum((1, 2, 3)).clamp(min=1.0)).mean()
-    prior = F.mse_loss(prediction[count:], target[count:]) if state.prior is not None else None
+    instance = (weights[:count] * (instance_error * mask).sum((1, 2, 3)) / mask.sum((1, 2, 3)).clamp(min=1.0)).mean()
+    prior = None
+    if state.prior is not None:
+        prior = (weights[count:] * F.mse_loss(prediction[count:], target[count:], reduction="none").mean((1, 2, 3))).mean()
     return instance, prior
+
+
+def timestep_weights(scheduler: Any, timesteps: Tensor, snr_gamma: float | None) -> Tensor:
+    """Each sample's loss weight: 1, or min-SNR's ``min(SNR, gamma) / SNR`` (``/ (SNR + 1)`` for
+    v-prediction), as diffusers' ``--snr_gamma`` weighs it."""
+    if snr_gamma is None:
+        return torch.ones(timesteps.shape, device=timesteps.device)
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(scheduler, timesteps)
+    denominator = snr + 1 if scheduler.config.prediction_type == "v_prediction" else snr
+    return torch.clamp(snr, max=snr_gamma) / denominator
 
 
 def _class_half(state: TrainingState, step: int) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
