@@ -500,13 +500,14 @@ def counted_reads(path, monkeypatch) -> torch.Tensor:
     return counts
 
 
-def test_a_merge_reads_every_byte_of_its_inputs_once(base, tmp_path, monkeypatch):
+def test_a_merge_reads_every_tensor_byte_of_its_inputs_once(base, tmp_path, monkeypatch):
     """Three inputs as their tools write them: a native .safetensors, diffusers' --no_safe_serialization
     folder (grad-requiring weights, a token .bin viewing the whole embedding table) and the authors'
     delta.bin. Planning and merging them (validation, the solve and the recipe's content hash) parse
-    each file once and read each of its bytes once: every byte a safetensors file is read for, and
-    every byte of every pickled tensor. Before, every layer was read twice: validated when planned,
-    read again when merged."""
+    each file once (one safe_open, one torch.load) and read each tensor byte once: every byte of the
+    safetensors file (its header too) through mergekit-cd's own reads, every byte of every pickled
+    tensor through its mapping. Before, every layer was read twice: validated when planned, read
+    again when merged."""
     import safetensors
 
     from mergekit_cd import fileio

@@ -67,8 +67,8 @@ _VALUES_ON_READ: ContextVar[bool] = ContextVar("mergekit_cd_values_on_read", def
 def values_checked_on_read() -> Iterator[None]:
     """Within, a reader whose layers are read back one at a time checks their structure now (keys,
     shapes, dtypes: from a safetensors header or a pickle's records, no tensor data read) and their
-    values (finiteness) as each layer is read: a merge reads every byte of its inputs once, its
-    validation, its solve and its recipe hash sharing that read. A non-finite value is then one
+    values (finiteness) as each layer is read: a merge reads every byte of its inputs' tensors
+    once, its validation, its solve and its recipe hash sharing that read. A non-finite value is then one
     MergeError naming the file and key while the merge runs, before anything is written.
     Everything a reader keeps (tokens, a merge's statistics but their per-layer changes, the
     layers of a file read whole) is checked now, as outside the scope."""
