@@ -104,6 +104,11 @@ class LazyLayers(Mapping[str, Layer], Generic[Layer]):
             raise KeyError(name)
         return self._loader(name)
 
+    def __contains__(self, name: object) -> bool:
+        """From the names alone (``Mapping``'s own reads the layer: comparing two deltas' layer
+        names read every layer of one)."""
+        return name in self._shapes
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._shapes)
 

@@ -450,11 +450,12 @@ def load_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], d
         return {key: read_tensor(file, key, path) for key in file.keys()}, file.metadata()
 
 
-def read_tensor(handle: SafetensorsFile, key: str, source: str | os.PathLike[str]) -> Tensor:
+def read_tensor(handle: SafetensorsFile, key: str, source: str | os.PathLike[str], *, data: bool = True) -> Tensor:
     """One tensor of an open safetensors file, its declared size checked (from the header) before
-    anything is read: at most :data:`~mergekit_cd.limits.MAX_TENSOR_ELEMENTS` values."""
+    anything is read: at most :data:`~mergekit_cd.limits.MAX_TENSOR_ELEMENTS` values. ``data=False``:
+    its stand-in from the header (:meth:`SafetensorsFile.stand_in`), nothing read."""
     check_tensor_size(handle.shape(key), key, source)
-    return handle.read(key)
+    return handle.read(key) if data else handle.stand_in(key)
 
 
 #: safetensors' dtype names, as torch holds them.
@@ -498,15 +499,24 @@ class SafetensorsFile:
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._entries[key]["shape"])
 
+    def dtype(self, key: str) -> torch.dtype:
+        """The dtype the header declares for ``key``; one no delta holds is refused."""
+        dtype = _SAFETENSORS_DTYPES.get(self._entries[key]["dtype"])
+        if dtype is None:
+            raise MergeError(f"{self.path}: {key} has dtype {self._entries[key]['dtype']}, which no delta holds.")
+        return dtype
+
+    def stand_in(self, key: str) -> Tensor:
+        """The tensor ``key`` without its data (its shape and dtype on the meta device), from the
+        header alone: what a check of its structure looks at when its values are read later."""
+        return torch.empty(self.shape(key), dtype=self.dtype(key), device="meta")
+
     def read(self, key: str) -> Tensor:
         """The tensor ``key``, read from the file, which must be the one validated: a file moved,
         replaced or rewritten since is refused (:func:`check_unchanged`)."""
         check_unchanged(self.path, self.identity)
         entry = self._entries[key]
-        dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
-        if dtype is None:
-            raise MergeError(f"{self.path}: {key} has dtype {entry['dtype']}, which no delta holds.")
-        tensor = torch.empty(self.shape(key), dtype=dtype)
+        tensor = torch.empty(self.shape(key), dtype=self.dtype(key))
         start, end = entry["data_offsets"]
         buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
         try:

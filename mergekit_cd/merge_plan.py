@@ -17,6 +17,7 @@ from .delta import Concept, ConceptDelta, LazyLayers, LowRank, TokenRename, merg
 from .errors import MergeError
 from .features import DEFAULT_ROWS, ROW_RULES, RowRule, TextFeatures
 from .fileio import parse_once
+from .formats import values_checked_on_read
 from .limits import MAX_MERGE_PROMPTS, MAX_PROMPTS, check_limit
 from .loading import EmbeddingFile, PathLike, as_base, load_source, resolve_delta
 from .prompts import target_prompts
@@ -113,6 +114,11 @@ def plan_merge(deltas: Sequence[PathLike | ConceptDelta], reg_captions: Sequence
                other_layers: str = "refuse", embeddings: Sequence[Sequence[EmbeddingFile]] | None = None) -> MergePlan:
     """Load and validate the inputs, name their tokens, attach class words and target prompts.
 
+    The inputs' layers are checked from their headers here (layers, shapes, dtypes) and their
+    values (finiteness) when :func:`~mergekit_cd.merge.execute` reads them, once
+    (:func:`~mergekit_cd.formats.values_checked_on_read`): a NaN is refused while merging, before
+    anything is written, and ``--dry-run`` does not look for one.
+
     ``other_layers`` and ``embeddings`` (per input, the token embedding files paired with it)
     are :func:`~mergekit_cd.loading.load`'s, for every input.
 
@@ -129,7 +135,9 @@ def plan_merge(deltas: Sequence[PathLike | ConceptDelta], reg_captions: Sequence
     base = as_base(base)
     sources = tuple(d if isinstance(d, str) else str(d) if not isinstance(d, ConceptDelta)
                     else d.metadata.get("source", f"input {i + 1}") for i, d in enumerate(deltas))
-    with parse_once():  # each input file is parsed once: resolving, detecting, reading, comparing
+    # each input file is parsed once (resolving, detecting, reading, comparing) and its layers' bytes read
+    # once, when the merge uses them: their values are checked then, their structure now
+    with parse_once(), values_checked_on_read():
         paths = [None if isinstance(d, ConceptDelta) else resolve_delta(d) for d in deltas]
         _refuse_repeated_files(paths, sources)
         if embeddings is not None and len(embeddings) != len(deltas):

@@ -303,8 +303,9 @@ def drop_concepts(plan: MergePlan, tokens: Sequence[str], options: MergeOptions)
 
 class StatisticsRecorder:
     """Collects, layer by layer, the changes ``D_i C_i^T`` (and ``D_i P_i^T`` of a ``context_rows``
-    method) of the concepts a merge read from their own files, and makes the result's
-    :class:`MergeStatistics` (stored concepts keep their records)."""
+    method) of every concept of a merge: computed from its own file, or read from the statistics
+    that store it, as the merge read them (a stored concept keeps the rest of its record): the
+    result's :class:`MergeStatistics` reads no input again to be reported on or written."""
 
     def __init__(self, stored: Sequence[ConceptStatistics | None]) -> None:
         self.stored = list(stored)
@@ -315,10 +316,9 @@ class StatisticsRecorder:
         """One layer's ``own[i] = D_i C_i^T`` and ``own_context[i] = D_i P_i^T`` (K rows then V rows,
         float64; ``own_context`` empty for a method without context rows) of every concept."""
         for i, change in enumerate(own):
-            if self.stored[i] is None:
-                self.changes[i][layer] = _split(change, keys)
-                if own_context:
-                    self.context_changes[i][layer] = _split(own_context[i], keys)
+            self.changes[i][layer] = _split(change, keys)
+            if own_context:
+                self.context_changes[i][layer] = _split(own_context[i], keys)
 
     def statistics(self, plan: MergePlan, options: MergeOptions, features: Sequence[Tensor],
                    contexts: Sequence[Tensor], regulariser: Regulariser) -> MergeStatistics:
@@ -326,7 +326,9 @@ class StatisticsRecorder:
         for a ``context_rows`` method, ``contexts``; else none)."""
         weights = options.concept_weights(plan.concept_labels) if options.spec.concept_weights \
             else [None] * len(plan.concepts)
-        records = tuple(replace(stored, weight=weight) if stored is not None
+        records = tuple(replace(stored, weight=weight, changes=self.changes[i],
+                                context_changes=self.context_changes[i] if contexts else stored.context_changes)
+                        if stored is not None
                         else ConceptStatistics(concept, C.cpu(), self.changes[i], weight,
                                                contexts[i].cpu() if contexts else None,
                                                self.context_changes[i] if contexts else None)

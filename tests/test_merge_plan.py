@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -402,3 +403,202 @@ def test_each_input_is_parsed_once_to_plan_and_each_layer_read_once_to_merge(bas
     # what was parsed to plan serves every layer read: no file is opened again
     assert {name: opened.get(str(name), 0) for name in files} == {name: 0 for name in files}
     assert layers > 1
+
+
+class FileTensor(torch.Tensor):
+    """A tensor of a memory-mapped pickle that counts the bytes of it that are read, into ``reads``
+    under the name of the file entry it was loaded as (views of it count under that name too): an
+    operation reads every byte of the views it is given when it returns a tensor of other memory (a
+    sum, a copy, a comparison) or data as Python values; shapes, dtypes, storages and views read
+    nothing."""
+
+    entry: str
+    reads: dict[str, int]
+    _VALUES = {"item", "tolist", "numpy", "equal", "allclose", "__bool__", "__float__", "__int__", "__index__"}
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        from torch.utils._pytree import tree_flatten, tree_map
+
+        with torch._C.DisableTorchFunctionSubclass():
+            result = func(*args, **(kwargs or {}))
+            mapped = [value for value in tree_flatten((args, kwargs))[0] if isinstance(value, FileTensor)]
+
+            def viewed(tensor: torch.Tensor) -> FileTensor | None:
+                """The mapped input whose memory ``tensor`` is, if any."""
+                pointer = tensor.untyped_storage().data_ptr()
+                return next((value for value in mapped if value.untyped_storage().data_ptr() == pointer), None)
+
+            outputs = [value for value in tree_flatten(result)[0] if isinstance(value, torch.Tensor)]
+            if any(viewed(tensor) is None for tensor in outputs) or getattr(func, "__name__", "") in cls._VALUES:
+                for value in mapped:
+                    value.reads[value.entry] = value.reads.get(value.entry, 0) + value.numel() * value.element_size()
+            return tree_map(lambda value: file_tensor(value, viewed(value).entry, viewed(value).reads)
+                            if isinstance(value, torch.Tensor) and viewed(value) is not None else value, result)
+
+
+def file_tensor(tensor: torch.Tensor, entry: str, reads: dict[str, int]) -> FileTensor:
+    """``tensor`` (its memory, not a copy) as a :class:`FileTensor` counting into ``reads[entry]``."""
+    with torch._C.DisableTorchFunctionSubclass():
+        view = tensor.as_subclass(FileTensor)
+    view.entry, view.reads = entry, reads
+    return view
+
+
+def _counting(contents, name: str, reads: dict[str, int], sizes: dict[str, int]):
+    """A loaded pickle's contents, each tensor a :class:`FileTensor` named by its place in the file."""
+    if isinstance(contents, torch.Tensor):
+        sizes[name] = contents.numel() * contents.element_size()
+        return file_tensor(contents, name, reads)
+    if isinstance(contents, dict):
+        return {key: _counting(value, f"{name}[{key!r}]", reads, sizes) for key, value in contents.items()}
+    if isinstance(contents, (list, tuple)):
+        return type(contents)(_counting(value, f"{name}[{index}]", reads, sizes)
+                              for index, value in enumerate(contents))
+    return contents
+
+
+def counted_reads(path, monkeypatch) -> torch.Tensor:
+    """How many times each byte of the file ``path`` is read through mergekit-cd's file reads
+    (``fileio``'s ``open``: a safetensors file's header and tensors), counted from now on."""
+    import builtins
+
+    from mergekit_cd import fileio
+
+    counts = torch.zeros(Path(path).stat().st_size, dtype=torch.int32)
+
+    class CountedFile:
+        def __init__(self, file):
+            self.file = file
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def seek(self, *args):
+            return self.file.seek(*args)
+
+        def read(self, size=-1):
+            start = self.file.tell()
+            data = self.file.read(size)
+            counts[start:start + len(data)] += 1
+            return data
+
+        def readinto(self, buffer):
+            start = self.file.tell()
+            count = self.file.readinto(buffer)
+            counts[start:start + count] += 1
+            return count
+
+    def counted_open(file, *args, **kwargs):
+        opened = builtins.open(file, *args, **kwargs)
+        return CountedFile(opened) if str(file) == str(path) else opened
+
+    monkeypatch.setattr(fileio, "open", counted_open, raising=False)
+    return counts
+
+
+def test_a_merge_reads_every_tensor_byte_of_its_inputs_once(base, tmp_path, monkeypatch):
+    """Three inputs as their tools write them: a native .safetensors, diffusers' --no_safe_serialization
+    folder (grad-requiring weights, a token .bin viewing the whole embedding table) and the authors'
+    delta.bin. Planning and merging them (validation, the solve and the recipe's content hash) parse
+    each file once (one safe_open, one torch.load) and read each tensor byte once: every byte of the
+    safetensors file (its header too) through mergekit-cd's own reads, every byte of every pickled
+    tensor through its mapping. Before, every layer was read twice: validated when planned, read
+    again when merged."""
+    import safetensors
+
+    from mergekit_cd import fileio
+    from mergekit_cd.merge import prepare_merge_to_file
+    from mergekit_cd.testing import save_like_authors_bin, save_like_diffusers_bin
+    from mergekit_cd.weights import FineTunedWeights
+
+    # each token <new1>, as every tool names its first: the plan compares the inputs' tokens, and renames them
+    deltas = [random_concept_delta(base, "<new1>", word, seed=i) for i, word in enumerate(["cat", "dog", "pot"])]
+    native = save(deltas[0], tmp_path / "cat.safetensors")
+    folder = save_like_diffusers_bin(FineTunedWeights.from_delta(deltas[1], base.kv), tmp_path / "dog")
+    authors = save_like_authors_bin(FineTunedWeights.from_delta(deltas[2], base.kv), tmp_path / "pot" / "delta.bin")
+    pickles = [folder / "pytorch_custom_diffusion_weights.bin", folder / "<new1>.bin", authors]
+    inputs = [str(path) for path in [native, *pickles]]
+    parsed: dict[str, int] = {}
+    reads: dict[str, int] = {}
+    sizes: dict[str, int] = {}
+    real_load, real_safe_open = torch.load, safetensors.safe_open
+
+    def load(path, *args, **kwargs):
+        parsed[str(path)] = parsed.get(str(path), 0) + 1
+        contents = real_load(path, *args, **kwargs)
+        return _counting(contents, str(path), reads, sizes) if str(path) in inputs else contents
+
+    def safe_open(path, *args, **kwargs):
+        parsed[str(path)] = parsed.get(str(path), 0) + 1
+        return real_safe_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", load)
+    monkeypatch.setattr(fileio, "safe_open", safe_open)
+    read_bytes = counted_reads(native, monkeypatch)
+    job = prepare_merge_to_file([str(native), str(folder), str(authors)], tmp_path / "merged.safetensors", captions(),
+                                base=base, class_words=["cat", "dog", "pot"])
+    job.run()
+    assert (tmp_path / "merged.safetensors").is_file()
+    assert {path: parsed.get(path, 0) for path in inputs} == {path: 1 for path in inputs}
+    assert read_bytes.min() == read_bytes.max() == 1, f"native file bytes read {read_bytes.unique().tolist()} times"
+    assert len(sizes) == 2 * 2 * len(base.layer_names()) + 2  # K and V of each layer of two pickles, two tokens
+    assert reads == sizes
+
+
+def _poisoned(tensors: dict, keys: list[str]) -> str:
+    """Write NaN into the last to_v entry of ``tensors`` (keys in file order); its key."""
+    key = [key for key in keys if ".to_v" in key][-1]
+    tensors[key][0, 0] = float("nan")
+    return key
+
+
+@pytest.mark.parametrize("layout", ["native", "diffusers", "authors-bin", "compvis"])
+def test_a_non_finite_layer_is_found_while_merging_and_nothing_is_written(base, two, tmp_path, layout):
+    """Planning checks the inputs' layers from their headers and pickled records; their values are
+    checked as the merge reads them, once. A NaN in an input's last layer is then one error naming
+    the file and key, and neither the output nor a partial one is left."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from mergekit_cd.merge import prepare_merge_to_file
+
+    name = {"native": "pot.safetensors", "diffusers": "pot", "authors-bin": "pot.bin", "compvis": "pot.ckpt"}[layout]
+    path = save(two[1], tmp_path / name, base=base)
+    if layout in ("native", "diffusers"):
+        file = path / "pytorch_custom_diffusion_weights.safetensors" if layout == "diffusers" else path
+        with safe_open(str(file), "pt") as handle:
+            header, keys = handle.metadata(), list(handle.keys())
+        tensors = load_file(file)
+        key = _poisoned(tensors, keys)
+        save_file(tensors, file, metadata=header)
+    else:
+        file = path
+        contents = torch.load(file, weights_only=True)
+        stored = contents["unet" if layout == "authors-bin" else "state_dict"]
+        key = _poisoned(stored, list(stored))
+        torch.save(contents, file)
+    first = save(two[0], tmp_path / "cat.safetensors")
+    output = tmp_path / "merged.safetensors"
+    job = prepare_merge_to_file([str(first), str(path)], output, captions(), base=base)
+    with pytest.raises(MergeError) as error:
+        job.run()
+    assert str(error.value) == f"{file}: {key} holds NaN or infinite values."
+    assert sorted(entry.name for entry in tmp_path.iterdir()) == sorted(["cat.safetensors", name])
+
+
+def test_a_merge_grown_from_a_merged_file_reads_its_statistics_once(base, two, tmp_path, monkeypatch):
+    """A merged input's layers and its statistics' per-layer changes are checked as the merge reads
+    them too: every byte of the merged file is read once (its Gram matrix and features when planned)."""
+    from mergekit_cd.merge import prepare_merge_to_file
+
+    merged = tmp_path / "merged.safetensors"
+    prepare_merge_to_file([two[0]], merged, captions(), base=base).run()
+    assert load(merged).statistics is not None
+    third = save(random_concept_delta(base, "<new3>", "dog", seed=3), tmp_path / "dog.safetensors")
+    read_bytes = counted_reads(merged, monkeypatch)
+    prepare_merge_to_file([str(merged), str(third)], tmp_path / "grown.safetensors", captions(), base=base).run()
+    assert read_bytes.min() == read_bytes.max() == 1, f"merged file bytes read {read_bytes.unique().tolist()} times"

@@ -19,7 +19,7 @@ from ..fileio import check_destination, check_not_an_input, load_pickle, load_sa
 from ..metadata import from_header
 from . import authors_bin, compvis, diffusers_layout, diffusers_lora, kohya_lora, native
 from ._common import (Delta, check_token_shapes, describe_container, natural_order, read_metadata,
-                      safetensors_header)
+                      safetensors_header, values_checked_on_read)
 from ._lora import counted
 from .protocol import Format
 from .token_files import token_folder, token_folder_entries

@@ -10,6 +10,8 @@ import os
 import re
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -58,24 +60,54 @@ def natural_order(names: Any) -> list[str]:
 
 
 # ---------------------------------------------------------------- checking what was found
+_VALUES_ON_READ: ContextVar[bool] = ContextVar("mergekit_cd_values_on_read", default=False)
+
+
+@contextmanager
+def values_checked_on_read() -> Iterator[None]:
+    """Within, a reader whose layers are read back one at a time checks their structure now (keys,
+    shapes, dtypes: from a safetensors header or a pickle's records, no tensor data read) and their
+    values (finiteness) as each layer is read: a merge reads every byte of its inputs' tensors
+    once, its validation, its solve and its recipe hash sharing that read. A non-finite value is then one
+    MergeError naming the file and key while the merge runs, before anything is written.
+    Everything a reader keeps (tokens, a merge's statistics but their per-layer changes, the
+    layers of a file read whole) is checked now, as outside the scope."""
+    token = _VALUES_ON_READ.set(True)
+    try:
+        yield
+    finally:
+        _VALUES_ON_READ.reset(token)
+
+
+def checking_values_on_read() -> bool:
+    """Whether a reader starting now leaves value checks to its layer reads (:func:`values_checked_on_read`)."""
+    return _VALUES_ON_READ.get()
+
+
 def check_finite(tensor: Tensor, key: str, source: str) -> None:
     """No NaN or infinity in ``tensor``, its size bounded first: a pickled tensor is a view of a
     mapped file, so this is the first time its data is touched. A NaN or infinity makes the sum
     non-finite, and a sum reads the data without writing a mask of its size (3x faster); only a
-    non-finite sum (or one that overflowed) is looked at element by element."""
+    non-finite sum (or one that overflowed) is looked at element by element. Detached first: the
+    peers pickle their tensors requiring grad."""
     check_tensor_size(tuple(tensor.shape), key, source)
+    tensor = tensor.detach()
     if not math.isfinite(float(tensor.sum())) and not bool(torch.isfinite(tensor).all()):
         raise MergeError(f"{source}: {key} holds NaN or infinite values.")
 
 
-def check_matrix(value: Any, key: str, source: str, *, factor: bool = False) -> Tensor:
+def check_matrix(value: Any, key: str, source: str, *, factor: bool = False, values: bool = True) -> Tensor:
     """``value`` as a finite 2-D float tensor, or one MergeError naming the file and key. A weight
     or difference has rows and columns; a low-rank ``factor`` may have rank 0 (``compress`` gives
-    an all-zero difference factors of shapes (out, 0) and (0, in))."""
+    an all-zero difference factors of shapes (out, 0) and (0, in)). ``values=False``: its
+    structure only, its data not touched (finiteness is checked when it is read,
+    :func:`check_values`; ``value`` may be a stand-in)."""
     if (not isinstance(value, Tensor) or value.dim() != 2 or not value.is_floating_point()
             or not (value.numel() or factor)):
         raise MergeError(f"{source}: {key} should be a 2-D float weight matrix, found {describe(value)}.")
-    check_finite(value, key, source)
+    check_tensor_size(tuple(value.shape), key, source)
+    if values:
+        check_finite(value, key, source)
     return value
 
 
@@ -92,8 +124,9 @@ def check_vector(value: Any, key: str, source: str) -> Tensor:
         raise MergeError(f"{source}: token embedding {key} should be a 1-D float vector, found "
                          f"{describe(value)}.")
     check_embedding_size(value.numel(), key, source)
-    check_finite(value, key, source)
-    return plain_copy(value)
+    copy = plain_copy(value)  # checked in memory: a mapped file's bytes are read once
+    check_finite(copy, key, source)
+    return copy
 
 
 def plain(tensor: Tensor) -> Tensor:
@@ -108,13 +141,14 @@ def plain_copy(tensor: Tensor) -> Tensor:
     return tensor.detach().clone(memory_format=torch.contiguous_format)
 
 
-def check_factors(factors: Any, key: str, source: str) -> LowRank:
-    """A compressed entry ``{"u": U S, "v": Vh}`` as a LowRank difference."""
+def check_factors(factors: Any, key: str, source: str, *, values: bool = True) -> LowRank:
+    """A compressed entry ``{"u": U S, "v": Vh}`` as a LowRank difference (``values``: as
+    :func:`check_matrix`)."""
     if not isinstance(factors, dict) or set(factors) != {"u", "v"}:
         found = f"keys {sorted(map(str, factors))}" if isinstance(factors, dict) else describe(factors)
         raise MergeError(f"{source}: {key} should be compressed factors {{'u', 'v'}}, found {found}.")
-    up = check_matrix(factors["u"], f"{key}['u']", source, factor=True)
-    down = check_matrix(factors["v"], f"{key}['v']", source, factor=True)
+    up = check_matrix(factors["u"], f"{key}['u']", source, factor=True, values=values)
+    down = check_matrix(factors["v"], f"{key}['v']", source, factor=True, values=values)
     if up.shape[1] != down.shape[0]:
         raise MergeError(f"{source}: {key} factors do not fit: u is {tuple(up.shape)}, v is "
                          f"{tuple(down.shape)}.")
@@ -122,9 +156,23 @@ def check_factors(factors: Any, key: str, source: str) -> LowRank:
 
 
 # ---------------------------------------------------------------- building the result
-def check_entry(value: Any, key: str, source: str) -> Difference:
-    """A stored to_k/to_v entry: a full matrix, or compressed factors ``{"u", "v"}``."""
-    return check_factors(value, key, source) if isinstance(value, dict) else check_matrix(value, key, source)
+def check_entry(value: Any, key: str, source: str, *, values: bool = True) -> Difference:
+    """A stored to_k/to_v entry: a full matrix, or compressed factors ``{"u", "v"}`` (``values``: as
+    :func:`check_matrix`)."""
+    return check_factors(value, key, source, values=values) if isinstance(value, dict) \
+        else check_matrix(value, key, source, values=values)
+
+
+def check_values(entry: Difference, key: str, source: str) -> Difference:
+    """A to_k/to_v entry, as read, checked finite as :func:`check_entry` checks a stored one
+    (factors named ``key['u']`` and ``key['v']``): the check of a layer read after its structure
+    was validated (:func:`values_checked_on_read`)."""
+    if isinstance(entry, LowRank):
+        check_finite(entry.up, f"{key}['u']", source)
+        check_finite(entry.down, f"{key}['v']", source)
+    else:
+        check_finite(entry, key, source)
+    return entry
 
 
 def stand_in(entry: Difference) -> Difference:
@@ -251,7 +299,8 @@ class PickleFile:
     the validation pass holds one tensor at a time, and each layer is copied out of the same
     mapping when used: the file is parsed once, however many layers it holds (parsing it again
     per layer made a 175 KB file of 250 layers take 40 s). Older non-zip pickles cannot be
-    mapped; they are read whole.
+    mapped; they are read whole. ``values_on_read``: the reader checks each layer's values as it
+    copies it (:func:`values_checked_on_read`), and the format's validation pass leaves them alone.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -263,6 +312,7 @@ class PickleFile:
         self.contents: Any = load_pickle(path, mmap=True)  # mapped if it is a zip, else read whole
         self.mapped = zipfile.is_zipfile(path)
         self.pages = MappedPages(path) if self.mapped else None
+        self.values_on_read = checking_values_on_read()
 
     def release(self, value: Any) -> None:
         """Hand back the mapped pages of ``value``'s tensors once validated or copied
@@ -272,16 +322,21 @@ class PickleFile:
 
     def reader(self, container: tuple[str, ...], keys: dict[str, tuple[str, str]]) -> Callable[[str], Pair]:
         """layer -> (to_k, to_v) entries found under ``keys`` in ``contents[container...]``, copies
-        owning their memory where the file is mapped (checked unchanged before each read); each
-        layer's mapped pages are handed back once copied (:meth:`release`)."""
+        owning their memory where the file is mapped (checked unchanged before each read), their
+        values checked in memory when :attr:`values_on_read`; each layer's mapped pages are handed
+        back once copied (:meth:`release`)."""
         held = _inside(self.contents, container)
-        if not self.mapped:
-            return lambda layer: tuple(_entry(held[key]) for key in keys[layer])
+        source = str(self.path)
 
         def read(layer: str) -> Pair:
-            check_unchanged(self.path, self.identity)
-            entries = tuple(_entry(held[key], copy=True) for key in keys[layer])
-            self.release([held[key] for key in keys[layer]])
+            if self.mapped:
+                check_unchanged(self.path, self.identity)
+            entries = tuple(_entry(held[key], copy=self.mapped) for key in keys[layer])
+            if self.values_on_read:
+                for key, entry in zip(keys[layer], entries):
+                    check_values(entry, key, source)
+            if self.mapped:
+                self.release([held[key] for key in keys[layer]])
             return entries
         return read
 
@@ -300,13 +355,18 @@ def _tensors(contents: Any) -> Iterator[Tensor]:
 
 class SafetensorsLayers:
     """Reads one layer's (to_k, to_v) back from a validated safetensors file (its header parsed
-    once, when it was validated; the file checks it is unchanged)."""
+    once, when it was validated; the file checks it is unchanged); ``values_on_read``: their
+    values checked as they are read (:func:`values_checked_on_read`)."""
 
-    def __init__(self, handle: SafetensorsFile, keys: dict[str, tuple[str, str]]) -> None:
-        self.handle, self.keys = handle, keys
+    def __init__(self, handle: SafetensorsFile, keys: dict[str, tuple[str, str]], values_on_read: bool) -> None:
+        self.handle, self.keys, self.values_on_read = handle, keys, values_on_read
 
     def __call__(self, layer: str) -> Pair:
-        return tuple(self.handle.read(key) for key in self.keys[layer])
+        pair = tuple(self.handle.read(key) for key in self.keys[layer])
+        if self.values_on_read:
+            for key, tensor in zip(self.keys[layer], pair):
+                check_values(tensor, key, str(self.handle.path))
+        return pair
 
 
 def _inside(contents: Any, container: tuple[str, ...]) -> Any:

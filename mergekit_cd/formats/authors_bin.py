@@ -57,6 +57,7 @@ def read(path: str | os.PathLike[str]) -> Delta:
     Our own files also hold their metadata (base, fingerprint, concepts) under
     ``METADATA_KEY``. The file is validated holding one tensor at a time; its layers are read
     again when used (:class:`~._common.PickleFile`; an old non-zip pickle is kept in memory).
+    Within :func:`~._common.values_checked_on_read` their values are checked then, not here.
     """
     source = str(path)
     file = PickleFile(path)
@@ -71,7 +72,7 @@ def read(path: str | os.PathLike[str]) -> Delta:
         key = str(key)
         split = split_layer_key(key, _PROJECTIONS)
         if split is not None:
-            collector.add(*split, key, check_entry(value, key, source))
+            collector.add(*split, key, check_entry(value, key, source, values=not file.values_on_read))
             file.release(value)
         elif key.endswith(IGNORED_SUFFIXES):
             ignored.append(key)

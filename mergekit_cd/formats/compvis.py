@@ -13,6 +13,7 @@ from torch import Tensor
 
 from ..errors import MergeError, TokenRenameWarning
 from ..fileio import atomic_path, save_pickle
+from ..limits import check_tensor_size
 from .ldm_names import to_compvis_name, to_diffusers_name
 from ._common import (
     IGNORED_SUFFIXES,
@@ -73,7 +74,8 @@ def read(path: str | os.PathLike[str]) -> Delta:
     tokens are named ``<new1>`` .. ``<newn>`` in row order, as the authors' scripts name them,
     unless our metadata (under ``METADATA_KEY``, with base, fingerprint and concepts) names
     them. The file is validated holding one tensor at a time; its layers are read again when
-    used (:class:`~._common.PickleFile`; an old non-zip pickle is kept in memory).
+    used (:class:`~._common.PickleFile`; an old non-zip pickle is kept in memory). Within
+    :func:`~._common.values_checked_on_read` their values are checked then, not here.
     """
     source = str(path)
     file = PickleFile(path)
@@ -95,7 +97,7 @@ def read(path: str | os.PathLike[str]) -> Delta:
         if key == EMBED:
             tokens = _read_embed(value, names, source)
         elif layer is not None:
-            collector.add(layer, split[1], key, check_entry(value, key, source))
+            collector.add(layer, split[1], key, check_entry(value, key, source, values=not file.values_on_read))
             file.release(value)
         elif key.startswith(PREFIX) and key.endswith(IGNORED_SUFFIXES):
             ignored.append(key)
@@ -107,12 +109,15 @@ def read(path: str | os.PathLike[str]) -> Delta:
 
 def _read_embed(value: Any, names: Any, source: str) -> dict[str, tuple[Tensor, ...]]:
     """``embed`` [n, d] (or one row [d]) -> tokens ``<new1>`` .. ``<newn>``, or the ``names``
-    our metadata gives them; each row a copy (a view would keep the whole file mapped)."""
+    our metadata gives them; each row a copy (a view would keep the whole file mapped), checked
+    finite in memory (the file's bytes are read once)."""
     if isinstance(value, Tensor) and value.dim() == 1:
         value = value[None]
     if not isinstance(value, Tensor) or value.dim() != 2 or not value.is_floating_point():
         raise MergeError(f"{source}: {EMBED} should be float token rows [n, d], found {describe(value)}.")
     check_token_count(len(value), source)
+    check_tensor_size(tuple(value.shape), EMBED, source)
+    value = plain_copy(value)
     check_finite(value, EMBED, source)
     if names is None:
         names = [f"<new{index + 1}>" for index in range(len(value))]
@@ -121,7 +126,7 @@ def _read_embed(value: Any, names: Any, source: str) -> dict[str, tuple[Tensor, 
     if not valid:
         raise MergeError(f"{source}: the metadata names tokens {names!r} for the {len(value)} rows of "
                          f"{EMBED}; expected one distinct name per row.")
-    return {name: (plain_copy(row),) for name, row in zip(names, value)}
+    return {name: (row.clone(),) for name, row in zip(names, value)}
 
 
 def write(obj: Delta, path: str | os.PathLike[str], *, force: bool = False) -> None:

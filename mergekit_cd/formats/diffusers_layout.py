@@ -23,6 +23,7 @@ from ._common import (
     assemble,
     check_matrix,
     check_token_shapes,
+    checking_values_on_read,
     full_weights,
     peek_pickle,
     safetensors_header,
@@ -70,18 +71,21 @@ def read(path: str | os.PathLike[str]) -> FineTunedWeights:
     """Full weights and every token file beside them; metadata from the weights file's header.
 
     The weights are validated holding one tensor at a time, and read again per layer when used
-    (a safetensors file, or a zip pickle memory-mapped; an old non-zip pickle is kept in memory).
+    (a safetensors file, or a zip pickle memory-mapped; an old non-zip pickle is kept in memory);
+    within :func:`~._common.values_checked_on_read` their values are checked then, not here.
     """
     weights_file = _weights_file(Path(path))
     source = str(weights_file)
     collector = LayerCollector(source)
     ignored: list[str] = []
     if weights_file.suffix == ".safetensors":
+        on_read = checking_values_on_read()
         with open_safetensors(weights_file) as handle:
             header = handle.metadata()
             for key in handle.keys():
-                _collect(key, lambda key=key: read_tensor(handle, key, source), collector, ignored)
-        reader: Callable[[str], Pair] = SafetensorsLayers(handle, collector.keys())
+                _collect(key, lambda key=key: read_tensor(handle, key, source, data=not on_read), collector, ignored,
+                         values=not on_read)
+        reader: Callable[[str], Pair] = SafetensorsLayers(handle, collector.keys(), on_read)
         lazy = True
     else:
         file = PickleFile(weights_file)
@@ -91,7 +95,7 @@ def read(path: str | os.PathLike[str]) -> FineTunedWeights:
         for key, value in file.contents.items():
             if str(key).endswith(".processor") and isinstance(value, dict) and not value:
                 continue  # the .bin variant stores an empty dict for each processor without weights (attn1)
-            _collect(str(key), lambda value=value: value, collector, ignored)
+            _collect(str(key), lambda value=value: value, collector, ignored, values=not file.values_on_read)
             file.release(value)
         reader, lazy = file.reader((), collector.keys()), file.mapped
     tokens = read_token_folder(weights_file.parent, "beside the Custom Diffusion weights", skip=WEIGHTS_NAMES,
@@ -101,12 +105,13 @@ def read(path: str | os.PathLike[str]) -> FineTunedWeights:
                     provenance=from_header(header, source=source))
 
 
-def _collect(key: str, value: Callable[[], Any], collector: LayerCollector, ignored: list[str]) -> None:
-    """Record a weights-file entry: a K/V weight (checked; read only if it is one), or an
-    ignored q/out one."""
+def _collect(key: str, value: Callable[[], Any], collector: LayerCollector, ignored: list[str], *,
+             values: bool) -> None:
+    """Record a weights-file entry: a K/V weight (checked, its values too when ``values``; read
+    only if it is one), or an ignored q/out one."""
     split = split_layer_key(key, _PROJECTIONS)
     if split is not None:
-        collector.add(*split, key, check_matrix(value(), key, collector.source))
+        collector.add(*split, key, check_matrix(value(), key, collector.source, values=values))
     elif key.endswith(_IGNORED):
         ignored.append(key)
     else:

@@ -20,7 +20,9 @@ from ._common import (
     check_matrix,
     check_token_count,
     check_token_shapes,
+    check_values,
     check_vector,
+    checking_values_on_read,
     natural_order,
     safetensors_header,
     saveable,
@@ -71,7 +73,8 @@ def read(path: str | os.PathLike[str]) -> ConceptDelta:
 
     Every tensor is validated in one pass that holds one tensor at a time; the layers (and the
     changes of a merge's statistics) are then read again when used (:class:`LazyLayers`), so a
-    merge of many large files streams them.
+    merge of many large files streams them. Within :func:`~._common.values_checked_on_read` the
+    pass reads no layer: their structure is checked from the header, their values when read.
     """
     source = str(path)
     collector = LayerCollector(source)
@@ -79,6 +82,7 @@ def read(path: str | os.PathLike[str]) -> ConceptDelta:
     embeddings: dict[str, dict[int, Tensor]] = {}
     locations: dict[tuple[str, str], tuple[str, ...]] = {}
     statistics_keys: list[str] = []
+    on_read = checking_values_on_read()
     with open_safetensors(path) as handle:
         provenance = from_header(handle.metadata(), source=source)
         token_keys = {key: _split_token_key(key, source) for key in handle.keys() if key.startswith(TOKEN_PREFIX)}
@@ -96,7 +100,8 @@ def read(path: str | os.PathLike[str]) -> ConceptDelta:
             if parsed is None:
                 raise unexpected_key(key, source, _EXPECTED)
             layer, projection, part = parsed
-            matrix = check_matrix(read_tensor(handle, key, source), key, source, factor=part != "diff")
+            matrix = check_matrix(read_tensor(handle, key, source, data=not on_read), key, source,
+                                  factor=part != "diff", values=not on_read)
             stand_in = torch.empty(matrix.shape, dtype=matrix.dtype, device="meta")  # shape only
             if part == "diff":
                 collector.add(layer, projection, key, stand_in)
@@ -112,21 +117,27 @@ def read(path: str | os.PathLike[str]) -> ConceptDelta:
     check_token_shapes(tokens, source)
     shapes = {name: (key.shape, value.shape) for name, (key, value) in collector.layers(allow_empty=True).items()}
     statistics = read_statistics(handle, statistics_keys, provenance.concepts, shapes, source)
-    reader = _LayerReader(handle, locations)
+    reader = _LayerReader(handle, locations, on_read)
     return ConceptDelta.with_provenance(LazyLayers(shapes, reader), tokens, provenance, statistics=statistics)
 
 
 class _LayerReader:
     """Reads one layer's differences back from a validated native file (its header parsed once,
-    when it was validated; the file checks it is unchanged)."""
+    when it was validated; the file checks it is unchanged); ``values_on_read``: their values
+    checked as they are read (:func:`~._common.values_checked_on_read`)."""
 
-    def __init__(self, handle: SafetensorsFile, locations: dict[tuple[str, str], tuple[str, ...]]) -> None:
-        self.handle, self.locations = handle, locations
+    def __init__(self, handle: SafetensorsFile, locations: dict[tuple[str, str], tuple[str, ...]],
+                 values_on_read: bool) -> None:
+        self.handle, self.locations, self.values_on_read = handle, locations, values_on_read
 
     def __call__(self, layer: str) -> LayerDelta:
         parts: list[Difference] = []
         for projection in ("to_k", "to_v"):
-            tensors = [self.handle.read(key) for key in self.locations[(layer, projection)]]
+            keys = self.locations[(layer, projection)]
+            tensors = [self.handle.read(key) for key in keys]
+            if self.values_on_read:
+                for key, tensor in zip(keys, tensors):
+                    check_values(tensor, key, str(self.handle.path))
             parts.append(tensors[0] if len(tensors) == 1 else LowRank(*tensors))
         return LayerDelta(*parts)
 

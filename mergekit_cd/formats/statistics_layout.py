@@ -36,7 +36,7 @@ from ..fileio import SafetensorsFile, read_tensor
 from ..merge_statistics import (STATISTICS_VERSION, CaptionSet, ConceptStatistics, LayerChanges, MergeStatistics,
                                 Regulariser)
 from ..metadata import parse_document
-from ._common import check_matrix, unexpected_key
+from ._common import check_matrix, check_values, checking_values_on_read, unexpected_key
 
 PREFIX = "statistics."
 #: The safetensors ``__metadata__`` entry holding the statistics' JSON document.
@@ -85,7 +85,9 @@ def to_file(statistics: MergeStatistics, layer_shapes: Mapping[str, Shapes],
 def from_file(handle: SafetensorsFile, keys: Sequence[str], concepts: Sequence[Concept],
               layer_shapes: Mapping[str, Shapes], source: str) -> MergeStatistics | None:
     """The statistics a native file stores (``keys``: its tensors under :data:`PREFIX`), each
-    tensor validated once now and the changes read again on access; None when it stores none."""
+    tensor validated once now and the changes read again on access (within
+    :func:`~._common.values_checked_on_read`, their values checked then, not now); None when it
+    stores none."""
     text = handle.metadata().get(HEADER_KEY)
     if text is None and not keys:
         return None
@@ -102,6 +104,7 @@ def from_file(handle: SafetensorsFile, keys: Sequence[str], concepts: Sequence[C
     if not (isinstance(regulariser_entry, dict) and isinstance(options, dict) and isinstance(entries, list)):
         raise _malformed(source, "needs 'regulariser' and 'options' objects and a 'concepts' list")
     remaining = set(keys)
+    on_read = checking_values_on_read()
     d = _width(layer_shapes, source)
     gram = _take(handle, f"{PREFIX}gram", (d, d), remaining, source)
     regulariser = Regulariser(gram, _field(regulariser_entry, "num_rows", int, source),
@@ -132,9 +135,9 @@ def from_file(handle: SafetensorsFile, keys: Sequence[str], concepts: Sequence[C
             for layer, (key_shape, value_shape) in layer_shapes.items():
                 parts = [f"{PREFIX}{index}.{changes_name}.{layer}.{projection}" for projection in ("to_k", "to_v")]
                 for part, shape in zip(parts, (key_shape, value_shape)):
-                    _take(handle, part, (shape[0], features.shape[0]), remaining, source)
+                    _take(handle, part, (shape[0], features.shape[0]), remaining, source, values=not on_read)
                 changes[layer] = tuple(parts)
-            rows[features_name], rows[changes_name] = features, _LazyChanges(handle, changes)
+            rows[features_name], rows[changes_name] = features, _LazyChanges(handle, changes, on_read)
         if rows["features"] is None:
             raise MergeError(f"{source}: the merge statistics of {token} have no {PREFIX}{index}.features.")
         records.append(ConceptStatistics(concept, weight=None if weight is None else float(weight), **rows))
@@ -144,14 +147,19 @@ def from_file(handle: SafetensorsFile, keys: Sequence[str], concepts: Sequence[C
 
 
 class _LazyChanges(Mapping[str, LayerChanges]):
-    """One concept's changes, per layer read from the validated file on access (K part, V part)."""
+    """One concept's changes, per layer read from the validated file on access (K part, V part),
+    ``values_on_read``: checked finite as they are read."""
 
-    def __init__(self, handle: SafetensorsFile, keys: dict[str, tuple[str, str]]) -> None:
-        self._handle, self._keys = handle, keys
+    def __init__(self, handle: SafetensorsFile, keys: dict[str, tuple[str, str]], values_on_read: bool) -> None:
+        self._handle, self._keys, self._values_on_read = handle, keys, values_on_read
 
     def __getitem__(self, layer: str) -> LayerChanges:
         key, value = self._keys[layer]
-        return self._handle.read(key), self._handle.read(value)
+        parts = self._handle.read(key), self._handle.read(value)
+        if self._values_on_read:
+            for name, part in zip((key, value), parts):
+                check_values(part, name, str(self._handle.path))
+        return parts
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)
@@ -161,12 +169,13 @@ class _LazyChanges(Mapping[str, LayerChanges]):
 
 
 def _take(handle: SafetensorsFile, key: str, shape: tuple[int | None, int], remaining: set[str],
-          source: str) -> Tensor:
-    """The float64 matrix ``key`` of the expected shape (None: any rows), checked finite."""
+          source: str, *, values: bool = True) -> Tensor:
+    """The float64 matrix ``key`` of the expected shape (None: any rows), checked finite
+    (``values=False``: its stand-in from the header, its values left to the read that uses it)."""
     if key not in remaining:
         raise MergeError(f"{source}: the merge statistics lack {key}; the file is damaged.")
     remaining.discard(key)
-    tensor = check_matrix(read_tensor(handle, key, source), key, source, factor=True)
+    tensor = check_matrix(read_tensor(handle, key, source, data=values), key, source, factor=True, values=values)
     if str(tensor.dtype) != "torch.float64" or any(want is not None and got != want
                                                    for got, want in zip(tensor.shape, shape)):
         raise MergeError(f"{source}: {key} should be a float64 matrix of shape "
