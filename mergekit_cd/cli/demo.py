@@ -23,16 +23,13 @@ import torch
 
 from ..fileio import atomic_path
 from ..toyworld import concept_images_path, reg_captions_path
-from ..toyworld.benchmark import BASE, grid_prompts, token_of
+from ..toyworld.benchmark import BASE, PAIRS, BenchmarkOptions, grid_prompts, recipe_arguments, token_of
 from ..toyworld.concepts import concept
 
 OUTPUT = Path("demo-output")
-PAIR = ("twotone-star", "dotted-ring")
-#: The paper's recipe scaled to the world's tiny UNet: fewer steps and images per step, a larger rate.
-TRAIN_STEPS = 150
-NUM_CLASS_IMAGES = 32
-TRAIN_OPTIONS = ["--batch-size", "4", "--lr", "1e-4", "--class-sampling-steps", "20", "--checkpoint-every", "1000",
-                 "-q", "--force"]
+PAIR = PAIRS[0]
+#: The quality benchmark's recipe (the paper's, scaled to the world's tiny UNet), fewer class images.
+RECIPE = BenchmarkOptions().quick()
 #: Images per prompt when the demo scores each model (the benchmark uses more).
 IMAGES_PER_PROMPT = 2
 SAMPLING_STEPS = 20
@@ -71,8 +68,8 @@ def main() -> None:
         print(f"\nConcept {token} {item.class_word}: {item.description}.")
         run_command(cd_train, ["cd-train", "--base", BASE, "--instance-dir", str(concept_images_path(item.name)),
                                "--class-word", item.class_word, "--token", token, "--init-token", item.init_token,
-                               "-o", str(OUTPUT / item.name), "--steps", str(TRAIN_STEPS), "--num-class-images",
-                               str(NUM_CLASS_IMAGES), *TRAIN_OPTIONS])
+                               "-o", str(OUTPUT / item.name), *recipe_arguments(RECIPE), "--checkpoint-every", "1000",
+                               "-q", "--force"])
         deltas.append(str(OUTPUT / item.name / "delta.safetensors"))
 
     merges = {}
