@@ -1,11 +1,12 @@
 """Merge quality on the toy world: what each merge of two concepts shows, judged by the detector.
 
     python benchmarks/bench_quality.py            # the full run: 5 pairs
-    python benchmarks/bench_quality.py --quick    # the first pair, fewer steps and images
+    python benchmarks/bench_quality.py --quick    # the first pair, fewer class images, images and merges
 
 Trains every concept alone and each pair jointly on ``builtin:toyworld`` (reused from
 ``--work`` when already there), merges each pair with the constrained merge (plain and with
-``relative-ridge=1e-3``), the soft merge (w = 10, 100), the sum and the average, samples a fixed
+``relative-ridge=1e-3``), the soft merge (w = 10, 100), both on pipeline rows too, the hybrid
+(lambda = 10, 100, 1000), the sum and the average, samples a fixed
 seeded prompt set per model and prints one table pooled over the pairs, with 95% intervals.
 Writes ``quality.json``, ``quality.md``, a plot and one labelled image grid per pair to ``--out``.
 """
@@ -50,7 +51,7 @@ def plot(table: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="the first pair only, fewer training steps and images (< 5 min)")
+    parser.add_argument("--quick", action="store_true", help="the first pair only, fewer class images, sampled images and merges (< 5 min)")
     parser.add_argument("--work", type=Path, default=Path("benchmarks/work/quality"),
                         help="trained concepts and caches, reused between runs (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default: WORK/results[-quick])")
