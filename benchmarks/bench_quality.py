@@ -26,25 +26,35 @@ from mergekit_cd.toyworld import benchmark
 
 
 def plot(table: dict, path: Path) -> None:
-    """Both-present rate against preservation of ordinary prompts, one point per method."""
+    """Each model's concept presence and both-present rate against its preservation of ordinary
+    prompts, with 95% intervals; one marker per model, named in the legend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(6, 4.5), dpi=110)
-    for label, row in table.items():
-        if "both" not in row or "preservation" not in row:
+    figure, panels = plt.subplots(1, 2, figsize=(11, 5), dpi=100, sharex=True)
+    markers, colours = "osD^vP*Xhp<>d8H", plt.get_cmap("tab20").colors
+    for index, (label, row) in enumerate(table.items()):
+        if "preservation" not in row:
             continue
-        both, kept = row["both"], row["preservation"]
-        axes.errorbar(kept.value, both.value, xerr=[[kept.value - kept.low], [kept.high - kept.value]],
-                      yerr=[[both.value - both.low], [both.high - both.value]], fmt="o", capsize=3)
-        axes.annotate(label, (kept.value, both.value), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    axes.set_xlabel("preservation: ordinary prompts followed, relative to the base")
-    axes.set_ylabel("both concepts present (two-concept prompts)")
-    axes.set_title("Merging two toy-world concepts (95% intervals)")
-    axes.grid(alpha=0.3)
-    figure.tight_layout()
+        kept = row["preservation"]
+        for axes, key in zip(panels, ("presence", "both")):
+            if key not in row:
+                continue
+            value = row[key]
+            axes.errorbar(kept.value, value.value, xerr=[[kept.value - kept.low], [kept.high - kept.value]],
+                          yerr=[[value.value - value.low], [value.high - value.value]], fmt=markers[index % 15],
+                          color=colours[index % 20], capsize=2, alpha=0.8, label=label)
+    for axes, title in zip(panels, ("each concept on its own prompts", "both concepts on two-concept prompts")):
+        axes.set_ylabel("share of images showing it (detector)")
+        axes.set_title(title, fontsize=10)
+        axes.grid(alpha=0.3)
+    handles, labels = panels[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="center right", fontsize=8)
+    figure.supxlabel("preservation: ordinary prompts followed, relative to the base", x=0.4)
+    figure.suptitle("Merging two toy-world concepts, pooled over the pairs (95% intervals)")
+    figure.tight_layout(rect=(0, 0, 0.8, 1))
     figure.savefig(path)
     plt.close(figure)
 
