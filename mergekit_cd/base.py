@@ -96,6 +96,7 @@ class BaseModel:
         self._text_encoder_configs = text_encoder_configs
         self._text_encoder_variants = text_encoder_variants
         self._kv_files = kv_files
+        self._last_kv: tuple[str, tuple[Tensor, Tensor]] | None = None  # see kv
 
     def __repr__(self) -> str:
         return f"BaseModel({self.name!r}, architecture={self.architecture.name!r}, path={str(self.path)!r})"
@@ -122,7 +123,13 @@ class BaseModel:
                 for layer in self.layer_names()}
 
     def kv(self, layer: str) -> tuple[Tensor, Tensor]:
-        """The base's (to_k, to_v) weights of ``layer``, float32 on the CPU, read from disk."""
+        """The base's (to_k, to_v) weights of ``layer``, float32 on the CPU, read from disk.
+
+        The last layer read is kept and given again (the same tensors: callers never change them
+        in place): a merge of full-weight inputs makes each input's differences as it reads that
+        layer, so 100 inputs would otherwise open the base's file and read the layer 100 times."""
+        if self._last_kv is not None and self._last_kv[0] == layer:
+            return self._last_kv[1]
         keys = (layer + _KEY_SUFFIX, layer + _VALUE_SUFFIX)
         if keys[0] not in self._kv_files:
             raise MergeError(f"{self.name} has no cross-attention layer {layer}.")
@@ -130,7 +137,8 @@ class BaseModel:
         for file, file_keys in _by_file(keys, self._kv_files).items():
             with safe_open(str(file), framework="pt", device="cpu") as handle:
                 tensors.update({key: handle.get_tensor(key).float() for key in file_keys})
-        return tensors[keys[0]], tensors[keys[1]]
+        self._last_kv = (layer, (tensors[keys[0]], tensors[keys[1]]))
+        return self._last_kv[1]
 
     @cached_property
     def fingerprint(self) -> str:

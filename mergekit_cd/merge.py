@@ -284,6 +284,8 @@ def execute(plan: MergePlan, options: MergeOptions | None = None, *, progress: b
 
     features = [C.to(solve_device) for C in text.targets]
     contexts = [P.to(solve_device) for P in text.contexts]
+    # every concept's rows stacked once: a layer's W0 C^T is one product, not one per concept
+    stacked_features, stacked_contexts = torch.cat(features), torch.cat(contexts) if contexts else None
     held_gram = text.held_gram.to(solve_device) if text.held_gram is not None else None
     sums = (ReportSums(features, held_gram, operator.Z if operator is not None else None) if return_report
             else None)
@@ -317,13 +319,15 @@ def execute(plan: MergePlan, options: MergeOptions | None = None, *, progress: b
         misfit = None
         if operator is not None or sums is not None:
             own_columns = torch.cat(own, dim=1)
-            targets = torch.cat([W0 @ C.T for C in features], dim=1) + own_columns  # (W0 + D_i) C_i^T
+            targets = W0 @ stacked_features.mT + own_columns  # (W0 + D_i) C_i^T
         if operator is not None:
             # V, then (a context_rows method) each U_i = W_i P_i^T, in the order the operator was factored;
-            # V - W0 C^T, the misfit the update is applied to, is each concept's own change
+            # V - W0 C^T, the misfit the update is applied to, is each concept's own change: given to
+            # the operator as it is, not recomputed from V
             misfit = torch.cat([own_columns, *own_context], dim=1)
-            V = torch.cat([targets] + [W0 @ P.T + own_context[i] for i, P in enumerate(contexts)], dim=1)
-            merged = operator.apply(W0, V) - W0
+            V = targets if not contexts else torch.cat(
+                [targets, W0 @ stacked_contexts.mT + torch.cat(own_context, dim=1)], dim=1)
+            merged = operator.apply(W0, V, misfit=misfit) - W0
         else:
             merged = spec.combine(naive_sum, len(plan.deltas))
         merged = merged.float()  # the result's dtype: the report measures this, not the float64 solve

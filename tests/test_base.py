@@ -105,6 +105,23 @@ def test_merge_style_access_never_builds_the_unet(tiny_pipeline_path, monkeypatc
     assert len(base.load_text_encoders()) == len(base.load_tokenizers()) == 1
 
 
+def test_a_layer_read_again_is_not_read_from_disk_again(tiny_pipeline_path, monkeypatch):
+    """A merge of full-weight inputs asks for the base's layer once per input: the file is opened
+    once per layer, not once per input."""
+    import mergekit_cd.base as base_module
+
+    base = open_base(tiny_pipeline_path("sd1"))
+    first, second = base.layer_names()[:2]
+    opened = []
+    real_open = base_module.safe_open
+    monkeypatch.setattr(base_module, "safe_open",
+                        lambda *args, **kwargs: opened.append(args[0]) or real_open(*args, **kwargs))
+    pairs = [base.kv(first) for _ in range(3)]
+    assert len(opened) == 1 and all(torch.equal(a, b) for pair in pairs for a, b in zip(pair, pairs[0]))
+    base.kv(second), base.kv(first)
+    assert len(opened) == 3
+
+
 def test_unknown_layer_is_a_merge_error(tiny_pipeline_path):
     with pytest.raises(MergeError, match="no cross-attention layer down_blocks.9"):
         open_base(tiny_pipeline_path("sd1")).kv("down_blocks.9.attn2")

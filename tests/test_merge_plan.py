@@ -65,6 +65,26 @@ def test_factor_applied_per_block_equals_the_stacked_solve(soft):
     assert stacked.relative_change == pytest.approx(info.relative_change, rel=1e-9)
 
 
+@pytest.mark.parametrize("soft", [False, True])
+def test_a_given_misfit_is_the_one_the_operator_would_compute(soft):
+    """``apply(W0, V, misfit=V - W0 C^T)``, as a merge calls it with each concept's own change, gives
+    the rows and the diagnostics of ``apply(W0, V)`` to float64 rounding."""
+    g = torch.Generator().manual_seed(1)
+    d, s, n = 24, 6, 50
+    C_reg = torch.randn(80, d, generator=g, dtype=torch.float64)
+    C = torch.randn(s, d, generator=g, dtype=torch.float64)
+    W0 = torch.randn(n, d, generator=g, dtype=torch.float64)
+    change = 0.1 * torch.randn(n, d, generator=g, dtype=torch.float64)
+    V = (W0 + change) @ C.T
+    factor = (lambda: factor_soft(C_reg.T @ C_reg, [C[:2], C[2:]], [10.0, 3.0], 0.5, diagnostics=True)) if soft \
+        else (lambda: factor_hard(C_reg.T @ C_reg, C, diagnostics=True))
+    computed, given = factor(), factor()
+    W = computed.apply(W0, V)
+    torch.testing.assert_close(given.apply(W0, V, misfit=change @ C.T), W, rtol=0, atol=1e-12)
+    assert given.info().residual == pytest.approx(computed.info().residual, rel=1e-6, abs=1e-14)
+    assert given.info().relative_change == pytest.approx(computed.info().relative_change, rel=1e-9)
+
+
 def test_operator_checks_the_rows_it_is_given():
     G = torch.eye(4, dtype=torch.float64)
     operator = factor_hard(G, torch.randn(2, 4, dtype=torch.float64))
@@ -72,6 +92,8 @@ def test_operator_checks_the_rows_it_is_given():
         operator.apply(torch.zeros(3, 5), torch.zeros(3, 2))
     with pytest.raises(ValueError, match="V columns"):
         operator.apply(torch.zeros(3, 4), torch.zeros(3, 3))
+    with pytest.raises(ValueError, match="misfit columns"):
+        operator.apply(torch.zeros(3, 4), torch.zeros(3, 2), misfit=torch.zeros(3, 3))
     with pytest.raises(ValueError, match="without diagnostics"):
         operator.info()
 

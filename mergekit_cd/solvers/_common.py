@@ -214,11 +214,13 @@ class RowNorms:
                         float(total["misfit"]), watched)
 
 
-def stream_rows(W0: Tensor, C: Tensor, V: Tensor, Z: Tensor, *, norms: RowNorms | None = None) -> Tensor:
+def stream_rows(W0: Tensor, C: Tensor, V: Tensor, Z: Tensor, *, norms: RowNorms | None = None,
+                misfit: Tensor | None = None) -> Tensor:
     """Compute ``W = W0 + (V - W0 C^T) Z`` chunk by chunk in float64; W keeps W0's dtype.
 
     Rows are independent, so streaming bounds the float64 working set whatever ``n`` is.
     With ``norms``, also record the residual, change and misfit of every chunk there.
+    ``misfit``: ``V - W0 C^T`` as the caller has it, used instead of computing it.
     """
     n, d = W0.shape
     s = C.shape[0]
@@ -228,10 +230,10 @@ def stream_rows(W0: Tensor, C: Tensor, V: Tensor, Z: Tensor, *, norms: RowNorms 
         rows = slice(start, min(n, start + step))
         w0 = W0[rows].to(FLOAT)
         target = V[rows].to(FLOAT)
-        misfit = torch.addmm(target, w0, C.mT, alpha=-1.0)
-        out[rows] = torch.addmm(w0, misfit, Z)
+        gap = torch.addmm(target, w0, C.mT, alpha=-1.0) if misfit is None else misfit[rows].to(FLOAT)
+        out[rows] = torch.addmm(w0, gap, Z)
         if norms is not None:
-            norms.add(w0, target, misfit, out[rows].to(FLOAT), C)
+            norms.add(w0, target, gap, out[rows].to(FLOAT), C)
     return out
 
 

@@ -43,15 +43,22 @@ class MergeOperator:
     def num_constraints(self) -> int:
         return self.C.shape[0]
 
-    def apply(self, W0: Tensor, V: Tensor) -> Tensor:
-        """The merged rows for base rows ``W0`` (n, d) and their targets ``V`` (n, s), in W0's dtype."""
+    def apply(self, W0: Tensor, V: Tensor, *, misfit: Tensor | None = None) -> Tensor:
+        """The merged rows for base rows ``W0`` (n, d) and their targets ``V`` (n, s), in W0's dtype.
+
+        ``misfit``: ``V - W0 C^T`` where the caller has it without that product (a merge has each
+        concept's own change on its features), so that it is not computed again; else computed here."""
         check_matrix(W0, "W0", 2, self.check_finite)
         check_matrix(V, "V", 2, self.check_finite)
         check_shapes([("W0 columns (feature dim)", W0.shape[1], self.C.shape[1]),
                       ("V rows", V.shape[0], W0.shape[0]),
                       ("V columns (constraint rows)", V.shape[1], self.num_constraints)])
         check_same_device({"V": V, "the factorisation (G, C)": self.C}, W0)
-        return stream_rows(W0, self.C, V, self.Z, norms=self.norms)
+        if misfit is not None:
+            check_matrix(misfit, "misfit", 2, self.check_finite)
+            check_shapes([("misfit rows", misfit.shape[0], V.shape[0]), ("misfit columns", misfit.shape[1], V.shape[1])])
+            check_same_device({"misfit": misfit}, W0)
+        return stream_rows(W0, self.C, V, self.Z, norms=self.norms, misfit=misfit)
 
     def info(self) -> SolveInfo:
         """Diagnostics over every row applied so far (needs ``diagnostics=True`` at factor time)."""
