@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -40,6 +41,20 @@ def private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.
 
     monkeypatch.setenv("MERGEKIT_CD_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
     monkeypatch.delenv(OVERRIDE, raising=False)
+
+
+@pytest.fixture(scope="session")
+def benchmark_script() -> Callable[[str], Any]:
+    """Import one of ``benchmarks/``'s scripts by name (they are scripts, not a package)."""
+    import importlib.util
+
+    def load(name: str) -> Any:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).parent.parent / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
 
 
 @pytest.fixture(scope="session")

@@ -3,8 +3,6 @@ solve the same merge (so the benchmark compares like with like), and its table r
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 
@@ -12,15 +10,10 @@ from mergekit_cd.base import open_base
 from mergekit_cd.loading import save
 from mergekit_cd.testing import random_concept_deltas
 
-SCRIPT = Path(__file__).parent.parent / "benchmarks" / "bench_merge.py"
-
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_merge", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def bench(benchmark_script):
+    return benchmark_script("bench_merge")
 
 
 def test_ours_and_the_baseline_compute_the_same_merge(bench, tiny_pipeline_path, tmp_path, monkeypatch):

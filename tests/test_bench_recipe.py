@@ -3,23 +3,16 @@ and reuses a concept trained with the same recipe."""
 
 from __future__ import annotations
 
-import importlib.util
 import re
-from pathlib import Path
 
 import pytest
 
 from mergekit_cd.loading import load
 
-SCRIPT = Path(__file__).parent.parent / "benchmarks" / "bench_recipe.py"
-
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_recipe", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def bench(benchmark_script):
+    return benchmark_script("bench_recipe")
 
 
 @pytest.mark.slow
