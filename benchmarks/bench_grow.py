@@ -106,8 +106,10 @@ def main() -> None:
     size = report.statistics
     print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores, size {args.size}, "
           f"{args.captions} captions")
+    ratio = redo_seconds / grow_seconds
     print(f"grow {grow_seconds:.2f} s, redo {redo_seconds:.2f} s: adding one concept to a {len(old)}-concept merge is "
-          f"{redo_seconds / grow_seconds:.1f}x faster than redoing it; dropping one takes {drop_seconds:.2f} s")
+          + (f"{ratio:.1f}x faster than" if ratio >= 1 else f"{1 / ratio:.1f}x slower than")
+          + f" redoing it; dropping one takes {drop_seconds:.2f} s")
     print(f"grown vs redone: relative difference {relative_difference(grown, redone):.1e}")
     print(f"statistics: {size.statistics_bytes / 2**20:.1f} MiB for {size.concepts} concepts beside the "
           f"{size.delta_bytes / 2**20:.1f} MiB difference ({size.statistics_bytes / size.delta_bytes:.2f}x)")
