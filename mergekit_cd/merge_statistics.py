@@ -168,8 +168,9 @@ def stored_concepts(plan: MergePlan, options: MergeOptions) -> StoredConcepts:
             if method is not None:
                 raise MergeError(_no_statistics_message(source, delta, method))
             continue
-        _check_regulariser(delta.statistics, plan, options.row_rule.name, source)
+        # the options first: they name the flags to give (a hybrid merge's rows among them)
         _check_options(delta.statistics, options, len(plan.concepts), source)
+        _check_regulariser(delta.statistics, plan, options.row_rule.name, source)
         if any((record.context_features is None) == options.spec.context_rows
                for record in delta.statistics.concepts):
             raise MergeError(f"{source}: its merge statistics are of a {options.method} merge but "

@@ -263,9 +263,9 @@ def test_the_recorded_regulariser_and_options_are_checked(bases, concepts, merge
     assert one_error_line(capsys, "cd-merge").startswith(f"{merged_ab} was merged with --method constrained and "
                                                          f"this merge has --method soft, --mu 1;")
     assert cd_merge([*arguments, "--num-reg-captions", "300", "--rows", "pipeline"]) == 1
-    assert one_error_line(capsys, "cd-merge") == (f"{merged_ab} stores features of the 'authors-v1' row rule, but "
-                                                  f"this merge uses 'pipeline-v1'; merge the concepts' own files "
-                                                  f"again.")
+    assert one_error_line(capsys, "cd-merge") == (f"{merged_ab} was merged with --rows authors and this merge has "
+                                                  f"--rows pipeline; a merge that grows or shrinks it solves the "
+                                                  f"same problem, so give --rows authors.")
 
 
 def test_statistics_of_another_text_encoder_are_refused(bases, merged_ab, tiny_pipeline_path, tmp_path, capsys):
@@ -303,6 +303,10 @@ def test_a_hybrid_merge_grows_and_shrinks_to_the_hybrid_merge_from_scratch(bases
     full = merge([a, b, c], CAPTIONS, base=base, weights=[100, 10, 1000], **hybrid)
     assert relative_difference(grown, full) < 1e-10
     assert [record.weight for record in grown.statistics.concepts] == [100, 10, 1000]
+    with pytest.raises(MergeError, match=r"ab\.safetensors was merged with method hybrid, rows pipeline and this "
+                                         r"merge has method constrained, rows authors; .* so give method "
+                                         r"hybrid, rows pipeline\.$"):
+        merge([tmp_path / "ab.safetensors", c], CAPTIONS, base=base)  # the flags left out: the message names them
     d = base.context_dim
     for record in full.statistics.concepts:  # two padded prompts' start and padding rows, at most d of them
         assert record.context_features.shape == (min(2 * 77 - record.features.shape[0], d), d)
