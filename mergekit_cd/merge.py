@@ -208,6 +208,8 @@ def _encode_text(plan: MergePlan, options: MergeOptions, *, report: bool, progre
         gram, num_rows = stored.regulariser.gram, stored.regulariser.num_rows
         notes.append(f"{sum(record is not None for record in stored.records)} concepts, their targets and the "
                      f"regularisation Gram matrix from the merge statistics of {', '.join(stored.sources)}")
+        notes.append("the naive sum's figures add each input as it is: a merged input counts as one delta there, "
+                     "not as its concepts' own")
     elif options.spec.solves:
         gram, num_rows, from_cache = cached_gram(plan.base, list(plan.reg_captions), rule=rule, batch_size=batch_size,
                                                  cache_dir=cache_dir, progress=progress, encoder=encoder)

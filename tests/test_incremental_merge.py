@@ -76,6 +76,7 @@ def test_a_merge_grown_by_a_concept_equals_the_merge_of_all_inputs_from_scratch(
     assert run_merge(str(tmp_path / "ab.safetensors"), str(c), "-o", str(tmp_path / "abc.safetensors"), base=base) == 0
     printed = capsys.readouterr().out
     assert "2 concepts, their targets and the regularisation Gram matrix from the merge statistics" in printed
+    assert "note: the naive sum's figures add each input as it is: a merged input counts as one delta" in printed
     assert "merge statistics: 3 concepts" in printed and "x): cd-merge can add concepts" in printed
     assert run_merge(str(a), str(b), str(c), "-o", str(tmp_path / "full.safetensors"), base=base) == 0
     grown, full = load(tmp_path / "abc.safetensors"), load(tmp_path / "full.safetensors")
