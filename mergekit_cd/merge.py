@@ -206,7 +206,8 @@ def _encode_text(plan: MergePlan, options: MergeOptions, *, report: bool, progre
     gram, num_rows, from_cache = None, 0, False
     if stored.regulariser is not None:
         gram, num_rows = stored.regulariser.gram, stored.regulariser.num_rows
-        notes.append(f"{sum(record is not None for record in stored.records)} concepts, their targets and the "
+        stored_count = sum(record is not None for record in stored.records)
+        notes.append(f"{stored_count} concept{'s' if stored_count != 1 else ''}, their targets and the "
                      f"regularisation Gram matrix from the merge statistics of {', '.join(stored.sources)}")
         notes.append("the naive sum's figures add each input as it is: a merged input counts as one delta there, "
                      "not as its concepts' own")

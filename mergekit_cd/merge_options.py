@@ -157,8 +157,8 @@ class MergeOptions:
     def check_inputs(self, count: int) -> None:
         """Before any file is read: every input holds at least one concept, so needs a weight."""
         if self.weights is not None and len(self.weights) < count:
-            raise OptionError("{weights}: got {given} weight(s) for {count} inputs; give one per concept, "
-                              "in input order.", given=len(self.weights), count=count)
+            raise OptionError("{weights}: got {given} weight(s) for {count} inputs, which hold at least {count} "
+                              "concepts; give one per concept, in input order.", given=len(self.weights), count=count)
 
     def concept_weights(self, tokens: Sequence[str]) -> list[float]:
         """The weight of each concept (named by ``tokens``, for the message) of a weighted merge."""

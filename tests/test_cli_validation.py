@@ -93,8 +93,8 @@ def test_cd_merge_warns_about_an_unwritable_cache_in_one_line(tiny_pipeline_path
                                         r"without a unique solution"),
     (["--method", "soft", "--weights", "1", "0"], r"^--weights: every weight must be a finite number > 0, "
                                                   r"got 0\.$"),
-    (["--method", "soft", "--weights", "5"], r"^--weights: got 1 weight\(s\) for 2 inputs; give one per "
-                                             r"concept, in input order\.$"),
+    (["--method", "soft", "--weights", "5"], r"^--weights: got 1 weight\(s\) for 2 inputs, which hold at least 2 "
+                                             r"concepts; give one per concept, in input order\.$"),
     (["--weights", "1", "2"], r"^--weights only applies to --method soft or hybrid, not to --method constrained; "),
     (["--method", "hybrid", "--mu", "2", "--rows", "pipeline"], r"^--mu only applies to --method soft, not to --method "
                                                                r"hybrid; add --method soft or leave them out\.$"),
