@@ -2,9 +2,9 @@
 
 1. Opens the shipped base ``builtin:toyworld``: a small Stable Diffusion pipeline trained on a
    world of coloured, patterned shapes (see its model card).
-2. Trains two personal concepts with ``cd-train``: a star with an orange and a teal half
-   (``<new1> star``) and a purple ring with three yellow dots (``<new2> ring``), from the
-   shipped instance images.
+2. Trains two personal concepts with ``cd-train``, the quality benchmark's first pair: a blue
+   diamond with two orange bands (``<new6> diamond``) and a yellow smiley circle (``<new4>
+   circle``), from the shipped instance images, with the benchmark's recipe.
 3. Merges them with ``cd-merge``: the constrained merge, the naive sum and the average.
 4. Samples a labelled grid (each concept alone, the merges, the base) of two-concept prompts.
 5. Judges every model with the world's detector: is each concept there, are both, is the rest
