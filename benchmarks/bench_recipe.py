@@ -22,7 +22,7 @@ import torch
 
 from mergekit_cd.toyworld import benchmark
 from mergekit_cd.toyworld.concepts import CONCEPT_NAMES, concept
-from mergekit_cd.toyworld.quality import rate, sample_batch
+from mergekit_cd.toyworld.quality import concept_prompts, rate, sample_batch
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,10 +69,11 @@ def main(argv: list[str] | None = None) -> int:
                                                  steps=options.sampling_steps, guidance_scale=options.guidance_scale))
             return str(rate(sum(name in d.concepts for d in found), len(found)))
 
+        (photo, _), (beach, _), *_ = concept_prompts(token, item)  # the benchmark's own prompts
         apply(pipe, delta)
-        cells = [shown(f"photo of a {token} {item.class_word}"), shown(f"a {token} {item.class_word} on the beach")]
+        cells = [shown(photo), shown(beach)]
         remove(pipe)
-        cells.append(shown(f"photo of a {item.class_word}"))
+        cells.append(shown(concept_prompts("", item)[0][0]))
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
     return 0
 

@@ -259,7 +259,9 @@ def train_unet(data: WorldData, latents: torch.Tensor, text_encoder: Any, tokeni
     ``unet``: continue training this one (a later stage of the recipe) instead of a new one;
     ``snapshot(step, unet)`` receives a copy of the EMA weights every ``snapshot_every`` steps."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
-    from diffusers.training_utils import EMAModel, compute_snr
+    from diffusers.training_utils import EMAModel
+
+    from ..train.step import timestep_weights
 
     torch.manual_seed(seed)
     unet = (unet or UNet2DConditionModel(**UNET_CONFIG)).to(device).train()
@@ -285,8 +287,7 @@ def train_unet(data: WorldData, latents: torch.Tensor, text_encoder: Any, tokeni
                                   generator=generator).to(device)
         noisy = noise_scheduler.add_noise(clean, noise, timesteps)
         prediction = unet(noisy, timesteps, context).sample
-        snr = compute_snr(noise_scheduler, timesteps)
-        weights = torch.clamp(snr, max=5.0) / snr
+        weights = timestep_weights(noise_scheduler, timesteps, 5.0)
         loss = (weights * F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
         _step(loss, optimizer, scheduler, unet.parameters())
         ema.step(unet.parameters())
