@@ -48,3 +48,17 @@ def test_a_trained_concept_is_kept_per_recipe():
 def test_an_unknown_concept_is_refused_before_training(bench, tmp_path):
     with pytest.raises(ValueError, match="unknown toy-world concept 'moon'"):
         bench.main(["moon", "--work", str(tmp_path)])
+
+
+def test_the_demos_cd_train_arguments_are_the_recipe():
+    """recipe_arguments (what `make demo` runs) parses, through cd-train's own parser, to every
+    field of the recipe train() gets in the benchmark."""
+    from mergekit_cd.cli.train import build_parser
+    from mergekit_cd.toyworld.benchmark import BenchmarkOptions, recipe_arguments
+
+    options = BenchmarkOptions().quick()
+    args = build_parser().parse_args(["--base", "b", "-o", "o", *recipe_arguments(options)])
+    parsed = dict(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, augment=args.augment,
+                  snr_gamma=args.snr_gamma, num_class_images=args.num_class_images,
+                  class_sampling_steps=args.class_sampling_steps, seed=args.seed)
+    assert parsed == options.recipe()
