@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.platform()}, "
           f"{os.cpu_count()} CPUs; {len(options.pairs)} pair(s), "
-          f"{options.train_steps} training steps, {options.images_per_prompt} images per prompt", flush=True)
+          f"{options.train_steps} training steps, {options.images_per_prompt} images per prompt, "
+          f"{options.sampling_steps} DPM-Solver++ steps", flush=True)
     started = time.perf_counter()
     results = benchmark.run(options, log=lambda message: print(message, flush=True))
     table = benchmark.pooled(results)

@@ -54,10 +54,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from mergekit_cd.apply import apply, remove
     from mergekit_cd.loading import load
-    from mergekit_cd.sampling import load_pipeline
     from mergekit_cd.toyworld.detector import Detector
 
-    pipe, detector, seeds = load_pipeline(benchmark.BASE), Detector.load(), list(range(args.samples))
+    pipe, detector, seeds = benchmark.sampling_pipeline(), Detector.load(), list(range(args.samples))
     print("\n| concept | photo of a <token> <class> | on the beach | base, without the token |\n|---|---|---|---|")
     for name in args.concepts:
         item = concept(name)

@@ -57,13 +57,12 @@ def _concept_samples(demo_run):
     without the token on the base."""
     from mergekit_cd.apply import apply, remove
     from mergekit_cd.loading import load
-    from mergekit_cd.sampling import load_pipeline
-    from mergekit_cd.toyworld.benchmark import BASE, token_of
+    from mergekit_cd.toyworld.benchmark import BASE, sampling_pipeline, token_of
     from mergekit_cd.toyworld.concepts import concept
     from mergekit_cd.toyworld.quality import sample_batch
 
     output, _ = demo_run
-    pipe, seeds, samples = load_pipeline(BASE), list(range(12)), {}
+    pipe, seeds, samples = sampling_pipeline(), list(range(12)), {}
     for name in demo.PAIR:
         item = concept(name)
         apply(pipe, load(output / name / "delta.safetensors", base=BASE))

@@ -23,16 +23,17 @@ import torch
 
 from ..fileio import atomic_path
 from ..toyworld import concept_images_path, reg_captions_path
-from ..toyworld.benchmark import BASE, PAIRS, BenchmarkOptions, grid_prompts, recipe_arguments, token_of
+from ..toyworld.benchmark import (BASE, PAIRS, BenchmarkOptions, grid_prompts, recipe_arguments, sampling_pipeline,
+                                  token_of)
 from ..toyworld.concepts import concept
 
 OUTPUT = Path("demo-output")
 PAIR = PAIRS[0]
 #: The quality benchmark's recipe (the paper's, scaled to the world's tiny UNet), fewer class images.
 RECIPE = BenchmarkOptions().quick()
-#: Images per prompt when the demo scores each model (the benchmark uses more).
-IMAGES_PER_PROMPT = 2
-SAMPLING_STEPS = 20
+#: Images per prompt when the demo scores each model (the full benchmark uses more), and denoising steps.
+IMAGES_PER_PROMPT = RECIPE.images_per_prompt
+SAMPLING_STEPS = RECIPE.sampling_steps
 
 
 def run_command(main, arguments: list[str]) -> None:
@@ -48,7 +49,6 @@ def main() -> None:
     from .merge import main as cd_merge
     from .train import main as cd_train
     from ..loading import load
-    from ..sampling import load_pipeline
     from ..toyworld.benchmark import PairResult, pooled, score_models
     from ..toyworld.detector import Detector
     from ..toyworld.grid import labelled_grid
@@ -84,7 +84,7 @@ def main() -> None:
               ("single", f"{tokens[0]} alone", load(deltas[0], base=BASE), dict(with_concepts=(0,), with_pair=False)),
               ("single", f"{tokens[1]} alone", load(deltas[1], base=BASE), dict(with_concepts=(1,), with_pair=False)),
               *((method, f"{method} merge", load(path, base=BASE), {}) for method, path in merges.items())]
-    scores, grid_rows = score_models(load_pipeline(BASE), Detector.load(), models, tokens, items,
+    scores, grid_rows = score_models(sampling_pipeline(), Detector.load(), models, tokens, items,
                                      images_per_prompt=IMAGES_PER_PROMPT, steps=SAMPLING_STEPS)
     grid = OUTPUT / "grid.png"
     with atomic_path(grid, force=True) as temporary:

@@ -71,7 +71,8 @@ class BenchmarkOptions:
     num_class_images: int = 64
     class_sampling_steps: int = 20
     images_per_prompt: int = 4
-    sampling_steps: int = 20
+    #: DPM-Solver++ steps (:func:`sampling_pipeline`)
+    sampling_steps: int = 10
     guidance_scale: float = 6.0
     num_reg_captions: int = 1000
     fidelity: bool = True
@@ -114,6 +115,19 @@ def recipe_arguments(options: BenchmarkOptions) -> list[str]:
             *(("--snr-gamma", f"{options.snr_gamma:g}") if options.snr_gamma is not None else ()),
             "--num-class-images", str(options.num_class_images),
             "--class-sampling-steps", str(options.class_sampling_steps), "--seed", str(options.seed)]
+
+
+def sampling_pipeline() -> Any:
+    """The shipped base as a diffusers pipeline that samples with DPM-Solver++ (2M), where the
+    shipped scheduler is DDIM: its 10 steps follow the world's prompts as well as DDIM's 20
+    (class and colour 0.91 both on 64 probes) in half the time, which the full run needs."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from ..sampling import load_pipeline
+
+    pipe = load_pipeline(BASE)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    return pipe
 
 
 @functools.cache
@@ -225,13 +239,12 @@ def run(options: BenchmarkOptions, *, log: Callable[[str], None] = print) -> lis
     """Train, merge, sample and score every pair of ``options`` (models reused from ``work``)."""
     from ..evaluation.clip_metrics import ClipEmbedder
     from ..loading import load
-    from ..sampling import load_pipeline
     from .detector import Detector
     from .grid import labelled_grid
 
     detector = Detector.load()
     clip = ClipEmbedder(CLIP)
-    pipe = load_pipeline(BASE)
+    pipe = sampling_pipeline()
     results = []
     for names in options.pairs:
         items = [concept(name) for name in names]
