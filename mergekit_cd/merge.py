@@ -174,7 +174,7 @@ def _encode_text(plan: MergePlan, options: MergeOptions, *, report: bool, progre
     base's outputs on it, all under the options' row rule; for a ``context_rows`` method the target
     prompts' token rows are the targets and their other rows the contexts.
 
-    All three are cached on disk; the text encoder is loaded only on a miss, once for all three,
+    All are cached on disk; the text encoder is loaded only on a miss, once for all of them,
     and dropped on return, before the K/V work starts. A repeated merge loads no encoder at all.
     Each concept's prompts are encoded on their own (batches of other prompts change the float32
     rounding), so its features do not depend on the merge it is in: what makes a merge grown from

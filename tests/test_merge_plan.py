@@ -435,6 +435,24 @@ def test_the_base_held_out_outputs_are_computed_once_and_cached_beside_their_gra
     assert load_file(file)["squared_norm"].item() == pytest.approx(expected, rel=1e-12)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds mapped files in /proc/self/maps")
+def test_libc_is_looked_up_once_however_many_pickles_are_mapped(base, two, tmp_path, monkeypatch):
+    """Handing a mapped pickle's pages back needs libc's madvise, and ctypes' find_library forks
+    ldconfig to find libc: once a process, not once per mapped input (100 forks planning 100
+    authors' files)."""
+    import ctypes.util
+
+    from mergekit_cd import fileio
+
+    calls = []
+    real = ctypes.util.find_library
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: calls.append(name) or real(name))
+    fileio._libc_madvise.cache_clear()
+    paths = [str(save(delta, tmp_path / f"{index}.bin", base=base)) for index, delta in enumerate(two)]
+    plan_merge(paths, captions(), base=base)
+    assert calls == ["c"]
+
+
 def test_each_input_is_parsed_once_to_plan_and_each_layer_read_once_to_merge(base, tmp_path, monkeypatch):
     """Planning (resolve, detect, validate, compare, class words) unpickles an authors' .bin or a
     CompVis .ckpt once, and opens a safetensors file once; the merge then reads each layer of each
