@@ -19,6 +19,7 @@ from torch import Tensor
 from .errors import MergeError
 from .features import DEFAULT_ROWS, ROW_RULES, LazyTextFeatures, PromptRows, RowRule
 from .fileio import atomic_path, save_safetensors
+from .merge_report import quadratic
 
 if TYPE_CHECKING:
     from .base import BaseModel
@@ -159,6 +160,51 @@ def cached_features(base: BaseModel, texts: Sequence[str], *, rule: RowRule = RO
     _write_cache(path, {str(index): prompt.rows for index, prompt in enumerate(prompts)}, metadata,
                  "the target features")
     return prompts, False
+
+
+def cached_base_outputs(base: BaseModel, captions: Sequence[str], held_gram: Tensor, *,
+                        rule: RowRule = ROW_RULES[DEFAULT_ROWS], dtype: torch.dtype = torch.float32,
+                        tokens: Mapping[str, Sequence[Tensor]] | None = None,
+                        cache_dir: str | os.PathLike[str] | None = None,
+                        encoder: LazyTextFeatures | None = None) -> float:
+    """``||W0 C_h^T||^2`` over every layer of ``base`` (K then V rows, float64, on ``held_gram``'s
+    device), ``held_gram`` being the Gram matrix of ``captions``: the denominator of a merge
+    report's held-out drift. It is the same for every merge on this base with these captions, and
+    costs n d^2 a layer, as much as the naive sum's drift; so it is stored beside their Gram
+    matrix, as ``base-outputs-<key>.safetensors`` under :func:`gram_cache_key` (whose base
+    fingerprint is of these K/V weights), and computed only on a miss. ``encoder``'s dtype and
+    tokens win over the arguments, as in :func:`cached_gram`; damaged files are misses, an
+    unwritable cache warns."""
+    if encoder is not None:
+        dtype, tokens = encoder.dtype, encoder.tokens
+    key = gram_cache_key(base, captions, dtype, tokens, rule=rule)
+    path = Path(cache_dir or default_cache_dir()).expanduser() / f"base-outputs-{key}.safetensors"
+    cached = _read_squared_norm(path)
+    if cached is not None:
+        return cached
+    total = 0.0
+    for name in base.layer_names():
+        total += quadratic(torch.cat(base.kv(name)).to(held_gram.device, torch.float64), held_gram)
+    metadata = {"format_version": _CACHE_FORMAT_VERSION, "feature_rule": rule.name, "base": base.name,
+                "base_fingerprint": base.fingerprint, "num_captions": str(len(captions))}
+    _write_cache(path, {"squared_norm": torch.tensor(total, dtype=torch.float64)}, metadata,
+                 "the base's held-out outputs")
+    return total
+
+
+def _read_squared_norm(path: Path) -> float | None:
+    """The cached squared norm, or None when the file is missing or damaged (not one finite,
+    non-negative float64)."""
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            value = handle.get_tensor("squared_norm")
+    except Exception:  # noqa: BLE001 - a damaged cache file is recomputed, whatever the damage
+        return None
+    if value.dtype != torch.float64 or value.shape != () or not bool(torch.isfinite(value)) or float(value) < 0:
+        return None
+    return float(value)
 
 
 def _read_gram(path: Path, width: int) -> tuple[Tensor, int] | None:

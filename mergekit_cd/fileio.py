@@ -9,6 +9,7 @@ are only ever opened by :func:`load_pickle`, which accepts plain tensors and con
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import math
 import os
@@ -689,7 +690,10 @@ def _file_mappings(path: Path) -> list[tuple[int, int]]:
     return ranges
 
 
+@functools.cache
 def _libc_madvise() -> Callable[[int, int, int], int] | None:
+    """libc's ``madvise``, looked up once a process: ``find_library`` runs ``ldconfig`` in a child
+    process, which a merge of 100 mapped inputs forked once per input."""
     import ctypes
     import ctypes.util
 

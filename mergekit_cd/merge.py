@@ -23,9 +23,9 @@ from tqdm.auto import tqdm
 from . import formats
 from .base import BaseModel
 from .captions import heldout_captions
-from .delta import LORA_RTOL, ConceptDelta, LayerDelta, LowRank, combine_modules, factorize
+from .delta import LORA_RTOL, ConceptDelta, LayerDelta, LowRank, combine_modules, dense, factorize
 from .errors import MergeError
-from .feature_cache import cached_features, cached_gram
+from .feature_cache import cached_base_outputs, cached_features, cached_gram
 from .features import LazyTextFeatures, PromptRows
 from .limits import MAX_CONSTRAINT_ROWS, MAX_SOLVED_ROWS, check_limit
 from .loading import EmbeddingFile, PathLike, as_base, save
@@ -163,17 +163,18 @@ class _TextPhase:
     num_rows: int
     gram_from_cache: bool
     held_gram: Tensor | None  # C_held^T C_held, for the drift report
+    base_outputs: float  # ||W0 C_held^T||^2 over the base's layers, the drift's denominator (0 without a report)
     encoder_loaded: bool  # whether a text encoder was loaded (a cache miss), to be released
     notes: tuple[str, ...] = ()  # what was done to the targets, for the report
 
 
 def _encode_text(plan: MergePlan, options: MergeOptions, *, report: bool, progress: bool,
                  stored: StoredConcepts) -> _TextPhase:
-    """Target features, the caption Gram matrix and (for the report) the held-out one, all under
-    the options' row rule; for a ``context_rows`` method the target prompts' token rows are the
-    targets and their other rows the contexts.
+    """Target features, the caption Gram matrix and (for the report) the held-out one with the
+    base's outputs on it, all under the options' row rule; for a ``context_rows`` method the target
+    prompts' token rows are the targets and their other rows the contexts.
 
-    All three are cached on disk; the text encoder is loaded only on a miss, once for all three,
+    All are cached on disk; the text encoder is loaded only on a miss, once for all of them,
     and dropped on return, before the K/V work starts. A repeated merge loads no encoder at all.
     Each concept's prompts are encoded on their own (batches of other prompts change the float32
     rounding), so its features do not depend on the merge it is in: what makes a merge grown from
@@ -214,12 +215,15 @@ def _encode_text(plan: MergePlan, options: MergeOptions, *, report: bool, progre
     elif options.spec.solves:
         gram, num_rows, from_cache = cached_gram(plan.base, list(plan.reg_captions), rule=rule, batch_size=batch_size,
                                                  cache_dir=cache_dir, progress=progress, encoder=encoder)
-    held_gram = None
+    held_gram, base_outputs = None, 0.0
     if report:
         captions = list(options.held_out) if options.held_out is not None else heldout_captions()
         held_gram = cached_gram(plan.base, captions, rule=rule, batch_size=batch_size, cache_dir=cache_dir,
                                 progress=progress, label="held-out features", encoder=encoder)[0]
-    return _TextPhase(targets, contexts, gram, num_rows, from_cache, held_gram, encoder.loaded, tuple(notes))
+        base_outputs = cached_base_outputs(plan.base, captions, held_gram.to(options.solve_device), rule=rule,
+                                           cache_dir=cache_dir, encoder=encoder)
+    return _TextPhase(targets, contexts, gram, num_rows, from_cache, held_gram, base_outputs, encoder.loaded,
+                      tuple(notes))
 
 
 def _check_rows(stored: StoredConcepts, encoded: Sequence[list[PromptRows] | None], split: bool, width: int) -> None:
@@ -290,8 +294,8 @@ def execute(plan: MergePlan, options: MergeOptions | None = None, *, progress: b
     # every concept's rows stacked once: a layer's W0 C^T is one product, not one per concept
     stacked_features, stacked_contexts = torch.cat(features), torch.cat(contexts) if contexts else None
     held_gram = text.held_gram.to(solve_device) if text.held_gram is not None else None
-    sums = (ReportSums(features, held_gram, operator.Z if operator is not None else None) if return_report
-            else None)
+    sums = (ReportSums(features, held_gram, operator.Z if operator is not None else None, text.base_outputs)
+            if return_report else None)
     layers: dict[str, LayerDelta] = {}
     layer_digests: list[dict[str, bytes]] = [{} for _ in plan.deltas]
     recorder = StatisticsRecorder(stored.records) if statistics and spec.solves else None
@@ -301,17 +305,20 @@ def execute(plan: MergePlan, options: MergeOptions | None = None, *, progress: b
         naive_sum, own = torch.zeros_like(W0), [torch.empty(0)] * len(features)
         own_context = [torch.empty(0)] * len(contexts)  # D_owner P_i^T, for the U_i of a context_rows method
         keys = plan.base.kv_shapes()[name][0][0]
+        rows = torch.empty_like(W0)  # each input's K then V differences in float64, in turn: one buffer a layer
         for index, delta in enumerate(plan.deltas):
-            rows = delta.layers[name].rows()
-            layer_digests[index][name] = _layer_digest(name, rows, keys)  # for the recipe: no second read
-            rows = rows.to(solve_device, torch.float64)
+            layer = delta.layers[name]
+            parts = (dense(layer.key), dense(layer.value))
+            layer_digests[index][name] = _layer_digest(name, parts)  # for the recipe: no second read
+            rows[:keys].copy_(parts[0])  # converted as copied: no stacked float32 copy, no new float64 one
+            rows[keys:].copy_(parts[1])
+            del parts, layer
             naive_sum += rows
             for i, owner in enumerate(plan.owners):
                 if owner == index and stored.records[i] is None:
                     own[i] = rows @ features[i].T
                     if contexts:
                         own_context[i] = rows @ contexts[i].T
-            del rows
         for i, record in enumerate(stored.records):
             if record is not None:  # D_i C_i^T (and D_i P_i^T) as the merge that stored it computed it
                 own[i] = torch.cat(record.changes[name]).to(solve_device)
@@ -405,10 +412,10 @@ def _recipe(plan: MergePlan, options: MergeOptions, total_ridge: float, layer_di
     }
 
 
-def _layer_digest(name: str, rows: Tensor, keys: int) -> bytes:
+def _layer_digest(name: str, parts: tuple[Tensor, Tensor]) -> bytes:
     """sha256 of one layer's K and V differences (float32), whatever way they were stored."""
     digest = hashlib.sha256()
-    for part in (rows[:keys], rows[keys:]):
+    for part in parts:
         digest.update(name.encode())
         digest.update(part.detach().float().contiguous().numpy())  # hashed in place, not copied to bytes
     return digest.digest()

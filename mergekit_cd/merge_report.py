@@ -94,20 +94,26 @@ class ConstraintResiduals:
 class ReportSums:
     """Squared norms for the report, accumulated layer by layer (no output matrix is kept).
 
-    The held-out drift of a solved merge comes from the solve's own small matrices: its
-    difference is ``(V - W0 C^T) Z`` with the misfit ``V - W0 C^T`` = each concept's own change
-    (n, s), so ``||D C_h^T||^2 = sum((misfit K) * misfit)`` with ``K = Z G_h Z^T`` (s, s),
-    factored once; the layer's difference is never multiplied with the d x d held-out Gram
-    matrix. It is the drift of the float64 solve: rounding the difference to float32 moves it by
-    about 1e-7 of itself, far below the digits printed (the residuals, where rounding is what
-    shows, are those of the weights as written)."""
+    The held-out drift of a solved merge with fewer constraint rows than features (s < d) comes
+    from the solve's own small matrices: its difference is ``(V - W0 C^T) Z`` with the misfit
+    ``V - W0 C^T`` = each concept's own change (n, s), so ``||D C_h^T||^2 = sum((misfit K) *
+    misfit)`` with ``K = Z G_h Z^T`` (s, s), factored once: a layer costs n s^2, not the n d^2 of
+    its difference times the d x d held-out Gram matrix. That is the drift of the float64 solve:
+    rounding the difference to float32 moves it by about 1e-7 of itself, far below the digits
+    printed (the residuals, where rounding is what shows, are those of the weights as written).
+    With as many rows as features or more (SD1.5, d = 768: 128 concepts of six rows) the
+    difference's own n d^2 is the cheaper, and is taken. The base's own held-out outputs, the drifts' denominator,
+    come summed over its layers (``base_outputs``, cached: :func:`~.feature_cache.cached_base_outputs`)."""
 
-    def __init__(self, features: Sequence[Tensor], held_gram: Tensor, update: Tensor | None) -> None:
+    def __init__(self, features: Sequence[Tensor], held_gram: Tensor, update: Tensor | None,
+                 base_outputs: float) -> None:
         # the merged difference as returned, the full weights as written, the naive sum
         self.residuals = ConstraintResiduals(3, features)
         self.held_gram = held_gram
-        self.misfit_form = update @ held_gram @ update.mT if update is not None else None  # K = Z G_h Z^T
-        self.drift = self.sum_drift = self.base = 0.0
+        smaller = update is not None and update.shape[0] < held_gram.shape[0]
+        self.misfit_form = update @ held_gram @ update.mT if smaller else None  # K = Z G_h Z^T
+        self.drift = self.sum_drift = 0.0
+        self.base = base_outputs  # ||W0 C_h^T||^2 over every layer
 
     def add(self, W0: Tensor, targets: Tensor, own: Tensor, merged: Tensor, naive_sum: Tensor,
             misfit: Tensor | None = None) -> None:
@@ -118,12 +124,11 @@ class ReportSums:
         written, not of the float64 solve."""
         full = (W0.float() + merged.float()).double() - W0  # what FineTunedWeights.from_delta writes
         self.residuals.add(targets, own, (merged, full, naive_sum))
-        if misfit is not None:
+        if misfit is not None and self.misfit_form is not None:
             self.drift += float(((misfit @ self.misfit_form) * misfit).sum().clamp_min(0))
         else:
-            self.drift += _quadratic(merged, self.held_gram)
-        self.sum_drift += _quadratic(naive_sum, self.held_gram)
-        self.base += _quadratic(W0, self.held_gram)
+            self.drift += quadratic(merged, self.held_gram)
+        self.sum_drift += quadratic(naive_sum, self.held_gram)
 
     def report(self, method: str, concepts: Sequence[Concept], renames: Sequence[TokenRename], *,
                num_captions: int, num_rows: int, gram_from_cache: bool, info: SolveInfo | None,
@@ -137,7 +142,7 @@ class ReportSums:
                            (*notes, *(info.notes if info is not None else ())))
 
 
-def _quadratic(X: Tensor, gram: Tensor) -> float:
+def quadratic(X: Tensor, gram: Tensor) -> float:
     """``||X C^T||^2 = sum((X G) * X)`` for ``G = C^T C``, without the rows of C."""
     return float(((X @ gram) * X).sum().clamp_min(0))
 

@@ -390,6 +390,69 @@ def test_reported_residual_is_of_the_file_as_written(base, two, tmp_path, output
         assert report.solve_info.residual < 1e-3 * reported
 
 
+def test_the_recipe_hash_of_an_input_changes_with_any_one_of_its_values(base, two, tmp_path):
+    """The recipe's content hash identifies each input by its differences and tokens, not by its
+    file: a delta in memory and the same delta read from its file hash alike, and one value moved
+    by one float32 step changes that input's hash, and only its."""
+    from dataclasses import replace
+
+    from mergekit_cd.delta import LayerDelta, dense
+
+    def hashes(deltas):
+        merged = merge(deltas, captions(), base=base, cache_dir=tmp_path / "cache")
+        return [entry["content_sha256"] for entry in merged.metadata["recipe"]["inputs"]]
+
+    first = hashes(two)
+    assert hashes([str(save(two[0], tmp_path / "cat.safetensors")), two[1]]) == first
+    layer = base.layer_names()[-1]
+    value = dense(two[1].layers[layer].value).clone()
+    value[-1, -1] = torch.nextafter(value[-1, -1], torch.tensor(float("inf")))
+    moved = replace(two[1], layers={**two[1].layers, layer: LayerDelta(two[1].layers[layer].key, value)})
+    changed = hashes([two[0], moved])
+    assert changed[0] == first[0] and changed[1] != first[1]
+
+
+def test_the_base_held_out_outputs_are_computed_once_and_cached_beside_their_gram_matrix(base, two, tmp_path):
+    """The drift's denominator, ||W0 C_h^T||^2 over the base's layers, is stored on a first merge
+    and read back by the next (the same report); the stored value is that sum, and a damaged file
+    is recomputed to it."""
+    from mergekit_cd.captions import heldout_captions
+    from mergekit_cd.feature_cache import cached_gram
+    from safetensors.torch import load_file
+
+    cache = tmp_path / "cache"
+    _, first = merge(two, captions(), base=base, cache_dir=cache, return_report=True)
+    [file] = cache.glob("base-outputs-*.safetensors")
+    held_gram = cached_gram(base, heldout_captions(), cache_dir=cache)[0]
+    expected = sum(float(((W0 @ held_gram) * W0).sum()) for W0 in
+                   (torch.cat(base.kv(name)).double() for name in base.layer_names()))
+    assert load_file(file)["squared_norm"].item() == pytest.approx(expected, rel=1e-12)
+    _, second = merge(two, captions(), base=base, cache_dir=cache, return_report=True)
+    assert (second.drift, second.sum_drift) == (first.drift, first.sum_drift)
+    file.write_bytes(b"damaged")
+    _, third = merge(two, captions(), base=base, cache_dir=cache, return_report=True)
+    assert (third.drift, third.sum_drift) == (first.drift, first.sum_drift)
+    assert load_file(file)["squared_norm"].item() == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds mapped files in /proc/self/maps")
+def test_libc_is_looked_up_once_however_many_pickles_are_mapped(base, two, tmp_path, monkeypatch):
+    """Handing a mapped pickle's pages back needs libc's madvise, and ctypes' find_library forks
+    ldconfig to find libc: once a process, not once per mapped input (100 forks planning 100
+    authors' files)."""
+    import ctypes.util
+
+    from mergekit_cd import fileio
+
+    calls = []
+    real = ctypes.util.find_library
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: calls.append(name) or real(name))
+    fileio._libc_madvise.cache_clear()
+    paths = [str(save(delta, tmp_path / f"{index}.bin", base=base)) for index, delta in enumerate(two)]
+    plan_merge(paths, captions(), base=base)
+    assert calls == ["c"]
+
+
 def test_each_input_is_parsed_once_to_plan_and_each_layer_read_once_to_merge(base, tmp_path, monkeypatch):
     """Planning (resolve, detect, validate, compare, class words) unpickles an authors' .bin or a
     CompVis .ckpt once, and opens a safetensors file once; the merge then reads each layer of each
