@@ -96,6 +96,30 @@ def test_trained_concept_moves_samples_towards_its_instances(concept_samples):
         assert closer > base + 0.01, (name, closer, base)
 
 
+def test_the_merge_keeps_each_concept_closer_to_its_instances_than_the_base(demo_run, concept_samples):
+    """The demo's constrained merge, like each concept alone, draws each concept's prompt closer to
+    its instance images (the world's CLIP, mean image-image cosine) than the base draws the prompt
+    without the token: fails if the merge loses a concept."""
+    from mergekit_cd.apply import apply
+    from mergekit_cd.evaluation.clip_metrics import ClipEmbedder, mean_pairwise_cosine
+    from mergekit_cd.loading import load
+    from mergekit_cd.toyworld.benchmark import BASE, CLIP, instance_references, sampling_pipeline, token_of
+    from mergekit_cd.toyworld.concepts import concept
+    from mergekit_cd.toyworld.quality import sample_batch
+
+    output, _ = demo_run
+    pipe, clip, seeds = sampling_pipeline(), ClipEmbedder(CLIP), list(range(12))
+    apply(pipe, load(output / "constrained.safetensors", base=BASE))
+    for name, (_, without) in concept_samples.items():
+        item = concept(name)
+        merged = sample_batch(pipe, [f"photo of a {token_of(item)} {item.class_word}"] * len(seeds), seeds,
+                              steps=CONCEPT_SAMPLING_STEPS, guidance_scale=6.0)
+        reference = clip.embed_images(instance_references(item))
+        closer = mean_pairwise_cosine(clip.embed_images(merged), reference)
+        base = mean_pairwise_cosine(clip.embed_images(without), reference)
+        assert closer > base + 0.01, (name, closer, base)
+
+
 def test_trained_concept_appears_with_its_token_and_not_without(concept_samples):
     """The demo's first concept shows in most samples of its prompt; the second, learned less
     well, in at least a fifth (README, demo); the base draws neither in more than one sample in

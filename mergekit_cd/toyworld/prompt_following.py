@@ -181,17 +181,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mergekit_cd.toyworld.prompt_following", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=100, help="prompts of each kind (default %(default)s)")
-    parser.add_argument("--steps", type=int, default=20, help="DDIM steps (default %(default)s)")
+    parser.add_argument("--steps", type=int, default=20, help="denoising steps (default %(default)s)")
+    parser.add_argument("--sampler", choices=("ddim", "dpm-solver++"), default="ddim",
+                        help="the base's own DDIM scheduler (the model card's), or DPM-Solver++ as the "
+                             "quality benchmark samples (default %(default)s)")
     parser.add_argument("--base", default="builtin:toyworld")
     parser.add_argument("--write-card", action="store_true",
                         help="write MODEL_CARD.md beside the shipped base (needs its training.json)")
     args = parser.parse_args(argv)
-    from ..sampling import load_pipeline
     from . import ASSETS
+    from .benchmark import sampling_pipeline
     from .detector import Detector, heldout_accuracy
 
+    if args.write_card and args.sampler != "ddim":
+        parser.error("--write-card measures with the base's own sampler: leave out --sampler")
     started = time.perf_counter()
-    accuracy = measure(load_pipeline(args.base), Detector.load(), probes(args.images), steps=args.steps)
+    pipe = sampling_pipeline(args.base, dpm_solver=args.sampler == "dpm-solver++")
+    accuracy = measure(pipe, Detector.load(), probes(args.images), steps=args.steps)
     for name, value in accuracy.items():
         print(f"{name:<12} {value:.3f}" if not name.startswith("n_") else f"{name:<12} {value}")
     print(f"measured in {time.perf_counter() - started:.0f} s")
