@@ -116,9 +116,9 @@ def cached_gram(base: BaseModel, captions: Sequence[str], *, rule: RowRule = ROW
     file that is not a valid Gram matrix counts as a miss; an unwritable cache only warns.
     """
     encoder = encoder or LazyTextFeatures(base, tokens, device=device, dtype=dtype)
-    (gram, count), from_cache = cached_sets(base, [TextSet(tuple(captions), gram=True)], rule=rule,
+    (gram, count), from_cache = cached_sets(base, [TextSet(tuple(captions), gram=True, label=label)], rule=rule,
                                             batch_size=batch_size, cache_dir=cache_dir, progress=progress,
-                                            label=label, encoder=encoder)[0]
+                                            encoder=encoder)[0]
     return gram, count, from_cache
 
 
@@ -139,8 +139,8 @@ def cached_features(base: BaseModel, texts: Sequence[str], *, rule: RowRule = RO
 
 
 def cached_sets(base: BaseModel, sets: Sequence[TextSet], *, rule: RowRule, batch_size: int,
-                cache_dir: str | os.PathLike[str] | None, encoder: LazyTextFeatures, progress: bool = False,
-                label: str = "text features") -> list[tuple[list[PromptRows] | tuple[Tensor, int], bool]]:
+                cache_dir: str | os.PathLike[str] | None, encoder: LazyTextFeatures,
+                progress: bool = False) -> list[tuple[list[PromptRows] | tuple[Tensor, int], bool]]:
     """Per set, ``(its result, from_cache)``: :func:`cached_gram` of a ``gram`` set, else
     :func:`cached_features`, with every miss encoded in one :meth:`TextFeatures.encode` call, so
     that each text encoder is loaded once for all of them (SDXL's two one after the other)."""
@@ -163,7 +163,7 @@ def cached_sets(base: BaseModel, sets: Sequence[TextSet], *, rule: RowRule, batc
     misses = [index for index, result in enumerate(found) if result is None]
     if misses:
         encoded = encoder.get().encode([sets[index] for index in misses], rule=rule, batch_size=batch_size,
-                                       progress=progress, label=label)
+                                       progress=progress)
         for index, result in zip(misses, encoded):
             found[index] = _write_result(base, sets[index], result, paths[index], rule, encoder.dtype)
     return [(result, index not in misses) for index, result in enumerate(found)]

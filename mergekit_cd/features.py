@@ -123,10 +123,12 @@ class PromptRows:
 class TextSet:
     """Texts that :meth:`TextFeatures.encode` encodes as one batch set: their prompts' rows, or
     (``gram``) only the Gram matrix of all their rows, summed batch by batch so that they are
-    never all held. Batches never mix two sets: a set's features do not depend on the others."""
+    never all held. Batches never mix two sets: a set's features do not depend on the others.
+    ``label`` names its progress bar (None: no bar)."""
 
     texts: tuple[str, ...]
     gram: bool = False
+    label: str | None = None
 
 
 class TextFeatures:
@@ -207,8 +209,8 @@ class TextFeatures:
     def prompt_rows(self, captions: Sequence[str], *, rule: RowRule = ROW_RULES[DEFAULT_ROWS], batch_size: int = 64,
                     progress: bool = False, label: str = "text features") -> list[PromptRows]:
         """Per caption, the rows ``rule`` keeps (float32, CPU) and which are its token rows, in input order."""
-        return self.encode([TextSet(tuple(captions))], rule=rule, batch_size=batch_size,
-                           progress=progress, label=label)[0]
+        return self.encode([TextSet(tuple(captions), label=label)], rule=rule, batch_size=batch_size,
+                           progress=progress)[0]
 
     def gram(self, captions: Sequence[str], *, rule: RowRule = ROW_RULES[DEFAULT_ROWS], batch_size: int = 64,
              progress: bool = False, label: str = "text features") -> tuple[Tensor, int]:
@@ -217,14 +219,15 @@ class TextFeatures:
         Accumulated batch by batch, so the features of all captions are never held at once;
         ``label`` names the progress bar.
         """
-        return self.encode([TextSet(tuple(captions), gram=True)], rule=rule, batch_size=batch_size,
-                           progress=progress, label=label)[0]
+        return self.encode([TextSet(tuple(captions), gram=True, label=label)], rule=rule, batch_size=batch_size,
+                           progress=progress)[0]
 
     def encode(self, sets: Sequence[TextSet], *, rule: RowRule = ROW_RULES[DEFAULT_ROWS], batch_size: int = 64,
-               progress: bool = False, label: str = "text features") -> list[list[PromptRows] | tuple[Tensor, int]]:
+               progress: bool = False) -> list[list[PromptRows] | tuple[Tensor, int]]:
         """Per set, :meth:`prompt_rows` of its texts, or (a ``gram`` set) :meth:`gram` of them, with
         each text encoder loaded once for all the sets: every batch of every set goes through the
-        first encoder, whose states are held until the next encoder's of the same batch come."""
+        first encoder, whose states are held until the next encoder's of the same batch come.
+        ``progress``: a bar per labelled set and encoder."""
         if batch_size < 1:
             raise MergeError(f"batch_size must be at least 1, got {batch_size}.")
         if any(text_set.gram and not text_set.texts for text_set in sets):
@@ -232,16 +235,25 @@ class TextFeatures:
         batched = [self._batches(text_set.texts, rule, batch_size) for text_set in sets]
         held: list[list[list[Tensor]]] = [[[] for _ in batches] for _, _, batches in batched]
         last = len(self.tokenizers) - 1
-        total = sum(len(text_set.texts) for text_set in sets) * (last + 1)
-        with tqdm(total=total, disable=not progress, desc=label, unit="caption") as bar:
-            for index in range(last):
-                for text_set, (ids, _, batches), states in zip(sets, batched, held):
+        for index in range(last):
+            for text_set, (ids, _, batches), states in zip(sets, batched, held):
+                with self._bar(text_set, index, progress) as bar:
                     for indices, batch_states in zip(batches, states):
                         batch_states.append(self._encode(index, [ids[i] for i in indices],
                                                          [text_set.texts[i] for i in indices]))
                         bar.update(len(indices))
-            return [self._finish(text_set, ids, counts, batches, states, rule, bar)
-                    for text_set, (ids, counts, batches), states in zip(sets, batched, held)]
+        results = []
+        for text_set, (ids, counts, batches), states in zip(sets, batched, held):
+            with self._bar(text_set, last, progress) as bar:
+                results.append(self._finish(text_set, ids, counts, batches, states, rule, bar))
+        return results
+
+    def _bar(self, text_set: TextSet, index: int, progress: bool) -> tqdm:
+        """The progress bar of a set's pass through encoder ``index`` (named by it where there are two)."""
+        components = self.base.architecture.text_encoders
+        label = text_set.label if len(components) == 1 else f"{text_set.label} ({components[index]})"
+        return tqdm(total=len(text_set.texts), disable=not progress or text_set.label is None, desc=label,
+                    unit="caption")
 
     def _batches(self, captions: Sequence[str], rule: RowRule,
                  batch_size: int) -> tuple[list[list[list[int]]], list[int], list[list[int]]]:

@@ -187,7 +187,8 @@ def _encode_text(plan: MergePlan, options: MergeOptions, *, report: bool, progre
     solves = stored.regulariser is None and options.spec.solves
     held_out = (options.held_out if options.held_out is not None else heldout_captions()) if report else ()
     sets = ([TextSet(tuple(plan.concepts[index].prompts)) for index in fresh]
-            + [TextSet(tuple(plan.reg_captions), gram=True)] * solves + [TextSet(tuple(held_out), gram=True)] * report)
+            + [TextSet(tuple(plan.reg_captions), gram=True, label="text features")] * solves
+            + [TextSet(tuple(held_out), gram=True, label="held-out features")] * report)
     results = cached_sets(plan.base, sets, rule=options.row_rule, batch_size=options.batch_size,
                           cache_dir=options.cache_dir, encoder=encoder, progress=progress)
     encoded: list[list[PromptRows] | None] = [None] * len(stored.records)
