@@ -340,9 +340,7 @@ def execute(plan: MergePlan, options: MergeOptions | None = None, *, progress: b
         if sums is not None:
             sums.add(W0, targets, own_columns, merged.double(), naive_sum, misfit)
         merged = merged.cpu()
-        # K and V each in storage of its own: views of one tensor would be copied whole by the
-        # writer (formats._common.owned), holding the result twice (SDXL: 1.27 GiB more at the end)
-        layers[name] = LayerDelta(merged[:keys].clone(), merged[keys:].clone())
+        layers[name] = LayerDelta(merged[:keys].contiguous(), merged[keys:].contiguous())
 
     result = ConceptDelta(layers, plan.tokens, base=plan.base.name,
                           base_fingerprint=plan.base.fingerprint, architecture=plan.base.architecture.name,

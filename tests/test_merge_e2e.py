@@ -20,7 +20,6 @@ from mergekit_cd import formats
 from mergekit_cd.base import open_base
 from mergekit_cd.cli.merge import main as cd_merge
 from mergekit_cd.delta import ConceptDelta, LowRank, compress, dense
-from mergekit_cd.formats._common import owned
 from mergekit_cd.loading import save
 from mergekit_cd.captions import default_reg_captions
 from mergekit_cd.merge import merge
@@ -293,7 +292,6 @@ def test_result_does_not_depend_on_input_order(bases, concept_deltas):
         for which in ("key", "value"):
             a, b = getattr(forward.layers[name], which), getattr(backward.layers[name], which)
             assert torch.allclose(a, b, rtol=1e-5, atol=1e-6 * float(a.abs().max()))
-            assert owned(a).data_ptr() == a.data_ptr()  # its own storage: writing copies nothing (held once)
     assert forward.tokens.keys() == backward.tokens.keys()
 
 
