@@ -168,37 +168,37 @@ class BaseModel:
         return tuple(int(self._text_encoder_configs[name]["hidden_size"])
                      for name in self.architecture.text_encoders)
 
-    def text_encoder_parameters(self) -> int:
-        """Number of parameters of all text encoders, from their safetensors headers (no data read)."""
-        total = 0
+    def text_encoder_parameters(self) -> tuple[int, ...]:
+        """Number of parameters of each text encoder, in feature order, from their safetensors
+        headers (no data read)."""
+        counts = []
         for name in self.architecture.text_encoders:
             found = _weights_file(self.path / name, _TEXT_ENCODER_STEM)
-            if found is None:
-                continue
-            files = [found[0]]
-            if found[0].suffix == ".json":
+            files = [] if found is None else [found[0]]
+            if found is not None and found[0].suffix == ".json":
                 files = [found[0].parent / f for f in sorted(set(_read_json(found[0]).get("weight_map", {}).values()))]
+            total = 0
             for file in files:
                 with safe_open(str(file), framework="pt", device="cpu") as handle:
                     for key in handle.keys():
                         total += int(torch.Size(handle.get_slice(key).get_shape()).numel())
-        return total
+            counts.append(total)
+        return tuple(counts)
 
     def load_tokenizers(self) -> list[Any]:
         """The tokenizer(s), in the architecture's order, as the classes model_index.json names."""
         return [self._component_class(name).from_pretrained(self.path / name)
                 for name in self.architecture.tokenizers]
 
-    def load_text_encoders(self, device: str | torch.device = "cpu",
-                           dtype: torch.dtype = torch.float32) -> list[Any]:
-        """The text encoder(s) in eval mode without gradients (e.g. ``CLIPTextModel`` and, for
-        SDXL, ``CLIPTextModelWithProjection``), as the classes model_index.json names."""
-        encoders = []
-        for name in self.architecture.text_encoders:
-            model = self._component_class(name).from_pretrained(
-                self.path / name, dtype=dtype, variant=self._text_encoder_variants[name])
-            encoders.append(model.to(device).eval().requires_grad_(False))
-        return encoders
+    def load_text_encoder(self, index: int, device: str | torch.device = "cpu",
+                          dtype: torch.dtype = torch.float32) -> Any:
+        """Text encoder ``index`` (in feature order) in eval mode without gradients (e.g.
+        ``CLIPTextModel``, or SDXL's second, ``CLIPTextModelWithProjection``), as the class
+        model_index.json names. One at a time: SDXL's two are 3.3 GB in float32 together."""
+        name = self.architecture.text_encoders[index]
+        model = self._component_class(name).from_pretrained(
+            self.path / name, dtype=dtype, variant=self._text_encoder_variants[name])
+        return model.to(device).eval().requires_grad_(False)
 
     def _component_class(self, component: str) -> type:
         """The transformers class model_index.json gives for ``component``."""

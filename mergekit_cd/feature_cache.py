@@ -17,7 +17,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from .errors import MergeError
-from .features import DEFAULT_ROWS, ROW_RULES, LazyTextFeatures, PromptRows, RowRule
+from .features import DEFAULT_ROWS, ROW_RULES, LazyTextFeatures, PromptRows, RowRule, TextSet
 from .fileio import atomic_path, save_safetensors
 from .merge_report import quadratic
 
@@ -116,20 +116,11 @@ def cached_gram(base: BaseModel, captions: Sequence[str], *, rule: RowRule = ROW
     uses ``encoder`` when given (its device, dtype and tokens win over the arguments). A cache
     file that is not a valid Gram matrix counts as a miss; an unwritable cache only warns.
     """
-    if not captions:
-        raise MergeError("No regularisation captions to compute a Gram matrix from.")
     encoder = encoder or LazyTextFeatures(base, tokens, device=device, dtype=dtype)
-    key = gram_cache_key(base, captions, encoder.dtype, encoder.tokens, rule=rule)
-    path = Path(cache_dir or default_cache_dir()).expanduser() / f"gram-{key}.safetensors"
-    cached = _read_gram(path, sum(base.token_dims()))
-    if cached is not None:
-        return (*cached, True)
-    gram, count = encoder.get().gram(captions, rule=rule, batch_size=batch_size, progress=progress, label=label)
-    metadata = {"format_version": _CACHE_FORMAT_VERSION, "rows": str(count), "feature_rule": rule.name,
-                "base": base.name, "base_fingerprint": base.fingerprint, "text_dtype": str(encoder.dtype),
-                "num_captions": str(len(captions))}
-    _write_cache(path, {"gram": gram}, metadata, f"the Gram matrix of the {label}")
-    return gram, count, False
+    (gram, count), from_cache = cached_sets(base, [TextSet(tuple(captions), gram=True, label=label)], rule=rule,
+                                            batch_size=batch_size, cache_dir=cache_dir, progress=progress,
+                                            encoder=encoder)[0]
+    return gram, count, from_cache
 
 
 def cached_features(base: BaseModel, texts: Sequence[str], *, rule: RowRule = ROW_RULES[DEFAULT_ROWS],
@@ -143,23 +134,60 @@ def cached_features(base: BaseModel, texts: Sequence[str], *, rule: RowRule = RO
     all. The file is ``features-<key>.safetensors`` (:func:`features_cache_key`); hits, misses,
     ``encoder`` and damaged or unwritable caches behave as in :func:`cached_gram`.
     """
-    if not texts:
-        raise MergeError("No prompts to compute features of.")
     encoder = encoder or LazyTextFeatures(base, tokens, device=device, dtype=dtype)
-    key = features_cache_key(base, texts, encoder.dtype, encoder.tokens, rule=rule)
-    path = Path(cache_dir or default_cache_dir()).expanduser() / f"features-{key}.safetensors"
-    cached = _read_features(path, len(texts), sum(base.token_dims()))
-    if cached is not None:
-        return cached, True
+    return cached_sets(base, [TextSet(tuple(texts))], rule=rule, batch_size=batch_size, cache_dir=cache_dir,
+                       encoder=encoder)[0]
+
+
+def cached_sets(base: BaseModel, sets: Sequence[TextSet], *, rule: RowRule, batch_size: int,
+                cache_dir: str | os.PathLike[str] | None, encoder: LazyTextFeatures,
+                progress: bool = False) -> list[tuple[list[PromptRows] | tuple[Tensor, int], bool]]:
+    """Per set, ``(its result, from_cache)``: :func:`cached_gram` of a ``gram`` set, else
+    :func:`cached_features`, with every miss encoded in one :meth:`TextFeatures.encode` call, so
+    that each text encoder is loaded once for all of them (SDXL's two one after the other)."""
+    for text_set in sets:
+        if not text_set.texts:
+            raise MergeError("No regularisation captions to compute a Gram matrix from." if text_set.gram
+                             else "No prompts to compute features of.")
+    cache = Path(cache_dir or default_cache_dir()).expanduser()
+    width = sum(base.token_dims())
+    paths, found = [], []
+    for text_set in sets:
+        if text_set.gram:
+            key = gram_cache_key(base, text_set.texts, encoder.dtype, encoder.tokens, rule=rule)
+            paths.append(cache / f"gram-{key}.safetensors")
+            found.append(_read_gram(paths[-1], width))
+        else:
+            key = features_cache_key(base, text_set.texts, encoder.dtype, encoder.tokens, rule=rule)
+            paths.append(cache / f"features-{key}.safetensors")
+            found.append(_read_features(paths[-1], len(text_set.texts), width))
+    misses = [index for index, result in enumerate(found) if result is None]
+    if misses:
+        encoded = encoder.get().encode([sets[index] for index in misses], rule=rule, batch_size=batch_size,
+                                       progress=progress)
+        for index, result in zip(misses, encoded):
+            found[index] = _write_result(base, sets[index], result, paths[index], rule, encoder.dtype)
+    return [(result, index not in misses) for index, result in enumerate(found)]
+
+
+def _write_result(base: BaseModel, text_set: TextSet, result: list[PromptRows] | tuple[Tensor, int], path: Path,
+                  rule: RowRule, dtype: torch.dtype) -> list[PromptRows] | tuple[Tensor, int]:
+    """Cache a set's freshly encoded result; return it as the cache would give it back."""
+    if text_set.gram:
+        gram, count = result
+        metadata = {"format_version": _CACHE_FORMAT_VERSION, "rows": str(count), "feature_rule": rule.name,
+                    "base": base.name, "base_fingerprint": base.fingerprint, "text_dtype": str(dtype),
+                    "num_captions": str(len(text_set.texts))}
+        _write_cache(path, {"gram": gram}, metadata, f"the Gram matrix of {len(text_set.texts)} captions")
+        return result
     # own storage each: rows of one batch are views of one tensor, which safetensors may refuse
-    prompts = [PromptRows(prompt.rows.clone(), prompt.tokens)
-               for prompt in encoder.get().prompt_rows(texts, rule=rule, batch_size=batch_size)]
+    prompts = [PromptRows(prompt.rows.clone(), prompt.tokens) for prompt in result]
     metadata = {"format_version": _CACHE_FORMAT_VERSION, "feature_rule": rule.name, "base": base.name,
-                "text_dtype": str(encoder.dtype), "num_texts": str(len(texts)),
+                "text_dtype": str(dtype), "num_texts": str(len(text_set.texts)),
                 "token_rows": json.dumps([[prompt.tokens.start, prompt.tokens.stop] for prompt in prompts])}
     _write_cache(path, {str(index): prompt.rows for index, prompt in enumerate(prompts)}, metadata,
                  "the target features")
-    return prompts, False
+    return prompts
 
 
 def cached_base_outputs(base: BaseModel, captions: Sequence[str], held_gram: Tensor, *,
@@ -270,4 +298,4 @@ def _write_cache(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str
             save_safetensors({name: tensor.contiguous() for name, tensor in tensors.items()}, temporary,
                              metadata=metadata)
     except (OSError, MergeError) as error:
-        warnings.warn(f"Could not cache {what} in {path.parent}: {error}", stacklevel=3)
+        warnings.warn(f"Could not cache {what} in {path.parent}: {error}", stacklevel=4)

@@ -23,12 +23,13 @@ The disk cache of these features is :mod:`mergekit_cd.feature_cache`; target pro
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+import gc
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .delta import check_token_name
@@ -118,12 +119,29 @@ class PromptRows:
         return torch.cat([self.rows[:self.tokens.start], self.rows[self.tokens.stop:]])
 
 
+@dataclass(frozen=True)
+class TextSet:
+    """Texts that :meth:`TextFeatures.encode` encodes as one batch set: their prompts' rows, or
+    (``gram``) only the Gram matrix of all their rows, summed batch by batch so that they are
+    never all held. Batches never mix two sets: a set's features do not depend on the others.
+    ``label`` names its progress bar (None: no bar)."""
+
+    texts: tuple[str, ...]
+    gram: bool = False
+    label: str | None = None
+
+
 class TextFeatures:
     """The base's tokenizer(s) and text encoder(s), with modifier tokens installed.
 
     tokens: token -> one embedding per text encoder (in the architecture's order). Each token
     is added to every tokenizer and its rows set in every encoder's embedding table; a token
     the vocabulary already has is refused, as diffusers' textual-inversion loader does.
+
+    The encoders are loaded when first needed and held one at a time (:meth:`encoder`): SDXL's
+    two take 3.3 GB in float32, OpenCLIP bigG alone 2.8 GB. :meth:`encode` therefore runs all its
+    texts through one encoder before it loads the next, holding the earlier encoders' states
+    (float32) of every batch meanwhile; give it every set at once, and each encoder loads once.
     """
 
     def __init__(self, base: BaseModel, tokens: Mapping[str, Sequence[Tensor]] | None = None, *,
@@ -133,20 +151,29 @@ class TextFeatures:
         self.dtype = dtype
         self.tokens = dict(tokens or {})
         self.tokenizers = base.load_tokenizers()
-        self.encoders = base.load_text_encoders(self.device, dtype)
-        self._install_tokens(self.tokens)
-
-    def _install_tokens(self, tokens: dict[str, Sequence[Tensor]]) -> None:
-        """Check every token first, then add them all: a refused token leaves nothing half-done."""
-        dims = self.base.token_dims()
-        for token, embeddings in tokens.items():
+        self._held: tuple[int, Any] | None = None  # (index, model): the one encoder in memory
+        dims = base.token_dims()
+        for token, embeddings in self.tokens.items():
             _check_token(token, embeddings, dims)
-        check_new(list(tokens), self.tokenizers, lambda token, _: (
+        check_new(list(self.tokens), self.tokenizers, lambda token, _: (
             f"Token {token} is already in the base model's vocabulary; a modifier token must be new "
             f"(rename it, e.g. <new1>)."))
-        if tokens:
-            for index, (tokenizer, encoder) in enumerate(zip(self.tokenizers, self.encoders)):
-                install(tokenizer, encoder, {token: embeddings[index] for token, embeddings in tokens.items()})
+        for tokenizer in self.tokenizers:  # tokenizing needs them before any encoder is loaded
+            tokenizer.add_tokens(list(self.tokens))
+
+    def encoder(self, index: int) -> Any:
+        """Text encoder ``index``, its tokens' rows installed, cut to the layers the context needs
+        (:func:`_context_layers_only`): the one held in memory; another is released first."""
+        if self._held is None or self._held[0] != index:
+            self._held = None
+            gc.collect()  # the encoder released, before the next one loads
+            model = _context_layers_only(self.base.load_text_encoder(index, self.device, self.dtype),
+                                         self.base.architecture.hidden_state)
+            if self.tokens:
+                install(self.tokenizers[index], model,
+                        {token: embeddings[index] for token, embeddings in self.tokens.items()}, copy_table=False)
+            self._held = (index, model)
+        return self._held[1]
 
     def token_ids(self, captions: Sequence[str]) -> list[list[list[int]]]:
         """Per caption, its token ids from each tokenizer (BOS .. EOS, truncated, no padding)."""
@@ -182,11 +209,8 @@ class TextFeatures:
     def prompt_rows(self, captions: Sequence[str], *, rule: RowRule = ROW_RULES[DEFAULT_ROWS], batch_size: int = 64,
                     progress: bool = False, label: str = "text features") -> list[PromptRows]:
         """Per caption, the rows ``rule`` keeps (float32, CPU) and which are its token rows, in input order."""
-        by_index: dict[int, PromptRows] = {}
-        for indices, prompts in self._rule_batches(captions, rule, batch_size, progress, label):
-            by_index.update((index, PromptRows(prompt.rows.float().cpu(), prompt.tokens))
-                            for index, prompt in zip(indices, prompts))
-        return [by_index[index] for index in range(len(captions))]
+        return self.encode([TextSet(tuple(captions), label=label)], rule=rule, batch_size=batch_size,
+                           progress=progress)[0]
 
     def gram(self, captions: Sequence[str], *, rule: RowRule = ROW_RULES[DEFAULT_ROWS], batch_size: int = 64,
              progress: bool = False, label: str = "text features") -> tuple[Tensor, int]:
@@ -195,58 +219,98 @@ class TextFeatures:
         Accumulated batch by batch, so the features of all captions are never held at once;
         ``label`` names the progress bar.
         """
-        if not captions:
-            raise MergeError("No captions to compute a Gram matrix from.")
-        device = float64_device(self.device)
-        width = sum(self.base.token_dims())
-        gram = torch.zeros(width, width, dtype=torch.float64, device=device)
-        count = 0
-        for _, prompts in self._rule_batches(captions, rule, batch_size, progress, label):
-            stacked = torch.cat([prompt.rows for prompt in prompts]).to(device, torch.float64)
-            gram += stacked.T @ stacked
-            count += stacked.shape[0]
-        return gram.cpu(), count
+        return self.encode([TextSet(tuple(captions), gram=True, label=label)], rule=rule, batch_size=batch_size,
+                           progress=progress)[0]
 
-    def _rule_batches(self, captions: Sequence[str], rule: RowRule, batch_size: int,
-                      progress: bool, label: str) -> Iterator[tuple[list[int], list[PromptRows]]]:
-        """(caption indices, their rows under ``rule``) per batch of captions of equal token length
-        (under a padded rule every caption has the same length, so batches are just consecutive)."""
+    def encode(self, sets: Sequence[TextSet], *, rule: RowRule = ROW_RULES[DEFAULT_ROWS], batch_size: int = 64,
+               progress: bool = False) -> list[list[PromptRows] | tuple[Tensor, int]]:
+        """Per set, :meth:`prompt_rows` of its texts, or (a ``gram`` set) :meth:`gram` of them, with
+        each text encoder loaded once for all the sets: every batch of every set goes through the
+        first encoder, whose states are held until the next encoder's of the same batch come.
+        ``progress``: a bar per labelled set and encoder."""
         if batch_size < 1:
             raise MergeError(f"batch_size must be at least 1, got {batch_size}.")
+        if any(text_set.gram and not text_set.texts for text_set in sets):
+            raise MergeError("No captions to compute a Gram matrix from.")
+        batched = [self._batches(text_set.texts, rule, batch_size) for text_set in sets]
+        held: list[list[list[Tensor]]] = [[[] for _ in batches] for _, _, batches in batched]
+        last = len(self.tokenizers) - 1
+        for index in range(last):
+            for text_set, (ids, _, batches), states in zip(sets, batched, held):
+                with self._bar(text_set, index, progress) as bar:
+                    for indices, batch_states in zip(batches, states):
+                        batch_states.append(self._encode(index, [ids[i] for i in indices],
+                                                         [text_set.texts[i] for i in indices]))
+                        bar.update(len(indices))
+        results = []
+        for text_set, (ids, counts, batches), states in zip(sets, batched, held):
+            with self._bar(text_set, last, progress) as bar:
+                results.append(self._finish(text_set, ids, counts, batches, states, rule, bar))
+        return results
+
+    def _bar(self, text_set: TextSet, index: int, progress: bool) -> tqdm:
+        """The progress bar of a set's pass through encoder ``index`` (named by it where there are two)."""
+        components = self.base.architecture.text_encoders
+        label = text_set.label if len(components) == 1 else f"{text_set.label} ({components[index]})"
+        return tqdm(total=len(text_set.texts), disable=not progress or text_set.label is None, desc=label,
+                    unit="caption")
+
+    def _batches(self, captions: Sequence[str], rule: RowRule,
+                 batch_size: int) -> tuple[list[list[list[int]]], list[int], list[list[int]]]:
+        """Token ids and real-token counts of ``captions`` (:meth:`_tokenize`), and their batches as
+        caption indices: captions of equal token length (under a padded rule every caption has the
+        same length, so batches are just consecutive)."""
         ids, counts = self._tokenize(captions, padded=rule.padded)
         by_length: dict[int, list[int]] = {}
         for index, caption_ids in enumerate(ids):
             by_length.setdefault(len(caption_ids[0]), []).append(index)
-        with tqdm(total=len(captions), disable=not progress, desc=label, unit="caption") as bar:
-            for length in sorted(by_length):
-                group = by_length[length]
-                for start in range(0, len(group), batch_size):
-                    indices = group[start:start + batch_size]
-                    states = self._encode([ids[index] for index in indices], [captions[index] for index in indices])
-                    yield indices, [PromptRows(states[row, rule.rows(captions[index], counts[index])],
-                                               rule.token_rows(captions[index], counts[index]))
-                                    for row, index in enumerate(indices)]
-                    bar.update(len(indices))
+        batches = [group[start:start + batch_size] for length in sorted(by_length)
+                   for group in (by_length[length],) for start in range(0, len(group), batch_size)]
+        return ids, counts, batches
 
-    def _encode(self, batch: list[list[list[int]]], texts: list[str]) -> Tensor:
-        """Cross-attention context (batch, tokens, d) of equal-length token id sequences.
+    def _finish(self, text_set: TextSet, ids: list[list[list[int]]], counts: list[int], batches: list[list[int]],
+                held: list[list[Tensor]], rule: RowRule, bar: tqdm) -> list[PromptRows] | tuple[Tensor, int]:
+        """One set through the last encoder, each batch's states joined to the earlier encoders'
+        (released as they are used): its prompts' rows, or its Gram matrix and row count."""
+        texts = text_set.texts
+        device = float64_device(self.device)
+        width = sum(self.base.token_dims())
+        gram = torch.zeros(width, width, dtype=torch.float64, device=device) if text_set.gram else None
+        count, by_index = 0, {}
+        for indices, earlier in zip(batches, held):
+            last = self._encode(len(self.tokenizers) - 1, [ids[i] for i in indices], [texts[i] for i in indices])
+            states = torch.cat([*earlier, last], dim=-1)
+            earlier.clear()
+            prompts = [PromptRows(states[row, rule.rows(texts[index], counts[index])],
+                                  rule.token_rows(texts[index], counts[index])) for row, index in enumerate(indices)]
+            if gram is not None:
+                stacked = torch.cat([prompt.rows for prompt in prompts]).to(device, torch.float64)
+                gram += stacked.T @ stacked
+                count += stacked.shape[0]
+            else:
+                by_index.update((index, PromptRows(prompt.rows.float().cpu(), prompt.tokens))
+                                for index, prompt in zip(indices, prompts))
+            bar.update(len(indices))
+        if gram is not None:
+            return gram.cpu(), count
+        return [by_index[index] for index in range(len(texts))]
+
+    def _encode(self, index: int, batch: list[list[list[int]]], texts: list[str]) -> Tensor:
+        """Encoder ``index``'s part of the cross-attention context (batch, tokens, d_index) of
+        equal-length token id sequences.
 
         Non-finite features (a float16 encoder that overflows, damaged weights) are refused here,
         naming the encoder and dtype, so that no NaN reaches a Gram matrix, its cache or a solve.
         """
-        hidden_state = self.base.architecture.hidden_state  # None: last, after the final norm
-        states = []
+        encoder = self.encoder(index)
+        input_ids = torch.tensor([caption_ids[index] for caption_ids in batch], device=self.device)
         with torch.no_grad():
-            for index, encoder in enumerate(self.encoders):
-                input_ids = torch.tensor([caption_ids[index] for caption_ids in batch], device=self.device)
-                output = encoder(input_ids, output_hidden_states=hidden_state is not None)
-                state = output.last_hidden_state if hidden_state is None else output.hidden_states[hidden_state]
-                finite = torch.isfinite(state).flatten(1).all(dim=1)
-                if not finite.all():
-                    text = texts[int((~finite).nonzero()[0])]
-                    raise self._non_finite_error(self.base.architecture.text_encoders[index], text)
-                states.append(state)
-        return torch.cat(states, dim=-1)
+            state = encoder(input_ids).last_hidden_state  # the context rows: see _context_layers_only
+        finite = torch.isfinite(state).flatten(1).all(dim=1)
+        if not finite.all():
+            text = texts[int((~finite).nonzero()[0])]
+            raise self._non_finite_error(self.base.architecture.text_encoders[index], text)
+        return state
 
     def _non_finite_error(self, component: str, text: str) -> MergeError:
         """The error for NaN or infinite features from ``component``, with what to try next."""
@@ -255,6 +319,29 @@ class TextFeatures:
                   else "its weights may be damaged")
         return MergeError(f"The text encoder {component} of {self.base.name} gave NaN or infinite features "
                           f"in {dtype} (for {text!r}); {remedy}.")
+
+
+def _context_layers_only(encoder: Any, hidden_state: int | None) -> Any:
+    """``encoder`` whose ``last_hidden_state`` is the context the UNet reads: as it is for the
+    last hidden state (None, after the final layer norm); for ``hidden_states[hidden_state]``
+    (SDXL's -2), the layers after that state are dropped and the final layer norm is made the
+    identity. The same operations on the same rows give the same values, without running (or
+    reading, or holding the states of) layers whose output no merge reads: for SDXL's -2, the
+    last layer of each encoder, 79 MB of OpenCLIP bigG, and every layer's states (33 of them,
+    where output_hidden_states was asked for one).
+
+    Found by name (``...encoder.layers``, ``...final_layer_norm``), as the CLIP classes of
+    transformers nest them differently.
+    """
+    if hidden_state is None:
+        return encoder
+    modules = dict(encoder.named_modules())
+    [layers] = [module for name, module in modules.items()
+                if name.split(".")[-2:] == ["encoder", "layers"] and isinstance(module, nn.ModuleList)]
+    [norm] = [name for name in modules if name.split(".")[-1] == "final_layer_norm"]
+    del layers[len(layers) + 1 + hidden_state:]  # hidden_states[0] is the embeddings, before any layer
+    encoder.get_submodule(norm.rpartition(".")[0]).final_layer_norm = nn.Identity()
+    return encoder
 
 
 class LazyTextFeatures:

@@ -25,8 +25,8 @@ from .base import BaseModel
 from .captions import heldout_captions
 from .delta import LORA_RTOL, ConceptDelta, LayerDelta, LowRank, combine_modules, dense, factorize
 from .errors import MergeError
-from .feature_cache import cached_base_outputs, cached_features, cached_gram
-from .features import LazyTextFeatures, PromptRows
+from .feature_cache import cached_base_outputs, cached_sets
+from .features import LazyTextFeatures, PromptRows, TextSet
 from .limits import MAX_CONSTRAINT_ROWS, MAX_SOLVED_ROWS, check_limit
 from .loading import EmbeddingFile, PathLike, as_base, save
 from .merge_options import MergeOptions
@@ -174,19 +174,27 @@ def _encode_text(plan: MergePlan, options: MergeOptions, *, report: bool, progre
     base's outputs on it, all under the options' row rule; for a ``context_rows`` method the target
     prompts' token rows are the targets and their other rows the contexts.
 
-    All are cached on disk; the text encoder is loaded only on a miss, once for all of them,
-    and dropped on return, before the K/V work starts. A repeated merge loads no encoder at all.
+    All are cached on disk; the text encoders are loaded only on a miss, each once for all of
+    them and one at a time (:meth:`TextFeatures.encode`), and dropped on return, before the K/V
+    work starts. A repeated merge loads no encoder at all.
     Each concept's prompts are encoded on their own (batches of other prompts change the float32
     rounding), so its features do not depend on the merge it is in: what makes a merge grown from
     ``stored`` statistics (whose features and Gram matrix are taken as they are) equal one from scratch.
     """
     encoder = LazyTextFeatures(plan.base, plan.tokens, device=options.device, dtype=options.text_dtype)
-    batch_size, cache_dir, rule = options.batch_size, options.cache_dir, options.row_rule
     split = options.spec.context_rows
-    encoded = [None if record is not None else
-               cached_features(plan.base, list(concept.prompts), rule=rule, batch_size=batch_size,
-                               cache_dir=cache_dir, encoder=encoder)[0]
-               for concept, record in zip(plan.concepts, stored.records)]
+    # every text set at once, so that each text encoder is loaded once for all of them (one at a time)
+    fresh = [index for index, record in enumerate(stored.records) if record is None]
+    solves = stored.regulariser is None and options.spec.solves
+    held_out = (options.held_out if options.held_out is not None else heldout_captions()) if report else ()
+    sets = ([TextSet(tuple(plan.concepts[index].prompts)) for index in fresh]
+            + [TextSet(tuple(plan.reg_captions), gram=True, label="text features")] * solves
+            + [TextSet(tuple(held_out), gram=True, label="held-out features")] * report)
+    results = cached_sets(plan.base, sets, rule=options.row_rule, batch_size=options.batch_size,
+                          cache_dir=options.cache_dir, encoder=encoder, progress=progress)
+    encoded: list[list[PromptRows] | None] = [None] * len(stored.records)
+    for index, (prompts, _) in zip(fresh, results):
+        encoded[index] = prompts
     _check_rows(stored, encoded, split, plan.base.context_dim)
     targets, contexts, notes = [], [], []
     for concept, record, own in zip(plan.concepts, stored.records, encoded):
@@ -212,16 +220,13 @@ def _encode_text(plan: MergePlan, options: MergeOptions, *, report: bool, progre
                      f"regularisation Gram matrix from the merge statistics of {', '.join(stored.sources)}")
         notes.append("the naive sum's figures add each input as it is: a merged input counts as one delta there, "
                      "not as its concepts' own")
-    elif options.spec.solves:
-        gram, num_rows, from_cache = cached_gram(plan.base, list(plan.reg_captions), rule=rule, batch_size=batch_size,
-                                                 cache_dir=cache_dir, progress=progress, encoder=encoder)
+    elif solves:
+        (gram, num_rows), from_cache = results[len(fresh)]
     held_gram, base_outputs = None, 0.0
     if report:
-        captions = list(options.held_out) if options.held_out is not None else heldout_captions()
-        held_gram = cached_gram(plan.base, captions, rule=rule, batch_size=batch_size, cache_dir=cache_dir,
-                                progress=progress, label="held-out features", encoder=encoder)[0]
-        base_outputs = cached_base_outputs(plan.base, captions, held_gram.to(options.solve_device), rule=rule,
-                                           cache_dir=cache_dir, encoder=encoder)
+        held_gram = results[-1][0][0]
+        base_outputs = cached_base_outputs(plan.base, list(held_out), held_gram.to(options.solve_device),
+                                           rule=options.row_rule, cache_dir=options.cache_dir, encoder=encoder)
     return _TextPhase(targets, contexts, gram, num_rows, from_cache, held_gram, base_outputs, encoder.loaded,
                       tuple(notes))
 

@@ -15,7 +15,7 @@ from .base import BaseModel
 from .captions import default_reg_captions
 from .delta import Concept, ConceptDelta, LazyLayers, LowRank, TokenRename, merge_tokens
 from .errors import MergeError
-from .features import DEFAULT_ROWS, ROW_RULES, RowRule, TextFeatures
+from .features import DEFAULT_ROWS, ROW_RULES, RowRule, TextFeatures, TextSet
 from .fileio import parse_once
 from .formats import values_checked_on_read
 from .limits import MAX_MERGE_PROMPTS, MAX_PROMPTS, check_limit
@@ -52,13 +52,13 @@ class MergePlan:
     def estimated_memory_bytes(self, num_constraint_rows: int, text_dtype: torch.dtype = torch.float32) -> int:
         """Peak memory of :func:`execute` beyond the interpreter, on the CPU.
 
-        The inputs stay loaded throughout; on top come either the text encoder (released
-        first) or the result (float32) plus one layer's float64 working rows and the d x d
-        matrices of the factorisation.
+        The inputs stay loaded throughout; on top come either the largest text encoder (they are
+        loaded one at a time and released first) or the result (float32) plus one layer's float64
+        working rows and the d x d matrices of the factorisation.
         """
         d = self.base.context_dim
         inputs = sum(_delta_bytes(delta) for delta in self.deltas)
-        text = self.base.text_encoder_parameters() * torch.finfo(text_dtype).bits // 8
+        text = max(self.base.text_encoder_parameters()) * torch.finfo(text_dtype).bits // 8
         layer_rows = max((k[0] + v[0] for k, v in self.base.kv_shapes().values()), default=0)
         # base, sum, one input's and merged rows, read one input at a time; D C^T per constraint
         working = 8 * layer_rows * (d * 5 + 2 * num_constraint_rows)
@@ -82,9 +82,9 @@ def summarize_plan(plan: MergePlan, *, device: str | torch.device = "cpu",
     """Encode the target prompts (not the captions) to count constraint rows and their rank: the
     rows ``rule`` keeps, or (``token_rows_only``, a method with context rows) their token rows."""
     encoder = TextFeatures(plan.base, plan.tokens, device=device, dtype=text_dtype)
-    features = [torch.cat([prompt.token_rows if token_rows_only else prompt.rows for prompt in
-                           encoder.prompt_rows(list(c.prompts), rule=rule, batch_size=batch_size)]).double()
-                for c in plan.concepts]
+    encoded = encoder.encode([TextSet(tuple(c.prompts)) for c in plan.concepts], rule=rule, batch_size=batch_size)
+    features = [torch.cat([prompt.token_rows if token_rows_only else prompt.rows for prompt in prompts]).double()
+                for prompts in encoded]
     stacked = torch.cat(features)
     singular_values = torch.linalg.svdvals(stacked)
     top = float(singular_values[0]) if singular_values.numel() else 0.0

@@ -388,19 +388,20 @@ def random_concept_deltas(base: Any, concepts: list[tuple[str, str]], *, seed: i
     """:func:`random_concept_delta` for several (token, class word) pairs, seeds ``seed, seed + 1, ...``,
     with one text-encoder load for all of them (what makes 100 full-size concepts affordable)."""
     from .delta import Concept, ConceptDelta, LayerDelta
-    from .features import TextFeatures
+    from .features import TextFeatures, TextSet
     from .prompts import target_prompts
 
     generators = [torch.Generator().manual_seed(seed + i) for i in range(len(concepts))]
     embeddings = {token: tuple(0.02 * torch.randn(dim, generator=generator) for dim in base.token_dims())
                   for (token, _), generator in zip(concepts, generators)}
-    encoder = TextFeatures(base, embeddings)
+    prompts_of = [tuple(target_prompts(token, class_word)) for token, class_word in concepts]
+    encoded = TextFeatures(base, embeddings).encode([TextSet((*prompts, f"a {token} {class_word} on a table",
+                                                              f"a close up of a {token} {class_word}"))
+                                                     for prompts, (token, class_word) in zip(prompts_of, concepts)])
     base_layers = [(name, base.kv(name)) for name in base.layer_names()]
     deltas = []
-    for (token, class_word), generator in zip(concepts, generators):
-        prompts = tuple(target_prompts(token, class_word))
-        training = [*prompts, f"a {token} {class_word} on a table", f"a close up of a {token} {class_word}"]
-        features = torch.cat(encoder.features(training))
+    for (token, class_word), generator, prompts, training in zip(concepts, generators, prompts_of, encoded):
+        features = torch.cat([prompt.rows for prompt in training])
 
         def difference(weight: torch.Tensor) -> torch.Tensor:
             change = torch.randn(weight.shape[0], features.shape[0], generator=generator) @ features

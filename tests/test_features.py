@@ -19,9 +19,10 @@ from mergekit_cd.feature_cache import (
     features_cache_key,
     gram_cache_key,
 )
-from mergekit_cd.features import ROW_RULES, TextFeatures, kept_rows, row_rule
+from mergekit_cd.features import ROW_RULES, TextFeatures, TextSet, kept_rows, row_rule
 from mergekit_cd.prompts import OBJECT_TEMPLATES, target_prompts
 from mergekit_cd.testing import build_tiny_pipeline
+from mergekit_cd.tokens import install
 
 CAPTIONS = [
     "photo of a cat",
@@ -84,7 +85,7 @@ def test_an_unknown_row_rule_names_the_choices():
 
 
 def test_rows_kept_through_the_encoder(sd1_features):
-    tokenizer, encoder = sd1_features.tokenizers[0], sd1_features.encoders[0]
+    tokenizer, encoder = sd1_features.tokenizers[0], sd1_features.encoder(0)
     for caption, dropped in (("photo of a cat", 4), ("a photo of a cat", 4), ("cat photo", 1)):
         ids = _ids(tokenizer, caption)
         with torch.no_grad():
@@ -200,7 +201,7 @@ def test_cached_gram_second_call_never_touches_the_text_encoder(sd1_base, tmp_pa
     def refuse(*args, **kwargs):
         raise AssertionError("a cache hit must not load the tokenizer or text encoder")
 
-    monkeypatch.setattr(BaseModel, "load_text_encoders", refuse)
+    monkeypatch.setattr(BaseModel, "load_text_encoder", refuse)
     monkeypatch.setattr(BaseModel, "load_tokenizers", refuse)
     monkeypatch.setattr(features_module, "TextFeatures", refuse)
     again, again_count, from_cache = cached_gram(sd1_base, list(captions), cache_dir=tmp_path)
@@ -305,7 +306,7 @@ def test_a_cached_gram_that_is_not_a_valid_gram_matrix_is_recomputed(sd1_base, t
 def test_non_finite_features_name_the_text_encoder_and_dtype(sd1_base, dtype, remedy):
     encoder = TextFeatures(sd1_base, dtype=dtype)
     with torch.no_grad():
-        encoder.encoders[0].get_input_embeddings().weight[:] = float("inf")
+        encoder.encoder(0).get_input_embeddings().weight[:] = float("inf")  # the encoder held from now on
     name = str(dtype).removeprefix("torch.")
     with pytest.raises(MergeError, match=rf"text encoder text_encoder of .* NaN or infinite features in "
                                          rf"{name} \(for '.*'\); .*{remedy}"):
@@ -336,7 +337,7 @@ def test_cached_features_need_no_text_encoder_on_a_hit_and_key_on_the_tokens(sd1
     def refuse(*args, **kwargs):
         raise AssertionError("a cache hit must not load the tokenizer or text encoder")
 
-    monkeypatch.setattr(BaseModel, "load_text_encoders", refuse)
+    monkeypatch.setattr(BaseModel, "load_text_encoder", refuse)
     monkeypatch.setattr(BaseModel, "load_tokenizers", refuse)
     again, from_cache = cached_features(sd1_base, list(prompts), tokens=tokens, cache_dir=tmp_path)
     assert from_cache and all(torch.equal(a.rows, b.rows) and a.tokens == b.tokens
@@ -370,12 +371,67 @@ def test_tokens_change_only_prompts_that_contain_them(sdxl_base, sdxl_features):
     assert not torch.allclose(changed, flipped)
 
 
+def test_sdxl_encoders_load_one_at_a_time_and_once_for_every_set(sdxl_base, monkeypatch):
+    """encode() runs every set through the first encoder, releases it, then loads the second: each
+    loads once, never both at once, and each set's result is what it gives alone (to the bit)."""
+    import gc
+    import weakref
+
+    generator = torch.Generator().manual_seed(5)
+    tokens = {"<new1>": (torch.randn(64, generator=generator), torch.randn(96, generator=generator))}
+    sets = [TextSet(("<new1> cat", "photo of a <new1> cat")), TextSet(tuple(CAPTIONS), gram=True),
+            TextSet(tuple(CAPTIONS[:3]), gram=True)]
+    alone = [TextFeatures(sdxl_base, tokens).encode([text_set], batch_size=2)[0] for text_set in sets]
+    loaded, live = [], weakref.WeakSet()
+    load = BaseModel.load_text_encoder
+
+    def counted(self, index, *args, **kwargs):
+        gc.collect()
+        assert not live, "an encoder was still held when the next one loaded"
+        loaded.append(index)
+        model = load(self, index, *args, **kwargs)
+        live.add(model)
+        return model
+
+    monkeypatch.setattr(BaseModel, "load_text_encoder", counted)
+    together = TextFeatures(sdxl_base, tokens).encode(sets, batch_size=2)
+    assert loaded == [0, 1]
+    for prompts, expected in zip(together[0], alone[0], strict=True):
+        assert torch.equal(prompts.rows, expected.rows) and prompts.tokens == expected.tokens
+    for (gram, count), (expected, expected_count) in zip(together[1:], alone[1:], strict=True):
+        assert torch.equal(gram, expected) and count == expected_count
+
+
+def test_rows_laid_over_the_table_read_as_a_copied_table(sd1_base):
+    """install(copy_table=False) looks the table up with the tokens' rows laid over it (AddedRows), the
+    table neither copied nor read whole: the encoder gives exactly what the copied table gives."""
+    generator = torch.Generator().manual_seed(6)
+    rows = {"<new1>": torch.randn(64, generator=generator), "<new2>": torch.randn(64, generator=generator)}
+    outputs = []
+    for copy_table in (True, False):
+        tokenizer, encoder = sd1_base.load_tokenizers()[0], sd1_base.load_text_encoder(0)
+        table = encoder.get_input_embeddings().weight
+        old = install(tokenizer, encoder, rows, copy_table=copy_table)
+        assert old is table
+        ids = torch.tensor([tokenizer("a <new2> and <new1> cat").input_ids])
+        with torch.no_grad():
+            outputs.append(encoder(ids).last_hidden_state)
+        if not copy_table:
+            assert encoder.get_input_embeddings().table.weight is table  # the same table, not copied
+            with torch.no_grad():
+                looked_up = encoder.get_input_embeddings()(ids[0])
+            assert torch.equal(looked_up[2], rows["<new2>"]) and torch.equal(looked_up[4], rows["<new1>"])
+            assert torch.equal(looked_up[1], table[ids[0, 1]])
+    assert torch.equal(*outputs)
+
+
 def test_token_embedding_row_is_what_the_encoder_reads(sd1_base):
     embedding = torch.randn(64, generator=torch.Generator().manual_seed(1))
     encoder = TextFeatures(sd1_base, {"<new1>": (embedding,)})
-    tokenizer, text_encoder = encoder.tokenizers[0], encoder.encoders[0]
+    tokenizer, text_encoder = encoder.tokenizers[0], encoder.encoder(0)
     row = tokenizer.convert_tokens_to_ids("<new1>")
-    assert torch.equal(text_encoder.get_input_embeddings().weight[row], embedding)
+    with torch.no_grad():
+        assert torch.equal(text_encoder.get_input_embeddings()(torch.tensor([row]))[0], embedding)
 
 
 def test_bad_tokens_are_refused(sdxl_base):

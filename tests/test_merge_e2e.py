@@ -304,7 +304,7 @@ def test_second_merge_reuses_the_cached_gram_matrix_without_the_text_encoder(bas
     def refuse(*args, **kwargs):
         raise AssertionError("the second merge loaded a tokenizer or text encoder")
 
-    monkeypatch.setattr(BaseModel, "load_text_encoders", refuse)
+    monkeypatch.setattr(BaseModel, "load_text_encoder", refuse)
     monkeypatch.setattr(BaseModel, "load_tokenizers", refuse)
     second, second_report = merge(deltas[:2], captions, base=base, return_report=True)
     assert not first_report.gram_from_cache and second_report.gram_from_cache

@@ -265,7 +265,7 @@ def test_full_size_sd15_base_has_the_real_shapes(tmp_path):
     assert len(shapes) == 16
     assert shapes["down_blocks.0.attentions.0.transformer_blocks.0.attn2"][0] == (320, 768)
     assert sum(k.numel() + v.numel() for k, v in shapes.values()) == 19_169_280
-    assert base.text_encoder_parameters() == 123_060_480
+    assert base.text_encoder_parameters() == (123_060_480,)
 
 
 def test_full_size_sdxl_config_matches_the_published_model():

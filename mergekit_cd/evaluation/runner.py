@@ -29,7 +29,7 @@ from ..captions import heldout_captions
 from ..delta import ConceptDelta
 from ..devices import float64_device
 from ..errors import MergeError, TokenRenameWarning
-from ..features import DEFAULT_ROWS, TextFeatures
+from ..features import DEFAULT_ROWS, TextFeatures, TextSet
 from ..loading import PathLike, as_base, load
 from ..merge import MergePlan, merge, plan_merge
 from ..merge_report import ConstraintResiduals
@@ -372,8 +372,8 @@ def _residuals(plan: MergePlan, base: BaseModel, models: list[ConceptDelta | Non
     """
     text_device = float64_device(device)
     encoder = TextFeatures(base, plan.tokens, device=text_device)
-    features = [torch.cat(encoder.features(list(concept.prompts), batch_size=batch_size)).double()
-                for concept in plan.concepts]
+    features = [torch.cat([prompt.rows for prompt in prompts]).double() for prompts in
+                encoder.encode([TextSet(tuple(concept.prompts)) for concept in plan.concepts], batch_size=batch_size)]
     del encoder
     residuals = ConstraintResiduals(len(models), features)
     for name in base.layer_names():
