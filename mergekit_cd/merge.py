@@ -174,28 +174,30 @@ def _encode_text(plan: MergePlan, options: MergeOptions, *, report: bool, progre
     base's outputs on it, all under the options' row rule; for a ``context_rows`` method the target
     prompts' token rows are the targets and their other rows the contexts.
 
-    All are cached on disk; the text encoders are loaded only on a miss, each once for all of
-    them and one at a time (:meth:`TextFeatures.encode`), and dropped on return, before the K/V
-    work starts. A repeated merge loads no encoder at all.
+    All are cached on disk; the text encoders are loaded only on a miss, one at a time
+    (:meth:`TextFeatures.encode`), once for the concepts' prompts, whose rows are bounded before any
+    caption is encoded, and once for the captions; they are dropped on return, before the K/V work
+    starts. A repeated merge loads no encoder at all.
     Each concept's prompts are encoded on their own (batches of other prompts change the float32
     rounding), so its features do not depend on the merge it is in: what makes a merge grown from
     ``stored`` statistics (whose features and Gram matrix are taken as they are) equal one from scratch.
     """
     encoder = LazyTextFeatures(plan.base, plan.tokens, device=options.device, dtype=options.text_dtype)
     split = options.spec.context_rows
-    # every text set at once, so that each text encoder is loaded once for all of them (one at a time)
+    # the target prompts first, their rows bounded before any caption is encoded; then the captions:
+    # each call runs all its sets through one text encoder at a time
     fresh = [index for index, record in enumerate(stored.records) if record is None]
     solves = stored.regulariser is None and options.spec.solves
     held_out = (options.held_out if options.held_out is not None else heldout_captions()) if report else ()
-    sets = ([TextSet(tuple(plan.concepts[index].prompts)) for index in fresh]
-            + [TextSet(tuple(plan.reg_captions), gram=True, label="text features")] * solves
-            + [TextSet(tuple(held_out), gram=True, label="held-out features")] * report)
-    results = cached_sets(plan.base, sets, rule=options.row_rule, batch_size=options.batch_size,
-                          cache_dir=options.cache_dir, encoder=encoder, progress=progress)
+    encoding = dict(rule=options.row_rule, batch_size=options.batch_size, cache_dir=options.cache_dir, encoder=encoder,
+                progress=progress)
     encoded: list[list[PromptRows] | None] = [None] * len(stored.records)
-    for index, (prompts, _) in zip(fresh, results):
-        encoded[index] = prompts
+    prompts = cached_sets(plan.base, [TextSet(tuple(plan.concepts[index].prompts)) for index in fresh], **encoding)
+    for index, (rows, _) in zip(fresh, prompts):
+        encoded[index] = rows
     _check_rows(stored, encoded, split, plan.base.context_dim)
+    results = cached_sets(plan.base, [TextSet(tuple(plan.reg_captions), gram=True, label="text features")] * solves
+                          + [TextSet(tuple(held_out), gram=True, label="held-out features")] * report, **encoding)
     targets, contexts, notes = [], [], []
     for concept, record, own in zip(plan.concepts, stored.records, encoded):
         if record is not None:  # as the merge that stored it reduced them
@@ -221,7 +223,7 @@ def _encode_text(plan: MergePlan, options: MergeOptions, *, report: bool, progre
         notes.append("the naive sum's figures add each input as it is: a merged input counts as one delta there, "
                      "not as its concepts' own")
     elif solves:
-        (gram, num_rows), from_cache = results[len(fresh)]
+        (gram, num_rows), from_cache = results[0]
     held_gram, base_outputs = None, 0.0
     if report:
         held_gram = results[-1][0][0]

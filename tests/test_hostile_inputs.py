@@ -52,7 +52,7 @@ def test_a_merge_asking_for_too_many_prompts_is_one_error_before_any_encoding(ti
     base = tiny_pipeline_path("sd1")
     path = _crowded_file(base, tmp_path)
     capsys.readouterr()  # the text encoder's loading messages
-    monkeypatch.setattr(MERGE_MODULE, "cached_features", lambda *a, **k: pytest.fail("encoded target prompts"))
+    monkeypatch.setattr(MERGE_MODULE, "cached_sets", lambda *a, **k: pytest.fail("encoded target prompts"))
     code = cd_merge.main([path, "--base", str(base), "-o", str(tmp_path / "out.safetensors"), "-q"])
     assert code == 1
     assert one_error_line(capsys, "cd-merge") == (
@@ -69,12 +69,21 @@ def test_a_concept_given_too_many_templates_is_refused_as_its_file_would_be(tiny
               target_templates=templates)
 
 
+def _prompts_only(cached_sets):
+    """``cached_sets`` that encodes target prompts and fails the test when asked for a Gram matrix."""
+    def encode(base, sets, **options):
+        if any(text_set.gram for text_set in sets):
+            pytest.fail("encoded captions")
+        return cached_sets(base, sets, **options)
+    return encode
+
+
 def test_the_constraint_rows_of_a_merge_are_bounded(tiny_pipeline_path, tiny_delta_files, monkeypatch):
     """The solve's factorisation and dependence report grow with the square of the rows; the bound
     is checked as soon as the target prompts are encoded, before anything is solved."""
     files = tiny_delta_files("sd1")
     monkeypatch.setattr(MERGE_MODULE, "MAX_CONSTRAINT_ROWS", 5)
-    monkeypatch.setattr(MERGE_MODULE, "cached_gram", lambda *a, **k: pytest.fail("encoded captions"))
+    monkeypatch.setattr(MERGE_MODULE, "cached_sets", _prompts_only(MERGE_MODULE.cached_sets))
     with pytest.raises(MergeError, match=r"^The merge: its target prompts give \d\d+ constraint rows to solve \(each "
                                          r"concept's at most the feature width, 64\), more than the 5 any real merge "
                                          r"needs"):
@@ -120,7 +129,7 @@ def test_a_merge_of_more_rows_to_solve_than_the_bound_is_refused_before_any_capt
     anything solved."""
     base, deltas = six_concepts
     monkeypatch.setattr(MERGE_MODULE, bound, solved - 1)
-    monkeypatch.setattr(MERGE_MODULE, "cached_gram", lambda *a, **k: pytest.fail("encoded captions"))
+    monkeypatch.setattr(MERGE_MODULE, "cached_sets", _prompts_only(MERGE_MODULE.cached_sets))
     with pytest.raises(MergeError, match=rf"^The merge: its target prompts give {solved} {kind} rows to solve \(each "
                                          rf"concept's at most the feature width, 64\), more than the {solved - 1} any "
                                          rf"real merge needs; refused \(set {OVERRIDE}=1 if you mean it\)\.$"):
