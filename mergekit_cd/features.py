@@ -225,27 +225,29 @@ class TextFeatures:
     def encode(self, sets: Sequence[TextSet], *, rule: RowRule = ROW_RULES[DEFAULT_ROWS], batch_size: int = 64,
                progress: bool = False) -> list[list[PromptRows] | tuple[Tensor, int]]:
         """Per set, :meth:`prompt_rows` of its texts, or (a ``gram`` set) :meth:`gram` of them, with
-        each text encoder loaded once for all the sets: every batch of every set goes through the
-        first encoder, whose states are held until the next encoder's of the same batch come.
+        each text encoder loaded once for all the sets: every batch of every set goes through one
+        encoder, whose states are held until the next encoder's of the same batch come. The encoder
+        already held goes first, so that a later call does not load it again.
         ``progress``: a bar per labelled set and encoder."""
         if batch_size < 1:
             raise MergeError(f"batch_size must be at least 1, got {batch_size}.")
         if any(text_set.gram and not text_set.texts for text_set in sets):
             raise MergeError("No captions to compute a Gram matrix from.")
         batched = [self._batches(text_set.texts, rule, batch_size) for text_set in sets]
-        held: list[list[list[Tensor]]] = [[[] for _ in batches] for _, _, batches in batched]
-        last = len(self.tokenizers) - 1
-        for index in range(last):
+        held: list[list[dict[int, Tensor]]] = [[{} for _ in batches] for _, _, batches in batched]
+        order = sorted(range(len(self.tokenizers)), key=lambda index: self._held is None or self._held[0] != index)
+        *first, last = order
+        for index in first:
             for text_set, (ids, _, batches), states in zip(sets, batched, held):
                 with self._bar(text_set, index, progress) as bar:
                     for indices, batch_states in zip(batches, states):
-                        batch_states.append(self._encode(index, [ids[i] for i in indices],
-                                                         [text_set.texts[i] for i in indices]))
+                        batch_states[index] = self._encode(index, [ids[i] for i in indices],
+                                                           [text_set.texts[i] for i in indices])
                         bar.update(len(indices))
         results = []
         for text_set, (ids, counts, batches), states in zip(sets, batched, held):
             with self._bar(text_set, last, progress) as bar:
-                results.append(self._finish(text_set, ids, counts, batches, states, rule, bar))
+                results.append(self._finish(text_set, ids, counts, batches, states, last, rule, bar))
         return results
 
     def _bar(self, text_set: TextSet, index: int, progress: bool) -> tqdm:
@@ -269,17 +271,19 @@ class TextFeatures:
         return ids, counts, batches
 
     def _finish(self, text_set: TextSet, ids: list[list[list[int]]], counts: list[int], batches: list[list[int]],
-                held: list[list[Tensor]], rule: RowRule, bar: tqdm) -> list[PromptRows] | tuple[Tensor, int]:
-        """One set through the last encoder, each batch's states joined to the earlier encoders'
-        (released as they are used): its prompts' rows, or its Gram matrix and row count."""
+                held: list[dict[int, Tensor]], last: int, rule: RowRule,
+                bar: tqdm) -> list[PromptRows] | tuple[Tensor, int]:
+        """One set through encoder ``last``, each batch's states joined, in the encoders' order, to
+        the other encoders' (released as they are used): its prompts' rows, or its Gram matrix and
+        row count."""
         texts = text_set.texts
         device = float64_device(self.device)
         width = sum(self.base.token_dims())
         gram = torch.zeros(width, width, dtype=torch.float64, device=device) if text_set.gram else None
         count, by_index = 0, {}
         for indices, earlier in zip(batches, held):
-            last = self._encode(len(self.tokenizers) - 1, [ids[i] for i in indices], [texts[i] for i in indices])
-            states = torch.cat([*earlier, last], dim=-1)
+            earlier[last] = self._encode(last, [ids[i] for i in indices], [texts[i] for i in indices])
+            states = torch.cat([earlier[index] for index in sorted(earlier)], dim=-1)
             earlier.clear()
             prompts = [PromptRows(states[row, rule.rows(texts[index], counts[index])],
                                   rule.token_rows(texts[index], counts[index])) for row, index in enumerate(indices)]

@@ -175,9 +175,10 @@ def _encode_text(plan: MergePlan, options: MergeOptions, *, report: bool, progre
     prompts' token rows are the targets and their other rows the contexts.
 
     All are cached on disk; the text encoders are loaded only on a miss, one at a time
-    (:meth:`TextFeatures.encode`), once for the concepts' prompts, whose rows are bounded before any
-    caption is encoded, and once for the captions; they are dropped on return, before the K/V work
-    starts. A repeated merge loads no encoder at all.
+    (:meth:`TextFeatures.encode`), for the concepts' prompts, whose rows are bounded before any
+    caption is encoded, then for the captions, starting with the encoder still held (SDXL's bigG
+    loads once, CLIP-L twice); they are dropped on return, before the K/V work starts. A repeated
+    merge loads no encoder at all.
     Each concept's prompts are encoded on their own (batches of other prompts change the float32
     rounding), so its features do not depend on the merge it is in: what makes a merge grown from
     ``stored`` statistics (whose features and Gram matrix are taken as they are) equal one from scratch.

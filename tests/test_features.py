@@ -394,12 +394,17 @@ def test_sdxl_encoders_load_one_at_a_time_and_once_for_every_set(sdxl_base, monk
         return model
 
     monkeypatch.setattr(BaseModel, "load_text_encoder", counted)
-    together = TextFeatures(sdxl_base, tokens).encode(sets, batch_size=2)
+    encoder = TextFeatures(sdxl_base, tokens)
+    together = encoder.encode(sets, batch_size=2)
     assert loaded == [0, 1]
     for prompts, expected in zip(together[0], alone[0], strict=True):
         assert torch.equal(prompts.rows, expected.rows) and prompts.tokens == expected.tokens
     for (gram, count), (expected, expected_count) in zip(together[1:], alone[1:], strict=True):
         assert torch.equal(gram, expected) and count == expected_count
+    # a second call (a merge's captions after its prompts) starts with the encoder still held
+    (gram, count), = encoder.encode(sets[1:2], batch_size=2)
+    assert loaded == [0, 1, 0]
+    assert torch.equal(gram, alone[1][0]) and count == alone[1][1]
 
 
 def test_rows_laid_over_the_table_read_as_a_copied_table(sd1_base):
