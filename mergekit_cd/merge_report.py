@@ -102,8 +102,9 @@ class ReportSums:
     rounding the difference to float32 moves it by about 1e-7 of itself, far below the digits
     printed (the residuals, where rounding is what shows, are those of the weights as written).
     With as many rows as features or more (SD1.5, d = 768: 128 concepts of six rows) the
-    difference's own n d^2 is the cheaper, and is taken. The base's own held-out outputs, the drifts' denominator,
-    come summed over its layers (``base_outputs``, cached: :func:`~.feature_cache.cached_base_outputs`)."""
+    difference's own n d^2 is the cheaper, and is taken. The base's own held-out outputs, the
+    drifts' denominator, come summed over its layers (``base_outputs``, cached:
+    :func:`~.feature_cache.cached_base_outputs`)."""
 
     def __init__(self, features: Sequence[Tensor], held_gram: Tensor, update: Tensor | None,
                  base_outputs: float) -> None:

@@ -216,7 +216,8 @@ def _describe_statistics(report: MergeReport, output_format: str, options: Merge
     """Whether the output can be grown or shrunk later, and what its statistics cost against the difference."""
     if report.statistics is not None:
         size = report.statistics
-        return (f"merge statistics: {size.concepts} concept{'s' if size.concepts != 1 else ''}, {size.statistics_bytes / 2**20:.3g} MiB beside the "
+        return (f"merge statistics: {size.concepts} concept{'s' if size.concepts != 1 else ''}, "
+                f"{size.statistics_bytes / 2**20:.3g} MiB beside the "
                 f"{size.delta_bytes / 2**20:.3g} MiB difference ({size.statistics_bytes / size.delta_bytes:.2f}x): "
                 f"cd-merge can add concepts to this file or --drop them, exactly, without their files")
     if not options.spec.solves:
