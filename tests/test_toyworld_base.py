@@ -68,3 +68,18 @@ def test_every_command_takes_builtin_toyworld(tmp_path):
     assert grid.is_file()
     base = open_base("builtin:toyworld")
     assert base.architecture.name == "sd1" and len(base.layer_names()) > 0
+
+
+def test_the_model_card_is_never_measured_with_another_sampler(capsys, monkeypatch):
+    """The card's accuracy is the base's own (DDIM) sampler's: ``--write-card --sampler`` is refused
+    before anything is measured or written."""
+    from mergekit_cd.toyworld import prompt_following
+
+    monkeypatch.setattr(prompt_following, "measure", lambda *a, **k: pytest.fail("measured"))
+    monkeypatch.setattr(prompt_following, "write_card", lambda *a, **k: pytest.fail("wrote the card"))
+    with pytest.raises(SystemExit) as stopped:
+        prompt_following.main(["--write-card", "--sampler", "dpm-solver++"])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "python -m mergekit_cd.toyworld.prompt_following: error: --write-card measures with the base's own "
+        "sampler: leave out --sampler")
