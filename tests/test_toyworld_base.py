@@ -3,6 +3,8 @@ as builtin:toyworld, and it follows prompts as its model card says (on a small s
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from mergekit_cd import toyworld
@@ -83,3 +85,28 @@ def test_the_model_card_is_never_measured_with_another_sampler(capsys, monkeypat
     assert capsys.readouterr().err.splitlines()[-1] == (
         "python -m mergekit_cd.toyworld.prompt_following: error: --write-card measures with the base's own "
         "sampler: leave out --sampler")
+
+
+def test_the_model_card_reports_one_run_of_the_defaults(tmp_path):
+    """The card's section on the from-scratch run of the defaults gives its time per stage, its CPU
+    time, its accuracy and whether it meets the floor, from the record ``default_run.json`` holds."""
+    from mergekit_cd.toyworld import ASSETS
+    from mergekit_cd.toyworld.prompt_following import write_card
+
+    training = json.loads((ASSETS / "training.json").read_text())
+    accuracy = {"class": 0.9, "colour": 0.89, "colour_any_class": 0.95, "pattern": 0.72, "two_classes": 0.24,
+                "two_colours": 0.07, "background": 0.98}
+    run = {"command": "python -m mergekit_cd.toyworld.train_base -o out", "seed": 0,
+           "steps": {"clip": 600, "text": 400, "vae": 700, "unet": 7000, "decoder": 1000},
+           "seconds": {"clip_s": 360, "text_s": 420, "vae_s": 680, "unet_s": 4800, "decoder_s": 0, "total": 6600}}
+    record = {"training": run, "accuracy": accuracy | {"class": 0.79}, "cpu_minutes": 190.4,
+              "machine": "a 2-core CPU", "snapshots": {"5000": {"class": 0.7, "colour": 0.6}}}
+    card = tmp_path / "card.md"
+    write_card(accuracy, {"class": 1.0}, training, card, steps=20, count=100, default_run=record)
+    text = card.read_text()
+    section = text[text.index("## One run of the script's defaults"):]
+    assert "took 110 min (clip 6 min, text 7 min, vae 11 min, unet 80 min) and 190 min of CPU time" in section
+    assert "one-object class 0.79, class and colour 0.89" in section and "0.70 at 5000" in section
+    assert "the floor is NOT met" in section and "do not reach the floor" in section
+    write_card(accuracy, {"class": 1.0}, training, card, steps=20, count=100)
+    assert "One run of the script's defaults" not in card.read_text()
