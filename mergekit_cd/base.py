@@ -172,18 +172,24 @@ class BaseModel:
         """Number of parameters of each text encoder, in feature order, from their safetensors
         headers (no data read)."""
         counts = []
-        for name in self.architecture.text_encoders:
-            found = _weights_file(self.path / name, _TEXT_ENCODER_STEM)
-            files = [] if found is None else [found[0]]
-            if found is not None and found[0].suffix == ".json":
-                files = [found[0].parent / f for f in sorted(set(_read_json(found[0]).get("weight_map", {}).values()))]
+        for index in range(len(self.architecture.text_encoders)):
             total = 0
-            for file in files:
+            for file in self.text_encoder_files(index):
                 with safe_open(str(file), framework="pt", device="cpu") as handle:
                     for key in handle.keys():
                         total += int(torch.Size(handle.get_slice(key).get_shape()).numel())
             counts.append(total)
         return tuple(counts)
+
+    def text_encoder_files(self, index: int) -> list[Path]:
+        """The safetensors files holding text encoder ``index``'s weights (one, or its shards), as
+        transformers chooses them."""
+        found = _weights_file(self.path / self.architecture.text_encoders[index], _TEXT_ENCODER_STEM)
+        if found is None:
+            return []
+        if found[0].suffix == ".json":
+            return [found[0].parent / f for f in sorted(set(_read_json(found[0]).get("weight_map", {}).values()))]
+        return [found[0]]
 
     def load_tokenizers(self) -> list[Any]:
         """The tokenizer(s), in the architecture's order, as the classes model_index.json names."""

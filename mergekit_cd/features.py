@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from .delta import check_token_name
 from .devices import float64_device
 from .errors import MergeError
+from .fileio import MappedPages
 from .tokens import check_new, install
 
 if TYPE_CHECKING:
@@ -140,8 +141,9 @@ class TextFeatures:
 
     The encoders are loaded when first needed and held one at a time (:meth:`encoder`): SDXL's
     two take 3.3 GB in float32, OpenCLIP bigG alone 2.8 GB. :meth:`encode` therefore runs all its
-    texts through one encoder before it loads the next, holding the earlier encoders' states
-    (float32) of every batch meanwhile; give it every set at once, and each encoder loads once.
+    texts through one encoder before it loads the next, and through that encoder one layer at a
+    time (:meth:`_encode`), holding every batch's states (float32) meanwhile; give it every set at
+    once, and each encoder loads once.
     """
 
     def __init__(self, base: BaseModel, tokens: Mapping[str, Sequence[Tensor]] | None = None, *,
@@ -151,7 +153,8 @@ class TextFeatures:
         self.dtype = dtype
         self.tokens = dict(tokens or {})
         self.tokenizers = base.load_tokenizers()
-        self._held: tuple[int, Any] | None = None  # (index, model): the one encoder in memory
+        # (index, model, its files' mappings): the one encoder in memory
+        self._held: tuple[int, Any, list[MappedPages]] | None = None
         dims = base.token_dims()
         for token, embeddings in self.tokens.items():
             _check_token(token, embeddings, dims)
@@ -163,7 +166,14 @@ class TextFeatures:
 
     def encoder(self, index: int) -> Any:
         """Text encoder ``index``, its tokens' rows installed, cut to the layers the context needs
-        (:func:`_context_layers_only`): the one held in memory; another is released first."""
+        (:func:`_context_layers_only`): the one held in memory; another is released first. Read
+        only: its layers' mapped pages are handed back as they run (:meth:`_encode`), and a change
+        made to them in place would be lost."""
+        return self._encoder(index)[0]
+
+    def _encoder(self, index: int) -> tuple[Any, list[MappedPages]]:
+        """:meth:`encoder`, and the mappings of its weight files (its weights are views of them
+        where transformers maps them: float32 on the CPU), whose pages :meth:`_encode` hands back."""
         if self._held is None or self._held[0] != index:
             self._held = None
             gc.collect()  # the encoder released, before the next one loads
@@ -172,8 +182,8 @@ class TextFeatures:
             if self.tokens:
                 install(self.tokenizers[index], model,
                         {token: embeddings[index] for token, embeddings in self.tokens.items()}, copy_table=False)
-            self._held = (index, model)
-        return self._held[1]
+            self._held = (index, model, [MappedPages(file) for file in self.base.text_encoder_files(index)])
+        return self._held[1], self._held[2]
 
     def token_ids(self, captions: Sequence[str]) -> list[list[list[int]]]:
         """Per caption, its token ids from each tokenizer (BOS .. EOS, truncated, no padding)."""
@@ -226,36 +236,36 @@ class TextFeatures:
                progress: bool = False) -> list[list[PromptRows] | tuple[Tensor, int]]:
         """Per set, :meth:`prompt_rows` of its texts, or (a ``gram`` set) :meth:`gram` of them, with
         each text encoder loaded once for all the sets: every batch of every set goes through one
-        encoder, whose states are held until the next encoder's of the same batch come. The encoder
-        already held goes first, so that a later call does not load it again.
-        ``progress``: a bar per labelled set and encoder."""
+        encoder (:meth:`_encode`, a layer at a time), whose states are held until the other
+        encoders' of the same batch come. The encoder already held goes first, so that a later
+        call does not load it again. ``progress``: a bar per encoder, of its layers, named by the
+        labelled sets."""
         if batch_size < 1:
             raise MergeError(f"batch_size must be at least 1, got {batch_size}.")
         if any(text_set.gram and not text_set.texts for text_set in sets):
             raise MergeError("No captions to compute a Gram matrix from.")
         batched = [self._batches(text_set.texts, rule, batch_size) for text_set in sets]
         held: list[list[dict[int, Tensor]]] = [[{} for _ in batches] for _, _, batches in batched]
+        every = [(text_set, ids, indices, states) for text_set, (ids, _, batches), set_states in zip(sets, batched, held)
+                 for indices, states in zip(batches, set_states)]
         order = sorted(range(len(self.tokenizers)), key=lambda index: self._held is None or self._held[0] != index)
-        *first, last = order
-        for index in first:
-            for text_set, (ids, _, batches), states in zip(sets, batched, held):
-                with self._bar(text_set, index, progress) as bar:
-                    for indices, batch_states in zip(batches, states):
-                        batch_states[index] = self._encode(index, [ids[i] for i in indices],
-                                                           [text_set.texts[i] for i in indices])
-                        bar.update(len(indices))
-        results = []
-        for text_set, (ids, counts, batches), states in zip(sets, batched, held):
-            with self._bar(text_set, last, progress) as bar:
-                results.append(self._finish(text_set, ids, counts, batches, states, last, rule, bar))
-        return results
+        for index in order:
+            encoded = self._encode(index, [[ids[i] for i in indices] for _, ids, indices, _ in every],
+                                   [[text_set.texts[i] for i in indices] for text_set, _, indices, _ in every],
+                                   self._bar_label(sets, index) if progress else None)
+            for (_, _, _, states), state in zip(every, encoded):
+                states[index] = state
+        return [self._finish(text_set, counts, batches, states, rule)
+                for text_set, (_, counts, batches), states in zip(sets, batched, held)]
 
-    def _bar(self, text_set: TextSet, index: int, progress: bool) -> tqdm:
-        """The progress bar of a set's pass through encoder ``index`` (named by it where there are two)."""
+    def _bar_label(self, sets: Sequence[TextSet], index: int) -> str | None:
+        """The name of the progress bar of the sets' pass through encoder ``index``: the labelled
+        sets' labels (and the encoder's name where there are two); None (no bar) without a label."""
         components = self.base.architecture.text_encoders
-        label = text_set.label if len(components) == 1 else f"{text_set.label} ({components[index]})"
-        return tqdm(total=len(text_set.texts), disable=not progress or text_set.label is None, desc=label,
-                    unit="caption")
+        labels = " + ".join(dict.fromkeys(text_set.label for text_set in sets if text_set.label is not None))
+        if not labels:
+            return None
+        return labels if len(components) == 1 else f"{labels} ({components[index]})"
 
     def _batches(self, captions: Sequence[str], rule: RowRule,
                  batch_size: int) -> tuple[list[list[list[int]]], list[int], list[list[int]]]:
@@ -270,19 +280,16 @@ class TextFeatures:
                    for group in (by_length[length],) for start in range(0, len(group), batch_size)]
         return ids, counts, batches
 
-    def _finish(self, text_set: TextSet, ids: list[list[list[int]]], counts: list[int], batches: list[list[int]],
-                held: list[dict[int, Tensor]], last: int, rule: RowRule,
-                bar: tqdm) -> list[PromptRows] | tuple[Tensor, int]:
-        """One set through encoder ``last``, each batch's states joined, in the encoders' order, to
-        the other encoders' (released as they are used): its prompts' rows, or its Gram matrix and
-        row count."""
+    def _finish(self, text_set: TextSet, counts: list[int], batches: list[list[int]],
+                held: list[dict[int, Tensor]], rule: RowRule) -> list[PromptRows] | tuple[Tensor, int]:
+        """One set's batches, each one's encoders' states joined in their order (and released as
+        they are used): its prompts' rows, or its Gram matrix and row count."""
         texts = text_set.texts
         device = float64_device(self.device)
         width = sum(self.base.token_dims())
         gram = torch.zeros(width, width, dtype=torch.float64, device=device) if text_set.gram else None
         count, by_index = 0, {}
         for indices, earlier in zip(batches, held):
-            earlier[last] = self._encode(last, [ids[i] for i in indices], [texts[i] for i in indices])
             states = torch.cat([earlier[index] for index in sorted(earlier)], dim=-1)
             earlier.clear()
             prompts = [PromptRows(states[row, rule.rows(texts[index], counts[index])],
@@ -294,27 +301,47 @@ class TextFeatures:
             else:
                 by_index.update((index, PromptRows(prompt.rows.float().cpu(), prompt.tokens))
                                 for index, prompt in zip(indices, prompts))
-            bar.update(len(indices))
         if gram is not None:
             return gram.cpu(), count
         return [by_index[index] for index in range(len(texts))]
 
-    def _encode(self, index: int, batch: list[list[list[int]]], texts: list[str]) -> Tensor:
-        """Encoder ``index``'s part of the cross-attention context (batch, tokens, d_index) of
-        equal-length token id sequences.
+    def _encode(self, index: int, batches: list[list[list[list[int]]]], texts: list[list[str]],
+                label: str | None = None) -> list[Tensor]:
+        """Encoder ``index``'s part of the cross-attention context (batch, tokens, d_index) of each
+        batch of equal-length token id sequences (``texts``: each batch's, to name one in an error;
+        ``label``: a progress bar of its layers so named).
+
+        The batches go through the encoder together, one layer at a time: each layer runs on every
+        batch, as the encoder's own forward calls it (:func:`_first_layer_inputs`), and then the
+        pages of its weights are handed back (:class:`~mergekit_cd.fileio.MappedPages`), so that
+        one layer's weights are in memory at a time, not all of them (OpenCLIP bigG's 31 layers
+        the context reads: 2.44 GB of float32), while every batch's states are held (about
+        80 KB a token for bigG). Each batch meets the same operations as in the whole forward,
+        so its states are the same to the bit. Weights not mapped (another dtype or device) stay
+        in memory as they were loaded.
 
         Non-finite features (a float16 encoder that overflows, damaged weights) are refused here,
         naming the encoder and dtype, so that no NaN reaches a Gram matrix, its cache or a solve.
         """
-        encoder = self.encoder(index)
-        input_ids = torch.tensor([caption_ids[index] for caption_ids in batch], device=self.device)
+        encoder, mapped = self._encoder(index)
+        layers = _encoder_layers(encoder)
         with torch.no_grad():
-            state = encoder(input_ids).last_hidden_state  # the context rows: see _context_layers_only
-        finite = torch.isfinite(state).flatten(1).all(dim=1)
-        if not finite.all():
-            text = texts[int((~finite).nonzero()[0])]
-            raise self._non_finite_error(self.base.architecture.text_encoders[index], text)
-        return state
+            inputs = [_first_layer_inputs(encoder, layers, torch.tensor([ids[index] for ids in batch],
+                                                                        device=self.device)) for batch in batches]
+            states = [state for state, _, _ in inputs]
+            for layer in tqdm(layers, disable=label is None, desc=label, unit="layer"):
+                states = [_layer_output(layer(state, *args, **kwargs))
+                          for state, (_, args, kwargs) in zip(states, inputs)]
+                for pages in mapped:
+                    pages.release(layer.parameters())
+            norm = _final_layer_norm(encoder)
+            states = [norm(state) for state in states]  # the identity where the context is an earlier state
+        for state, batch_texts in zip(states, texts):
+            finite = torch.isfinite(state).flatten(1).all(dim=1)
+            if not finite.all():
+                raise self._non_finite_error(self.base.architecture.text_encoders[index],
+                                             batch_texts[int((~finite).nonzero()[0])])
+        return states
 
     def _non_finite_error(self, component: str, text: str) -> MergeError:
         """The error for NaN or infinite features from ``component``, with what to try next."""
@@ -323,6 +350,55 @@ class TextFeatures:
                   else "its weights may be damaged")
         return MergeError(f"The text encoder {component} of {self.base.name} gave NaN or infinite features "
                           f"in {dtype} (for {text!r}); {remedy}.")
+
+
+class _LayerInputs(Exception):  # noqa: N818 (not an error: how the forward is stopped)
+    """What an encoder's forward gives its first layer, raised to stop the forward there."""
+
+    def __init__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        super().__init__()
+        self.args, self.kwargs = args, kwargs
+
+
+def _first_layer_inputs(encoder: Any, layers: nn.ModuleList,
+                        input_ids: Tensor) -> tuple[Tensor, tuple[Any, ...], dict[str, Any]]:
+    """The states an encoder's own forward gives its first layer for ``input_ids`` (its embeddings,
+    the modifier tokens' rows laid over), and the other arguments it gives every layer (the
+    attention mask it builds, its flags): the forward is stopped there. What transformers passes
+    its layers differs between its versions; taken from the forward itself, each layer is called
+    as the forward calls it."""
+    def stop(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        raise _LayerInputs(args, kwargs)
+
+    hook = layers[0].register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        encoder(input_ids)
+    except _LayerInputs as given:
+        state, *rest = given.args
+        return state, tuple(rest), given.kwargs
+    finally:
+        hook.remove()
+    raise RuntimeError(f"{type(encoder).__name__}'s forward did not call its first layer.")
+
+
+def _layer_output(output: Any) -> Tensor:
+    """An encoder layer's states: transformers 5 returns them, 4 a tuple that starts with them."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _encoder_layers(encoder: Any) -> nn.ModuleList:
+    """The list of a CLIP text encoder's layers, found by name (``...encoder.layers``), as the
+    CLIP classes of transformers nest them differently."""
+    [layers] = [module for name, module in encoder.named_modules()
+                if name.split(".")[-2:] == ["encoder", "layers"] and isinstance(module, nn.ModuleList)]
+    return layers
+
+
+def _final_layer_norm(encoder: Any) -> nn.Module:
+    """A CLIP text encoder's final layer norm, found by name (the identity once cut:
+    :func:`_context_layers_only`)."""
+    [norm] = [module for name, module in encoder.named_modules() if name.split(".")[-1] == "final_layer_norm"]
+    return norm
 
 
 def _context_layers_only(encoder: Any, hidden_state: int | None) -> Any:
@@ -334,15 +410,13 @@ def _context_layers_only(encoder: Any, hidden_state: int | None) -> Any:
     last layer of each encoder, 79 MB of OpenCLIP bigG, and every layer's states (33 of them,
     where output_hidden_states was asked for one).
 
-    Found by name (``...encoder.layers``, ``...final_layer_norm``), as the CLIP classes of
+    Found by name (:func:`_encoder_layers`, ``...final_layer_norm``), as the CLIP classes of
     transformers nest them differently.
     """
     if hidden_state is None:
         return encoder
-    modules = dict(encoder.named_modules())
-    [layers] = [module for name, module in modules.items()
-                if name.split(".")[-2:] == ["encoder", "layers"] and isinstance(module, nn.ModuleList)]
-    [norm] = [name for name in modules if name.split(".")[-1] == "final_layer_norm"]
+    layers = _encoder_layers(encoder)
+    [norm] = [name for name, _ in encoder.named_modules() if name.split(".")[-1] == "final_layer_norm"]
     del layers[len(layers) + 1 + hidden_state:]  # hidden_states[0] is the embeddings, before any layer
     encoder.get_submodule(norm.rpartition(".")[0]).final_layer_norm = nn.Identity()
     return encoder

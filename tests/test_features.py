@@ -3,6 +3,7 @@ row rule, batching, the Gram matrix and its cache, modifier tokens, prompts and 
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -405,6 +406,88 @@ def test_sdxl_encoders_load_one_at_a_time_and_once_for_every_set(sdxl_base, monk
     (gram, count), = encoder.encode(sets[1:2], batch_size=2)
     assert loaded == [0, 1, 0]
     assert torch.equal(gram, alone[1][0]) and count == alone[1][1]
+
+
+def _whole_forward(self, index, batches, texts, label=None):
+    """Each batch through encoder ``index`` whole, one batch after another: how encode() ran them
+    before it ran them a layer at a time."""
+    encoder = self.encoder(index)
+    with torch.no_grad():
+        return [encoder(torch.tensor([ids[index] for ids in batch])).last_hidden_state for batch in batches]
+
+
+@pytest.mark.parametrize("architecture", ["sd1", "sdxl"])
+@pytest.mark.parametrize("rule", ["authors", "pipeline"])
+def test_encoding_a_layer_at_a_time_gives_the_whole_forward_to_the_bit(architecture, rule, sd1_base, sdxl_base,
+                                                                       monkeypatch):
+    """Every batch run through each layer in turn (a layer's weights in memory at a time) gives
+    exactly the states of each batch run through the encoder whole: the prompts' rows and the Gram
+    matrices are equal to the bit (the same batches, the same operations), with modifier tokens."""
+    base = {"sd1": sd1_base, "sdxl": sdxl_base}[architecture]
+    generator = torch.Generator().manual_seed(3)
+    tokens = {"<new1>": tuple(torch.randn(size, generator=generator) for size in base.token_dims())}
+    sets = [TextSet(("<new1> cat", "photo of a <new1> cat", "a <new1> cat in the garden")),
+            TextSet(tuple(CAPTIONS), gram=True), TextSet(tuple(CAPTIONS[2:]), gram=True)]
+
+    def encoded() -> list:
+        return TextFeatures(base, tokens).encode(sets, rule=ROW_RULES[rule], batch_size=2)
+
+    by_layer = encoded()
+    monkeypatch.setattr(TextFeatures, "_encode", _whole_forward)
+    whole = encoded()
+    for ours, expected in zip(by_layer[0], whole[0], strict=True):
+        assert torch.equal(ours.rows, expected.rows) and ours.tokens == expected.tokens
+    for (gram, count), (expected, expected_count) in zip(by_layer[1:], whole[1:], strict=True):
+        assert torch.equal(gram, expected) and count == expected_count
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mapped pages are found in /proc/self/maps")
+def test_each_layer_runs_on_every_batch_and_is_handed_back_before_the_next(sdxl_base, monkeypatch):
+    """Within an encoder, each layer runs on every batch of every set, and then the mapped pages of
+    its weights, and only its, are handed back, before the next layer runs: one layer's weights
+    are in memory at a time. The weights are views of the mapped file, so the pages are there to
+    hand back."""
+    from mergekit_cd.fileio import MappedPages
+
+    events = []
+    release = MappedPages.release
+
+    def recorded(self, tensors):
+        tensors = list(tensors)
+        events.append(("released", frozenset(tensor.data_ptr() for tensor in tensors)))
+        release(self, tensors)
+
+    monkeypatch.setattr(MappedPages, "release", recorded)
+    features = TextFeatures(sdxl_base)
+    sets = [TextSet(tuple(CAPTIONS)), TextSet(("a man", "two dogs in the snow"), gram=True)]
+    batch_count = sum(len(features._batches(text_set.texts, ROW_RULES["authors"], 2)[2]) for text_set in sets)
+    for index in (0, 1):
+        encoder, mapped = features._encoder(index)
+        assert len(mapped) == len(sdxl_base.text_encoder_files(index)) == 1 and mapped[0].ranges
+        layers = features_module._encoder_layers(encoder)
+        assert all(any(low <= weight.data_ptr() < high for pages in mapped for low, high in pages.ranges)
+                   for weight in layers.parameters())
+        events.clear()
+        hooks = [layer.register_forward_hook(lambda module, args, output, number=number: events.append(("ran", number)))
+                 for number, layer in enumerate(layers)]
+        features._encode(index, *_every_batch(features, sets, index))
+        for hook in hooks:
+            hook.remove()
+        expected = []
+        for number, layer in enumerate(layers):
+            expected += [("ran", number)] * batch_count
+            expected += [("released", frozenset(weight.data_ptr() for weight in layer.parameters()))] * len(mapped)
+        assert events == expected
+
+
+def _every_batch(features: TextFeatures, sets: list[TextSet], index: int) -> tuple[list, list]:
+    """encode()'s arguments to _encode: every batch of every set, its token ids and its texts."""
+    batches, texts = [], []
+    for text_set in sets:
+        ids, _, groups = features._batches(text_set.texts, ROW_RULES["authors"], 2)
+        batches += [[ids[i] for i in group] for group in groups]
+        texts += [[text_set.texts[i] for i in group] for group in groups]
+    return batches, texts
 
 
 def test_rows_laid_over_the_table_read_as_a_copied_table(sd1_base):

@@ -29,7 +29,7 @@ from mergekit_cd.cli import inspect as cd_inspect
 from mergekit_cd.delta import LazyLayers
 from mergekit_cd import fileio
 from mergekit_cd.fileio import atomic_path, load_pickle
-from mergekit_cd.formats import authors_bin, compvis, diffusers_layout, native
+from mergekit_cd.formats import _common, authors_bin, compvis, diffusers_layout, native
 from mergekit_cd.metadata import provenance_from_metadata, to_metadata
 from mergekit_cd.weights import FineTunedWeights
 
@@ -291,6 +291,44 @@ def test_native_header_carries_the_metadata(tmp_path):
         header = file.metadata()
     assert header["format"] == "mergekit-cd" and header["format_version"] == "1"
     assert json.loads(header["mergekit_cd"])["base_fingerprint"] == FINGERPRINT
+
+
+def test_a_native_write_copies_no_layer_whose_key_and_value_share_a_tensor(tmp_path, monkeypatch):
+    """A merge's K and V of a layer are the two halves of one tensor: the writer hands safetensors
+    those halves as they are (it writes each one's own bytes), where copying them held the whole
+    result twice while it was written; a tensor overlapping another (one tensor under two names)
+    is still copied, as safetensors refuses overlapping tensors, and the file reads back equal."""
+    delta = make_delta("sdxl")
+    stacked = {name: torch.cat([layer.key, layer.value]) for name, layer in delta.layers.items()}
+    halves = ConceptDelta({name: LayerDelta(*rows.split(rows.shape[0] // 2)) for name, rows in stacked.items()},
+                          delta.tokens, base=delta.base, base_fingerprint=FINGERPRINT, architecture="sdxl")
+    handed: dict[str, torch.Tensor] = {}
+
+    def spy(tensors, path, metadata=None):
+        handed.update(tensors)
+        fileio.save_safetensors(tensors, path, metadata)
+
+    monkeypatch.setattr(native, "save_safetensors", spy)
+    formats.write(halves, tmp_path / "d.safetensors", "native")
+    for name, rows in stacked.items():
+        key, value = handed[f"{name}.to_k.diff"], handed[f"{name}.to_v.diff"]
+        assert key.data_ptr() == rows.data_ptr() and value.data_ptr() == rows[rows.shape[0] // 2:].data_ptr()
+    back = formats.read(tmp_path / "d.safetensors")
+    assert all(torch.equal(back.layers[name].key, layer.key) and torch.equal(back.layers[name].value, layer.value)
+               for name, layer in halves.layers.items())
+
+    table, other = torch.randn(8, 4), torch.randn(8, 4)
+    saved = _common.saveable({"a": table, "b": table, "row": table[2], "top": other[:5], "rest": other[5:]})
+    assert saved["a"].data_ptr() == table.data_ptr() and saved["top"].data_ptr() == other.data_ptr()
+    assert saved["rest"].data_ptr() == other[5:].data_ptr()
+    assert all(not _overlap(saved[name], table) for name in ("b", "row"))
+    save_file(saved, tmp_path / "shared.safetensors")
+    assert all(torch.equal(load_file(tmp_path / "shared.safetensors")[name], tensor) for name, tensor in saved.items())
+
+
+def _overlap(first: torch.Tensor, second: torch.Tensor) -> bool:
+    """Whether the bytes of two tensors overlap."""
+    return first.data_ptr() < second.data_ptr() + second.nbytes and second.data_ptr() < first.data_ptr() + first.nbytes
 
 
 @pytest.mark.parametrize("document, message", [
