@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import hashlib
 import json
 import math
 import os
@@ -20,6 +21,7 @@ import secrets
 import shutil
 import stat
 import struct
+import time
 import warnings
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -607,6 +609,78 @@ def file_identity(path: str | os.PathLike[str]) -> tuple[int, int, int]:
     """(device and inode, size, modification time): changes when the file is replaced or rewritten."""
     stat = os.stat(path)
     return stat.st_dev * 2**64 + stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+#: The file of a cache folder that remembers files' digests by their stat (:func:`remembered_sha256s`).
+DIGEST_MEMO = "file-digests.json"
+_DIGEST_MEMO_VERSION = "1"
+#: A file modified (or its times set) less than this long before it is hashed is not remembered: a
+#: second write within one tick of the file system's clock could leave its stat as it was (git's
+#: "racily clean" files).
+RACY_NANOSECONDS = 2 * 10**9
+
+
+def remembered_sha256s(files: Sequence[Path], memo_folder: Path | None) -> list[str]:
+    """sha256 hex of each file's bytes; with ``memo_folder``, remembered in its :data:`DIGEST_MEMO` by
+    the file's stat (resolved path, device, inode, size, modification and change times in ns), as
+    git's index remembers its files: a file whose stat is as remembered is not read again, while a
+    write moves its times and a replacement its inode, so a changed file is read anew. A file modified
+    within :data:`RACY_NANOSECONDS` of being hashed, or changed while it was, is not remembered; a
+    damaged memo counts as empty and one that cannot be written is left as it is (the files are
+    read again next time: the memo only saves reading, it never decides a digest)."""
+    memo = _read_digest_memo(memo_folder / DIGEST_MEMO) if memo_folder is not None else {}
+    digests, learned = [], False
+    for file in files:
+        real = os.path.realpath(file)
+        before = _stat_key(real)
+        remembered = memo.get(real)
+        if remembered is not None and remembered["stat"] == before:
+            digests.append(remembered["sha256"])
+            continue
+        digest = hashlib.sha256()
+        with open(real, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(block)
+        digests.append(digest.hexdigest())
+        settled = time.time_ns() - max(before[3:]) >= RACY_NANOSECONDS
+        if memo_folder is not None and settled and _stat_key(real) == before:
+            memo[real], learned = {"stat": before, "sha256": digests[-1]}, True
+    if learned:
+        _write_digest_memo(memo_folder / DIGEST_MEMO, memo)
+    return digests
+
+
+def _stat_key(path: str) -> list[int]:
+    """What a write or a replacement of the file changes: [device, inode, size, ctime_ns, mtime_ns]."""
+    found = os.stat(path)
+    return [found.st_dev, found.st_ino, found.st_size, found.st_ctime_ns, found.st_mtime_ns]
+
+
+def _read_digest_memo(path: Path) -> dict[str, dict[str, Any]]:
+    """The remembered digests by resolved path; empty when the memo is missing or damaged."""
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    files = document.get("files") if isinstance(document, dict) and \
+        document.get("format_version") == _DIGEST_MEMO_VERSION else None
+    if not isinstance(files, dict):
+        return {}
+    return {name: entry for name, entry in files.items()
+            if isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
+            and isinstance(entry.get("stat"), list) and len(entry["stat"]) == 5
+            and all(type(value) is int for value in entry["stat"])}
+
+
+def _write_digest_memo(path: Path, memo: dict[str, dict[str, Any]]) -> None:
+    """Write the memo atomically (readers never see half of it); a folder that cannot take it is left as it is."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path, force=True) as temporary:
+            temporary.write_text(json.dumps({"format_version": _DIGEST_MEMO_VERSION, "files": memo},
+                                            sort_keys=True), encoding="utf-8")
+    except (OSError, MergeError):
+        pass
 
 
 def check_unchanged(path: str | os.PathLike[str], identity: tuple[int, int, int] | None) -> None:
