@@ -92,7 +92,7 @@ class FileMerge:
         of the merge statistics it stores)."""
         layout = formats.get_format(self.format)
         delta, report = execute(self.plan, self.options, progress=progress, return_report=True,
-                                statistics=layout.STORES_STATISTICS)
+                                statistics=layout.STORES_STATISTICS, full_weights=layout.WRITES_FULL_WEIGHTS)
         if delta.statistics is not None:
             size = StatisticsSize(len(delta.statistics.concepts), delta.statistics.num_bytes(),
                                   4 * delta.num_parameters())  # the merged difference is float32
@@ -278,9 +278,12 @@ def spanning_rows(C: Tensor) -> Tensor:
 
 
 def execute(plan: MergePlan, options: MergeOptions | None = None, *, progress: bool = False,
-            return_report: bool = False, statistics: bool = True) -> ConceptDelta | tuple[ConceptDelta, MergeReport]:
+            return_report: bool = False, statistics: bool = True,
+            full_weights: bool = True) -> ConceptDelta | tuple[ConceptDelta, MergeReport]:
     """Run a planned merge (see :func:`merge`); ``statistics``: return those of a solved merge
-    with the delta (an output that does not store them need not hold them)."""
+    with the delta (an output that does not store them need not hold them); ``full_weights``: the
+    report measures the residuals of the full weights as written too (an output of differences
+    need not: it writes the difference, whose residuals are measured anyway)."""
     stored = stored_concepts(plan, options or MergeOptions())
     options = stored.options  # the recorded soft weights of stored concepts filled in
     spec = options.spec
@@ -302,8 +305,8 @@ def execute(plan: MergePlan, options: MergeOptions | None = None, *, progress: b
     # every concept's rows stacked once: a layer's W0 C^T is one product, not one per concept
     stacked_features, stacked_contexts = torch.cat(features), torch.cat(contexts) if contexts else None
     held_gram = text.held_gram.to(solve_device) if text.held_gram is not None else None
-    sums = (ReportSums(features, held_gram, operator.Z if operator is not None else None, text.base_outputs)
-            if return_report else None)
+    sums = (ReportSums(features, held_gram, operator.Z if operator is not None else None, text.base_outputs,
+                       full_weights=full_weights) if return_report else None)
     layers: dict[str, LayerDelta] = {}
     layer_digests: list[dict[str, bytes]] = [{} for _ in plan.deltas]
     recorder = StatisticsRecorder(stored.records) if statistics and spec.solves else None
@@ -350,7 +353,7 @@ def execute(plan: MergePlan, options: MergeOptions | None = None, *, progress: b
             merged = spec.combine(naive_sum, len(plan.deltas))
         merged = merged.float()  # the result's dtype: the report measures this, not the float64 solve
         if sums is not None:
-            sums.add(W0, targets, own_columns, merged.double(), naive_sum, misfit)
+            sums.add(W0, targets, own_columns, merged, naive_sum, misfit)
         merged = merged.cpu()
         layers[name] = LayerDelta(merged[:keys].contiguous(), merged[keys:].contiguous())
 

@@ -412,6 +412,24 @@ def test_the_recipe_hash_of_an_input_changes_with_any_one_of_its_values(base, tw
     assert changed[0] == first[0] and changed[1] != first[1]
 
 
+def test_a_merge_written_as_differences_does_not_measure_the_full_weights_as_written(base, two, tmp_path):
+    """The full weights' residuals cost the report a third candidate (a copy of every layer and its
+    product with the constraint rows); only a full-weight output writes them, so only its report
+    measures them, while the other figures come out the same to the bit with or without them."""
+    from mergekit_cd.merge import merge_to_file
+
+    _, everything = merge(two, captions(), base=base, return_report=True)
+    as_differences = merge_to_file(two, tmp_path / "merged.safetensors", captions(), base=base)
+    as_weights = merge_to_file(two, tmp_path / "merged.bin", captions(), base=base)
+    assert [c.full_weights_residual for c in as_differences.concepts] == [None, None]
+    assert [c.full_weights_residual for c in as_weights.concepts] == \
+        [c.full_weights_residual for c in everything.concepts]
+    for report in (as_differences, as_weights):
+        assert [(c.residual, c.sum_residual) for c in report.concepts] == \
+            [(c.residual, c.sum_residual) for c in everything.concepts]
+        assert (report.drift, report.sum_drift) == (everything.drift, everything.sum_drift)
+
+
 def test_the_base_held_out_outputs_are_computed_once_and_cached_beside_their_gram_matrix(base, two, tmp_path):
     """The drift's denominator, ||W0 C_h^T||^2 over the base's layers, is stored on a first merge
     and read back by the next (the same report); the stored value is that sum, and a damaged file
