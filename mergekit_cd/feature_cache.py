@@ -221,11 +221,16 @@ def cached_base_outputs(base: BaseModel, captions: Sequence[str], held_gram: Ten
     return total
 
 
+def cache_folder(cache_dir: str | os.PathLike[str] | None) -> Path:
+    """The cache folder: ``cache_dir``, else :func:`default_cache_dir`."""
+    return Path(cache_dir or default_cache_dir()).expanduser()
+
+
 def _cache_folder(base: BaseModel, cache_dir: str | os.PathLike[str] | None) -> Path:
-    """The cache folder (``cache_dir``, else :func:`default_cache_dir`), where the digests of the
-    base's text files behind every key (:attr:`BaseModel.text_fingerprint`) are remembered too: a
-    repeated merge stats them instead of reading them (:meth:`BaseModel.remembered_text_fingerprint`)."""
-    folder = Path(cache_dir or default_cache_dir()).expanduser()
+    """:func:`cache_folder`, where the digests of the base's text files behind every key
+    (:attr:`BaseModel.text_fingerprint`) are remembered too: a repeated merge stats them instead of
+    reading them (:meth:`BaseModel.remembered_text_fingerprint`)."""
+    folder = cache_folder(cache_dir)
     base.remembered_text_fingerprint(folder)
     return folder
 

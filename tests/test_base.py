@@ -198,7 +198,7 @@ def test_text_fingerprint_remembers_each_file_by_its_stat_and_reads_a_changed_on
     first = open_base(folder).remembered_text_fingerprint(memo)
     assert first == open_base(folder).text_fingerprint
     files = _text_files(folder)
-    assert len(files) > 2 and (memo / fileio.DIGEST_MEMO).is_file()
+    assert len(files) > 2 and (memo / fileio.STAT_MEMO).is_file()
     opened.clear()
     assert open_base(folder).remembered_text_fingerprint(memo) == first
     assert opened == []
