@@ -30,6 +30,7 @@ from torch import Tensor
 from . import hub
 from .architectures import Architecture, detect_architecture
 from .errors import MergeError
+from .fileio import remembered_sha256s
 
 #: Mixed into every fingerprint; change it if the recipe below ever changes.
 FINGERPRINT_VERSION = "mergekit_cd kv-fingerprint v1 (float16)"
@@ -97,6 +98,7 @@ class BaseModel:
         self._text_encoder_variants = text_encoder_variants
         self._kv_files = kv_files
         self._last_kv: tuple[str, tuple[Tensor, Tensor]] | None = None  # see kv
+        self._text_fingerprint: str | None = None  # see remembered_text_fingerprint
 
     def __repr__(self) -> str:
         return f"BaseModel({self.name!r}, architecture={self.architecture.name!r}, path={str(self.path)!r})"
@@ -148,20 +150,33 @@ class BaseModel:
         """
         return kv_fingerprint((layer, *self.kv(layer)) for layer in self.layer_names())
 
-    @cached_property
+    @property
     def text_fingerprint(self) -> str:
         """sha256 over the tokenizer and text-encoder files: what decides the text features.
 
         Files in a hub cache are named by their content hash already (``blobs/<sha256>``), so
-        only local folders are read through.
+        only local folders are read through; computed once per base (:meth:`remembered_text_fingerprint`).
         """
-        digest = hashlib.sha256()
-        components = (*self.architecture.tokenizers, *self.architecture.text_encoders)
-        for component in components:
-            for file in sorted(p for p in (self.path / component).rglob("*") if p.is_file()):
+        return self.remembered_text_fingerprint(None)
+
+    def remembered_text_fingerprint(self, memo_folder: Path | None) -> str:
+        """:attr:`text_fingerprint`, computed on the first call; with ``memo_folder`` (a cache folder)
+        each local file's digest is remembered there by the file's stat
+        (:func:`~.fileio.remembered_sha256s`), so that a repeated merge does not read the text
+        encoder's files again (0.5 GB for SD1.5, 0.4 s of a cached merge), while a changed file
+        still changes the fingerprint."""
+        if self._text_fingerprint is None:
+            components = (*self.architecture.tokenizers, *self.architecture.text_encoders)
+            files = [file for component in components  # each component's files in name order, as always
+                     for file in sorted(p for p in (self.path / component).rglob("*") if p.is_file())]
+            local = [file for file in files if _hub_blob(file) is None]
+            digests = dict(zip(local, remembered_sha256s(local, memo_folder)))
+            digest = hashlib.sha256()
+            for file in files:
                 digest.update(str(file.relative_to(self.path)).encode())
-                digest.update(_content_id(file).encode())
-        return digest.hexdigest()
+                digest.update((_hub_blob(file) or digests[file]).encode())
+            self._text_fingerprint = digest.hexdigest()
+        return self._text_fingerprint
 
     def token_dims(self) -> tuple[int, ...]:
         """Hidden size of each text encoder, in feature (concatenation) order."""
@@ -382,13 +397,9 @@ def _by_file(keys: Iterable[str], files: dict[str, Path]) -> dict[Path, list[str
     return grouped
 
 
-def _content_id(file: Path) -> str:
-    """A file's content hash: the hub cache's blob name when it is one, else sha256 of its bytes."""
+def _hub_blob(file: Path) -> str | None:
+    """A file's content hash when it is a hub cache's blob (named by it), else None."""
     real = Path(os.path.realpath(file))
     if real.parent.name == "blobs" and real.parent.parent.name.startswith("models--"):
         return real.name
-    digest = hashlib.sha256()
-    with open(real, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return None

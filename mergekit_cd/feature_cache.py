@@ -149,7 +149,7 @@ def cached_sets(base: BaseModel, sets: Sequence[TextSet], *, rule: RowRule, batc
         if not text_set.texts:
             raise MergeError("No regularisation captions to compute a Gram matrix from." if text_set.gram
                              else "No prompts to compute features of.")
-    cache = Path(cache_dir or default_cache_dir()).expanduser()
+    cache = _cache_folder(base, cache_dir)
     width = sum(base.token_dims())
     paths, found = [], []
     for text_set in sets:
@@ -205,8 +205,9 @@ def cached_base_outputs(base: BaseModel, captions: Sequence[str], held_gram: Ten
     unwritable cache warns."""
     if encoder is not None:
         dtype, tokens = encoder.dtype, encoder.tokens
+    folder = _cache_folder(base, cache_dir)
     key = gram_cache_key(base, captions, dtype, tokens, rule=rule)
-    path = Path(cache_dir or default_cache_dir()).expanduser() / f"base-outputs-{key}.safetensors"
+    path = folder / f"base-outputs-{key}.safetensors"
     cached = _read_squared_norm(path)
     if cached is not None:
         return cached
@@ -218,6 +219,20 @@ def cached_base_outputs(base: BaseModel, captions: Sequence[str], held_gram: Ten
     _write_cache(path, {"squared_norm": torch.tensor(total, dtype=torch.float64)}, metadata,
                  "the base's held-out outputs")
     return total
+
+
+def cache_folder(cache_dir: str | os.PathLike[str] | None) -> Path:
+    """The cache folder: ``cache_dir``, else :func:`default_cache_dir`."""
+    return Path(cache_dir or default_cache_dir()).expanduser()
+
+
+def _cache_folder(base: BaseModel, cache_dir: str | os.PathLike[str] | None) -> Path:
+    """:func:`cache_folder`, where the digests of the base's text files behind every key
+    (:attr:`BaseModel.text_fingerprint`) are remembered too: a repeated merge stats them instead of
+    reading them (:meth:`BaseModel.remembered_text_fingerprint`)."""
+    folder = cache_folder(cache_dir)
+    base.remembered_text_fingerprint(folder)
+    return folder
 
 
 def _read_squared_norm(path: Path) -> float | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import hashlib
 import json
 import math
 import os
@@ -20,6 +21,7 @@ import secrets
 import shutil
 import stat
 import struct
+import time
 import warnings
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -607,6 +609,113 @@ def file_identity(path: str | os.PathLike[str]) -> tuple[int, int, int]:
     """(device and inode, size, modification time): changes when the file is replaced or rewritten."""
     stat = os.stat(path)
     return stat.st_dev * 2**64 + stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+#: The file of a cache folder that remembers values made from files' contents by the files' stat
+#: (:class:`StatMemo`): the digests of a base's text files, the digests of a merge's inputs.
+STAT_MEMO = "file-digests.json"
+_STAT_MEMO_VERSION = "1"
+#: A file modified (or its times set) less than this long before it is read is not remembered: a
+#: second write within one tick of the file system's clock could leave its stat as it was (git's
+#: "racily clean" files).
+RACY_NANOSECONDS = 2 * 10**9
+#: What :meth:`StatMemo.observe` gives: a file's stat key and when it was taken (ns).
+Observed = tuple[list[int], int]
+
+
+class StatMemo:
+    """Values made from files' contents, remembered in one JSON file of a cache folder by each file's
+    stat (resolved path, device, inode, size, change and modification times in ns), as git's index
+    remembers its files: a value is given back only while the file's stat is as it was when the
+    value was made, and a write moves its times (a replacement its inode), so a changed file's values
+    are made anew. A file modified within :data:`RACY_NANOSECONDS` before it was read, or changed
+    while it was, is not remembered; a damaged memo counts as empty, and one that cannot be written
+    is left as it is (the values are made again next time: the memo only saves reading, it never
+    decides a value). ``path`` None: nothing is remembered."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.entries = _read_stat_memo(path) if path is not None else {}
+        self.learned = False
+
+    @staticmethod
+    def observe(file: str) -> Observed:
+        """The stat key of ``file`` (a resolved path) and the time, taken before its content is read."""
+        return _stat_key(file), time.time_ns()
+
+    def get(self, file: str, what: str) -> Any:
+        """The value ``what`` remembered for ``file`` (a resolved path) as its stat is now, else None."""
+        entry = self.entries.get(file)
+        return entry["values"].get(what) if entry is not None and entry["stat"] == _stat_key(file) else None
+
+    def put(self, file: str, what: str, value: Any, observed: Observed) -> None:
+        """Remember ``value``, made from ``file`` as :meth:`observe` found it before reading it, unless
+        the file changed since or was modified within :data:`RACY_NANOSECONDS` before."""
+        stat_key, read_at = observed
+        if self.path is None or read_at - max(stat_key[3:]) < RACY_NANOSECONDS or _stat_key(file) != stat_key:
+            return
+        entry = self.entries.get(file)
+        if entry is None or entry["stat"] != stat_key:
+            entry = self.entries[file] = {"stat": stat_key, "values": {}}
+        entry["values"][what] = value
+        self.learned = True
+
+    def save(self) -> None:
+        """Write what was learned, atomically (readers never see half of it)."""
+        if not self.learned:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(self.path, force=True) as temporary:
+                temporary.write_text(json.dumps({"format_version": _STAT_MEMO_VERSION, "files": self.entries},
+                                                sort_keys=True), encoding="utf-8")
+        except (OSError, MergeError):
+            pass  # unwritable: the values are made again next time
+        self.learned = False
+
+
+def remembered_sha256s(files: Sequence[Path], memo_folder: Path | None) -> list[str]:
+    """sha256 hex of each file's bytes; with ``memo_folder``, remembered in its :data:`STAT_MEMO`
+    (:class:`StatMemo`): a file whose stat is as remembered is not read again."""
+    memo = StatMemo(memo_folder / STAT_MEMO if memo_folder is not None else None)
+    digests = []
+    for file in files:
+        real = os.path.realpath(file)
+        remembered = memo.get(real, "sha256")
+        if isinstance(remembered, str):
+            digests.append(remembered)
+            continue
+        observed = memo.observe(real)
+        digest = hashlib.sha256()
+        with open(real, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(block)
+        digests.append(digest.hexdigest())
+        memo.put(real, "sha256", digests[-1], observed)
+    memo.save()
+    return digests
+
+
+def _stat_key(path: str) -> list[int]:
+    """What a write or a replacement of the file changes: [device, inode, size, ctime_ns, mtime_ns]."""
+    found = os.stat(path)
+    return [found.st_dev, found.st_ino, found.st_size, found.st_ctime_ns, found.st_mtime_ns]
+
+
+def _read_stat_memo(path: Path) -> dict[str, dict[str, Any]]:
+    """The remembered entries by resolved path; empty when the memo is missing or damaged."""
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    files = document.get("files") if isinstance(document, dict) and \
+        document.get("format_version") == _STAT_MEMO_VERSION else None
+    if not isinstance(files, dict):
+        return {}
+    return {name: entry for name, entry in files.items()
+            if isinstance(entry, dict) and isinstance(entry.get("values"), dict)
+            and isinstance(entry.get("stat"), list) and len(entry["stat"]) == 5
+            and all(type(value) is int for value in entry["stat"])}
 
 
 def check_unchanged(path: str | os.PathLike[str], identity: tuple[int, int, int] | None) -> None:

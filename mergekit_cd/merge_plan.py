@@ -3,6 +3,7 @@ and target prompts decided; nothing encoded or solved yet (``cd-merge --dry-run`
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from .captions import default_reg_captions
 from .delta import Concept, ConceptDelta, LazyLayers, LowRank, TokenRename, merge_tokens
 from .errors import MergeError
 from .features import DEFAULT_ROWS, ROW_RULES, RowRule, TextFeatures, TextSet
-from .fileio import parse_once
+from .fileio import Observed, StatMemo, parse_once
 from .formats import values_checked_on_read
 from .limits import MAX_MERGE_PROMPTS, MAX_PROMPTS, check_limit
 from .loading import EmbeddingFile, PathLike, as_base, load_source, resolve_delta
@@ -39,6 +40,9 @@ class MergePlan:
     reg_captions: tuple[str, ...]
     #: what became of the LoRA inputs' parts beyond the cross-attention K/V, one line per input holding any
     other_layers: tuple[str, ...] = ()
+    #: each input read from one file: the file (resolved) and its stat as found before it was read
+    #: (:meth:`~.fileio.StatMemo.observe`), for the memo of its digests; None for a folder or a delta in memory
+    files: tuple[tuple[str, Observed] | None, ...] = ()
 
     @property
     def concept_labels(self) -> list[str]:
@@ -139,6 +143,7 @@ def plan_merge(deltas: Sequence[PathLike | ConceptDelta], reg_captions: Sequence
     # once, when the merge uses them: their values are checked then, their structure now
     with parse_once(), values_checked_on_read():
         paths = [None if isinstance(d, ConceptDelta) else resolve_delta(d) for d in deltas]
+        observed = [_observed(path) for path in paths]  # before any is read
         _refuse_repeated_files(paths, sources)
         if embeddings is not None and len(embeddings) != len(deltas):
             raise MergeError(f"Got embedding files for {len(embeddings)} inputs, but {len(deltas)} inputs.")
@@ -189,7 +194,19 @@ def plan_merge(deltas: Sequence[PathLike | ConceptDelta], reg_captions: Sequence
         raise MergeError("The regularisation caption set is empty.")
     return MergePlan(base, tuple(loaded), sources, read_as, tuple(concepts), tuple(owners), tokens,
                      renames, captions, tuple(f"{entry.source}: {entry.other_layers}" for entry in inputs
-                                              if entry.other_layers))
+                                              if entry.other_layers), tuple(observed))
+
+
+def _observed(path: Path | None) -> tuple[str, Observed] | None:
+    """An input file (resolved) and its stat before it is read (:meth:`StatMemo.observe`); None for
+    no path, a folder, or one that cannot be read (the loader then says what is wrong with it)."""
+    if path is None:
+        return None
+    try:
+        file = os.path.realpath(path)
+        return (file, StatMemo.observe(file)) if Path(file).is_file() else None
+    except OSError:
+        return None
 
 
 def _identity(path: Path | None) -> tuple[int, int] | None:

@@ -23,8 +23,9 @@ class ConceptReport:
     prompts: tuple[str, ...]
     residual: float  # ||W C_i^T - W_i C_i^T|| / ||W_i C_i^T|| of W = W0 + the float32 difference returned
     sum_residual: float  # the same for the naive sum of deltas
-    #: the same for W as full-weight formats write it: W0 + difference, rounded to float32
-    full_weights_residual: float = 0.0
+    #: the same for W as full-weight formats write it: W0 + difference, rounded to float32; None where
+    #: not measured (a merge written in a format of differences: what it writes is the difference)
+    full_weights_residual: float | None = None
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class ConstraintResiduals:
         sizes = torch.tensor([C.shape[0] for C in features])
         self.concept_of_column = torch.repeat_interleave(torch.arange(len(features)), sizes).to(self.features.device)
         zeros = torch.zeros(len(features), dtype=torch.float64, device=self.features.device)
+        self.count = num_candidates
         self.errors = [zeros.clone() for _ in range(num_candidates)]
         self.targets = zeros.clone()
 
@@ -75,8 +77,13 @@ class ConstraintResiduals:
         """One layer: each concept's targets ``(W0 + D_i) C_i^T`` and own difference on its features
         ``D_i C_i^T``, side by side as the stacked features' columns (n, s), and each candidate's
         difference of this layer (n, d), all float64."""
+        self.add_stacked(targets, own, torch.cat(list(candidates)))
+
+    def add_stacked(self, targets: Tensor, own: Tensor, candidates: Tensor) -> None:
+        """:meth:`add` of candidates given in one tensor, each one's rows after the previous one's
+        ((candidates x n, d)): a caller that fills them in place spares the copy of stacking them."""
         self.targets += self._per_concept(targets)
-        outputs = torch.cat(list(candidates)) @ self.features.mT
+        outputs = candidates @ self.features.mT
         for k, output in enumerate(outputs.split(targets.shape[0])):
             self.errors[k] += self._per_concept(output - own)
 
@@ -107,9 +114,10 @@ class ReportSums:
     :func:`~.feature_cache.cached_base_outputs`)."""
 
     def __init__(self, features: Sequence[Tensor], held_gram: Tensor, update: Tensor | None,
-                 base_outputs: float) -> None:
-        # the merged difference as returned, the full weights as written, the naive sum
-        self.residuals = ConstraintResiduals(3, features)
+                 base_outputs: float, *, full_weights: bool = True) -> None:
+        # the merged difference as returned, the full weights as written (``full_weights``), the naive sum
+        self.full_weights = full_weights
+        self.residuals = ConstraintResiduals(3 if full_weights else 2, features)
         self.held_gram = held_gram
         smaller = update is not None and update.shape[0] < held_gram.shape[0]
         self.misfit_form = update @ held_gram @ update.mT if smaller else None  # K = Z G_h Z^T
@@ -120,22 +128,31 @@ class ReportSums:
             misfit: Tensor | None = None) -> None:
         """One layer: base rows, the constraint targets ``(W0 + D_i) C_i^T`` and each concept's own
         difference on its features ``D_i C_i^T`` (n, s: the concepts' columns side by side), the
-        merged difference as returned (float32, held in float64), the summed one, and for a solved
-        merge the misfit its update was applied to (n, rows of ``update``). Residuals are of what is
-        written, not of the float64 solve."""
-        full = (W0.float() + merged.float()).double() - W0  # what FineTunedWeights.from_delta writes
-        self.residuals.add(targets, own, (merged, full, naive_sum))
+        merged difference as returned (float32), the summed one, and for a solved merge the misfit
+        its update was applied to (n, rows of ``update``). Residuals are of what is written, not of
+        the float64 solve. The candidates are made in place in one float64 tensor, the residuals'
+        one product: the merged difference converted as it is copied there, the full weights as
+        ``FineTunedWeights.from_delta`` writes them (W0 + difference in float32) less W0."""
+        rows = W0.shape[0]
+        candidates = W0.new_empty((self.residuals.count * rows, W0.shape[1]))
+        difference = candidates[:rows].copy_(merged)
+        if self.full_weights:
+            candidates[rows:2 * rows].copy_(W0.float() + merged).sub_(W0)
+        candidates[-rows:].copy_(naive_sum)
+        self.residuals.add_stacked(targets, own, candidates)
         if misfit is not None and self.misfit_form is not None:
             self.drift += float(((misfit @ self.misfit_form) * misfit).sum().clamp_min(0))
         else:
-            self.drift += quadratic(merged, self.held_gram)
+            self.drift += quadratic(difference, self.held_gram)
         self.sum_drift += quadratic(naive_sum, self.held_gram)
 
     def report(self, method: str, concepts: Sequence[Concept], renames: Sequence[TokenRename], *,
                num_captions: int, num_rows: int, gram_from_cache: bool, info: SolveInfo | None,
                notes: Sequence[str] = ()) -> MergeReport:
         """The report of a merge whose every layer was added."""
-        merged, full, summed = self.residuals.relative()
+        relative = self.residuals.relative()
+        merged, summed = relative[0], relative[-1]
+        full = relative[1] if self.full_weights else [None] * len(merged)
         rows = tuple(ConceptReport(c.token, c.class_word or "", c.prompts, r, sr, fr)
                      for c, r, sr, fr in zip(concepts, merged, summed, full))
         return MergeReport(method, rows, _ratio(self.drift, self.base), _ratio(self.sum_drift, self.base),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -161,6 +162,68 @@ def test_fp16_variant_reads_and_has_the_same_fingerprint(tiny_pipeline_path, tmp
     key, _ = base.kv(layer)
     assert key.dtype == torch.float32
     assert torch.equal(key, original.kv(layer)[0].half().float())
+
+
+def _text_files(folder: Path) -> list[Path]:
+    return sorted(p for name in ("tokenizer", "text_encoder") for p in (folder / name).rglob("*") if p.is_file())
+
+
+def _counting_reads(monkeypatch) -> list[str]:
+    """The files :mod:`mergekit_cd.fileio` opens from now on, by resolved path."""
+    import builtins
+
+    from mergekit_cd import fileio
+
+    opened: list[str] = []
+
+    def counting_open(file, *args, **kwargs):
+        opened.append(str(Path(file).resolve()))
+        return builtins.open(file, *args, **kwargs)
+
+    monkeypatch.setattr(fileio, "open", counting_open, raising=False)
+    return opened
+
+
+def test_text_fingerprint_remembers_each_file_by_its_stat_and_reads_a_changed_one_again(
+        tiny_pipeline_path, tmp_path, monkeypatch):
+    """With a memo folder, a second base reads none of its text files (it stats them), and a file
+    rewritten with the same size and its old modification time restored is read again and changes
+    the fingerprint (its change time moved): what lets a cached merge skip hashing 0.5 GB."""
+    from mergekit_cd import fileio
+
+    monkeypatch.setattr(fileio, "RACY_NANOSECONDS", 0)  # the copy was just written; see the next test
+    folder = _copy_pipeline(tiny_pipeline_path("sd1"), tmp_path / "base")
+    memo = tmp_path / "cache"
+    opened = _counting_reads(monkeypatch)
+    first = open_base(folder).remembered_text_fingerprint(memo)
+    assert first == open_base(folder).text_fingerprint
+    files = _text_files(folder)
+    assert len(files) > 2 and (memo / fileio.STAT_MEMO).is_file()
+    opened.clear()
+    assert open_base(folder).remembered_text_fingerprint(memo) == first
+    assert opened == []
+
+    vocabulary = folder / "tokenizer" / "vocab.json"
+    before = vocabulary.stat()
+    text = vocabulary.read_bytes()
+    time.sleep(0.05)  # past a tick of the file system's clock, so that the change time moves
+    vocabulary.write_bytes(text.replace(b"a", b"b", 1))
+    os.utime(vocabulary, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (vocabulary.stat().st_size, vocabulary.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    opened.clear()
+    changed = open_base(folder).remembered_text_fingerprint(memo)
+    assert opened == [str(vocabulary.resolve())]
+    assert changed != first and changed == open_base(folder).text_fingerprint
+
+
+def test_a_text_file_written_just_now_is_not_remembered(tiny_pipeline_path, tmp_path, monkeypatch):
+    """A file whose stat is younger than :data:`~mergekit_cd.fileio.RACY_NANOSECONDS` could be
+    written again within the same clock tick, unseen by its stat: it is read on every call."""
+    folder = _copy_pipeline(tiny_pipeline_path("sd1"), tmp_path / "base")
+    open_base(folder).remembered_text_fingerprint(tmp_path / "cache")
+    opened = _counting_reads(monkeypatch)
+    open_base(folder).remembered_text_fingerprint(tmp_path / "cache")
+    assert sorted(opened) == sorted(str(p.resolve()) for p in _text_files(folder))
 
 
 def _save_sharded(state, unet, index_name="diffusion_pytorch_model.safetensors.index.json", infix=""):

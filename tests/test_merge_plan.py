@@ -412,6 +412,62 @@ def test_the_recipe_hash_of_an_input_changes_with_any_one_of_its_values(base, tw
     assert changed[0] == first[0] and changed[1] != first[1]
 
 
+def test_a_merge_written_as_differences_does_not_measure_the_full_weights_as_written(base, two, tmp_path):
+    """The full weights' residuals cost the report a third candidate (a copy of every layer and its
+    product with the constraint rows); only a full-weight output writes them, so only its report
+    measures them, while the other figures come out the same to the bit with or without them."""
+    from mergekit_cd.merge import merge_to_file
+
+    _, everything = merge(two, captions(), base=base, return_report=True)
+    as_differences = merge_to_file(two, tmp_path / "merged.safetensors", captions(), base=base)
+    as_weights = merge_to_file(two, tmp_path / "merged.bin", captions(), base=base)
+    assert [c.full_weights_residual for c in as_differences.concepts] == [None, None]
+    assert [c.full_weights_residual for c in as_weights.concepts] == \
+        [c.full_weights_residual for c in everything.concepts]
+    for report in (as_differences, as_weights):
+        assert [(c.residual, c.sum_residual) for c in report.concepts] == \
+            [(c.residual, c.sum_residual) for c in everything.concepts]
+        assert (report.drift, report.sum_drift) == (everything.drift, everything.sum_drift)
+
+
+def test_a_repeated_merge_remembers_its_inputs_digests_by_their_stat_and_hashes_a_changed_one_again(
+        base, two, tmp_path, monkeypatch):
+    """The recipe's content hashes (sha256 of every input's differences: 7.1 GB for 100 SD1.5
+    concepts) are remembered in the cache folder by each input file's stat: a second merge of the
+    same files hashes nothing and records the same hashes; a file replaced by another delta is
+    hashed again, to what a merge without the memo records, and the other input is not."""
+    import importlib
+    from dataclasses import replace
+
+    from mergekit_cd import fileio
+    from mergekit_cd.delta import LayerDelta
+
+    merge_module = importlib.import_module("mergekit_cd.merge")  # the package's merge is the function
+    monkeypatch.setattr(fileio, "RACY_NANOSECONDS", 0)  # the files were just written
+    paths = [save(delta, tmp_path / f"{index}.safetensors", base=base) for index, delta in enumerate(two)]
+    hashed = []
+    real = merge_module._layer_digest
+    monkeypatch.setattr(merge_module, "_layer_digest", lambda name, parts: hashed.append(name) or real(name, parts))
+
+    def recorded(cache: str, **kwargs) -> list[str]:
+        merged = merge(paths, captions(), base=base, cache_dir=tmp_path / cache, **kwargs)
+        return [entry["content_sha256"] for entry in merged.metadata["recipe"]["inputs"]]
+
+    first = recorded("cache")
+    layers = len(base.layer_names())
+    assert len(hashed) == 2 * layers
+    hashed.clear()
+    assert recorded("cache") == first and hashed == []
+
+    layer = base.layer_names()[1]
+    key = two[0].layers[layer].key
+    moved = replace(two[0], layers={**two[0].layers, layer: LayerDelta(key + 1e-3, two[0].layers[layer].value)})
+    save(moved, paths[0], base=base, force=True)
+    again = recorded("cache")
+    assert len(hashed) == layers and again[1] == first[1] and again[0] != first[0]
+    assert recorded("fresh cache") == again
+
+
 def test_the_base_held_out_outputs_are_computed_once_and_cached_beside_their_gram_matrix(base, two, tmp_path):
     """The drift's denominator, ||W0 C_h^T||^2 over the base's layers, is stored on a first merge
     and read back by the next (the same report); the stored value is that sum, and a damaged file
