@@ -123,8 +123,19 @@ def small_run(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("small-run")
     assert main(["-o", str(folder), "--clip-steps", "2", "--text-steps", "2", "--vae-steps", "2", "--unet-steps", "2",
-                 "--snapshot-every", "1", *SMALL]) == 0
+                 "--decoder-steps", "2", "--snapshot-every", "1", *SMALL]) == 0
     return folder
+
+
+def test_base_trainer_defaults_are_the_two_hour_recipe_from_scratch_and_keep_a_continued_runs_parts():
+    """From scratch the defaults are the recipe the model card times (text 400, UNet 7000, decoder
+    1000 steps); a continued run fine-tunes neither its text encoder nor its decoder unless asked."""
+    from mergekit_cd.toyworld.train_base import parse_args
+
+    fresh = parse_args(["-o", "out"])
+    assert (fresh.text_steps, fresh.unet_steps, fresh.decoder_steps) == (400, 7000, 1000)
+    continued = parse_args(["-o", "out2", "--continue-from", "out"])
+    assert (continued.text_steps, continued.decoder_steps) == (0, 0)
 
 
 def test_base_trainer_runs_end_to_end(small_run):
