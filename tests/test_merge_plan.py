@@ -743,3 +743,27 @@ def test_a_merge_grown_from_a_merged_file_reads_its_statistics_once(base, two, t
     read_bytes = counted_reads(merged, monkeypatch)
     prepare_merge_to_file([str(merged), str(third)], tmp_path / "grown.safetensors", captions(), base=base).run()
     assert read_bytes.min() == read_bytes.max() == 1, f"merged file bytes read {read_bytes.unique().tolist()} times"
+
+
+def test_the_text_phase_hands_its_free_heap_back_before_the_kv_pass(monkeypatch):
+    """glibc keeps the free pages the text encoders' activations leave inside its heaps; the merge
+    hands them back (``malloc_trim(0)``) before the K/V pass, which lowered the SDXL 10-concept
+    cold merge's peak from 2.80 to 2.32 GiB (README); where libc has no malloc_trim, nothing fails."""
+    import ctypes
+    import importlib
+
+    merge_module = importlib.import_module("mergekit_cd.merge")  # the package's `merge` is the function
+    calls = []
+
+    class Glibc:
+        def malloc_trim(self, pad: int) -> int:
+            calls.append(pad)
+            return 1
+
+    monkeypatch.setattr(merge_module.sys, "platform", "linux")
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: Glibc())
+    merge_module._release_memory(torch.device("cpu"))
+    assert calls == [0]
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: object())  # another libc: no such function
+    merge_module._release_memory(torch.device("cpu"))
+    assert calls == [0]
