@@ -69,7 +69,6 @@ class ConstraintResiduals:
         sizes = torch.tensor([C.shape[0] for C in features])
         self.concept_of_column = torch.repeat_interleave(torch.arange(len(features)), sizes).to(self.features.device)
         zeros = torch.zeros(len(features), dtype=torch.float64, device=self.features.device)
-        self.count = num_candidates
         self.errors = [zeros.clone() for _ in range(num_candidates)]
         self.targets = zeros.clone()
 
@@ -134,7 +133,7 @@ class ReportSums:
         one product: the merged difference converted as it is copied there, the full weights as
         ``FineTunedWeights.from_delta`` writes them (W0 + difference in float32) less W0."""
         rows = W0.shape[0]
-        candidates = W0.new_empty((self.residuals.count * rows, W0.shape[1]))
+        candidates = W0.new_empty((len(self.residuals.errors) * rows, W0.shape[1]))
         difference = candidates[:rows].copy_(merged)
         if self.full_weights:
             candidates[rows:2 * rows].copy_(W0.float() + merged).sub_(W0)
