@@ -37,6 +37,7 @@ from .merge_plan import MergePlan, dependence_rtol, plan_merge, summarize_plan
 from .merge_report import ConceptReport, MergeReport, ReportSums, StatisticsSize
 from .merge_statistics import (StatisticsRecorder, StoredConcepts, captions_sha256, drop_concepts,
                                fresh_regulariser, stored_concepts)
+from .solvers._common import chunk_rows, row_slices
 from .version import __version__
 
 __all__ = ["FileMerge", "MergeOptions", "MergePlan", "MergeReport", "ConceptReport", "execute", "merge",
@@ -309,7 +310,7 @@ def execute(plan: MergePlan, options: MergeOptions | None = None, *, progress: b
     stacked_features, stacked_contexts = torch.cat(features), torch.cat(contexts) if contexts else None
     held_gram = text.held_gram.to(solve_device) if text.held_gram is not None else None
     sums = (ReportSums(features, held_gram, operator.Z if operator is not None else None, text.base_outputs,
-                       full_weights=full_weights) if return_report else None)
+                       full_weights=full_weights, sum_drift=options.sum_drift) if return_report else None)
     layers: dict[str, LayerDelta] = {}
     memo = StatMemo(cache_folder(options.cache_dir) / STAT_MEMO)
     remembered = _remembered_inputs(plan, memo)
@@ -318,26 +319,34 @@ def execute(plan: MergePlan, options: MergeOptions | None = None, *, progress: b
     recorder = StatisticsRecorder(stored.records) if statistics and spec.solves else None
     for name in tqdm(plan.base.layer_names(), desc="merging layers", unit="layer", disable=not progress):
         W0 = torch.cat(plan.base.kv(name)).to(solve_device, torch.float64)
-        # one input's rows at a time: keep only their sum and each concept's D_owner C_i^T
+        # one input's rows at a time, a cache-sized chunk of them at a time: keep only their sum and
+        # each concept's D_owner C_i^T (and D_owner P_i^T, for the U_i of a context_rows method)
         naive_sum, own = torch.zeros_like(W0), [torch.empty(0)] * len(features)
-        own_context = [torch.empty(0)] * len(contexts)  # D_owner P_i^T, for the U_i of a context_rows method
+        own_context = [torch.empty(0)] * len(contexts)
         keys = plan.base.kv_shapes()[name][0][0]
-        rows = torch.empty_like(W0)  # each input's K then V differences in float64, in turn: one buffer a layer
+        block = W0.new_empty((chunk_rows(W0.shape[1]), W0.shape[1]))  # an input's rows in float64, in turn
         for index, delta in enumerate(plan.deltas):
             layer = delta.layers[name]
             parts = (dense(layer.key), dense(layer.value))
             if name not in layer_digests[index]:  # for the recipe: no second read
                 layer_digests[index][name] = _layer_digest(name, parts)
                 hashed_dense[index] &= isinstance(layer.key, Tensor) and isinstance(layer.value, Tensor)
-            rows[:keys].copy_(parts[0])  # converted as copied: no stacked float32 copy, no new float64 one
-            rows[keys:].copy_(parts[1])
-            del parts, layer
-            naive_sum += rows
-            for i, owner in enumerate(plan.owners):
-                if owner == index and stored.records[i] is None:
-                    own[i] = rows @ features[i].T
-                    if contexts:
-                        own_context[i] = rows @ contexts[i].T
+            del layer
+            owned = [i for i, owner in enumerate(plan.owners) if owner == index and stored.records[i] is None]
+            for i in owned:
+                own[i] = W0.new_empty((W0.shape[0], features[i].shape[0]))
+                if contexts:
+                    own_context[i] = W0.new_empty((W0.shape[0], contexts[i].shape[0]))
+            for offset, part in ((0, parts[0]), (keys, parts[1])):
+                for chunk in row_slices(part.shape[0], W0.shape[1]):
+                    rows = block[:chunk.stop - chunk.start].copy_(part[chunk])  # converted as copied
+                    layer_rows = slice(offset + chunk.start, offset + chunk.stop)
+                    naive_sum[layer_rows] += rows
+                    for i in owned:
+                        torch.mm(rows, features[i].T, out=own[i][layer_rows])
+                        if contexts:
+                            torch.mm(rows, contexts[i].T, out=own_context[i][layer_rows])
+            del parts
         for i, record in enumerate(stored.records):
             if record is not None:  # D_i C_i^T (and D_i P_i^T) as the merge that stored it computed it
                 own[i] = torch.cat(record.changes[name]).to(solve_device)
@@ -356,10 +365,10 @@ def execute(plan: MergePlan, options: MergeOptions | None = None, *, progress: b
             misfit = torch.cat([own_columns, *own_context], dim=1)
             V = targets if not contexts else torch.cat(
                 [targets, W0 @ stacked_contexts.mT + torch.cat(own_context, dim=1)], dim=1)
-            merged = operator.apply(W0, V, misfit=misfit) - W0
+            # the result's dtype: the report measures this, not the float64 solve
+            merged = operator.apply(W0, V, misfit=misfit, difference=True, dtype=torch.float32)
         else:
-            merged = spec.combine(naive_sum, len(plan.deltas))
-        merged = merged.float()  # the result's dtype: the report measures this, not the float64 solve
+            merged = spec.combine(naive_sum, len(plan.deltas)).float()
         if sums is not None:
             sums.add(W0, targets, own_columns, merged, naive_sum, misfit)
         merged = merged.cpu()

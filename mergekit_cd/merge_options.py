@@ -63,7 +63,9 @@ class MergeOptions:
     they take :data:`DEFAULT_SOFT_WEIGHT` and :data:`DEFAULT_MU` (``hybrid`` takes no ``mu``: its
     weights are those of each concept's context rows, against the captions' weight 1). ``ridge`` adds
     ``ridge * ||W - W0||^2``; ``relative_ridge`` the same in units of the caption Gram matrix's
-    mean eigenvalue. ``held_out`` captions feed only the report's drift figures.
+    mean eigenvalue. ``held_out`` captions feed only the report's drift figures; ``sum_drift``
+    adds the naive sum's drift on them, for comparison: an exact d x d product per layer, as much
+    work as the rest of an SDXL merge, so only when asked.
 
     ``other_layers``: what becomes of a LoRA input's parts beyond the cross-attention K/V, which
     the merge does not solve for: ``refuse`` such an input (the default), ``drop`` them, or carry
@@ -83,6 +85,7 @@ class MergeOptions:
     device: torch.device = torch.device("cpu")
     cache_dir: Path | None = None
     held_out: tuple[str, ...] | None = None
+    sum_drift: bool = False
     other_layers: str = "refuse"
 
     def __post_init__(self) -> None:

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from .delta import CompressionReport, Concept, TokenRename
 from .solvers import SolveInfo
+from .solvers._common import chunk_rows, row_slices
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class MergeReport:
     method: str
     concepts: tuple[ConceptReport, ...]
     drift: float  # relative change of K/V outputs on held-out captions, merged vs base
-    sum_drift: float  # the same for the naive sum of deltas
+    sum_drift: float | None  # the same for the naive sum of deltas; None where not asked for (``sum_drift``)
     token_renames: tuple[TokenRename, ...]
     num_reg_captions: int
     num_reg_rows: int
@@ -113,14 +114,15 @@ class ReportSums:
     :func:`~.feature_cache.cached_base_outputs`)."""
 
     def __init__(self, features: Sequence[Tensor], held_gram: Tensor, update: Tensor | None,
-                 base_outputs: float, *, full_weights: bool = True) -> None:
+                 base_outputs: float, *, full_weights: bool = True, sum_drift: bool = False) -> None:
         # the merged difference as returned, the full weights as written (``full_weights``), the naive sum
         self.full_weights = full_weights
         self.residuals = ConstraintResiduals(3 if full_weights else 2, features)
         self.held_gram = held_gram
         smaller = update is not None and update.shape[0] < held_gram.shape[0]
         self.misfit_form = update @ held_gram @ update.mT if smaller else None  # K = Z G_h Z^T
-        self.drift = self.sum_drift = 0.0
+        self.drift = 0.0
+        self.sum_drift = 0.0 if sum_drift else None  # the naive sum's: n d^2 a layer, only when asked
         self.base = base_outputs  # ||W0 C_h^T||^2 over every layer
 
     def add(self, W0: Tensor, targets: Tensor, own: Tensor, merged: Tensor, naive_sum: Tensor,
@@ -129,21 +131,26 @@ class ReportSums:
         difference on its features ``D_i C_i^T`` (n, s: the concepts' columns side by side), the
         merged difference as returned (float32), the summed one, and for a solved merge the misfit
         its update was applied to (n, rows of ``update``). Residuals are of what is written, not of
-        the float64 solve. The candidates are made in place in one float64 tensor, the residuals'
-        one product: the merged difference converted as it is copied there, the full weights as
-        ``FineTunedWeights.from_delta`` writes them (W0 + difference in float32) less W0."""
-        rows = W0.shape[0]
-        candidates = W0.new_empty((len(self.residuals.errors) * rows, W0.shape[1]))
-        difference = candidates[:rows].copy_(merged)
-        if self.full_weights:
-            candidates[rows:2 * rows].copy_(W0.float() + merged).sub_(W0)
-        candidates[-rows:].copy_(naive_sum)
-        self.residuals.add_stacked(targets, own, candidates)
+        the float64 solve. The candidates are made in place in one float64 buffer, a cache-sized
+        chunk of rows at a time, each chunk the residuals' one product: the merged difference
+        converted as it is copied there, the full weights as ``FineTunedWeights.from_delta`` writes
+        them (W0 + difference in float32) less W0."""
+        count, width = len(self.residuals.errors), W0.shape[1]
+        buffer = W0.new_empty((count * chunk_rows(width), width))  # the candidates of a chunk of rows
+        for chunk in row_slices(W0.shape[0], width):
+            w0, rows = W0[chunk], chunk.stop - chunk.start
+            candidates = buffer[:count * rows]
+            candidates[:rows].copy_(merged[chunk])
+            if self.full_weights:
+                candidates[rows:2 * rows].copy_(w0.float() + merged[chunk]).sub_(w0)
+            candidates[-rows:].copy_(naive_sum[chunk])
+            self.residuals.add_stacked(targets[chunk], own[chunk], candidates)
         if misfit is not None and self.misfit_form is not None:
             self.drift += float(((misfit @ self.misfit_form) * misfit).sum().clamp_min(0))
         else:
-            self.drift += quadratic(difference, self.held_gram)
-        self.sum_drift += quadratic(naive_sum, self.held_gram)
+            self.drift += quadratic(merged.to(W0.dtype), self.held_gram)
+        if self.sum_drift is not None:
+            self.sum_drift += quadratic(naive_sum, self.held_gram)
 
     def report(self, method: str, concepts: Sequence[Concept], renames: Sequence[TokenRename], *,
                num_captions: int, num_rows: int, gram_from_cache: bool, info: SolveInfo | None,
@@ -154,7 +161,8 @@ class ReportSums:
         full = relative[1] if self.full_weights else [None] * len(merged)
         rows = tuple(ConceptReport(c.token, c.class_word or "", c.prompts, r, sr, fr)
                      for c, r, sr, fr in zip(concepts, merged, summed, full))
-        return MergeReport(method, rows, _ratio(self.drift, self.base), _ratio(self.sum_drift, self.base),
+        sum_drift = None if self.sum_drift is None else _ratio(self.sum_drift, self.base)
+        return MergeReport(method, rows, _ratio(self.drift, self.base), sum_drift,
                            tuple(renames), num_captions, num_rows, gram_from_cache, info,
                            (*notes, *(info.notes if info is not None else ())))
 

@@ -65,6 +65,28 @@ def test_factor_applied_per_block_equals_the_stacked_solve(soft):
     assert stacked.relative_change == pytest.approx(info.relative_change, rel=1e-9)
 
 
+def test_the_difference_in_float32_is_the_rounded_difference_of_the_float64_rows_with_the_same_diagnostics():
+    """``apply(..., difference=True, dtype=float32)``, what a merge stores, is ``(W - W0)`` of the
+    float64 rows rounded once, to the bit, with the diagnostics of the rows as ``apply`` returns
+    them; ``dtype`` alone rounds W and measures the rounded rows. n spans several chunks."""
+    from mergekit_cd.solvers._common import chunk_rows
+
+    g = torch.Generator().manual_seed(2)
+    d, s = 24, 6
+    n = 2 * chunk_rows(d) + 5
+    C_reg = torch.randn(80, d, generator=g, dtype=torch.float64)
+    C = torch.randn(s, d, generator=g, dtype=torch.float64)
+    W0 = torch.randn(n, d, generator=g, dtype=torch.float64)
+    V = torch.randn(n, s, generator=g, dtype=torch.float64)
+    whole, streamed, rounded = (factor_hard(C_reg.T @ C_reg, C, diagnostics=True) for _ in range(3))
+    W = whole.apply(W0, V)
+    difference = streamed.apply(W0, V, difference=True, dtype=torch.float32)
+    assert difference.dtype == torch.float32 and torch.equal(difference, (W - W0).float())
+    assert streamed.info() == whole.info()
+    assert torch.equal(rounded.apply(W0, V, dtype=torch.float32), W.float())
+    assert rounded.info().residual != whole.info().residual  # of the float32 rows
+
+
 @pytest.mark.parametrize("soft", [False, True])
 def test_a_given_misfit_is_the_one_the_operator_would_compute(soft):
     """``apply(W0, V, misfit=V - W0 C^T)``, as a merge calls it with each concept's own change, gives
@@ -418,9 +440,9 @@ def test_a_merge_written_as_differences_does_not_measure_the_full_weights_as_wri
     measures them, while the other figures come out the same to the bit with or without them."""
     from mergekit_cd.merge import merge_to_file
 
-    _, everything = merge(two, captions(), base=base, return_report=True)
-    as_differences = merge_to_file(two, tmp_path / "merged.safetensors", captions(), base=base)
-    as_weights = merge_to_file(two, tmp_path / "merged.bin", captions(), base=base)
+    _, everything = merge(two, captions(), base=base, return_report=True, sum_drift=True)
+    as_differences = merge_to_file(two, tmp_path / "merged.safetensors", captions(), base=base, sum_drift=True)
+    as_weights = merge_to_file(two, tmp_path / "merged.bin", captions(), base=base, sum_drift=True)
     assert [c.full_weights_residual for c in as_differences.concepts] == [None, None]
     assert [c.full_weights_residual for c in as_weights.concepts] == \
         [c.full_weights_residual for c in everything.concepts]
@@ -477,16 +499,16 @@ def test_the_base_held_out_outputs_are_computed_once_and_cached_beside_their_gra
     from safetensors.torch import load_file
 
     cache = tmp_path / "cache"
-    _, first = merge(two, captions(), base=base, cache_dir=cache, return_report=True)
+    _, first = merge(two, captions(), base=base, cache_dir=cache, return_report=True, sum_drift=True)
     [file] = cache.glob("base-outputs-*.safetensors")
     held_gram = cached_gram(base, heldout_captions(), cache_dir=cache)[0]
     expected = sum(float(((W0 @ held_gram) * W0).sum()) for W0 in
                    (torch.cat(base.kv(name)).double() for name in base.layer_names()))
     assert load_file(file)["squared_norm"].item() == pytest.approx(expected, rel=1e-12)
-    _, second = merge(two, captions(), base=base, cache_dir=cache, return_report=True)
+    _, second = merge(two, captions(), base=base, cache_dir=cache, return_report=True, sum_drift=True)
     assert (second.drift, second.sum_drift) == (first.drift, first.sum_drift)
     file.write_bytes(b"damaged")
-    _, third = merge(two, captions(), base=base, cache_dir=cache, return_report=True)
+    _, third = merge(two, captions(), base=base, cache_dir=cache, return_report=True, sum_drift=True)
     assert (third.drift, third.sum_drift) == (first.drift, first.sum_drift)
     assert load_file(file)["squared_norm"].item() == pytest.approx(expected, rel=1e-12)
 

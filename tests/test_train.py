@@ -289,12 +289,14 @@ def test_two_concepts_trained_separately_then_cd_merged_keep_both_constraints(
     assert any(k.endswith("to_out_custom_diffusion.0.bias") for k in keys)
     merged = tmp_path / "merged.safetensors"
     capsys.readouterr()
-    assert cd_merge.main([str(cat), str(pot), "-o", str(merged), "--base", str(base), "-q"]) == 0
-    assert "renamed to <new2>" in capsys.readouterr().out  # both were <new1>
+    assert cd_merge.main([str(cat), str(pot), "-o", str(merged), "--base", str(base), "-q", "--sum-drift"]) == 0
+    printed = capsys.readouterr().out
+    assert "renamed to <new2>" in printed  # both were <new1>
+    assert re.search(r"held-out drift: \S+ \(naive sum: \S+\)", printed)
     result = load(merged)
     assert sorted(result.tokens) == ["<new1>", "<new2>"]
     assert {c.class_word for c in result.concepts} == {"cat", "pot"}
-    _, report = mergekit_cd.merge([cat, pot], base=base, return_report=True)
+    _, report = mergekit_cd.merge([cat, pot], base=base, return_report=True, sum_drift=True)
     assert all(concept.residual < 1e-4 for concept in report.concepts), [c.residual for c in report.concepts]
     assert report.drift < report.sum_drift
 

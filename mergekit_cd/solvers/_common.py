@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -214,26 +216,40 @@ class RowNorms:
                         float(total["misfit"]), watched)
 
 
+def chunk_rows(width: int) -> int:
+    """Rows of a chunk ``width`` numbers wide: about :data:`CHUNK_ELEMENTS` numbers, small enough
+    to stay in the CPU's cache while every product and sum of the chunk is done, large enough
+    that the products stay efficient."""
+    return max(1, CHUNK_ELEMENTS // max(width, 1))
+
+
+def row_slices(n: int, width: int) -> Iterator[slice]:
+    """Consecutive slices of ``n`` rows, :func:`chunk_rows` of them each."""
+    step = chunk_rows(width)
+    for start in range(0, n, step):
+        yield slice(start, min(n, start + step))
+
+
 def stream_rows(W0: Tensor, C: Tensor, V: Tensor, Z: Tensor, *, norms: RowNorms | None = None,
-                misfit: Tensor | None = None) -> Tensor:
-    """Compute ``W = W0 + (V - W0 C^T) Z`` chunk by chunk in float64; W keeps W0's dtype.
+                misfit: Tensor | None = None, difference: bool = False, dtype: torch.dtype | None = None) -> Tensor:
+    """Compute ``W = W0 + (V - W0 C^T) Z`` chunk by chunk in float64, returned in ``dtype``
+    (default W0's); ``difference``: return ``W - W0`` instead, computed as that difference of the
+    float64 chunks, so that no full-size float64 W is kept to subtract W0 from later.
 
     Rows are independent, so streaming bounds the float64 working set whatever ``n`` is.
     With ``norms``, also record the residual, change and misfit of every chunk there.
     ``misfit``: ``V - W0 C^T`` as the caller has it, used instead of computing it.
     """
     n, d = W0.shape
-    s = C.shape[0]
-    out = torch.empty_like(W0)
-    step = max(1, CHUNK_ELEMENTS // max(d, s, 1))
-    for start in range(0, n, step):
-        rows = slice(start, min(n, start + step))
+    out = torch.empty_like(W0, dtype=dtype or W0.dtype)
+    for rows in row_slices(n, max(d, C.shape[0])):
         w0 = W0[rows].to(FLOAT)
         target = V[rows].to(FLOAT)
         gap = torch.addmm(target, w0, C.mT, alpha=-1.0) if misfit is None else misfit[rows].to(FLOAT)
-        out[rows] = torch.addmm(w0, gap, Z)
-        if norms is not None:
-            norms.add(w0, target, gap, out[rows].to(FLOAT), C)
+        full = torch.addmm(w0, gap, Z)
+        if norms is not None:  # of W as returned (rounded to its dtype); of the float64 W beside a difference
+            norms.add(w0, target, gap, full if difference else full.to(out.dtype).to(FLOAT), C)
+        out[rows] = full - w0 if difference else full
     return out
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
 from ._common import (
@@ -43,8 +44,10 @@ class MergeOperator:
     def num_constraints(self) -> int:
         return self.C.shape[0]
 
-    def apply(self, W0: Tensor, V: Tensor, *, misfit: Tensor | None = None) -> Tensor:
-        """The merged rows for base rows ``W0`` (n, d) and their targets ``V`` (n, s), in W0's dtype.
+    def apply(self, W0: Tensor, V: Tensor, *, misfit: Tensor | None = None, difference: bool = False,
+              dtype: torch.dtype | None = None) -> Tensor:
+        """The merged rows for base rows ``W0`` (n, d) and their targets ``V`` (n, s), in ``dtype``
+        (default W0's); ``difference``: their difference from ``W0`` instead (what a delta stores).
 
         ``misfit``: ``V - W0 C^T`` where the caller has it without that product (a merge has each
         concept's own change on its features), so that it is not computed again; else computed here."""
@@ -58,7 +61,8 @@ class MergeOperator:
             check_matrix(misfit, "misfit", 2, self.check_finite)
             check_shapes([("misfit rows", misfit.shape[0], V.shape[0]), ("misfit columns", misfit.shape[1], V.shape[1])])
             check_same_device({"misfit": misfit}, W0)
-        return stream_rows(W0, self.C, V, self.Z, norms=self.norms, misfit=misfit)
+        return stream_rows(W0, self.C, V, self.Z, norms=self.norms, misfit=misfit, difference=difference,
+                           dtype=dtype)
 
     def info(self) -> SolveInfo:
         """Diagnostics over every row applied so far (needs ``diagnostics=True`` at factor time)."""
