@@ -800,16 +800,31 @@ def _file_mappings(path: Path) -> list[tuple[int, int]]:
 
 
 @functools.cache
-def _libc_madvise() -> Callable[[int, int, int], int] | None:
-    """libc's ``madvise``, looked up once a process: ``find_library`` runs ``ldconfig`` in a child
-    process, which a merge of 100 mapped inputs forked once per input."""
+def _libc() -> Any | None:
+    """The C library, loaded once a process as what the interpreter already links (``dlopen(NULL)``,
+    no ``find_library``, which runs ``ldconfig`` in a child process); None where it cannot be."""
     import ctypes
-    import ctypes.util
 
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        madvise = libc.madvise
-    except (OSError, AttributeError):
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+def libc_function(name: str) -> Callable[..., int] | None:
+    """The C library's function ``name`` (the memory calls: ``madvise``, glibc's ``malloc_trim`` and
+    ``mallopt``), or None where this C library has none: the one home of that lookup."""
+    library = _libc()
+    return getattr(library, name, None) if library is not None else None
+
+
+@functools.cache
+def _libc_madvise() -> Callable[[int, int, int], int] | None:
+    """libc's ``madvise``, typed once a process."""
+    import ctypes
+
+    madvise = libc_function("madvise")
+    if madvise is None:
         return None
     madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
     madvise.restype = ctypes.c_int

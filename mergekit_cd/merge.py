@@ -9,7 +9,6 @@ this module runs a plan.
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import hashlib
 import sys
@@ -29,7 +28,7 @@ from .delta import LORA_RTOL, ConceptDelta, LayerDelta, LowRank, combine_modules
 from .errors import MergeError
 from .feature_cache import cache_folder, cached_base_outputs, cached_sets
 from .features import LazyTextFeatures, PromptRows, TextSet
-from .fileio import STAT_MEMO, Observed, StatMemo
+from .fileio import STAT_MEMO, Observed, StatMemo, libc_function
 from .limits import MAX_CONSTRAINT_ROWS, MAX_SOLVED_ROWS, check_limit
 from .loading import EmbeddingFile, PathLike, as_base, save
 from .merge_options import MergeOptions
@@ -422,11 +421,9 @@ def _release_memory(device: torch.device) -> None:
     """Give the text encoder's memory back before the K/V work: on glibc also the free pages its
     activations left inside malloc's heaps (``malloc_trim``), which it keeps otherwise."""
     gc.collect()
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(None).malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc
-            pass
+    trim = libc_function("malloc_trim") if sys.platform.startswith("linux") else None
+    if trim is not None:  # glibc
+        trim(0)
     if device.type == "cuda":
         torch.cuda.empty_cache()
 

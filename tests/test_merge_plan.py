@@ -515,20 +515,24 @@ def test_the_base_held_out_outputs_are_computed_once_and_cached_beside_their_gra
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds mapped files in /proc/self/maps")
 def test_libc_is_looked_up_once_however_many_pickles_are_mapped(base, two, tmp_path, monkeypatch):
-    """Handing a mapped pickle's pages back needs libc's madvise, and ctypes' find_library forks
-    ldconfig to find libc: once a process, not once per mapped input (100 forks planning 100
-    authors' files)."""
+    """Handing a mapped pickle's pages back needs libc's madvise: libc is loaded once a process, not
+    once per mapped input, and without ctypes' find_library, which forks ldconfig (100 forks
+    planning 100 authors' files, before)."""
+    import ctypes
     import ctypes.util
 
     from mergekit_cd import fileio
 
-    calls = []
-    real = ctypes.util.find_library
-    monkeypatch.setattr(ctypes.util, "find_library", lambda name: calls.append(name) or real(name))
+    loads, found = [], []
+    real = ctypes.CDLL
+    monkeypatch.setattr(ctypes, "CDLL", lambda name, **kwargs: loads.append(name) or real(name, **kwargs))
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: found.append(name))
+    fileio._libc.cache_clear()
     fileio._libc_madvise.cache_clear()
     paths = [str(save(delta, tmp_path / f"{index}.bin", base=base)) for index, delta in enumerate(two)]
     plan_merge(paths, captions(), base=base)
-    assert calls == ["c"]
+    assert fileio._libc_madvise() is not None
+    assert loads == [None] and found == []
 
 
 def test_each_input_is_parsed_once_to_plan_and_each_layer_read_once_to_merge(base, tmp_path, monkeypatch):
@@ -771,8 +775,9 @@ def test_the_text_phase_hands_its_free_heap_back_before_the_kv_pass(monkeypatch)
     """glibc keeps the free pages the text encoders' activations leave inside its heaps; the merge
     hands them back (``malloc_trim(0)``) before the K/V pass, which lowered the SDXL 10-concept
     cold merge's peak from 2.80 to 2.32 GiB (README); where libc has no malloc_trim, nothing fails."""
-    import ctypes
     import importlib
+
+    from mergekit_cd import fileio
 
     merge_module = importlib.import_module("mergekit_cd.merge")  # the package's `merge` is the function
     calls = []
@@ -783,9 +788,9 @@ def test_the_text_phase_hands_its_free_heap_back_before_the_kv_pass(monkeypatch)
             return 1
 
     monkeypatch.setattr(merge_module.sys, "platform", "linux")
-    monkeypatch.setattr(ctypes, "CDLL", lambda name: Glibc())
+    monkeypatch.setattr(fileio, "_libc", lambda: Glibc())
     merge_module._release_memory(torch.device("cpu"))
     assert calls == [0]
-    monkeypatch.setattr(ctypes, "CDLL", lambda name: object())  # another libc: no such function
+    monkeypatch.setattr(fileio, "_libc", lambda: object())  # another libc: no such function
     merge_module._release_memory(torch.device("cpu"))
     assert calls == [0]

@@ -4,7 +4,6 @@ and dtypes, argument types, tables."""
 from __future__ import annotations
 
 import argparse
-import ctypes
 import importlib.abc
 import importlib.machinery
 import math
@@ -21,6 +20,7 @@ import torch
 from ..delta import LORA_RTOL, CompressionReport
 from ..devices import parse_device
 from ..errors import MergeError, TokenRenameWarning
+from ..fileio import libc_function
 from ..merge_options import TEXT_DTYPES as DTYPES
 from ..sampling import MAX_SEED
 from ..solvers import IllConditionedWarning
@@ -68,11 +68,9 @@ def release_large_blocks() -> None:
     dynamic threshold otherwise serves tensors from its heaps after the first is freed, and one
     pass over 80 tensors of 16 MB, each freed before the next was read, held 60 to 800 MB. Only
     for the file tools (cd-inspect, cd-convert): it makes a training step about 30% slower."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(None).mallopt(-3, 2**20)  # M_MMAP_THRESHOLD
-        except (OSError, AttributeError):  # not glibc
-            pass
+    mallopt = libc_function("mallopt") if sys.platform.startswith("linux") else None
+    if mallopt is not None:  # glibc
+        mallopt(-3, 2**20)  # M_MMAP_THRESHOLD
 
 
 def _warning_printer(prog: str) -> Callable[..., None]:
