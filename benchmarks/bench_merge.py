@@ -28,8 +28,11 @@ Each scenario also runs the floor of a merge (``job_floor``): the imports it nee
 byte read once, the captions encoded in one batched pass (cold only), one factorisation and one
 pass of the layers through it, the output written; the table gives ours against it.
 
-Run: ``python benchmarks/bench_merge.py [--only sd15 sdxl many] [--quick]`` (builds its models once
-under ``--work``, ~30 GB of disk; about 30 minutes on 2 CPU cores). Prints ratios measured in one run.
+Run: ``python benchmarks/bench_merge.py [--only sd15 sdxl many] [--quick] [--tiny]`` (builds its
+models once under ``--work``, ~30 GB of disk; about 30 minutes on 2 CPU cores). Prints ratios
+measured in one run, by wall time and by CPU time (user + system: what a shared machine does not
+distort). ``--tiny`` runs the same scenarios on the test suite's tiny models: the script end to
+end in a minute, its figures meaningless (the test suite runs ``--quick --tiny``).
 """
 
 from __future__ import annotations
@@ -51,27 +54,31 @@ CLASS_WORDS = ("cat", "dog", "pot", "chair", "car", "tree", "house", "flower", "
 SCENARIOS = {"sd15": ("sd15", 3, "authors-bin"), "many": ("sd15", 100, "authors-bin"), "sdxl": ("sdxl", 10, "native")}
 
 
-def paths(work: Path, scenario: str) -> tuple[Path, list[Path]]:
-    """The base folder and the concept files of a scenario."""
+def paths(work: Path, scenario: str, size: str = "full") -> tuple[Path, list[Path]]:
+    """The base folder and the concept files of a scenario at ``size`` (full or tiny)."""
     kind, count, file_format = SCENARIOS[scenario]
     suffix = "delta.bin" if file_format == "authors-bin" else "delta.safetensors"
-    return work / f"base-{kind}", [work / f"{scenario}-concepts" / f"{i:03d}" / suffix for i in range(count)]
+    tag = "" if size == "full" else f"-{size}"
+    return work / f"base-{kind}{tag}", [work / f"{scenario}{tag}-concepts" / f"{i:03d}" / suffix for i in range(count)]
 
 
-def job_build(work: str, scenario: str) -> None:
+def job_build(work: str, scenario: str, size: str = "full") -> None:
     """Make what :func:`paths` names and is missing; a job of its own, so that the measuring
     process stays small (a child's peak RSS, as the OS reports it, counts its parent's memory
     at the fork)."""
     from mergekit_cd.base import open_base
     from mergekit_cd.loading import save
-    from mergekit_cd.testing import random_concept_deltas, save_full_size_base
+    from mergekit_cd.testing import random_concept_deltas, save_full_size_base, save_tiny_pipeline
 
     kind, _, file_format = SCENARIOS[scenario]
-    base_dir, files = paths(Path(work), scenario)
+    base_dir, files = paths(Path(work), scenario, size)
     if not (base_dir / "model_index.json").is_file():
         shutil.rmtree(base_dir, ignore_errors=True)
-        print(f"building the {kind} base in {base_dir} ...", flush=True)
-        save_full_size_base(kind, base_dir, full_unet=kind == "sd15")
+        print(f"building the {size} {kind} base in {base_dir} ...", flush=True)
+        if size == "tiny":
+            save_tiny_pipeline("sd1" if kind == "sd15" else kind, base_dir)
+        else:
+            save_full_size_base(kind, base_dir, full_unet=kind == "sd15")
     missing = [i for i, f in enumerate(files) if not f.is_file()]
     if missing:
         print(f"making {len(missing)} {kind} concepts ...", flush=True)
@@ -147,14 +154,17 @@ def job_baseline(base: str, output: str, captions: str, *inputs: str) -> None:
 def job_floor(base: str, output: str, captions: str, cold: str, *inputs: str) -> None:
     """The floor of a merge on this machine: the imports it needs, every input byte read once, the
     captions and target prompts encoded in one batched pass (``cold`` = "1" only), one
-    factorisation and one pass of the base's layers through it, the output written."""
+    factorisation and one pass of the base's layers through it, the output written. The cold run
+    keeps its Gram matrix beside ``output`` for the cached run, which reads it as a merge reads
+    its cache."""
     import torch
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
 
     from mergekit_cd.base import open_base
     from mergekit_cd.captions import default_reg_captions
     from mergekit_cd.solvers import factor_hard
 
+    gram_file = str(Path(output).with_suffix(".gram.safetensors"))
     for path in inputs:  # read once, nothing parsed
         with open(path, "rb") as handle:
             while handle.read(1 << 24):
@@ -175,18 +185,19 @@ def job_floor(base: str, output: str, captions: str, cold: str, *inputs: str) ->
                     encoder(tokenizer(texts[start:start + 64], padding=True, return_tensors="pt").input_ids)
                     .last_hidden_state.flatten(0, 1) for start in range(0, len(texts), 64)]))
         count = min(len(features) for features in per_encoder)
-        C_reg = torch.cat([features[:count] for features in per_encoder], dim=1)
-    else:
-        C_reg = torch.randn(28 * int(captions), width)  # a cached Gram matrix: no text encoder
+        C_reg = torch.cat([features[:count] for features in per_encoder], dim=1).double()
+        G = C_reg.T @ C_reg
+        save_file({"gram": G}, gram_file)
+    else:  # a cached Gram matrix: no text encoder, no product
+        G = load_file(gram_file)["gram"] if Path(gram_file).is_file() else torch.eye(width, dtype=torch.float64)
     generator = torch.Generator().manual_seed(0)
-    C_reg = C_reg.double()
     C = torch.randn(rows, width, generator=generator, dtype=torch.float64)
-    operator = factor_hard(C_reg.T @ C_reg, C, ridge=1e-3)
+    operator = factor_hard(G, C, ridge=1e-3)
     merged = {}
     for name in model.layer_names():
         W0 = torch.cat(model.kv(name)).double()
-        merged[name] = (operator.apply(W0, torch.randn(W0.shape[0], rows, generator=generator,
-                                                       dtype=torch.float64)) - W0).float()
+        V = torch.randn(W0.shape[0], rows, generator=generator, dtype=torch.float64)
+        merged[name] = operator.apply(W0, V, difference=True, dtype=torch.float32)  # as cd-merge does
     save_file(merged, output)
 
 
@@ -203,7 +214,8 @@ JOBS = {"ours": job_ours, "baseline": job_baseline, "floor": job_floor, "build":
 
 
 def measure(job: str, *args: str) -> dict:
-    """Run one job in a fresh interpreter; its wall time and peak RSS (GiB), and what it printed."""
+    """Run one job in a fresh interpreter; its wall time, CPU time (user + system) and peak RSS
+    (GiB), and what it printed."""
     command = [sys.executable, __file__, "--job", job, *args]
     with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
         start = time.perf_counter()
@@ -215,7 +227,8 @@ def measure(job: str, *args: str) -> dict:
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{job} failed:\n{out}\n{err[-3000:]}")
     residual = next((json.loads(line)["residual"] for line in out.splitlines() if line.startswith("{")), None)
-    return {"seconds": elapsed, "peak_gib": usage.ru_maxrss / 2**20, "residual": residual, "log": out}
+    return {"seconds": elapsed, "cpu": usage.ru_utime + usage.ru_stime, "peak_gib": usage.ru_maxrss / 2**20,
+            "residual": residual, "log": out}
 
 
 def ours_residual(log: str) -> float:
@@ -228,9 +241,9 @@ def ours_residual(log: str) -> float:
     return max(values)
 
 
-def run_scenario(work: Path, scenario: str, caption_counts: list[int]) -> list[dict]:
-    subprocess.run([sys.executable, __file__, "--job", "build", str(work), scenario], check=True)
-    base, files = paths(work, scenario)
+def run_scenario(work: Path, scenario: str, caption_counts: list[int], size: str = "full") -> list[dict]:
+    subprocess.run([sys.executable, __file__, "--job", "build", str(work), scenario, size], check=True)
+    base, files = paths(work, scenario, size)
     inputs = [str(f) for f in files]
     input_gib = sum(f.stat().st_size for f in files) / 2**30
     rows = []
@@ -289,54 +302,71 @@ def difference(base: Path, ours: str, theirs: str) -> float:
 
 
 def describe(row: dict) -> str:
+    """One scenario's table row: every ratio by wall time and by CPU time, from this run."""
     cold, cached, baseline, floor = row["cold"], row["cached"], row.get("baseline"), row["floor"]
-    to_floor = (cold["seconds"] / floor["cold"]["seconds"], cached["seconds"] / floor["cached"]["seconds"])
+
+    def pair(first: dict, second: dict, key: str = "seconds") -> str:
+        return f"{first[key]:.0f} / {second[key]:.0f}"
+
+    def ratios(over: tuple[dict, dict], under: tuple[dict, dict], key: str) -> str:
+        return " / ".join(f"{a[key] / b[key]:.1f}x" for a, b in zip(over, under))
+
+    ours, floors = (cold, cached), (floor["cold"], floor["cached"])
     text = (f"| {row['scenario']} | {row['concepts']} | {row['captions']} | {row['input_gib']:.2f} "
-            f"| {cold['seconds']:.0f} / {cached['seconds']:.0f} | {to_floor[0]:.1f}x / {to_floor[1]:.1f}x "
-            f"| {cold['peak_gib']:.2f} ")
+            f"| {pair(cold, cached)} | {pair(*floors)} | {ratios(ours, floors, 'seconds')} "
+            f"| {ratios(ours, floors, 'cpu')} | {cold['peak_gib']:.2f} ")
     if baseline is None:
-        return text + (f"| n/a | n/a | {cold['peak_gib'] / row['input_gib']:.2f}x inputs "
+        return text + (f"| n/a | n/a | n/a | {cold['peak_gib'] / row['input_gib']:.2f}x inputs "
                        f"| {row['ours_residual']:.1e} | n/a | n/a |")
-    speed_up = (baseline["seconds"] / cold["seconds"], baseline["seconds"] / cached["seconds"])
-    return text + (f"| {baseline['seconds']:.0f} | {speed_up[0]:.1f}x / {speed_up[1]:.1f}x "
+    theirs = (baseline, baseline)
+    return text + (f"| {baseline['seconds']:.0f} | {ratios(theirs, ours, 'seconds')} | {ratios(theirs, ours, 'cpu')} "
                    f"| {baseline['peak_gib'] / cold['peak_gib']:.1f}x less "
                    f"| {row['ours_residual']:.1e} | {baseline['residual']:.1e} | {row['difference']:.1e} |")
 
 
-HEADER = ("| scenario | concepts | captions | inputs GiB | ours s (cold / cached) | ours / floor (cold / cached) "
-          "| ours peak GiB | baseline s | speed-up (cold / cached) | memory | ours residual | baseline residual "
+HEADER = ("| scenario | concepts | captions | inputs GiB | ours s (cold / cached) | floor s (cold / cached) "
+          "| ours / floor (cold / cached) | ours / floor, CPU time | ours peak GiB | baseline s "
+          "| speed-up (cold / cached) | speed-up, CPU time | memory | ours residual | baseline residual "
           "| ours vs baseline |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path(__file__).parent / "work",
                         help="where models, concepts and outputs are kept (default benchmarks/work)")
-    parser.add_argument("--only", nargs="+", choices=("sd15", "sdxl", "many"), default=["sd15", "sdxl", "many"])
+    parser.add_argument("--only", nargs="+", choices=("sd15", "sdxl", "many"),
+                        help="these scenarios (default: all three)")
     parser.add_argument("--captions", type=int, nargs="+", default=[200, 1000],
                         help="caption counts for the sd15 scenario (default 200 1000)")
     parser.add_argument("--quick", action="store_true",
                         help="the sd15 scenario alone with 50 captions (about 3 minutes once its base is built)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="the scenarios on the test suite's tiny models: the script end to end, "
+                             "figures meaningless (kept apart from the full-size ones under --work)")
     parser.add_argument("--job", help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args()
     if args.job:
         JOBS[args.job](*rest)
         return
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.quick and args.only:
+        parser.error("--quick runs the sd15 scenario alone; leave out --only")
     if args.quick:
         args.only, args.captions = ["sd15"], [50]
     args.work.mkdir(parents=True, exist_ok=True)
     rows = []
-    for scenario in args.only:
+    for scenario in args.only or ["sd15", "sdxl", "many"]:
         counts = args.captions if scenario == "sd15" else [200]
-        rows += run_scenario(args.work, scenario, counts)
+        rows += run_scenario(args.work, scenario, counts, "tiny" if args.tiny else "full")
     import torch
 
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {memory:.0f} GiB, "
           f"python {platform.python_version()}, torch {torch.__version__}, load average at the end "
           f"{os.getloadavg()[0]:.1f}")
-    if "sdxl" in args.only:
+    if "sdxl" in (args.only or ["sdxl"]):
         print("sdxl: the base holds its text encoders, tokenizers and the UNet's K/V tensors only "
               "(all a merge reads); no baseline (the authors' scripts are SD1-only)")
     print(HEADER)

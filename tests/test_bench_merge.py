@@ -3,6 +3,10 @@ solve the same merge (so the benchmark compares like with like), and its table r
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -52,10 +56,32 @@ def test_the_floor_job_reads_encodes_solves_and_writes(bench, tiny_pipeline_path
 
 
 def test_a_row_prints_ours_against_the_floor_and_the_baseline(bench):
-    run = lambda seconds, peak=1.0: {"seconds": seconds, "peak_gib": peak, "residual": 1e-7}  # noqa: E731
+    run = lambda seconds, peak=1.0: {"seconds": seconds, "cpu": seconds / 2, "peak_gib": peak,  # noqa: E731
+                                     "residual": 1e-7}
     row = {"scenario": "sd15", "concepts": 3, "captions": 200, "input_gib": 0.2, "cold": run(30), "cached": run(10),
            "floor": {"cold": run(20), "cached": run(5)}, "baseline": run(90, 2.0), "ours_residual": 1e-15,
            "difference": 1e-3}
     cells = [cell.strip() for cell in bench.describe(row).strip("|").split("|")]
-    assert cells[4:8] == ["30 / 10", "1.5x / 2.0x", "1.00", "90"] and cells[8] == "3.0x / 9.0x"
+    assert cells[4:10] == ["30 / 10", "20 / 5", "1.5x / 2.0x", "1.5x / 2.0x", "1.00", "90"]
+    assert cells[10:12] == ["3.0x / 9.0x"] * 2
     assert len(cells) == bench.HEADER.splitlines()[0].count("|") - 1
+
+
+def test_the_quick_run_on_tiny_models_prints_ours_the_floor_and_the_baseline(tmp_path):
+    """``--quick --tiny``: the script as a user runs it, end to end (build, every job in a child,
+    the table), on the tiny models; what it prints, not how fast."""
+    script = Path(__file__).parent.parent / "benchmarks" / "bench_merge.py"
+    environment = {**os.environ, "MERGEKIT_CD_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, str(script), "--quick", "--tiny", "--work", str(tmp_path / "work")],
+                          capture_output=True, text=True, env=environment, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("| scenario"))
+    [row] = [line for line in lines[header + 2:] if line.startswith("|")]
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[:3] == ["sd15", "3", "50"] and len(cells) == lines[header].count("|") - 1
+    assert all(part.endswith("x") for cell in (cells[6], cells[7], cells[10], cells[11]) for part in cell.split(" / "))
+    assert float(cells[13]) < 1e-5  # ours: the residual cd-merge printed, as written
+    assert (tmp_path / "work" / "base-sd15-tiny" / "model_index.json").is_file()
+    assert subprocess.run([sys.executable, str(script), "--quick", "--only", "sdxl"], capture_output=True,
+                          text=True).returncode == 2  # refused, not silently overridden
