@@ -36,7 +36,7 @@ from .merge_plan import MergePlan, dependence_rtol, plan_merge, summarize_plan
 from .merge_report import ConceptReport, MergeReport, ReportSums, StatisticsSize
 from .merge_statistics import (StatisticsRecorder, StoredConcepts, captions_sha256, drop_concepts,
                                fresh_regulariser, stored_concepts)
-from .solvers._common import chunk_rows, row_slices
+from .solvers import chunk_rows, row_slices
 from .version import __version__
 
 __all__ = ["FileMerge", "MergeOptions", "MergePlan", "MergeReport", "ConceptReport", "execute", "merge",

@@ -1,5 +1,6 @@
-"""What a merge reports: per concept the residual of the weights as written, the drift on held-out
-captions, each beside the naive sum's; accumulated layer by layer, no output matrix kept."""
+"""What a merge reports: per concept the residual of the weights as written beside the naive sum's,
+the drift on held-out captions (the naive sum's too when asked: ``sum_drift``); accumulated layer
+by layer, no output matrix kept."""
 
 from __future__ import annotations
 
@@ -11,8 +12,7 @@ import torch
 from torch import Tensor
 
 from .delta import CompressionReport, Concept, TokenRename
-from .solvers import SolveInfo
-from .solvers._common import chunk_rows, row_slices
+from .solvers import SolveInfo, chunk_rows, row_slices
 
 
 @dataclass(frozen=True)

@@ -434,6 +434,28 @@ def test_the_recipe_hash_of_an_input_changes_with_any_one_of_its_values(base, tw
     assert changed[0] == first[0] and changed[1] != first[1]
 
 
+@pytest.mark.parametrize("method", ["constrained", "sum"])
+def test_the_layer_pass_in_many_chunks_gives_the_merge_of_one_chunk(base, two, method, monkeypatch):
+    """The layer pass and the report work on chunks of rows (``row_slices``); a tiny layer fits in
+    one, so here chunks of 1 to 5 rows, none aligned with the K/V boundary, must give the same
+    merged weights to the bit and the same report to float64 rounding of its sums."""
+    from mergekit_cd.solvers import _common
+
+    def run() -> tuple:
+        return merge(two, captions(), base=base, method=method, return_report=True, sum_drift=True)
+
+    whole, report = run()
+    for elements in (1, 3 * base.context_dim + 1, 5 * base.context_dim):
+        monkeypatch.setattr(_common, "CHUNK_ELEMENTS", elements)
+        chunked, chunked_report = run()
+        for name, layer in whole.layers.items():
+            assert torch.equal(chunked.layers[name].key, layer.key) and torch.equal(chunked.layers[name].value, layer.value)
+        assert chunked_report.drift == pytest.approx(report.drift, rel=1e-12)
+        assert chunked_report.sum_drift == pytest.approx(report.sum_drift, rel=1e-12)
+        for mine, theirs in zip(chunked_report.concepts, report.concepts):
+            assert (mine.residual, mine.sum_residual) == pytest.approx((theirs.residual, theirs.sum_residual), rel=1e-9)
+
+
 def test_a_merge_written_as_differences_does_not_measure_the_full_weights_as_written(base, two, tmp_path):
     """The full weights' residuals cost the report a third candidate (a copy of every layer and its
     product with the constraint rows); only a full-weight output writes them, so only its report

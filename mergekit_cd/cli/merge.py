@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sum-drift", action="store_true",
                         help="report the naive sum's held-out drift beside the merge's, for comparison: an "
                              "exact product with the d x d held-out Gram matrix per layer, which doubles the "
-                             "time of an SDXL merge (its residuals are reported anyway)")
+                             "time of an SDXL merge (the naive sum's residuals are always reported)")
     parser.add_argument("--format", choices=formats.format_names(), help=formats.OUTPUT_FORMAT_HELP)
     parser.add_argument("--batch-size", type=int, default=64, help="captions per text-encoder batch (default 64)")
     parser.add_argument("--cache-dir", type=Path, help="where cached Gram matrices live "

@@ -11,6 +11,7 @@ into one factorisation and a :class:`MergeOperator` applied layer by layer (as
 
 from .hard import factor_hard, solve_hard
 from .hybrid import factor_hybrid, solve_hybrid
+from ._common import chunk_rows, row_slices
 from .info import IllConditionedWarning, SolveInfo
 from .operator import MergeOperator
 from .soft import factor_soft, solve_soft
