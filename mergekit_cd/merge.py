@@ -71,6 +71,7 @@ def merge(deltas: Sequence[PathLike | ConceptDelta], reg_captions: Sequence[str]
     inputs only the result and one layer's rows are held (the text encoder is released first).
     """
     options = _options(options, option_fields)
+    base = _remembering(as_base(base), options)
     plan = plan_merge(deltas, reg_captions, base=base, class_words=class_words, styles=styles,
                       target_templates=target_templates, style_templates=style_templates,
                       check_base=check_base, other_layers=options.other_layers_on_load, embeddings=embeddings)
@@ -125,7 +126,7 @@ def prepare_merge_to_file(deltas: Sequence[PathLike | ConceptDelta], output: Pat
     output = Path(output)
     output_format = formats.output_format(output, format)
     options.check_output_format(output_format, output)
-    base = as_base(base)
+    base = _remembering(as_base(base), options)
     if dry_run:
         formats.check_can_hold(output_format, base.architecture.name, output)
     else:
@@ -392,6 +393,13 @@ def execute(plan: MergePlan, options: MergeOptions | None = None, *, progress: b
                                num_captions=len(plan.reg_captions), num_rows=text.num_rows,
                                gram_from_cache=text.gram_from_cache, info=info,
                                notes=text.notes + _other_layers_notes(plan, options))
+
+
+def _remembering(base: BaseModel, options: MergeOptions) -> BaseModel:
+    """``base``, its K/V fingerprint remembered in the merge's cache folder (as its text files'
+    digests are): a repeated merge reads the base's K/V once."""
+    base.remember_in(cache_folder(options.cache_dir))
+    return base
 
 
 def _carried_modules(plan: MergePlan, options: MergeOptions) -> dict[str, LowRank]:

@@ -512,6 +512,48 @@ def test_a_repeated_merge_remembers_its_inputs_digests_by_their_stat_and_hashes_
     assert recorded("fresh cache") == again
 
 
+def test_a_repeated_merge_remembers_the_base_fingerprint_by_its_file_stat(tiny_pipeline_path, two, tmp_path,
+                                                                        monkeypatch):
+    """The base's K/V fingerprint reads every K/V tensor (1.4 GB for SDXL), which the merge then
+    reads again; its layer digests are remembered in the cache folder by the weights file's stat,
+    so a repeated merge reads the K/V once. The same fingerprint as without the memo; a rewritten
+    file is read again, to the fingerprint of what it now holds."""
+    import importlib
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from mergekit_cd import fileio
+    from mergekit_cd.base import kv_fingerprint, open_base
+
+    base_module = importlib.import_module("mergekit_cd.base")
+    monkeypatch.setattr(fileio, "RACY_NANOSECONDS", 0)  # the files were just written
+    folder = tmp_path / "base"
+    shutil.copytree(tiny_pipeline_path("sd1"), folder)
+    expected = kv_fingerprint((layer, *open_base(folder).kv(layer)) for layer in open_base(folder).layer_names())
+    digested = []
+    real = base_module._layer_fingerprint
+    monkeypatch.setattr(base_module, "_layer_fingerprint", lambda *kv: digested.append(1) or real(*kv))
+
+    layers = len(open_base(folder).layer_names())
+    for reads in (layers, 0):  # the first merge digests every layer, the second none
+        digested.clear()
+        merged = merge(two, captions(), base=folder, cache_dir=tmp_path / "cache")
+        assert merged.base_fingerprint == expected and len(digested) == reads
+
+    weights_file = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights = load_file(weights_file)
+    key = next(name for name in weights if name.endswith("attn2.to_k.weight"))
+    weights[key] = weights[key] + 1e-2
+    save_file(weights, weights_file)
+    digested.clear()
+    changed = open_base(folder)
+    changed.remember_in(tmp_path / "cache")
+    assert changed.fingerprint != expected and len(digested) == layers
+    digested.clear()
+    assert changed.fingerprint == kv_fingerprint((layer, *changed.kv(layer)) for layer in changed.layer_names())
+
+
 def test_the_base_held_out_outputs_are_computed_once_and_cached_beside_their_gram_matrix(base, two, tmp_path):
     """The drift's denominator, ||W0 C_h^T||^2 over the base's layers, is stored on a first merge
     and read back by the next (the same report); the stored value is that sum, and a damaged file
