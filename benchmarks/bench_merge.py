@@ -51,6 +51,7 @@ from pathlib import Path
 CLASS_WORDS = ("cat", "dog", "pot", "chair", "car", "tree", "house", "flower", "guitar", "watch")
 
 
+DEFAULT_CAPTIONS = [200, 1000]  # the sd15 scenario's caption counts
 SCENARIOS = {"sd15": ("sd15", 3, "authors-bin"), "many": ("sd15", 100, "authors-bin"), "sdxl": ("sdxl", 10, "native")}
 
 
@@ -189,7 +190,9 @@ def job_floor(base: str, output: str, captions: str, cold: str, *inputs: str) ->
         G = C_reg.T @ C_reg
         save_file({"gram": G}, gram_file)
     else:  # a cached Gram matrix: no text encoder, no product
-        G = load_file(gram_file)["gram"] if Path(gram_file).is_file() else torch.eye(width, dtype=torch.float64)
+        if not Path(gram_file).is_file():
+            raise SystemExit(f"{gram_file}: no Gram matrix from a cold floor run; run the cold one first")
+        G = load_file(gram_file)["gram"]
     generator = torch.Generator().manual_seed(0)
     C = torch.randn(rows, width, generator=generator, dtype=torch.float64)
     operator = factor_hard(G, C, ridge=1e-3)
@@ -337,7 +340,7 @@ def main() -> None:
                         help="where models, concepts and outputs are kept (default benchmarks/work)")
     parser.add_argument("--only", nargs="+", choices=("sd15", "sdxl", "many"),
                         help="these scenarios (default: all three)")
-    parser.add_argument("--captions", type=int, nargs="+", default=[200, 1000],
+    parser.add_argument("--captions", type=int, nargs="+", default=DEFAULT_CAPTIONS,
                         help="caption counts for the sd15 scenario (default 200 1000)")
     parser.add_argument("--quick", action="store_true",
                         help="the sd15 scenario alone with 50 captions (about 3 minutes once its base is built)")
@@ -351,8 +354,8 @@ def main() -> None:
         return
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    if args.quick and args.only:
-        parser.error("--quick runs the sd15 scenario alone; leave out --only")
+    if args.quick and (args.only or args.captions != DEFAULT_CAPTIONS):
+        parser.error("--quick runs the sd15 scenario alone with 50 captions; leave out --only and --captions")
     if args.quick:
         args.only, args.captions = ["sd15"], [50]
     args.work.mkdir(parents=True, exist_ok=True)

@@ -179,6 +179,7 @@ class BaseModel:
                     and all(isinstance(digest, str) for digest in remembered.values()):
                 digests.update(remembered)
                 continue
+            self._last_kv = None  # read from the file as observed, not a layer kept from before
             observed = memo.observe(real) if real is not None else None
             fresh = {layer: _layer_fingerprint(*self.kv(layer)) for layer in layers}
             if real is not None:

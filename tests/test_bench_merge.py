@@ -47,9 +47,10 @@ def test_the_floor_job_reads_encodes_solves_and_writes(bench, tiny_pipeline_path
     base = open_base(folder)
     inputs = [str(save(delta, tmp_path / f"{i}.safetensors", base=base))
               for i, delta in enumerate(random_concept_deltas(base, [("<new1>", "cat"), ("<new2>", "dog")], seed=5))]
+    output = tmp_path / "floor.safetensors"  # the cached run reads the Gram matrix the cold one kept beside it
     for cold in ("1", "0"):
-        output = tmp_path / f"floor-{cold}.safetensors"
         bench.job_floor(str(folder), str(output), "20", cold, *inputs)
+        assert (tmp_path / "floor.gram.safetensors").is_file()
         written = load_file(output)
         assert set(written) == set(base.layer_names())
         assert all(written[name].shape[1] == base.context_dim for name in written)
