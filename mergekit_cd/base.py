@@ -153,10 +153,10 @@ class BaseModel:
         return self._last_kv[1]
 
     def remember_in(self, memo_folder: Path) -> None:
-        """Remember the digests behind :attr:`fingerprint` in ``memo_folder`` (a cache folder) by
-        their files' stat, as the text files' are: a repeated merge then reads the base's K/V once,
-        to merge, not a second time to fingerprint them (1.4 GB for SDXL). Call before the first
-        use of :attr:`fingerprint`."""
+        """Remember the digests behind :attr:`fingerprint` and :attr:`text_fingerprint` in
+        ``memo_folder`` (a cache folder) by their files' stat: a repeated merge then reads the base's
+        K/V once, to merge, not a second time to fingerprint them (1.4 GB for SDXL), and its text
+        files not at all. Call before the first use of either."""
         self._memo_folder = memo_folder
 
     @cached_property
@@ -174,9 +174,8 @@ class BaseModel:
         digests: dict[str, str] = {}
         for file, layers in files.items():
             real = os.path.realpath(file) if file is not None else None
-            remembered = memo.get(real, _FINGERPRINT_MEMO) if real is not None else None
-            if isinstance(remembered, dict) and sorted(remembered) == sorted(layers) \
-                    and all(isinstance(digest, str) for digest in remembered.values()):
+            remembered = memo.get_digests(real, _FINGERPRINT_MEMO, layers) if real is not None else None
+            if remembered is not None:
                 digests.update(remembered)
                 continue
             self._last_kv = None  # read from the file as observed, not a layer kept from before
@@ -193,9 +192,10 @@ class BaseModel:
         """sha256 over the tokenizer and text-encoder files: what decides the text features.
 
         Files in a hub cache are named by their content hash already (``blobs/<sha256>``), so
-        only local folders are read through; computed once per base (:meth:`remembered_text_fingerprint`).
+        only local folders are read through; computed once per base, with the memo of
+        :meth:`remember_in` (:meth:`remembered_text_fingerprint`).
         """
-        return self.remembered_text_fingerprint(None)
+        return self.remembered_text_fingerprint(self._memo_folder)
 
     def remembered_text_fingerprint(self, memo_folder: Path | None) -> str:
         """:attr:`text_fingerprint`, computed on the first call; with ``memo_folder`` (a cache folder)

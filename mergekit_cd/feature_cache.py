@@ -227,11 +227,11 @@ def cache_folder(cache_dir: str | os.PathLike[str] | None) -> Path:
 
 
 def _cache_folder(base: BaseModel, cache_dir: str | os.PathLike[str] | None) -> Path:
-    """:func:`cache_folder`, where the digests of the base's text files behind every key
-    (:attr:`BaseModel.text_fingerprint`) are remembered too: a repeated merge stats them instead of
-    reading them (:meth:`BaseModel.remembered_text_fingerprint`)."""
+    """:func:`cache_folder`, where the digests of the base's files behind every key
+    (:attr:`BaseModel.text_fingerprint`, :attr:`BaseModel.fingerprint`) are remembered too
+    (:meth:`BaseModel.remember_in`): a repeated merge stats them instead of reading them."""
     folder = cache_folder(cache_dir)
-    base.remembered_text_fingerprint(folder)
+    base.remember_in(folder)
     return folder
 
 

@@ -648,6 +648,19 @@ class StatMemo:
         entry = self.entries.get(file)
         return entry["values"].get(what) if entry is not None and entry["stat"] == _stat_key(file) else None
 
+    def get_digests(self, file: str, what: str, names: Iterable[str]) -> dict[str, str] | None:
+        """The hex digests remembered as ``what`` for ``file`` by name, when they are exactly one for
+        each of ``names``; else None (missing, another file's, or damaged: made again)."""
+        found = self.get(file, what)
+        if not isinstance(found, dict) or set(found) != set(names):
+            return None
+        try:
+            for digest in found.values():
+                bytes.fromhex(digest)
+        except (TypeError, ValueError):
+            return None
+        return found
+
     def put(self, file: str, what: str, value: Any, observed: Observed) -> None:
         """Remember ``value``, made from ``file`` as :meth:`observe` found it before reading it, unless
         the file changed since or was modified within :data:`RACY_NANOSECONDS` before."""

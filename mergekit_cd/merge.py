@@ -481,13 +481,8 @@ def _remembered_inputs(plan: MergePlan, memo: StatMemo) -> list[_RememberedInput
             continue
         file, stat = observed
         what = f"layer digests: mergekit-cd {__version__}, read as {read_as}, base K/V {plan.base.fingerprint}"
-        found = memo.get(file, what)
-        digests = None
-        if isinstance(found, dict) and set(found) == set(delta.layers):
-            try:
-                digests = {name: bytes.fromhex(value) for name, value in found.items()}
-            except (TypeError, ValueError):
-                digests = None  # a damaged entry: hashed again
+        found = memo.get_digests(file, what, delta.layers)  # a damaged entry: hashed again
+        digests = {name: bytes.fromhex(value) for name, value in found.items()} if found is not None else None
         entries.append(_RememberedInput(file, what, stat, digests))
     return entries
 
