@@ -84,5 +84,9 @@ def test_the_quick_run_on_tiny_models_prints_ours_the_floor_and_the_baseline(tmp
     assert all(part.endswith("x") for cell in (cells[6], cells[7], cells[10], cells[11]) for part in cell.split(" / "))
     assert float(cells[13]) < 1e-5  # ours: the residual cd-merge printed, as written
     assert (tmp_path / "work" / "base-sd15-tiny" / "model_index.json").is_file()
-    assert subprocess.run([sys.executable, str(script), "--quick", "--only", "sdxl"], capture_output=True,
-                          text=True).returncode == 2  # refused, not silently overridden
+    for extra in (["--only", "sdxl"], ["--captions", "200"], ["--quik"]):  # refused, not silently overridden
+        refused = subprocess.run([sys.executable, str(script), "--quick", *extra], capture_output=True, text=True)
+        assert refused.returncode == 2
+        assert refused.stderr.splitlines()[-1].endswith(
+            "error: unrecognized arguments: --quik" if extra == ["--quik"] else
+            "error: --quick runs the sd15 scenario alone with 50 captions; leave out --only and --captions")
