@@ -335,11 +335,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "0 with --continue-from)")
     parser.add_argument("--text-batch-size", type=int, default=128)
     parser.add_argument("--vae-steps", type=int, default=700)
-    parser.add_argument("--unet-steps", type=int, default=7000, help="(default: %(default)s)")
+    parser.add_argument("--unet-steps", type=int, default=9000, help="(default: %(default)s)")
     parser.add_argument("--clip-batch-size", type=int, default=256)
     parser.add_argument("--vae-batch-size", type=int, default=32)
     parser.add_argument("--unet-batch-size", type=int, default=32)
-    parser.add_argument("--unet-lr", type=float, default=4e-4)
+    parser.add_argument("--unet-lr", type=float, default=6e-4, help="(default: %(default)s)")
     parser.add_argument("--snapshot-every", type=int, default=0, metavar="N",
                         help="also save the UNet's EMA weights every N steps to FOLDER/snapshots/unet-STEP, "
                              "each a drop-in for base/unet (default: none)")
