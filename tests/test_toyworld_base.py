@@ -72,19 +72,60 @@ def test_every_command_takes_builtin_toyworld(tmp_path):
     assert base.architecture.name == "sd1" and len(base.layer_names()) > 0
 
 
-def test_the_model_card_is_never_measured_with_another_sampler(capsys, monkeypatch):
-    """The card's accuracy is the base's own (DDIM) sampler's: ``--write-card --sampler`` is refused
-    before anything is measured or written."""
+@pytest.mark.parametrize("option", [["--sampler", "dpm-solver++"], ["--unet", "somewhere"], ["--kinds", "single"]])
+def test_the_model_card_is_only_measured_on_the_base_as_it_is(option, capsys, monkeypatch):
+    """The card's accuracy is the base's own, with its own (DDIM) sampler and every prompt kind:
+    ``--write-card`` with ``--sampler``, ``--unet`` or ``--kinds`` is refused before anything is
+    measured or written."""
     from mergekit_cd.toyworld import prompt_following
 
     monkeypatch.setattr(prompt_following, "measure", lambda *a, **k: pytest.fail("measured"))
     monkeypatch.setattr(prompt_following, "write_card", lambda *a, **k: pytest.fail("wrote the card"))
     with pytest.raises(SystemExit) as stopped:
-        prompt_following.main(["--write-card", "--sampler", "dpm-solver++"])
+        prompt_following.main(["--write-card", *option])
     assert stopped.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
-        "python -m mergekit_cd.toyworld.prompt_following: error: --write-card measures with the base's own "
-        "sampler: leave out --sampler")
+        "python -m mergekit_cd.toyworld.prompt_following: error: --write-card measures the base as it is, with "
+        "its own sampler and every prompt kind: leave out --sampler, --unet and --kinds")
+
+
+def test_chosen_prompt_kinds_keep_the_full_measurements_prompts_and_seeds(monkeypatch):
+    """``--kinds two`` measures the two-object prompts with the seeds they have in the full
+    measurement, so a snapshot's figure compares with the card's."""
+    from mergekit_cd.toyworld import prompt_following
+
+    seen = {}
+
+    def record(pipe, detector, chosen, *, seeds, steps):
+        seen.update(prompts=[probe.prompt for probe in chosen], seeds=list(seeds))
+        return {"two_classes": 0.0}
+    monkeypatch.setattr(prompt_following, "measure", record)
+    assert prompt_following.main(["--images", "3", "--kinds", "two"]) == 0
+    full = prompt_following.probes(3)
+    assert seen["seeds"] == [6, 7, 8]
+    assert seen["prompts"] == [full[i].prompt for i in (6, 7, 8)] and all(" next to " in p for p in seen["prompts"])
+
+
+def test_a_snapshot_unet_is_measured_in_the_bases_pipeline(tmp_path, capsys):
+    """``--unet FOLDER`` puts a saved UNet (here the shipped one, saved as train_base saves a
+    snapshot) into the base's pipeline: the same images as the base's own UNet, so the same figures;
+    a folder that is not a UNet is one line naming it."""
+    from diffusers import UNet2DConditionModel
+
+    from mergekit_cd.toyworld import prompt_following
+
+    snapshot = tmp_path / "snapshots" / "unet-1000"
+    UNet2DConditionModel.from_pretrained(toyworld.base_path() / "unet").save_pretrained(snapshot)
+    arguments = ["--images", "3", "--kinds", "single", "--steps", "4"]
+    assert prompt_following.main(arguments) == 0
+    own = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("measured in")]
+    assert prompt_following.main([*arguments, "--unet", str(snapshot)]) == 0
+    swapped = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("measured in")]
+    assert swapped == own and any(line.startswith("class ") for line in own)
+    assert not any(line.startswith(("pattern", "background")) for line in own)
+    with pytest.raises(SystemExit) as stopped:
+        prompt_following.main([*arguments, "--unet", str(tmp_path)])
+    assert str(stopped.value).startswith(f"prompt_following: error: cannot load the UNet {tmp_path}: ")
 
 
 def test_the_model_card_reports_one_run_of_the_defaults(tmp_path):

@@ -5,6 +5,7 @@ personalisation and merge measured on it.
 single-object prompts (class, colour, pattern), two-object prompts and backgrounds;
 ``--write-card`` also writes the shipped model card from it, ``training.json`` (the shipped base's
 runs) and ``default_run.json`` (one run of ``train_base``'s defaults from scratch, measured).
+``--unet FOLDER --kinds single`` measures one of ``train_base``'s EMA snapshots in its run's pipeline.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ class Probe:
     objects: tuple[tuple[str, str, str | None], ...]
     background: str | None
     kind: str  # "single", "pattern", "two", "background"
+
+
+KINDS = ("single", "pattern", "two", "background")
 
 
 def probes(count: int, *, seed: int = 0) -> list[Probe]:
@@ -57,8 +61,8 @@ def probes(count: int, *, seed: int = 0) -> list[Probe]:
 
 
 def measure(pipe: Any, detector: Any, prompt_probes: Sequence[Probe], *, steps: int = 20,
-            guidance_scale: float = 6.0, seed: int = 0) -> dict[str, float]:
-    """Accuracies over ``prompt_probes`` (one image each, seed ``seed + i``):
+            guidance_scale: float = 6.0, seed: int = 0, seeds: Sequence[int] | None = None) -> dict[str, float]:
+    """Accuracies over ``prompt_probes`` (one image each, seed ``seed + i``, or ``seeds[i]``):
 
     - ``class`` / ``colour`` (single-object prompts): the named class is present / present in
       the named colour; ``colour_any_class``: some object has the named colour; ``pattern``: present with the named pattern (pattern prompts);
@@ -67,8 +71,8 @@ def measure(pipe: Any, detector: Any, prompt_probes: Sequence[Probe], *, steps: 
     """
     from .quality import sample_batch
 
-    images = sample_batch(pipe, [p.prompt for p in prompt_probes], [seed + i for i in range(len(prompt_probes))],
-                          steps=steps, guidance_scale=guidance_scale)
+    seeds = list(seeds) if seeds is not None else [seed + i for i in range(len(prompt_probes))]
+    images = sample_batch(pipe, [p.prompt for p in prompt_probes], seeds, steps=steps, guidance_scale=guidance_scale)
     found = detector.detect(images)
     tallies: dict[str, list[bool]] = {}
     for probe, detection in zip(prompt_probes, found):
@@ -206,6 +210,17 @@ def _default_run_lines(record: dict[str, Any]) -> list[str]:
     ]
 
 
+def _load_unet(folder: str) -> Any:
+    """A saved ``UNet2DConditionModel`` folder, or exit with one line naming it."""
+    from diffusers import UNet2DConditionModel
+
+    try:
+        return UNet2DConditionModel.from_pretrained(folder).eval()
+    except (OSError, ValueError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SystemExit(f"prompt_following: error: cannot load the UNet {folder}: {first}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mergekit_cd.toyworld.prompt_following", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -215,6 +230,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="the base's own DDIM scheduler (the model card's), or DPM-Solver++ as the "
                              "quality benchmark samples (default %(default)s)")
     parser.add_argument("--base", default="builtin:toyworld")
+    parser.add_argument("--unet", metavar="FOLDER",
+                        help="measure this UNet in the base's pipeline instead of its own, e.g. a snapshot "
+                             "train_base --snapshot-every saved (FOLDER/snapshots/unet-STEP)")
+    parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS),
+                        help="prompt kinds to measure; each keeps its prompts and seeds of the full "
+                             "measurement (default: all)")
     parser.add_argument("--write-card", action="store_true",
                         help="write MODEL_CARD.md beside the shipped base (needs its training.json)")
     args = parser.parse_args(argv)
@@ -222,11 +243,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .benchmark import sampling_pipeline
     from .detector import Detector, heldout_accuracy
 
-    if args.write_card and args.sampler != "ddim":
-        parser.error("--write-card measures with the base's own sampler: leave out --sampler")
+    if args.write_card and (args.sampler != "ddim" or args.unet or set(args.kinds) != set(KINDS)):
+        parser.error("--write-card measures the base as it is, with its own sampler and every prompt kind: "
+                     "leave out --sampler, --unet and --kinds")
     started = time.perf_counter()
     pipe = sampling_pipeline(args.base, dpm_solver=args.sampler == "dpm-solver++")
-    accuracy = measure(pipe, Detector.load(), probes(args.images), steps=args.steps)
+    if args.unet:
+        pipe.unet = _load_unet(args.unet)
+    chosen = [(index, probe) for index, probe in enumerate(probes(args.images)) if probe.kind in args.kinds]
+    accuracy = measure(pipe, Detector.load(), [probe for _, probe in chosen], seeds=[index for index, _ in chosen],
+                       steps=args.steps)
     for name, value in accuracy.items():
         print(f"{name:<12} {value:.3f}" if not name.startswith("n_") else f"{name:<12} {value}")
     print(f"measured in {time.perf_counter() - started:.0f} s")
