@@ -128,12 +128,12 @@ def small_run(tmp_path_factory):
 
 
 def test_base_trainer_defaults_are_the_two_hour_recipe_from_scratch_and_keep_a_continued_runs_parts():
-    """From scratch the defaults are the recipe the model card times (text 400, UNet 9000, decoder
+    """From scratch the defaults are the recipe the model card times (text 400, UNet 11000, decoder
     1000 steps); a continued run fine-tunes neither its text encoder nor its decoder unless asked."""
     from mergekit_cd.toyworld.train_base import parse_args
 
     fresh = parse_args(["-o", "out"])
-    assert (fresh.text_steps, fresh.unet_steps, fresh.decoder_steps) == (400, 9000, 1000)
+    assert (fresh.text_steps, fresh.unet_steps, fresh.decoder_steps) == (400, 11000, 1000)
     continued = parse_args(["-o", "out2", "--continue-from", "out"])
     assert (continued.text_steps, continued.decoder_steps) == (0, 0)
 

@@ -335,7 +335,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "0 with --continue-from)")
     parser.add_argument("--text-batch-size", type=int, default=128)
     parser.add_argument("--vae-steps", type=int, default=700)
-    parser.add_argument("--unet-steps", type=int, default=9000, help="(default: %(default)s)")
+    parser.add_argument("--unet-steps", type=int, default=11000, help="(default: %(default)s)")
     parser.add_argument("--clip-batch-size", type=int, default=256)
     parser.add_argument("--vae-batch-size", type=int, default=32)
     parser.add_argument("--unet-batch-size", type=int, default=32)
