@@ -149,5 +149,10 @@ def test_the_model_card_reports_one_run_of_the_defaults(tmp_path):
     assert "took 110 min (clip 6 min, text 7 min, vae 11 min, unet 80 min) and 190 min of CPU time" in section
     assert "one-object class 0.79, class and colour 0.89" in section and "0.70 at 5000" in section
     assert "the floor is NOT met" in section and "do not reach the floor" in section
+    met = record | {"accuracy": accuracy, "note": "An earlier recipe, 7000 UNet steps, reached class 0.73."}
+    write_card(accuracy, {"class": 1.0}, training, card, steps=20, count=100, default_run=met)
+    section = card.read_text()[card.read_text().index("## One run of the script's defaults"):]
+    assert "one-object class 0.90, class and colour 0.89" in section and "the floor is met" in section
+    assert "trains a base that meets the floor.\nAn earlier recipe, 7000 UNet steps, reached class 0.73.\n" in section
     write_card(accuracy, {"class": 1.0}, training, card, steps=20, count=100)
     assert "One run of the script's defaults" not in card.read_text()

@@ -186,7 +186,8 @@ def write_card(accuracy: dict[str, float], detector_accuracy: dict[str, float], 
 
 def _default_run_lines(record: dict[str, Any]) -> list[str]:
     """The card's section on one run of ``train_base``'s defaults from scratch: its time per stage
-    and its prompt following, measured as the shipped base's is (``default_run.json``)."""
+    and its prompt following, measured as the shipped base's is, and its ``note`` if any
+    (``default_run.json``)."""
     run, accuracy = record["training"], record["accuracy"]
     stages = ", ".join(f"{name.removesuffix('_s')} {seconds / 60:.0f} min" for name, seconds in run["seconds"].items()
                        if name != "total" and seconds)
@@ -207,6 +208,7 @@ def _default_run_lines(record: dict[str, Any]) -> list[str]:
         "The shipped base is the longer chain of runs above; "
         + ("this run shows that the script alone, with its defaults, trains a base that meets the floor."
            if met else "the script's defaults alone do not reach the floor."),
+        *([record["note"]] if record.get("note") else []),
     ]
 
 
