@@ -189,6 +189,42 @@ def test_base_trainer_continues_and_finetunes_only_the_decoder(small_run, tmp_pa
     assert record["steps"]["decoder"] == 3 and record["continues"]["steps"]["unet"] == 2
 
 
+@pytest.mark.parametrize("device", ["cuda", "cuda:99", "gpu"])
+def test_base_trainer_refuses_a_device_it_cannot_use_before_any_work(device, tmp_path, capsys):
+    """``--device`` goes through the rule every command follows: a GPU this machine lacks or a name
+    torch does not know is one line naming the option and the devices there are, before a scene
+    is rendered or the output folder made."""
+    import torch
+
+    from mergekit_cd.toyworld.train_base import main
+
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    output = tmp_path / "out"
+    assert main(["-o", str(output), "--device", device, *SMALL]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and error.startswith(f"train_base: error: --device {device}: ")
+    assert "this machine has cpu" in error and not output.exists()
+
+
+def test_base_trainer_runs_on_cuda(tmp_path):
+    """``--device cuda`` trains every stage on the GPU and saves a pipeline the CPU loads."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from mergekit_cd.toyworld.train_base import main
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    assert main(["-o", str(tmp_path), "--clip-steps", "2", "--text-steps", "2", "--vae-steps", "2",
+                 "--unet-steps", "2", "--decoder-steps", "2", "--device", "cuda", *SMALL]) == 0
+    assert json.loads((tmp_path / "training.json").read_text())["device"] == "cuda"
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "base")
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a red star", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (IMAGE_SIZE, IMAGE_SIZE)
+
+
 def test_the_text_probe_measures_how_far_a_word_moves_the_rows():
     """The probe's figures are what the README quotes: BOS and the leading "a" never move (causal
     attention), the varied word's row does; on the shipped encoder the class word moves the rows

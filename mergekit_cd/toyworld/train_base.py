@@ -448,10 +448,14 @@ def _continue(args: argparse.Namespace, data: WorldData, tokenizer: Any,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from ..devices import parse_device
+    from ..errors import MergeError
+
     args = parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("train_base: error: --device cuda but torch sees no CUDA device", file=sys.stderr)
+    try:
+        device = parse_device(args.device)
+    except MergeError as error:  # cuda without a GPU, cuda:N past the last one, a name torch does not know
+        print(f"train_base: error: {error}", file=sys.stderr)
         return 2
     log = lambda message: print(message, flush=True)  # noqa: E731 - one line per progress report
     started = time.perf_counter()
