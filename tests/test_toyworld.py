@@ -134,6 +134,7 @@ def test_base_trainer_defaults_are_the_two_hour_recipe_from_scratch_and_keep_a_c
 
     fresh = parse_args(["-o", "out"])
     assert (fresh.text_steps, fresh.unet_steps, fresh.decoder_steps) == (400, 11000, 1000)
+    assert fresh.unet_lr == 6e-4
     continued = parse_args(["-o", "out2", "--continue-from", "out"])
     assert (continued.text_steps, continued.decoder_steps) == (0, 0)
 

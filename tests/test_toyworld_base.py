@@ -107,25 +107,36 @@ def test_chosen_prompt_kinds_keep_the_full_measurements_prompts_and_seeds(monkey
 
 
 def test_a_snapshot_unet_is_measured_in_the_bases_pipeline(tmp_path, capsys):
-    """``--unet FOLDER`` puts a saved UNet (here the shipped one, saved as train_base saves a
-    snapshot) into the base's pipeline: the same images as the base's own UNet, so the same figures;
-    a folder that is not a UNet is one line naming it."""
+    """``--unet FOLDER`` puts a saved UNet into the base's pipeline: the shipped UNet saved as
+    train_base saves a snapshot gives the base's own figures, an untrained one other figures; a
+    folder that holds no UNet is one usage error naming it."""
+    import torch
     from diffusers import UNet2DConditionModel
 
     from mergekit_cd.toyworld import prompt_following
 
-    snapshot = tmp_path / "snapshots" / "unet-1000"
-    UNet2DConditionModel.from_pretrained(toyworld.base_path() / "unet").save_pretrained(snapshot)
-    arguments = ["--images", "3", "--kinds", "single", "--steps", "4"]
-    assert prompt_following.main(arguments) == 0
-    own = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("measured in")]
-    assert prompt_following.main([*arguments, "--unet", str(snapshot)]) == 0
-    swapped = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("measured in")]
-    assert swapped == own and any(line.startswith("class ") for line in own)
+    shipped = UNet2DConditionModel.from_pretrained(toyworld.base_path() / "unet")
+    same, untrained = tmp_path / "snapshots" / "unet-1000", tmp_path / "snapshots" / "unet-0"
+    shipped.save_pretrained(same)
+    torch.manual_seed(0)
+    UNet2DConditionModel.from_config(shipped.config).save_pretrained(untrained)
+    arguments = ["--images", "4", "--kinds", "single", "--steps", "4"]
+
+    def figures(*extra: str) -> list[str]:
+        assert prompt_following.main([*arguments, *extra]) == 0
+        return [line for line in capsys.readouterr().out.splitlines() if not line.startswith("measured in")]
+    own = figures()
+    assert any(line.startswith("class ") for line in own)
     assert not any(line.startswith(("pattern", "background")) for line in own)
-    with pytest.raises(SystemExit) as stopped:
-        prompt_following.main([*arguments, "--unet", str(tmp_path)])
-    assert str(stopped.value).startswith(f"prompt_following: error: cannot load the UNet {tmp_path}: ")
+    assert figures("--unet", str(same)) == own
+    assert figures("--unet", str(untrained)) != own
+    for folder, problem in [(tmp_path / "missing", "no saved model there"),
+                            (toyworld.base_path() / "vae", "a saved AutoencoderKL, not a UNet2DConditionModel")]:
+        with pytest.raises(SystemExit) as stopped:
+            prompt_following.main([*arguments, "--unet", str(folder)])
+        assert stopped.value.code == 2
+        assert capsys.readouterr().err.splitlines()[-1].startswith(
+            f"python -m mergekit_cd.toyworld.prompt_following: error: --unet {folder}: {problem}")
 
 
 def test_the_model_card_reports_one_run_of_the_defaults(tmp_path):

@@ -15,6 +15,7 @@ import json
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -92,7 +93,7 @@ def measure(pipe: Any, detector: Any, prompt_probes: Sequence[Probe], *, steps: 
         else:
             note("background", detection.background == probe.background)
     return {name: float(np.mean(values)) for name, values in tallies.items()} | {
-        f"n_{kind}": sum(p.kind == kind for p in prompt_probes) for kind in ("single", "pattern", "two", "background")}
+        f"n_{kind}": sum(p.kind == kind for p in prompt_probes) for kind in KINDS}
 
 
 def write_card(accuracy: dict[str, float], detector_accuracy: dict[str, float], training: dict[str, Any],
@@ -212,15 +213,22 @@ def _default_run_lines(record: dict[str, Any]) -> list[str]:
     ]
 
 
-def _load_unet(folder: str) -> Any:
-    """A saved ``UNet2DConditionModel`` folder, or exit with one line naming it."""
+def _load_unet(folder: str, parser: argparse.ArgumentParser) -> Any:
+    """The ``UNet2DConditionModel`` saved in ``folder``; anything else is one usage error naming it."""
     from diffusers import UNet2DConditionModel
 
+    config = Path(folder) / "config.json"
+    try:
+        kind = json.loads(config.read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        parser.error(f"--unet {folder}: no saved model there (no readable config.json)")
+    if kind != "UNet2DConditionModel":
+        parser.error(f"--unet {folder}: a saved {kind or 'model of no known class'}, not a UNet2DConditionModel")
     try:
         return UNet2DConditionModel.from_pretrained(folder).eval()
     except (OSError, ValueError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise SystemExit(f"prompt_following: error: cannot load the UNet {folder}: {first}") from None
+        parser.error(f"--unet {folder}: cannot load it: {first}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -251,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     pipe = sampling_pipeline(args.base, dpm_solver=args.sampler == "dpm-solver++")
     if args.unet:
-        pipe.unet = _load_unet(args.unet)
+        pipe.unet = _load_unet(args.unet, parser)
     chosen = [(index, probe) for index, probe in enumerate(probes(args.images)) if probe.kind in args.kinds]
     accuracy = measure(pipe, Detector.load(), [probe for _, probe in chosen], seeds=[index for index, _ in chosen],
                        steps=args.steps)

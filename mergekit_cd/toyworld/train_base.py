@@ -419,7 +419,7 @@ def _decoder_stage(args: argparse.Namespace, data: WorldData, vae: Any, latents:
     return {"decoder_s": time.perf_counter() - stage}
 
 
-def _continue(args: argparse.Namespace, data: WorldData, tokenizer: Any,
+def _continue(args: argparse.Namespace, data: WorldData, tokenizer: Any, device: torch.device,
               log: Any) -> tuple[Any, Any, Any, dict[str, float]]:
     """Later stages on an earlier run: its CLIP pair and autoencoder kept, its pipeline's text
     encoder fine-tuned further, its UNet trained further on that text encoder."""
@@ -428,7 +428,6 @@ def _continue(args: argparse.Namespace, data: WorldData, tokenizer: Any,
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    device = torch.device(args.device)
     if args.continue_from.resolve() != args.output.resolve():
         shutil.copytree(args.continue_from / "clip", args.output / "clip", dirs_exist_ok=True)
     vae = AutoencoderKL.from_pretrained(args.continue_from / "base" / "vae").to(device).eval()
@@ -462,7 +461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.output.mkdir(parents=True, exist_ok=True)
     data = WorldData(args.scenes, log=log)
     tokenizer = build_tokenizer()
-    text_encoder, vae, unet, times = (_continue(args, data, tokenizer, log) if args.continue_from
+    text_encoder, vae, unet, times = (_continue(args, data, tokenizer, device, log) if args.continue_from
                                       else _train_all(args, data, tokenizer, device, log))
     save_pipeline(args.output / "base", unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
     command = "python -m mergekit_cd.toyworld.train_base " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -472,6 +471,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                "text": args.text_steps,
                                                "vae": 0 if args.continue_from else args.vae_steps,
                                                "unet": args.unet_steps, "decoder": args.decoder_steps},
+              "unet_lr": args.unet_lr,
               "batch_sizes": {"clip": args.clip_batch_size, "text": args.text_batch_size, "vae": args.vae_batch_size,
                               "unet": args.unet_batch_size},
               "seed": args.seed, "device": str(device), "torch_threads": torch.get_num_threads(),
