@@ -13,7 +13,7 @@ from . import hub
 from .apply import apply
 from .builtin import builtin_folder
 from .delta import ConceptDelta
-from .errors import MergeError
+from .errors import MergeError, first_line
 from .fileio import atomic_path, check_destination, check_not_an_input
 
 
@@ -50,8 +50,7 @@ def load_pipeline(reference: str | os.PathLike[str], *, device: torch.device | s
     try:
         pipe = DiffusionPipeline.from_pretrained(str(local) if local.exists() else str(reference), **options)
     except (OSError, ValueError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise MergeError(f"Cannot load the pipeline {reference}: {first}") from None
+        raise MergeError(f"Cannot load the pipeline {reference}: {first_line(error)}") from None
     if getattr(pipe, "unet", None) is None:
         raise MergeError(f"{reference} is a {type(pipe).__name__}, not a Stable Diffusion pipeline "
                          f"with a UNet.")

@@ -217,6 +217,8 @@ def _load_unet(folder: str, parser: argparse.ArgumentParser) -> Any:
     """The ``UNet2DConditionModel`` saved in ``folder``; anything else is one usage error naming it."""
     from diffusers import UNet2DConditionModel
 
+    from ..errors import first_line
+
     config = Path(folder) / "config.json"
     try:
         kind = json.loads(config.read_text()).get("_class_name")
@@ -227,8 +229,7 @@ def _load_unet(folder: str, parser: argparse.ArgumentParser) -> Any:
     try:
         return UNet2DConditionModel.from_pretrained(folder).eval()
     except (OSError, ValueError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        parser.error(f"--unet {folder}: cannot load it: {first}")
+        parser.error(f"--unet {folder}: cannot load it: {first_line(error)}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import MergeError
+from ..errors import MergeError, first_line
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 #: Probability of the shrink-and-paste branch (the public scripts' 0.66).
@@ -71,8 +71,7 @@ def load_image(path: Path):
                          f"Image.MAX_IMAGE_PIXELS). Shrink it or remove it; training resizes images to "
                          f"the model's 512-1024 px anyway.") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
-        reason = (error.strerror if isinstance(error, OSError) and error.strerror
-                  else str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else first_line(error)
         raise MergeError(f"Cannot read image {path}: {reason}. Remove it or replace it with a "
                          f"readable png/jpg/webp.") from None
 
