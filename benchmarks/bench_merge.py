@@ -358,9 +358,10 @@ def main() -> None:
         parser.error("--quick runs the sd15 scenario alone with 50 captions; leave out --only and --captions")
     if args.quick:
         args.only, args.captions = ["sd15"], [50]
+    scenarios = args.only or ["sd15", "sdxl", "many"]
     args.work.mkdir(parents=True, exist_ok=True)
     rows = []
-    for scenario in args.only or ["sd15", "sdxl", "many"]:
+    for scenario in scenarios:
         counts = args.captions if scenario == "sd15" else [200]
         rows += run_scenario(args.work, scenario, counts, "tiny" if args.tiny else "full")
     import torch
@@ -369,7 +370,7 @@ def main() -> None:
     print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {memory:.0f} GiB, "
           f"python {platform.python_version()}, torch {torch.__version__}, load average at the end "
           f"{os.getloadavg()[0]:.1f}")
-    if "sdxl" in (args.only or ["sdxl"]):
+    if "sdxl" in scenarios:
         print("sdxl: the base holds its text encoders, tokenizers and the UNet's K/V tensors only "
               "(all a merge reads); no baseline (the authors' scripts are SD1-only)")
     print(HEADER)
